@@ -1,0 +1,7 @@
+"""boftlab: structured parameter-efficient fine-tuning — butterfly-orthogonal (BOFT/OFT), structured
+unrestricted-rank (SURM) and tensor-core (FLoRA) adapters behind one adapter contract."""
+
+__version__ = "0.1.0"
+
+from .contract import FAMILIES, AdapterConfig, AdapterLayer
+from .butterfly import BOFTConfig, BOFTLayer, OFTConfig

@@ -1,0 +1,37 @@
+"""``python -m boftlab.bench [suite ...] [--out FILE]`` — run benchmark suites and print markdown tables."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+from pathlib import Path
+
+from . import SUITES, machine
+
+
+def main(argv: list[str] | None = None) -> None:
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__package__}.{info.name}")  # each module registers its suites
+    parser = argparse.ArgumentParser(prog="python -m boftlab.bench", description=__doc__)
+    parser.add_argument("suites", nargs="*", help=f"suites to run (default: all): {sorted(SUITES)}")
+    parser.add_argument("--out", type=Path, help="also write the report to this markdown file")
+    args, rest = parser.parse_known_args(argv)
+    names = args.suites or sorted(SUITES)
+    unknown = sorted(set(names) - set(SUITES))
+    if unknown:
+        parser.error(f"unknown suite(s) {unknown}; available: {sorted(SUITES)}")
+    report = [f"# boftlab benchmarks\n\nMeasured on: {machine()}\n"]
+    for name in names:
+        description, run = SUITES[name]
+        section = f"## {name}: {description}\n\n{run(rest)}\n"
+        print(section, flush=True)
+        report.append(section)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(report))
+
+
+if __name__ == "__main__":
+    main()

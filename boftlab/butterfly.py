@@ -1,0 +1,381 @@
+"""Butterfly-orthogonal fine-tuning: BOFT (Liu et al., ICLR 2024) and OFT, its one-factor special case.
+
+The adapted layer keeps its frozen weight W (out × d, PyTorch layout) and learns an orthogonal R (d × d) and an
+output scale s:
+
+    W' = diag(s) · W · Rᵀ,        R = B_m ⋯ B_1,        B_i = P_i · blockdiag(Q_i1 … Q_ik) · P_iᵀ
+
+* each Q_ij is a b × b orthogonal block, the Cayley transform Q = (I − S)(I + S)⁻¹ of a skew-symmetric S stored as
+  its b(b−1)/2 upper-triangular entries (exactly, by a solve, or by the Cayley–Neumann series);
+* P_i is the i-th butterfly permutation: P_1 = I; P_i splits every chunk of b·2^(i−1) coordinates into halves of
+  b/2 and interleaves them, like a Cooley–Tukey stage, so after log2(d/b)+1 factors every input reaches every output.
+  The permutations and the block layout are the paper's (and PEFT's), so a PEFT BOFT adapter maps 1:1 onto ours.
+
+Nothing here builds the dense d × d matrix while training. ``butterfly_apply`` multiplies rows by R (or Rᵀ) in
+O(d·b·m) per row, and the layer picks, per call, the cheaper of two exact paths:
+
+* input path:  y = s ⊙ (W · (Rᵀx)) + bias      — rotate the activations, then the frozen layer;
+* weight path: y = (diag(s) · W · Rᵀ) x + bias  — rotate W's rows once, then one matmul / conv.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .contract import AdapterConfig, AdapterLayer, nearest
+
+PATHS = ("auto", "input", "weight")
+
+
+# --- the butterfly structure ---------------------------------------------------------------------------------------
+def butterfly_permutation(dim: int, block_size: int, factor: int) -> torch.Tensor:
+    """Index vector ``perm`` of P_{factor+1} (``P[j, perm[j]] = 1``); factor 0 is the identity. O(d)."""
+    if factor == 0:
+        return torch.arange(dim)
+    half = block_size // 2
+    chunk = block_size * 2**factor  # coordinates one butterfly stage mixes
+    pieces = torch.arange(chunk // half)
+    order = torch.cat([pieces[0::2], pieces[1::2]])  # even halves first, then odd halves
+    within = (order[:, None] * half + torch.arange(half)).reshape(-1)  # (chunk,)
+    starts = torch.arange(0, dim, chunk)
+    return (starts[:, None] + within).reshape(-1)
+
+
+def gather_schedule(dim: int, block_size: int, n_factors: int, transpose: bool) -> list[torch.Tensor | None]:
+    """The m+1 index gathers around the m block products of ``x @ R`` (or ``x @ Rᵀ``), adjacent ones fused.
+
+    Row form: x @ B_i = ((x @ P_i) @ blockdiag(Q_i)) @ P_iᵀ, and for index vectors ``x @ P = x[..., inverse(perm)]``,
+    ``x @ Pᵀ = x[..., perm]``. ``x @ R`` runs the factors from the last to the first, ``x @ Rᵀ`` the other way.
+    Identity gathers are returned as ``None``.
+    """
+    perms = [butterfly_permutation(dim, block_size, i) for i in range(n_factors)]
+    inverses = [torch.argsort(p) for p in perms]
+    order = list(range(n_factors)) if transpose else list(range(n_factors - 1, -1, -1))
+    gathers = [inverses[order[0]]]
+    gathers += [perms[prev][inverses[cur]] for prev, cur in zip(order, order[1:])]  # x[a][b] == x[a[b]]
+    gathers.append(perms[order[-1]])
+    identity = torch.arange(dim)
+    return [None if torch.equal(g, identity) else g for g in gathers]
+
+
+def butterfly_apply(
+    x: torch.Tensor, blocks: torch.Tensor, gathers: list[torch.Tensor | None], transpose: bool = False
+) -> torch.Tensor:
+    """x: (..., d) -> x @ R, or x @ Rᵀ with ``transpose``; blocks: (m, k, b, b). O(d·b·m) per row.
+
+    ``gathers`` comes from ``gather_schedule`` for the same direction.
+    """
+    n_factors, n_blocks, block_size, _ = blocks.shape
+    order = range(n_factors) if transpose else range(n_factors - 1, -1, -1)
+    shape = x.shape
+    for step, i in enumerate(order):
+        if gathers[step] is not None:
+            x = x[..., gathers[step]]
+        q = blocks[i].transpose(-1, -2) if transpose else blocks[i]
+        x = x.reshape(*shape[:-1], n_blocks, block_size)  # (..., k, b)
+        x = torch.einsum("...kr,krc->...kc", x, q).reshape(shape)
+    if gathers[-1] is not None:
+        x = x[..., gathers[-1]]
+    return x
+
+
+def valid_block_sizes(dim: int, n_factors: int) -> list[int]:
+    """Block sizes b ≥ 2 for which b·2^(m−1) divides d (and b is even when m > 1, so P_i can halve blocks)."""
+    step = 2 ** (n_factors - 1)
+    return [b for b in range(2, dim + 1) if dim % (b * step) == 0 and (n_factors == 1 or b % 2 == 0)]
+
+
+def valid_n_factors(dim: int, block_size: int) -> list[int]:
+    """Numbers of factors m that fit (d, b); the largest, log2(d/b)+1 when d/b is a power of two, makes R dense."""
+    if dim % block_size:
+        return []
+    if block_size % 2:
+        return [1]
+    k = dim // block_size
+    return [m for m in range(1, int(math.log2(k)) + 2) if k % 2 ** (m - 1) == 0]
+
+
+def resolve_block_size(dim: int, block_size: int | None, n_blocks: int | None, n_factors: int, what: str) -> int:
+    """The block size for a d-dimensional fan-in, or a ValueError that lists what would be valid."""
+    if n_blocks is not None:
+        if n_blocks < 1 or dim % n_blocks:
+            divisors = [n for n in range(1, dim // 2 + 1) if dim % n == 0 and dim // n >= 2]
+            raise ValueError(
+                f"n_blocks={n_blocks} does not divide {what}={dim}; valid n_blocks for this layer: {divisors}"
+            )
+        block_size = dim // n_blocks
+    assert block_size is not None
+    valid = valid_block_sizes(dim, n_factors)
+    if block_size not in valid:
+        factors = valid_n_factors(dim, block_size) if block_size >= 2 else []
+        hint = f"nearest valid block_size: {nearest(block_size, valid)}" if valid else "use fewer n_factors"
+        raise ValueError(
+            f"block_size={block_size} with n_factors={n_factors} does not fit {what}={dim}: block_size·2^(n_factors−1) "
+            f"must divide {dim}" + (" and block_size must be even" if n_factors > 1 else "")
+            + f". Valid block_size for n_factors={n_factors}: {valid}; valid n_factors for block_size={block_size}: "
+            f"{factors}; {hint}."
+        )
+    return block_size
+
+
+# --- orthogonal blocks -----------------------------------------------------------------------------------------------
+def skew_symmetric(vec: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(..., b(b−1)/2) -> (..., b, b): S = U − Uᵀ with U strictly upper triangular (row-major order)."""
+    rows, cols = torch.triu_indices(block_size, block_size, 1, device=vec.device)
+    upper = vec.new_zeros(*vec.shape[:-1], block_size, block_size)
+    upper[..., rows, cols] = vec
+    return upper - upper.transpose(-1, -2)
+
+
+def skew_entries(skew: torch.Tensor) -> torch.Tensor:
+    """(..., b, b) -> (..., b(b−1)/2): the inverse of ``skew_symmetric`` for an exactly skew-symmetric input."""
+    b = skew.shape[-1]
+    rows, cols = torch.triu_indices(b, b, 1, device=skew.device)
+    return skew[..., rows, cols]
+
+
+def cayley(skew: torch.Tensor, neumann_terms: int | None = None) -> torch.Tensor:
+    """(..., b, b) skew-symmetric S -> orthogonal Q = (I − S)(I + S)⁻¹. O(b³) per block.
+
+    With ``neumann_terms = n`` the inverse is the truncated series (I + S)⁻¹ ≈ Σ_{j<n−1} (−S)^j, i.e.
+    Q ≈ I − 2S + 2S² − … ± S^{n−1}: n terms, only matmuls, orthogonal up to O(‖S‖ⁿ).
+    """
+    eye = torch.eye(skew.shape[-1], device=skew.device, dtype=skew.dtype).expand_as(skew)
+    if neumann_terms is None:
+        return torch.linalg.solve(eye + skew, eye - skew, left=False)  # X (I + S) = I − S
+    series, power = eye.clone(), eye
+    for _ in range(neumann_terms - 2):
+        power = -power @ skew
+        series = series + power
+    return (eye - skew) @ series
+
+
+# --- config ----------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class BOFTConfig(AdapterConfig):
+    """Butterfly orthogonal fine-tuning.
+
+    block_size (b) or n_blocks (k = d/b): size of the orthogonal blocks; give one of them (default b = 8).
+    n_factors (m): butterfly factors; m = 1 is OFT, m = log2(d/b)+1 makes R dense.
+    scale: learn the output scale s (BOFT/PEFT do). dropout: multiplicative dropout — each block of each factor
+    is replaced by the identity with this probability while training (paper, Sec. 5).
+    coft, coft_eps: constrained OFT — every block's skew matrix is kept in the ball ‖S‖_F ≤ coft_eps/√k.
+    neumann_terms: None for the exact Cayley transform, n ≥ 2 for the n-term Cayley–Neumann series.
+    path: "auto" picks the cheaper exact path per call; "input"/"weight" force one (tests, benchmarks).
+    """
+
+    family: ClassVar[str] = "boft"
+    supported_layers: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Conv2d)
+
+    block_size: int | None = None
+    n_blocks: int | None = None
+    n_factors: int = 2
+    scale: bool = True
+    dropout: float = 0.0
+    coft: bool = False
+    coft_eps: float = 6e-5
+    neumann_terms: int | None = None
+    path: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.block_size is not None and self.n_blocks is not None:
+            raise ValueError(
+                f"give block_size or n_blocks, not both (got block_size={self.block_size}, n_blocks={self.n_blocks});"
+                " block_size × n_blocks must equal the layer's fan-in, so one determines the other."
+            )
+        if self.block_size is None and self.n_blocks is None:
+            self.block_size = 8
+        if self.block_size is not None and self.block_size < 2:
+            raise ValueError(f"block_size must be ≥ 2 (a 1×1 orthogonal block is ±1), got {self.block_size}")
+        if self.n_blocks is not None and self.n_blocks < 1:
+            raise ValueError(f"n_blocks must be ≥ 1, got {self.n_blocks}")
+        if not isinstance(self.n_factors, int) or self.n_factors < 1:
+            raise ValueError(f"n_factors must be an integer ≥ 1 (1 is OFT), got {self.n_factors!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout is a probability in [0, 1), got {self.dropout}")
+        if self.neumann_terms is not None and self.neumann_terms < 2:
+            raise ValueError(f"neumann_terms must be None (exact Cayley) or ≥ 2, got {self.neumann_terms}")
+        if self.coft_eps <= 0:
+            raise ValueError(f"coft_eps must be > 0, got {self.coft_eps}")
+        if self.path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {self.path!r}")
+
+    def make_layer(self, base_layer: nn.Module) -> "BOFTLayer":
+        self.check_supported(base_layer)
+        return BOFTLayer(base_layer, self)
+
+
+@dataclasses.dataclass
+class OFTConfig(BOFTConfig):
+    """Orthogonal fine-tuning (Qiu et al., 2023): BOFT with one factor, no output scale by default."""
+
+    family: ClassVar[str] = "oft"
+
+    n_factors: int = 1
+    scale: bool = False
+
+    def __post_init__(self) -> None:
+        if self.n_factors != 1:
+            raise ValueError(f"OFT has exactly one factor (got n_factors={self.n_factors}); use BOFTConfig for more")
+        super().__post_init__()
+
+
+# --- the layer -------------------------------------------------------------------------------------------------------
+class BOFTLayer(AdapterLayer):
+    """A frozen nn.Linear or nn.Conv2d with W' = diag(s) · W · Rᵀ (conv: W flattened to out × (c/groups·kh·kw))."""
+
+    def __init__(self, base_layer: nn.Module, config: BOFTConfig) -> None:
+        super().__init__(base_layer, config)
+        weight = base_layer.weight
+        self.out_features = weight.shape[0]
+        self.fan_in = weight[0].numel()  # d: in_features, or in_channels/groups · kh · kw
+        what = "in_features" if isinstance(base_layer, nn.Linear) else "in_channels/groups·kh·kw"
+        block_size = resolve_block_size(self.fan_in, config.block_size, config.n_blocks, config.n_factors, what)
+        self.block_size, self.n_blocks, self.n_factors = block_size, self.fan_in // block_size, config.n_factors
+        if config.path == "input" and not self._input_path_possible():
+            raise ValueError(
+                "path='input' needs a Conv2d with padding_mode='zeros' and numeric padding; "
+                f"got padding={base_layer.padding!r}, padding_mode={base_layer.padding_mode!r}. Use path='auto'."
+            )
+
+        n_entries = block_size * (block_size - 1) // 2
+        factory = {"device": weight.device, "dtype": torch.float32}
+        # zero skew-symmetric part -> every Q is I -> R = I: the adapted layer equals the base layer at step 0.
+        self.skew = nn.Parameter(torch.zeros(self.n_factors, self.n_blocks, n_entries, **factory))
+        self.scale = nn.Parameter(torch.ones(self.out_features, **factory)) if config.scale else None
+        for direction, transpose in (("forward", False), ("transpose", True)):
+            for j, g in enumerate(gather_schedule(self.fan_in, block_size, self.n_factors, transpose)):
+                self.register_buffer(f"_{direction}_gather_{j}", None if g is None else g.to(weight.device), False)
+
+    # --- the orthogonal factors ---
+    def orthogonal_blocks(self) -> torch.Tensor:
+        """(m, k, b, b) orthogonal blocks in fp32 (or fp64), with COFT and (while training) multiplicative dropout applied."""
+        skew = skew_symmetric(self.skew.to(torch.promote_types(self.skew.dtype, torch.float32)), self.block_size)
+        if self.config.coft:
+            # constrained OFT: pull each block's S back onto the ball ‖S‖_F ≤ eps/√k (eps as in PEFT)
+            radius = self.config.coft_eps / math.sqrt(self.n_blocks)
+            norm = torch.linalg.matrix_norm(skew, keepdim=True)
+            skew = skew * torch.clamp(radius / norm.clamp_min(1e-30), max=1.0)
+        blocks = cayley(skew, self.config.neumann_terms)
+        if self.training and self.config.dropout > 0:
+            drop = torch.rand(blocks.shape[:2], device=blocks.device) < self.config.dropout  # (m, k)
+            blocks = torch.where(drop[..., None, None], torch.eye(self.block_size, device=blocks.device), blocks)
+        return blocks
+
+    def _gathers(self, transpose: bool) -> list[torch.Tensor | None]:
+        direction = "transpose" if transpose else "forward"
+        return [getattr(self, f"_{direction}_gather_{j}") for j in range(self.n_factors + 1)]
+
+    def rotate(self, rows: torch.Tensor, transpose: bool = False, blocks: torch.Tensor | None = None) -> torch.Tensor:
+        """rows: (..., d) -> rows @ R (or rows @ Rᵀ). O(d·b·m) per row; R is never formed."""
+        blocks = self.orthogonal_blocks() if blocks is None else blocks
+        return butterfly_apply(rows, blocks.to(rows.dtype), self._gathers(transpose), transpose)
+
+    def rotation(self) -> torch.Tensor:
+        """The dense d × d matrix R — for tests, figures and teaching only."""
+        blocks = self.orthogonal_blocks()
+        return self.rotate(torch.eye(self.fan_in, device=blocks.device, dtype=blocks.dtype), blocks=blocks)
+
+    # --- choosing a path ---
+    def _input_path_possible(self) -> bool:
+        base = self.base_layer
+        return isinstance(base, nn.Linear) or (base.padding_mode == "zeros" and not isinstance(base.padding, str))
+
+    def use_input_path(self, n_rows: int, input_requires_grad: bool) -> bool:
+        """Whether rotating the activations costs fewer FLOPs than rotating the weight, for n_rows rows."""
+        if self.config.path != "auto":
+            return self.config.path == "input"
+        if not self._input_path_possible():
+            return False
+        n, d, out, rot = n_rows, self.fan_in, self.out_features, self.block_size * self.n_factors
+        if torch.is_grad_enabled() and self.skew.requires_grad:
+            # training: forward + two backward products of each rotation; the input path must back-propagate
+            # through W (n·out·d), the weight path must form dW' (n·out·d) and also dx when the input needs it.
+            input_cost = 3 * n * d * rot + n * out * d
+            weight_cost = 3 * out * d * rot + n * out * d * (2 if input_requires_grad else 1)
+        else:
+            input_cost, weight_cost = n * d * rot, out * d * rot
+        return input_cost < weight_cost
+
+    # --- forward ---
+    def rotated_weight(self, blocks: torch.Tensor | None = None) -> torch.Tensor:
+        """diag(s) · W · Rᵀ in the base weight's shape and dtype."""
+        weight = self.base_layer.weight
+        rotated = self.rotate(weight.reshape(self.out_features, self.fan_in), transpose=True, blocks=blocks)
+        if self.scale is not None:
+            rotated = rotated * self.scale.to(rotated.dtype)[:, None]
+        return rotated.reshape(weight.shape)
+
+    def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        base = self.base_layer
+        blocks = self.orthogonal_blocks()
+        if isinstance(base, nn.Linear):
+            n_rows = x.numel() // self.fan_in
+        else:
+            n_rows = x.shape[0] * math.prod(self._conv_output_size(x.shape[-2:]))
+        if not self.use_input_path(n_rows, x.requires_grad):
+            weight = self.rotated_weight(blocks)
+            if isinstance(base, nn.Linear):
+                return F.linear(x, weight, base.bias)
+            return base._conv_forward(x, weight, base.bias)
+        y = self._linear_input_path(x, blocks) if isinstance(base, nn.Linear) else self._conv_input_path(x, blocks)
+        if self.scale is not None:
+            shape = (-1,) if isinstance(base, nn.Linear) else (-1, 1, 1)
+            y = y * self.scale.to(y.dtype).reshape(shape)
+        if base.bias is not None:
+            y = y + (base.bias if isinstance(base, nn.Linear) else base.bias[:, None, None]).to(y.dtype)
+        return y
+
+    def _linear_input_path(self, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.rotate(x, blocks=blocks), self.base_layer.weight)  # W (Rᵀ x), no bias yet
+
+    def _conv_output_size(self, spatial: torch.Size) -> tuple[int, int]:
+        base = self.base_layer
+        if isinstance(base.padding, str):  # "same" keeps the size (stride 1); "valid" is no padding
+            pad = (0, 0) if base.padding == "valid" else None
+            if pad is None:
+                return tuple(spatial)
+        else:
+            pad = base.padding
+        return tuple(
+            (size + 2 * p - d * (k - 1) - 1) // s + 1
+            for size, p, d, k, s in zip(spatial, pad, base.dilation, base.kernel_size, base.stride)
+        )
+
+    def _conv_input_path(self, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        base, groups = self.base_layer, self.base_layer.groups
+        patches = F.unfold(x, base.kernel_size, base.dilation, base.padding, base.stride)  # (B, C·kh·kw, L)
+        batch, _, length = patches.shape
+        patches = patches.reshape(batch, groups, self.fan_in, length).transpose(-1, -2)  # (B, g, L, d)
+        rotated = self.rotate(patches, blocks=blocks)  # each patch's fan-in vector times R
+        weight = base.weight.reshape(groups, self.out_features // groups, self.fan_in)  # (g, out/g, d)
+        y = torch.einsum("bgld,god->bgol", rotated, weight).reshape(batch, self.out_features, length)
+        return y.reshape(batch, self.out_features, *self._conv_output_size(x.shape[-2:]))
+
+    # --- merging ---
+    def merged_weights(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.rotated_weight()}
+
+    def unmerged_weights(self) -> dict[str, torch.Tensor]:
+        merged = self.base_layer.weight.reshape(self.out_features, self.fan_in).float()
+        if self.scale is not None:
+            if (self.scale == 0).any():
+                raise ValueError("cannot unmerge: some output scales are exactly 0, so the base weight is lost")
+            merged = merged / self.scale[:, None]
+        return {"weight": self.rotate(merged).reshape(self.base_layer.weight.shape)}  # W' R = W Rᵀ R = W
+
+    def n_effective(self) -> int:
+        """b(b−1)/2 free entries per block (the skew-symmetric part) plus the output scale, as stored here."""
+        return self.n_trainable()
+
+    def extra_repr(self) -> str:
+        return (
+            f"block_size={self.block_size}, n_blocks={self.n_blocks}, n_factors={self.n_factors}, "
+            + super().extra_repr()
+        )
