@@ -5,3 +5,6 @@ __version__ = "0.1.0"
 
 from .contract import FAMILIES, AdapterConfig, AdapterLayer
 from .butterfly import BOFTConfig, BOFTLayer, OFTConfig
+from .model import adapt, adapter_layers, merge, summary, unmerge, unwrap
+from .saving import load_adapter, save_adapter
+from .peft_interop import from_peft, to_peft

@@ -1,0 +1,303 @@
+"""Model-level API: put adapters on any ``nn.Module`` (transformers, timm, diffusers, your own), report, merge.
+
+Written once against the adapter contract (``boftlab.contract``): nothing here knows which family it handles.
+
+    adapt(model, config, targets=..., trainable=[...])   wrap the targeted layers, freeze everything else
+    summary(model)                                        trainable vs total parameters, per family / layer type
+    merge(model) / unmerge(model)                          fold adapters into the base weights and back
+    unwrap(model)                                          merge, then put the plain base layers back
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence, Union
+
+from torch import nn
+
+from .contract import AdapterConfig, AdapterLayer
+
+Target = Union[str, re.Pattern, type]
+#: attribute on the root module recording the names of modules kept trainable by ``adapt(trainable=...)``
+TRAINABLE_ATTR = "_boftlab_trainable"
+
+
+# --- finding modules ---------------------------------------------------------------------------------------------------
+def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
+    """Every adapter in ``model`` by its module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
+
+
+def _plain_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Named modules of the base model, not counting adapter internals (``….base_layer`` and the adapter's own)."""
+    found = {}
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in inside):
+            continue
+        if isinstance(module, AdapterLayer):
+            inside.append(name)
+        found[name] = module
+    return found
+
+
+def _describe(targets: object) -> str:
+    return repr(targets) if not isinstance(targets, type) else targets.__name__
+
+
+def match_targets(model: nn.Module, targets: Target | Sequence[Target]) -> list[str]:
+    """Names of the modules ``targets`` selects.
+
+    - a ``str`` or compiled regex: module names that the pattern ``fullmatch``-es;
+    - a list/tuple whose items are names (exact name or dotted suffix: ``"query"`` matches ``"…attention.query"``),
+      regexes (``re.compile``), or module types (``nn.Linear``): the union of their matches.
+    """
+    if isinstance(targets, (str, re.Pattern)):
+        pattern = re.compile(targets) if isinstance(targets, str) else targets
+        items: list[Target] = [pattern]
+    elif isinstance(targets, type):
+        items = [targets]
+    elif isinstance(targets, Iterable):
+        items = list(targets)
+    else:
+        raise ValueError(
+            f"targets={targets!r} is not understood; give a regex string, or a list of module names / name suffixes "
+            "/ compiled regexes / module types (e.g. ['query', 'value'] or [nn.Conv2d])"
+        )
+    if not items:
+        raise ValueError("targets is empty; give at least one module name, suffix, regex or module type")
+    names = []
+    for name, module in _plain_modules(model).items():
+        if not name:
+            continue
+        for item in items:
+            if isinstance(item, type):
+                hit = isinstance(module, item)
+            elif isinstance(item, re.Pattern):
+                hit = item.fullmatch(name) is not None
+            elif isinstance(item, str):
+                hit = name == item or name.endswith("." + item)
+            else:
+                raise ValueError(
+                    f"targets item {item!r} is not a module name, suffix, compiled regex or module type"
+                )
+            if hit:
+                names.append(name)
+                break
+    return names
+
+
+def _module_list_hint(model: nn.Module, limit: int = 40) -> str:
+    names = [n for n in _plain_modules(model) if n]
+    shown = ", ".join(f"{n} ({type(model.get_submodule(n)).__name__})" for n in names[:limit])
+    more = f", … ({len(names) - limit} more)" if len(names) > limit else ""
+    return shown + more
+
+
+# --- adapting ------------------------------------------------------------------------------------------------------------
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def build_layers(model: nn.Module, config: AdapterConfig, names: list[str]) -> dict[str, AdapterLayer]:
+    """Adapter layers for the named modules, built without touching the model (errors leave it unchanged)."""
+    layers = {}
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, AdapterLayer):
+            raise ValueError(
+                f"module {name!r} already carries a {module.family!r} adapter; boftlab puts one adapter per layer "
+                "(unwrap(model) first, or choose other targets)"
+            )
+        try:
+            layers[name] = config.make_layer(module)
+        except ValueError as err:
+            raise ValueError(f"cannot adapt module {name!r}: {err}") from err
+    return layers
+
+
+def insert_layers(model: nn.Module, layers: dict[str, AdapterLayer]) -> None:
+    for name, layer in layers.items():
+        _replace(model, name, layer)
+    freeze_base(model)
+
+
+def freeze_base(model: nn.Module) -> None:
+    """Train exactly the adapters' own parameters and the modules recorded by ``adapt(trainable=...)``."""
+    keep = getattr(model, TRAINABLE_ATTR, [])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in adapter_layers(model).values():
+        for p in layer.adapter_parameters().values():
+            p.requires_grad_(True)
+    for name in keep:
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(True)
+
+
+def adapt(
+    model: nn.Module,
+    config: AdapterConfig,
+    targets: Target | Sequence[Target],
+    trainable: Sequence[str] = (),
+) -> nn.Module:
+    """Wrap every module ``targets`` selects with ``config``'s adapter; freeze all other parameters. In place.
+
+    ``trainable``: module names (or dotted suffixes) kept fully trainable, e.g. a new classifier head.
+    Call again with another config and other targets to mix families on one model. Returns ``model``.
+    """
+    if not isinstance(config, AdapterConfig):
+        raise ValueError(
+            f"config must be an adapter config (e.g. boftlab.BOFTConfig(...)), got {type(config).__name__}"
+        )
+    names = match_targets(model, targets)
+    if not names:
+        raise ValueError(
+            f"targets={_describe(targets)} matched no module. Modules in this model: {_module_list_hint(model)}"
+        )
+    supported = [n for n in names if isinstance(model.get_submodule(n), config.supported_layers)]
+    if not supported:
+        kinds = sorted({type(model.get_submodule(n)).__name__ for n in names})
+        ok = ", ".join(t.__name__ for t in config.supported_layers)
+        raise ValueError(
+            f"targets={_describe(targets)} matched {len(names)} module(s) of type(s) {kinds}, none of which "
+            f"{type(config).__name__} supports; supported types: {ok}"
+        )
+    if isinstance(targets, (str, re.Pattern)) or any(isinstance(t, type) for t in _as_list(targets)):
+        names = supported  # a pattern or a type may sweep up containers (e.g. "encoder.layer.0"); keep the layers
+    keep = resolve_trainable(model, trainable)
+    kept = set(keep) | set(getattr(model, TRAINABLE_ATTR, []))
+    names = [n for n in names if not any(n == k or n.startswith(k + ".") for k in kept)]  # heads stay plain
+    layers = build_layers(model, config, names)  # may raise: the model is still untouched
+    setattr(model, TRAINABLE_ATTR, sorted(set(getattr(model, TRAINABLE_ATTR, [])) | set(keep)))
+    insert_layers(model, layers)
+    return model
+
+
+def _as_list(targets: object) -> list:
+    return list(targets) if isinstance(targets, (list, tuple, set)) else [targets]
+
+
+def resolve_trainable(model: nn.Module, trainable: Sequence[str]) -> list[str]:
+    if isinstance(trainable, str):
+        trainable = [trainable]
+    names = []
+    for item in trainable:
+        hits = [n for n in _plain_modules(model) if n and (n == item or n.endswith("." + item))]
+        if not hits:
+            raise ValueError(
+                f"trainable={item!r} matched no module. Modules in this model: {_module_list_hint(model)}"
+            )
+        names += hits
+    return names
+
+
+# --- reports -------------------------------------------------------------------------------------------------------------
+@dataclass
+class Summary:
+    """Parameter counts of an adapted model (what ``summary`` prints)."""
+
+    total: int
+    trainable: int
+    adapter: int  # stored in adapter layers
+    effective: int  # paper-style free parameters of the adapters
+    other_trainable: int  # e.g. a classifier head kept trainable
+    by_family: dict[str, dict[str, int]] = field(default_factory=dict)  # family -> {"layers", "trainable", ...}
+    by_layer_type: dict[str, dict[str, int]] = field(default_factory=dict)  # "boft/Linear" -> {...}
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        lines = [
+            f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}",
+            f"adapter params: {self.adapter:,} (paper-style effective: {self.effective:,}); "
+            f"other trainable: {self.other_trainable:,}",
+            "",
+            "| family / layer type | layers | adapter params | effective | base params adapted |",
+            "|---|---|---|---|---|",
+        ]
+        for key, row in sorted(self.by_layer_type.items()):
+            lines.append(
+                f"| {key} | {row['layers']} | {row['trainable']:,} | {row['effective']:,} | {row['base']:,} |"
+            )
+        return "\n".join(lines)
+
+    def _repr_markdown_(self) -> str:
+        head, _, table = str(self).partition("\n\n")
+        return head.replace("\n", "<br>") + "\n\n" + table
+
+
+def summary(model: nn.Module, print_it: bool = False) -> Summary:
+    """Trainable vs total parameters, per family and per adapted layer type (like PEFT's
+    ``print_trainable_parameters``, plus the paper-style effective count)."""
+    params = list(model.parameters())
+    total = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    by_family: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    by_type: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    adapter_ids = set()
+    for layer in adapter_layers(model).values():
+        row = {
+            "layers": 1,
+            "trainable": layer.n_trainable(),
+            "effective": layer.n_effective(),
+            "base": sum(p.numel() for p in layer.base_layer.parameters()),
+        }
+        for table, key in ((by_family, layer.family), (by_type, f"{layer.family}/{type(layer.base_layer).__name__}")):
+            for k, v in row.items():
+                table[key][k] += v
+        adapter_ids |= {id(p) for p in layer.adapter_parameters().values()}
+    adapter = sum(r["trainable"] for r in by_family.values())
+    effective = sum(r["effective"] for r in by_family.values())
+    other = sum(p.numel() for p in params if p.requires_grad and id(p) not in adapter_ids)
+    result = Summary(
+        total, trainable, adapter, effective, other,
+        {k: dict(v) for k, v in by_family.items()}, {k: dict(v) for k, v in by_type.items()},
+    )
+    if print_it:
+        print(result)
+    return result
+
+
+# --- merging -----------------------------------------------------------------------------------------------------------
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weights (zero added latency); ``unmerge`` undoes it."""
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError("merge: the model has no boftlab adapters")
+    already = [n for n, layer in layers.items() if layer.merged]
+    if already:
+        raise ValueError(f"merge: already merged ({len(already)} layers, e.g. {already[0]!r}); call unmerge first")
+    for layer in layers.values():
+        layer.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Take merged adapters back out of the base weights."""
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError("unmerge: the model has no boftlab adapters")
+    not_merged = [n for n, layer in layers.items() if not layer.merged]
+    if not_merged:
+        raise ValueError(f"unmerge: {len(not_merged)} layers are not merged (e.g. {not_merged[0]!r})")
+    for layer in layers.values():
+        layer.unmerge()
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Merge the adapters and put the plain base layers back: a model with the original module types."""
+    for name, layer in adapter_layers(model).items():
+        if not layer.merged:
+            layer.merge()
+        _replace(model, name, layer.base_layer)
+    if hasattr(model, TRAINABLE_ATTR):
+        delattr(model, TRAINABLE_ATTR)
+    return model

@@ -1,0 +1,377 @@
+"""What the three reproduction domains share: the methods, one training loop, the table and the figures.
+
+A domain (``vit``, ``llm``, ``diffusion``) supplies a pretrained model, a loss on a training batch and a held-out
+metric. This module adapts a fresh copy of the model with each method, trains it with the same loop (AdamW, warm-up
+then cosine decay, fixed seed and data order), and records what the run measured: trainable parameters, the metric
+before and after, milliseconds per optimizer step and peak accelerator memory. Nothing is filled in by hand.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+#: the families a method can name: the two references, then boftlab's config classes (module, class name).
+BOFTLAB_CONFIGS = {
+    "oft": ("boftlab.butterfly", "OFTConfig"),
+    "boft": ("boftlab.butterfly", "BOFTConfig"),
+    "surm": ("boftlab.surm", "SURMConfig"),
+    "tensor_core": ("boftlab.tensor_core", "TensorCoreConfig"),
+}
+FAMILIES = ("head", "full", "lora", *BOFTLAB_CONFIGS)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of a results table.
+
+    family: "head" (only the modules kept trainable), "full" (every parameter), "lora" (PEFT ``LoraConfig``) or a
+    boftlab family; options: that config's keyword arguments; targets: the layers it adapts (a regex that
+    ``fullmatch``-es module names, or a list of names / suffixes / module types); lr: AdamW's peak learning rate.
+    """
+
+    name: str
+    family: str
+    options: dict[str, Any] = field(default_factory=dict)
+    targets: Any = None
+    lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"Method {self.name!r}: unknown family {self.family!r}; valid families: {FAMILIES}")
+        if self.family not in ("head", "full") and self.targets is None:
+            raise ValueError(f"Method {self.name!r}: family {self.family!r} needs targets (the layers to adapt)")
+
+
+class MethodUnavailable(RuntimeError):
+    """A method's family cannot be imported in this installation; the run lists it as skipped."""
+
+
+def config_class(family: str) -> type:
+    """The boftlab config class of ``family``, imported on first use."""
+    module_name, class_name = BOFTLAB_CONFIGS[family]
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as err:
+        raise MethodUnavailable(f"{module_name}.{class_name} is not importable here ({err})") from err
+
+
+def prepare(model: nn.Module, method: Method, trainable: list[str]) -> nn.Module:
+    """Put ``method`` on ``model`` (in place, or PEFT's wrapper around it); only the method's parameters and the
+    ``trainable`` modules (e.g. a new head) require gradients afterwards."""
+    if method.family in ("head", "full"):
+        for name, p in model.named_parameters():
+            p.requires_grad_(method.family == "full" or any(_in_module(name, t) for t in trainable))
+        return model
+    if method.family == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(target_modules=method.targets, modules_to_save=list(trainable) or None, **method.options)
+        return get_peft_model(model, config)
+    import boftlab
+
+    config = config_class(method.family)(**method.options)
+    return boftlab.adapt(model, config, targets=method.targets, trainable=trainable)
+
+
+def _in_module(param_name: str, module_name: str) -> bool:
+    return param_name.startswith(module_name + ".") or f".{module_name}." in f".{param_name}"
+
+
+def count_parameters(model: nn.Module, trainable: list[str]) -> tuple[int, int]:
+    """(trainable parameters, of which outside the ``trainable`` modules — i.e. the method's own)."""
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    kept = sum(
+        p.numel()
+        for name, p in model.named_parameters()
+        if p.requires_grad and any(_in_module(name, t) for t in trainable)
+    )
+    return total, total - kept
+
+
+# --- data and checkpoints ---------------------------------------------------------------------------------------------
+def data_dir() -> Path:
+    """The project's ``data/`` directory (``$BOFTLAB_DATA`` overrides it)."""
+    import os
+
+    return Path(os.environ.get("BOFTLAB_DATA", Path(__file__).resolve().parents[2] / "data"))
+
+
+def checkpoint_dir(name: str) -> Path:
+    path = data_dir() / "checkpoints" / name
+    if not (path / "model.safetensors").exists():
+        raise FileNotFoundError(
+            f"no checkpoint {name!r} at {path}: the ci profile's pretrained models ship in the repository's data/ "
+            "directory (run from a checkout, or point $BOFTLAB_DATA at it); data/scripts/ has the scripts that "
+            "make them"
+        )
+    return path
+
+
+def save_checkpoint(name: str, state: dict[str, torch.Tensor], config: dict[str, Any], dtype=torch.float32) -> Path:
+    """Write ``data/checkpoints/<name>/model.safetensors`` (tensors cast to ``dtype``) and ``config.json``."""
+    import json
+
+    from safetensors.torch import save_file
+
+    path = data_dir() / "checkpoints" / name
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().to(dtype).contiguous() for k, v in state.items()}, path / "model.safetensors")
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return path
+
+
+def load_checkpoint(name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict in float32, config) of a checkpoint written by ``save_checkpoint``."""
+    import json
+
+    from safetensors.torch import load_file
+
+    path = checkpoint_dir(name)
+    state = {k: v.float() for k, v in load_file(path / "model.safetensors").items()}
+    return state, json.loads((path / "config.json").read_text())
+
+
+def digits(classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's bundled 8×8 handwritten digits of ``classes``: images (N, 1, 8, 8) in [0, 1], labels (N,)."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    keep = torch.isin(torch.as_tensor(data.target), torch.tensor(classes))
+    images = torch.as_tensor(data.images, dtype=torch.float32)[keep] / 16.0
+    return images[:, None], torch.as_tensor(data.target)[keep]
+
+
+def stratified_split(labels: torch.Tensor, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, test indices), each class split in the same proportion with a seeded permutation."""
+    gen = torch.Generator().manual_seed(seed)
+    train, test = [], []
+    for c in labels.unique():
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        n_test = round(len(idx) * test_fraction)
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    return torch.cat(train).sort().values, torch.cat(test).sort().values
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """Indices of ``step``'s batch: epochs of seeded random permutations of range(n), so every method sees the
+    same batches in the same order."""
+    per_epoch = max(1, n // batch_size)
+    epoch, i = divmod(step, per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return order[i * batch_size:(i + 1) * batch_size]
+
+
+# --- training ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """What one method's run measured."""
+
+    method: Method
+    trainable: int = 0  # parameters the optimizer updates (method + kept-trainable modules)
+    method_params: int = 0  # of which belong to the method (adapters, or the whole body for full fine-tuning)
+    steps: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # training loss at every step
+    eval_steps: list[int] = field(default_factory=list)
+    evals: list[float] = field(default_factory=list)  # held-out metric at eval_steps (the first at step 0)
+    ms_per_step: float | None = None  # median wall time of one optimizer step
+    peak_mib: float | None = None  # peak CUDA memory allocated while training; None on CPU
+    skipped: str | None = None  # why the method did not run
+    extra: dict[str, Any] = field(default_factory=dict)  # domain-specific artefacts (e.g. sample grids)
+
+    @property
+    def before(self) -> float | None:
+        return self.evals[0] if self.evals else None
+
+    @property
+    def final(self) -> float | None:
+        return self.evals[-1] if self.evals else None
+
+
+@dataclass
+class Task:
+    """A domain's experiment, as the runner needs it.
+
+    base: the pretrained model (copied for every method); trainable: modules trained by every method (a new head);
+    loss(model, step) -> scalar training loss of that step's batch (same batches for every method);
+    evaluate(model) -> held-out metric; after(model, run): optional hook run on the trained model (e.g. sampling).
+    """
+
+    base: nn.Module
+    trainable: list[str]
+    loss: Callable[[nn.Module, int], torch.Tensor]
+    evaluate: Callable[[nn.Module], float]
+    steps: int
+    eval_every: int
+    device: torch.device
+    seed: int = 0
+    after: Callable[[nn.Module, Run], None] | None = None
+
+
+def lr_factor(step: int, steps: int, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``steps``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_method(task: Task, method: Method, progress: bool = True) -> Run:
+    """Adapt a fresh copy of ``task.base`` with ``method``, train it, and measure. A family that cannot be imported
+    gives a skipped ``Run`` with the reason."""
+    from tqdm.auto import tqdm
+
+    run = Run(method)
+    torch.manual_seed(task.seed)  # same adapter initialisation stream and data order for every method
+    try:
+        model = prepare(copy.deepcopy(task.base), method, task.trainable)
+    except MethodUnavailable as err:
+        run.skipped = str(err)
+        return run
+    model.to(task.device)
+    run.trainable, run.method_params = count_parameters(model, task.trainable)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=method.lr, weight_decay=0.0)
+    warmup = max(1, task.steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, task.steps, warmup))
+
+    def evaluate(step: int) -> None:
+        model.eval()
+        with torch.no_grad():
+            run.evals.append(float(task.evaluate(model)))
+        run.eval_steps.append(step)
+        model.train()
+
+    evaluate(0)
+    if task.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(task.device)
+    times = []
+    bar = tqdm(range(task.steps), desc=method.name, disable=not progress, leave=False)
+    for step in bar:
+        _synchronize(task.device)
+        start = time.perf_counter()
+        loss = task.loss(model, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        _synchronize(task.device)
+        times.append((time.perf_counter() - start) * 1e3)
+        run.steps.append(step + 1)
+        run.losses.append(float(loss))
+        if (step + 1) % task.eval_every == 0 or step + 1 == task.steps:
+            evaluate(step + 1)
+            bar.set_postfix(metric=f"{run.evals[-1]:.3g}")
+    if task.device.type == "cuda":
+        run.peak_mib = torch.cuda.max_memory_allocated(task.device) / 2**20
+    run.ms_per_step = statistics.median(times[min(5, len(times) - 1):])  # skip the first (allocation) steps
+    if task.after is not None:
+        model.eval()
+        with torch.no_grad():
+            task.after(model, run)
+    return run
+
+
+def run_methods(task: Task, methods: list[Method], progress: bool = True) -> list[Run]:
+    """``run_method`` for each method, in order; skipped families are reported, not raised."""
+    runs = []
+    for method in methods:
+        run = run_method(task, method, progress)
+        if run.skipped and progress:
+            print(f"skipped {method.name}: {run.skipped}")
+        runs.append(run)
+    return runs
+
+
+# --- reporting --------------------------------------------------------------------------------------------------------
+def results_table(runs: list[Run], metric: str) -> str:
+    """Markdown table: method, trainable parameters, the metric before → after, ms per step, peak memory."""
+    from boftlab.bench import markdown_table
+
+    header = ["method", "trainable params", "of which method", f"{metric} before", f"{metric} after",
+              "ms / step", "peak memory (MiB)"]
+    rows = []
+    for r in runs:
+        if r.skipped:
+            rows.append([r.method.name, f"skipped: {r.skipped}", None, None, None, None, None])
+            continue
+        rows.append([r.method.name, f"{r.trainable:,}", f"{r.method_params:,}", r.before, r.final,
+                     r.ms_per_step, r.peak_mib])
+    return markdown_table(header, rows)
+
+
+def plot_curves(runs: list[Run], metric: str, title: str, smooth: int = 10):
+    """Figure with two panels: training loss (running mean over ``smooth`` steps) and the held-out metric."""
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for r in runs:
+        if r.skipped:
+            continue
+        losses = torch.tensor(r.losses)
+        kernel = min(smooth, len(losses))
+        smoothed = torch.nn.functional.avg_pool1d(losses[None, None], kernel, 1).flatten() if kernel else losses
+        ax_loss.plot(r.steps[kernel - 1:], smoothed.tolist(), label=r.method.name, lw=1.2)
+        ax_metric.plot(r.eval_steps, r.evals, marker=".", label=r.method.name, lw=1.2)
+    ax_loss.set(xlabel="step", ylabel=f"training loss (mean of {smooth} steps)", title=f"{title}: training loss")
+    ax_metric.set(xlabel="step", ylabel=metric, title=f"{title}: held-out {metric}")
+    ax_loss.set_yscale("log")
+    ax_metric.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+@dataclass
+class Report:
+    """One domain's section of results.md: prose, the table, and figures (file stem -> matplotlib Figure)."""
+
+    domain: str
+    title: str
+    description: str
+    runs: list[Run]
+    metric: str
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    def markdown(self, figure_dir: str = ".") -> str:
+        lines = [f"## {self.title}", "", self.description, "", results_table(self.runs, self.metric), ""]
+        if all(r.peak_mib is None for r in self.runs if not r.skipped):
+            lines += ["Peak memory is measured with `torch.cuda.max_memory_allocated`; this run was on CPU, where "
+                      "it is not measured (–).", ""]
+        lines += [f"![{stem}]({figure_dir}/{stem}.png)" for stem in self.figures]
+        return "\n".join(lines) + "\n"
+
+
+def write_results(reports: list[Report], out: Path, profile: str, command: str) -> Path:
+    """Write ``out/results.md`` and every report's figures as ``out/<stem>.png``; return the markdown's path."""
+    from boftlab.bench import machine
+
+    out.mkdir(parents=True, exist_ok=True)
+    parts = [
+        "# boftlab reproduction results", "",
+        f"Profile `{profile}`; measured on: {machine()}.", "",
+        f"Command: `{command}`", "",
+        "Every number below was produced by this run; learning rates are fixed per family in "
+        "`boftlab/reproduce/` (not tuned on the held-out data).", "",
+    ]
+    for report in reports:
+        parts.append(report.markdown())
+        for stem, fig in report.figures.items():
+            fig.savefig(out / f"{stem}.png", dpi=90)
+    path = out / "results.md"
+    path.write_text("\n".join(parts))
+    return path

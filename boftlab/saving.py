@@ -1,0 +1,192 @@
+"""Saving and loading adapters: safetensors only (nothing is ever unpickled), atomic writes, strict checks.
+
+An adapter directory holds
+
+    adapter_model.safetensors   the adapters' tensors (and those of modules kept trainable, e.g. a head), with the
+                                adapter config embedded in the file's metadata under "boftlab" — one file, written
+                                atomically, so weights and config can never disagree;
+    adapter_config.json         the same config, pretty-printed for people and tools.
+
+The config records, per group of layers sharing one config: the family and hyper-parameters, the target module
+names, their base-layer types and weight shapes; plus the boftlab version and a format version.
+Loading validates everything against the model before changing it: on any error the model is left untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from . import __version__
+from .contract import AdapterConfig, AdapterLayer
+from .model import TRAINABLE_ATTR, adapter_layers, build_layers, insert_layers
+
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+METADATA_KEY = "boftlab"
+
+
+# --- writing ---------------------------------------------------------------------------------------------------------
+def atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``.
+
+    The rename is atomic, so an interrupted save (crash, exception, full disk) leaves the old file intact.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def adapter_config(model: nn.Module) -> dict[str, Any]:
+    """The JSON-able description of every adapter in ``model`` (what ``save_adapter`` writes)."""
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError("the model has no boftlab adapters to save; call boftlab.adapt(model, config, targets) first")
+    groups: dict[str, dict[str, Any]] = {}
+    for name, layer in layers.items():
+        config = layer.config.to_dict()
+        group = groups.setdefault(json.dumps(config, sort_keys=True), {"config": config, "targets": {}})
+        group["targets"][name] = {
+            "type": type(layer.base_layer).__name__,
+            "weight_shape": list(layer.base_layer.weight.shape) if hasattr(layer.base_layer, "weight") else None,
+        }
+    return {
+        "format_version": FORMAT_VERSION,
+        "boftlab_version": __version__,
+        "groups": list(groups.values()),
+        "trainable": list(getattr(model, TRAINABLE_ATTR, [])),
+    }
+
+
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{module_name.key: tensor}`` for every adapter's state and every module kept trainable."""
+    tensors = {}
+    for name, layer in adapter_layers(model).items():
+        tensors |= {f"{name}.{k}": v for k, v in layer.adapter_state().items()}
+    for name in getattr(model, TRAINABLE_ATTR, []):
+        tensors |= {f"{name}.{k}": v for k, v in model.get_submodule(name).state_dict().items()}
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``model``'s adapters to the directory ``path`` (created if needed). Returns the weights file's path."""
+    directory = Path(path)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"save_adapter writes a directory, but {str(directory)!r} is an existing file")
+    config = adapter_config(model)
+    text = json.dumps(config, indent=2)
+    tensors = adapter_tensors(model)
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={METADATA_KEY: text}))
+    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text + "\n"))
+    return directory / WEIGHTS_NAME
+
+
+# --- reading ---------------------------------------------------------------------------------------------------------
+def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config, tensors) of an adapter directory or weights file, validated for format; never unpickles."""
+    file = Path(path)
+    if file.is_dir():
+        file = file / WEIGHTS_NAME
+    if not file.is_file():
+        raise ValueError(f"no adapter at {str(path)!r}: expected a directory containing {WEIGHTS_NAME}")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{str(file)!r} is not a readable safetensors file (truncated or corrupted?): {err}") from err
+    if METADATA_KEY not in metadata:
+        raise ValueError(f"{str(file)!r} is a safetensors file but not a boftlab adapter (no {METADATA_KEY!r} metadata)")
+    try:
+        config = json.loads(metadata[METADATA_KEY])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"the adapter config inside {str(file)!r} is not valid JSON: {err}") from err
+    version = config.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"{str(file)!r} has adapter format version {version!r}, but this boftlab ({__version__}) reads versions "
+            f"1..{FORMAT_VERSION}; upgrade boftlab to load it"
+        )
+    return config, tensors
+
+
+def _check_targets(model: nn.Module, group: dict[str, Any]) -> None:
+    names = dict(model.named_modules())
+    missing = [n for n in group["targets"] if n not in names]
+    if missing:
+        raise ValueError(
+            f"the adapter targets module(s) {missing[:5]} that this model does not have "
+            f"({len(missing)} missing) — was it saved for another architecture?"
+        )
+    for name, info in group["targets"].items():
+        module = names[name]
+        if isinstance(module, AdapterLayer):
+            raise ValueError(f"module {name!r} already carries an adapter; load into a freshly built base model")
+        if type(module).__name__ != info["type"]:
+            raise ValueError(f"module {name!r} is a {type(module).__name__}, but the adapter was saved for a {info['type']}")
+        shape = list(module.weight.shape) if hasattr(module, "weight") else None
+        if shape != info["weight_shape"]:
+            raise ValueError(
+                f"shape mismatch at {name!r}: the adapter was saved for a base weight of shape {info['weight_shape']}, "
+                f"this model's is {shape} — another architecture or size?"
+            )
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Put the adapters saved at ``path`` on ``model`` (a freshly built base model), in place; returns ``model``.
+
+    Every check runs before the model changes: wrong architecture, missing or extra tensors, a corrupted file, an
+    unknown family or a newer format raise ``ValueError`` and leave the model as it was.
+    """
+    config, tensors = read_adapter(path)
+    if adapter_layers(model):
+        raise ValueError(
+            "the model already has boftlab adapters; load_adapter expects the plain base model "
+            "(build it again, or boftlab.unwrap(model) to fold the current adapters in first)"
+        )
+    layers: dict[str, AdapterLayer] = {}
+    for group in config["groups"]:
+        adapter_config_ = AdapterConfig.from_dict(group["config"])
+        _check_targets(model, group)
+        layers |= build_layers(model, adapter_config_, list(group["targets"]))
+    trainable = list(config.get("trainable", []))
+    expected: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        expected |= {f"{name}.{k}": v for k, v in layer.adapter_state().items()}
+    for name in trainable:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the adapter keeps module {name!r} trainable, but this model has no such module") from None
+        expected |= {f"{name}.{k}": v for k, v in module.state_dict().items()}
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"the adapter file does not fit this model: missing tensors {missing[:10]}"
+            f"{' …' if len(missing) > 10 else ''}; unexpected tensors {extra[:10]}{' …' if len(extra) > 10 else ''}"
+        )
+    wrong = [(k, list(tensors[k].shape), list(v.shape)) for k, v in expected.items() if tensors[k].shape != v.shape]
+    if wrong:
+        raise ValueError(f"tensor shape mismatch (name, in file, expected): {wrong[:10]}")
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(tensors[key])  # state_dict() tensors share storage with the parameters
+    setattr(model, TRAINABLE_ATTR, trainable)
+    insert_layers(model, layers)
+    return model

@@ -1,0 +1,618 @@
+"""Structured unrestricted-rank matrices (SURM; Sehanobish et al., NeurIPS 2024) as LoRA-style and adapter-style PEFT.
+
+LoRA learns a low-rank ΔW = BA: cheap, but rank ≤ r. SURM learns a *structured* S instead — a matrix described by
+O(d) numbers that is nonetheless (generically) full-rank, and that multiplies a vector in O(d log d) by the FFT:
+
+* circulant      C = circ(c),       C[i, j] = c[(i − j) mod n]                      n numbers
+* Toeplitz       T,                 T[i, j] = t[i − j + d_in − 1]                   d_out + d_in − 1 numbers
+* Kronecker      A ⊗ B,             A: m1 × n1, B: m2 × n2, m1·m2 = d_out, n1·n2 = d_in    m1·n1 + m2·n2 numbers
+* LDR, rank r    L = Σ_{i<r} Z_1(g_i) · Z_{−1}(h_i)                                 2·r·n numbers
+
+Z_f(v) is the f-circulant with first column v: Z_1(v) is circulant, Z_{−1}(v) skew-circulant (entries that wrap
+around the corner change sign). The LDR class is exactly the set of matrices whose *displacement*
+∇(M) = Z_1·M − M·Z_{−1} has rank ≤ r (the displacement rank): since ∇(Z_1(g)·Z_{−1}(h)) = 2·g·(J h)ᵀ (J reverses a
+vector) and ∇ is invertible (Z_1 and Z_{−1} have disjoint spectra), every n × n matrix is an LDR matrix with r = n,
+a circulant has displacement rank ≤ 1 and a Toeplitz matrix ≤ 2. The displacement rank r, not the matrix rank, is
+the knob between compactness (2rn numbers) and expressiveness.
+
+Rectangular layers (d_out ≠ d_in). Circulant and LDR matrices are defined for the square size n = max(d_out, d_in)
+and cropped to their top-left d_out × d_in block (inputs are zero-padded to n, outputs truncated to d_out); every
+stored number still reaches the crop. Toeplitz and Kronecker matrices are natively rectangular. Parameter counts:
+
+    circulant  max(d_out, d_in)        Toeplitz  d_out + d_in − 1        Kronecker  m1·n1 + m2·n2
+    LDR        2 · r · max(d_out, d_in)
+
+The two uses of the paper:
+
+* LoRA-style (mode="lora"):    W' = W + α·S,        y = W x + α·S x + bias             (S: d_out × d_in)
+* adapter-style (mode="adapter"): y = h + f(α·S h) + b,  h = W x + bias                 (S: d_out × d_out)
+  inserted on the output of the targeted Linear — on BERT's ``attention.output.dense`` and ``output.dense`` this
+  is the paper's placement, after the projection and before the residual LayerNorm.
+
+Identity at init with gradients: S starts at exactly 0 and S depends linearly (circulant, Toeplitz) or
+bilinearly (Kronecker, LDR) on its parameters. A linear S = Σ_k c_k·P_k has ∂L/∂c_k = ⟨∂L/∂S, P_k⟩, which does not
+depend on c, so c = 0 already receives gradient. For the bilinear ones one factor starts at 0 and the other random
+(as LoRA does): B = 0 in A ⊗ B and g = 0 in Σ Z_1(g_i)·Z_{−1}(h_i), so ∂L/∂B and ∂L/∂g are non-zero at step 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .contract import AdapterConfig, AdapterLayer, nearest
+
+STRUCTURES = ("circulant", "toeplitz", "kronecker", "ldr")
+MODES = ("lora", "adapter")
+#: adapter non-linearities, all with f(0) = 0 (so S = 0 is the identity) and f'(0) ≠ 0 (so S = 0 still learns);
+#: ReLU is left out on purpose: relu'(0) = 0 in autograd, so a zero-initialised S would never move.
+ACTIVATIONS = {"identity": lambda x: x, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu}
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp16/bf16/fp32 inputs, fp64 for fp64: FFTs in half precision lose too many digits."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _fft_size(n: int) -> int:
+    """The smallest 2^a·3^b·5^c ≥ n: FFT lengths with small prime factors are the fast ones."""
+    size = n
+    while True:
+        rest = size
+        for p in (2, 3, 5):
+            while rest % p == 0:
+                rest //= p
+        if rest == 1:
+            return size
+        size += 1
+
+
+# --- fast products -------------------------------------------------------------------------------------------------
+def circulant_matvec(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """C x with C = circ(c) (first column c): c: (..., n), x: (..., n) -> (..., n), O(n log n). Cyclic convolution."""
+    n = c.shape[-1]
+    return torch.fft.irfft(torch.fft.rfft(c, n=n) * torch.fft.rfft(x, n=n), n=n)
+
+
+def skew_circulant_matvec(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Z_{−1}(c) x (skew-circulant, first column c): (..., n), (..., n) -> (..., n), O(n log n).
+
+    A negacyclic convolution: the linear convolution p = c ∗ x (length 2n − 1, via a real FFT of length ≥ 2n) folded
+    back with a sign, y_i = p_i − p_{i+n}.
+    """
+    n = c.shape[-1]
+    size = _fft_size(2 * n)
+    full = torch.fft.irfft(torch.fft.rfft(c, n=size) * torch.fft.rfft(x, n=size), n=size)
+    return full[..., :n] - full[..., n : 2 * n]
+
+
+def toeplitz_matvec(t: torch.Tensor, x: torch.Tensor, d_out: int) -> torch.Tensor:
+    """T x with T[i, j] = t[i − j + d_in − 1]: t: (d_out + d_in − 1,), x: (..., d_in) -> (..., d_out), O(d log d).
+
+    y_i = Σ_j t[i + d_in − 1 − j]·x_j is entry i + d_in − 1 of the linear convolution t ∗ x. A cyclic convolution of
+    length L ≥ len(t) aliases only entries below d_in − 1, which are not needed.
+    """
+    d_in = x.shape[-1]
+    size = _fft_size(t.shape[-1])
+    full = torch.fft.irfft(torch.fft.rfft(t, n=size) * torch.fft.rfft(x, n=size), n=size)
+    return full[..., d_in - 1 : d_in - 1 + d_out]
+
+
+def kronecker_matvec(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(A ⊗ B) x: a: (m1, n1), b: (m2, n2), x: (..., n1·n2) -> (..., m1·m2), O(d·(n1 + m2)) per row.
+
+    With x viewed row-major as X (n1 × n2), (A ⊗ B) x is A X Bᵀ viewed row-major (torch.kron's index order).
+    """
+    (m1, n1), (m2, n2) = a.shape, b.shape
+    x = x.reshape(*x.shape[:-1], n1, n2)  # (..., n1, n2)
+    y = torch.einsum("ij,...jk,lk->...il", a, x, b)  # (..., m1, m2)
+    return y.reshape(*y.shape[:-2], m1 * m2)
+
+
+def ldr_matvec(g: torch.Tensor, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Σ_i Z_1(g_i)·Z_{−1}(h_i)·x: g, h: (r, n), x: (..., n) -> (..., n), O(r·n log n)."""
+    u = skew_circulant_matvec(h, x.unsqueeze(-2))  # (..., r, n): Z_{−1}(h_i) x for each i
+    return circulant_matvec(g, u).sum(-2)
+
+
+# --- dense references (tests, merging, figures; never in the forward pass) ------------------------------------------
+def circulant(c: torch.Tensor) -> torch.Tensor:
+    """(n,) -> (n, n) with C[i, j] = c[(i − j) mod n]."""
+    n = c.shape[-1]
+    i = torch.arange(n, device=c.device)
+    return c[(i[:, None] - i[None, :]) % n]
+
+
+def skew_circulant(c: torch.Tensor) -> torch.Tensor:
+    """(n,) -> (n, n) with Z[i, j] = c[i − j] for i ≥ j and −c[n + i − j] above the diagonal."""
+    n = c.shape[-1]
+    i = torch.arange(n, device=c.device)
+    sign = torch.where(i[:, None] >= i[None, :], 1.0, -1.0).to(c.dtype)
+    return sign * circulant(c)
+
+
+def toeplitz(t: torch.Tensor, d_out: int, d_in: int) -> torch.Tensor:
+    """(d_out + d_in − 1,) -> (d_out, d_in) with T[i, j] = t[i − j + d_in − 1] (t[0] is the top-right corner)."""
+    i, j = torch.arange(d_out, device=t.device), torch.arange(d_in, device=t.device)
+    return t[i[:, None] - j[None, :] + d_in - 1]
+
+
+def ldr(g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """(r, n), (r, n) -> (n, n): Σ_i Z_1(g_i)·Z_{−1}(h_i), as r dense products. O(r·n³)."""
+    return torch.stack([circulant(gi) @ skew_circulant(hi) for gi, hi in zip(g, h)]).sum(0)
+
+
+def shift_matrix(n: int, f: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The unit f-circulant Z_f (n × n): ones below the diagonal and f in the top-right corner."""
+    z = torch.diag(torch.ones(n - 1, dtype=dtype), -1)
+    z[0, -1] = f
+    return z
+
+
+def displacement(matrix: torch.Tensor) -> torch.Tensor:
+    """(n, n) -> ∇(M) = Z_1·M − M·Z_{−1}, (n, n), O(n²): rows rolled down minus columns shifted left (sign-wrapped)."""
+    rolled_rows = torch.roll(matrix, 1, dims=0)  # Z_1 M
+    shifted_cols = torch.cat([matrix[:, 1:], -matrix[:, :1]], dim=1)  # M Z_{−1}
+    return rolled_rows - shifted_cols
+
+
+def displacement_rank(matrix: torch.Tensor, rtol: float = 1e-9) -> int:
+    """The rank of ∇(M): 1 for a circulant, ≤ 2 for a Toeplitz, ≤ r for an LDR matrix of rank r."""
+    s = torch.linalg.svdvals(displacement(matrix.double()))
+    return int((s > rtol * s[0]).sum()) if s[0] > 0 else 0
+
+
+def ldr_generators(matrix: torch.Tensor, displacement_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, n) -> g, h: (r, n) with ∇(Σ Z_1(g_i)·Z_{−1}(h_i)) the best rank-r approximation of ∇(M). O(n³).
+
+    From ∇(Z_1(g)·Z_{−1}(h)) = 2·g·(J h)ᵀ: with ∇(M) ≈ Σ σ_i u_i v_iᵀ take g_i = √(σ_i/2)·u_i, h_i = √(σ_i/2)·J v_i
+    (the scale split evenly between the two). With r = n the result is M exactly.
+    """
+    u, s, vh = torch.linalg.svd(displacement(matrix))
+    scale = (s[:displacement_rank] / 2).sqrt()[:, None]
+    return scale * u[:, :displacement_rank].T, scale * vh[:displacement_rank].flip(-1)
+
+
+# --- shapes and parameter counts ------------------------------------------------------------------------------------
+def divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def default_kronecker_shape(d_out: int, d_in: int) -> tuple[int, int]:
+    """(m1, n1) for A: the divisors of d_out and d_in nearest their square roots, so A and B are about equal."""
+    return nearest(round(math.sqrt(d_out)), divisors(d_out)), nearest(round(math.sqrt(d_in)), divisors(d_in))
+
+
+def resolve_kronecker_shape(d_out: int, d_in: int, shape: tuple[int, int] | None) -> tuple[int, int]:
+    """The shape (m1, n1) of A in A ⊗ B for a d_out × d_in matrix, or a ValueError listing the valid choices."""
+    if shape is None:
+        shape = default_kronecker_shape(d_out, d_in)
+        m1, n1 = shape
+        if m1 * n1 + (d_out // m1) * (d_in // n1) >= d_out * d_in:
+            raise ValueError(
+                f"no Kronecker factorisation of a {d_out} × {d_in} matrix has fewer numbers than the matrix itself "
+                f"(divisors of {d_out}: {divisors(d_out)}; of {d_in}: {divisors(d_in)}); use another structure."
+            )
+        return shape
+    if len(shape) != 2:
+        raise ValueError(f"kronecker_shape is the shape (rows, cols) of the first factor A, got {shape!r}")
+    m1, n1 = shape
+    if m1 < 1 or n1 < 1 or d_out % m1 or d_in % n1:
+        suggestion = (nearest(m1, divisors(d_out)), nearest(n1, divisors(d_in)))
+        raise ValueError(
+            f"kronecker_shape={tuple(shape)} does not fit a {d_out} × {d_in} matrix: A's rows must divide "
+            f"d_out={d_out} (valid: {divisors(d_out)}) and its columns must divide d_in={d_in} (valid: "
+            f"{divisors(d_in)}); nearest valid kronecker_shape: {suggestion}."
+        )
+    return int(m1), int(n1)
+
+
+def check_displacement_rank(displacement_rank: int, size: int) -> None:
+    if not isinstance(displacement_rank, int) or not 1 <= displacement_rank <= size:
+        valid = f"an integer in 1..{size}"
+        hint = f"; nearest valid: {min(max(int(displacement_rank), 1), size)}" if isinstance(displacement_rank, (int, float)) else ""
+        raise ValueError(
+            f"displacement_rank={displacement_rank!r} is invalid for an LDR matrix of size n={size}: it must be "
+            f"{valid} (r = n already represents every n × n matrix){hint}."
+        )
+
+
+def parameter_count(
+    structure: str,
+    d_out: int,
+    d_in: int,
+    displacement_rank: int = 1,
+    kronecker_shape: tuple[int, int] | None = None,
+    rank: int = 1,
+) -> int:
+    """Numbers stored by a d_out × d_in structured matrix (``structure="low_rank"``: r·(d_out + d_in), for comparison)."""
+    size = max(d_out, d_in)
+    if structure == "circulant":
+        return size
+    if structure == "toeplitz":
+        return d_out + d_in - 1
+    if structure == "kronecker":
+        m1, n1 = resolve_kronecker_shape(d_out, d_in, kronecker_shape)
+        return m1 * n1 + (d_out // m1) * (d_in // n1)
+    if structure == "ldr":
+        check_displacement_rank(displacement_rank, size)
+        return 2 * displacement_rank * size
+    if structure == "low_rank":
+        return rank * (d_out + d_in)
+    raise ValueError(f"unknown structure {structure!r}; valid: {STRUCTURES + ('low_rank',)}")
+
+
+# --- the structured matrix as a module ------------------------------------------------------------------------------
+class StructuredMatrix(nn.Module):
+    """A trainable d_out × d_in structured matrix S. ``forward``: (..., d_in) -> (..., d_out), never forming S.
+
+    Created at S = 0 (see the module docstring for which tensor is zero and why gradients still flow). Products run
+    in fp32 (fp64 for fp64 inputs) and return in the input's dtype.
+    """
+
+    def __init__(
+        self,
+        structure: str,
+        d_out: int,
+        d_in: int,
+        displacement_rank: int = 1,
+        kronecker_shape: tuple[int, int] | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if structure not in STRUCTURES:
+            raise ValueError(f"unknown structure {structure!r}; valid: {STRUCTURES}")
+        self.structure, self.d_out, self.d_in = structure, d_out, d_in
+        self.size = max(d_out, d_in)  # n: the square size that circulant and LDR matrices are cropped from
+        factory = {"device": device, "dtype": torch.float32}
+        if structure == "circulant":
+            self.first_column = nn.Parameter(torch.zeros(self.size, **factory))  # c
+        elif structure == "toeplitz":
+            self.diagonals = nn.Parameter(torch.zeros(d_out + d_in - 1, **factory))  # t
+        elif structure == "kronecker":
+            m1, n1 = resolve_kronecker_shape(d_out, d_in, kronecker_shape)
+            self.kronecker_shape = (m1, n1)
+            self.factor_a = nn.Parameter(torch.randn(m1, n1, **factory) / math.sqrt(n1))  # A, rows of norm ≈ 1
+            self.factor_b = nn.Parameter(torch.zeros(d_out // m1, d_in // n1, **factory))  # B = 0 -> S = 0
+        else:
+            check_displacement_rank(displacement_rank, self.size)
+            self.displacement_rank = displacement_rank
+            r, n = displacement_rank, self.size
+            self.circulant_columns = nn.Parameter(torch.zeros(r, n, **factory))  # g_i = 0 -> S = 0
+            self.skew_columns = nn.Parameter(torch.randn(r, n, **factory) / math.sqrt(n))  # h_i, ‖h_i‖ ≈ 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(x.dtype)
+        v = x.to(dtype)
+        if self.structure == "toeplitz":
+            y = toeplitz_matvec(self.diagonals.to(dtype), v, self.d_out)
+        elif self.structure == "kronecker":
+            y = kronecker_matvec(self.factor_a.to(dtype), self.factor_b.to(dtype), v)
+        else:
+            v = F.pad(v, (0, self.size - self.d_in))  # (..., n): embed in the square size
+            if self.structure == "circulant":
+                y = circulant_matvec(self.first_column.to(dtype), v)
+            else:
+                y = ldr_matvec(self.circulant_columns.to(dtype), self.skew_columns.to(dtype), v)
+            y = y[..., : self.d_out]  # crop
+        return y.to(x.dtype)
+
+    def dense(self) -> torch.Tensor:
+        """S as a dense d_out × d_in matrix (built from the dense references, not from the FFT path)."""
+        if self.structure == "toeplitz":
+            return toeplitz(self.diagonals, self.d_out, self.d_in)
+        if self.structure == "kronecker":
+            return torch.kron(self.factor_a, self.factor_b)
+        square = circulant(self.first_column) if self.structure == "circulant" else ldr(
+            self.circulant_columns, self.skew_columns
+        )
+        return square[: self.d_out, : self.d_in]
+
+    def extra_repr(self) -> str:
+        extra = {"kronecker": lambda: f", kronecker_shape={self.kronecker_shape}",
+                 "ldr": lambda: f", displacement_rank={self.displacement_rank}"}.get(self.structure, lambda: "")()
+        return f"structure={self.structure!r}, d_out={self.d_out}, d_in={self.d_in}{extra}"
+
+
+# --- best approximations (for the notebook's figures) ---------------------------------------------------------------
+def _diagonal_means(target: torch.Tensor, index: torch.Tensor, n_values: int) -> torch.Tensor:
+    """Mean of target's entries per index value: the orthogonal projection onto matrices constant on each index set."""
+    sums = torch.zeros(n_values, dtype=target.dtype).index_add_(0, index.reshape(-1), target.reshape(-1))
+    counts = torch.bincount(index.reshape(-1), minlength=n_values).to(target.dtype)
+    return sums / counts.clamp_min(1)
+
+
+def best_approximation(
+    target: torch.Tensor,
+    structure: str,
+    displacement_rank: int = 1,
+    kronecker_shape: tuple[int, int] | None = None,
+    rank: int = 1,
+    refine_steps: int = 200,
+) -> torch.Tensor:
+    """(d_out, d_in) -> the structured matrix nearest to ``target`` in Frobenius norm, (d_out, d_in).
+
+    Exact optima: circulant and Toeplitz (orthogonal projections: means along the (wrapped) diagonals), Kronecker
+    (Van Loan–Pitsianis: the best rank-1 approximation of the rearranged matrix), ``"low_rank"`` (truncated SVD).
+    LDR is bilinear, so no closed form is known: start from ``ldr_generators`` (the best rank-r *displacement*) and
+    take ``refine_steps`` Adam steps on ‖crop(L) − target‖²; the result is an upper bound on the best LDR error.
+    """
+    target = target.double()
+    d_out, d_in = target.shape
+    i, j = torch.arange(d_out)[:, None], torch.arange(d_in)[None, :]
+    if structure == "circulant":
+        size = max(d_out, d_in)
+        index = (i - j) % size
+        return _diagonal_means(target, index, size)[index]
+    if structure == "toeplitz":
+        index = i - j + d_in - 1
+        return _diagonal_means(target, index, d_out + d_in - 1)[index]
+    if structure == "kronecker":
+        m1, n1 = resolve_kronecker_shape(d_out, d_in, kronecker_shape)
+        m2, n2 = d_out // m1, d_in // n1
+        rearranged = target.reshape(m1, m2, n1, n2).permute(0, 2, 1, 3).reshape(m1 * n1, m2 * n2)
+        u, s, vh = torch.linalg.svd(rearranged, full_matrices=False)
+        return s[0] * torch.kron(u[:, 0].reshape(m1, n1), vh[0].reshape(m2, n2))
+    if structure == "low_rank":
+        u, s, vh = torch.linalg.svd(target, full_matrices=False)
+        return (u[:, :rank] * s[:rank]) @ vh[:rank]
+    if structure == "ldr":
+        size = max(d_out, d_in)
+        check_displacement_rank(displacement_rank, size)
+        g, h = ldr_generators(F.pad(target, (0, size - d_in, 0, size - d_out)), displacement_rank)
+        g, h = g.clone().requires_grad_(True), h.clone().requires_grad_(True)
+        eye = torch.eye(size, dtype=target.dtype)[:, :d_in]  # L[:, :d_in] = L applied to the first d_in unit vectors
+
+        def crop() -> torch.Tensor:
+            return ldr_matvec(g, h, eye.T).T[:d_out]
+
+        if refine_steps:
+            optimizer = torch.optim.Adam([g, h], lr=1e-3 * target.abs().max().sqrt().item())
+            for _ in range(refine_steps):
+                optimizer.zero_grad()
+                (crop() - target).square().sum().backward()
+                optimizer.step()
+        with torch.no_grad():
+            return crop()
+    raise ValueError(f"unknown structure {structure!r}; valid: {STRUCTURES + ('low_rank',)}")
+
+
+def approximation_error(target: torch.Tensor, structure: str, **options: Any) -> float:
+    """Relative Frobenius error ‖target − best‖ / ‖target‖ of ``best_approximation(target, structure, **options)``."""
+    best = best_approximation(target, structure, **options)
+    return float(torch.linalg.matrix_norm(target.double() - best) / torch.linalg.matrix_norm(target.double()))
+
+
+def error_curves(
+    target: torch.Tensor, ranks: list[int], refine_steps: int = 200
+) -> list[dict[str, Any]]:
+    """Rows {structure, setting, parameters, error} for low rank and LDR at each rank r, circulant, Toeplitz and every
+    Kronecker shape A: m1 × n1 with 1 < m1 < d_out and n1/d_in ≈ m1/d_out — the data behind ``plot_error_vs_parameters``."""
+    d_out, d_in = target.shape
+    rows = []
+    for r in ranks:
+        for structure, key in (("low_rank", "rank"), ("ldr", "displacement_rank")):
+            options = {key: r, **({"refine_steps": refine_steps} if structure == "ldr" else {})}
+            rows.append({"structure": structure, "setting": f"r={r}",
+                         "parameters": parameter_count(structure, d_out, d_in, **{key: r}),
+                         "error": approximation_error(target, structure, **options)})
+    for structure in ("circulant", "toeplitz"):
+        rows.append({"structure": structure, "setting": "", "parameters": parameter_count(structure, d_out, d_in),
+                     "error": approximation_error(target, structure)})
+    shapes = {(m1, nearest(round(m1 * d_in / d_out), divisors(d_in))) for m1 in divisors(d_out)[1:-1]}
+    for shape in sorted(shapes):
+        rows.append({"structure": "kronecker", "setting": f"A {shape[0]}×{shape[1]}",
+                     "parameters": parameter_count("kronecker", d_out, d_in, kronecker_shape=shape),
+                     "error": approximation_error(target, "kronecker", kronecker_shape=shape)})
+    return rows
+
+
+def plot_error_vs_parameters(rows: list[dict[str, Any]], title: str = ""):
+    """Figure: relative approximation error against stored numbers, one series per structure (log-x)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    styles = {"low_rank": "o-", "ldr": "s-", "kronecker": "^:", "circulant": "D", "toeplitz": "P"}
+    for structure, style in styles.items():
+        points = sorted((r["parameters"], r["error"]) for r in rows if r["structure"] == structure)
+        if points:
+            ax.plot(*zip(*points), style, label=structure.replace("_", " "))
+    ax.set_xscale("log")
+    ax.set_xlabel("stored numbers")
+    ax.set_ylabel("relative Frobenius error")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_structure(target: torch.Tensor, structure: str, displacement_rank: int = 1, refine_steps: int = 100):
+    """Figure: target, its best ``structure`` approximation and the residual, titled with error and parameter count.
+
+    ``displacement_rank`` is the LDR r and the rank of ``"low_rank"``; other structures ignore it.
+    """
+    import matplotlib.pyplot as plt
+
+    d_out, d_in = target.shape
+    options: dict[str, Any] = {}
+    if structure == "ldr":
+        options = {"displacement_rank": displacement_rank, "refine_steps": refine_steps}
+    elif structure == "low_rank":
+        options = {"rank": displacement_rank}
+    best = best_approximation(target, structure, **options)
+    error = float(torch.linalg.matrix_norm(target.double() - best) / torch.linalg.matrix_norm(target.double()))
+    count_options = {k: v for k, v in options.items() if k != "refine_steps"}
+    n_params = parameter_count(structure, d_out, d_in, **count_options)
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
+    limit = float(target.abs().max())
+    for ax, matrix, name in zip(axes, (target, best, target.double() - best), ("target", structure, "residual")):
+        ax.imshow(matrix.detach().cpu().numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit)
+        ax.set_title(name)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{structure}: {n_params} numbers, relative error {error:.3f}")
+    fig.tight_layout()
+    return fig
+
+
+# --- config ----------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class SURMConfig(AdapterConfig):
+    """Structured unrestricted-rank adaptation of nn.Linear layers.
+
+    structure: "circulant" | "toeplitz" | "kronecker" | "ldr".
+    displacement_rank (r): LDR only (default 1); 1 ≤ r ≤ max(d_out, d_in).
+    kronecker_shape: Kronecker only; shape (m1, n1) of A in A ⊗ B; default: divisors nearest √d_out and √d_in.
+    mode: "lora" (W' = W + α·S) or "adapter" (h + f(α·S h) + b on the layer's output).
+    alpha (α): scale of S in both modes.
+    activation (f): adapter only, one of ``ACTIVATIONS`` (default "gelu"); "identity" makes the adapter mergeable.
+    bias (b): adapter only (default True).
+    """
+
+    family: ClassVar[str] = "surm"
+    supported_layers: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
+
+    structure: str = "circulant"
+    displacement_rank: int | None = None
+    kronecker_shape: tuple[int, int] | None = None
+    mode: str = "lora"
+    alpha: float = 1.0
+    activation: str | None = None
+    bias: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.structure not in STRUCTURES:
+            raise ValueError(f"unknown structure {self.structure!r}; valid structures: {STRUCTURES}")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; valid modes: {MODES}")
+        if self.structure == "ldr":
+            if self.displacement_rank is None:
+                self.displacement_rank = 1
+            if not isinstance(self.displacement_rank, int) or self.displacement_rank < 1:
+                raise ValueError(
+                    f"displacement_rank must be an integer ≥ 1 (and ≤ the layer size), got {self.displacement_rank!r}"
+                )
+        elif self.displacement_rank is not None:
+            raise ValueError(
+                f"displacement_rank={self.displacement_rank} only applies to structure='ldr' (a circulant has "
+                f"displacement rank 1, a Toeplitz matrix 2); drop it or use structure='ldr'."
+            )
+        if self.kronecker_shape is not None:
+            if self.structure != "kronecker":
+                raise ValueError(f"kronecker_shape only applies to structure='kronecker', not {self.structure!r}")
+            self.kronecker_shape = tuple(self.kronecker_shape)
+        if self.mode == "adapter":
+            self.activation = "gelu" if self.activation is None else self.activation
+            self.bias = True if self.bias is None else self.bias
+            if self.activation not in ACTIVATIONS:
+                why = " (relu'(0) = 0 would freeze a zero-initialised S)" if self.activation == "relu" else ""
+                raise ValueError(f"unknown activation {self.activation!r}{why}; valid: {tuple(ACTIVATIONS)}")
+        elif self.activation is not None or self.bias is not None:
+            raise ValueError(
+                f"activation and bias belong to mode='adapter' (got activation={self.activation!r}, "
+                f"bias={self.bias!r} with mode='lora', where W' = W + α·S has neither)."
+            )
+
+    def make_layer(self, base_layer: nn.Module) -> "SURMLayer | SURMAdapterLayer":
+        self.check_supported(base_layer)
+        return SURMLayer(base_layer, self) if self.mode == "lora" else SURMAdapterLayer(base_layer, self)
+
+
+# --- the layers ------------------------------------------------------------------------------------------------------
+class SURMLayer(AdapterLayer):
+    """LoRA-style: a frozen nn.Linear with W' = W + α·S, S structured (d_out × d_in). x: (..., d_in) -> (..., d_out)."""
+
+    def __init__(self, base_layer: nn.Linear, config: SURMConfig) -> None:
+        super().__init__(base_layer, config)
+        self.matrix = StructuredMatrix(
+            config.structure, base_layer.out_features, base_layer.in_features,
+            displacement_rank=config.displacement_rank or 1, kronecker_shape=config.kronecker_shape,
+            device=base_layer.weight.device,
+        )
+
+    def delta_weight(self) -> torch.Tensor:
+        """α·S, dense, (d_out, d_in)."""
+        return self.config.alpha * self.matrix.dense()
+
+    def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.base_layer(x) + self.config.alpha * self.matrix(x)
+
+    def merged_weights(self) -> dict[str, torch.Tensor]:
+        weight = self.base_layer.weight
+        return {"weight": (weight.to(_compute_dtype(weight.dtype)) + self.delta_weight()).to(weight.dtype)}
+
+    def unmerged_weights(self) -> dict[str, torch.Tensor]:
+        weight = self.base_layer.weight
+        return {"weight": (weight.to(_compute_dtype(weight.dtype)) - self.delta_weight()).to(weight.dtype)}
+
+    def extra_repr(self) -> str:
+        return f"mode='lora', alpha={self.config.alpha}, " + super().extra_repr()
+
+
+class SURMAdapterLayer(AdapterLayer):
+    """Adapter-style: a frozen nn.Linear followed by h ↦ h + f(α·S h) + b, S structured (d_out × d_out).
+
+    Mergeable only with f = identity: then y = (I + α·S)(W x + bias) + b, i.e. W' = (I + α·S)·W and
+    bias' = (I + α·S)·bias + b; unmerging solves with I + α·S. A non-linear f cannot be folded into a Linear, so
+    ``merge`` raises.
+    """
+
+    def __init__(self, base_layer: nn.Linear, config: SURMConfig) -> None:
+        super().__init__(base_layer, config)
+        d = base_layer.out_features
+        device = base_layer.weight.device
+        self.matrix = StructuredMatrix(
+            config.structure, d, d, displacement_rank=config.displacement_rank or 1,
+            kronecker_shape=config.kronecker_shape, device=device,
+        )
+        self.bias = nn.Parameter(torch.zeros(d, device=device)) if config.bias else None
+        self.activation = ACTIVATIONS[config.activation]
+
+    def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        h = self.base_layer(x)
+        y = h + self.activation(self.config.alpha * self.matrix(h))
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _mixing(self, dtype: torch.dtype) -> torch.Tensor:
+        """I + α·S, (d_out, d_out)."""
+        if self.config.activation != "identity":
+            raise ValueError(
+                f"cannot merge an adapter with activation={self.config.activation!r}: h + f(α·S h) is not linear in "
+                "h, so no Linear weight reproduces it. Use SURMConfig(mode='adapter', activation='identity') to merge."
+            )
+        if self.bias is not None and self.base_layer.bias is None:
+            raise ValueError(
+                "cannot merge: the adapter has a bias but the base Linear has none to absorb it "
+                "(use SURMConfig(..., bias=False) or a base layer with bias=True)."
+            )
+        s = self.matrix.dense().to(dtype)
+        return torch.eye(s.shape[0], dtype=dtype, device=s.device) + self.config.alpha * s
+
+    def merged_weights(self) -> dict[str, torch.Tensor]:
+        base = self.base_layer
+        dtype = _compute_dtype(base.weight.dtype)
+        mixing = self._mixing(dtype)
+        merged = {"weight": (mixing @ base.weight.to(dtype)).to(base.weight.dtype)}
+        if base.bias is not None:
+            bias = mixing @ base.bias.to(dtype) + (0 if self.bias is None else self.bias.to(dtype))
+            merged["bias"] = bias.to(base.bias.dtype)
+        return merged
+
+    def unmerged_weights(self) -> dict[str, torch.Tensor]:
+        base = self.base_layer
+        dtype = _compute_dtype(base.weight.dtype)
+        mixing = self._mixing(dtype)
+        restored = {"weight": torch.linalg.solve(mixing, base.weight.to(dtype)).to(base.weight.dtype)}
+        if base.bias is not None:
+            shifted = base.bias.to(dtype) - (0 if self.bias is None else self.bias.to(dtype))
+            restored["bias"] = torch.linalg.solve(mixing, shifted).to(base.bias.dtype)
+        return restored
+
+    def extra_repr(self) -> str:
+        return f"mode='adapter', activation={self.config.activation!r}, alpha={self.config.alpha}, " + super().extra_repr()

@@ -1,0 +1,339 @@
+"""Tensor-core adapters: FLoRA (Si et al., "Maintaining Structural Integrity in Parameter Spaces for Parameter
+Efficient Fine-tuning", 2024) — a low-rank Tucker core for N-dimensional weights.
+
+A frozen weight W keeps its own N-dimensional shape (d₁ × ⋯ × d_N, PyTorch layout) and learns
+
+    ΔW = s · G ×₁ U₁ ×₂ U₂ ⋯ ×_N U_N,        W' = W + ΔW
+
+* G (r₁ × ⋯ × r_N) is the small *core*; U_n (d_n × r_n) is the *factor* of mode n; ×_n is the mode-n product
+  (contract mode n of the tensor with the columns of U_n). s is the paper's constant scale (``scale``).
+* The modes are those of the stored weight: Linear (out, in); Embedding (num_embeddings, embedding_dim);
+  Conv1d/2d/3d (out, in/groups, k…). A grouped or depthwise conv therefore has an in/groups mode (1 for depthwise),
+  whose factor is shared by every group — exactly the tensor PyTorch stores.
+* LoRA on a conv flattens W to out × (in/groups·kh·kw) and factorises that matrix: the kh×kw neighbourhood of a
+  kernel becomes unrelated columns. Here every mode keeps its own factor, so the kernel's spatial modes share one
+  small spatial basis across all channels (the paper's point: the change keeps the weight's topology).
+* Stored parameters: Π r_n + Σ d_n·r_n. Free parameters (the dimension of the set of Tucker tensors of multilinear
+  rank r, i.e. stored minus the GL(r_n) gauge G ×_n M⁻¹, U_n M): Π r_n + Σ r_n(d_n − r_n) — ``n_effective``.
+
+Initialisation (ΔW = 0 at step 0, non-zero gradients). The core starts at zero and every factor with random
+orthonormal columns. ∂L/∂G = s · ∂L/∂W ×₁ U₁ᵀ ⋯ ×_N U_Nᵀ is the weight gradient projected onto the factors'
+subspaces — non-zero — while ∂L/∂U_n contains G and is zero: step 1 moves only the core, and from step 2 on all
+factors train. (Zeroing one factor instead also works, but singles out one mode; a zero core treats all modes
+alike, as the authors' public code does.) Orthonormal columns make G ↦ ΔW an isometry at step 0, ‖ΔW‖_F = s‖G‖_F,
+so the scale s means the same thing for every layer size (the authors draw the factors with Kaiming-normal instead;
+that multiplies ΔW by a layer-size–dependent factor).
+
+Two exact forward paths; ``auto`` picks the one with fewer multiply-adds per call (``path_costs``):
+
+* weight path:     y = f(x; W + ΔW)                     — assemble ΔW from the factors, then one conv / matmul;
+* factorised path: y = f(x; W) + s · U_out ∘ conv(G ×ₖ Uₖ) ∘ U_inᵀ (x) — the base layer, plus a chain of three cheap
+  layers: project the input channels to r_in (1×1 conv), a conv with the small r_out × r_in × k kernel (the base's
+  stride, padding, padding_mode, dilation, groups), expand to the output channels (1×1 conv).
+  Linear: x U_in Gᵀ U_outᵀ; Embedding: U_num[x] G U_dimᵀ.
+
+While training, the weight path pays a weight-gradient conv (as big as the forward one) that the factorised path
+avoids, so the chain wins for wide convs with small ranks; for a depthwise conv the chain's middle conv is r_out
+times the base conv and the weight path wins. The authors instead run the base conv plus a second full conv with
+ΔW (two full convolutions); ``boftlab.bench.conv`` times that scheme against both paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .contract import AdapterConfig, AdapterLayer
+
+PATHS = ("auto", "weight", "factorised")
+_CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+# --- Tucker algebra ----------------------------------------------------------------------------------------------------
+def mode_product(tensor: torch.Tensor, matrix: torch.Tensor, mode: int) -> torch.Tensor:
+    """T ×_n M: tensor (…, r_n at ``mode``, …), matrix (d_n, r_n) -> (…, d_n at ``mode``, …). O(numel(T)·d_n)."""
+    if tensor.shape[mode] != matrix.shape[1]:
+        raise ValueError(
+            f"mode_product: mode {mode} of the tensor has size {tensor.shape[mode]} but the matrix has "
+            f"{matrix.shape[1]} columns; the matrix must be (d, {tensor.shape[mode]})"
+        )
+    return torch.movedim(torch.tensordot(tensor, matrix, dims=([mode], [1])), -1, mode)
+
+
+def tucker_delta(core: torch.Tensor, factors: Sequence[torch.Tensor], scale: float = 1.0) -> torch.Tensor:
+    """s · G ×₁ U₁ ⋯ ×_N U_N: core (r₁, …, r_N), factors[n] (d_n, r_n) -> (d₁, …, d_N). O(tucker_flops)."""
+    if len(factors) != core.dim():
+        raise ValueError(f"tucker_delta: a core with {core.dim()} modes needs {core.dim()} factors, got {len(factors)}")
+    out = core
+    for mode, factor in enumerate(factors):
+        out = mode_product(out, factor, mode)
+    return out * scale
+
+
+def tucker_flops(shape: Sequence[int], ranks: Sequence[int]) -> int:
+    """Multiply-adds of ``tucker_delta`` in mode order: Σ_k (Π_{j≤k} d_j)(Π_{j≥k} r_j)."""
+    return sum(math.prod(shape[: k + 1]) * math.prod(ranks[k:]) for k in range(len(shape)))
+
+
+def tucker_n_params(shape: Sequence[int], ranks: Sequence[int]) -> int:
+    """Stored numbers of a Tucker adapter: Π r_n (core) + Σ d_n·r_n (factors)."""
+    return math.prod(ranks) + sum(d * r for d, r in zip(shape, ranks))
+
+
+def tucker_dimension(shape: Sequence[int], ranks: Sequence[int]) -> int:
+    """Free parameters: dim of the Tucker tensors of multilinear rank r — Π r'_n + Σ r'_n(d_n − r'_n).
+
+    r' are the ranks a generic core can reach: a mode-n unfolding of G has at most Π_{j≠n} r_j columns, so
+    r'_n = min(r_n, Π_{j≠n} r'_j) (iterated until nothing changes). The count removes the gauge freedom
+    G ×_n M_n⁻¹, U_n M_n of each mode (r'_n² numbers).
+    """
+    reach = list(ranks)
+    changed = True
+    while changed:
+        changed = False
+        for n in range(len(reach)):
+            cap = math.prod(reach[:n] + reach[n + 1 :])
+            if reach[n] > cap:
+                reach[n], changed = cap, True
+    return math.prod(reach) + sum(r * (d - r) for d, r in zip(shape, reach))
+
+
+def mode_names(layer: nn.Module) -> tuple[str, ...]:
+    """Names of the stored weight's modes, for messages: e.g. Conv2d -> (out_channels, in_channels/groups, …)."""
+    if isinstance(layer, nn.Linear):
+        return ("out_features", "in_features")
+    if isinstance(layer, nn.Embedding):
+        return ("num_embeddings", "embedding_dim")
+    spatial = {1: ("kernel_size",), 2: ("kernel_h", "kernel_w"), 3: ("kernel_d", "kernel_h", "kernel_w")}
+    return ("out_channels", "in_channels/groups") + spatial[len(layer.kernel_size)]
+
+
+def resolve_ranks(shape: Sequence[int], ranks: int | Sequence[int], names: Sequence[str], what: str) -> tuple[int, ...]:
+    """Per-mode ranks for a weight of ``shape``, or a ValueError listing the valid ones.
+
+    One int r means min(r, d_n) on every mode (so ``ranks=8`` fits a 7×7 depthwise kernel (C, 1, 7, 7) as
+    (8, 1, 7, 7)); a tuple is taken as given and must have one entry 1 ≤ r_n ≤ d_n per mode.
+    """
+    valid = ", ".join(f"{name} 1..{d}" for name, d in zip(names, shape))
+    if isinstance(ranks, int):
+        return tuple(min(ranks, d) for d in shape)
+    ranks = tuple(ranks)
+    if len(ranks) != len(shape):
+        example = tuple(min(8, d) for d in shape)
+        raise ValueError(
+            f"ranks={ranks} has {len(ranks)} entries but the {what} weight {tuple(shape)} has {len(shape)} modes "
+            f"({', '.join(names)}); give {len(shape)} ranks, e.g. ranks={example}, or one int for every mode"
+        )
+    bad = [n for n, (r, d) in enumerate(zip(ranks, shape)) if not 1 <= r <= d]
+    if bad:
+        nearest = tuple(min(max(r, 1), d) for r, d in zip(ranks, shape))
+        which = ", ".join(f"ranks[{n}]={ranks[n]} for {names[n]}={shape[n]}" for n in bad)
+        raise ValueError(
+            f"{which} of the {what} weight {tuple(shape)}: a mode's rank must be between 1 and its size. "
+            f"Valid ranks per mode: {valid}; nearest valid: ranks={nearest} "
+            f"(a single int r means min(r, mode size) on every mode)"
+        )
+    return ranks
+
+
+def orthonormal_columns(rows: int, cols: int, dtype: torch.dtype, device: torch.device | None) -> torch.Tensor:
+    """(rows, cols) with random orthonormal columns (QR of a Gaussian), cols ≤ rows. O(rows·cols²)."""
+    q, r = torch.linalg.qr(torch.randn(rows, cols, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r))  # Haar-distributed (fixes QR's sign convention)
+    return q.to(dtype=dtype, device=device)
+
+
+# --- config --------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class TensorCoreConfig(AdapterConfig):
+    """FLoRA: ΔW = scale · G ×₁ U₁ ⋯ ×_N U_N on the weight's own N modes.
+
+    ranks: one int r (min(r, d_n) on every mode) or one int per mode of the stored weight, e.g. (8, 8, 3, 3) for a
+    Conv2d (out, in/groups, kh, kw); ranks equal to the kernel size leave the kernel modes unrestricted, as in the
+    paper's convolution form (its r × r × k × k core).
+    scale: the paper's constant s multiplying ΔW.
+    path: "auto" picks the cheaper exact forward per call; "weight"/"factorised" force one (tests, benchmarks).
+    """
+
+    family: ClassVar[str] = "tensor_core"
+    supported_layers: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+
+    ranks: int | tuple[int, ...] = 8
+    scale: float = 1.0
+    path: str = "auto"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ranks, list):
+            self.ranks = tuple(self.ranks)
+        entries = self.ranks if isinstance(self.ranks, tuple) else (self.ranks,)
+        if not entries or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in entries):
+            raise ValueError(
+                f"ranks must be an int ≥ 1 (every mode) or a tuple of ints ≥ 1 (one per mode), got {self.ranks!r}"
+            )
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
+            raise ValueError(f"scale must be a finite number (the paper's s), got {self.scale!r}")
+        if self.scale == 0:
+            raise ValueError("scale=0 makes ΔW and every adapter gradient zero; use a non-zero scale, e.g. 1.0")
+        self.scale = float(self.scale)
+        if self.path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {self.path!r}")
+
+    def make_layer(self, base_layer: nn.Module) -> "TensorCoreLayer":
+        self.check_supported(base_layer)
+        return TensorCoreLayer(base_layer, self)
+
+
+# --- the layer -----------------------------------------------------------------------------------------------------------
+class TensorCoreLayer(AdapterLayer):
+    """A frozen Linear, Conv1d/2d/3d or Embedding with W' = W + s · G ×₁ U₁ ⋯ ×_N U_N (modes of the stored W)."""
+
+    def __init__(self, base_layer: nn.Module, config: TensorCoreConfig) -> None:
+        super().__init__(base_layer, config)
+        weight = base_layer.weight
+        self.weight_shape = tuple(weight.shape)
+        self.mode_names = mode_names(base_layer)
+        self.ranks = resolve_ranks(self.weight_shape, config.ranks, self.mode_names, type(base_layer).__name__)
+        self.scale = config.scale
+        if config.path == "factorised" and not self._factorised_possible():
+            raise ValueError(
+                "path='factorised' cannot reproduce an Embedding with max_norm (it renormalises rows of W + ΔW, "
+                "not of W and ΔW separately); use path='auto' or 'weight'"
+            )
+
+        factory = {"device": weight.device, "dtype": torch.float32}
+        # zero core -> ΔW = 0: the adapted layer equals the base layer at step 0 (see the module docstring).
+        self.core = nn.Parameter(torch.zeros(self.ranks, **factory))
+        self.factors = nn.ParameterList(
+            [nn.Parameter(orthonormal_columns(d, r, **factory)) for d, r in zip(self.weight_shape, self.ranks)]
+        )
+        if isinstance(base_layer, nn.Embedding) and base_layer.padding_idx is not None:
+            # the padding row gets no gradient (F.embedding blocks it), so a zero row keeps ΔW[padding_idx] = 0
+            # for good: the padding vector stays the base's, as padding_idx promises.
+            with torch.no_grad():
+                self.factors[0][base_layer.padding_idx].zero_()
+
+    # --- the update ---
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = s · G ×₁ U₁ ⋯ ×_N U_N in the adapter's dtype, shape of the base weight. O(tucker_flops)."""
+        return tucker_delta(self.core, list(self.factors), self.scale)
+
+    def n_effective(self) -> int:
+        """Free parameters of the Tucker form (stored minus the per-mode gauge): ``tucker_dimension``."""
+        return tucker_dimension(self.weight_shape, self.ranks)
+
+    # --- choosing a path ---
+    def _factorised_possible(self) -> bool:
+        return not (isinstance(self.base_layer, nn.Embedding) and self.base_layer.max_norm is not None)
+
+    def _conv_output_spatial(self, spatial: Sequence[int]) -> tuple[int, ...]:
+        base = self.base_layer
+        if base.padding == "same":
+            return tuple(spatial)
+        pad = (0,) * len(spatial) if base.padding == "valid" else base.padding
+        return tuple(
+            (size + 2 * p - d * (k - 1) - 1) // s + 1
+            for size, p, d, k, s in zip(spatial, pad, base.dilation, base.kernel_size, base.stride)
+        )
+
+    def path_costs(self, x_shape: Sequence[int], training: bool, input_requires_grad: bool) -> tuple[int, int]:
+        """Estimated multiply-adds of one call on an input of ``x_shape``: (weight path, factorised path).
+
+        C₀ = the base layer's own product, A = assembling ΔW (``tucker_flops``), F = the factorised chain.
+        Inference: weight C₀ + A, factorised C₀ + F. Training (backward included): the weight path computes
+        ∂L/∂W' (another C₀), ∂L/∂x (C₀ if the input needs it) and back-propagates the assembly (2A); the factorised
+        path back-propagates the frozen base only to x and the chain twice (∂input, ∂factors):
+        weight (2 + g)·C₀ + 3A, factorised (1 + g)·C₀ + 3F, with g = 1 when the input needs a gradient.
+        """
+        base, (out, fan) = self.base_layer, self.weight_shape[:2]
+        r_out, r_in = self.ranks[:2]
+        assembly = tucker_flops(self.weight_shape, self.ranks)
+        if isinstance(base, nn.Embedding):
+            lookups = math.prod(x_shape)
+            base_cost = 0
+            chain = lookups * (r_out * r_in + r_in * fan)
+            if training:  # the weight path also scatters the rows' gradient into ∂L/∂W'
+                return 3 * assembly + lookups * fan, 3 * chain
+            return assembly, chain
+        if isinstance(base, nn.Linear):
+            rows = math.prod(x_shape) // fan
+            base_cost = rows * out * fan
+            chain = rows * (fan * r_in + r_in * r_out + r_out * out)
+        else:
+            batch, spatial = math.prod(x_shape[:-len(base.kernel_size) - 1]), x_shape[-len(base.kernel_size) :]
+            n_in, n_out = batch * math.prod(spatial), batch * math.prod(self._conv_output_spatial(spatial))
+            kernel, groups = math.prod(base.kernel_size), base.groups
+            base_cost = n_out * out * fan * kernel
+            # project in (= groups·fan) channels to groups·r_in, the small grouped conv, expand to out channels
+            chain = n_in * groups * fan * r_in + n_out * groups * r_out * r_in * kernel + n_out * out * r_out
+        if training:
+            g = int(input_requires_grad)
+            return (2 + g) * base_cost + 3 * assembly, (1 + g) * base_cost + 3 * chain
+        return base_cost + assembly, base_cost + chain
+
+    def use_factorised(self, x: torch.Tensor) -> bool:
+        """The path this call takes: the config's, or under "auto" the one with fewer multiply-adds."""
+        if self.config.path != "auto":
+            return self.config.path == "factorised"
+        if not self._factorised_possible():
+            return False
+        training = torch.is_grad_enabled() and any(p.requires_grad for p in self.adapter_parameters().values())
+        weight_cost, factorised_cost = self.path_costs(x.shape, training, x.requires_grad)
+        return factorised_cost < weight_cost
+
+    # --- forward ---
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_factorised(x):
+            return self._factorised_forward(x)
+        return self._base_forward(x, self.base_layer.weight + self.delta_weight().to(self.base_layer.weight.dtype))
+
+    def _base_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The base layer's own functional call with another weight (stride, padding, padding_idx, … honoured)."""
+        base = self.base_layer
+        if isinstance(base, nn.Linear):
+            return F.linear(x, weight, base.bias)
+        if isinstance(base, nn.Embedding):
+            # F.embedding renormalises rows of this temporary W' in place when max_norm is set; the frozen W is
+            # left alone. Adapter gradients are dense (sparse only concerns the frozen base weight).
+            return F.embedding(x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq)
+        return base._conv_forward(x, weight, base.bias)
+
+    def _factorised_forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        core = self.core.to(x.dtype) if not isinstance(base, nn.Embedding) else self.core
+        factors = [f.to(core.dtype) for f in self.factors]
+        u_out, u_in = factors[:2]
+        if isinstance(base, nn.Embedding):
+            rows = F.embedding(x, u_out, base.padding_idx, None, 2.0, base.scale_grad_by_freq)  # (..., r_num)
+            delta = rows @ core @ u_in.T  # (..., embedding_dim)
+            return base(x) + (self.scale * delta).to(base.weight.dtype)
+        if isinstance(base, nn.Linear):
+            delta = x @ u_in @ core.T @ u_out.T  # (..., in) -> (..., r_in) -> (..., r_out) -> (..., out)
+            return base(x) + self.scale * delta
+        groups, n_spatial = base.groups, len(base.kernel_size)
+        conv, ones = _CONV_FUNCTIONS[n_spatial], (1,) * n_spatial
+        r_out, r_in = self.ranks[:2]
+        kernel = core
+        for mode in range(2, core.dim()):
+            kernel = mode_product(kernel, factors[mode], mode)  # (r_out, r_in, k…): the core in pixel space
+        project = u_in.T.reshape(r_in, -1, *ones).repeat(groups, 1, *ones)  # (groups·r_in, in/groups, 1…)
+        z = conv(x, project, groups=groups)  # (B, groups·r_in, *spatial): each group's channels -> r_in
+        z = base._conv_forward(z, kernel.repeat(groups, *(1,) * (core.dim() - 1)), None)  # (B, groups·r_out, *out)
+        delta = conv(z, u_out.reshape(*u_out.shape, *ones), groups=groups)  # (B, out, *out): r_out -> out/groups
+        return base._conv_forward(x, base.weight, base.bias) + self.scale * delta
+
+    # --- merging ---
+    def merged_weights(self) -> dict[str, torch.Tensor]:
+        weight = self.base_layer.weight
+        return {"weight": weight + self.delta_weight().to(weight.dtype)}
+
+    def unmerged_weights(self) -> dict[str, torch.Tensor]:
+        weight = self.base_layer.weight
+        return {"weight": weight - self.delta_weight().to(weight.dtype)}
+
+    def extra_repr(self) -> str:
+        return f"weight_shape={self.weight_shape}, ranks={self.ranks}, scale={self.scale}, " + super().extra_repr()

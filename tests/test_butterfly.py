@@ -1,0 +1,305 @@
+"""BOFT / OFT: the butterfly structure, orthogonality, the two exact paths, merging, PEFT equality, bad input."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from boftlab import BOFTConfig, OFTConfig
+from boftlab.butterfly import (
+    butterfly_permutation,
+    cayley,
+    skew_entries,
+    skew_symmetric,
+    valid_block_sizes,
+    valid_n_factors,
+)
+from boftlab.peft_interop import peft_boft_without_cuda
+
+SHAPES = [(16, 2, 1), (16, 2, 4), (16, 4, 3), (24, 4, 2), (12, 3, 1), (32, 8, 3), (64, 8, 4), (48, 6, 2)]
+
+
+def randomize(layer, std=0.3):
+    with torch.no_grad():
+        layer.skew.normal_(0, std)
+        if layer.scale is not None:
+            layer.scale.normal_(1, 0.2)
+    return layer
+
+
+def boft_linear(d, b, m, out=5, dtype=torch.float64, **kw):
+    base = nn.Linear(d, out).to(dtype)
+    return randomize(BOFTConfig(block_size=b, n_factors=m, **kw).make_layer(base).to(dtype))
+
+
+# --- structure -----------------------------------------------------------------------------------------------------
+def test_permutations_match_peft():
+    from peft.tuners.boft.layer import BOFTLayer
+
+    for d, b, m in [(16, 2, 4), (32, 4, 3), (24, 4, 2), (64, 8, 4), (48, 6, 2)]:
+        for i in range(m):
+            theirs = BOFTLayer.block_butterfly_perm(None, d, d // b // 2**i, b // 2, m - 1)
+            assert torch.equal(theirs, butterfly_permutation(d, b, i)), (d, b, m, i)
+
+
+def test_first_factor_is_block_diagonal():
+    assert torch.equal(butterfly_permutation(32, 4, 0), torch.arange(32))
+
+
+@pytest.mark.parametrize("d,b", [(16, 2), (32, 4), (64, 8)])
+def test_log2_plus_one_factors_make_R_dense(d, b):
+    m_dense = int(math.log2(d // b)) + 1
+    assert valid_n_factors(d, b)[-1] == m_dense
+    for m in range(1, m_dense + 1):
+        density = (boft_linear(d, b, m).rotation().abs() > 1e-12).double().mean().item()
+        expected = min(1.0, b * 2 ** (m - 1) / d)  # each factor doubles the mixed span
+        assert density == pytest.approx(expected), (m, density)
+
+
+def test_parameter_count_formula():
+    layer = boft_linear(64, 8, 3, out=10)
+    k = 64 // 8
+    assert layer.n_trainable() == 3 * k * 8 * 7 // 2 + 10
+
+
+# --- orthogonality ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("d,b,m", SHAPES)
+def test_R_is_orthogonal_fp32(d, b, m):
+    layer = boft_linear(d, b, m, dtype=torch.float32)
+    R = layer.rotation()
+    assert R.dtype == torch.float32
+    assert (R.T @ R - torch.eye(d)).abs().max() <= 1e-5
+
+
+def test_cayley_neumann_approaches_exact():
+    skew = skew_symmetric(0.05 * torch.randn(4, 6, dtype=torch.float64), 4)
+    exact = cayley(skew)
+    errors = [(cayley(skew, n) - exact).abs().max().item() for n in (2, 3, 5, 8)]
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-5
+
+
+def test_skew_entries_round_trip():
+    vec = torch.randn(3, 5, 10)
+    assert torch.equal(skew_entries(skew_symmetric(vec, 5)), vec)
+
+
+# --- the two exact paths ---------------------------------------------------------------------------------------------
+def dense_reference(layer, x):
+    """y = diag(s) W Rᵀ x + bias with the dense R (tests only)."""
+    R = layer.rotation()
+    base = layer.base_layer
+    w = base.weight.reshape(layer.out_features, -1) @ R.T
+    if layer.scale is not None:
+        w = w * layer.scale[:, None]
+    if isinstance(base, nn.Linear):
+        return nn.functional.linear(x, w, base.bias)
+    return base._conv_forward(x, w.reshape(base.weight.shape), base.bias)
+
+
+@pytest.mark.parametrize("d,b,m", SHAPES)
+@pytest.mark.parametrize("path", ["input", "weight"])
+def test_linear_paths_equal_dense(d, b, m, path):
+    layer = boft_linear(d, b, m, path=path)
+    x = torch.randn(3, 7, d, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), dense_reference(layer, x), rtol=0, atol=1e-12)
+
+
+CONVS = [
+    dict(in_channels=4, out_channels=6, kernel_size=2),  # d = 16
+    dict(in_channels=8, out_channels=5, kernel_size=(2, 1), stride=2, padding=1, dilation=(2, 1)),  # d = 16
+    dict(in_channels=8, out_channels=8, kernel_size=2, groups=2, padding=(1, 0)),  # d = 16 per group
+    dict(in_channels=4, out_channels=4, kernel_size=3, groups=4, padding=1, bias=False),  # depthwise, d = 9
+]
+
+
+@pytest.mark.parametrize("conv_kwargs", CONVS)
+@pytest.mark.parametrize("path", ["input", "weight"])
+def test_conv2d_paths_equal_dense(conv_kwargs, path):
+    conv = nn.Conv2d(**conv_kwargs).double()
+    d = conv.weight[0].numel()
+    b, m = (3, 1) if d == 9 else (2, 3)
+    layer = randomize(BOFTConfig(block_size=b, n_factors=m, path=path).make_layer(conv).double())
+    x = torch.randn(2, conv_kwargs["in_channels"], 7, 6, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), dense_reference(layer, x), rtol=0, atol=1e-12)
+
+
+def test_auto_path_follows_flop_cost():
+    layer = boft_linear(64, 8, 2, out=256)
+    with torch.no_grad():  # inference: rotate whichever is smaller, activations or weight rows
+        assert layer.use_input_path(n_rows=16, input_requires_grad=False)
+        assert not layer.use_input_path(n_rows=4096, input_requires_grad=False)
+    # training with a small first-layer batch and a big layer: rotating activations avoids forming dW'
+    assert layer.use_input_path(n_rows=4096, input_requires_grad=True)
+
+
+def test_padding_same_conv_uses_weight_path_and_refuses_forced_input_path():
+    conv = nn.Conv2d(4, 4, 3, padding="same")
+    layer = BOFTConfig(block_size=6, n_factors=2).make_layer(conv)
+    x = torch.randn(1, 4, 5, 5)
+    torch.testing.assert_close(layer(x), conv(x))
+    with pytest.raises(ValueError, match="path='input'"):
+        BOFTConfig(block_size=6, n_factors=2, path="input").make_layer(conv)
+
+
+# --- identity, merging, gradients, dtypes ---------------------------------------------------------------------------
+@pytest.mark.parametrize("config", [BOFTConfig(block_size=4, n_factors=3), OFTConfig(block_size=8)])
+def test_identity_at_init(config):
+    base = nn.Linear(32, 8)
+    layer = config.make_layer(base)
+    x = torch.randn(4, 32)
+    assert torch.equal(layer.rotation(), torch.eye(32))
+    torch.testing.assert_close(layer(x), base(x), rtol=0, atol=1e-6)
+    layer(x).square().sum().backward()
+    assert layer.skew.grad.abs().sum() > 0  # training starts: gradients reach the skew parameters
+
+
+@pytest.mark.parametrize("module", [nn.Linear(32, 12), nn.Conv2d(8, 6, 2, padding=1)])
+def test_merge_unmerge_round_trip_fp32(module):
+    layer = randomize(BOFTConfig(block_size=4, n_factors=2).make_layer(module))
+    x = torch.randn(3, 32) if isinstance(module, nn.Linear) else torch.randn(2, 8, 5, 5)
+    original = module.weight.detach().clone()
+    unmerged = layer(x)
+    layer.merge()
+    torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    torch.testing.assert_close(module.weight, original, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="not merged"):
+        layer.unmerge()
+
+
+def test_gradcheck_float64():
+    layer = boft_linear(8, 2, 3, out=3)
+    x = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
+    skew, scale = layer.skew, layer.scale
+    for path in ("input", "weight"):
+        layer.config.path = path
+        assert torch.autograd.gradcheck(lambda x: layer(x), (x,))
+        # gradient w.r.t. the adapter parameters, by finite differences on a scalar loss
+        loss = lambda: layer(x).square().sum()  # noqa: E731
+        layer.zero_grad()
+        loss().backward()
+        for p in (skew, scale):
+            i = (0,) * p.dim()
+            with torch.no_grad():
+                p[i] += 1e-6
+                up = loss().item()
+                p[i] -= 2e-6
+                down = loss().item()
+                p[i] += 1e-6
+            assert p.grad[i].item() == pytest.approx((up - down) / 2e-6, rel=1e-5, abs=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs(dtype):
+    base = nn.Linear(32, 16).to(dtype)
+    layer = randomize(BOFTConfig(block_size=4, n_factors=2).make_layer(base), std=0.1)
+    x = torch.randn(4, 32).to(dtype)
+    y = layer(x)
+    assert y.dtype == dtype
+    assert layer.orthogonal_blocks().dtype == torch.float32  # the Cayley solve runs in fp32
+    ref = dense_reference(boft_as_float(layer), x.float())
+    torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.05)
+    y.float().sum().backward()
+    assert torch.isfinite(layer.skew.grad).all()
+
+
+def boft_as_float(layer):
+    layer.base_layer.float()
+    return layer
+
+
+def test_dropout_replaces_blocks_with_identity_only_in_training():
+    layer = boft_linear(32, 4, 2, dropout=0.5)
+    layer.train()
+    blocks = layer.orthogonal_blocks()
+    eye = torch.eye(4, dtype=blocks.dtype)
+    identity = (blocks - eye).abs().amax(dim=(-1, -2)) == 0
+    assert 0 < identity.sum() < identity.numel()
+    layer.eval()
+    assert not ((layer.orthogonal_blocks() - eye).abs().amax(dim=(-1, -2)) == 0).any()
+
+
+def test_coft_keeps_blocks_near_identity():
+    layer = boft_linear(16, 4, 1, coft=True, coft_eps=1e-3, scale=False)
+    radius = 1e-3 / math.sqrt(4)
+    q = layer.orthogonal_blocks()
+    # Q = (I-S)(I+S)^-1 ≈ I - 2S: the constrained skew part bounds the deviation from I
+    assert ((q - torch.eye(4, dtype=q.dtype)).flatten(-2).norm(dim=-1) <= 2 * radius * 1.01).all()
+
+
+# --- equality with PEFT on identical parameters ----------------------------------------------------------------------
+def copy_into_peft(peft_layer, layer):
+    with torch.no_grad():
+        peft_layer.boft_R["default"].copy_(skew_symmetric(layer.skew, layer.block_size))
+        s = peft_layer.boft_s["default"]
+        s.copy_(layer.scale.reshape(s.shape))
+
+
+@pytest.mark.parametrize("m", [1, 2, 3])
+@pytest.mark.parametrize("b", [2, 4])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_equal_to_peft_boft(m, b, kind):
+    import peft
+
+    module = nn.Linear(32, 10) if kind == "linear" else nn.Conv2d(8, 6, 2, stride=1, padding=1)
+    x = torch.randn(3, 32) if kind == "linear" else torch.randn(2, 8, 5, 5)
+    host = nn.Sequential(module)
+    with peft_boft_without_cuda():
+        peft_model = peft.get_peft_model(
+            host, peft.BOFTConfig(target_modules=["0"], boft_block_size=b, boft_n_butterfly_factor=m)
+        )
+        peft_layer = peft_model.base_model.model[0]
+        assert peft_layer.boft_R["default"].shape[0] == m  # PEFT really runs m factors
+        layer = randomize(BOFTConfig(block_size=b, n_factors=m).make_layer(peft_layer.base_layer))
+        copy_into_peft(peft_layer, layer)
+        theirs = peft_layer(x)
+    torch.testing.assert_close(layer(x), theirs, rtol=1e-5, atol=1e-5)
+
+
+# --- bad input: every invalid combination names the valid choices ------------------------------------------------------
+BAD = [
+    (dict(block_size=5, n_factors=1), nn.Linear(16, 4), r"block_size=5 .*Valid block_size for n_factors=1: \[2, 4, 8, 16\]"),
+    (dict(block_size=3, n_factors=2), nn.Linear(12, 4), r"must be even.*Valid block_size for n_factors=2: \[2, 6\]"),
+    (dict(block_size=4, n_factors=4), nn.Linear(16, 4), r"valid n_factors for block_size=4: \[1, 2, 3\]"),
+    (dict(block_size=32, n_factors=1), nn.Linear(16, 4), r"nearest valid block_size: 16"),
+    (dict(n_blocks=5, n_factors=1), nn.Linear(16, 4), r"n_blocks=5 does not divide in_features=16.*\[1, 2, 4, 8\]"),
+    (dict(block_size=4, n_factors=3), nn.Conv2d(3, 4, 3), r"in_channels/groups·kh·kw=27"),
+]
+
+
+@pytest.mark.parametrize("kwargs,module,message", BAD)
+def test_bad_combinations_raise_with_valid_choices(kwargs, module, message):
+    with pytest.raises(ValueError, match=message):
+        BOFTConfig(**kwargs).make_layer(module)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(block_size=4, n_blocks=2), "not both"),
+        (dict(block_size=1), "block_size must be ≥ 2"),
+        (dict(n_factors=0), "n_factors must be an integer ≥ 1"),
+        (dict(dropout=1.0), r"\[0, 1\)"),
+        (dict(neumann_terms=1), "neumann_terms"),
+        (dict(path="fast"), r"\('auto', 'input', 'weight'\)"),
+    ],
+)
+def test_bad_config_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        BOFTConfig(**kwargs)
+
+
+def test_oft_has_one_factor():
+    with pytest.raises(ValueError, match="use BOFTConfig"):
+        OFTConfig(n_factors=2)
+
+
+def test_unsupported_layer_names_supported_types():
+    with pytest.raises(ValueError, match=r"supported layer types: nn.Linear, nn.Conv2d"):
+        BOFTConfig().make_layer(nn.Embedding(10, 16))
+
+
+def test_valid_block_sizes():
+    assert valid_block_sizes(48, 1) == [2, 3, 4, 6, 8, 12, 16, 24, 48]
+    assert valid_block_sizes(48, 3) == [2, 4, 6, 12]
