@@ -119,9 +119,9 @@ def plot_factor_patterns(dim: int, block_size: int, n_factors: int) -> Figure:
     products = path_counts(dim, block_size, n_factors) != 0
     fig, axes = plt.subplots(2, n_factors, figsize=(2.3 * n_factors, 4.8), squeeze=False)
     for i in range(n_factors):
-        axes[0, i].imshow(patterns[i], cmap="Greys", interpolation="nearest")
+        axes[0, i].imshow(patterns[i].numpy(), cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
         axes[0, i].set_title(f"B{i + 1}", fontsize=9)
-        axes[1, i].imshow(products[i], cmap="Blues", interpolation="nearest")
+        axes[1, i].imshow(products[i].numpy(), cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
         name = "B1" if i == 0 else f"B{i + 1}⋯B1"
         axes[1, i].set_title(f"{name}: {density(products[i]):.0%} dense", fontsize=9)
         for ax in axes[:, i]:

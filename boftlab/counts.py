@@ -1,0 +1,367 @@
+"""Parameter counts: closed forms per layer, then sums over real architectures built on the ``meta`` device.
+
+Per adapted layer with fan-in d (in_features, or in_channels/groups·kh·kw) and fan-out n:
+
+    LoRA, rank r                       r·(d + n)
+    OFT / BOFT, m factors of k = d/b   m·k·b(b−1)/2   free entries of the skew-symmetric blocks ("effective")
+      blocks of size b                 m·k·b²         what PEFT stores (full b × b matrices, "peft")
+      output scale s (BOFT, optional)  + n
+    dense orthogonal matrix            d(d−1)/2
+
+SURM and tensor-core (FLoRA) counts live next to their layers (``boftlab.surm``, ``boftlab.tensor_core``) and are
+summed over architectures here with the same machinery (``count(..., method="surm" | "flora", ...)``) when those
+modules are installed.
+
+The architectures are built from hand-written configs (values copied from the hub ``config.json`` named in each
+``source``) under ``torch.device("meta")``: every module and shape is real, no weight is allocated, nothing is
+downloaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .butterfly import resolve_block_size
+
+CONVENTIONS = ("effective", "peft")
+METHODS = ("lora", "oft", "boft", "surm", "flora")
+
+
+# --- closed forms per layer ------------------------------------------------------------------------------------------
+def lora_params(fan_in: int, fan_out: int, rank: int) -> int:
+    """LoRA's A (r × d) and B (n × r): r·(d + n)."""
+    if rank < 1:
+        raise ValueError(f"rank must be ≥ 1, got {rank}")
+    return rank * (fan_in + fan_out)
+
+
+def orthogonal_group_dim(dim: int) -> int:
+    """d(d−1)/2: the free parameters of a dense d × d orthogonal matrix (one skew-symmetric matrix)."""
+    return dim * (dim - 1) // 2
+
+
+def boft_params(
+    fan_in: int,
+    fan_out: int,
+    block_size: int | None = None,
+    n_factors: int = 2,
+    scale: bool = True,
+    bias: bool = False,
+    convention: str = "effective",
+    n_blocks: int | None = None,
+) -> int:
+    """m·k·b(b−1)/2 ("effective") or m·k·b² ("peft") for the blocks, + n for the scale, + n for a trained bias.
+
+    Give ``block_size`` (b) or ``n_blocks`` (k = d/b, how OFT/BOFT's diffusion experiments state it). Raises the
+    ValueError of ``butterfly.resolve_block_size`` (listing valid choices) when (d, b, m) is not a butterfly.
+    """
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    if block_size is None and n_blocks is None:
+        raise ValueError("give block_size or n_blocks")
+    b = resolve_block_size(fan_in, block_size, n_blocks, n_factors, "fan_in")
+    k = fan_in // b
+    per_block = b * (b - 1) // 2 if convention == "effective" else b * b
+    return n_factors * k * per_block + fan_out * (int(scale) + int(bias))
+
+
+def oft_params(
+    fan_in: int,
+    fan_out: int,
+    block_size: int | None = None,
+    scale: bool = False,
+    bias: bool = False,
+    convention: str = "effective",
+    n_blocks: int | None = None,
+) -> int:
+    """OFT is BOFT with one factor: k·b(b−1)/2 (or k·b²), plus optional scale / bias vectors."""
+    return boft_params(fan_in, fan_out, block_size, 1, scale, bias, convention, n_blocks)
+
+
+# --- layers of an architecture ---------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class LayerShape:
+    """One adaptable layer: its name, fan-in d, fan-out n, whether it has a bias, and its type."""
+
+    name: str
+    fan_in: int
+    fan_out: int
+    has_bias: bool
+    kind: str  # "linear" | "conv2d"
+
+
+def layer_shapes(model: nn.Module, targets: list[str] | str) -> list[LayerShape]:
+    """The nn.Linear / nn.Conv2d modules whose name ends with one of ``targets`` (or matches the regex string).
+
+    O(number of modules); works on meta tensors. Raises ValueError when nothing matches, listing the suffixes there are.
+    """
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        if isinstance(targets, str):
+            hit = re.fullmatch(targets, name) is not None
+        else:
+            hit = any(name == t or name.endswith("." + t) for t in targets)
+        if hit:
+            kind = "linear" if isinstance(module, nn.Linear) else "conv2d"
+            found.append(LayerShape(name, module.weight[0].numel(), module.weight.shape[0], module.bias is not None, kind))
+    if not found:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))})
+        raise ValueError(f"no nn.Linear/nn.Conv2d matches targets={targets!r}; layer names end with: {suffixes}")
+    return found
+
+
+def layer_count(shape: LayerShape, method: str, **hyper: Any) -> int:
+    """The closed form for ``method`` at one layer. hyper: rank (lora, flora), block_size / n_blocks, n_factors,
+    scale, bias, convention (oft/boft), or the SURM / FLoRA options of their own count functions."""
+    if method == "lora":
+        return lora_params(shape.fan_in, shape.fan_out, hyper["rank"])
+    if method in ("oft", "boft"):
+        options = {k: hyper[k] for k in ("block_size", "n_blocks", "scale", "bias", "convention") if k in hyper}
+        if method == "oft":
+            return oft_params(shape.fan_in, shape.fan_out, **options)
+        return boft_params(shape.fan_in, shape.fan_out, n_factors=hyper.get("n_factors", 2), **options)
+    if method == "surm":
+        from . import surm  # written alongside; a clear ImportError if this install lacks it
+
+        return surm.surm_params(shape.fan_in, shape.fan_out, **hyper)
+    if method == "flora":
+        from . import tensor_core
+
+        return tensor_core.flora_params(shape, **hyper)
+    raise ValueError(f"unknown method {method!r}; methods: {METHODS}")
+
+
+# --- architectures from configs, on the meta device -----------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    name: str
+    source: str  # where the config values come from
+    build: Callable[[], nn.Module]
+    targets: dict[str, list[str]]  # named target sets, e.g. "all linear" -> module-name suffixes
+
+
+def _deberta_v3_base() -> nn.Module:
+    from transformers import DebertaV2Config, DebertaV2Model
+
+    config = DebertaV2Config(
+        vocab_size=128100, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+        max_position_embeddings=512, relative_attention=True, position_buckets=256, norm_rel_ebd="layer_norm",
+        share_att_key=True, pos_att_type=["p2c", "c2p"], layer_norm_eps=1e-7, max_relative_positions=-1,
+        position_biased_input=False, type_vocab_size=0,
+    )
+    return DebertaV2Model(config)
+
+
+def _vit_b16() -> nn.Module:
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                       image_size=224, patch_size=16, qkv_bias=True)
+    return ViTModel(config, add_pooling_layer=False)
+
+
+def _dinov2_large() -> nn.Module:
+    from transformers import Dinov2Config, Dinov2Model
+
+    config = Dinov2Config(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, mlp_ratio=4,
+                          patch_size=14, image_size=518, layerscale_value=1.0, qkv_bias=True)
+    return Dinov2Model(config)
+
+
+def _llama2_7b() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                         rms_norm_eps=1e-5, tie_word_embeddings=False)
+    return LlamaForCausalLM(config)
+
+
+_SD_UNET = dict(
+    in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+)
+
+
+def _sd15_unet() -> nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**_SD_UNET, sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+
+
+def _sd21_unet() -> nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**_SD_UNET, sample_size=96, cross_attention_dim=1024,
+                                attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
+
+
+_ATTN_QKV = ["to_q", "to_k", "to_v"]
+ARCHITECTURES: dict[str, Architecture] = {
+    a.name: a
+    for a in [
+        Architecture(
+            "deberta-v3-base", "hf.co/microsoft/deberta-v3-base config.json", _deberta_v3_base,
+            {"all linear": ["query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense",
+                            "output.dense"],
+             "query, value": ["query_proj", "value_proj"]},
+        ),
+        Architecture(
+            "vit-b/16", "hf.co/google/vit-base-patch16-224-in21k config.json (ViT-B/16, 224 px)", _vit_b16,
+            {"all linear": ["q_proj", "k_proj", "v_proj", "o_proj", "mlp.fc1", "mlp.fc2"],
+             "query, value": ["q_proj", "v_proj"]},
+        ),
+        Architecture(
+            "dinov2-large", "hf.co/facebook/dinov2-large config.json (ViT-L/14, the BOFT paper's VTAB backbone)",
+            _dinov2_large,
+            {"all linear": ["q_proj", "k_proj", "v_proj", "o_proj", "mlp.fc1", "mlp.fc2"],
+             "query, value": ["q_proj", "v_proj"]},
+        ),
+        Architecture(
+            "llama-2-7b", "hf.co/meta-llama/Llama-2-7b-hf config.json", _llama2_7b,
+            {"all linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+             "query, value": ["q_proj", "v_proj"]},
+        ),
+        Architecture(
+            "sd-1.5-unet", "hf.co/runwayml/stable-diffusion-v1-5 unet/config.json", _sd15_unet,
+            {"attention q, k, v": _ATTN_QKV},
+        ),
+        Architecture(
+            "sd-2.1-unet", "hf.co/stabilityai/stable-diffusion-2-1 unet/config.json (the BOFT paper's SD, App. A.5)",
+            _sd21_unet,
+            {"attention q, k, v": _ATTN_QKV},
+        ),
+    ]
+}
+
+
+@functools.lru_cache(maxsize=None)
+def build(name: str) -> nn.Module:
+    """The architecture ``name`` on the meta device (cached): real modules and shapes, no memory, no download."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; known: {sorted(ARCHITECTURES)}")
+    with torch.device("meta"):
+        return ARCHITECTURES[name].build()
+
+
+def n_base_params(name: str) -> int:
+    """Total parameters of the base architecture."""
+    return sum(p.numel() for p in build(name).parameters())
+
+
+def resolve_targets(name: str, targets: list[str] | str) -> list[str] | str:
+    """A named target set of the architecture (e.g. "all linear") or the targets as given."""
+    known = ARCHITECTURES[name].targets
+    return known[targets] if isinstance(targets, str) and targets in known else targets
+
+
+def count(name: str, method: str, targets: list[str] | str = "all linear", **hyper: Any) -> int:
+    """Σ over the targeted layers of ``name`` of ``layer_count(method, **hyper)``. O(number of modules)."""
+    shapes = layer_shapes(build(name), resolve_targets(name, targets))
+    return sum(layer_count(s, method, **hyper) for s in shapes)
+
+
+def count_by_suffix(name: str, method: str, targets: list[str] | str = "all linear", **hyper: Any) -> dict[str, int]:
+    """The same sum, split by the layers' name suffix (e.g. query_proj, intermediate.dense)."""
+    out: dict[str, int] = {}
+    for s in layer_shapes(build(name), resolve_targets(name, targets)):
+        key = re.sub(r"^.*\.\d+\.", "", s.name)  # drop everything up to the last block index
+        out[key] = out.get(key, 0) + layer_count(s, method, **hyper)
+    return out
+
+
+# --- the papers' tables ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class PaperRow:
+    """One "# Param" entry of a paper's table and how we reproduce it."""
+
+    where: str  # paper, table, page
+    model: str
+    method: str
+    label: str  # as the paper writes it
+    targets: str
+    hyper: dict[str, Any]
+    reported: str  # as printed, e.g. "0.75M" or "0.12%"
+    convention: str  # what is counted to reproduce it
+    note: str = ""  # why our number differs from the printed one, where it does
+
+    def ours(self) -> int:
+        return count(self.model, self.method, self.targets, **self.hyper)
+
+    def ours_as_reported(self) -> str:
+        """Our count in the paper's unit and precision ("M" with the same decimals, or "%" of the base model)."""
+        value = self.ours()
+        number = self.reported.rstrip("M%")
+        decimals = len(number.split(".")[1]) if "." in number else 0
+        if self.reported.endswith("%"):
+            return f"{100 * value / n_base_params(self.model):.{decimals}f}%"
+        return f"{value / 1e6:.{decimals}f}M"
+
+    def matches(self) -> bool:
+        return self.ours_as_reported() == self.reported
+
+
+_BOFT = "BOFT paper (Liu et al., ICLR 2024, arXiv:2311.06243v2)"
+_EFF_SB = "skew entries m·k·b(b−1)/2 + scale (n) + bias (n) per layer"
+_EFF_SB_SD = ("skew entries m·k·b(b−1)/2 + scale (n) + one more n-vector per layer (to_q/k/v have no bias; the "
+              "paper trains PEFT bias='boft_only', App. A.5)")
+_EFF = "skew entries m·k·b(b−1)/2 only, as % of all 6,738,415,616 Llama-2-7B parameters"
+_LORA = "r·(d + n) per layer"
+
+
+def _row(
+    table: str, model: str, method: str, label: str, targets: str, hyper: dict, reported: str, conv: str, note: str = ""
+) -> PaperRow:
+    return PaperRow(f"{_BOFT}, {table}", model, method, label, targets, hyper, reported, conv, note)
+
+
+BOFT_SB = dict(scale=True, bias=True)
+PAPER_ROWS: list[PaperRow] = [
+    # Table 1 (p. 7): GLUE, DeBERTaV3-base; OFT/BOFT on every linear layer of every block (App. A.1, p. 19).
+    _row("Table 1, p. 7", "deberta-v3-base", "lora", "LoRA r=8", "all linear", dict(rank=8), "1.33M", _LORA),
+    _row("Table 1, p. 7", "deberta-v3-base", "oft", "OFT b=16", "all linear", dict(block_size=16, **BOFT_SB), "0.79M", _EFF_SB),
+    _row("Table 1, p. 7", "deberta-v3-base", "boft", "BOFT m=2, b=8", "all linear",
+         dict(block_size=8, n_factors=2, **BOFT_SB), "0.75M", _EFF_SB),
+    # Tables 2, 3 (p. 7): Llama-2-7B, % of parameters; LoRA on q, v; OFT/BOFT on all 7 projections (our inference).
+    _row("Tables 2-3, p. 7", "llama-2-7b", "lora", "LoRA r=16", "query, value", dict(rank=16), "0.125%",
+         _LORA + ", q_proj and v_proj",
+         "8,388,608 / 6,738,415,616 = 0.1245%, printed 0.125%: the paper divides by the nominal 6.7B (0.1252%)"),
+    _row("Tables 2-3, p. 7", "llama-2-7b", "lora", "LoRA r=32", "query, value", dict(rank=32), "0.25%",
+         _LORA + ", q_proj and v_proj"),
+    _row("Tables 2-3, p. 7", "llama-2-7b", "oft", "OFT b=16", "all linear", dict(block_size=16, scale=False), "0.13%", _EFF),
+    _row("Tables 2-3, p. 7", "llama-2-7b", "boft", "BOFT m=2, b=8", "all linear",
+         dict(block_size=8, n_factors=2, scale=False), "0.12%", _EFF),
+    # Table 4 (p. 8): VTAB-1K, DINOv2-large; every linear layer of MSA and MLP blocks (App. A.2, p. 19).
+    _row("Table 4, p. 8", "dinov2-large", "lora", "LoRA r=4", "all linear", dict(rank=4), "1.77M", _LORA),
+    _row("Table 4, p. 8", "dinov2-large", "oft", "OFT b=16", "all linear", dict(block_size=16, **BOFT_SB), "2.10M", _EFF_SB),
+    *[
+        _row("Table 4, p. 8", "dinov2-large", "boft", f"BOFT m={m}, b={b}", "all linear",
+             dict(block_size=b, n_factors=m, **BOFT_SB), reported, _EFF_SB)
+        for m, b, reported in [(2, 8, "1.99M"), (4, 4, "1.77M"), (6, 2, "1.11M")]
+    ],
+    # Table 6 (p. 9) and Table 9 (p. 20): controllable generation, Stable Diffusion 2.1 UNet (App. A.5, p. 20),
+    # to_q/to_k/to_v of every attention; r is the NUMBER of blocks there (b = d/r).
+    *[
+        _row("Table 6, p. 9", "sd-2.1-unet", "lora", f"LoRA r={r}", "attention q, k, v", dict(rank=r), reported, _LORA)
+        for r, reported in [(16, "2.52M"), (64, "10.08M"), (128, "20.17M")]
+    ],
+    *[
+        _row("Table 6, p. 9", "sd-2.1-unet", "oft", f"OFT r={r}", "attention q, k, v", dict(n_blocks=r, **BOFT_SB),
+             reported, _EFF_SB_SD)
+        for r, reported in [(16, "2.71M"), (4, "10.50M"), (2, "20.89M")]
+    ],
+    *[
+        _row("Table 6, p. 9", "sd-2.1-unet", "boft", f"BOFT m={m}, r={r}", "attention q, k, v",
+             dict(n_blocks=r, n_factors=m, **BOFT_SB), reported, _EFF_SB_SD)
+        for m, r, reported in [(2, 32, "2.66M"), (6, 32, "7.69M"), (5, 16, "12.93M"), (4, 8, "20.76M")]
+    ],
+]
