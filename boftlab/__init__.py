@@ -8,3 +8,12 @@ from .butterfly import BOFTConfig, BOFTLayer, OFTConfig
 from .model import adapt, adapter_layers, merge, summary, unmerge, unwrap
 from .saving import load_adapter, save_adapter
 from .peft_interop import from_peft, to_peft
+
+
+def __getattr__(name: str):
+    # transformers is slow to import; load the Trainer integration only when it is asked for
+    if name == "SaveAdapterCallback":
+        from .trainer import SaveAdapterCallback
+
+        return SaveAdapterCallback
+    raise AttributeError(f"module 'boftlab' has no attribute {name!r}")

@@ -108,11 +108,6 @@ def build_layers(model: nn.Module, config: AdapterConfig, names: list[str]) -> d
     layers = {}
     for name in names:
         module = model.get_submodule(name)
-        if isinstance(module, AdapterLayer):
-            raise ValueError(
-                f"module {name!r} already carries a {module.family!r} adapter; boftlab puts one adapter per layer "
-                "(unwrap(model) first, or choose other targets)"
-            )
         try:
             layers[name] = config.make_layer(module)
         except ValueError as err:
@@ -158,6 +153,13 @@ def adapt(
     if not names:
         raise ValueError(
             f"targets={_describe(targets)} matched no module. Modules in this model: {_module_list_hint(model)}"
+        )
+    adapted = [n for n in names if isinstance(model.get_submodule(n), AdapterLayer)]
+    if adapted:
+        layer = model.get_submodule(adapted[0])
+        raise ValueError(
+            f"module {adapted[0]!r} already carries a {layer.family!r} adapter; boftlab puts one adapter per layer "
+            "(unwrap(model) first, or choose other targets)"
         )
     supported = [n for n in names if isinstance(model.get_submodule(n), config.supported_layers)]
     if not supported:

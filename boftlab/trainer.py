@@ -1,0 +1,24 @@
+"""transformers ``Trainer`` integration: save the boftlab adapter inside every checkpoint the Trainer writes."""
+
+from __future__ import annotations
+
+import os
+
+from transformers import TrainerCallback
+
+from .saving import save_adapter
+
+ADAPTER_DIR = "boftlab_adapter"
+
+
+class SaveAdapterCallback(TrainerCallback):
+    """On each Trainer save, write ``<output_dir>/checkpoint-<step>/boftlab_adapter/`` (main process only).
+
+    Reload with ``boftlab.load_adapter(fresh_base_model, ".../checkpoint-<step>/boftlab_adapter")``.
+    """
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if state.is_world_process_zero and model is not None:
+            checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            save_adapter(model, os.path.join(checkpoint, ADAPTER_DIR))
+        return control

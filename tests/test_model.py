@@ -1,0 +1,140 @@
+"""adapt / summary / merge / unmerge / unwrap on plain PyTorch models."""
+
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import boftlab
+from boftlab import BOFTConfig, OFTConfig
+from boftlab.butterfly import BOFTLayer
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.query = nn.Linear(16, 16)
+        self.value = nn.Linear(16, 16)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)  # fan-in 36
+        self.norm = nn.LayerNorm(16)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block.norm(x + block.value(torch.tanh(block.query(x))))
+        return self.head(x)
+
+
+def perturb(model):
+    with torch.no_grad():
+        for layer in boftlab.adapter_layers(model).values():
+            for p in layer.adapter_parameters().values():
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+def test_targets_by_suffix_regex_and_type():
+    assert boftlab.model.match_targets(Net(), ["query"]) == ["blocks.0.query", "blocks.1.query"]
+    assert boftlab.model.match_targets(Net(), r"blocks\.1\.(query|value)") == ["blocks.1.query", "blocks.1.value"]
+    assert boftlab.model.match_targets(Net(), [nn.Conv2d]) == ["blocks.0.conv", "blocks.1.conv"]
+    assert boftlab.model.match_targets(Net(), [re.compile(r".*0\.value"), "head"]) == ["blocks.0.value", "head"]
+
+
+def test_adapt_freezes_everything_but_adapters_and_trainable_modules():
+    model = boftlab.adapt(Net(), BOFTConfig(block_size=4), targets=["query", "value"], trainable=["head"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {
+        f"blocks.{i}.{t}.{p}" for i in (0, 1) for t in ("query", "value") for p in ("skew", "scale")
+    } | {"head.weight", "head.bias"}
+    assert isinstance(model.blocks[0].query, BOFTLayer)
+
+
+def test_adapt_is_identity_at_init():
+    model = Net()
+    x = torch.randn(5, 16)
+    before = model(x)
+    boftlab.adapt(model, BOFTConfig(block_size=4, n_factors=3), targets=[nn.Linear])
+    torch.testing.assert_close(model(x), before, rtol=0, atol=1e-6)
+
+
+def test_type_targets_skip_trainable_head():
+    model = boftlab.adapt(Net(), OFTConfig(block_size=4), targets=[nn.Linear], trainable=["head"])
+    assert isinstance(model.head, nn.Linear) and model.head.weight.requires_grad
+
+
+def test_two_families_on_one_model():
+    model = Net()
+    boftlab.adapt(model, BOFTConfig(block_size=4, n_factors=2), targets=["query"])
+    boftlab.adapt(model, OFTConfig(block_size=8), targets=["value"], trainable=["head"])
+    families = {n: layer.family for n, layer in boftlab.adapter_layers(model).items()}
+    assert families == {"blocks.0.query": "boft", "blocks.1.query": "boft", "blocks.0.value": "oft", "blocks.1.value": "oft"}
+    # the second call kept the first call's adapters trainable
+    assert all(p.requires_grad for p in model.blocks[0].query.adapter_parameters().values())
+
+
+def test_summary_counts():
+    model = boftlab.adapt(Net(), BOFTConfig(block_size=4, n_factors=2), targets=["query"], trainable=["head"])
+    s = boftlab.summary(model)
+    per_layer = 2 * 4 * 6 + 16  # m·k·b(b−1)/2 skew entries + the output scale
+    assert s.adapter == 2 * per_layer and s.effective == 2 * per_layer
+    assert s.other_trainable == 16 * 3 + 3
+    assert s.trainable == s.adapter + s.other_trainable
+    assert s.total == sum(p.numel() for p in model.parameters())
+    assert s.by_layer_type == {"boft/Linear": {"layers": 2, "trainable": 2 * per_layer, "effective": 2 * per_layer, "base": 2 * 272}}
+    assert f"trainable%: {100 * s.trainable / s.total:.4f}" in str(s)
+
+
+def test_merge_unmerge_unwrap_model():
+    model = boftlab.adapt(Net(), BOFTConfig(block_size=4), targets=["query", "value"])
+    model = perturb(boftlab.adapt(model, OFTConfig(block_size=6, scale=True), targets=["conv"]))
+    x = torch.randn(4, 16)
+    adapted = model(x)
+    boftlab.merge(model)
+    torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="already merged"):
+        boftlab.merge(model)
+    boftlab.unmerge(model)
+    torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-5)
+    plain = boftlab.unwrap(model)
+    assert not boftlab.adapter_layers(plain) and type(plain.blocks[0].query) is nn.Linear
+    torch.testing.assert_close(plain(x), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_targets_matching_nothing_lists_modules():
+    with pytest.raises(ValueError, match=r"matched no module.*blocks\.0\.query \(Linear\)"):
+        boftlab.adapt(Net(), BOFTConfig(), targets=["attention"])
+
+
+def test_targets_of_unsupported_type_name_supported_types():
+    with pytest.raises(ValueError, match=r"\['LayerNorm'\].*supported types: Linear, Conv2d"):
+        boftlab.adapt(Net(), BOFTConfig(block_size=4), targets=["norm"])
+
+
+def test_failed_adapt_leaves_model_untouched():
+    model = Net()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="cannot adapt module 'blocks.0.conv'"):
+        boftlab.adapt(model, BOFTConfig(block_size=8), targets=["query", "conv"])
+    assert not boftlab.adapter_layers(model)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_adapting_an_adapted_layer_is_refused():
+    model = boftlab.adapt(Net(), BOFTConfig(block_size=4), targets=["query"])
+    with pytest.raises(ValueError, match="already carries a 'boft' adapter"):
+        boftlab.adapt(model, OFTConfig(block_size=4), targets=["blocks.0.query"])
+
+
+def test_bad_config_and_trainable():
+    with pytest.raises(ValueError, match="config must be an adapter config"):
+        boftlab.adapt(Net(), {"block_size": 4}, targets=["query"])
+    with pytest.raises(ValueError, match="trainable='classifier' matched no module"):
+        boftlab.adapt(Net(), BOFTConfig(block_size=4), targets=["query"], trainable=["classifier"])
