@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import matplotlib.pyplot as plt
 import torch
 from matplotlib.figure import Figure
 from torch import nn
@@ -155,7 +154,8 @@ def largest_step(path: list[dict]) -> float:
 # --- figures ---------------------------------------------------------------------------------------------------------
 def plot_expressivity(rows: list[dict], title: str = "") -> Figure:
     """Relative error against free parameters: one curve per block size (m = 1 … dense), OFT points circled."""
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig = Figure(figsize=(6.5, 4), layout="tight")
+    ax = fig.subplots()
     for b in sorted({r["block_size"] for r in rows}):
         curve = sorted((r for r in rows if r["block_size"] == b), key=lambda r: r["n_factors"])
         (line,) = ax.plot([r["n_params"] for r in curve], [r["error"] for r in curve], marker="o", ms=4,
@@ -168,20 +168,19 @@ def plot_expressivity(rows: list[dict], title: str = "") -> Figure:
     ax.set_ylabel("relative error ‖R − T‖ / ‖T‖")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
     return fig
 
 
 def plot_factor_paths(paths: dict[str, list[dict]]) -> Figure:
     """Error to the target against distance from I along each ``factor_path`` (one curve per structure)."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4), layout="tight")
+    ax = fig.subplots()
     for name, path in paths.items():
         ax.plot([p["distance_from_identity"] for p in path], [p["error"] for p in path], marker="o", label=name)
     ax.set_xlabel("distance from identity ‖R_j − I‖ / √d")
     ax.set_ylabel("error to target ‖R_j − T‖ / √d")
     ax.set_title("identity (left) → fitted rotation: one point per kept factor", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
     return fig
 
 

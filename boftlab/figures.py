@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 
-import matplotlib.pyplot as plt
 import torch
 from matplotlib.figure import Figure
 
@@ -89,7 +88,8 @@ def plot_butterfly_graph(dim: int, block_size: int, n_factors: int, source: int 
     patterns = factor_patterns(dim, block_size, n_factors)
     if not 0 <= source < dim:
         raise ValueError(f"source must be an input index in [0, {dim - 1}], got {source}")
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * n_factors, 0.8 + 0.28 * dim))
+    fig = Figure(figsize=(1.6 + 1.4 * n_factors, 0.8 + 0.28 * dim), layout="tight")
+    ax = fig.subplots()
     reached = torch.zeros(dim, dtype=torch.bool)
     reached[source] = True
     for level in range(n_factors):
@@ -109,7 +109,6 @@ def plot_butterfly_graph(dim: int, block_size: int, n_factors: int, source: int 
                  f"{int(reached.sum())}/{dim} outputs", fontsize=9)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    fig.tight_layout()
     return fig
 
 
@@ -117,7 +116,8 @@ def plot_factor_patterns(dim: int, block_size: int, n_factors: int) -> Figure:
     """Two rows of m panels: the pattern of each factor B_i, and of the partial product B_i ⋯ B_1 (with density)."""
     patterns = factor_patterns(dim, block_size, n_factors)
     products = path_counts(dim, block_size, n_factors) != 0
-    fig, axes = plt.subplots(2, n_factors, figsize=(2.3 * n_factors, 4.8), squeeze=False)
+    fig = Figure(figsize=(2.3 * n_factors, 4.8), layout="tight")
+    axes = fig.subplots(2, n_factors, squeeze=False)
     for i in range(n_factors):
         axes[0, i].imshow(patterns[i].numpy(), cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
         axes[0, i].set_title(f"B{i + 1}", fontsize=9)
@@ -129,7 +129,6 @@ def plot_factor_patterns(dim: int, block_size: int, n_factors: int) -> Figure:
             ax.set_yticks([])
     axes[0, 0].set_ylabel("factor")
     axes[1, 0].set_ylabel("product")
-    fig.tight_layout()
     return fig
 
 
@@ -137,7 +136,8 @@ def plot_reachability(dim: int, block_sizes: list[int] | None = None) -> Figure:
     """Density of B_m ⋯ B_1 against m, one curve per block size; a dashed line marks OFT's density b/d."""
     if block_sizes is None:
         block_sizes = [b for b in valid_block_sizes(dim, 1) if b < dim and (dim // b) & (dim // b - 1) == 0][:4]
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    fig = Figure(figsize=(5.5, 3.5), layout="tight")
+    ax = fig.subplots()
     for b in block_sizes:
         m_max = max(valid_n_factors(dim, b))
         curve = [density(p != 0) for p in path_counts(dim, b, m_max)]
@@ -148,7 +148,6 @@ def plot_reachability(dim: int, block_sizes: list[int] | None = None) -> Figure:
     ax.set_ylim(0, 1.05)
     ax.set_title(f"d={dim}: reachability after m butterfly factors (dotted: OFT, m=1)", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
     return fig
 
 
