@@ -1,0 +1,209 @@
+"""The fused Triton butterfly kernel equals the PyTorch path (boftlab.butterfly.butterfly_apply).
+
+Without a GPU the kernel runs in Triton's CPU interpreter, which must be chosen before Triton is first imported
+(Triton jit-compiles its own standard library at import). If another module imported Triton first (PEFT, timm and
+diffusers do), one test re-runs this file in a fresh process with TRITON_INTERPRET=1. With a GPU the same tests
+run the compiled kernel on CUDA tensors. Skipped cleanly where Triton is absent.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+
+if "triton" not in sys.modules and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before anything below imports Triton
+
+import pytest  # noqa: E402
+
+from boftlab.butterfly import BOFTConfig, butterfly_apply, cayley, gather_schedule, skew_symmetric  # noqa: E402
+from boftlab.kernels import fused_supported  # noqa: E402
+from boftlab.kernels.butterfly_triton import (  # noqa: E402
+    MAX_SPAN_ELEMENTS,
+    butterfly_apply_reshaped,
+    tile_shape,
+    unsupported_reason,
+)
+
+#: where the kernel runs in this process: "cuda", "cpu" (interpreter) or None (Triton was imported compiled)
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else ("cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None)
+
+# (d, b, m): OFT, BOFT, d not a power of two, the densest m for b = 2 and b = 8, and the tl.dot path (b ≥ 16)
+CASES = [(16, 2, 1), (32, 4, 2), (48, 4, 2), (64, 8, 3), (32, 8, 3), (64, 2, 6), (64, 16, 2), (64, 32, 2), (64, 64, 1)]
+IDS = [f"d{d}-b{b}-m{m}" for d, b, m in CASES]
+
+
+def random_blocks(d: int, b: int, m: int, seed: int = 0) -> torch.Tensor:
+    """(m, d/b, b, b) orthogonal blocks far from the identity, so every factor matters."""
+    generator = torch.Generator().manual_seed(seed)
+    return cayley(skew_symmetric(torch.randn(m, d // b, b * (b - 1) // 2, generator=generator), b))
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    """boftlab.kernels.butterfly_triton, where its kernels can run in this process."""
+    pytest.importorskip("triton")
+    if KERNEL_DEVICE is None:
+        pytest.skip("Triton was imported before TRITON_INTERPRET was set; test_in_fresh_interpreter_process runs these")
+    from boftlab.kernels import butterfly_triton
+
+    return butterfly_triton
+
+
+def on_device(*tensors):
+    return [None if t is None else t.to(KERNEL_DEVICE) for t in tensors]
+
+
+# --- the identity the kernel is built on (no Triton needed) -------------------------------------------------------
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("d, b, m", CASES, ids=IDS)
+def test_reshaped_plan_equals_gathered_path(d, b, m, transpose):
+    x, blocks = torch.randn(3, d), random_blocks(d, b, m)
+    expected = butterfly_apply(x, blocks, gather_schedule(d, b, m, transpose), transpose)
+    torch.testing.assert_close(butterfly_apply_reshaped(x, blocks, transpose), expected)
+
+
+@pytest.mark.parametrize("d, b, m", CASES, ids=IDS)
+def test_tile_covers_whole_butterfly_spans(d, b, m):
+    rows, cols, dot = tile_shape(d, b, m)
+    span = b * 2 ** (m - 1)
+    assert cols % span == 0 and d % cols == 0
+    assert rows & (rows - 1) == 0 and (rows >= 16 if dot else rows >= 1)
+    assert dot == (b >= 16)
+
+
+def test_unsupported_cases_give_reasons():
+    assert unsupported_reason(48, 6, 1, torch.float32).startswith("block_size=6 is not supported")
+    assert "dtype" in unsupported_reason(64, 8, 2, torch.float64)
+    too_dense = unsupported_reason(4096, 8, 10, torch.float32)  # L·b = 4096·8 > 16384
+    assert str(MAX_SPAN_ELEMENTS) in too_dense and "largest supported n_factors for block_size=8 is 9" in too_dense
+    assert unsupported_reason(4096, 8, 9, torch.bfloat16) is None
+
+
+def test_not_supported_on_cpu_tensors():
+    assert not fused_supported(torch.randn(4, 64), random_blocks(64, 8, 2))
+
+
+# --- the kernel (interpreter on CPU, compiled on CUDA) ------------------------------------------------------------
+def gradients(apply, x, blocks, gathers, transpose, weight, needs=("x", "blocks")):
+    """d/dx and d/dblocks of Σ weight ⊙ apply(x, blocks) (weight makes dL/dy a generic matrix)."""
+    inputs = (x.clone().requires_grad_("x" in needs), blocks.clone().requires_grad_("blocks" in needs))
+    (apply(*inputs, gathers, transpose).float() * weight).sum().backward()
+    return [t.grad for t in inputs]
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("d, b, m", CASES, ids=IDS)
+def test_forward_matches_torch_path(kernel, d, b, m, transpose):
+    x, blocks, *gathers = on_device(torch.randn(5, 3, d), random_blocks(d, b, m), *gather_schedule(d, b, m, transpose))
+    fused = kernel.butterfly_apply_fused(x, blocks, gathers, transpose)
+    torch.testing.assert_close(fused, butterfly_apply(x, blocks, gathers, transpose), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("d, b, m", CASES, ids=IDS)
+def test_gradients_match_torch_path(kernel, d, b, m, transpose):
+    x, blocks, weight, *gathers = on_device(
+        torch.randn(7, d), random_blocks(d, b, m), torch.randn(7, d), *gather_schedule(d, b, m, transpose)
+    )
+    expected = gradients(butterfly_apply, x, blocks, gathers, transpose, weight)
+    fused = gradients(kernel.butterfly_apply_fused, x, blocks, gathers, transpose, weight)
+    for e, f in zip(expected, fused):
+        torch.testing.assert_close(f, e, rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_across_many_row_tiles(kernel):
+    """200 rows: several row tiles per program, a partly masked last tile, partial block sums added up."""
+    d, b, m = 64, 8, 3
+    x, blocks, weight, *gathers = on_device(
+        torch.randn(200, d), random_blocks(d, b, m), torch.randn(200, d), *gather_schedule(d, b, m, False)
+    )
+    expected = gradients(butterfly_apply, x, blocks, gathers, False, weight)
+    fused = gradients(kernel.butterfly_apply_fused, x, blocks, gathers, False, weight)
+    for e, f in zip(expected, fused):
+        torch.testing.assert_close(f, e, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("needs", ["x", "blocks"])
+def test_gradient_of_one_input_only(kernel, needs):
+    """Frozen blocks (dx by the reverse-direction forward kernel) or a frozen x (the weight path: only dQ)."""
+    d, b, m = 32, 4, 2
+    x, blocks, weight, *gathers = on_device(
+        torch.randn(6, d), random_blocks(d, b, m), torch.randn(6, d), *gather_schedule(d, b, m, True)
+    )
+    expected = gradients(butterfly_apply, x, blocks, gathers, True, weight, needs)
+    fused = gradients(kernel.butterfly_apply_fused, x, blocks, gathers, True, weight, needs)
+    index = 0 if needs == "x" else 1
+    assert fused[1 - index] is None
+    torch.testing.assert_close(fused[index], expected[index], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_drop_in_for_boft_layer_rotate(kernel, transpose):
+    layer = BOFTConfig(block_size=4, n_factors=3).make_layer(torch.nn.Linear(32, 8)).to(KERNEL_DEVICE)
+    with torch.no_grad():
+        layer.skew.normal_()
+    x = torch.randn(4, 32, device=KERNEL_DEVICE)
+    blocks = layer.orthogonal_blocks()
+    fused = kernel.butterfly_apply_fused(x, blocks, layer._gathers(transpose), transpose)
+    torch.testing.assert_close(fused, layer.rotate(x, transpose, blocks), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d, b, m", [(32, 4, 2), (64, 16, 2)], ids=["broadcast", "dot"])
+def test_half_precision_forward_within_output_rounding(kernel, dtype, d, b, m):
+    """fp32 accumulation: the error left is rounding y to the 16-bit dtype (plus TF32 products on the dot path)."""
+    x, blocks, *gathers = on_device(
+        torch.randn(40, d).to(dtype), random_blocks(d, b, m).to(dtype), *gather_schedule(d, b, m, False)
+    )
+    exact = butterfly_apply(x.float(), blocks.float(), gathers)
+    fused = kernel.butterfly_apply_fused(x, blocks, gathers)
+    assert fused.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(fused.float(), exact, rtol=eps, atol=eps * exact.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d, b, m", [(32, 4, 2), (64, 16, 2)], ids=["broadcast", "dot"])
+def test_half_precision_gradients_no_worse_than_torch_path(kernel, dtype, d, b, m):
+    x, blocks, weight, *gathers = on_device(
+        torch.randn(40, d).to(dtype), random_blocks(d, b, m).to(dtype), torch.randn(40, d),
+        *gather_schedule(d, b, m, False),
+    )
+    exact = gradients(butterfly_apply, x.float(), blocks.float(), gathers, False, weight)
+    errors = {}
+    for name, apply in (("torch", butterfly_apply), ("fused", kernel.butterfly_apply_fused)):
+        grads = gradients(apply, x, blocks, gathers, False, weight)
+        errors[name] = [(g.float() - e).abs().max().item() for g, e in zip(grads, exact)]
+    eps = torch.finfo(dtype).eps
+    for fused, torch_path, scale in zip(errors["fused"], errors["torch"], (1.0, 10.0)):
+        assert fused <= 1.5 * torch_path + eps * scale, errors
+
+
+def test_rejects_gathers_it_does_not_implement(kernel):
+    d, b, m = 32, 4, 2
+    x, blocks, *gathers = on_device(torch.randn(2, d), random_blocks(d, b, m), *gather_schedule(d, b, m, False))
+    gathers[1] = torch.randperm(d, device=KERNEL_DEVICE)
+    with pytest.raises(ValueError, match="gather_schedule"):
+        kernel.butterfly_apply_fused(x, blocks, gathers)
+
+
+def test_rejects_unsupported_block_size_with_choices(kernel):
+    d, b = 36, 6
+    x, blocks = on_device(torch.randn(2, d), random_blocks(d, b, 1))
+    with pytest.raises(ValueError, match=r"supported block sizes: \[2, 4, 8, 16, 32, 64\]"):
+        kernel.butterfly_apply_fused(x, blocks, [None, None])
+
+
+@pytest.mark.skipif(KERNEL_DEVICE is not None, reason="the kernel tests already ran in this process")
+def test_in_fresh_interpreter_process():
+    """Triton was imported (compiled mode) before this module: run this file again where it was not."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    command = [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider", "-k", "not fresh"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    summary = result.stdout.strip().splitlines()[-1]
+    assert result.returncode == 0 and "passed" in summary and "skipped" not in summary, result.stdout[-4000:]
