@@ -1,0 +1,162 @@
+"""boftlab.training: a run resumed from a checkpoint reproduces the uninterrupted run exactly (fixed seeds, CPU)."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import boftlab
+from boftlab import BOFTConfig, OFTConfig
+from boftlab.training import CHECKPOINT_NAME, decode, encode, load_checkpoint, save_checkpoint
+
+N_STEPS, SPLIT = 6, 3
+
+
+def build():
+    """A tiny model with two families, a trainable head, BOFT dropout (so the torch RNG matters), Adam + LambdaLR."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+    boftlab.adapt(model, BOFTConfig(block_size=4, n_factors=2, dropout=0.25), targets=["0"], trainable=["4"])
+    boftlab.adapt(model, OFTConfig(block_size=8, scale=True), targets=["2"])
+    return (model, *make_optimizer(model))
+
+
+def make_optimizer(model):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    return optimizer, scheduler
+
+
+def train(model, optimizer, scheduler, steps):
+    """Data and dropout masks come from the global RNGs (torch, Python, NumPy), as in real loops."""
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(8, 16) + float(np.random.rand()) + random.random()
+        target = torch.randint(0, 3, (8,))
+        loss = nn.functional.cross_entropy(model(x), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+    return losses
+
+
+def seed_everything(seed):
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def run_with_resume(tmp_path, restore_optimizer=True):
+    seed_everything(1)
+    model, optimizer, scheduler = build()
+    seed_everything(1)
+    first = train(model, optimizer, scheduler, SPLIT)
+    save_checkpoint(tmp_path, model, optimizer, scheduler, step=SPLIT, extra={"losses": first})
+    del model, optimizer, scheduler  # "the job died"
+    seed_everything(12345)  # a new process starts with other random states
+    model, optimizer, scheduler = build()
+    state = load_checkpoint(tmp_path, model, optimizer, scheduler)
+    if not restore_optimizer:  # the control: keep the adapters and RNG, forget Adam's moments and the schedule
+        optimizer, scheduler = make_optimizer(model)
+    assert state.step == SPLIT
+    return state.extra["losses"] + train(model, optimizer, scheduler, N_STEPS - state.step)
+
+
+def uninterrupted():
+    seed_everything(1)
+    model, optimizer, scheduler = build()
+    seed_everything(1)
+    return train(model, optimizer, scheduler, N_STEPS)
+
+
+def test_resumed_run_reproduces_losses_exactly(tmp_path):
+    assert run_with_resume(tmp_path) == uninterrupted()  # bit-for-bit, not approximately
+
+
+def test_resume_without_optimizer_state_differs(tmp_path):
+    """The control showing the exact test can fail: Adam's moments and the LR schedule matter."""
+    assert run_with_resume(tmp_path, restore_optimizer=False)[SPLIT:] != uninterrupted()[SPLIT:]
+
+
+def test_checkpoint_is_one_safetensors_file_and_never_pickles(tmp_path, monkeypatch):
+    model, optimizer, scheduler = build()
+    train(model, optimizer, scheduler, 1)
+    file = save_checkpoint(tmp_path, model, optimizer, scheduler, step=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_NAME] and file == tmp_path / CHECKPOINT_NAME
+    tensors = load_file(file)
+    assert {"model.0.skew", "model.4.weight", "rng.torch"} <= set(tensors)
+    assert any(k.startswith("optimizer.state.") and k.endswith("exp_avg_sq") for k in tensors)
+
+    def no_pickle(*args, **kwargs):
+        raise AssertionError("torch.load called")
+
+    monkeypatch.setattr(torch, "load", no_pickle)
+    load_checkpoint(tmp_path, *build())
+
+
+def test_encode_decode_round_trip():
+    tensors = {}
+    tree = {0: {"step": torch.tensor(3.0), "m": torch.ones(2)}, "betas": (0.9, 0.99), "lr": float("inf"),
+            "rng": np.arange(3, dtype=np.uint32), "none": None, "names": ["a", "b"]}
+    back = decode(encode(tree, "t", tensors), tensors)
+    assert set(back) == set(tree) and back["betas"] == (0.9, 0.99) and back["lr"] == float("inf")
+    assert torch.equal(back[0]["m"], torch.ones(2)) and back[0]["step"].item() == 3.0
+    assert back["rng"].dtype == np.uint32 and back["rng"].tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match=r"cannot checkpoint 't.f': a function"):
+        encode({"f": lambda: 0}, "t", {})
+
+
+def test_interrupted_checkpoint_keeps_previous(tmp_path, monkeypatch):
+    model, optimizer, scheduler = build()
+    previous = save_checkpoint(tmp_path, model, optimizer, scheduler, step=0).read_bytes()
+    import boftlab.training as training
+
+    def crash_half_way(tensors, filename, metadata=None):
+        open(filename, "wb").write(previous[:64])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(training, "save_file", crash_half_way)
+    train(model, optimizer, scheduler, 1)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path, model, optimizer, scheduler, step=1)
+    assert (tmp_path / CHECKPOINT_NAME).read_bytes() == previous
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]
+
+
+def snapshot(*objects):
+    model, optimizer, scheduler = objects
+    return ({k: v.clone() for k, v in model.state_dict().items()}, repr(optimizer.state_dict()), scheduler.state_dict())
+
+
+def assert_same(before, after):
+    assert before[0].keys() == after[0].keys() and all(torch.equal(v, after[0][k]) for k, v in before[0].items())
+    assert before[1:] == after[1:]
+
+
+def test_mismatched_resume_is_refused_and_changes_nothing(tmp_path):
+    model, optimizer, scheduler = build()
+    train(model, optimizer, scheduler, 1)
+    save_checkpoint(tmp_path, model, optimizer, scheduler, step=1)
+
+    other, other_opt, other_sched = build()
+    boftlab.unwrap(other)
+    boftlab.adapt(other, BOFTConfig(block_size=8), targets=["0"])
+    other_opt = torch.optim.AdamW([p for p in other.parameters() if p.requires_grad])
+    before = snapshot(other, other_opt, other_sched)
+    with pytest.raises(ValueError, match="differ from this model's"):
+        load_checkpoint(tmp_path, other, other_opt, other_sched)
+    assert_same(before, snapshot(other, other_opt, other_sched))
+
+    fresh, fresh_opt, fresh_sched = build()
+    sgd = torch.optim.SGD([p for p in fresh.parameters() if p.requires_grad], lr=0.1)
+    before = snapshot(fresh, fresh_opt, fresh_sched)
+    with pytest.raises(ValueError, match=r"optimizer is AdamW over parameters \[\['0.skew'.*this one is SGD"):
+        load_checkpoint(tmp_path, fresh, sgd, fresh_sched)
+    with pytest.raises(ValueError, match="holds a LambdaLR scheduler state; pass the scheduler"):
+        load_checkpoint(tmp_path, fresh, fresh_opt, None)
+    assert_same(before, snapshot(fresh, fresh_opt, fresh_sched))
