@@ -17,3 +17,4 @@ def __getattr__(name: str):
 
         return SaveAdapterCallback
     raise AttributeError(f"module 'boftlab' has no attribute {name!r}")
+from .tensor_core import TensorCoreConfig, TensorCoreLayer, mode_product, tucker_delta, tucker_dimension, tucker_n_params

@@ -54,7 +54,7 @@ PATHS = ("auto", "weight", "factorised")
 _CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-# --- Tucker algebra ----------------------------------------------------------------------------------------------------
+# --- Tucker algebra ---------------------------------------------------------------------------------------------------
 def mode_product(tensor: torch.Tensor, matrix: torch.Tensor, mode: int) -> torch.Tensor:
     """T ×_n M: tensor (…, r_n at ``mode``, …), matrix (d_n, r_n) -> (…, d_n at ``mode``, …). O(numel(T)·d_n)."""
     if tensor.shape[mode] != matrix.shape[1]:
@@ -148,7 +148,7 @@ def orthonormal_columns(rows: int, cols: int, dtype: torch.dtype, device: torch.
     return q.to(dtype=dtype, device=device)
 
 
-# --- config --------------------------------------------------------------------------------------------------------------
+# --- config -----------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class TensorCoreConfig(AdapterConfig):
     """FLoRA: ΔW = scale · G ×₁ U₁ ⋯ ×_N U_N on the weight's own N modes.
@@ -188,7 +188,7 @@ class TensorCoreConfig(AdapterConfig):
         return TensorCoreLayer(base_layer, self)
 
 
-# --- the layer -----------------------------------------------------------------------------------------------------------
+# --- the layer --------------------------------------------------------------------------------------------------------
 class TensorCoreLayer(AdapterLayer):
     """A frozen Linear, Conv1d/2d/3d or Embedding with W' = W + s · G ×₁ U₁ ⋯ ×_N U_N (modes of the stored W)."""
 

@@ -1,0 +1,396 @@
+"""Tests for boftlab.tensor_core: the Tucker algebra, the FLoRA layer on every supported layer type, and models."""
+
+from __future__ import annotations
+
+import copy
+import math
+import string
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import boftlab
+from boftlab.tensor_core import (
+    TensorCoreConfig,
+    TensorCoreLayer,
+    mode_product,
+    resolve_ranks,
+    tucker_delta,
+    tucker_dimension,
+    tucker_flops,
+    tucker_n_params,
+)
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These shapes are tiny: one thread avoids intra-op spinning when the CPU is shared (restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# name -> (base layer factory, input factory); float64 so comparisons are tight
+LAYERS = {
+    "linear": (lambda: nn.Linear(12, 10), lambda: torch.randn(3, 5, 12)),
+    "conv1d": (lambda: nn.Conv1d(6, 8, 5, stride=2, padding=2), lambda: torch.randn(2, 6, 17)),
+    "conv2d": (lambda: nn.Conv2d(6, 8, 3, padding=1, dilation=1), lambda: torch.randn(2, 6, 9, 9)),
+    "conv2d_strided_reflect": (
+        lambda: nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=1, dilation=(1, 2), padding_mode="reflect"),
+        lambda: torch.randn(2, 4, 9, 8),
+    ),
+    "conv2d_same": (lambda: nn.Conv2d(4, 6, 3, padding="same", bias=False), lambda: torch.randn(2, 4, 7, 7)),
+    "conv2d_grouped": (lambda: nn.Conv2d(8, 12, 3, padding=1, groups=4), lambda: torch.randn(2, 8, 7, 7)),
+    "conv2d_depthwise": (lambda: nn.Conv2d(6, 6, 7, padding=3, groups=6), lambda: torch.randn(2, 6, 9, 9)),
+    "conv3d": (lambda: nn.Conv3d(3, 5, (3, 2, 3), padding=(1, 0, 1)), lambda: torch.randn(2, 3, 5, 4, 5)),
+    "embedding": (lambda: nn.Embedding(20, 7, padding_idx=3), lambda: torch.tensor([[0, 3, 5, 19], [7, 7, 3, 1]])),
+}
+RANKS = {"linear": (4, 3), "conv1d": (3, 4, 2), "embedding": (5, 3)}  # others: ranks=3 (min(3, size) per mode)
+
+
+def make(name: str, path: str = "auto", randomise: bool = True) -> tuple[TensorCoreLayer, torch.Tensor]:
+    torch.manual_seed(0)
+    build, inputs = LAYERS[name]
+    base = build().double()
+    layer = TensorCoreConfig(ranks=RANKS.get(name, 3), scale=0.7, path=path).make_layer(base).double()
+    if randomise:  # a trained-looking core (the init one is zero)
+        with torch.no_grad():
+            layer.core.normal_()
+    x = inputs()
+    return layer, (x.double() if x.is_floating_point() else x)
+
+
+def dense_reference(layer: TensorCoreLayer) -> torch.Tensor:
+    """s · G ×₁ U₁ ⋯ ×_N U_N written as one einsum: 'abc,ia,jb,kc->ijk'."""
+    n = layer.core.dim()
+    small, big = string.ascii_lowercase[:n], string.ascii_lowercase[n : 2 * n]
+    spec = small + "," + ",".join(big[i] + small[i] for i in range(n)) + "->" + big
+    return layer.scale * torch.einsum(spec, layer.core, *layer.factors)
+
+
+def reference_forward(layer: TensorCoreLayer, x: torch.Tensor) -> torch.Tensor:
+    """The base layer run with its weight replaced by W + ΔW (einsum reference)."""
+    base = layer.base_layer
+    original = base.weight.detach().clone()
+    with torch.no_grad():
+        base.weight.add_(dense_reference(layer))
+        y = base(x)
+        base.weight.copy_(original)
+    return y
+
+
+# --- the Tucker algebra --------------------------------------------------------------------------------------------
+def test_mode_product_matches_einsum():
+    t, m = torch.randn(3, 4, 5, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64)
+    torch.testing.assert_close(mode_product(t, m, 1), torch.einsum("ajc,bj->abc", t, m))
+
+
+def test_mode_product_rejects_mismatched_matrix():
+    with pytest.raises(ValueError, match=r"must be \(d, 4\)"):
+        mode_product(torch.randn(3, 4), torch.randn(5, 3), 1)
+
+
+def test_tucker_delta_matches_einsum_and_counts_flops():
+    core = torch.randn(2, 3, 4, dtype=torch.float64)
+    factors = [torch.randn(d, r, dtype=torch.float64) for d, r in zip((5, 6, 7), core.shape)]
+    expected = 2.0 * torch.einsum("abc,ia,jb,kc->ijk", core, *factors)
+    torch.testing.assert_close(tucker_delta(core, factors, 2.0), expected)
+    assert tucker_flops((5, 6, 7), (2, 3, 4)) == 5 * 24 + 30 * 12 + 210 * 4
+
+
+def test_parameter_count_formula():
+    # Conv2d 64 -> 32, 3x3, ranks (8, 4, 3, 2): core 8·4·3·2 + factors 32·8 + 64·4 + 3·3 + 3·2
+    conv = nn.Conv2d(64, 32, 3)
+    layer = TensorCoreConfig(ranks=(8, 4, 3, 2)).make_layer(conv)
+    assert layer.n_trainable() == 192 + 256 + 256 + 9 + 6 == tucker_n_params((32, 64, 3, 3), (8, 4, 3, 2))
+    for name in LAYERS:
+        layer, _ = make(name)
+        factors = sum(d * r for d, r in zip(layer.weight_shape, layer.ranks))
+        assert layer.n_trainable() == math.prod(layer.ranks) + factors
+
+
+@pytest.mark.parametrize("shape,ranks", [((5, 4, 3), (3, 2, 2)), ((6, 5), (2, 2)), ((4, 3, 3), (4, 1, 1))])
+def test_effective_count_is_the_jacobian_rank(shape, ranks):
+    """tucker_dimension == rank of the Jacobian of (G, U₁…U_N) -> ΔW at a random point (the local dimension)."""
+    torch.manual_seed(1)
+    core = torch.randn(ranks, dtype=torch.float64)
+    factors = [torch.randn(d, r, dtype=torch.float64) for d, r in zip(shape, ranks)]
+
+    def delta(*params):
+        return tucker_delta(params[0], params[1:]).reshape(-1)
+
+    jac = torch.autograd.functional.jacobian(delta, (core, *factors))
+    jac = torch.cat([j.reshape(j.shape[0], -1) for j in jac], dim=1)
+    assert torch.linalg.matrix_rank(jac).item() == tucker_dimension(shape, ranks)
+    assert tucker_dimension(shape, ranks) < tucker_n_params(shape, ranks)
+
+
+# --- ranks ------------------------------------------------------------------------------------------------------------
+def test_scalar_rank_means_min_of_rank_and_mode_size_on_a_depthwise_conv():
+    depthwise = nn.Conv2d(96, 96, 7, padding=3, groups=96)  # ConvNeXt's, weight (96, 1, 7, 7)
+    assert TensorCoreConfig(ranks=8).make_layer(depthwise).ranks == (8, 1, 7, 7)
+
+
+def test_rank_above_mode_size_raises_with_valid_ranges():
+    depthwise = nn.Conv2d(96, 96, 7, groups=96)
+    with pytest.raises(ValueError) as err:
+        TensorCoreConfig(ranks=(8, 8, 3, 3)).make_layer(depthwise)
+    message = str(err.value)
+    assert "ranks[1]=8 for in_channels/groups=1" in message
+    assert "in_channels/groups 1..1" in message and "out_channels 1..96" in message
+    assert "nearest valid: ranks=(8, 1, 3, 3)" in message
+
+
+def test_wrong_number_of_ranks_raises_naming_the_modes():
+    modes = r"4 modes \(out_channels, in_channels/groups, kernel_h, kernel_w\)"
+    with pytest.raises(ValueError, match=r"has 2 entries .* " + modes):
+        TensorCoreConfig(ranks=(4, 4)).make_layer(nn.Conv2d(8, 8, 3))
+    with pytest.raises(ValueError, match=r"give 3 ranks, e.g. ranks=\(8, 2, 5\)"):
+        resolve_ranks((8, 2, 5), (1, 1), ("out_channels", "in_channels/groups", "kernel_size"), "Conv1d")
+
+
+def test_unsupported_layer_raises_listing_supported_types():
+    with pytest.raises(ValueError, match=r"ConvTranspose2d.*nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding"):
+        TensorCoreConfig().make_layer(nn.ConvTranspose2d(4, 4, 3))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"ranks": 0}, "ranks must be"),
+        ({"ranks": (2, 0)}, "ranks must be"),
+        ({"ranks": 2.5}, "ranks must be"),
+        ({"scale": 0}, "scale=0"),
+        ({"scale": float("nan")}, "finite"),
+        ({"path": "fast"}, r"path must be one of \('auto', 'weight', 'factorised'\)"),
+    ],
+)
+def test_bad_config_values_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TensorCoreConfig(**kwargs)
+
+
+def test_factorised_path_refuses_embedding_with_max_norm():
+    with pytest.raises(ValueError, match="max_norm"):
+        TensorCoreConfig(path="factorised").make_layer(nn.Embedding(10, 4, max_norm=1.0))
+
+
+def test_config_round_trips_through_dict():
+    config = TensorCoreConfig(ranks=(4, 2, 3, 3), scale=2.0, path="weight")
+    data = config.to_dict()
+    assert data == {"family": "tensor_core", "ranks": [4, 2, 3, 3], "scale": 2.0, "path": "weight"}
+    assert boftlab.AdapterConfig.from_dict(data) == config
+
+
+# --- the layer --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_delta_weight_equals_dense_einsum_reference(name):
+    layer, _ = make(name)
+    torch.testing.assert_close(layer.delta_weight(), dense_reference(layer), rtol=1e-12, atol=1e-12)
+    assert layer.delta_weight().shape == layer.base_layer.weight.shape
+
+
+@pytest.mark.parametrize("path", ["weight", "factorised"])
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_forward_equals_base_with_dense_updated_weight(name, path):
+    layer, x = make(name, path)
+    torch.testing.assert_close(layer(x), reference_forward(layer, x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("path", ["weight", "factorised"])
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_identity_at_init(name, path):
+    layer, x = make(name, path, randomise=False)
+    assert torch.equal(layer(x), layer.base_layer(x))
+    assert torch.count_nonzero(layer.delta_weight()) == 0
+
+
+@pytest.mark.parametrize("path", ["weight", "factorised"])
+@pytest.mark.parametrize("name", ["linear", "conv2d_grouped", "embedding"])
+def test_step_zero_gradients_reach_the_core_then_every_factor(name, path):
+    layer, x = make(name, path, randomise=False)
+    layer(x).square().sum().backward()
+    assert layer.core.grad.abs().sum() > 0  # the projected weight gradient
+    assert all(f.grad.abs().sum() == 0 for f in layer.factors)  # ∂L/∂U_n carries the (zero) core
+    with torch.no_grad():
+        layer.core -= 0.1 * layer.core.grad
+    layer.zero_grad()
+    layer(x).square().sum().backward()
+    assert all(f.grad.abs().sum() > 0 for f in layer.factors)
+
+
+def test_init_factors_have_orthonormal_columns_so_delta_norm_is_scale_times_core_norm():
+    layer, _ = make("conv2d")
+    for factor in layer.factors:
+        torch.testing.assert_close(factor.T @ factor, torch.eye(factor.shape[1], dtype=torch.float64))
+    torch.testing.assert_close(layer.delta_weight().norm(), layer.scale * layer.core.norm())
+
+
+# small shapes: gradcheck differentiates numerically in every input entry
+GRADCHECK = {
+    "linear": (lambda: nn.Linear(5, 4), (2, 5), (3, 2)),
+    "conv1d": (lambda: nn.Conv1d(3, 4, 3, stride=2, padding=1), (1, 3, 6), (2, 2, 3)),
+    "conv2d_grouped_reflect": (
+        lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2, padding_mode="reflect"), (1, 4, 4, 4), (3, 2, 2, 3)
+    ),
+    "conv2d_depthwise": (lambda: nn.Conv2d(3, 3, 3, groups=3, stride=2), (1, 3, 5, 5), 2),
+    "conv3d": (lambda: nn.Conv3d(2, 3, 2, padding=1), (1, 2, 3, 2, 3), 2),
+}
+
+
+@pytest.mark.parametrize("path", ["weight", "factorised"])
+@pytest.mark.parametrize("name", [*GRADCHECK, "embedding"])
+def test_gradcheck(name, path):
+    torch.manual_seed(0)
+    if name == "embedding":
+        layer, x = make(name, path)
+        x = x[x != layer.base_layer.padding_idx]  # padding_idx blocks its row's gradient by design: leave it out
+    else:
+        build, shape, ranks = GRADCHECK[name]
+        layer = TensorCoreConfig(ranks=ranks, scale=0.7, path=path).make_layer(build().double()).double()
+        x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    layer.base_layer.requires_grad_(False)
+    names = list(layer.adapter_parameters())
+    values = [torch.randn_like(p, requires_grad=True) for p in layer.adapter_parameters().values()]
+
+    def fn(*args):
+        inp, params = (args[0], args[1:]) if x.is_floating_point() else (x, args)
+        return torch.func.functional_call(layer, dict(zip(names, params)), (inp,))
+
+    assert torch.autograd.gradcheck(fn, (x, *values) if x.is_floating_point() else tuple(values))
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_merged_forward_equals_unmerged_and_unmerge_restores_weight(name):
+    layer, x = make(name)
+    original = layer.base_layer.weight.detach().clone()
+    expected = layer(x)
+    layer.merge()
+    torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(layer.base_layer.weight, original + dense_reference(layer))
+    layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, original, rtol=1e-12, atol=1e-12)
+
+
+def test_embedding_padding_row_stays_the_base_row_after_training():
+    layer, x = make("embedding", randomise=False)
+    opt = torch.optim.SGD(layer.adapter_parameters().values(), lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        layer(x).sin().sum().backward()
+        opt.step()
+    delta = layer.delta_weight()
+    assert delta.abs().sum() > 0
+    assert torch.count_nonzero(delta[layer.base_layer.padding_idx]) == 0
+
+
+def test_embedding_with_max_norm_renormalises_the_adapted_rows_and_leaves_base_weight():
+    torch.manual_seed(0)
+    base = nn.Embedding(10, 4, max_norm=0.5).double()
+    layer = TensorCoreConfig(ranks=2).make_layer(base).double()
+    with torch.no_grad():
+        layer.core.normal_()
+    frozen = base.weight.detach().clone()
+    x = torch.tensor([1, 2, 2, 9])
+    expected = F.embedding(x, frozen + dense_reference(layer), max_norm=0.5)
+    torch.testing.assert_close(layer(x), expected)
+    assert torch.equal(base.weight, frozen)
+    assert layer(x).norm(dim=-1).max() <= 0.5 + 1e-6
+
+
+def test_bfloat16_base_keeps_its_dtype_and_float32_adapter():
+    base = nn.Conv2d(4, 4, 3).to(torch.bfloat16)
+    for path in ("weight", "factorised"):
+        layer = TensorCoreConfig(ranks=2, path=path).make_layer(base)
+        assert layer(torch.randn(1, 4, 6, 6, dtype=torch.bfloat16)).dtype == torch.bfloat16
+        assert layer.core.dtype == torch.float32
+
+
+# --- choosing the path ----------------------------------------------------------------------------------------------
+def test_auto_path_follows_the_flop_estimate():
+    wide = TensorCoreConfig(ranks=8).make_layer(nn.Conv2d(256, 256, 3, padding=1))
+    x = torch.randn(16, 256, 32, 32, requires_grad=True)
+    weight_cost, factorised_cost = wide.path_costs(x.shape, training=True, input_requires_grad=True)
+    assert factorised_cost < weight_cost  # the chain avoids the weight-gradient conv
+    assert wide.use_factorised(x)
+    with torch.no_grad():  # inference: assembling ΔW once is cheaper than the chain over 16·32·32 positions
+        assert not wide.use_factorised(x)
+    depthwise = TensorCoreConfig(ranks=8).make_layer(nn.Conv2d(96, 96, 7, padding=3, groups=96))
+    y = torch.randn(16, 96, 32, 32, requires_grad=True)
+    assert not depthwise.use_factorised(y)  # the chain's middle conv is r_out times the depthwise conv
+    embedding = TensorCoreConfig(ranks=8).make_layer(nn.Embedding(30000, 64))
+    assert embedding.use_factorised(torch.zeros(4, 16, dtype=torch.long))  # never assemble a vocab-sized ΔW
+
+
+def test_path_costs_count_the_base_conv():
+    conv = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+    layer = TensorCoreConfig(ranks=(2, 2, 3, 3)).make_layer(conv)
+    base = 4 * 8 * 8 * 16 * 8 * 9  # batch 4, 16×16 -> 8×8 output, out 16, in 8, 3×3
+    weight_cost, _ = layer.path_costs((4, 8, 16, 16), training=False, input_requires_grad=False)
+    assert weight_cost == base + tucker_flops((16, 8, 3, 3), (2, 2, 3, 3))
+
+
+# --- in models ------------------------------------------------------------------------------------------------------
+def _train_step_changes_output(model: nn.Module, forward) -> None:
+    """One Adam step moves the output; merged and unmerged models then agree."""
+    before = forward(model).detach()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    forward(model).square().mean().backward()
+    opt.step()
+    with torch.no_grad():
+        after = forward(model)
+        assert not torch.allclose(before, after)
+        boftlab.merge(model)
+        torch.testing.assert_close(forward(model), after, rtol=1e-4, atol=1e-4)
+        boftlab.unmerge(model)
+        torch.testing.assert_close(forward(model), after, rtol=1e-4, atol=1e-4)
+
+
+def test_timm_convnext_depthwise_and_pointwise_layers():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("convnext_atto", pretrained=False, num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    reference = model(x)
+    boftlab.adapt(model, TensorCoreConfig(ranks=4), targets=[nn.Conv2d, nn.Linear], trainable=["head.fc"])
+    layers = boftlab.adapter_layers(model)
+    depthwise = [l for l in layers.values() if isinstance(l.base_layer, nn.Conv2d) and l.base_layer.groups > 1]
+    assert depthwise and all(l.ranks == (4, 1, 4, 4) for l in depthwise)
+    assert torch.equal(model(x), reference)
+    _train_step_changes_output(model, lambda m: m(x))
+
+
+def test_diffusers_unet2d_small_config():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    model = diffusers.UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 500])
+    reference = model(x, t).sample
+    boftlab.adapt(model, TensorCoreConfig(ranks=3, scale=2.0), targets=[nn.Conv2d, nn.Linear])
+    summary = boftlab.summary(model)
+    assert summary.by_family["tensor_core"]["layers"] > 10 and summary.trainable == summary.adapter
+    assert torch.equal(model(x, t).sample, reference)
+    _train_step_changes_output(model, lambda m: m(x, t).sample)
+
+
+def test_save_and_load_adapter_round_trip(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3, groups=4), nn.Flatten(), nn.Linear(64, 2))
+    x = torch.randn(2, 3, 8, 8)
+    fresh = copy.deepcopy(net)
+    boftlab.adapt(net, TensorCoreConfig(ranks=(3, 2, 3, 3)), targets=["0"])
+    boftlab.adapt(net, TensorCoreConfig(ranks=2, path="factorised"), targets=["2"])
+    with torch.no_grad():
+        for layer in boftlab.adapter_layers(net).values():
+            layer.core.normal_()
+    expected = net(x)
+    boftlab.save_adapter(net, tmp_path / "adapter")
+    boftlab.load_adapter(fresh, tmp_path / "adapter")
+    assert boftlab.adapter_layers(fresh)["2"].ranks == (2, 2, 2, 2)
+    torch.testing.assert_close(fresh(x), expected)
