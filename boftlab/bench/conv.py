@@ -1,0 +1,140 @@
+"""Conv2d training-step benchmark: ``python -m boftlab.bench conv [--quick] [--batch N] [--repeats N] [--threads N]``.
+
+One nn.Conv2d(c, c, 3, padding=1) on (batch, c, size, size) maps — the issue's setting is c = 256, 32×32, batch 16 —
+one training step (forward, a scalar loss, backward to the adapter and the input), timed for every method in one
+process:
+
+* the frozen base conv (the floor: forward + input gradient);
+* PEFT LoRA on the conv (a k×k conv to r channels, then a 1×1 conv back);
+* PEFT LoHa and LoKr with ``use_effective_conv2d`` (a Tucker-style r × r × k × k core; ΔW assembled, then a second
+  full conv);
+* the FLoRA authors' scheme, implemented here as the baseline: y = conv(x, W) + conv(x, s·ΔW), ΔW assembled from the
+  Tucker factors — two full convolutions;
+* boftlab's tensor-core layer: ``auto`` (the path its FLOP estimate picks) and both paths forced.
+
+Every rank is 8 (the FLoRA / tensor-core ranks are (8, 8, 3, 3)); the ratio columns compare with the frozen conv and
+with PEFT LoRA measured in the same run.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import fwd_bwd, machine, markdown_table, suite, time_call
+from ..tensor_core import TensorCoreConfig, orthonormal_columns, resolve_ranks, mode_names, tucker_delta
+
+RANK = 8
+
+
+class TwoConvFLoRA(nn.Module):
+    """The authors' forward, as the baseline: y = conv(x, W) + conv(x, s · G ×₁ U₁ ⋯ ×₄ U₄), two full convs.
+
+    Same parameters and initialisation as ``TensorCoreLayer``; only the forward differs.
+    """
+
+    def __init__(self, base: nn.Conv2d, ranks: int, scale: float = 1.0) -> None:
+        super().__init__()
+        self.base, self.scale = base, scale
+        shape = tuple(base.weight.shape)
+        ranks_per_mode = resolve_ranks(shape, ranks, mode_names(base), "Conv2d")
+        factory = {"dtype": torch.float32, "device": base.weight.device}
+        self.core = nn.Parameter(torch.zeros(ranks_per_mode, **factory))
+        self.factors = nn.ParameterList(
+            [nn.Parameter(orthonormal_columns(d, r, **factory)) for d, r in zip(shape, ranks_per_mode)]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base
+        delta = tucker_delta(self.core, list(self.factors), self.scale).to(x.dtype)
+        return base(x) + F.conv2d(x, delta, None, base.stride, base.padding, base.dilation, base.groups)
+
+
+class _Holder(nn.Module):
+    """A module with one Conv2d named ``conv``, so PEFT can inject into it."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def _peft(config_name: str, base: nn.Conv2d, **options) -> nn.Module:
+    import peft
+
+    config = getattr(peft, config_name)(target_modules=["conv"], r=RANK, **options)
+    model = peft.inject_adapter_in_model(config, _Holder(base))
+    for name, p in model.named_parameters():
+        p.requires_grad_(not name.startswith("conv.base_layer"))
+    return model
+
+
+def _boftlab(path: str):
+    def build(base: nn.Conv2d) -> nn.Module:
+        return TensorCoreConfig(ranks=RANK, path=path).make_layer(base)
+
+    return build
+
+
+def _trainable(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+METHODS = [
+    ("frozen base conv", lambda base: base),
+    (f"PEFT LoRA r={RANK}", lambda base: _peft("LoraConfig", base)),
+    (f"PEFT LoHa r={RANK} (effective conv)", lambda base: _peft("LoHaConfig", base, use_effective_conv2d=True)),
+    (f"PEFT LoKr r={RANK} (effective conv)", lambda base: _peft("LoKrConfig", base, use_effective_conv2d=True)),
+    (f"FLoRA two-conv scheme r={RANK}", lambda base: TwoConvFLoRA(base, RANK)),
+    (f"boftlab tensor-core r={RANK} (auto)", _boftlab("auto")),
+    (f"boftlab tensor-core r={RANK} (weight path)", _boftlab("weight")),
+    (f"boftlab tensor-core r={RANK} (factorised path)", _boftlab("factorised")),
+]
+
+
+def _option(argv: list[str], name: str, default: int) -> int:
+    if name not in argv:
+        return default
+    index = argv.index(name)
+    if index + 1 >= len(argv) or not argv[index + 1].isdigit():
+        raise ValueError(f"{name} needs a positive integer after it, got {argv[index + 1:index + 2]}")
+    return int(argv[index + 1])
+
+
+@suite("conv", "one Conv2d 3×3 training step: frozen, PEFT LoRA/LoHa/LoKr, FLoRA two-conv scheme, boftlab tensor-core")
+def conv(argv: list[str]) -> str:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    quick = "--quick" in argv
+    channels, size = (64, 16) if quick else (256, 32)
+    batch = _option(argv, "--batch", 4 if quick else 16)
+    repeats = _option(argv, "--repeats", 10)
+    if "--threads" in argv:  # on a shared CPU, 1 thread avoids intra-op spinning against other processes
+        torch.set_num_threads(_option(argv, "--threads", torch.get_num_threads()))
+    torch.manual_seed(0)
+    base = nn.Conv2d(channels, channels, 3, padding=1).to(device).requires_grad_(False)
+    x = torch.randn(batch, channels, size, size, device=device)
+    measured = []
+    for label, build in METHODS:
+        module = build(base).to(device)
+        if label.endswith("(auto)"):
+            with torch.enable_grad():
+                chosen = "factorised" if module.use_factorised(x.detach().requires_grad_(True)) else "weight"
+            label = label.replace("(auto)", f"(auto → {chosen})")
+        timing = time_call(fwd_bwd(module, x), device, repeats=repeats, warmup=2)
+        measured.append((label, _trainable(module), timing.ms, timing.peak_mib))
+    frozen = measured[0][2]
+    lora = measured[1][2]
+    two_conv = next(ms for label, _, ms, _ in measured if label.startswith("FLoRA two-conv"))
+    rows = [
+        [label, params, ms, ms / frozen, ms / lora, two_conv / ms, peak]
+        for label, params, ms, peak in measured
+    ]
+    setting = (
+        f"Conv2d({channels}, {channels}, 3, padding=1), input ({batch}, {channels}, {size}, {size}), float32, "
+        f"{device.type}; median of {repeats} steps after 2 warm-up steps. Measured on: {machine()}."
+    )
+    header = ["method", "trainable params", "ms / step", "× frozen", "× PEFT LoRA", "two-conv ÷ this", "peak MiB"]
+    return setting + "\n\n" + markdown_table(header, rows)
