@@ -1,0 +1,454 @@
+"""SURM: FFT products == dense references, displacement rank, parameter counts, identity at init, gradients,
+merging in both modes, half precision, bad configs, best approximations, and boftlab.adapt on a tiny BERT."""
+
+import pytest
+import torch
+from matplotlib.figure import Figure
+from torch import nn
+
+import boftlab
+from boftlab import SURMConfig
+from boftlab.surm import (
+    ACTIVATIONS,
+    STRUCTURES,
+    StructuredMatrix,
+    approximation_error,
+    best_approximation,
+    circulant,
+    circulant_matvec,
+    displacement,
+    displacement_rank,
+    error_curves,
+    fit_ldr,
+    kronecker_matvec,
+    ldr,
+    ldr_generators,
+    ldr_matvec,
+    parameter_count,
+    plot_error_vs_parameters,
+    plot_structure,
+    shift_matrix,
+    skew_circulant,
+    skew_circulant_matvec,
+    toeplitz,
+    toeplitz_matvec,
+)
+
+F64 = torch.float64
+SIZES = [1, 2, 3, 5, 7, 12, 16, 31, 64, 100, 127]
+SHAPES = [(8, 8), (7, 7), (12, 12), (15, 15), (6, 10), (10, 6), (3, 12), (12, 3), (9, 4), (16, 24)]
+
+
+def randomize(module: nn.Module, std: float = 0.5) -> nn.Module:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, std)
+    return module
+
+
+def structured(structure, d_out, d_in, **kw):
+    if structure == "ldr":
+        kw.setdefault("displacement_rank", min(2, max(d_out, d_in)))
+    if structure == "kronecker" and d_out == d_in == 7:
+        kw.setdefault("kronecker_shape", (7, 1))  # 7 is prime: the default shape saves nothing and is refused
+    return randomize(StructuredMatrix(structure, d_out, d_in, **kw).to(F64))
+
+
+def config_for(structure, **kw):
+    return SURMConfig(structure=structure, **({"displacement_rank": 2} if structure == "ldr" else {}), **kw)
+
+
+def surm_linear(structure, d_in=12, d_out=12, mode="lora", randomize_adapter=True, base_bias=True, **kw):
+    base = nn.Linear(d_in, d_out, bias=base_bias).to(F64)
+    layer = config_for(structure, mode=mode, **kw).make_layer(base).to(F64)
+    if randomize_adapter:
+        randomize(layer)  # every parameter, the base layer's too: a generic random layer
+    return layer
+
+
+# --- fast products == dense references ----------------------------------------------------------------------------
+@pytest.mark.parametrize("n", SIZES)
+def test_circulant_and_skew_circulant_fft_equal_dense(n):
+    c, x = torch.randn(n, dtype=F64), torch.randn(4, n, dtype=F64)
+    assert torch.allclose(circulant_matvec(c, x), x @ circulant(c).T, atol=1e-10, rtol=0)
+    assert torch.allclose(skew_circulant_matvec(c, x), x @ skew_circulant(c).T, atol=1e-10, rtol=0)
+
+
+def test_dense_references_follow_the_definitions():
+    c = torch.arange(1.0, 5.0, dtype=F64)  # [1, 2, 3, 4]
+    assert circulant(c).tolist() == [[1, 4, 3, 2], [2, 1, 4, 3], [3, 2, 1, 4], [4, 3, 2, 1]]
+    assert skew_circulant(c).tolist() == [[1, -4, -3, -2], [2, 1, -4, -3], [3, 2, 1, -4], [4, 3, 2, 1]]
+    t = torch.arange(1.0, 5.0, dtype=F64)  # 2 × 3 Toeplitz: t[0] top-right, t[2] main diagonal
+    assert toeplitz(t, 2, 3).tolist() == [[3, 2, 1], [4, 3, 2]]
+
+
+@pytest.mark.parametrize("d_out,d_in", SHAPES + [(1, 1), (1, 9), (9, 1)])
+def test_toeplitz_fft_equals_dense(d_out, d_in):
+    t, x = torch.randn(d_out + d_in - 1, dtype=F64), torch.randn(3, d_in, dtype=F64)
+    assert torch.allclose(toeplitz_matvec(t, x, d_out), x @ toeplitz(t, d_out, d_in).T, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("a_shape,b_shape", [((2, 3), (4, 5)), ((1, 1), (3, 3)), ((3, 2), (3, 5)), ((7, 7), (1, 1))])
+def test_kronecker_reshape_matmul_equals_kron(a_shape, b_shape):
+    a, b = torch.randn(a_shape, dtype=F64), torch.randn(b_shape, dtype=F64)
+    x = torch.randn(2, 3, a_shape[1] * b_shape[1], dtype=F64)
+    assert torch.allclose(kronecker_matvec(a, b, x), x @ torch.kron(a, b).T, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("n,r", [(1, 1), (5, 2), (12, 3), (31, 4), (64, 1)])
+def test_ldr_fft_equals_dense(n, r):
+    g, h, x = torch.randn(r, n, dtype=F64), torch.randn(r, n, dtype=F64), torch.randn(3, n, dtype=F64)
+    assert torch.allclose(ldr_matvec(g, h, x), x @ ldr(g, h).T, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize("d_out,d_in", SHAPES)
+def test_structured_matrix_fast_path_equals_dense(structure, d_out, d_in):
+    matrix = structured(structure, d_out, d_in)
+    x = torch.randn(2, 5, d_in, dtype=F64)
+    dense = matrix.dense()
+    assert dense.shape == (d_out, d_in)
+    assert torch.allclose(matrix(x), x @ dense.T, atol=1e-10, rtol=0)
+
+
+def test_rectangular_circulant_is_the_crop_of_the_square_one():
+    matrix = structured("circulant", 5, 9)
+    assert torch.equal(matrix.dense(), circulant(matrix.first_column)[:5, :9])
+    assert torch.allclose(matrix.dense()[0], torch.cat([matrix.first_column[:1], matrix.first_column[1:].flip(0)]))
+
+
+# --- displacement rank --------------------------------------------------------------------------------------------
+def test_displacement_is_the_sylvester_operator():
+    n = 9
+    m = torch.randn(n, n, dtype=F64)
+    expected = shift_matrix(n, 1.0) @ m - m @ shift_matrix(n, -1.0)
+    assert torch.allclose(displacement(m), expected, atol=1e-12)
+
+
+def test_displacement_ranks_of_the_classes():
+    n = 16
+    assert displacement_rank(circulant(torch.randn(n, dtype=F64))) == 1
+    assert displacement_rank(toeplitz(torch.randn(2 * n - 1, dtype=F64), n, n)) == 2
+    for r in (1, 3, 7):
+        assert displacement_rank(ldr(torch.randn(r, n, dtype=F64), torch.randn(r, n, dtype=F64))) == r
+    assert displacement_rank(torch.randn(n, n, dtype=F64)) == n
+
+
+def test_displacement_of_one_ldr_term_is_rank_one_outer_product():
+    n = 10
+    g, h = torch.randn(n, dtype=F64), torch.randn(n, dtype=F64)
+    term = circulant(g) @ skew_circulant(h)
+    assert torch.allclose(displacement(term), 2 * torch.outer(g, h.flip(0)), atol=1e-12)
+
+
+def test_every_matrix_is_ldr_with_full_displacement_rank():
+    m = torch.randn(11, 11, dtype=F64)
+    g, h = ldr_generators(m, 11)
+    assert torch.allclose(ldr(g, h), m, atol=1e-10)
+
+
+def test_ldr_generators_give_the_truncated_displacement():
+    m = torch.randn(12, 12, dtype=F64)
+    g, h = ldr_generators(m, 3)
+    u, s, vh = torch.linalg.svd(displacement(m))
+    assert torch.allclose(displacement(ldr(g, h)), (u[:, :3] * s[:3]) @ vh[:3], atol=1e-10)
+
+
+def test_circulant_and_toeplitz_are_full_rank_with_linear_parameters():
+    n = 64
+    assert torch.linalg.matrix_rank(circulant(torch.randn(n, dtype=F64))) == n
+    assert torch.linalg.matrix_rank(toeplitz(torch.randn(2 * n - 1, dtype=F64), n, n)) == n
+    assert torch.linalg.matrix_rank(ldr(torch.randn(1, n, dtype=F64), torch.randn(1, n, dtype=F64))) == n
+
+
+# --- parameter counts -----------------------------------------------------------------------------------------------
+def test_parameter_count_formulas_on_paper_sizes():
+    assert parameter_count("circulant", 768, 768) == 768
+    assert parameter_count("toeplitz", 768, 768) == 2 * 768 - 1
+    assert parameter_count("ldr", 768, 768, displacement_rank=4) == 2 * 4 * 768
+    assert parameter_count("kronecker", 768, 768) == 24 * 24 + 32 * 32  # A 24×24 ⊗ B 32×32 (√768 ≈ 27.7)
+    assert parameter_count("circulant", 3072, 768) == 3072
+    assert parameter_count("toeplitz", 3072, 768) == 3072 + 768 - 1
+    assert parameter_count("ldr", 768, 3072, displacement_rank=2) == 2 * 2 * 3072
+    assert parameter_count("kronecker", 3072, 768, kronecker_shape=(64, 32)) == 64 * 32 + 48 * 24
+    assert parameter_count("low_rank", 768, 768, rank=8) == 8 * 1536
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize("d_out,d_in", [(12, 12), (6, 10), (10, 6)])
+def test_layer_parameter_counts_match_formulas(structure, d_out, d_in):
+    lora = surm_linear(structure, d_in, d_out)
+    expected = parameter_count(structure, d_out, d_in, **({"displacement_rank": 2} if structure == "ldr" else {}))
+    assert lora.n_trainable() == expected
+    adapter = surm_linear(structure, d_in, d_out, mode="adapter")  # S is d_out × d_out, plus a bias of d_out
+    square = parameter_count(structure, d_out, d_out, **({"displacement_rank": 2} if structure == "ldr" else {}))
+    assert adapter.n_trainable() == square + d_out
+    assert surm_linear(structure, d_in, d_out, mode="adapter", bias=False).n_trainable() == square
+
+
+# --- identity at init, gradients -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["lora", "adapter"])
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_identity_at_init_with_nonzero_gradient(structure, mode):
+    layer = surm_linear(structure, 10, 6, mode=mode, randomize_adapter=False)
+    x = torch.randn(4, 10, dtype=F64)
+    y = layer(x)
+    assert torch.equal(y, layer.base_layer(x))
+    y.square().sum().backward()
+    zero_started = {"circulant": "first_column", "toeplitz": "diagonals", "kronecker": "factor_b",
+                    "ldr": "circulant_columns"}[structure]
+    param = getattr(layer.matrix, zero_started)
+    assert torch.count_nonzero(param.detach()) == 0
+    assert param.grad.abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_every_adapter_activation_keeps_identity_and_gradient_at_zero(activation):
+    zero = torch.zeros(3, requires_grad=True)
+    out = ACTIVATIONS[activation](zero)
+    assert torch.equal(out, torch.zeros(3))
+    out.sum().backward()
+    assert (zero.grad > 0).all()
+
+
+@pytest.mark.parametrize("mode", ["lora", "adapter"])
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_gradcheck(structure, mode):
+    layer = surm_linear(structure, 6, 4, mode=mode, activation="tanh" if mode == "adapter" else None)
+    x = torch.randn(3, 6, dtype=F64, requires_grad=True)
+    names, params = zip(*layer.adapter_parameters().items())
+
+    def f(x, *values):
+        return torch.func.functional_call(layer, dict(zip(names, values)), (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *params), fast_mode=True)
+
+
+# --- merging -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize("d_out,d_in", [(8, 8), (5, 9), (9, 5)])
+def test_lora_merge_equals_unmerged_and_unmerge_restores(structure, d_out, d_in):
+    layer = surm_linear(structure, d_in, d_out)
+    x = torch.randn(7, d_in, dtype=F64)
+    weight = layer.base_layer.weight.detach().clone()
+    y = layer(x)
+    assert torch.allclose(layer.base_layer.weight + layer.matrix.dense(), weight + layer.delta_weight())
+    layer.merge()
+    assert torch.allclose(layer(x), y, atol=1e-10)
+    layer.unmerge()
+    assert torch.allclose(layer.base_layer.weight, weight, atol=1e-12)
+    assert torch.allclose(layer(x), y, atol=1e-12)
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_identity_adapter_merges_exactly(structure):
+    layer = surm_linear(structure, 9, 8, mode="adapter", activation="identity", alpha=0.3)
+    x = torch.randn(5, 9, dtype=F64)
+    weight, bias = layer.base_layer.weight.detach().clone(), layer.base_layer.bias.detach().clone()
+    y = layer(x)
+    layer.merge()
+    assert torch.allclose(layer(x), y, atol=1e-10)
+    layer.unmerge()
+    assert torch.allclose(layer.base_layer.weight, weight, atol=1e-10)
+    assert torch.allclose(layer.base_layer.bias, bias, atol=1e-10)
+
+
+def test_nonlinear_adapter_refuses_to_merge():
+    layer = surm_linear("circulant", 8, 8, mode="adapter", activation="gelu")
+    with pytest.raises(ValueError, match="activation='identity'"):
+        layer.merge()
+    assert not layer.merged
+
+
+def test_adapter_bias_needs_a_base_bias_to_merge():
+    layer = surm_linear("toeplitz", 8, 8, mode="adapter", activation="identity", base_bias=False)
+    with pytest.raises(ValueError, match="bias=False"):
+        layer.merge()
+    no_bias = surm_linear("toeplitz", 8, 8, mode="adapter", activation="identity", base_bias=False, bias=False)
+    x = torch.randn(3, 8, dtype=F64)
+    y = no_bias(x)
+    no_bias.merge()
+    assert torch.allclose(no_bias(x), y, atol=1e-10)
+
+
+# --- half precision --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_half_precision_inputs(structure, dtype):
+    matrix = structured(structure, 24, 16).float()
+    x = torch.randn(4, 16)
+    y = matrix(x.to(dtype))
+    assert y.dtype == dtype
+    reference = x.double() @ matrix.dense().double().T
+    tolerance = {torch.float16: 1e-2, torch.bfloat16: 4e-2}[dtype] * reference.abs().max()
+    assert (y.double() - reference).abs().max() < tolerance
+    base = nn.Linear(16, 24).to(dtype)
+    for mode in ("lora", "adapter"):
+        layer = config_for(structure, mode=mode).make_layer(base)
+        randomize(layer.matrix, 0.05)
+        out = layer(x.to(dtype))
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        out.float().sum().backward()
+        assert torch.isfinite(next(iter(layer.matrix.parameters())).grad).all()
+        layer.base_layer.zero_grad()
+
+
+# --- configs ---------------------------------------------------------------------------------------------------------
+def test_config_round_trip():
+    for config in (SURMConfig(structure="kronecker", kronecker_shape=(2, 3), alpha=0.5),
+                   SURMConfig(structure="ldr", displacement_rank=3, mode="adapter", activation="tanh", bias=False)):
+        data = config.to_dict()
+        assert data["family"] == "surm"
+        assert boftlab.AdapterConfig.from_dict(data) == config
+
+
+def test_config_defaults_per_mode():
+    assert SURMConfig(structure="ldr").displacement_rank == 1
+    adapter = SURMConfig(mode="adapter")
+    assert (adapter.activation, adapter.bias) == ("gelu", True)
+    assert (SURMConfig().activation, SURMConfig().bias) == (None, None)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"structure": "hankel"}, "valid structures: .*circulant.*toeplitz.*kronecker.*ldr"),
+        ({"mode": "prefix"}, "valid modes: .*lora.*adapter"),
+        ({"structure": "ldr", "displacement_rank": 0}, "displacement_rank must be an integer ≥ 1"),
+        ({"structure": "circulant", "displacement_rank": 2}, "only applies to structure='ldr'"),
+        ({"structure": "toeplitz", "kronecker_shape": (2, 2)}, "only applies to structure='kronecker'"),
+        ({"mode": "adapter", "activation": "relu"}, "relu'\\(0\\) = 0.*valid: .*gelu"),
+        ({"mode": "adapter", "activation": "sigmoid"}, "valid: .*identity"),
+        ({"mode": "lora", "activation": "gelu"}, "belong to mode='adapter'"),
+    ],
+)
+def test_bad_configs_name_the_valid_choices(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SURMConfig(**kwargs)
+
+
+def test_displacement_rank_above_size_is_rejected_at_make_layer():
+    with pytest.raises(ValueError, match=r"displacement_rank=13 .* n=12: it must be an integer in 1..12.*nearest valid: 12"):
+        SURMConfig(structure="ldr", displacement_rank=13).make_layer(nn.Linear(12, 8))
+    SURMConfig(structure="ldr", displacement_rank=12).make_layer(nn.Linear(12, 8))  # r = n is the largest valid
+
+
+def test_impossible_kronecker_factors_are_rejected():
+    with pytest.raises(ValueError, match=r"valid: \[1, 2, 3, 4, 6, 12\].*valid: \[1, 2, 4, 8\].*nearest valid kronecker_shape: \(4, 2\)"):
+        SURMConfig(structure="kronecker", kronecker_shape=(5, 3)).make_layer(nn.Linear(8, 12))
+    with pytest.raises(ValueError, match=r"A 1 × 1, stores 50 numbers, no fewer than the dense matrix \(49\).*divisors of 7: \[1, 7\]"):
+        SURMConfig(structure="kronecker").make_layer(nn.Linear(7, 7))
+
+
+def test_unsupported_layer_type():
+    with pytest.raises(ValueError, match="supported layer types: nn.Linear"):
+        SURMConfig().make_layer(nn.Conv2d(3, 3, 3))
+
+
+# --- best approximations (the notebook's figures) -------------------------------------------------------------------
+@pytest.mark.parametrize("d_out,d_in", [(12, 12), (8, 12), (12, 8)])
+def test_structured_targets_are_recovered_exactly(d_out, d_in):
+    for structure in ("circulant", "toeplitz", "kronecker"):
+        target = structured(structure, d_out, d_in).dense().detach()
+        assert approximation_error(target, structure) < 1e-12, structure
+    low_rank = torch.randn(d_out, 2, dtype=F64) @ torch.randn(2, d_in, dtype=F64)
+    assert approximation_error(low_rank, "low_rank", rank=2) < 1e-12
+
+
+def test_projections_are_optimal():
+    target = torch.randn(10, 14, dtype=F64)
+    for structure in ("circulant", "toeplitz"):  # linear classes: best + any member is a member
+        best = best_approximation(target, structure)
+        for _ in range(5):
+            other = best + 0.01 * structured(structure, 10, 14).dense().detach()
+            assert torch.linalg.matrix_norm(target - other) > torch.linalg.matrix_norm(target - best)
+    best = best_approximation(target, "kronecker")  # A 2 × 2 ⊗ B 5 × 7 (default shape for 10 × 14)
+    rearranged = best.reshape(2, 5, 2, 7).permute(0, 2, 1, 3).reshape(4, 35)  # rank 1: vec(A) vec(B)ᵀ
+    u, s, vh = torch.linalg.svd(rearranged)
+    a, b = (s[0] * u[:, 0]).reshape(2, 2), vh[0].reshape(5, 7)
+    assert torch.allclose(torch.kron(a, b), best, atol=1e-12)
+    for _ in range(5):  # moving either factor moves away from the target
+        other = torch.kron(a + 0.01 * torch.randn(2, 2, dtype=F64), b + 0.01 * torch.randn(5, 7, dtype=F64))
+        assert torch.linalg.matrix_norm(target - other) > torch.linalg.matrix_norm(target - best)
+
+
+def test_fit_ldr_recovers_an_ldr_target_and_never_gets_worse():
+    target = ldr(torch.randn(1, 8, dtype=F64), torch.randn(1, 8, dtype=F64))
+    assert approximation_error(target, "ldr", displacement_rank=1, sweeps=60) < 1e-8
+    noise = torch.randn(16, 16, dtype=F64)
+    errors = [approximation_error(noise, "ldr", displacement_rank=2, sweeps=s) for s in (1, 2, 4, 8)]
+    assert errors[0] < 1.0  # the first least-squares step already beats S = 0
+    assert all(b <= a + 1e-12 for a, b in zip(errors, errors[1:]))
+    g, h = fit_ldr(noise, 16, sweeps=30)
+    assert torch.allclose(ldr(g, h), noise, atol=1e-8)  # r = n: every matrix is reachable
+
+
+def test_error_curves_and_figures():
+    target = torch.randn(12, 12, dtype=F64)
+    rows = error_curves(target, ranks=[1, 2], sweeps=3)
+    structures = {r["structure"] for r in rows}
+    assert structures == {"low_rank", "ldr", "circulant", "toeplitz", "kronecker"}
+    assert all(0 <= r["error"] <= 1 + 1e-12 for r in rows)
+    assert {r["setting"] for r in rows if r["structure"] == "kronecker"} == {"A 2×2", "A 3×3", "A 4×4", "A 6×6"}
+    fig = plot_error_vs_parameters(rows, "noise")
+    assert isinstance(fig, Figure) and len(fig.axes[0].lines) == 5
+    fig = plot_structure(target, "ldr", displacement_rank=2, sweeps=3)
+    assert len(fig.axes) == 3
+    error = approximation_error(target, "ldr", displacement_rank=2, sweeps=3)
+    assert f"{2 * 2 * 12} numbers, relative error {error:.3f}" in fig._suptitle.get_text()
+
+
+# --- through boftlab.adapt on a tiny BERT ---------------------------------------------------------------------------
+def tiny_bert():
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=24, max_position_embeddings=16)
+    return BertModel(config).eval().double()
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_adapt_tiny_bert_lora_style(structure):
+    model = tiny_bert()
+    ids = torch.randint(0, 50, (2, 7))
+    before = model(ids).last_hidden_state
+    boftlab.adapt(model, config_for(structure, alpha=0.5), targets=["query", "value", "intermediate.dense"])
+    layers = boftlab.adapter_layers(model)
+    assert len(layers) == 6
+    assert torch.equal(model(ids).last_hidden_state, before)
+    for layer in layers.values():
+        randomize(layer.matrix, 0.1)
+    after = model(ids).last_hidden_state
+    assert not torch.allclose(after, before)
+    boftlab.merge(model)
+    assert torch.allclose(model(ids).last_hidden_state, after, atol=1e-10)
+    boftlab.unmerge(model)
+    assert torch.allclose(model(ids).last_hidden_state, after, atol=1e-10)
+    count = boftlab.summary(model).adapter
+    r = {"displacement_rank": 2} if structure == "ldr" else {}
+    assert count == 2 * (2 * parameter_count(structure, 16, 16, **r) + parameter_count(structure, 24, 16, **r))
+
+
+def test_adapt_tiny_bert_adapter_style_after_attention_and_ffn_outputs(tmp_path):
+    torch.manual_seed(1)
+    model = tiny_bert()
+    ids = torch.randint(0, 50, (2, 7))
+    before = model(ids).last_hidden_state
+    config = SURMConfig(structure="circulant", mode="adapter")
+    boftlab.adapt(model, config, targets=["attention.output.dense", "output.dense"])
+    names = sorted(boftlab.adapter_layers(model))
+    assert names == [f"encoder.layer.{i}.{m}" for i in range(2) for m in ("attention.output.dense", "output.dense")]
+    assert torch.equal(model(ids).last_hidden_state, before)
+    assert boftlab.summary(model).trainable == 4 * (16 + 16)  # circulant c and bias b per adapter, hidden size 16
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    direction = torch.randn_like(before)  # (not ‖output‖²: LayerNorm makes that constant)
+    (model(ids).last_hidden_state * direction).sum().backward()
+    optimizer.step()
+    trained = model(ids).last_hidden_state
+    assert not torch.allclose(trained, before)
+    with pytest.raises(ValueError, match="activation='identity'"):
+        boftlab.merge(model)
+    boftlab.save_adapter(model, tmp_path / "surm")
+    torch.manual_seed(1)
+    fresh = boftlab.load_adapter(tiny_bert(), tmp_path / "surm")  # same seed -> same base weights
+    assert torch.allclose(fresh(ids).last_hidden_state, trained, atol=1e-12)
