@@ -17,4 +17,5 @@ def __getattr__(name: str):
 
         return SaveAdapterCallback
     raise AttributeError(f"module 'boftlab' has no attribute {name!r}")
+from .surm import SURMAdapterLayer, SURMConfig, SURMLayer, StructuredMatrix, approximation_error, displacement_rank
 from .tensor_core import TensorCoreConfig, TensorCoreLayer, mode_product, tucker_delta, tucker_dimension, tucker_n_params
