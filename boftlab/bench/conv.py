@@ -18,11 +18,14 @@ with PEFT LoRA measured in the same run.
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fwd_bwd, machine, markdown_table, suite, time_call
+from . import fwd_bwd, machine, markdown_table, suite, synchronize
 from ..tensor_core import TensorCoreConfig, orthonormal_columns, resolve_ranks, mode_names, tucker_delta
 
 RANK = 8
@@ -116,25 +119,34 @@ def conv(argv: list[str]) -> str:
     torch.manual_seed(0)
     base = nn.Conv2d(channels, channels, 3, padding=1).to(device).requires_grad_(False)
     x = torch.randn(batch, channels, size, size, device=device)
-    measured = []
+    steps, labels, params = [], [], []
     for label, build in METHODS:
         module = build(base).to(device)
         if label.endswith("(auto)"):
             with torch.enable_grad():
                 chosen = "factorised" if module.use_factorised(x.detach().requires_grad_(True)) else "weight"
             label = label.replace("(auto)", f"(auto → {chosen})")
-        timing = time_call(fwd_bwd(module, x), device, repeats=repeats, warmup=2)
-        measured.append((label, _trainable(module), timing.ms, timing.peak_mib))
+        steps.append(fwd_bwd(module, x))
+        labels.append(label)
+        params.append(_trainable(module))
+    # round-robin: every round times each method once, so load changes on a shared machine hit all methods alike
+    samples = [[] for _ in steps]
+    for round_ in range(2 + repeats):
+        for i, step in enumerate(steps):
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            if round_ >= 2:  # two warm-up rounds
+                samples[i].append((time.perf_counter() - start) * 1e3)
+    measured = [(label, n, statistics.median(s), None) for label, n, s in zip(labels, params, samples)]
     frozen = measured[0][2]
     lora = measured[1][2]
     two_conv = next(ms for label, _, ms, _ in measured if label.startswith("FLoRA two-conv"))
-    rows = [
-        [label, params, ms, ms / frozen, ms / lora, two_conv / ms, peak]
-        for label, params, ms, peak in measured
-    ]
+    rows = [[label, n, ms, ms / frozen, ms / lora, two_conv / ms] for label, n, ms, _ in measured]
     setting = (
         f"Conv2d({channels}, {channels}, 3, padding=1), input ({batch}, {channels}, {size}, {size}), float32, "
-        f"{device.type}; median of {repeats} steps after 2 warm-up steps. Measured on: {machine()}."
+        f"{device.type}; median of {repeats} rounds (each round times every method once) after 2 warm-up rounds. "
+        f"Measured on: {machine()}."
     )
-    header = ["method", "trainable params", "ms / step", "× frozen", "× PEFT LoRA", "two-conv ÷ this", "peak MiB"]
+    header = ["method", "trainable params", "ms / step", "× frozen", "× PEFT LoRA", "two-conv ÷ this"]
     return setting + "\n\n" + markdown_table(header, rows)
