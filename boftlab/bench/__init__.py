@@ -12,6 +12,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from datetime import date
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -88,3 +89,42 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+@dataclass
+class ResultTable:
+    """One markdown table of a saved report: its suite, where it was measured, its header and rows."""
+
+    suite: str
+    machine: str
+    header: list[str]
+    rows: list[list[object]]  # numbers as float, "–" as None, everything else as str
+
+
+def read_results(path: str | Path) -> list[ResultTable]:
+    """The tables of a report written by ``python -m boftlab.bench ... --out path`` (inverse of ``markdown_table``)."""
+
+    def value(cell: str) -> object:
+        if cell == "–":
+            return None
+        try:
+            return float(cell)
+        except ValueError:
+            return cell
+
+    tables, suite_name, where, table = [], "", "", None
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("Measured on: "):
+            where = line.removeprefix("Measured on: ").strip()
+        elif line.startswith("## "):
+            suite_name = line[3:].split(":", 1)[0].strip()
+        if not line.startswith("|"):
+            table = None
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if table is None:
+            table = ResultTable(suite_name, where, cells, [])
+            tables.append(table)
+        elif not all(set(c) <= {"-"} for c in cells):
+            table.rows.append([value(c) for c in cells])
+    return tables
