@@ -1,0 +1,177 @@
+"""Mixed precision and gradient checkpointing with every family, on CPU.
+
+CPU autocast covers bf16 and fp16 in this torch; fp16 *training* at scale needs a GPU and a GradScaler (accelerate's
+``--mixed_precision fp16`` adds it), which CPU tests cannot show. What the tests pin down: parameters stay fp32, the
+loss is finite and falls, the adapted output under autocast matches fp32 to the half-precision rounding, and the
+parts that lose too many digits in half precision run in fp32 — BOFT's orthogonal blocks, SURM's FFTs.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import boftlab
+from boftlab import BOFTConfig, OFTConfig
+
+CONFIGS = {
+    "boft": lambda: BOFTConfig(block_size=4, n_factors=2),
+    "boft_neumann": lambda: BOFTConfig(block_size=4, n_factors=2, neumann_terms=5),
+    "oft": lambda: OFTConfig(block_size=8),
+    "surm_circulant": lambda: boftlab.SURMConfig(structure="circulant"),
+    "surm_ldr": lambda: boftlab.SURMConfig(structure="ldr", displacement_rank=2),
+    "tensor_core": lambda: boftlab.TensorCoreConfig(ranks=4),
+}
+FAMILIES = ["boft", "oft", "surm_circulant", "tensor_core"]  # one config per family for the training tests
+DTYPES = [torch.bfloat16, torch.float16]
+HALF_TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+def adapted(family):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 4))
+    return boftlab.adapt(model, CONFIGS[family](), targets=["0", "2"], trainable=["4"])
+
+
+def data():
+    generator = torch.Generator().manual_seed(3)
+    return torch.randn(64, 32, generator=generator), torch.randint(0, 4, (64,), generator=generator)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_autocast_training(family, dtype):
+    model = adapted(family)
+    x, y = data()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    losses = []
+    for _ in range(5):
+        with torch.autocast("cpu", dtype=dtype):
+            logits = model(x)
+            loss = nn.functional.cross_entropy(logits, y)
+        assert logits.dtype == dtype  # the matmuls really ran in half precision
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    layer_params = [n for n in start if not n.startswith("4.")]
+    assert all(not torch.equal(model.get_parameter(n), start[n]) for n in layer_params)  # every adapter trained
+
+
+TENSOR_CORE_XFAIL = pytest.mark.xfail(
+    strict=True,
+    reason="tensor_core.mode_product: tensordot's inner mm is autocast to half precision, so the next mode product "
+    "mixes dtypes ('both inputs should have same dtype') on the weight path; delta_weight must disable autocast",
+)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "family", [pytest.param(f, marks=TENSOR_CORE_XFAIL) if f == "tensor_core" else f for f in FAMILIES]
+)
+def test_autocast_output_matches_fp32(family, dtype):
+    model = adapted(family)
+    with torch.no_grad():
+        for layer in boftlab.adapter_layers(model).values():
+            for p in layer.adapter_parameters().values():
+                p.add_(0.1 * torch.randn_like(p))
+    x, _ = data()
+    with torch.no_grad():
+        full = model(x)
+        with torch.autocast("cpu", dtype=dtype):
+            half = model(x)
+    scale = full.abs().max().item()
+    assert (half.float() - full).abs().max().item() <= HALF_TOLERANCE[dtype] * scale
+
+
+def neumann_xfail(family):
+    reason = (
+        "butterfly.cayley's Neumann series is matmuls, which autocast runs in half precision; "
+        "BOFTLayer.orthogonal_blocks must disable autocast (fix in the helper report)"
+    )
+    return pytest.param(family, marks=pytest.mark.xfail(strict=True, reason=reason)) if "neumann" in family else family
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("family", [neumann_xfail(f) for f in ("boft", "boft_neumann", "oft")])
+def test_orthogonal_blocks_stay_fp32_under_autocast(family, dtype):
+    layer = adapted(family)[0]
+    with torch.no_grad():
+        layer.skew.add_(0.3 * torch.randn_like(layer.skew))
+    with torch.autocast("cpu", dtype=dtype):
+        blocks = layer.orthogonal_blocks()
+    assert blocks.dtype == torch.float32
+    eye = torch.eye(layer.block_size).expand_as(blocks)
+    gram = blocks @ blocks.transpose(-1, -2)
+    # the exact Cayley transform is orthogonal to rounding; 5 Neumann terms at this ‖S‖ to ~1e-3 — in fp32 either way
+    tolerance = 1e-5 if layer.config.neumann_terms is None else 5e-3
+    assert (gram - eye).abs().max().item() < tolerance
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("family", ["surm_circulant", "surm_ldr"])
+def test_surm_ffts_run_in_fp32_under_autocast(family, dtype, monkeypatch):
+    model = adapted(family)
+    seen = []
+    for name in ("rfft", "irfft"):
+        original = getattr(torch.fft, name)
+
+        def recording(x, *args, _original=original, **kwargs):
+            seen.append(x.dtype)
+            return _original(x, *args, **kwargs)
+
+        monkeypatch.setattr(torch.fft, name, recording)
+    x, _ = data()
+    with torch.autocast("cpu", dtype=dtype):
+        model(x).float().sum().backward()
+    assert seen and all(d in (torch.float32, torch.complex64) for d in seen), set(seen)
+
+
+# --- gradient checkpointing ------------------------------------------------------------------------------------------
+def tiny_llama(checkpointing, reentrant=False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    boftlab.adapt(model, BOFTConfig(block_size=4), targets=["q_proj"])
+    boftlab.adapt(model, OFTConfig(block_size=8), targets=["k_proj"])
+    boftlab.adapt(model, boftlab.SURMConfig(structure="circulant"), targets=["v_proj"])
+    boftlab.adapt(model, boftlab.TensorCoreConfig(ranks=4), targets=["o_proj"])
+    if checkpointing:
+        # the embeddings are frozen, so with re-entrant checkpointing the checkpointed blocks' inputs would not need
+        # grad and the adapters inside would get none: enable_input_require_grads makes the embedding output need it
+        model.enable_input_require_grads()
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        kwargs = {"use_reentrant": reentrant}
+        enable(kwargs) if enable else model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model.train()
+
+
+def adapter_grads(model):
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(5))
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture(scope="module")
+def reference_grads():
+    return adapter_grads(tiny_llama(checkpointing=False))
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_gradient_checkpointing_gives_the_same_adapter_gradients(reentrant, reference_grads):
+    model = tiny_llama(checkpointing=True, reentrant=reentrant)
+    assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
+    grads = adapter_grads(model)
+    assert grads.keys() == reference_grads.keys() and len(grads) > 8 and all(g is not None for g in grads.values())
+    for family in ("q_proj", "k_proj", "v_proj", "o_proj"):  # every family's layers receive gradient
+        assert sum(g.abs().sum() for n, g in grads.items() if family in n) > 0
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[name], rtol=0, atol=1e-6)
