@@ -273,7 +273,7 @@ def run_method(task: Task, method: Method, progress: bool = True) -> Run:
         _synchronize(task.device)
         times.append((time.perf_counter() - start) * 1e3)
         run.steps.append(step + 1)
-        run.losses.append(float(loss))
+        run.losses.append(loss.item())
         if (step + 1) % task.eval_every == 0 or step + 1 == task.steps:
             evaluate(step + 1)
             bar.set_postfix(metric=f"{run.evals[-1]:.3g}")
@@ -315,6 +315,18 @@ def results_table(runs: list[Run], metric: str) -> str:
     return markdown_table(header, rows)
 
 
+def ranking(runs: list[Run], metric: str, higher_is_better: bool = True) -> str:
+    """One markdown sentence: the methods that ran, ordered by their final metric (best first), with the values."""
+    done = sorted((r for r in runs if not r.skipped), key=lambda r: r.final, reverse=higher_is_better)
+    if not done:
+        return "No method ran."
+    order = "; ".join(f"{r.method.name} {r.final:.3g}" for r in done)
+    skipped = [r.method.name for r in runs if r.skipped]
+    note = f" Skipped: {', '.join(skipped)}." if skipped else ""
+    better = "higher" if higher_is_better else "lower"
+    return f"Final {metric} ({better} is better), best first: {order}.{note}"
+
+
 def plot_curves(runs: list[Run], metric: str, title: str, smooth: int = 10):
     """Figure with two panels: training loss (running mean over ``smooth`` steps) and the held-out metric."""
     import matplotlib.pyplot as plt
@@ -345,10 +357,12 @@ class Report:
     description: str
     runs: list[Run]
     metric: str
+    higher_is_better: bool = True
     figures: dict[str, Any] = field(default_factory=dict)
 
     def markdown(self, figure_dir: str = ".") -> str:
-        lines = [f"## {self.title}", "", self.description, "", results_table(self.runs, self.metric), ""]
+        lines = [f"## {self.title}", "", self.description, "", results_table(self.runs, self.metric), "",
+                 ranking(self.runs, self.metric, self.higher_is_better), ""]
         if all(r.peak_mib is None for r in self.runs if not r.skipped):
             lines += ["Peak memory is measured with `torch.cuda.max_memory_allocated`; this run was on CPU, where "
                       "it is not measured (–).", ""]

@@ -1,0 +1,36 @@
+"""``python -m boftlab reproduce {vit,llm,diffusion,all} --profile ci|colab --out DIR``
+
+Runs the fine-tuning comparisons of notebooks 04–06 headless, with progress bars, and writes DIR/results.md (one
+table per domain, with the date and machine) and the PNG figures beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .reproduce import DOMAINS, PROFILES, reproduce
+
+    parser = argparse.ArgumentParser(prog="python -m boftlab", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+    rep = commands.add_parser("reproduce", help="run the ViT / LLM / diffusion comparisons, write results.md + PNGs")
+    rep.add_argument("domain", choices=[*DOMAINS, "all"], help="which comparison to run ('all': every domain)")
+    rep.add_argument("--profile", choices=PROFILES, default="ci",
+                     help="ci: offline, CPU, minutes (default); colab: the papers' hub models on a GPU")
+    rep.add_argument("--out", type=Path, default=None, help="output directory (default: out/<profile>)")
+    rep.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    domains = list(DOMAINS) if args.domain == "all" else [args.domain]
+    out = args.out if args.out is not None else Path("out") / args.profile
+    path = reproduce(domains, args.profile, out, progress=not args.quiet)
+    print(path.read_text())
+    print(f"wrote {path} and its figures")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

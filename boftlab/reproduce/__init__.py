@@ -1,0 +1,33 @@
+"""The papers' three domains — ViT, LLM, diffusion — as headless experiments (``python -m boftlab reproduce``) and
+as notebooks 04–06, which call the same functions.
+
+Each domain module has ``settings(profile)``, ``ci_methods()`` / ``colab_methods()`` and
+``run(profile) -> Report``; ``reproduce`` runs several and writes ``results.md`` with the PNG figures.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import diffusion, llm, vit
+from .runner import Method, Report, Run, plot_curves, ranking, results_table, run_methods, write_results
+
+DOMAINS = {"vit": vit, "llm": llm, "diffusion": diffusion}
+PROFILES = ("ci", "colab")
+
+
+def reproduce(domains: list[str], profile: str, out: str | Path, progress: bool = True) -> Path:
+    """Run ``domains`` (names from ``DOMAINS``) under ``profile``; write ``out/results.md`` and the figures.
+    Returns the path of results.md."""
+    unknown = [d for d in domains if d not in DOMAINS]
+    if unknown:
+        raise ValueError(f"unknown domain(s) {unknown}; valid domains: {sorted(DOMAINS)}")
+    if profile not in PROFILES:
+        raise ValueError(f"profile={profile!r}; valid profiles: {PROFILES}")
+    reports = [DOMAINS[d].run(profile, progress) for d in domains]
+    command = f"python -m boftlab reproduce {' '.join(domains)} --profile {profile} --out {out}"
+    return write_results(reports, Path(out), profile, command)
+
+
+__all__ = ["DOMAINS", "PROFILES", "Method", "Report", "Run", "plot_curves", "ranking", "reproduce", "results_table", "run_methods",
+           "write_results"]

@@ -1,0 +1,313 @@
+"""Diffusion domain: adapt a pretrained denoising diffusion model to generate something it was not trained on.
+
+ci:    a small diffusers ``UNet2DModel`` + ``DDPMScheduler`` (50 steps) that ``data/scripts/pretrain_unet.py``
+       pretrained on scikit-learn's 8×8 digits 0–4, adapted to the training half of digits 5–9. Sample quality is
+       judged by a digit classifier trained on all ten classes (``data/scripts/train_digit_classifier.py``): the
+       *target-digit rate* is the fraction of 128 samples (fixed noise) it labels 5–9. CPU, minutes.
+colab: Stable Diffusion v1.5, subject-driven (DreamBooth-style) on the five ``diffusers/dog-example`` photos with
+       the prompt "a photo of sks dog"; metric: CLIP image similarity of generated and reference photos (CLIP-I).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .runner import (
+    Method,
+    Report,
+    Run,
+    Task,
+    batch_indices,
+    digits,
+    load_checkpoint,
+    plot_curves,
+    run_methods,
+    stratified_split,
+)
+
+CHECKPOINT = "unet_digits04"
+CLASSIFIER = "digit_classifier"
+SOURCE_CLASSES = [0, 1, 2, 3, 4]
+TARGET_CLASSES = [5, 6, 7, 8, 9]
+
+
+@dataclass(frozen=True)
+class Settings:
+    steps: int
+    batch_size: int
+    eval_every: int
+    n_samples: int  # samples generated per evaluation (fixed noise)
+    seed: int = 0
+    inference_steps: int | None = None  # colab: sampler steps per image
+
+
+SETTINGS = {
+    "ci": Settings(steps=150, batch_size=64, eval_every=50, n_samples=128),
+    "colab": Settings(steps=400, batch_size=1, eval_every=100, n_samples=4, inference_steps=25),
+}
+
+
+def settings(profile: str) -> Settings:
+    if profile not in SETTINGS:
+        raise ValueError(f"profile={profile!r}; valid profiles: {sorted(SETTINGS)}")
+    return SETTINGS[profile]
+
+
+# --- the ci models ----------------------------------------------------------------------------------------------------
+UNET_ARCH = dict(
+    sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+    norm_num_groups=8, attention_head_dim=16,
+)
+SCHEDULER = dict(num_train_timesteps=50, beta_schedule="squaredcos_cap_v2")
+
+
+def build_ci_unet():
+    """8×8×1 -> 8×8×1 noise prediction; two resolutions (8×8 with 32 channels, 4×4 with 64), self-attention in the
+    4×4 middle block."""
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(**UNET_ARCH)
+
+
+def build_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**SCHEDULER)
+
+
+def build_digit_classifier() -> nn.Module:
+    """(N, 1, 8, 8) images in [0, 1] -> (N, 10) logits. A small CNN used only to judge generated digits."""
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (N, 64, 4, 4)
+        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.Flatten(),
+        nn.Linear(64 * 16, 10),
+    )
+
+
+def load_ci_unet():
+    """(pretrained UNet2DModel, its DDPMScheduler, checkpoint config)."""
+    state, config = load_checkpoint(CHECKPOINT)
+    unet = build_ci_unet()
+    unet.load_state_dict(state)
+    return unet, build_scheduler(), config
+
+
+def load_digit_classifier() -> tuple[nn.Module, dict]:
+    state, config = load_checkpoint(CLASSIFIER)
+    model = build_digit_classifier()
+    model.load_state_dict(state)
+    return model.eval().requires_grad_(False), config
+
+
+def diffusion_loss(unet: nn.Module, scheduler, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The DDPM objective: x0 (B, C, H, W) in [-1, 1] -> MSE between the noise and the UNet's prediction of it at
+    a uniformly drawn timestep."""
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator).to(x0.device)
+    return F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t).sample, noise)
+
+
+@torch.no_grad()
+def sample(unet: nn.Module, scheduler, n: int, seed: int, device: torch.device) -> torch.Tensor:
+    """n images (n, 1, 8, 8) in [0, 1] by ancestral DDPM sampling over every training timestep; the noise comes
+    from ``seed``, so two models given the same seed start from the same noise. O(T) UNet calls."""
+    scheduler = copy.deepcopy(scheduler)
+    scheduler.set_timesteps(scheduler.config.num_train_timesteps)
+    gen = torch.Generator().manual_seed(seed)
+    size = UNET_ARCH["sample_size"]
+    x = torch.randn(n, 1, size, size, generator=gen).to(device)
+    for t in scheduler.timesteps:
+        x = scheduler.step(unet(x, t).sample, t, x, generator=gen).prev_sample
+    return ((x.clamp(-1, 1) + 1) / 2).cpu()
+
+
+def target_rate(classifier: nn.Module, images: torch.Tensor, classes: list[int]) -> float:
+    """Fraction of ``images`` (N, 1, 8, 8) in [0, 1] that ``classifier`` labels as one of ``classes``."""
+    predicted = classifier(images).argmax(-1)
+    return torch.isin(predicted, torch.tensor(classes)).float().mean().item()
+
+
+# --- methods ----------------------------------------------------------------------------------------------------------
+CI_ATTENTION = r".*attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)"
+CI_LAYERS = rf".*resnets\.\d+\.conv[12]|{CI_ATTENTION}"
+
+
+def ci_methods() -> list[Method]:
+    """Every method adapts the resnet convolutions and the attention projections of the UNet."""
+    return [
+        Method("full fine-tuning", "full", lr=5e-4),
+        Method("LoRA r=4 (PEFT)", "lora", {"r": 4, "lora_alpha": 8}, CI_LAYERS, lr=3e-3),
+        Method("OFT b=16", "oft", {"block_size": 16}, CI_LAYERS, lr=3e-3),
+        Method("BOFT b=8 m=2", "boft", {"block_size": 8, "n_factors": 2}, CI_LAYERS, lr=3e-3),
+        Method("BOFT b=4 m=4", "boft", {"block_size": 4, "n_factors": 4}, CI_LAYERS, lr=3e-3),
+        Method("SURM circulant", "surm", {"structure": "circulant", "mode": "lora"}, CI_LAYERS, lr=3e-3),
+        Method("SURM Kronecker", "surm", {"structure": "kronecker", "mode": "lora"}, CI_LAYERS, lr=3e-3),
+        Method("FLoRA (tensor core)", "tensor_core", {"ranks": 4}, CI_LAYERS, lr=3e-3),
+    ]
+
+
+SD_ATTENTION = r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)"
+
+
+def colab_methods() -> list[Method]:
+    """BOFT on the attention projections, as in the BOFT paper's subject-driven experiments. Full fine-tuning of the
+    860 M-parameter UNet needs ~14 GB for AdamW state alone, so it runs only on GPUs with ≥ 40 GB."""
+    full = [Method("full fine-tuning", "full", lr=5e-6)] if _gpu_gib() >= 40 else []
+    return full + [
+        Method("LoRA r=4 (PEFT)", "lora", {"r": 4, "lora_alpha": 4}, SD_ATTENTION, lr=1e-4),
+        Method("OFT b=32", "oft", {"block_size": 32}, SD_ATTENTION, lr=3e-5),
+        Method("BOFT b=8 m=2", "boft", {"block_size": 8, "n_factors": 2}, SD_ATTENTION, lr=3e-5),
+        Method("BOFT b=4 m=4", "boft", {"block_size": 4, "n_factors": 4}, SD_ATTENTION, lr=3e-5),
+        Method("SURM circulant", "surm", {"structure": "circulant", "mode": "lora"}, SD_ATTENTION, lr=1e-4),
+        Method("SURM Kronecker", "surm", {"structure": "kronecker", "mode": "lora"}, SD_ATTENTION, lr=1e-4),
+        Method("FLoRA (tensor core)", "tensor_core", {"ranks": 4}, SD_ATTENTION, lr=1e-4),
+    ]
+
+
+def _gpu_gib() -> float:
+    return torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0.0
+
+
+# --- tasks ------------------------------------------------------------------------------------------------------------
+def ci_task(s: Settings) -> tuple[Task, str]:
+    unet, scheduler, config = load_ci_unet()
+    classifier, classifier_config = load_digit_classifier()
+    images, labels = digits(TARGET_CLASSES)
+    train, _ = stratified_split(labels, 0.5, s.seed)  # the same training half the ViT domain uses
+    x0 = images[train] * 2 - 1
+    device = torch.device("cpu")
+    samples: list[torch.Tensor] = []
+
+    def loss(m: nn.Module, step: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(s.seed * 100_003 + step)
+        return diffusion_loss(m, scheduler, x0[batch_indices(len(x0), s.batch_size, step, s.seed)].to(device), gen)
+
+    def evaluate(m: nn.Module) -> float:
+        samples.append(sample(m, scheduler, s.n_samples, s.seed, device))
+        return target_rate(classifier, samples[-1], TARGET_CLASSES)
+
+    def after(m: nn.Module, run: Run) -> None:
+        run.extra["samples_before"], run.extra["samples_after"] = samples[0], samples[-1]
+        samples.clear()
+
+    task = Task(unet, [], loss, evaluate, s.steps, s.eval_every, device, s.seed, after)
+    description = (
+        f"Pretrained model: a {sum(p.numel() for p in unet.parameters()):,}-parameter diffusers `UNet2DModel` with "
+        f"a {SCHEDULER['num_train_timesteps']}-step `DDPMScheduler` (`data/checkpoints/{CHECKPOINT}`), trained by "
+        f"`data/scripts/pretrain_unet.py` on scikit-learn digits {SOURCE_CLASSES}. Downstream: generate digits "
+        f"{TARGET_CLASSES}, from {len(train)} training images. Metric: target-digit rate — the fraction of "
+        f"{s.n_samples} samples (same noise for every method) that a digit classifier trained on all ten classes "
+        f"(`data/checkpoints/{CLASSIFIER}`, test accuracy {classifier_config['test_accuracy']:.3f}) labels 5–9. "
+        f"Before adaptation, {config['target_rate_of_pretrained']:.2f} of the pretrained model's samples got such a "
+        f"label in the pretraining script's check. {s.steps} steps of batch {s.batch_size}."
+    )
+    return task, description
+
+
+def colab_task(s: Settings) -> tuple[Task, str]:
+    """DreamBooth-style subject-driven generation with Stable Diffusion v1.5 (fp32 weights, fp16 autocast sampling)."""
+    import numpy as np
+    from datasets import load_dataset
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPModel, CLIPProcessor
+
+    device = torch.device("cuda")
+    pipe = StableDiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5",
+                                                   safety_checker=None).to(device)
+    pipe.vae.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    pipe.set_progress_bar_config(disable=True)
+    clip = CLIPModel.from_pretrained("openai/clip-vit-base-patch32").to(device).eval()
+    clip_processor = CLIPProcessor.from_pretrained("openai/clip-vit-base-patch32")
+    photos = [row["image"].convert("RGB") for row in load_dataset("diffusers/dog-example", split="train")]
+    prompt, eval_prompt = "a photo of sks dog", "a photo of sks dog on the beach"
+
+    def clip_embed(images) -> torch.Tensor:
+        inputs = clip_processor(images=images, return_tensors="pt").to(device)
+        features = clip.get_image_features(**inputs)  # a tensor, or (transformers ≥ 5) an output object
+        return F.normalize(getattr(features, "pooler_output", features), dim=-1)
+
+    with torch.no_grad():
+        reference = clip_embed(photos)
+        pixels = torch.stack([torch.from_numpy(np.asarray(p.resize((512, 512)))) for p in photos])
+        pixels = (pixels.permute(0, 3, 1, 2).float() / 127.5 - 1).to(device)  # (5, 3, 512, 512)
+        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor  # (5, 4, 64, 64)
+        ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             return_tensors="pt").input_ids.to(device)
+        text = pipe.text_encoder(ids)[0]  # (1, 77, 768)
+
+    def loss(m: nn.Module, step: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(s.seed * 100_003 + step)
+        x0 = latents[batch_indices(len(latents), s.batch_size, step, s.seed)]
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (len(x0),), generator=gen).to(device)
+        noisy = pipe.scheduler.add_noise(x0, noise, t)
+        return F.mse_loss(m(noisy, t, encoder_hidden_states=text.expand(len(x0), -1, -1)).sample, noise)
+
+    def evaluate(m: nn.Module) -> float:
+        pipe.unet = m  # the pipeline samples with the adapted UNet, in half precision to fit a T4
+        with torch.autocast("cuda", dtype=torch.float16):
+            images = pipe(eval_prompt, num_images_per_prompt=s.n_samples, num_inference_steps=s.inference_steps,
+                          generator=torch.Generator(device).manual_seed(s.seed)).images
+        return (clip_embed(images) @ reference.T).mean().item()
+
+    task = Task(pipe.unet, [], loss, evaluate, s.steps, s.eval_every, device, s.seed)
+    description = (
+        "Pretrained model: Stable Diffusion v1.5. Downstream: the five photos of `diffusers/dog-example` with the "
+        f"prompt {prompt!r} (DreamBooth-style, no prior preservation); {s.steps} steps of batch {s.batch_size}. "
+        f"Metric: CLIP-I — mean CLIP ViT-B/32 cosine similarity between {s.n_samples} images generated for "
+        f"{eval_prompt!r} and the reference photos."
+    )
+    return task, description
+
+
+# --- figures ----------------------------------------------------------------------------------------------------------
+def plot_samples(rows: dict[str, torch.Tensor], per_row: int = 16):
+    """One row of ``per_row`` samples (each (1, 8, 8) in [0, 1]) per label: before / after grids."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(rows), 1, figsize=(per_row * 0.45, len(rows) * 0.6), squeeze=False)
+    for ax, (label, images) in zip(axes[:, 0], rows.items()):
+        strip = F.pad(images[:per_row, 0], (1, 1, 1, 1), value=1.0)  # (n, 10, 10) with white borders
+        ax.imshow(torch.cat(list(strip), dim=1).numpy(), cmap="gray_r", vmin=0, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def make_task(profile: str, s: Settings | None = None) -> tuple[Task, str]:
+    """(the runner's Task, a markdown paragraph describing it) for ``profile``, with ``s`` or its default settings."""
+    s = s or settings(profile)
+    return ci_task(s) if profile == "ci" else colab_task(s)
+
+
+def profile_methods(profile: str) -> list[Method]:
+    settings(profile)  # validates the name
+    return ci_methods() if profile == "ci" else colab_methods()
+
+
+def run(profile: str, progress: bool = True, methods: list[Method] | None = None,
+        s: Settings | None = None) -> Report:
+    """Run the diffusion comparison under ``profile``; ``methods`` / ``s`` override the profile's defaults."""
+    s = s or settings(profile)
+    task, description = make_task(profile, s)
+    methods = methods if methods is not None else profile_methods(profile)
+    runs = run_methods(task, methods, progress)
+    metric = "target-digit rate" if profile == "ci" else "CLIP-I"
+    title = "Diffusion: digits 0–4 → 5–9" if profile == "ci" else "Stable Diffusion v1.5, subject-driven (sks dog)"
+    figures = {"diffusion_curves": plot_curves(runs, metric, "Diffusion")}
+    done = [r for r in runs if not r.skipped and "samples_after" in r.extra]
+    if done:
+        rows = {"pretrained (before)": done[0].extra["samples_before"]}
+        rows |= {r.method.name: r.extra["samples_after"] for r in done}
+        figures["diffusion_samples"] = plot_samples(rows)
+    return Report("diffusion", title, description, runs, metric, True, figures)

@@ -1,0 +1,249 @@
+"""LLM domain: adapt a pretrained causal language model to a different body of text; metric = held-out perplexity.
+
+ci:    a 4-layer Llama-architecture model (width 128, byte-level BPE of 1 024 tokens) that
+       ``data/scripts/pretrain_lm.py`` pretrained on Python's own reference documentation (``pydoc_data.topics``,
+       shipped with CPython), adapted to scikit-learn's dataset descriptions (``sklearn/datasets/descr/*.rst``,
+       shipped with scikit-learn): the first 80 % of that text trains, the last 20 % is held out. CPU, minutes.
+colab: ``Qwen/Qwen2.5-0.5B`` adapted to Alpaca instructions (``tatsu-lab/alpaca``), perplexity of held-out
+       responses, on a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .runner import Method, Report, Task, batch_indices, checkpoint_dir, load_checkpoint, plot_curves, run_methods
+
+CHECKPOINT = "lm_pydoc"
+
+
+@dataclass(frozen=True)
+class Settings:
+    steps: int
+    batch_size: int
+    context: int  # tokens per training sequence
+    eval_every: int
+    seed: int = 0
+    train_examples: int | None = None  # colab: Alpaca examples used for training / held out
+    test_examples: int | None = None
+
+
+SETTINGS = {
+    "ci": Settings(steps=150, batch_size=16, context=64, eval_every=15),
+    "colab": Settings(steps=300, batch_size=8, context=256, eval_every=50, train_examples=4000, test_examples=300),
+}
+
+
+def settings(profile: str) -> Settings:
+    if profile not in SETTINGS:
+        raise ValueError(f"profile={profile!r}; valid profiles: {sorted(SETTINGS)}")
+    return SETTINGS[profile]
+
+
+# --- text that ships offline --------------------------------------------------------------------------------------------
+def source_text() -> str:
+    """The pretraining corpus: CPython's reference documentation topics (``pydoc_data.topics``), in key order."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def target_text() -> str:
+    """The downstream corpus: scikit-learn's dataset descriptions (reStructuredText), files in name order."""
+    import sklearn
+
+    folder = Path(sklearn.__file__).parent / "datasets" / "descr"
+    return "\n\n".join(path.read_text(encoding="utf-8") for path in sorted(folder.glob("*.rst")))
+
+
+# --- the ci model -----------------------------------------------------------------------------------------------------
+ARCH = dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=True)
+
+
+def build_ci_lm(**overrides) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(**{**ARCH, **overrides}))
+
+
+def load_ci_lm():
+    """(pretrained LlamaForCausalLM, its ``tokenizers.Tokenizer``, checkpoint config)."""
+    from tokenizers import Tokenizer
+
+    state, config = load_checkpoint(CHECKPOINT)
+    model = build_ci_lm()
+    missing, unexpected = model.load_state_dict(state, strict=False)  # the tied output embedding is stored once
+    if set(missing) - {"lm_head.weight"} or unexpected:
+        raise ValueError(f"checkpoint {CHECKPOINT!r} does not fit build_ci_lm(): missing {missing}, unexpected "
+                         f"{unexpected}")
+    model.tie_weights()
+    tokenizer = Tokenizer.from_file(str(checkpoint_dir(CHECKPOINT) / "tokenizer.json"))
+    return model, tokenizer, config
+
+
+def windows(tokens: torch.Tensor, context: int) -> torch.Tensor:
+    """(n,) token stream -> (n // (context+1), context+1) non-overlapping windows (inputs + next-token targets)."""
+    n = len(tokens) // (context + 1)
+    return tokens[: n * (context + 1)].reshape(n, context + 1)
+
+
+def mean_nll(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """batch: (B, T+1) token ids -> mean next-token negative log-likelihood over B·T predictions."""
+    logits = model(input_ids=batch[:, :-1]).logits
+    return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+
+
+def perplexity(model: nn.Module, held_out: torch.Tensor, device: torch.device, batch_size: int = 32) -> float:
+    """exp of the mean NLL over all windows of ``held_out``: (N, T+1)."""
+    total, count = 0.0, 0
+    for batch in held_out.split(batch_size):
+        total += mean_nll(model, batch.to(device)).item() * batch[:, 1:].numel()
+        count += batch[:, 1:].numel()
+    return math.exp(total / count)
+
+
+# --- methods ----------------------------------------------------------------------------------------------------------
+CI_LINEARS = r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+
+
+def ci_methods() -> list[Method]:
+    """Adapter budgets matched around 30 k parameters where the structure allows (LoRA r=4: 34 816;
+    OFT b=16: 30 720; BOFT b=8 m=2: 33 280; BOFT b=4 m=4: 29 184)."""
+    return [
+        Method("full fine-tuning", "full", lr=5e-4),
+        Method("LoRA r=4 (PEFT)", "lora", {"r": 4, "lora_alpha": 8}, CI_LINEARS, lr=3e-3),
+        Method("OFT b=16", "oft", {"block_size": 16}, CI_LINEARS, lr=3e-3),
+        Method("BOFT b=8 m=2", "boft", {"block_size": 8, "n_factors": 2}, CI_LINEARS, lr=3e-3),
+        Method("BOFT b=4 m=4", "boft", {"block_size": 4, "n_factors": 4}, CI_LINEARS, lr=3e-3),
+        Method("SURM circulant", "surm", {"structure": "circulant", "mode": "lora"}, CI_LINEARS, lr=3e-3),
+        Method("SURM Kronecker", "surm", {"structure": "kronecker", "mode": "lora"}, CI_LINEARS, lr=3e-3),
+        Method("FLoRA (tensor core)", "tensor_core", {"ranks": 4}, CI_LINEARS, lr=3e-3),
+    ]
+
+
+COLAB_LINEARS = r"model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj"
+
+
+def colab_methods() -> list[Method]:
+    return [
+        Method("full fine-tuning", "full", lr=1e-5),
+        Method("LoRA r=8 (PEFT)", "lora", {"r": 8, "lora_alpha": 16}, COLAB_LINEARS, lr=3e-4),
+        Method("OFT b=32", "oft", {"block_size": 32}, COLAB_LINEARS, lr=3e-4),
+        Method("BOFT b=8 m=2", "boft", {"block_size": 8, "n_factors": 2}, COLAB_LINEARS, lr=3e-4),
+        Method("BOFT b=4 m=4", "boft", {"block_size": 4, "n_factors": 4}, COLAB_LINEARS, lr=3e-4),
+        Method("SURM circulant", "surm", {"structure": "circulant", "mode": "lora"}, COLAB_LINEARS, lr=3e-4),
+        Method("SURM Kronecker", "surm", {"structure": "kronecker", "mode": "lora"}, COLAB_LINEARS, lr=3e-4),
+        Method("FLoRA (tensor core)", "tensor_core", {"ranks": 8}, COLAB_LINEARS, lr=3e-4),
+    ]
+
+
+# --- tasks ------------------------------------------------------------------------------------------------------------
+def ci_task(s: Settings) -> tuple[Task, str]:
+    model, tokenizer, config = load_ci_lm()
+    tokens = torch.tensor(tokenizer.encode(target_text()).ids)
+    cut = int(len(tokens) * 0.8)
+    train, held_out = windows(tokens[:cut], s.context), windows(tokens[cut:], s.context)
+    device = torch.device("cpu")
+
+    def loss(m: nn.Module, step: int) -> torch.Tensor:
+        return mean_nll(m, train[batch_indices(len(train), s.batch_size, step, s.seed)].to(device))
+
+    task = Task(model, [], loss, lambda m: perplexity(m, held_out, device), s.steps, s.eval_every, device, s.seed)
+    description = (
+        f"Pretrained model: a {sum(p.numel() for p in model.parameters()):,}-parameter Llama-architecture LM "
+        f"(`data/checkpoints/{CHECKPOINT}`) trained by `data/scripts/pretrain_lm.py` on CPython's reference "
+        f"documentation (`pydoc_data.topics`; source held-out perplexity {config['source_heldout_perplexity']:.1f}). "
+        f"Downstream: scikit-learn's dataset descriptions (`sklearn/datasets/descr/*.rst`), {cut:,} training / "
+        f"{len(tokens) - cut:,} held-out tokens (first 80 % / last 20 %). {s.steps} steps of {s.batch_size} × "
+        f"{s.context} tokens; metric: held-out perplexity (lower is better)."
+    )
+    return task, description
+
+
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+
+
+def alpaca_example(row: dict, tokenizer, context: int) -> tuple[list[int], list[int]]:
+    """(input ids, labels) of one Alpaca row; the prompt's labels are -100 so only the response is scored."""
+    input_block = f"### Input:\n{row['input']}\n\n" if row["input"] else ""
+    prompt = tokenizer(ALPACA_PROMPT.format(instruction=row["instruction"], input_block=input_block))["input_ids"]
+    response = tokenizer(row["output"] + tokenizer.eos_token)["input_ids"]
+    ids = (prompt + response)[:context]
+    return ids, ([-100] * len(prompt) + response)[:context]
+
+
+def pad(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest: (input ids, attention mask, labels), each (B, T)."""
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.tensor([i + [pad_id] * (width - len(i)) for i, _ in examples])
+    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in examples])
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in examples])
+    return ids, mask, labels
+
+
+def colab_task(s: Settings) -> tuple[Task, str]:
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = torch.device("cuda")
+    name = "Qwen/Qwen2.5-0.5B"
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    rows = load_dataset("tatsu-lab/alpaca", split="train").shuffle(seed=s.seed)
+    rows = rows.select(range(s.train_examples + s.test_examples))
+    examples = [alpaca_example(row, tokenizer, s.context) for row in rows]
+    train, test = examples[: s.train_examples], examples[s.train_examples:]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def response_nll(m: nn.Module, batch: list) -> tuple[torch.Tensor, int]:
+        ids, mask, labels = (t.to(device) for t in pad(batch, pad_id))
+        logits = m(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        targets = labels[:, 1:]
+        total = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+        return total, int((targets != -100).sum())
+
+    def loss(m: nn.Module, step: int) -> torch.Tensor:
+        total, count = response_nll(m, [train[i] for i in batch_indices(len(train), s.batch_size, step, s.seed)])
+        return total / count
+
+    def evaluate(m: nn.Module) -> float:
+        sums = [response_nll(m, test[i:i + s.batch_size]) for i in range(0, len(test), s.batch_size)]
+        return math.exp(sum(t.item() for t, _ in sums) / sum(c for _, c in sums))
+
+    task = Task(model, [], loss, evaluate, s.steps, s.eval_every, device, s.seed)
+    description = (
+        f"Pretrained model: {name}. Downstream: Alpaca (tatsu-lab/alpaca), {s.train_examples} training / "
+        f"{s.test_examples} held-out instructions, up to {s.context} tokens; loss on the responses only. "
+        f"{s.steps} steps of batch {s.batch_size}; metric: held-out response perplexity (lower is better)."
+    )
+    return task, description
+
+
+def make_task(profile: str, s: Settings | None = None) -> tuple[Task, str]:
+    """(the runner's Task, a markdown paragraph describing it) for ``profile``, with ``s`` or its default settings."""
+    s = s or settings(profile)
+    return ci_task(s) if profile == "ci" else colab_task(s)
+
+
+def profile_methods(profile: str) -> list[Method]:
+    settings(profile)  # validates the name
+    return ci_methods() if profile == "ci" else colab_methods()
+
+
+def run(profile: str, progress: bool = True, methods: list[Method] | None = None,
+        s: Settings | None = None) -> Report:
+    """Run the LLM comparison under ``profile``; ``methods`` / ``s`` override the profile's defaults."""
+    s = s or settings(profile)
+    task, description = make_task(profile, s)
+    methods = methods if methods is not None else profile_methods(profile)
+    runs = run_methods(task, methods, progress)
+    title = "LLM: Python docs → scikit-learn dataset docs" if profile == "ci" else "Qwen2.5-0.5B → Alpaca"
+    figure = plot_curves(runs, "held-out perplexity", "LLM")
+    return Report("llm", title, description, runs, "held-out perplexity", False, {"llm_curves": figure})

@@ -1,0 +1,211 @@
+"""ViT domain: adapt a pretrained vision transformer to a different image-classification task.
+
+ci:    a 4-layer timm ViT (width 64, 2×2 patches on 8×8 images) that ``data/scripts/pretrain_vit.py`` pretrained on
+       scikit-learn's bundled digits 0–4, adapted to digits 5–9 — a label set it has never seen — with a new head;
+       half of each class trains, the other half is the held-out test set. CPU, about a minute.
+colab: ``google/vit-base-patch16-224-in21k`` adapted to CIFAR-10 (a subset, through ``datasets``) on a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .runner import (
+    Method,
+    Report,
+    Task,
+    batch_indices,
+    digits,
+    load_checkpoint,
+    plot_curves,
+    run_methods,
+    stratified_split,
+)
+
+CHECKPOINT = "vit_digits04"
+SOURCE_CLASSES = [0, 1, 2, 3, 4]
+TARGET_CLASSES = [5, 6, 7, 8, 9]
+
+
+@dataclass(frozen=True)
+class Settings:
+    steps: int
+    batch_size: int
+    eval_every: int
+    seed: int = 0
+    train_size: int | None = None  # colab: training images drawn from CIFAR-10's train split
+    test_size: int | None = None
+
+
+SETTINGS = {
+    "ci": Settings(steps=150, batch_size=64, eval_every=15),
+    "colab": Settings(steps=300, batch_size=32, eval_every=50, train_size=5000, test_size=2000),
+}
+
+
+def settings(profile: str) -> Settings:
+    if profile not in SETTINGS:
+        raise ValueError(f"profile={profile!r}; valid profiles: {sorted(SETTINGS)}")
+    return SETTINGS[profile]
+
+
+# --- the ci model -----------------------------------------------------------------------------------------------------
+def build_ci_vit(num_classes: int, **overrides) -> nn.Module:
+    """The ci profile's timm ViT: 8×8×1 images -> 16 patches of 2×2 (+ a class token) -> 4 blocks of width 64."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    arch = dict(img_size=8, patch_size=2, in_chans=1, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0)
+    return VisionTransformer(num_classes=num_classes, **{**arch, **overrides})
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """Digits in [0, 1] -> [-1, 1], the scale the ci ViT was pretrained on."""
+    return images * 2 - 1
+
+
+def load_ci_vit() -> tuple[nn.Module, dict]:
+    """The pretrained ci ViT (its head classifies digits 0–4) and its checkpoint config."""
+    state, config = load_checkpoint(CHECKPOINT)
+    model = build_ci_vit(len(SOURCE_CLASSES))
+    model.load_state_dict(state)
+    return model, config
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return (logits.argmax(-1) == labels).float().mean().item()
+
+
+# --- methods ----------------------------------------------------------------------------------------------------------
+CI_LINEARS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])"
+
+
+def ci_methods() -> list[Method]:
+    """The ci comparison; budgets of the adapter methods are matched around 10 k parameters where the family's
+    structure allows (LoRA r=4: 12 288; OFT b=16: 9 600; BOFT b=8 m=2: 10 752; BOFT b=4 m=4: 9 472)."""
+    return [
+        Method("head only", "head", lr=3e-3),
+        Method("full fine-tuning", "full", lr=1e-3),
+        Method("LoRA r=4 (PEFT)", "lora", {"r": 4, "lora_alpha": 8}, CI_LINEARS, lr=3e-3),
+        Method("OFT b=16", "oft", {"block_size": 16}, CI_LINEARS, lr=3e-3),
+        Method("BOFT b=8 m=2", "boft", {"block_size": 8, "n_factors": 2}, CI_LINEARS, lr=3e-3),
+        Method("BOFT b=4 m=4", "boft", {"block_size": 4, "n_factors": 4}, CI_LINEARS, lr=3e-3),
+        Method("SURM circulant", "surm", {"structure": "circulant", "mode": "lora"}, CI_LINEARS, lr=3e-3),
+        Method("SURM Kronecker", "surm", {"structure": "kronecker", "mode": "lora"}, CI_LINEARS, lr=3e-3),
+        Method("FLoRA (tensor core, + patch-embed conv)", "tensor_core", {"ranks": 4},
+               rf"patch_embed\.proj|{CI_LINEARS}", lr=3e-3),
+    ]
+
+
+COLAB_LINEARS = (
+    r"vit\.encoder\.layer\.\d+\.(attention\.attention\.(query|key|value)|attention\.output\.dense"
+    r"|intermediate\.dense|output\.dense)"
+)
+
+
+def colab_methods() -> list[Method]:
+    return [
+        Method("head only", "head", lr=1e-3),
+        Method("full fine-tuning", "full", lr=2e-5),
+        Method("LoRA r=8 (PEFT)", "lora", {"r": 8, "lora_alpha": 16}, COLAB_LINEARS, lr=1e-3),
+        Method("OFT b=32", "oft", {"block_size": 32}, COLAB_LINEARS, lr=1e-3),
+        Method("BOFT b=8 m=2", "boft", {"block_size": 8, "n_factors": 2}, COLAB_LINEARS, lr=1e-3),
+        Method("BOFT b=4 m=4", "boft", {"block_size": 4, "n_factors": 4}, COLAB_LINEARS, lr=1e-3),
+        Method("SURM circulant", "surm", {"structure": "circulant", "mode": "lora"}, COLAB_LINEARS, lr=1e-3),
+        Method("SURM Kronecker", "surm", {"structure": "kronecker", "mode": "lora"}, COLAB_LINEARS, lr=1e-3),
+        Method("FLoRA (tensor core, + patch-embed conv)", "tensor_core", {"ranks": 8},
+               rf"vit\.embeddings\.patch_embeddings\.projection|{COLAB_LINEARS}", lr=1e-3),
+    ]
+
+
+# --- tasks ------------------------------------------------------------------------------------------------------------
+def classification_task(model, forward, train_x, train_y, test_x, test_y, head, s: Settings, device) -> Task:
+    """Cross-entropy on seeded batches of (train_x, train_y); held-out metric = accuracy on (test_x, test_y).
+    ``forward(model, images) -> logits`` hides the model family's calling convention."""
+
+    def loss(m: nn.Module, step: int) -> torch.Tensor:
+        idx = batch_indices(len(train_x), s.batch_size, step, s.seed)
+        return F.cross_entropy(forward(m, train_x[idx].to(device)), train_y[idx].to(device))
+
+    def evaluate(m: nn.Module) -> float:
+        logits = torch.cat([forward(m, x.to(device)).cpu() for x in test_x.split(256)])
+        return accuracy(logits, test_y)
+
+    return Task(model, [head], loss, evaluate, s.steps, s.eval_every, device, s.seed)
+
+
+def ci_task(s: Settings) -> tuple[Task, str]:
+    model, config = load_ci_vit()
+    torch.manual_seed(s.seed)
+    model.reset_classifier(len(TARGET_CLASSES))  # a new, randomly initialised head for the new label set
+    images, labels = digits(TARGET_CLASSES)
+    train, test = stratified_split(labels, 0.5, s.seed)
+    x, y = normalize(images), labels - TARGET_CLASSES[0]
+    task = classification_task(model, lambda m, b: m(b), x[train], y[train], x[test], y[test], "head", s,
+                               torch.device("cpu"))
+    description = (
+        f"Pretrained model: a {sum(p.numel() for p in model.parameters()):,}-parameter timm ViT "
+        f"(`data/checkpoints/{CHECKPOINT}`), trained by `data/scripts/pretrain_vit.py` on scikit-learn digits "
+        f"{SOURCE_CLASSES} (source test accuracy {config['source_test_accuracy']:.3f}). Downstream: digits "
+        f"{TARGET_CLASSES}, a new 5-way head; {len(train)} training / {len(test)} test images (stratified halves). "
+        f"{s.steps} steps of batch {s.batch_size}, AdamW, warm-up + cosine; metric: test accuracy."
+    )
+    return task, description
+
+
+def colab_task(s: Settings) -> tuple[Task, str]:
+    """google/vit-base-patch16-224-in21k on a CIFAR-10 subset; images are kept at 32×32 (uint8) and resized to
+    224×224 on the GPU batch by batch."""
+    import numpy as np
+    from datasets import load_dataset
+    from transformers import ViTForImageClassification
+
+    device = torch.device("cuda")
+    data = load_dataset("uoft-cs/cifar10")
+
+    def tensors(split, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        part = data[split].shuffle(seed=s.seed).select(range(n))
+        images = np.stack([np.asarray(image.convert("RGB")) for image in part["img"]])  # (n, 32, 32, 3) uint8
+        return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.tensor(part["label"])
+
+    train_x, train_y = tensors("train", s.train_size)
+    test_x, test_y = tensors("test", s.test_size)
+    model = ViTForImageClassification.from_pretrained("google/vit-base-patch16-224-in21k", num_labels=10)
+
+    def forward(m: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(images.float() / 255, size=224, mode="bilinear", align_corners=False)
+        return m(pixel_values=(x - 0.5) / 0.5).logits  # the checkpoint's processor: mean = std = 0.5
+
+    task = classification_task(model, forward, train_x, train_y, test_x, test_y, "classifier", s, device)
+    description = (
+        "Pretrained model: google/vit-base-patch16-224-in21k (ImageNet-21k). Downstream: CIFAR-10, "
+        f"{s.train_size} training / {s.test_size} test images; {s.steps} steps of batch {s.batch_size}; "
+        "metric: test accuracy."
+    )
+    return task, description
+
+
+def make_task(profile: str, s: Settings | None = None) -> tuple[Task, str]:
+    """(the runner's Task, a markdown paragraph describing it) for ``profile``, with ``s`` or its default settings."""
+    s = s or settings(profile)
+    return ci_task(s) if profile == "ci" else colab_task(s)
+
+
+def profile_methods(profile: str) -> list[Method]:
+    settings(profile)  # validates the name
+    return ci_methods() if profile == "ci" else colab_methods()
+
+
+def run(profile: str, progress: bool = True, methods: list[Method] | None = None,
+        s: Settings | None = None) -> Report:
+    """Run the ViT comparison under ``profile``; ``methods`` / ``s`` override the profile's defaults."""
+    s = s or settings(profile)
+    task, description = make_task(profile, s)
+    methods = methods if methods is not None else profile_methods(profile)
+    runs = run_methods(task, methods, progress)
+    title = "ViT: digits 0–4 → 5–9" if profile == "ci" else "ViT-B/16 (in21k) → CIFAR-10"
+    figure = plot_curves(runs, "test accuracy", "ViT")
+    return Report("vit", title, description, runs, "test accuracy", True, {"vit_curves": figure})
