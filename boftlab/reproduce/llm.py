@@ -35,7 +35,7 @@ class Settings:
 
 
 SETTINGS = {
-    "ci": Settings(steps=150, batch_size=16, context=64, eval_every=15),
+    "ci": Settings(steps=150, batch_size=8, context=64, eval_every=15),
     "colab": Settings(steps=300, batch_size=8, context=256, eval_every=50, train_examples=4000, test_examples=300),
 }
 
@@ -195,7 +195,7 @@ def colab_task(s: Settings) -> tuple[Task, str]:
     device = torch.device("cuda")
     name = "Qwen/Qwen2.5-0.5B"
     tokenizer = AutoTokenizer.from_pretrained(name)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(name).float()  # fp32 training (transformers 5 loads bf16 by default)
     rows = load_dataset("tatsu-lab/alpaca", split="train").shuffle(seed=s.seed)
     rows = rows.select(range(s.train_examples + s.test_examples))
     examples = [alpaca_example(row, tokenizer, s.context) for row in rows]
