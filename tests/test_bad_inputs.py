@@ -1,0 +1,255 @@
+"""The bad-input catalogue: wrong values across the public API, each answered by a clear error (what was given, what
+is valid) or handled correctly — and the model exactly as it was afterwards.
+
+Cases marked ``bug=...`` are known defects in shared files, run as xfail(strict) with the fix in the reason; when the
+fix lands the marker must go (strict: an unexpected pass fails the suite).
+"""
+
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import boftlab
+from boftlab import AdapterConfig, BOFTConfig, OFTConfig
+from boftlab.model import TRAINABLE_ATTR
+from boftlab.saving import WEIGHTS_NAME
+from boftlab.training import load_checkpoint, save_checkpoint
+
+
+def case(name, *values, bug=None):
+    marks = [pytest.mark.xfail(strict=True, raises=(ValueError, TypeError, IndexError, AssertionError, pytest.fail.Exception), reason=bug)]
+    return pytest.param(*values, id=name, marks=marks if bug else [])
+
+
+def surm(**kwargs):
+    return boftlab.SURMConfig(**kwargs)
+
+
+def tensor_core(**kwargs):
+    return boftlab.TensorCoreConfig(**kwargs)
+
+
+# --- 1. configs: refused when built, before any model is involved -----------------------------------------------------
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        case("block_size_1", lambda: BOFTConfig(block_size=1), r"block_size must be ≥ 2.*got 1"),
+        case("block_size_and_n_blocks", lambda: BOFTConfig(block_size=4, n_blocks=4), "block_size or n_blocks, not both"),
+        case("n_factors_0", lambda: BOFTConfig(n_factors=0), r"n_factors must be an integer ≥ 1.*got 0"),
+        case("n_factors_float", lambda: BOFTConfig(n_factors=2.0), r"n_factors must be an integer.*got 2.0"),
+        case("dropout_1", lambda: BOFTConfig(dropout=1.0), r"dropout is a probability in \[0, 1\), got 1.0"),
+        case("neumann_terms_1", lambda: BOFTConfig(neumann_terms=1), r"neumann_terms must be None.*≥ 2, got 1"),
+        case("path_unknown", lambda: BOFTConfig(path="fast"), r"path must be one of \('auto', 'input', 'weight'\)"),
+        case("oft_two_factors", lambda: OFTConfig(n_factors=2), "OFT has exactly one factor.*use BOFTConfig"),
+        case("surm_structure", lambda: surm(structure="fourier"), r"unknown structure 'fourier'; valid structures"),
+        case("surm_mode", lambda: surm(mode="prefix"), r"unknown mode 'prefix'; valid modes: \('lora', 'adapter'\)"),
+        case("surm_rank_without_ldr", lambda: surm(displacement_rank=2), "only applies to structure='ldr'"),
+        case("surm_relu", lambda: surm(mode="adapter", activation="relu"), r"unknown activation 'relu'.*; valid"),
+        case("tensor_core_rank_0", lambda: tensor_core(ranks=0), r"ranks must be an int ≥ 1.*got 0"),
+        case("tensor_core_scale_0", lambda: tensor_core(scale=0), "scale=0 makes ΔW and every adapter gradient zero"),
+        case("from_dict_family", lambda: AdapterConfig.from_dict({"family": "dora"}), r"unknown adapter family 'dora'"),
+        case("from_dict_option", lambda: AdapterConfig.from_dict({"family": "boft", "rank": 4}),
+             r"BOFTConfig has no option\(s\) \['rank'\]; its options are \['block_size'"),
+        case("block_size_str", lambda: BOFTConfig(block_size="4"), r"block_size must be an integer.*'4'",
+             bug="BOFTConfig.__post_init__ compares '4' < 2 and raises a bare TypeError; type-check int options"),
+        case("block_size_float", lambda: BOFTConfig(block_size=4.0), r"block_size must be an integer.*4.0",
+             bug="BOFTConfig accepts block_size=4.0; adapt() then fails inside torch.zeros with a TypeError"),
+        case("from_dict_not_a_dict", lambda: AdapterConfig.from_dict("boft"), r"expects a dict.*got a str",
+             bug="AdapterConfig.from_dict('boft') answers 'dictionary update sequence element #0 has length 1'"),
+    ],
+)
+def test_bad_config(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+# --- 2. calls on a model: a clear error and the model unchanged --------------------------------------------------------
+class Net(nn.Module):
+    def __init__(self, width=16):
+        super().__init__()
+        self.query = nn.Linear(width, width)
+        self.value = nn.Linear(width, width)
+        self.conv = nn.Conv2d(3, 4, 3)  # fan-in 27: no even block size fits
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        return self.head(self.norm(self.value(torch.tanh(self.query(x)))))
+
+
+def plain():
+    torch.manual_seed(0)
+    return Net()
+
+
+def adapted(config=None):
+    model = boftlab.adapt(plain(), config or BOFTConfig(block_size=4), targets=["query", "value"], trainable=["head"])
+    with torch.no_grad():
+        for layer in boftlab.adapter_layers(model).values():
+            for p in layer.adapter_parameters().values():
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+def merged():
+    return boftlab.merge(adapted())
+
+
+def snapshot(model):
+    """Everything a failed call must not change: module types, tensors, trainability, merge flags, kept modules."""
+    return (
+        [(n, type(m).__name__) for n, m in model.named_modules()],
+        {k: v.clone() for k, v in model.state_dict().items()},
+        {n: p.requires_grad for n, p in model.named_parameters()},
+        {n: layer.merged for n, layer in boftlab.adapter_layers(model).items()},
+        list(getattr(model, TRAINABLE_ATTR, [])),
+    )
+
+
+def assert_unchanged(before, after):
+    assert before[0] == after[0] and before[2:] == after[2:]
+    assert before[1].keys() == after[1].keys() and all(torch.equal(v, after[1][k]) for k, v in before[1].items())
+
+
+def saved(tmp_path, model=None):
+    boftlab.save_adapter(model or adapted(), tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
+def zero_scale_then_merge():
+    model = adapted()
+    with torch.no_grad():
+        model.value.scale[0] = 0.0
+    return boftlab.merge(model)
+
+
+def boft_then_unmergeable_surm():
+    model = boftlab.adapt(plain(), BOFTConfig(block_size=4), targets=["query"])
+    return boftlab.adapt(model, surm(mode="adapter", activation="gelu"), targets=["value"])
+
+
+def write_pickle(tmp_path):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / WEIGHTS_NAME).write_bytes(pickle.dumps({"query.skew": [0.0] * 4}))
+    return tmp_path / "p"
+
+
+MODEL_CASES = [
+    # adapt: configs that do not fit, targets that select nothing or the wrong thing
+    case("block_size_does_not_fit_layer", plain, lambda m, t: boftlab.adapt(m, BOFTConfig(block_size=6), ["query"]),
+         r"cannot adapt module 'query': block_size=6 .*Valid block_size for n_factors=2: \[2, 4, 8\].*nearest valid"),
+    case("too_many_factors_for_layer", plain, lambda m, t: boftlab.adapt(m, BOFTConfig(block_size=4, n_factors=4), ["query"]),
+         r"block_size=4 with n_factors=4 does not fit in_features=16.*valid n_factors for block_size=4: \[1, 2, 3\]"),
+    case("one_bad_target_among_good", plain, lambda m, t: boftlab.adapt(m, BOFTConfig(block_size=4), ["query", "conv"]),
+         r"cannot adapt module 'conv'.*in_channels/groups·kh·kw=27"),
+    case("tensor_core_rank_too_big", plain, lambda m, t: boftlab.adapt(m, tensor_core(ranks=(4, 40)), ["query"]),
+         r"ranks\[1\]=40 .*Valid ranks per mode"),
+    case("surm_on_conv", plain, lambda m, t: boftlab.adapt(m, surm(), ["conv"]), r"none of which SURMConfig supports; supported types: Linear"),
+    case("config_is_a_dict", plain, lambda m, t: boftlab.adapt(m, {"block_size": 4}, ["query"]), r"config must be an adapter config.*got dict"),
+    case("targets_match_nothing", plain, lambda m, t: boftlab.adapt(m, BOFTConfig(), ["attention"]),
+         r"targets=\['attention'\] matched no module. Modules in this model: query \(Linear\)"),
+    case("targets_unsupported_type", plain, lambda m, t: boftlab.adapt(m, BOFTConfig(block_size=4), ["norm"]),
+         r"\['LayerNorm'\], none of which BOFTConfig supports; supported types: Linear, Conv2d"),
+    case("targets_not_understood", plain, lambda m, t: boftlab.adapt(m, BOFTConfig(), 42), r"targets=42 is not understood"),
+    case("targets_empty", plain, lambda m, t: boftlab.adapt(m, BOFTConfig(), []), "targets is empty"),
+    case("targets_item_none", plain, lambda m, t: boftlab.adapt(m, BOFTConfig(), ["query", None]),
+         "targets item None is not a module name, suffix, compiled regex or module type"),
+    case("trainable_unknown", plain, lambda m, t: boftlab.adapt(m, BOFTConfig(block_size=4), ["query"], trainable=["classifier"]),
+         r"trainable='classifier' matched no module"),
+    case("adapt_adapted_layer", adapted, lambda m, t: boftlab.adapt(m, OFTConfig(block_size=4), ["query"]),
+         "module 'query' already carries a 'boft' adapter"),
+    # merge / unmerge
+    case("merge_twice", merged, lambda m, t: boftlab.merge(m), r"merge: already merged \(2 layers"),
+    case("unmerge_unmerged", adapted, lambda m, t: boftlab.unmerge(m), "unmerge: 2 layers are not merged"),
+    case("merge_without_adapters", plain, lambda m, t: boftlab.merge(m), "merge: the model has no boftlab adapters"),
+    case("unmerge_with_zero_scale", zero_scale_then_merge, lambda m, t: boftlab.unmerge(m),
+         "cannot unmerge: some output scales are exactly 0",
+         bug="model.unmerge unmerges 'query' before 'value' raises, leaving the model half unmerged; "
+             "compute every layer's unmerged_weights() before writing any"),
+    case("merge_unmergeable_second_layer", boft_then_unmergeable_surm, lambda m, t: boftlab.merge(m),
+         r"cannot merge an adapter with activation='gelu'",
+         bug="model.merge merges 'query' before 'value' raises, leaving the model half merged; "
+             "compute every layer's merged_weights() before writing any"),
+    # saving and loading
+    case("save_without_adapters", plain, lambda m, t: boftlab.save_adapter(m, t / "a"), "no boftlab adapters to save"),
+    case("save_onto_a_file", adapted, lambda m, t: boftlab.save_adapter(m, (t / "f").write_text("x") and t / "f"),
+         "save_adapter writes a directory, but .* is an existing file"),
+    case("load_missing_path", plain, lambda m, t: boftlab.load_adapter(m, t / "nothing"), "no adapter at .*nothing"),
+    case("load_pickle_file", plain, lambda m, t: boftlab.load_adapter(m, write_pickle(t)), "not a readable safetensors file"),
+    case("load_into_adapted_model", adapted, lambda m, t: boftlab.load_adapter(m, saved(t)), "already has boftlab adapters"),
+    case("load_into_merged_model", merged, lambda m, t: boftlab.load_adapter(m, saved(t)), "already has boftlab adapters"),
+    case("load_other_width", lambda: Net(width=32), lambda m, t: boftlab.load_adapter(m, saved(t)),
+         r"shape mismatch at 'query'.*\[16, 16\].*\[32, 32\]"),
+    case("load_into_meta_model", lambda: Net().to("meta"), lambda m, t: boftlab.load_adapter(m, saved(t)),
+         "meta", bug="load_adapter copies the tensors into meta parameters, silently dropping them; refuse meta models"),
+    # forward
+    case("input_wrong_width", adapted, lambda m, t: m(torch.randn(5, 15)), r"\(\.\.\., 16\).*\(5, 15\)",
+         bug="BOFTLayer.adapted_forward fails with 'IndexError: index 15 is out of bounds'; check x.shape[-1] == fan_in"),
+    # resumable training
+    case("checkpoint_into_plain_model", plain, lambda m, t: load_checkpoint(save_checkpoint(t, adapted()), m),
+         "load_checkpoint resumes into an adapted model"),
+    case("checkpoint_negative_step", adapted, lambda m, t: save_checkpoint(t, m, step=-1), r"step must be an integer ≥ 0.*-1"),
+    # PEFT export
+    case("to_peft_other_family", lambda: adapted(surm()), lambda m, t: boftlab.to_peft(m, t / "peft"),
+         r"PEFT export covers the 'boft' and 'oft' families only; this model also has \['surm'\]"),
+]
+
+
+@pytest.mark.parametrize("build,call,message", MODEL_CASES)
+def test_bad_call_leaves_model_unchanged(build, call, message, tmp_path):
+    model = build()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        call(model, tmp_path)
+    assert_unchanged(before, snapshot(model))
+
+
+# --- 3. unusual but valid: handled correctly -------------------------------------------------------------------------
+def test_wrong_dtype_input_fails_like_the_base_layer():
+    """A float64 batch into a float32 model: the adapted model raises the base layer's own dtype error."""
+    x = torch.randn(4, 16, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="dtype") as base_error:
+        plain()(x)
+    model = adapted()
+    before = snapshot(model)
+    with pytest.raises(base_error.type, match="dtype"):
+        model(x)
+    assert_unchanged(before, snapshot(model))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_model_cast_after_adapting(dtype):
+    """.to(dtype) after adapt: adapter tensors follow the model and the adapted model still starts at the identity."""
+    model = plain()
+    x = torch.randn(4, 16)
+    boftlab.adapt(model, BOFTConfig(block_size=4), targets=["query", "value"])
+    model.to(dtype)
+    reference = plain().to(dtype)
+    assert all(p.dtype == dtype for p in model.parameters())
+    atol = 1e-12 if dtype == torch.float64 else 2e-2
+    torch.testing.assert_close(model(x.to(dtype)), reference(x.to(dtype)), rtol=0, atol=atol)
+
+
+def test_trainable_given_as_a_string():
+    model = boftlab.adapt(plain(), BOFTConfig(block_size=4), targets=["query"], trainable="head")
+    assert model.head.weight.requires_grad and getattr(model, TRAINABLE_ATTR) == ["head"]
+
+
+def test_save_while_merged_reloads_the_adapter_not_the_merge(tmp_path):
+    model = adapted()
+    x = torch.randn(4, 16)
+    expected = model(x)
+    boftlab.merge(model)
+    boftlab.save_adapter(model, tmp_path)
+    reloaded = boftlab.load_adapter(plain(), tmp_path)  # onto the original base weights
+    assert not any(layer.merged for layer in boftlab.adapter_layers(reloaded).values())
+    torch.testing.assert_close(reloaded(x), expected, rtol=0, atol=1e-5)
+
+
+def test_unwrap_twice_is_harmless():
+    model = boftlab.unwrap(adapted())
+    before = snapshot(model)
+    assert boftlab.unwrap(model) is model
+    assert_unchanged(before, snapshot(model))
