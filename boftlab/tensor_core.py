@@ -337,3 +337,250 @@ class TensorCoreLayer(AdapterLayer):
 
     def extra_repr(self) -> str:
         return f"weight_shape={self.weight_shape}, ranks={self.ranks}, scale={self.scale}, " + super().extra_repr()
+
+
+# --- for notebook 08: figures, parameter counts, a small transfer task ------------------------------------------------
+def flattened_neighbours(in_channels: int, kernel_size: int, channel: int, row: int, col: int) -> dict[str, int]:
+    """Columns of LoRA's flattened out × (in·k·k) matrix that hold tap (channel, row, col) and its kernel neighbours.
+
+    PyTorch flattens W[o, c, i, j] to column c·k² + i·k + j: a horizontal neighbour is 1 column away, a vertical one
+    k columns, the same tap of the next channel k² columns. O(1).
+    """
+    k = kernel_size
+    if not (0 <= channel < in_channels and 0 <= row < k and 0 <= col < k):
+        raise ValueError(f"tap ({channel}, {row}, {col}) is outside a kernel of {in_channels} channels × {k}×{k}")
+    column = lambda c, i, j: c * k * k + i * k + j  # noqa: E731
+    found = {"tap": column(channel, row, col)}
+    for name, (c, i, j) in {
+        "left": (channel, row, col - 1), "right": (channel, row, col + 1), "up": (channel, row - 1, col),
+        "down": (channel, row + 1, col), "next channel": (channel + 1, row, col),
+    }.items():
+        if 0 <= c < in_channels and 0 <= i < k and 0 <= j < k:
+            found[name] = column(c, i, j)
+    return found
+
+
+def plot_flattening(in_channels: int = 3, kernel_size: int = 3, channel: int = 1, row: int = 1, col: int = 1):
+    """Figure: one output filter (in_channels k×k grids) and the flattened row LoRA factorises, neighbours marked."""
+    from matplotlib.figure import Figure
+
+    k = kernel_size
+    marks = flattened_neighbours(in_channels, k, channel, row, col)
+    colours = {"tap": "tab:red", "left": "tab:blue", "right": "tab:blue", "up": "tab:green", "down": "tab:green",
+               "next channel": "tab:purple"}
+    fig = Figure(figsize=(10, 3.2), layout="constrained")
+    grid = fig.add_gridspec(2, in_channels, height_ratios=[3, 1])
+    for c in range(in_channels):
+        ax = fig.add_subplot(grid[0, c])
+        ax.set_title(f"W[o, {c}, :, :]", fontsize=9)
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.imshow(torch.zeros(k, k), cmap="Greys", vmin=0, vmax=1)
+        for name, column in marks.items():
+            cc, rest = divmod(column, k * k)
+            if cc == c:
+                i, j = divmod(rest, k)
+                ax.add_patch(_square(j, i, colours[name]))
+    ax = fig.add_subplot(grid[1, :])
+    ax.imshow(torch.zeros(1, in_channels * k * k), cmap="Greys", vmin=0, vmax=1, aspect="auto")
+    for name, column in marks.items():
+        ax.add_patch(_square(column, 0, colours[name]))
+        ax.annotate(name, (column, -0.5), xytext=(column, -0.9), ha="center", fontsize=8, color=colours[name],
+                    annotation_clip=False)
+    ax.set_yticks([])
+    ax.set_xlabel(f"column of the flattened out × (in·k·k) = out × {in_channels * k * k} matrix LoRA factorises")
+    return fig
+
+
+def _square(x: float, y: float, colour: str):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((x - 0.5, y - 0.5), 1, 1, color=colour, alpha=0.8)
+
+
+def mode_product_steps(shape: Sequence[int], ranks: Sequence[int]) -> list[dict[str, Any]]:
+    """The shapes ``tucker_delta`` goes through: G, G ×₁ U₁, …, with each step's factor shape and multiply-adds."""
+    steps = [{"label": "G", "shape": tuple(ranks), "factor": None, "flops": 0}]
+    current = list(ranks)
+    for n, d in enumerate(shape):
+        current[n] = d
+        flops = math.prod(shape[: n + 1]) * math.prod(ranks[n:])
+        steps.append({"label": f"×{n + 1} U{n + 1}", "shape": tuple(current), "factor": (d, ranks[n]), "flops": flops})
+    return steps
+
+
+def plot_mode_products(shape: Sequence[int] = (64, 32, 3, 3), ranks: int | Sequence[int] = (8, 4, 3, 3)):
+    """Figure: the tensor after each mode product, one bar per mode (log scale), core ranks blue, full sizes orange."""
+    from matplotlib.figure import Figure
+
+    shape = tuple(shape)
+    ranks = resolve_ranks(shape, ranks, [f"mode {n + 1}" for n in range(len(shape))], "this")
+    steps = mode_product_steps(shape, ranks)
+    fig = Figure(figsize=(2.3 * len(steps), 2.8), layout="constrained")
+    axes = fig.subplots(1, len(steps), sharex=True)
+    top = max(shape)
+    for n_step, (ax, step) in enumerate(zip(axes, steps)):
+        expanded = [n < n_step for n in range(len(shape))]
+        ax.barh(range(len(shape)), step["shape"], color=["tab:orange" if e else "tab:blue" for e in expanded])
+        ax.set_xscale("log", base=2)
+        ax.set_xlim(0.8, top * 2)
+        ax.invert_yaxis()
+        ax.set_yticks(range(len(shape)), [f"mode {n + 1}" for n in range(len(shape))] if n_step == 0 else [])
+        for n, size in enumerate(step["shape"]):
+            ax.text(size * 1.1, n, str(size), va="center", fontsize=8)
+        factor = "" if step["factor"] is None else f"U{n_step}: {step['factor'][0]}×{step['factor'][1]}\n"
+        ax.set_title(f"{step['label']}\n{factor}{math.prod(step['shape']):,} entries", fontsize=9)
+        ax.set_xlabel(f"{step['flops']:,} MACs" if step["flops"] else "core", fontsize=8)
+    fig.suptitle(
+        f"ΔW {shape} from a core {ranks}: {tucker_n_params(shape, ranks):,} stored numbers "
+        f"vs {math.prod(shape):,} in W", fontsize=10,
+    )
+    return fig
+
+
+def layer_kind(layer: nn.Module) -> str:
+    """A short name for a layer's shape class: "Linear", "3×3 conv", "7×7 depthwise conv", "1×1 conv", …"""
+    if isinstance(layer, nn.Linear):
+        return "Linear"
+    kernel = "×".join(map(str, layer.kernel_size))
+    depthwise = layer.groups > 1 and layer.groups == layer.in_channels
+    return f"{kernel} {'depthwise ' if depthwise else 'grouped ' if layer.groups > 1 else ''}conv"
+
+
+def parameter_counts(model: nn.Module, rank: int, kinds: Sequence[type[nn.Module]] = (nn.Conv2d, nn.Linear)):
+    """Adapter parameters per layer kind on ``model``: boftlab tensor-core (ranks=rank) vs PEFT LoRA and LoKr (r=rank).
+
+    PEFT's counts come from injecting PEFT into a copy of the model, one layer kind at a time; a kind PEFT refuses
+    (e.g. LoRA on a depthwise conv, unless r is divisible by the groups) is reported as None. Returns rows
+    {"layer kind", "layers", "base params", "tensor-core", "PEFT LoRA", "PEFT LoKr"}.
+    """
+    import copy
+    import warnings
+
+    import peft
+
+    by_kind: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, tuple(kinds)):
+            by_kind.setdefault(layer_kind(module), []).append(name)
+    rows = []
+    for kind, names in by_kind.items():
+        modules = [model.get_submodule(n) for n in names]
+        row: dict[str, Any] = {
+            "layer kind": kind, "layers": len(names),
+            "base params": sum(m.weight.numel() for m in modules),
+            "tensor-core": sum(TensorCoreConfig(ranks=rank).make_layer(m).n_trainable() for m in modules),
+        }
+        for label, config in (("PEFT LoRA", peft.LoraConfig), ("PEFT LoKr", peft.LoKrConfig)):
+            try:
+                with warnings.catch_warnings():  # PEFT warns about grouped convs just before it refuses them
+                    warnings.filterwarnings("ignore", message="LoRA adapter added to ConvNd layer with groups")
+                    injected = peft.inject_adapter_in_model(config(r=rank, target_modules=names), copy.deepcopy(model))
+            except ValueError:
+                row[label] = None
+                continue
+            row[label] = sum(p.numel() for n, p in injected.named_parameters() if p.requires_grad)
+        rows.append(row)
+    return rows
+
+
+def digits_transfer(seed: int = 0) -> dict[str, torch.Tensor]:
+    """scikit-learn's bundled 8×8 digits as two tasks: source = digits 0–4, downstream = digits 5–9 (labels 0–4).
+
+    Each task split 70/30 into train/test; keys ``{source,target}_{train,test}_{x,y}``, x (n, 1, 8, 8) in [0, 1].
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(digits.target, dtype=torch.long)
+    generator = torch.Generator().manual_seed(seed)
+    data = {}
+    for task, keep in (("source", y < 5), ("target", y >= 5)):
+        xs, ys = x[keep], y[keep] % 5
+        order = torch.randperm(len(ys), generator=generator)
+        cut = int(0.7 * len(ys))
+        for split, index in (("train", order[:cut]), ("test", order[cut:])):
+            data[f"{task}_{split}_x"], data[f"{task}_{split}_y"] = xs[index], ys[index]
+    return data
+
+
+def small_cnn(n_classes: int = 5, width: int = 16) -> nn.Sequential:
+    """A three-conv classifier for 8×8 images: conv1 (1→w), conv2 (w→2w), conv3 (2w→2w, after a 2×2 pool), head."""
+    from collections import OrderedDict
+
+    return nn.Sequential(OrderedDict(
+        conv1=nn.Conv2d(1, width, 3, padding=1), act1=nn.ReLU(),
+        conv2=nn.Conv2d(width, 2 * width, 3, padding=1), act2=nn.ReLU(), pool=nn.MaxPool2d(2),
+        conv3=nn.Conv2d(2 * width, 2 * width, 3, padding=1), act3=nn.ReLU(),
+        gap=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(), head=nn.Linear(2 * width, n_classes),
+    ))
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Fraction of ``x`` that ``model`` classifies as ``y``."""
+    model.eval()
+    correct = (model(x).argmax(-1) == y).float().mean().item()
+    model.train()
+    return correct
+
+
+def fit(model: nn.Module, data: dict[str, torch.Tensor], task: str, steps: int, lr: float = 1e-2,
+        batch_size: int = 64, eval_every: int = 10, seed: int = 0) -> list[tuple[int, float]]:
+    """Adam on ``model``'s trainable parameters for ``task`` ("source" or "target"); returns (step, test accuracy)."""
+    x, y = data[f"{task}_train_x"], data[f"{task}_train_y"]
+    x_test, y_test = data[f"{task}_test_x"], data[f"{task}_test_y"]
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    curve = [(0, accuracy(model, x_test, y_test))]
+    model.train()
+    for step in range(1, steps + 1):
+        index = torch.randint(len(y), (batch_size,), generator=generator)
+        loss = F.cross_entropy(model(x[index]), y[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % eval_every == 0 or step == steps:
+            curve.append((step, accuracy(model, x_test, y_test)))
+    return curve
+
+
+def transfer_methods(pretrained: nn.Module, lora_rank: int, tensor_core_ranks: int | tuple[int, ...],
+                     targets: Sequence[str] = ("conv1", "conv2", "conv3")) -> dict[str, nn.Module]:
+    """Copies of ``pretrained`` set up for the downstream task, the head trainable in every one:
+    full fine-tuning, head only, PEFT LoRA (r = lora_rank) and boftlab tensor-core on the ``targets`` convs."""
+    import copy
+
+    import peft
+
+    from .model import adapt
+
+    methods: dict[str, nn.Module] = {"full fine-tuning": copy.deepcopy(pretrained)}
+    head_only = copy.deepcopy(pretrained).requires_grad_(False)
+    head_only.head.requires_grad_(True)
+    methods["head only"] = head_only
+    lora = peft.inject_adapter_in_model(peft.LoraConfig(r=lora_rank, target_modules=list(targets)),
+                                        copy.deepcopy(pretrained))
+    lora.head.requires_grad_(True)
+    methods[f"PEFT LoRA r={lora_rank}"] = lora
+    config = TensorCoreConfig(ranks=tensor_core_ranks)
+    methods[f"tensor-core ranks={tensor_core_ranks}"] = adapt(copy.deepcopy(pretrained), config, list(targets),
+                                                              trainable=["head"])
+    return methods
+
+
+def plot_learning_curves(curves: dict[str, list[tuple[int, float]]], title: str = "downstream test accuracy"):
+    """Figure: test accuracy against training step, one line per method."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.5), layout="constrained")
+    ax = fig.add_subplot()
+    for label, curve in curves.items():
+        steps, accs = zip(*curve)
+        ax.plot(steps, accs, label=label, marker=".")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return fig
