@@ -100,9 +100,11 @@ def ci_methods() -> list[Method]:
     ]
 
 
+#: attention and MLP projections of every block, under transformers 4 names (encoder.layer.N.attention.attention.query,
+#: ...) and transformers 5 names (layers.N.attention.q_proj, ..., mlp.fc1).
 COLAB_LINEARS = (
-    r"vit\.encoder\.layer\.\d+\.(attention\.attention\.(query|key|value)|attention\.output\.dense"
-    r"|intermediate\.dense|output\.dense)"
+    r"vit\.(encoder\.layer|layers)\.\d+\.(attention\.attention\.(query|key|value)|attention\.output\.dense"
+    r"|intermediate\.dense|output\.dense|attention\.(q|k|v|o)_proj|mlp\.fc[12])"
 )
 
 
@@ -163,7 +165,7 @@ def colab_task(s: Settings) -> tuple[Task, str]:
     from datasets import load_dataset
     from transformers import ViTForImageClassification
 
-    device = torch.device("cuda")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = load_dataset("uoft-cs/cifar10")
 
     def tensors(split, n: int) -> tuple[torch.Tensor, torch.Tensor]:
