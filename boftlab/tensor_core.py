@@ -219,8 +219,13 @@ class TensorCoreLayer(AdapterLayer):
 
     # --- the update ---
     def delta_weight(self) -> torch.Tensor:
-        """ΔW = s · G ×₁ U₁ ⋯ ×_N U_N in the adapter's dtype, shape of the base weight. O(tucker_flops)."""
-        return tucker_delta(self.core, list(self.factors), self.scale)
+        """ΔW = s · G ×₁ U₁ ⋯ ×_N U_N in the adapter's dtype, shape of the base weight. O(tucker_flops).
+
+        Assembled outside autocast: the small products stay in the adapter's precision (under autocast each
+        tensordot would round to half precision and the next one would mix dtypes).
+        """
+        with torch.autocast(self.core.device.type, enabled=False):
+            return tucker_delta(self.core, list(self.factors), self.scale)
 
     def n_effective(self) -> int:
         """Free parameters of the Tucker form (stored minus the per-mode gauge): ``tucker_dimension``."""
@@ -318,8 +323,9 @@ class TensorCoreLayer(AdapterLayer):
         conv, ones = _CONV_FUNCTIONS[n_spatial], (1,) * n_spatial
         r_out, r_in = self.ranks[:2]
         kernel = core
-        for mode in range(2, core.dim()):
-            kernel = mode_product(kernel, factors[mode], mode)  # (r_out, r_in, k…): the core in pixel space
+        with torch.autocast(core.device.type, enabled=False):  # as in delta_weight
+            for mode in range(2, core.dim()):
+                kernel = mode_product(kernel, factors[mode], mode)  # (r_out, r_in, k…): the core in pixel space
         project = u_in.T.reshape(r_in, -1, *ones).repeat(groups, 1, *ones)  # (groups·r_in, in/groups, 1…)
         z = conv(x, project, groups=groups)  # (B, groups·r_in, *spatial): each group's channels -> r_in
         z = base._conv_forward(z, kernel.repeat(groups, *(1,) * (core.dim() - 1)), None)  # (B, groups·r_out, *out)

@@ -475,3 +475,15 @@ def test_fit_and_transfer_methods_start_at_the_pretrained_model_and_train_only_w
     tensor_core = trainable(methods["tensor-core ranks=3"])
     assert {"head.weight", "head.bias", "conv2.core"} <= tensor_core and "conv2.base_layer.weight" not in tensor_core
     assert len(plot_learning_curves({"a": curve}).axes[0].lines) == 1
+
+
+@pytest.mark.parametrize("path", ["weight", "factorised"])
+@pytest.mark.parametrize("name", ["linear", "conv2d_grouped", "conv3d"])
+def test_autocast_bfloat16_output_is_close_to_float32(name, path):
+    layer, x = make(name, path)
+    layer, x = layer.float(), x.float()
+    full = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = layer(x)
+        assert layer.delta_weight().dtype == torch.float32  # assembled outside autocast
+    assert (half.float() - full).abs().max() <= 0.05 * full.abs().max()
