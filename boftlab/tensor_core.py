@@ -20,9 +20,14 @@ Initialisation (ΔW = 0 at step 0, non-zero gradients). The core starts at zero 
 orthonormal columns. ∂L/∂G = s · ∂L/∂W ×₁ U₁ᵀ ⋯ ×_N U_Nᵀ is the weight gradient projected onto the factors'
 subspaces — non-zero — while ∂L/∂U_n contains G and is zero: step 1 moves only the core, and from step 2 on all
 factors train. (Zeroing one factor instead also works, but singles out one mode; a zero core treats all modes
-alike, as the authors' public code does.) Orthonormal columns make G ↦ ΔW an isometry at step 0, ‖ΔW‖_F = s‖G‖_F,
-so the scale s means the same thing for every layer size (the authors draw the factors with Kaiming-normal instead;
-that multiplies ΔW by a layer-size–dependent factor).
+alike, as the public FLoRA reference code does.) Orthonormal columns make G ↦ ΔW an isometry at step 0,
+‖ΔW‖_F = s‖G‖_F, so the scale s means the same thing for every layer size (that reference code draws the factors
+Kaiming-normal instead, which multiplies ΔW by a layer-size–dependent factor).
+
+Ranks: one int r means min(r, d_n) on every mode (so it fits a depthwise kernel's size-1 mode); a tuple is taken
+as given, one rank per mode, and a rank above its mode's size is a ValueError listing the valid ranges.
+Embedding: the factor row of ``padding_idx`` starts at zero and never gets a gradient, so the padding vector stays
+the base's; with ``max_norm`` the rows of W + ΔW are renormalised (the frozen W itself is never written).
 
 Two exact forward paths; ``auto`` picks the one with fewer multiply-adds per call (``path_costs``):
 
@@ -154,8 +159,8 @@ class TensorCoreConfig(AdapterConfig):
     """FLoRA: ΔW = scale · G ×₁ U₁ ⋯ ×_N U_N on the weight's own N modes.
 
     ranks: one int r (min(r, d_n) on every mode) or one int per mode of the stored weight, e.g. (8, 8, 3, 3) for a
-    Conv2d (out, in/groups, kh, kw); ranks equal to the kernel size leave the kernel modes unrestricted, as in the
-    paper's convolution form (its r × r × k × k core).
+    Conv2d (out, in/groups, kh, kw); ranks equal to the kernel size leave the kernel modes unrestricted (a full
+    k × k spatial core, one invertible k × k factor per spatial mode).
     scale: the paper's constant s multiplying ΔW.
     path: "auto" picks the cheaper exact forward per call; "weight"/"factorised" force one (tests, benchmarks).
     """
