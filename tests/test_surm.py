@@ -377,7 +377,7 @@ def test_fit_ldr_recovers_an_ldr_target_and_never_gets_worse():
     assert approximation_error(target, "ldr", displacement_rank=1, sweeps=60) < 1e-8
     noise = torch.randn(16, 16, dtype=F64)
     errors = [approximation_error(noise, "ldr", displacement_rank=2, sweeps=s) for s in (1, 2, 4, 8)]
-    assert errors[0] < 1.0  # the first least-squares step already beats S = 0
+    assert errors[0] <= approximation_error(noise, "circulant") + 1e-12  # circulants are LDR r=1 (h = e_0)
     assert all(b <= a + 1e-12 for a, b in zip(errors, errors[1:]))
     g, h = fit_ldr(noise, 16, sweeps=30)
     assert torch.allclose(ldr(g, h), noise, atol=1e-8)  # r = n: every matrix is reachable
