@@ -140,16 +140,18 @@ CI_LAYERS = rf".*resnets\.\d+\.conv[12]|{CI_ATTENTION}"
 
 
 def ci_methods() -> list[Method]:
-    """Every method adapts the resnet convolutions and the attention projections of the UNet."""
+    """Every method targets the resnet convolutions and the attention projections of the UNet (SURM adapts only
+    the attention projections: it is defined for nn.Linear). Budgets: LoRA r=6 61 632, OFT b=16 68 880,
+    BOFT b=8 m=2 65 376, BOFT b=4 m=4 56 192; FLoRA and SURM are smaller by construction."""
     return [
         Method("full fine-tuning", "full", lr=5e-4),
-        Method("LoRA r=4 (PEFT)", "lora", {"r": 4, "lora_alpha": 8}, CI_LAYERS, lr=3e-3),
+        Method("LoRA r=6 (PEFT)", "lora", {"r": 6, "lora_alpha": 12}, CI_LAYERS, lr=3e-3),
         Method("OFT b=16", "oft", {"block_size": 16}, CI_LAYERS, lr=3e-3),
         Method("BOFT b=8 m=2", "boft", {"block_size": 8, "n_factors": 2}, CI_LAYERS, lr=3e-3),
         Method("BOFT b=4 m=4", "boft", {"block_size": 4, "n_factors": 4}, CI_LAYERS, lr=3e-3),
         Method("SURM circulant", "surm", {"structure": "circulant", "mode": "lora"}, CI_LAYERS, lr=3e-3),
         Method("SURM Kronecker", "surm", {"structure": "kronecker", "mode": "lora"}, CI_LAYERS, lr=3e-3),
-        Method("FLoRA (tensor core)", "tensor_core", {"ranks": 4}, CI_LAYERS, lr=3e-3),
+        Method("FLoRA (tensor core)", "tensor_core", {"ranks": 8}, CI_LAYERS, lr=3e-3),
     ]
 
 

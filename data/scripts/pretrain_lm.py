@@ -1,7 +1,7 @@
 """Pretrain the ci profile's language model (and its tokenizer) on the *source* text: CPython's reference
 documentation, ``pydoc_data.topics`` (it ships with every CPython).
 
-    python data/scripts/pretrain_lm.py     # ~5 min on 2 CPU cores; writes data/checkpoints/lm_pydoc/
+    python data/scripts/pretrain_lm.py     # ~12 min on a shared 2-core CPU; writes data/checkpoints/lm_pydoc/
 
 1. a byte-level BPE tokenizer with 1 024 tokens is trained on the source text only;
 2. a 4-layer Llama-architecture model (``boftlab.reproduce.llm.build_ci_lm``) is trained on 95 % of the source
