@@ -61,17 +61,8 @@ def test_autocast_training(family, dtype):
     assert all(not torch.equal(model.get_parameter(n), start[n]) for n in layer_params)  # every adapter trained
 
 
-TENSOR_CORE_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="tensor_core.mode_product: tensordot's inner mm is autocast to half precision, so the next mode product "
-    "mixes dtypes ('both inputs should have same dtype') on the weight path; delta_weight must disable autocast",
-)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize(
-    "family", [pytest.param(f, marks=TENSOR_CORE_XFAIL) if f == "tensor_core" else f for f in FAMILIES]
-)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_autocast_output_matches_fp32(family, dtype):
     model = adapted(family)
     with torch.no_grad():
