@@ -19,3 +19,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'boftlab' has no attribute {name!r}")
 from .surm import SURMAdapterLayer, SURMConfig, SURMLayer, StructuredMatrix, approximation_error, displacement_rank
 from .tensor_core import TensorCoreConfig, TensorCoreLayer, mode_product, tucker_delta, tucker_dimension, tucker_n_params
+from .training import load_checkpoint, save_checkpoint
