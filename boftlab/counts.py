@@ -8,9 +8,11 @@ Per adapted layer with fan-in d (in_features, or in_channels/groups·kh·kw) and
       output scale s (BOFT, optional)  + n
     dense orthogonal matrix            d(d−1)/2
 
-SURM and tensor-core (FLoRA) counts live next to their layers (``boftlab.surm``, ``boftlab.tensor_core``) and are
-summed over architectures here with the same machinery (``count(..., method="surm" | "flora", ...)``) when those
-modules are installed.
+    SURM (LoRA-style, S: n × d)        circulant max(n, d) · Toeplitz n + d − 1 · Kronecker m1·n1 + m2·n2 ·
+                                       LDR of displacement rank r: 2·r·max(n, d)   (``surm.parameter_count``)
+    SURM (adapter-style, S: n × n)     the same with d = n, + n for the adapter bias
+    FLoRA / tensor core, ranks r_i     Π r_i + Σ d_i·r_i over the weight's modes (out, in[, kh, kw])
+                                       (``tensor_core.tucker_n_params``)
 
 The architectures are built from hand-written configs (values copied from the hub ``config.json`` named in each
 ``source``) under ``torch.device("meta")``: every module and shape is real, no weight is allocated, nothing is
@@ -94,6 +96,11 @@ class LayerShape:
     fan_out: int
     has_bias: bool
     kind: str  # "linear" | "conv2d"
+    weight_shape: tuple[int, ...] = ()  # (out, in) or (out, in/groups, kh, kw); defaults to (fan_out, fan_in)
+
+    @property
+    def modes(self) -> tuple[int, ...]:
+        return self.weight_shape or (self.fan_out, self.fan_in)
 
 
 def layer_shapes(model: nn.Module, targets: list[str] | str) -> list[LayerShape]:
@@ -111,7 +118,8 @@ def layer_shapes(model: nn.Module, targets: list[str] | str) -> list[LayerShape]
             hit = any(name == t or name.endswith("." + t) for t in targets)
         if hit:
             kind = "linear" if isinstance(module, nn.Linear) else "conv2d"
-            found.append(LayerShape(name, module.weight[0].numel(), module.weight.shape[0], module.bias is not None, kind))
+            found.append(LayerShape(name, module.weight[0].numel(), module.weight.shape[0], module.bias is not None, kind,
+                                    tuple(module.weight.shape)))
     if not found:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))})
         raise ValueError(f"no nn.Linear/nn.Conv2d matches targets={targets!r}; layer names end with: {suffixes}")
@@ -119,8 +127,8 @@ def layer_shapes(model: nn.Module, targets: list[str] | str) -> list[LayerShape]
 
 
 def layer_count(shape: LayerShape, method: str, **hyper: Any) -> int:
-    """The closed form for ``method`` at one layer. hyper: rank (lora, flora), block_size / n_blocks, n_factors,
-    scale, bias, convention (oft/boft), or the SURM / FLoRA options of their own count functions."""
+    """The closed form for ``method`` at one layer. hyper: rank (lora); block_size / n_blocks, n_factors, scale,
+    bias, convention (oft/boft); structure, displacement_rank, kronecker_shape, mode (surm); ranks (flora)."""
     if method == "lora":
         return lora_params(shape.fan_in, shape.fan_out, hyper["rank"])
     if method in ("oft", "boft"):
@@ -129,13 +137,19 @@ def layer_count(shape: LayerShape, method: str, **hyper: Any) -> int:
             return oft_params(shape.fan_in, shape.fan_out, **options)
         return boft_params(shape.fan_in, shape.fan_out, n_factors=hyper.get("n_factors", 2), **options)
     if method == "surm":
-        from . import surm  # written alongside; a clear ImportError if this install lacks it
+        from .surm import parameter_count
 
-        return surm.surm_params(shape.fan_in, shape.fan_out, **hyper)
+        adapter = hyper.get("mode", "lora") == "adapter"
+        d_in = shape.fan_out if adapter else shape.fan_in  # the adapter acts on the layer's output
+        options = {k: hyper[k] for k in ("displacement_rank", "kronecker_shape") if hyper.get(k) is not None}
+        stored = parameter_count(hyper.get("structure", "circulant"), shape.fan_out, d_in, **options)
+        return stored + (shape.fan_out if adapter and hyper.get("bias", True) else 0)
     if method == "flora":
-        from . import tensor_core
+        from .tensor_core import resolve_ranks, tucker_n_params
 
-        return tensor_core.flora_params(shape, **hyper)
+        names = tuple(f"mode {i}" for i in range(len(shape.modes)))
+        ranks = resolve_ranks(shape.modes, hyper.get("ranks", 8), names, shape.kind)
+        return tucker_n_params(shape.modes, ranks)
     raise ValueError(f"unknown method {method!r}; methods: {METHODS}")
 
 
@@ -365,3 +379,28 @@ PAPER_ROWS: list[PaperRow] = [
         for m, r, reported in [(2, 32, "2.66M"), (6, 32, "7.69M"), (5, 16, "12.93M"), (4, 8, "20.76M")]
     ],
 ]
+
+
+def paper_table(rows: list[PaperRow] | None = None) -> list[dict[str, Any]]:
+    """One dict per paper entry: where it is, the paper's number, ours in its unit, the exact count, both conventions."""
+    out = []
+    for row in PAPER_ROWS if rows is None else rows:
+        peft = None
+        if row.method in ("oft", "boft"):
+            peft = count(row.model, row.method, row.targets, **{**row.hyper, "convention": "peft", "bias": False})
+        out.append({
+            "source": "BOFT paper, " + row.where.rsplit("), ", 1)[-1], "model": row.model,
+            "method": row.label, "targets": row.targets, "paper": row.reported, "ours": row.ours_as_reported(),
+            "exact count": row.ours(), "match": "yes" if row.matches() else "rounding, see note",
+            "PEFT stores (b×b blocks, + scale where counted)": peft, "counted": row.convention, "note": row.note,
+        })
+    return out
+
+
+def markdown_table(records: list[dict[str, Any]]) -> str:
+    """A list of dicts as a GitHub markdown table (numbers with thousands separators)."""
+    keys = list(records[0])
+    cell = lambda v: "" if v is None else f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(r[k]) for k in keys) + " |" for r in records]
+    return "\n".join(lines)

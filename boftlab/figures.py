@@ -56,8 +56,9 @@ def path_counts(dim: int, block_size: int, n_factors: int) -> torch.Tensor:
 
 
 def reachability(dim: int, block_size: int, n_factors: int) -> torch.Tensor:
-    """(d, d) bool: whether information from input j can reach output i through all m factors."""
-    return path_counts(dim, block_size, n_factors)[-1] != 0
+    """(d, d) bool: whether information from input j can reach output i through all m factors. O(m·d²·b)."""
+    _check(dim, block_size, n_factors)
+    return _product(dim, block_size, n_factors, list(range(n_factors))) != 0
 
 
 def factors_for_dense(dim: int, block_size: int) -> int:
@@ -171,4 +172,42 @@ def explore_butterfly(dim: int = 16, block_size: int = 2, n_factors: int = 4) ->
     print(f"free parameters m·k·b(b−1)/2 = {effective}  (PEFT stores m·k·b² = {stored}; "
           f"a dense orthogonal matrix has d(d−1)/2 = {dense})")
     print(f"density of R = B_m⋯B_1: {reach:.1%}" + ("  — dense" if reach == 1.0 else ""))
+    return fig
+
+
+# --- parameter counts (notebook 02) ----------------------------------------------------------------------------------
+def plot_parameter_budget(
+    model: str = "deberta-v3-base",
+    method: str = "boft",
+    targets: str = "all linear",
+    rank: int = 8,
+    block_size: int = 8,
+    n_factors: int = 2,
+    convention: str = "effective",
+    scale: bool = True,
+) -> Figure | None:
+    """Widget body: trainable parameters of ``method`` on a meta-device ``model``, split by layer name; prints the total.
+
+    Invalid hyper-parameters for some layer (e.g. a block size that does not divide its fan-in) are reported as
+    text with the valid choices.
+    """
+    hyper = {"rank": rank} if method == "lora" else {"block_size": block_size, "scale": scale, "convention": convention}
+    if method == "boft":
+        hyper["n_factors"] = n_factors
+    try:
+        split = counts.count_by_suffix(model, method, targets, **hyper)
+    except ValueError as err:
+        print(f"not valid for {model}: {err}")
+        return None
+    total = sum(split.values())
+    base = counts.n_base_params(model)
+    print(f"{method} on {model} ({targets}): {total:,} trainable parameters = {total / 1e6:.2f}M "
+          f"= {100 * total / base:.3f}% of {base / 1e6:.1f}M")
+    fig = Figure(figsize=(6.5, 0.6 + 0.35 * len(split)), layout="tight")
+    ax = fig.subplots()
+    names = list(split)
+    ax.barh(names, [split[n] / 1e6 for n in names], color="tab:blue")
+    ax.invert_yaxis()
+    ax.set_xlabel("trainable parameters (M), summed over blocks")
+    ax.set_title(f"{model}: {method} {hyper}", fontsize=8)
     return fig

@@ -83,3 +83,23 @@ def test_the_one_explained_difference_is_only_rounding():
 def test_stable_diffusion_rows_are_reproduced():
     rows = [r for r in counts.PAPER_ROWS if r.model == "sd-2.1-unet"]
     assert len(rows) == 10 and all(r.matches() for r in rows)
+
+
+@pytest.mark.parametrize("hyper", [dict(structure="circulant"), dict(structure="toeplitz"), dict(structure="kronecker"),
+                                   dict(structure="ldr", displacement_rank=3),
+                                   dict(structure="circulant", mode="adapter"), dict(structure="ldr", displacement_rank=2, mode="adapter")])
+@pytest.mark.parametrize("fan_in,fan_out", [(16, 16), (12, 20)])
+def test_surm_formula_equals_what_the_layer_stores(hyper, fan_in, fan_out):
+    surm = pytest.importorskip("boftlab.surm")
+    layer = surm.SURMConfig(**hyper).make_layer(nn.Linear(fan_in, fan_out))
+    shape = counts.layer_shapes(nn.Sequential(nn.Linear(fan_in, fan_out)), ["0"])[0]
+    assert counts.layer_count(shape, "surm", **hyper) == layer.n_trainable()
+
+
+@pytest.mark.parametrize("module,ranks", [(nn.Linear(24, 40), 8), (nn.Linear(24, 40), (4, 6)), (nn.Conv2d(8, 16, 3), 4),
+                                          (nn.Conv2d(8, 16, 3), (4, 2, 3, 3))])
+def test_flora_formula_equals_what_the_layer_stores(module, ranks):
+    tensor_core = pytest.importorskip("boftlab.tensor_core")
+    layer = tensor_core.TensorCoreConfig(ranks=ranks).make_layer(module)
+    shape = counts.layer_shapes(nn.Sequential(module), ["0"])[0]
+    assert counts.layer_count(shape, "flora", ranks=ranks) == layer.n_trainable()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from boftlab import figures
+from boftlab import counts, figures
 from boftlab.butterfly import BOFTConfig, valid_n_factors
 
 
@@ -90,4 +90,14 @@ def test_explore_butterfly_prints_counts_and_reports_invalid_input(capsys):
     out = capsys.readouterr().out
     assert fig is not None and "m·k·b(b−1)/2 = 192" in out and "m·k·b² = 512" in out and "dense" in out
     assert figures.explore_butterfly(16, 3, 2) is None
+    assert "Valid block_size" in capsys.readouterr().out
+
+
+def test_parameter_budget_prints_the_count_of_counts_module(capsys):
+    fig = figures.plot_parameter_budget("deberta-v3-base", "boft", block_size=8, n_factors=2)
+    out = capsys.readouterr().out
+    total = counts.count("deberta-v3-base", "boft", "all linear", block_size=8, n_factors=2, scale=True)
+    assert f"{total:,} trainable" in out
+    assert len(fig.axes[0].patches) == 6  # one bar per linear layer kind of a DeBERTa block
+    assert figures.plot_parameter_budget("deberta-v3-base", "boft", block_size=7) is None
     assert "Valid block_size" in capsys.readouterr().out
