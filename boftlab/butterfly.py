@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .contract import AdapterConfig, AdapterLayer, nearest
+from .kernels import butterfly_apply_fused, fused_supported
 
 PATHS = ("auto", "input", "weight")
 
@@ -184,6 +185,14 @@ class BOFTConfig(AdapterConfig):
     path: str = "auto"
 
     def __post_init__(self) -> None:
+        for name in ("block_size", "n_blocks", "n_factors", "neumann_terms"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+        for name in ("dropout", "coft_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
         if self.block_size is not None and self.n_blocks is not None:
             raise ValueError(
                 f"give block_size or n_blocks, not both (got block_size={self.block_size}, n_blocks={self.n_blocks});"
@@ -256,6 +265,10 @@ class BOFTLayer(AdapterLayer):
     # --- the orthogonal factors ---
     def orthogonal_blocks(self) -> torch.Tensor:
         """(m, k, b, b) orthogonal blocks in fp32 (or fp64), with COFT and (while training) multiplicative dropout applied."""
+        with torch.autocast(self.skew.device.type, enabled=False):  # Cayley (solve or series) in fp32 under AMP
+            return self._orthogonal_blocks()
+
+    def _orthogonal_blocks(self) -> torch.Tensor:
         skew = skew_symmetric(self.skew.to(torch.promote_types(self.skew.dtype, torch.float32)), self.block_size)
         if self.config.coft:
             # constrained OFT: pull each block's S back onto the ball ‖S‖_F ≤ eps/√k (eps as in PEFT)
@@ -273,9 +286,14 @@ class BOFTLayer(AdapterLayer):
         return [getattr(self, f"_{direction}_gather_{j}") for j in range(self.n_factors + 1)]
 
     def rotate(self, rows: torch.Tensor, transpose: bool = False, blocks: torch.Tensor | None = None) -> torch.Tensor:
-        """rows: (..., d) -> rows @ R (or rows @ Rᵀ). O(d·b·m) per row; R is never formed."""
-        blocks = self.orthogonal_blocks() if blocks is None else blocks
-        return butterfly_apply(rows, blocks.to(rows.dtype), self._gathers(transpose), transpose)
+        """rows: (..., d) -> rows @ R (or rows @ Rᵀ). O(d·b·m) per row; R is never formed.
+
+        On CUDA with Triton, supported shapes run the fused kernel (one read, one write of the rows; same result to
+        fp tolerance); everything else runs the PyTorch path.
+        """
+        blocks = (self.orthogonal_blocks() if blocks is None else blocks).to(rows.dtype)
+        apply = butterfly_apply_fused if fused_supported(rows, blocks) else butterfly_apply
+        return apply(rows, blocks, self._gathers(transpose), transpose)
 
     def rotation(self) -> torch.Tensor:
         """The dense d × d matrix R — for tests, figures and teaching only."""
@@ -314,6 +332,13 @@ class BOFTLayer(AdapterLayer):
 
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         base = self.base_layer
+        expected = base.in_features if isinstance(base, nn.Linear) else base.in_channels
+        channels = x.shape[-1] if isinstance(base, nn.Linear) else x.shape[-3] if x.dim() >= 3 else None
+        if channels != expected:
+            shape = f"(..., {expected})" if isinstance(base, nn.Linear) else f"(batch, {expected}, height, width)"
+            raise ValueError(
+                f"this adapted {type(base).__name__} expects inputs of shape {shape}, got {tuple(x.shape)}"
+            )
         blocks = self.orthogonal_blocks()
         if isinstance(base, nn.Linear):
             n_rows = x.numel() // self.fan_in

@@ -59,6 +59,11 @@ class AdapterConfig:
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> "AdapterConfig":
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"AdapterConfig.from_dict expects a dict like {{'family': 'boft', 'block_size': 8}}, "
+                f"got a {type(data).__name__}: {data!r}"
+            )
         data = dict(data)
         family = data.pop("family", None)
         if family not in FAMILIES:

@@ -15,6 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence, Union
 
+import torch
 from torch import nn
 
 from .contract import AdapterConfig, AdapterLayer
@@ -276,8 +277,7 @@ def merge(model: nn.Module) -> nn.Module:
     already = [n for n, layer in layers.items() if layer.merged]
     if already:
         raise ValueError(f"merge: already merged ({len(already)} layers, e.g. {already[0]!r}); call unmerge first")
-    for layer in layers.values():
-        layer.merge()
+    _write_all(layers, {name: layer.merged_weights() for name, layer in layers.items()}, merged=True)
     return model
 
 
@@ -289,9 +289,16 @@ def unmerge(model: nn.Module) -> nn.Module:
     not_merged = [n for n, layer in layers.items() if not layer.merged]
     if not_merged:
         raise ValueError(f"unmerge: {len(not_merged)} layers are not merged (e.g. {not_merged[0]!r})")
-    for layer in layers.values():
-        layer.unmerge()
+    _write_all(layers, {name: layer.unmerged_weights() for name, layer in layers.items()}, merged=False)
     return model
+
+
+@torch.no_grad()
+def _write_all(layers: dict[str, AdapterLayer], weights: dict[str, dict[str, torch.Tensor]], merged: bool) -> None:
+    """Write every layer's new base tensors — computed beforehand, so one layer's error changes nothing."""
+    for name, layer in layers.items():
+        layer._write_base(weights[name])
+        layer.merged = merged
 
 
 def unwrap(model: nn.Module) -> nn.Module:

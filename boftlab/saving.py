@@ -53,8 +53,19 @@ def atomic_write(path: Path, write: Any) -> None:
         raise
 
 
+def unwrap_wrappers(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel / FSDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers,
+    so that saved names never carry a wrapper's prefix."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    while isinstance(model, (nn.parallel.DistributedDataParallel, FullyShardedDataParallel)) or hasattr(model, "_orig_mod"):
+        model = model.module if hasattr(model, "module") else model._orig_mod
+    return model
+
+
 def adapter_config(model: nn.Module) -> dict[str, Any]:
     """The JSON-able description of every adapter in ``model`` (what ``save_adapter`` writes)."""
+    model = unwrap_wrappers(model)
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("the model has no boftlab adapters to save; call boftlab.adapt(model, config, targets) first")
@@ -76,6 +87,7 @@ def adapter_config(model: nn.Module) -> dict[str, Any]:
 
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """``{module_name.key: tensor}`` for every adapter's state and every module kept trainable."""
+    model = unwrap_wrappers(model)
     tensors = {}
     for name, layer in adapter_layers(model).items():
         tensors |= {f"{name}.{k}": v for k, v in layer.adapter_state().items()}
@@ -155,6 +167,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     unknown family or a newer format raise ``ValueError`` and leave the model as it was.
     """
     config, tensors = read_adapter(path)
+    model = unwrap_wrappers(model)
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise ValueError(
+            f"the model's parameters are on the meta device (e.g. {meta[0]!r}), so the adapter's values would be "
+            "dropped; materialise the base model (load its weights) before load_adapter"
+        )
     if adapter_layers(model):
         raise ValueError(
             "the model already has boftlab adapters; load_adapter expects the plain base model "

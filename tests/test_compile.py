@@ -78,12 +78,6 @@ def test_compiled_training_step_then_merge(compiled):
         torch.testing.assert_close(fast(x), after, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="saving.save_adapter keeps torch.compile's '_orig_mod.' prefix; it should unwrap compiled/DDP models "
-    "(lead: see the helper report)",
-)
 def test_adapter_saved_from_compiled_model_loads_into_plain_model(tmp_path):
     model = adapted_model()
     boftlab.save_adapter(torch.compile(model, backend="aot_eager"), tmp_path)

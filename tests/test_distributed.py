@@ -168,12 +168,6 @@ def test_rank0_adapter_reloads_into_plain_model(run, single_process, engine):
         torch.testing.assert_close(reloaded(x), reference(x), rtol=0, atol=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="saving.save_adapter keeps DDP's 'module.' prefix; needs save_adapter/adapter_config to unwrap DDP and "
-    "torch.compile wrappers (lead: see the helper report)",
-)
 def test_adapter_saved_from_ddp_wrapper_loads_into_plain_model(run):
     out_dir, _ = run
     _, base_state = build()

@@ -78,16 +78,8 @@ def test_autocast_output_matches_fp32(family, dtype):
     assert (half.float() - full).abs().max().item() <= HALF_TOLERANCE[dtype] * scale
 
 
-def neumann_xfail(family):
-    reason = (
-        "butterfly.cayley's Neumann series is matmuls, which autocast runs in half precision; "
-        "BOFTLayer.orthogonal_blocks must disable autocast (fix in the helper report)"
-    )
-    return pytest.param(family, marks=pytest.mark.xfail(strict=True, reason=reason)) if "neumann" in family else family
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("family", [neumann_xfail(f) for f in ("boft", "boft_neumann", "oft")])
+@pytest.mark.parametrize("family", ["boft", "boft_neumann", "oft"])
 def test_orthogonal_blocks_stay_fp32_under_autocast(family, dtype):
     layer = adapted(family)[0]
     with torch.no_grad():

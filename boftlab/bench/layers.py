@@ -22,7 +22,7 @@ from torch import nn
 from . import Timing, fwd_bwd, markdown_table, suite, synchronize, time_call
 from .. import butterfly
 from ..butterfly import BOFTConfig, OFTConfig
-from ..kernels import butterfly_apply_fused, fused_supported
+from ..kernels import butterfly_apply_fused
 
 BLOCK_SIZE = 8
 LORA_RANK = 8
@@ -48,15 +48,9 @@ def _peft(config_name: str, base: nn.Linear, **options) -> nn.Module:
 
 
 @contextlib.contextmanager
-def fused_dispatch() -> Iterator[None]:
-    """boftlab BOFT layers use the fused kernel where ``fused_supported`` says so (the proposed dispatch in rotate)."""
-    torch_path = butterfly.butterfly_apply
-
-    def dispatch(x, blocks, gathers, transpose=False):
-        use = butterfly_apply_fused if fused_supported(x, blocks) else torch_path
-        return use(x, blocks, gathers, transpose)
-
-    with mock.patch.object(butterfly, "butterfly_apply", dispatch):
+def torch_path_only() -> Iterator[None]:
+    """boftlab BOFT layers skip the fused kernel (which ``rotate`` picks on CUDA by itself): the PyTorch path rows."""
+    with mock.patch.object(butterfly, "fused_supported", lambda x, blocks: False):
         yield
 
 
@@ -110,7 +104,7 @@ def method_list(names: list[str], factors: tuple[int, ...] = (2,), device: torch
             for m in factors:
                 label = f"boftlab BOFT m={m} b={BLOCK_SIZE}" + (" (fused kernel)" if fused else "")
                 config = BOFTConfig(block_size=BLOCK_SIZE, n_factors=m)
-                methods.append(Method(label, config.make_layer, (lambda device: fused_dispatch()) if fused else None))
+                methods.append(Method(label, config.make_layer, None if fused else (lambda device: torch_path_only())))
         elif name == "surm":
             try:
                 from ..surm import SURMConfig
