@@ -3,7 +3,7 @@
 ci:    a small diffusers ``UNet2DModel`` + ``DDPMScheduler`` (50 steps) that ``data/scripts/pretrain_unet.py``
        pretrained on scikit-learn's 8×8 digits 0–4, adapted to the training half of digits 5–9. Sample quality is
        judged by a digit classifier trained on all ten classes (``data/scripts/train_digit_classifier.py``): the
-       *target-digit rate* is the fraction of 128 samples (fixed noise) it labels 5–9. CPU, minutes.
+       *target-digit rate* is the fraction of 64 samples (fixed noise) it labels 5–9. CPU, minutes.
 colab: Stable Diffusion v1.5, subject-driven (DreamBooth-style) on the five ``diffusers/dog-example`` photos with
        the prompt "a photo of sks dog"; metric: CLIP image similarity of generated and reference photos (CLIP-I).
 """
@@ -47,7 +47,7 @@ class Settings:
 
 
 SETTINGS = {
-    "ci": Settings(steps=150, batch_size=64, eval_every=50, n_samples=128),
+    "ci": Settings(steps=150, batch_size=64, eval_every=75, n_samples=64),
     "colab": Settings(steps=400, batch_size=1, eval_every=100, n_samples=4, inference_steps=25),
 }
 
