@@ -20,3 +20,4 @@ def __getattr__(name: str):
 from .surm import SURMAdapterLayer, SURMConfig, SURMLayer, StructuredMatrix, approximation_error, displacement_rank
 from .tensor_core import TensorCoreConfig, TensorCoreLayer, mode_product, tucker_delta, tucker_dimension, tucker_n_params
 from .training import load_checkpoint, save_checkpoint
+from . import counts, expressivity, figures
