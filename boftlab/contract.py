@@ -112,6 +112,15 @@ class AdapterLayer(nn.Module):
     def family(self) -> str:
         return self.config.family
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's (frozen) weight, for model code that reads ``layer.weight.dtype`` etc., as PEFT allows."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         """The adapter's own parameters (not the base layer's), by name relative to this layer."""
         return {n: p for n, p in self.named_parameters() if not n.startswith("base_layer.")}

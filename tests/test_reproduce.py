@@ -194,15 +194,8 @@ def colab_vit_task():
         return vit.make_task("colab", s)[0]
 
 
-# transformers' ViT reads ``embeddings.patch_embeddings.projection.weight.dtype``; a boftlab adapter layer has no
-# ``weight`` attribute (PEFT's layers forward it to the base layer), so FLoRA on the patch embedding fails there.
-PATCH_EMBED_XFAIL = pytest.mark.xfail(strict=True, raises=AttributeError,
-                                      reason="AdapterLayer does not expose its base layer's weight")
-
-
 @pytest.mark.parametrize("method", [
-    pytest.param(m, id=m.name, marks=[PATCH_EMBED_XFAIL] if m.family == "tensor_core" else [])
-    for m in vit.colab_methods()
+    pytest.param(m, id=m.name) for m in vit.colab_methods()  # tensor_core: transformers reads projection.weight.dtype
 ])
 def test_colab_vit_path_runs_on_a_tiny_stand_in(colab_vit_task, method):
     run = run_method(colab_vit_task, method, progress=False)
