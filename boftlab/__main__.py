@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     domains = list(DOMAINS) if args.domain == "all" else [args.domain]
     out = args.out if args.out is not None else Path("out") / args.profile
-    path = reproduce(domains, args.profile, out, progress=not args.quiet)
+    command = f"python -m boftlab reproduce {args.domain} --profile {args.profile} --out {out}"
+    path = reproduce(domains, args.profile, out, progress=not args.quiet, command=command)
     print(path.read_text())
     print(f"wrote {path} and its figures")
     return 0

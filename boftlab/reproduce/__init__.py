@@ -16,16 +16,17 @@ DOMAINS = {"vit": vit, "llm": llm, "diffusion": diffusion}
 PROFILES = ("ci", "colab")
 
 
-def reproduce(domains: list[str], profile: str, out: str | Path, progress: bool = True) -> Path:
+def reproduce(domains: list[str], profile: str, out: str | Path, progress: bool = True,
+              command: str | None = None) -> Path:
     """Run ``domains`` (names from ``DOMAINS``) under ``profile``; write ``out/results.md`` and the figures.
-    Returns the path of results.md."""
+    ``command`` is recorded in results.md (default: the equivalent CLI line). Returns the path of results.md."""
     unknown = [d for d in domains if d not in DOMAINS]
     if unknown:
         raise ValueError(f"unknown domain(s) {unknown}; valid domains: {sorted(DOMAINS)}")
     if profile not in PROFILES:
         raise ValueError(f"profile={profile!r}; valid profiles: {PROFILES}")
     reports = [DOMAINS[d].run(profile, progress) for d in domains]
-    command = f"python -m boftlab reproduce {' '.join(domains)} --profile {profile} --out {out}"
+    command = command or f"python -m boftlab reproduce {' '.join(domains)} --profile {profile} --out {out}"
     return write_results(reports, Path(out), profile, command)
 
 

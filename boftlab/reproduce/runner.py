@@ -341,7 +341,7 @@ def plot_curves(runs: list[Run], metric: str, title: str, smooth: int = 10):
         ax_loss.plot(r.steps[kernel - 1:], smoothed.tolist(), label=r.method.name, lw=1.2)
         ax_metric.plot(r.eval_steps, r.evals, marker=".", label=r.method.name, lw=1.2)
     ax_loss.set(xlabel="step", ylabel=f"training loss (mean of {smooth} steps)", title=f"{title}: training loss")
-    ax_metric.set(xlabel="step", ylabel=metric, title=f"{title}: held-out {metric}")
+    ax_metric.set(xlabel="step", ylabel=metric, title=f"{title}: {metric}")
     ax_loss.set_yscale("log")
     ax_metric.legend(fontsize=7, loc="best")
     fig.tight_layout()
