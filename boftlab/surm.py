@@ -25,9 +25,22 @@ stored number still reaches the crop. Toeplitz and Kronecker matrices are native
 The two uses of the paper:
 
 * LoRA-style (mode="lora"):    W' = W + α·S,        y = W x + α·S x + bias             (S: d_out × d_in)
+  on nn.Linear and on nn.Conv1d / nn.Conv2d / nn.Conv3d (below);
 * adapter-style (mode="adapter"): y = h + f(α·S h) + b,  h = W x + bias                 (S: d_out × d_out)
   inserted on the output of the targeted Linear — on BERT's ``attention.output.dense`` and ``output.dense`` this
-  is the paper's placement, after the projection and before the residual LayerNorm.
+  is the paper's placement, after the projection and before the residual LayerNorm. nn.Linear only.
+
+Convolutions (mode="lora"). A kernel W: (out, in/groups, *k) is the matrix W: (out, in/groups·prod(k)), each row one
+output channel's weights over an input patch, flattened channel-major as (out, in/g, *k) -> (out, rest); so S is
+d_out × d_in with d_out = out, d_in = in/groups·prod(k), the parameter counts above hold with those sizes, and
+y = conv(x; W + α·S reshaped to W's shape) — one conv with the base layer's stride, padding, dilation, groups and
+padding_mode (not the base conv plus a second conv with α·S: the same result from one forward conv). Here S *is*
+formed: applying it without forming it would need every input patch unfolded (prod(k) copies of the activations),
+while a conv's S is the size of its frozen kernel, so forming it costs no more memory than the kernel itself. It is
+formed only at that size, never as the n × n square that circulant and LDR matrices are cropped from (for a 3×3
+conv 64 -> 64 that square would be 576 × 576, nine times the 64 × 576 kernel): ``circulant`` gathers
+c[(i − j) mod n] for the block's entries alone and ``ldr_block`` applies FFT products to the block's short side.
+Linear layers keep the FFT products, which never form S at all.
 
 Identity at init with gradients: S starts at exactly 0 and S depends linearly (circulant, Toeplitz) or
 bilinearly (Kronecker, LDR) on its parameters. A linear S = Σ_k c_k·P_k has ∂L/∂c_k = ⟨∂L/∂S, P_k⟩, which does not
@@ -123,19 +136,28 @@ def ldr_matvec(g: torch.Tensor, h: torch.Tensor, x: torch.Tensor) -> torch.Tenso
     return torch.fft.irfft(spectrum, n=n)
 
 
-# --- dense references (tests, merging, figures; never in the forward pass) ------------------------------------------
-def circulant(c: torch.Tensor) -> torch.Tensor:
-    """(..., n) -> (..., n, n) with C[i, j] = c[(i − j) mod n]."""
-    n = c.shape[-1]
-    i = torch.arange(n, device=c.device)
-    return c[..., (i[:, None] - i[None, :]) % n]
+# --- dense matrices (tests, merging, figures, a conv's kernel; never in a Linear's forward pass) ---------------------
+def _differences(n: int, d_out: int | None, d_in: int | None, device: torch.device) -> torch.Tensor:
+    """(d_out, d_in) (default n × n) table of i − j: the diagonal that entry (i, j) of a Toeplitz-like matrix is on."""
+    i = torch.arange(n if d_out is None else d_out, device=device)
+    j = torch.arange(n if d_in is None else d_in, device=device)
+    return i[:, None] - j[None, :]
 
 
-def skew_circulant(c: torch.Tensor) -> torch.Tensor:
-    """(..., n) -> (..., n, n) with Z[i, j] = c[i − j] for i ≥ j and −c[n + i − j] above the diagonal."""
+def circulant(c: torch.Tensor, d_out: int | None = None, d_in: int | None = None) -> torch.Tensor:
+    """(..., n) -> (..., d_out, d_in) with C[i, j] = c[(i − j) mod n]: the whole n × n circulant by default, else its
+    top-left d_out × d_in block (d_out, d_in ≤ n), gathered entry by entry without forming the square."""
     n = c.shape[-1]
-    upper = torch.ones(n, n, dtype=torch.bool, device=c.device).triu(1)
-    return circulant(c).masked_fill(upper, 0) - circulant(c).masked_fill(~upper, 0)
+    return c[..., _differences(n, d_out, d_in, c.device) % n]
+
+
+def skew_circulant(c: torch.Tensor, d_out: int | None = None, d_in: int | None = None) -> torch.Tensor:
+    """(..., n) -> (..., d_out, d_in) (default n × n) with Z[i, j] = c[i − j] for i ≥ j and −c[n + i − j] above the
+    diagonal; a block is gathered without forming the square, as in ``circulant``."""
+    n = c.shape[-1]
+    diff = _differences(n, d_out, d_in, c.device)
+    sign = torch.where(diff >= 0, 1.0, -1.0).to(c.dtype)
+    return sign * c[..., diff % n]
 
 
 def toeplitz(t: torch.Tensor, d_out: int, d_in: int) -> torch.Tensor:
@@ -147,6 +169,27 @@ def toeplitz(t: torch.Tensor, d_out: int, d_in: int) -> torch.Tensor:
 def ldr(g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """(r, n), (r, n) -> (n, n): Σ_i Z_1(g_i)·Z_{−1}(h_i), as r dense products. O(r·n³)."""
     return (circulant(g) @ skew_circulant(h)).sum(0)
+
+
+def ldr_block(g: torch.Tensor, h: torch.Tensor, d_out: int, d_in: int) -> torch.Tensor:
+    """(r, n), (r, n) -> (d_out, d_in): the top-left block of Σ_i Z_1(g_i)·Z_{−1}(h_i), n = max(d_out, d_in), with no
+    n × n intermediate. O(r·d_out·d_in) memory, O(r·d_out·d_in·log n) time.
+
+    The product's inner size is n, so the block needs rows Z_1(g)[:d_out, :] (d_out × n) and columns
+    Z_{−1}(h)[:, :d_in] (n × d_in), and one of the two is the whole n × n square. Only the one on the block's short
+    side is gathered; the other factor is applied to it by FFT:
+
+    * d_out = n: columns, Z_1(g_i)·(Z_{−1}(h_i)[:, :d_in]), a circulant product per gathered column;
+    * d_in = n: rows, (Z_1(g_i)[:d_out, :])·Z_{−1}(h_i), i.e. Z_{−1}(h_i)ᵀ applied to each gathered row, where
+      Z_{−1}(h)ᵀ = Z_{−1}(h₀, −h_{n−1}, …, −h₁) is skew-circulant again.
+    """
+    n = g.shape[-1]
+    if d_out == n:
+        columns = skew_circulant(h, n, d_in).transpose(-1, -2)  # (r, d_in, n): row j is column j of Z_{−1}(h_i)
+        return circulant_matvec(g.unsqueeze(-2), columns).sum(0).T  # (r, d_in, n) -> (d_in, n) -> (d_out, d_in)
+    transposed = torch.cat([h[..., :1], -h[..., 1:].flip(-1)], dim=-1)  # (r, n): Z_{−1}(h_i)ᵀ = Z_{−1}(transposed_i)
+    rows = circulant(g, d_out, n)  # (r, d_out, n): rows of Z_1(g_i)
+    return skew_circulant_matvec(transposed.unsqueeze(-2), rows).sum(0)  # (r, d_out, n) -> (d_out, d_in)
 
 
 def shift_matrix(n: int, f: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -313,15 +356,19 @@ class StructuredMatrix(nn.Module):
         return y.to(x.dtype)
 
     def dense(self) -> torch.Tensor:
-        """S as a dense d_out × d_in matrix (built from the dense references, not from the FFT path)."""
+        """S as a dense d_out × d_in matrix, in fp32 (fp64 for fp64 parameters), in O(r·d_out·d_in) memory, never via
+        a larger square (circulant, Toeplitz: gathers; Kronecker: torch.kron; LDR: ``ldr_block``).
+
+        For merging, and for convolutions, whose forward uses S in the kernel's shape (module docstring).
+        """
+        dtype = _compute_dtype(next(self.parameters()).dtype)
         if self.structure == "toeplitz":
-            return toeplitz(self.diagonals, self.d_out, self.d_in)
+            return toeplitz(self.diagonals.to(dtype), self.d_out, self.d_in)
         if self.structure == "kronecker":
-            return torch.kron(self.factor_a, self.factor_b)
-        square = circulant(self.first_column) if self.structure == "circulant" else ldr(
-            self.circulant_columns, self.skew_columns
-        )
-        return square[: self.d_out, : self.d_in]
+            return torch.kron(self.factor_a.to(dtype), self.factor_b.to(dtype))
+        if self.structure == "circulant":
+            return circulant(self.first_column.to(dtype), self.d_out, self.d_in)
+        return ldr_block(self.circulant_columns.to(dtype), self.skew_columns.to(dtype), self.d_out, self.d_in)
 
     def extra_repr(self) -> str:
         extra = {"kronecker": lambda: f", kronecker_shape={self.kronecker_shape}",
@@ -502,21 +549,25 @@ def plot_structure(target: torch.Tensor, structure: str, displacement_rank: int 
 
 
 # --- config ----------------------------------------------------------------------------------------------------------
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+LAYERS_BY_MODE: dict[str, tuple[type[nn.Module], ...]] = {"lora": (nn.Linear, *CONVOLUTIONS), "adapter": (nn.Linear,)}
+
+
 @dataclasses.dataclass
 class SURMConfig(AdapterConfig):
-    """Structured unrestricted-rank adaptation of nn.Linear layers.
+    """Structured unrestricted-rank adaptation of nn.Linear layers, and in mode="lora" of nn.Conv1d/2d/3d too.
 
     structure: "circulant" | "toeplitz" | "kronecker" | "ldr".
     displacement_rank (r): LDR only (default 1); 1 ≤ r ≤ max(d_out, d_in).
     kronecker_shape: Kronecker only; shape (m1, n1) of A in A ⊗ B; default: divisors nearest √d_out and √d_in.
-    mode: "lora" (W' = W + α·S) or "adapter" (h + f(α·S h) + b on the layer's output).
+    mode: "lora" (W' = W + α·S; nn.Linear and convolutions, d_in = in/groups·prod(kernel_size) for a conv) or
+        "adapter" (h + f(α·S h) + b on the layer's output; nn.Linear only).
     alpha (α): scale of S in both modes.
     activation (f): adapter only, one of ``ACTIVATIONS`` (default "gelu"); "identity" makes the adapter mergeable.
     bias (b): adapter only (default True).
     """
 
     family: ClassVar[str] = "surm"
-    supported_layers: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
 
     structure: str = "circulant"
     displacement_rank: int | None = None
@@ -559,6 +610,21 @@ class SURMConfig(AdapterConfig):
                 f"bias={self.bias!r} with mode='lora', where W' = W + α·S has neither)."
             )
 
+    @property
+    def supported_layers(self) -> tuple[type[nn.Module], ...]:  # type: ignore[override]
+        """Per mode: ``adapt`` selects targets by it, so an adapter-mode config refuses a conv before the model is
+        touched."""
+        return LAYERS_BY_MODE[self.mode]
+
+    def check_supported(self, base_layer: nn.Module) -> None:
+        if self.mode == "adapter" and isinstance(base_layer, CONVOLUTIONS):
+            raise ValueError(
+                f"SURMConfig(mode='adapter') adapts nn.Linear only, not a {type(base_layer).__name__}: the adapter "
+                "h ↦ h + f(α·S h) + b acts on a Linear's output features. mode='lora' (W' = W + α·S) adapts "
+                "nn.Linear, nn.Conv1d, nn.Conv2d and nn.Conv3d."
+            )
+        super().check_supported(base_layer)
+
     def make_layer(self, base_layer: nn.Module) -> "SURMLayer | SURMAdapterLayer":
         self.check_supported(base_layer)
         return SURMLayer(base_layer, self) if self.mode == "lora" else SURMAdapterLayer(base_layer, self)
@@ -566,22 +632,33 @@ class SURMConfig(AdapterConfig):
 
 # --- the layers ------------------------------------------------------------------------------------------------------
 class SURMLayer(AdapterLayer):
-    """LoRA-style: a frozen nn.Linear with W' = W + α·S, S structured (d_out × d_in). x: (..., d_in) -> (..., d_out)."""
+    """LoRA-style: a frozen layer with W' = W + α·S, S structured (d_out × d_in).
 
-    def __init__(self, base_layer: nn.Linear, config: SURMConfig) -> None:
+    nn.Linear: x: (..., d_in) -> (..., d_out), y = W x + bias + α·S x, S applied by FFT and never formed.
+    nn.Conv1d/2d/3d: W: (out, in/groups, *k) is d_out × d_in with d_out = out, d_in = in/groups·prod(k);
+    y = conv(x; W + α·S reshaped to W's shape), one conv with the base layer's settings; S is formed, at the kernel's
+    size (see the module docstring for why that is cheap).
+    """
+
+    def __init__(self, base_layer: nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d, config: SURMConfig) -> None:
         super().__init__(base_layer, config)
+        weight = base_layer.weight  # (d_out, d_in) or (out, in/groups, *kernel_size)
         self.matrix = StructuredMatrix(
-            config.structure, base_layer.out_features, base_layer.in_features,
+            config.structure, weight.shape[0], math.prod(weight.shape[1:]),
             displacement_rank=config.displacement_rank or 1, kronecker_shape=config.kronecker_shape,
-            device=base_layer.weight.device,
+            device=weight.device,
         )
 
     def delta_weight(self) -> torch.Tensor:
-        """α·S, dense, (d_out, d_in)."""
-        return self.config.alpha * self.matrix.dense()
+        """α·S, dense, in the base weight's shape: (d_out, d_in), or (out, in/groups, *kernel_size) for a conv."""
+        return (self.config.alpha * self.matrix.dense()).reshape(self.base_layer.weight.shape)
 
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.base_layer(x) + self.config.alpha * self.matrix(x)
+        base = self.base_layer
+        if isinstance(base, nn.Linear):
+            return base(x) + self.config.alpha * self.matrix(x)
+        # the merged kernel W + α·S, built exactly as merge() builds it, through the base conv's own call
+        return base._conv_forward(x, self.merged_weights()["weight"], base.bias)
 
     def merged_weights(self) -> dict[str, torch.Tensor]:
         weight = self.base_layer.weight

@@ -1,10 +1,14 @@
 """SURM: FFT products == dense references, displacement rank, parameter counts, identity at init, gradients,
-merging in both modes, half precision, bad configs, best approximations, and boftlab.adapt on a tiny BERT."""
+merging in both modes, half precision, bad configs, best approximations, boftlab.adapt on a tiny BERT, and LoRA-style
+SURM on Conv1d/2d/3d."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import boftlab
 from boftlab import SURMConfig
@@ -22,6 +26,7 @@ from boftlab.surm import (
     fit_ldr,
     kronecker_matvec,
     ldr,
+    ldr_block,
     ldr_generators,
     ldr_matvec,
     parameter_count,
@@ -115,6 +120,42 @@ def test_rectangular_circulant_is_the_crop_of_the_square_one():
     matrix = structured("circulant", 5, 9)
     assert torch.equal(matrix.dense(), circulant(matrix.first_column)[:5, :9])
     assert torch.allclose(matrix.dense()[0], torch.cat([matrix.first_column[:1], matrix.first_column[1:].flip(0)]))
+
+
+@pytest.mark.parametrize("d_out,d_in", SHAPES + [(1, 9), (9, 1), (64, 576)])
+def test_blocks_equal_the_crops_of_the_squares(d_out, d_in):
+    n = max(d_out, d_in)
+    c = torch.randn(n, dtype=F64)
+    assert torch.equal(circulant(c, d_out, d_in), circulant(c)[:d_out, :d_in])
+    assert torch.equal(skew_circulant(c, d_out, d_in), skew_circulant(c)[:d_out, :d_in])
+    for r in (1, 3):
+        g, h = torch.randn(min(r, n), n, dtype=F64), torch.randn(min(r, n), n, dtype=F64)
+        assert torch.allclose(ldr_block(g, h, d_out, d_in), ldr(g, h)[:d_out, :d_in], atol=1e-10, rtol=0)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the most elements of any tensor an operation produces while active (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        sizes = [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        self.largest = max([self.largest, *sizes])
+        return out
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize("d_out,d_in", [(4, 400), (400, 4)])
+def test_dense_never_forms_the_square(structure, d_out, d_in):
+    matrix = structured(structure, d_out, d_in)  # ldr: r = 2
+    with LargestTensor() as record:
+        matrix.dense().square().sum().backward()
+    # at most r = 2 times the short side times the skew-circulant FFT's length 2n, times 2 for complex numbers (the
+    # irfft's backward); the square would be n² = 160 000
+    assert record.largest <= 2 * 2 * 2 * d_out * d_in
 
 
 # --- displacement rank --------------------------------------------------------------------------------------------
@@ -341,8 +382,13 @@ def test_impossible_kronecker_factors_are_rejected():
 
 
 def test_unsupported_layer_type():
-    with pytest.raises(ValueError, match="supported layer types: nn.Linear"):
-        SURMConfig().make_layer(nn.Conv2d(3, 3, 3))
+    with pytest.raises(ValueError, match=r"cannot adapt a Embedding; supported layer types: nn.Linear, nn.Conv1d, "
+                                         r"nn.Conv2d, nn.Conv3d\."):
+        SURMConfig().make_layer(nn.Embedding(10, 4))
+    with pytest.raises(ValueError, match=r"cannot adapt a ConvTranspose2d; supported layer types: nn.Linear,"):
+        SURMConfig().make_layer(nn.ConvTranspose2d(3, 3, 3))
+    with pytest.raises(ValueError, match=r"cannot adapt a Embedding; supported layer types: nn.Linear\.$"):
+        SURMConfig(mode="adapter").make_layer(nn.Embedding(10, 4))
 
 
 # --- best approximations (the notebook's figures) -------------------------------------------------------------------
@@ -452,3 +498,170 @@ def test_adapt_tiny_bert_adapter_style_after_attention_and_ffn_outputs(tmp_path)
     torch.manual_seed(1)
     fresh = boftlab.load_adapter(tiny_bert(), tmp_path / "surm")  # same seed -> same base weights
     assert torch.allclose(fresh(ids).last_hidden_state, trained, atol=1e-12)
+
+
+# --- convolutions (mode="lora") ---------------------------------------------------------------------------------------
+CONVS = {  # (base conv, input shape)
+    "conv1d": (lambda: nn.Conv1d(4, 6, 3, padding=1), (2, 4, 9)),
+    "conv2d": (lambda: nn.Conv2d(3, 5, 3), (2, 3, 7, 6)),
+    "conv3d_non_cubic_kernel": (lambda: nn.Conv3d(2, 4, (2, 3, 2)), (2, 2, 4, 5, 4)),
+    "conv2d_grouped": (lambda: nn.Conv2d(6, 4, 3, padding=1, groups=2), (2, 6, 5, 5)),
+    "conv2d_strided_padded_dilated": (lambda: nn.Conv2d(3, 6, 3, stride=2, padding=2, dilation=2), (2, 3, 9, 8)),
+    "conv2d_non_square_kernel": (lambda: nn.Conv2d(4, 6, (1, 3), padding=(0, 1)), (2, 4, 5, 6)),
+    "conv2d_reflect": (lambda: nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), (2, 3, 6, 6)),
+    "conv1d_depthwise_circular": (lambda: nn.Conv1d(4, 4, 5, padding=2, groups=4, padding_mode="circular"), (2, 4, 8)),
+    "conv3d_strided_reflect": (lambda: nn.Conv3d(2, 3, 3, stride=(1, 2, 2), padding=1, padding_mode="reflect"),
+                               (1, 2, 4, 5, 5)),
+}
+R = {"displacement_rank": 2}
+
+
+def surm_conv(structure, case, alpha=0.7):
+    """A SURM-adapted conv in fp64 with every parameter (base and adapter) random, and an input for it."""
+    make, shape = CONVS[case]
+    torch.manual_seed(0)
+    layer = randomize(config_for(structure, alpha=alpha).make_layer(make().to(F64)).to(F64))
+    return layer, torch.randn(shape, dtype=F64)
+
+
+def conv_reference(base, x, weight):
+    """The base conv's map with another kernel, written with torch.nn.functional (not the layer's own call)."""
+    conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[weight.dim()]
+    padding = base.padding
+    if base.padding_mode != "zeros":  # pad explicitly, then convolve without padding
+        pad = [p for p in reversed(base.padding) for _ in range(2)]  # F.pad: last dimension first
+        x, padding = F.pad(x, pad, mode=base.padding_mode), 0
+    return conv(x, weight, base.bias, base.stride, padding, base.dilation, base.groups)
+
+
+def flat_shape(conv):
+    """(d_out, d_in) = (out, in/groups·prod(kernel_size))."""
+    return conv.out_channels, conv.weight[0].numel()
+
+
+@pytest.mark.parametrize("case", CONVS)
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_conv_output_is_the_conv_with_w_plus_alpha_s(structure, case):
+    layer, x = surm_conv(structure, case)
+    base = layer.base_layer
+    assert layer.matrix.dense().shape == flat_shape(base)
+    weight = base.weight + 0.7 * layer.matrix.dense().reshape(base.weight.shape)
+    expected = conv_reference(base, x, weight)
+    assert torch.allclose(layer(x), expected, atol=1e-10, rtol=0)
+    assert not torch.allclose(expected, conv_reference(base, x, base.weight), atol=1e-3)  # S really contributes
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_conv_s_is_the_linear_s_applied_to_unfolded_patches(structure):
+    """Independent of ``dense()``: the conv's change is α·S (the FFT path) applied to each (c, kh, kw) patch."""
+    layer, x = surm_conv(structure, "conv2d_strided_padded_dilated")
+    base = layer.base_layer
+    patches = F.unfold(x, base.kernel_size, base.dilation, base.padding, base.stride)  # (B, in·kh·kw, L), channel-major
+    delta = 0.7 * layer.matrix(patches.transpose(1, 2)).transpose(1, 2)  # (B, out, L)
+    out = layer(x) - base(x)  # (B, out, h', w')
+    assert torch.allclose(out.flatten(2), delta, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("case", CONVS)
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_conv_merge_equals_adapted_and_unmerge_restores(structure, case):
+    layer, x = surm_conv(structure, case)
+    weight = layer.base_layer.weight.detach().clone()
+    y = layer(x)
+    layer.merge()
+    assert torch.allclose(layer.base_layer(x), y, atol=1e-10, rtol=0)  # the plain conv, merged kernel
+    layer.unmerge()
+    assert torch.allclose(layer.base_layer.weight, weight, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize("case", ["conv2d_grouped", "conv1d_depthwise_circular"])
+def test_conv_gradcheck(structure, case):
+    layer, x = surm_conv(structure, case)
+    x.requires_grad_(True)
+    names, params = zip(*layer.adapter_parameters().items())
+
+    def f(x, *values):
+        return torch.func.functional_call(layer, dict(zip(names, values)), (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *params), fast_mode=True)
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_conv_identity_at_init_with_nonzero_gradient(structure):
+    base = nn.Conv2d(3, 4, 3, padding=1).to(F64)
+    layer = config_for(structure).make_layer(base)
+    x = torch.randn(2, 3, 5, 5, dtype=F64)
+    y = layer(x)
+    assert torch.allclose(y, base(x), atol=1e-14, rtol=0)
+    y.square().sum().backward()
+    assert max(p.grad.abs().max() for p in layer.adapter_parameters().values()) > 1e-6
+
+
+@pytest.mark.parametrize("case", CONVS)
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_conv_parameter_count(structure, case):
+    from boftlab import counts
+
+    layer, _ = surm_conv(structure, case)
+    d_out, d_in = flat_shape(layer.base_layer)
+    expected = parameter_count(structure, d_out, d_in, **(R if structure == "ldr" else {}))
+    assert layer.n_trainable() == layer.n_effective() == expected
+    if isinstance(layer.base_layer, nn.Conv2d):  # counts.layer_shapes reads nn.Linear and nn.Conv2d
+        shape = counts.layer_shapes(nn.Sequential(layer.base_layer), ["0"])[0]
+        assert counts.layer_count(shape, "surm", structure=structure, **(R if structure == "ldr" else {})) == expected
+
+
+@pytest.mark.parametrize("conv", [nn.Conv1d(4, 4, 3), nn.Conv2d(4, 4, 3), nn.Conv3d(4, 4, 3)],
+                         ids=lambda c: type(c).__name__)
+def test_adapter_mode_on_a_conv_names_what_is_supported(conv):
+    message = (rf"SURMConfig\(mode='adapter'\) adapts nn.Linear only, not a {type(conv).__name__}"
+               r".*mode='lora'.*adapts nn.Linear, nn.Conv1d, nn.Conv2d and nn.Conv3d")
+    with pytest.raises(ValueError, match=message):
+        SURMConfig(mode="adapter").make_layer(conv)
+
+
+def test_adapter_mode_on_a_conv_is_refused_before_the_model_changes():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=r"none of which SURMConfig supports; supported types: Linear$"):
+        boftlab.adapt(model, SURMConfig(mode="adapter"), targets=["0"])
+    assert type(model[0]) is nn.Conv2d and all(p.requires_grad for p in model.parameters())
+
+
+def test_conv_half_precision_base():
+    base = nn.Conv2d(4, 6, 3, padding=1).to(torch.bfloat16)
+    layer = config_for("ldr").make_layer(base)
+    randomize(layer.matrix, 0.05)
+    x = torch.randn(2, 4, 5, 5)
+    out = layer(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    reference = conv_reference(base.double(), x.double(), base.weight.double() + layer.delta_weight().double())
+    assert (out.double() - reference).abs().max() < 4e-2 * reference.abs().max()
+    out.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in layer.matrix.parameters())
+
+
+def test_adapt_a_conv_net_merge_save_and_load(tmp_path):
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.GELU(), nn.Conv1d(8, 8, 1), nn.Linear(6, 6)).double()
+
+    def run(model, x):  # (B, 1, 6, 6) -> conv2d -> (B, 8, 6, 6) -> (B, 8, 36) -> conv1d -> linear on chunks of 6
+        h = model[1](model[0](x)).flatten(2)
+        return model[3](model[2](h).unflatten(2, (6, 6)))
+
+    model, x = net(), torch.randn(2, 1, 6, 6, dtype=F64)
+    before = run(model, x)
+    boftlab.adapt(model, SURMConfig(structure="kronecker", alpha=0.5), targets=["0", "2", "3"])
+    assert sorted(boftlab.adapter_layers(model)) == ["0", "2", "3"]
+    assert torch.equal(run(model, x), before)
+    for layer in boftlab.adapter_layers(model).values():
+        randomize(layer.matrix, 0.1)
+    after = run(model, x)
+    assert not torch.allclose(after, before)
+    expected = sum(parameter_count("kronecker", o, i) for o, i in [(8, 9), (8, 8), (6, 6)])
+    assert boftlab.summary(model).adapter == boftlab.summary(model).trainable == expected
+    boftlab.save_adapter(model, tmp_path / "surm_conv")
+    boftlab.merge(model)
+    assert torch.allclose(run(model, x), after, atol=1e-12)
+    assert torch.allclose(run(boftlab.load_adapter(net(), tmp_path / "surm_conv"), x), after, atol=1e-12)
