@@ -117,6 +117,16 @@ def test_targets_of_unsupported_type_name_supported_types():
         boftlab.adapt(Net(), BOFTConfig(block_size=4), targets=["norm"])
 
 
+def test_pattern_sweeping_up_an_unsupported_layer_is_refused_not_skipped():
+    model = Net()
+    with pytest.raises(ValueError, match=r"cannot adapt: blocks\.0\.norm \(LayerNorm\), blocks\.1\.norm .*Narrow"):
+        boftlab.adapt(model, BOFTConfig(block_size=4), targets=r"blocks\.\d+\.(query|norm)")
+    assert not boftlab.adapter_layers(model)
+    # containers swept up by a pattern are fine: the layers inside them are what it means
+    adapted = boftlab.adapt(Net(), BOFTConfig(block_size=4), targets=r"blocks\.\d+(\.query)?")
+    assert sorted(boftlab.adapter_layers(adapted)) == ["blocks.0.query", "blocks.1.query"]
+
+
 def test_failed_adapt_leaves_model_untouched():
     model = Net()
     state = {k: v.clone() for k, v in model.state_dict().items()}

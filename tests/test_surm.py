@@ -623,7 +623,7 @@ def test_adapter_mode_on_a_conv_names_what_is_supported(conv):
 
 def test_adapter_mode_on_a_conv_is_refused_before_the_model_changes():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 4))
-    with pytest.raises(ValueError, match=r"none of which SURMConfig supports; supported types: Linear$"):
+    with pytest.raises(ValueError, match=r"none of which SURMConfig\(mode='adapter'\) supports; supported types: Linear$"):
         boftlab.adapt(model, SURMConfig(mode="adapter"), targets=["0"])
     assert type(model[0]) is nn.Conv2d and all(p.requires_grad for p in model.parameters())
 
