@@ -110,6 +110,24 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
 
 
 # --- reading ---------------------------------------------------------------------------------------------------------
+def read_safetensors(file: Path, key: str, what: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(the JSON stored under metadata ``key``, tensors) of a safetensors ``file`` boftlab wrote as ``what``
+    ("adapter", "training checkpoint"); ValueError for an unreadable file, other metadata or bad JSON. Never
+    unpickles."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{str(file)!r} is not a readable safetensors file (truncated or corrupted?): {err}") from err
+    if key not in metadata:
+        raise ValueError(f"{str(file)!r} is a safetensors file but not a boftlab {what} (no {key!r} metadata)")
+    try:
+        return json.loads(metadata[key]), tensors
+    except json.JSONDecodeError as err:
+        raise ValueError(f"the {what} metadata inside {str(file)!r} is not valid JSON: {err}") from err
+
+
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(config, tensors) of an adapter directory or weights file, validated for format; never unpickles."""
     file = Path(path)
@@ -117,18 +135,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
         file = file / WEIGHTS_NAME
     if not file.is_file():
         raise ValueError(f"no adapter at {str(path)!r}: expected a directory containing {WEIGHTS_NAME}")
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{str(file)!r} is not a readable safetensors file (truncated or corrupted?): {err}") from err
-    if METADATA_KEY not in metadata:
-        raise ValueError(f"{str(file)!r} is a safetensors file but not a boftlab adapter (no {METADATA_KEY!r} metadata)")
-    try:
-        config = json.loads(metadata[METADATA_KEY])
-    except json.JSONDecodeError as err:
-        raise ValueError(f"the adapter config inside {str(file)!r} is not valid JSON: {err}") from err
+    config, tensors = read_safetensors(file, METADATA_KEY, "adapter")
     version = config.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(

@@ -28,13 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
 from .model import TRAINABLE_ATTR, adapter_layers
-from .saving import adapter_config, atomic_write
+from .saving import adapter_config, atomic_write, read_safetensors
 
 FORMAT_VERSION = 1
 CHECKPOINT_NAME = "training_checkpoint.safetensors"
@@ -234,15 +233,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     file = checkpoint_file(path)
     if not file.is_file():
         raise ValueError(f"no training checkpoint at {str(path)!r}: expected {str(file)!r}")
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{str(file)!r} is not a readable safetensors file (truncated or corrupted?): {err}") from err
-    if METADATA_KEY not in metadata:
-        raise ValueError(f"{str(file)!r} is a safetensors file but not a boftlab training checkpoint")
-    meta = json.loads(metadata[METADATA_KEY])
+    meta, tensors = read_safetensors(file, METADATA_KEY, "training checkpoint")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{str(file)!r} has checkpoint format version {meta.get('format_version')!r}; this boftlab "
