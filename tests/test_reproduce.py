@@ -124,7 +124,7 @@ def test_unimportable_family_is_skipped_with_its_reason(vit_task, monkeypatch):
 
 def test_results_md_and_pngs_carry_the_run_numbers(tmp_path, monkeypatch):
     monkeypatch.setitem(vit.SETTINGS, "ci", TINY_VIT)
-    monkeypatch.setattr(vit, "ci_methods", lambda: [Method("head only", "head"), LORA])
+    monkeypatch.setitem(vit.DOMAIN.methods, "ci", lambda: [Method("head only", "head"), LORA])
     report = vit.run("ci", progress=False)
     path = runner.write_results([report], tmp_path, "ci", "test")
     text = path.read_text()
@@ -150,7 +150,7 @@ def test_llm_run_reports_held_out_perplexity():
 def test_diffusion_run_samples_before_and_after(monkeypatch):
     s = diffusion.Settings(steps=2, batch_size=8, eval_every=2, n_samples=6)
     monkeypatch.setitem(diffusion.SETTINGS, "ci", s)
-    monkeypatch.setattr(diffusion, "ci_methods", lambda: [
+    monkeypatch.setitem(diffusion.DOMAIN.methods, "ci", lambda: [
         Method("BOFT", "boft", {"block_size": 8, "n_factors": 2}, diffusion.CI_LAYERS, lr=3e-3)])
     report = diffusion.run("ci", progress=False)
     (run,) = report.runs

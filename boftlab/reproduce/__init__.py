@@ -1,8 +1,9 @@
 """The papers' three domains — ViT, LLM, diffusion — as headless experiments (``python -m boftlab reproduce``) and
 as notebooks 04–06, which call the same functions.
 
-Each domain module has ``settings(profile)``, ``ci_methods()`` / ``colab_methods()`` and
-``run(profile) -> Report``; ``reproduce`` runs several and writes ``results.md`` with the PNG figures.
+Each domain module defines its ci and colab tasks and methods and one ``DOMAIN`` (a ``runner.Domain``) whose
+``settings`` / ``make_task`` / ``profile_methods`` / ``report`` / ``run`` it re-exports; ``reproduce`` runs several
+and writes ``results.md`` with the PNG figures.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import diffusion, llm, vit
-from .runner import Method, Report, Run, plot_curves, ranking, results_table, run_methods, write_results
+from .runner import Domain, Method, Report, Run, plot_curves, ranking, results_table, run_methods, write_results
 
 DOMAINS = {"vit": vit, "llm": llm, "diffusion": diffusion}
 PROFILES = ("ci", "colab")
@@ -30,5 +31,5 @@ def reproduce(domains: list[str], profile: str, out: str | Path, progress: bool 
     return write_results(reports, Path(out), profile, command)
 
 
-__all__ = ["DOMAINS", "PROFILES", "Method", "Report", "Run", "plot_curves", "ranking", "reproduce", "results_table", "run_methods",
+__all__ = ["DOMAINS", "PROFILES", "Domain", "Method", "Report", "Run", "plot_curves", "ranking", "reproduce", "results_table", "run_methods",
            "write_results"]

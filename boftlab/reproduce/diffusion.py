@@ -18,15 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .runner import (
+    Domain,
     Method,
-    Report,
+    adapter_methods,
     Run,
     Task,
     batch_indices,
     digits,
     load_checkpoint,
-    plot_curves,
-    run_methods,
     stratified_split,
 )
 
@@ -51,11 +50,6 @@ SETTINGS = {
     "colab": Settings(steps=400, batch_size=1, eval_every=100, n_samples=4, inference_steps=25),
 }
 
-
-def settings(profile: str) -> Settings:
-    if profile not in SETTINGS:
-        raise ValueError(f"profile={profile!r}; valid profiles: {sorted(SETTINGS)}")
-    return SETTINGS[profile]
 
 
 # --- the ci models ----------------------------------------------------------------------------------------------------
@@ -140,18 +134,12 @@ CI_LAYERS = rf".*resnets\.\d+\.conv[12]|{CI_ATTENTION}"
 
 
 def ci_methods() -> list[Method]:
-    """Every method targets the resnet convolutions and the attention projections of the UNet (SURM adapts only
-    the attention projections: it is defined for nn.Linear). Budgets: LoRA r=6 61 632, OFT b=16 68 880,
-    BOFT b=8 m=2 65 376, BOFT b=4 m=4 56 192; FLoRA and SURM are smaller by construction."""
+    """Every method targets the 16 resnet convolutions (3×3) and the 4 attention projections of the UNet. Budgets:
+    LoRA r=6 61 632, OFT b=16 68 880, BOFT b=8 m=2 65 376, BOFT b=4 m=4 56 192, FLoRA 28 448; SURM is smaller by
+    construction (circulant 9 184: one n-vector per layer; Kronecker 5 972)."""
     return [
         Method("full fine-tuning", "full", lr=5e-4),
-        Method("LoRA r=6 (PEFT)", "lora", {"r": 6, "lora_alpha": 12}, CI_LAYERS, lr=3e-3),
-        Method("OFT b=16", "oft", {"block_size": 16}, CI_LAYERS, lr=3e-3),
-        Method("BOFT b=8 m=2", "boft", {"block_size": 8, "n_factors": 2}, CI_LAYERS, lr=3e-3),
-        Method("BOFT b=4 m=4", "boft", {"block_size": 4, "n_factors": 4}, CI_LAYERS, lr=3e-3),
-        Method("SURM circulant", "surm", {"structure": "circulant", "mode": "lora"}, CI_LAYERS, lr=3e-3),
-        Method("SURM Kronecker", "surm", {"structure": "kronecker", "mode": "lora"}, CI_LAYERS, lr=3e-3),
-        Method("FLoRA (tensor core)", "tensor_core", {"ranks": 8}, CI_LAYERS, lr=3e-3),
+        *adapter_methods(CI_LAYERS, 3e-3, lora_rank=6, oft_block_size=16, flora_ranks=8),
     ]
 
 
@@ -162,15 +150,8 @@ def colab_methods() -> list[Method]:
     """BOFT on the attention projections, as in the BOFT paper's subject-driven experiments. Full fine-tuning of the
     860 M-parameter UNet needs ~14 GB for AdamW state alone, so it runs only on GPUs with ≥ 40 GB."""
     full = [Method("full fine-tuning", "full", lr=5e-6)] if _gpu_gib() >= 40 else []
-    return full + [
-        Method("LoRA r=4 (PEFT)", "lora", {"r": 4, "lora_alpha": 4}, SD_ATTENTION, lr=1e-4),
-        Method("OFT b=32", "oft", {"block_size": 32}, SD_ATTENTION, lr=3e-5),
-        Method("BOFT b=8 m=2", "boft", {"block_size": 8, "n_factors": 2}, SD_ATTENTION, lr=3e-5),
-        Method("BOFT b=4 m=4", "boft", {"block_size": 4, "n_factors": 4}, SD_ATTENTION, lr=3e-5),
-        Method("SURM circulant", "surm", {"structure": "circulant", "mode": "lora"}, SD_ATTENTION, lr=1e-4),
-        Method("SURM Kronecker", "surm", {"structure": "kronecker", "mode": "lora"}, SD_ATTENTION, lr=1e-4),
-        Method("FLoRA (tensor core)", "tensor_core", {"ranks": 4}, SD_ATTENTION, lr=1e-4),
-    ]
+    return full + adapter_methods(SD_ATTENTION, 1e-4, lora_rank=4, lora_alpha=4, oft_block_size=32, flora_ranks=4,
+                                  orthogonal_lr=3e-5)
 
 
 def _gpu_gib() -> float:
@@ -286,30 +267,21 @@ def plot_samples(rows: dict[str, torch.Tensor], per_row: int = 16):
     return fig
 
 
-def make_task(profile: str, s: Settings | None = None) -> tuple[Task, str]:
-    """(the runner's Task, a markdown paragraph describing it) for ``profile``, with ``s`` or its default settings."""
-    s = s or settings(profile)
-    return ci_task(s) if profile == "ci" else colab_task(s)
-
-
-def profile_methods(profile: str) -> list[Method]:
-    settings(profile)  # validates the name
-    return ci_methods() if profile == "ci" else colab_methods()
-
-
-def run(profile: str, progress: bool = True, methods: list[Method] | None = None,
-        s: Settings | None = None) -> Report:
-    """Run the diffusion comparison under ``profile``; ``methods`` / ``s`` override the profile's defaults."""
-    s = s or settings(profile)
-    task, description = make_task(profile, s)
-    methods = methods if methods is not None else profile_methods(profile)
-    runs = run_methods(task, methods, progress)
-    metric = "target-digit rate" if profile == "ci" else "CLIP-I"
-    title = "Diffusion: digits 0–4 → 5–9" if profile == "ci" else "Stable Diffusion v1.5, subject-driven (sks dog)"
-    figures = {"diffusion_curves": plot_curves(runs, metric, "Diffusion")}
+def sample_grids(runs: list[Run]) -> dict:
+    """The ci profile's before / after sample grid (one row per method); none for colab (CLIP-I only)."""
     done = [r for r in runs if not r.skipped and "samples_after" in r.extra]
-    if done:
-        rows = {"pretrained (before)": done[0].extra["samples_before"]}
-        rows |= {r.method.name: r.extra["samples_after"] for r in done}
-        figures["diffusion_samples"] = plot_samples(rows)
-    return Report("diffusion", title, description, runs, metric, True, figures)
+    if not done:
+        return {}
+    rows = {"pretrained (before)": done[0].extra["samples_before"]}
+    rows |= {r.method.name: r.extra["samples_after"] for r in done}
+    return {"diffusion_samples": plot_samples(rows)}
+
+
+DOMAIN = Domain(
+    name="diffusion", label="Diffusion", settings_by_profile=SETTINGS,
+    tasks={"ci": ci_task, "colab": colab_task}, methods={"ci": ci_methods, "colab": colab_methods},
+    titles={"ci": "Diffusion: digits 0–4 → 5–9", "colab": "Stable Diffusion v1.5, subject-driven (sks dog)"},
+    metrics={"ci": "target-digit rate", "colab": "CLIP-I"}, higher_is_better=True, extra_figures=sample_grids,
+)
+settings, make_task, profile_methods, report, run = (
+    DOMAIN.settings, DOMAIN.make_task, DOMAIN.profile_methods, DOMAIN.report, DOMAIN.run)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .runner import Method, Report, Task, batch_indices, checkpoint_dir, load_checkpoint, plot_curves, run_methods
+from .runner import Domain, Method, Task, adapter_methods, batch_indices, checkpoint_dir, load_checkpoint
 
 CHECKPOINT = "lm_pydoc"
 
@@ -39,11 +39,6 @@ SETTINGS = {
     "colab": Settings(steps=300, batch_size=8, context=256, eval_every=50, train_examples=4000, test_examples=300),
 }
 
-
-def settings(profile: str) -> Settings:
-    if profile not in SETTINGS:
-        raise ValueError(f"profile={profile!r}; valid profiles: {sorted(SETTINGS)}")
-    return SETTINGS[profile]
 
 
 # --- text that ships offline --------------------------------------------------------------------------------------------
@@ -118,13 +113,7 @@ def ci_methods() -> list[Method]:
     OFT b=16: 30 720; BOFT b=8 m=2: 33 280; BOFT b=4 m=4: 29 184)."""
     return [
         Method("full fine-tuning", "full", lr=5e-4),
-        Method("LoRA r=4 (PEFT)", "lora", {"r": 4, "lora_alpha": 8}, CI_LINEARS, lr=3e-3),
-        Method("OFT b=16", "oft", {"block_size": 16}, CI_LINEARS, lr=3e-3),
-        Method("BOFT b=8 m=2", "boft", {"block_size": 8, "n_factors": 2}, CI_LINEARS, lr=3e-3),
-        Method("BOFT b=4 m=4", "boft", {"block_size": 4, "n_factors": 4}, CI_LINEARS, lr=3e-3),
-        Method("SURM circulant", "surm", {"structure": "circulant", "mode": "lora"}, CI_LINEARS, lr=3e-3),
-        Method("SURM Kronecker", "surm", {"structure": "kronecker", "mode": "lora"}, CI_LINEARS, lr=3e-3),
-        Method("FLoRA (tensor core)", "tensor_core", {"ranks": 4}, CI_LINEARS, lr=3e-3),
+        *adapter_methods(CI_LINEARS, 3e-3, lora_rank=4, oft_block_size=16, flora_ranks=4),
     ]
 
 
@@ -134,13 +123,7 @@ COLAB_LINEARS = r"model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj"
 def colab_methods() -> list[Method]:
     return [
         Method("full fine-tuning", "full", lr=1e-5),
-        Method("LoRA r=8 (PEFT)", "lora", {"r": 8, "lora_alpha": 16}, COLAB_LINEARS, lr=3e-4),
-        Method("OFT b=32", "oft", {"block_size": 32}, COLAB_LINEARS, lr=3e-4),
-        Method("BOFT b=8 m=2", "boft", {"block_size": 8, "n_factors": 2}, COLAB_LINEARS, lr=3e-4),
-        Method("BOFT b=4 m=4", "boft", {"block_size": 4, "n_factors": 4}, COLAB_LINEARS, lr=3e-4),
-        Method("SURM circulant", "surm", {"structure": "circulant", "mode": "lora"}, COLAB_LINEARS, lr=3e-4),
-        Method("SURM Kronecker", "surm", {"structure": "kronecker", "mode": "lora"}, COLAB_LINEARS, lr=3e-4),
-        Method("FLoRA (tensor core)", "tensor_core", {"ranks": 8}, COLAB_LINEARS, lr=3e-4),
+        *adapter_methods(COLAB_LINEARS, 3e-4, lora_rank=8, oft_block_size=32, flora_ranks=8),
     ]
 
 
@@ -226,24 +209,11 @@ def colab_task(s: Settings) -> tuple[Task, str]:
     return task, description
 
 
-def make_task(profile: str, s: Settings | None = None) -> tuple[Task, str]:
-    """(the runner's Task, a markdown paragraph describing it) for ``profile``, with ``s`` or its default settings."""
-    s = s or settings(profile)
-    return ci_task(s) if profile == "ci" else colab_task(s)
-
-
-def profile_methods(profile: str) -> list[Method]:
-    settings(profile)  # validates the name
-    return ci_methods() if profile == "ci" else colab_methods()
-
-
-def run(profile: str, progress: bool = True, methods: list[Method] | None = None,
-        s: Settings | None = None) -> Report:
-    """Run the LLM comparison under ``profile``; ``methods`` / ``s`` override the profile's defaults."""
-    s = s or settings(profile)
-    task, description = make_task(profile, s)
-    methods = methods if methods is not None else profile_methods(profile)
-    runs = run_methods(task, methods, progress)
-    title = "LLM: Python docs → scikit-learn dataset docs" if profile == "ci" else "Qwen2.5-0.5B → Alpaca"
-    figure = plot_curves(runs, "held-out perplexity", "LLM")
-    return Report("llm", title, description, runs, "held-out perplexity", False, {"llm_curves": figure})
+DOMAIN = Domain(
+    name="llm", label="LLM", settings_by_profile=SETTINGS,
+    tasks={"ci": ci_task, "colab": colab_task}, methods={"ci": ci_methods, "colab": colab_methods},
+    titles={"ci": "LLM: Python docs → scikit-learn dataset docs", "colab": "Qwen2.5-0.5B → Alpaca"},
+    metrics={"ci": "held-out perplexity", "colab": "held-out perplexity"}, higher_is_better=False,
+)
+settings, make_task, profile_methods, report, run = (
+    DOMAIN.settings, DOMAIN.make_task, DOMAIN.profile_methods, DOMAIN.report, DOMAIN.run)

@@ -52,6 +52,26 @@ class Method:
             raise ValueError(f"Method {self.name!r}: family {self.family!r} needs targets (the layers to adapt)")
 
 
+def adapter_methods(targets: Any, lr: float, lora_rank: int, oft_block_size: int, flora_ranks: int,
+                    lora_alpha: int | None = None, orthogonal_lr: float | None = None,
+                    flora_targets: Any = None, flora_name: str = "FLoRA (tensor core)") -> list[Method]:
+    """The seven adapter rows every domain compares, on the same ``targets``: PEFT LoRA (rank ``lora_rank``, alpha
+    ``lora_alpha`` or 2·rank), OFT (``oft_block_size``), BOFT b=8 m=2 and b=4 m=4, SURM circulant and Kronecker
+    (LoRA-style), FLoRA (``flora_ranks`` per mode; ``flora_targets`` if it adapts more layers). ``lr`` is AdamW's
+    peak learning rate, ``orthogonal_lr`` OFT's and BOFT's where it differs."""
+    rotation_lr = lr if orthogonal_lr is None else orthogonal_lr
+    alpha = 2 * lora_rank if lora_alpha is None else lora_alpha
+    return [
+        Method(f"LoRA r={lora_rank} (PEFT)", "lora", {"r": lora_rank, "lora_alpha": alpha}, targets, lr),
+        Method(f"OFT b={oft_block_size}", "oft", {"block_size": oft_block_size}, targets, rotation_lr),
+        Method("BOFT b=8 m=2", "boft", {"block_size": 8, "n_factors": 2}, targets, rotation_lr),
+        Method("BOFT b=4 m=4", "boft", {"block_size": 4, "n_factors": 4}, targets, rotation_lr),
+        Method("SURM circulant", "surm", {"structure": "circulant", "mode": "lora"}, targets, lr),
+        Method("SURM Kronecker", "surm", {"structure": "kronecker", "mode": "lora"}, targets, lr),
+        Method(flora_name, "tensor_core", {"ranks": flora_ranks}, flora_targets or targets, lr),
+    ]
+
+
 class MethodUnavailable(RuntimeError):
     """A method's family cannot be imported in this installation; the run lists it as skipped."""
 
@@ -171,6 +191,33 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor
     epoch, i = divmod(step, per_epoch)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     return order[i * batch_size:(i + 1) * batch_size]
+
+
+def shift_pixels(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random translation by up to one pixel in each direction (zero padding): (N, 1, 8, 8) -> same."""
+    padded = torch.nn.functional.pad(images, (1, 1, 1, 1))
+    dy, dx = torch.randint(0, 3, (2,), generator=gen).tolist()
+    return padded[..., dy:dy + 8, dx:dx + 8]
+
+
+def train_digit_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, steps: int,
+                      batch_size: int, lr: float, weight_decay: float, seed: int) -> None:
+    """The loop that made the ci profile's digit checkpoints (``data/scripts/pretrain_vit.py``,
+    ``train_digit_classifier.py``): AdamW with a one-cycle schedule, cross-entropy on seeded batches of
+    ``x[train]`` shifted by up to one pixel. Trains ``model`` in place and leaves it in eval mode."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05)
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        idx = train[batch_indices(len(train), batch_size, step, seed)]
+        loss = torch.nn.functional.cross_entropy(model(shift_pixels(x[idx], gen)), y[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 250 == 0:
+            print(f"step {step}: loss {loss.item():.4f}", flush=True)
+    model.eval()
 
 
 # --- training ---------------------------------------------------------------------------------------------------------
@@ -360,18 +407,73 @@ class Report:
     higher_is_better: bool = True
     figures: dict[str, Any] = field(default_factory=dict)
 
-    def markdown(self, figure_dir: str = ".") -> str:
-        lines = [f"## {self.title}", "", self.description, "", results_table(self.runs, self.metric), "",
-                 ranking(self.runs, self.metric, self.higher_is_better), ""]
+    def table_markdown(self) -> str:
+        """The results table, the ranking sentence and (on CPU) the note on peak memory."""
+        lines = [results_table(self.runs, self.metric), "", ranking(self.runs, self.metric, self.higher_is_better)]
         if all(r.peak_mib is None for r in self.runs if not r.skipped):
-            lines += ["Peak memory is measured with `torch.cuda.max_memory_allocated`; this run was on CPU, where "
-                      "it is not measured (–).", ""]
+            lines += ["", "Peak memory is measured with `torch.cuda.max_memory_allocated`; this run was on CPU, "
+                      "where it is not measured (–)."]
+        return "\n".join(lines) + "\n"
+
+    def markdown(self, figure_dir: str = ".") -> str:
+        """This domain's section of results.md: title, description, table, ranking and links to the figures."""
+        lines = [f"## {self.title}", "", self.description, "", self.table_markdown()]
         lines += [f"![{stem}]({figure_dir}/{stem}.png)" for stem in self.figures]
         return "\n".join(lines) + "\n"
 
 
+@dataclass(frozen=True)
+class Domain:
+    """One reproduction domain as ``python -m boftlab reproduce`` and notebooks 04–06 use it.
+
+    settings_by_profile: profile -> the domain's settings object; tasks: profile -> (settings -> (Task, markdown
+    description)); methods: profile -> () -> the methods compared; titles / metrics: profile -> report title / metric
+    name; label: short name for figure titles; extra_figures(runs) -> more figures (file stem -> Figure).
+    """
+
+    name: str
+    label: str
+    settings_by_profile: dict[str, Any]
+    tasks: dict[str, Callable[[Any], tuple[Task, str]]]
+    methods: dict[str, Callable[[], list[Method]]]
+    titles: dict[str, str]
+    metrics: dict[str, str]
+    higher_is_better: bool
+    extra_figures: Callable[[list[Run]], dict[str, Any]] | None = None
+
+    def settings(self, profile: str) -> Any:
+        """The settings (steps, batch size, ...) of ``profile``; ValueError naming the profiles otherwise."""
+        if profile not in self.settings_by_profile:
+            raise ValueError(f"profile={profile!r}; valid profiles: {sorted(self.settings_by_profile)}")
+        return self.settings_by_profile[profile]
+
+    def make_task(self, profile: str, s: Any = None) -> tuple[Task, str]:
+        """(the runner's Task, a markdown paragraph describing it) for ``profile``, with ``s`` or its defaults."""
+        default = self.settings(profile)  # validates the name
+        return self.tasks[profile](s or default)
+
+    def profile_methods(self, profile: str) -> list[Method]:
+        self.settings(profile)  # validates the name
+        return self.methods[profile]()
+
+    def report(self, profile: str, runs: list[Run], description: str) -> Report:
+        """The results of ``runs`` as a Report, with the learning-curve figure and the domain's other figures."""
+        metric = self.metrics[profile]
+        figures = {f"{self.name}_curves": plot_curves(runs, metric, self.label)}
+        figures |= self.extra_figures(runs) if self.extra_figures else {}
+        return Report(self.name, self.titles[profile], description, runs, metric, self.higher_is_better, figures)
+
+    def run(self, profile: str, progress: bool = True, methods: list[Method] | None = None, s: Any = None) -> Report:
+        """Run the comparison under ``profile``; ``methods`` / ``s`` override the profile's defaults."""
+        task, description = self.make_task(profile, s)
+        methods = methods if methods is not None else self.profile_methods(profile)
+        return self.report(profile, run_methods(task, methods, progress), description)
+
+
 def write_results(reports: list[Report], out: Path, profile: str, command: str) -> Path:
     """Write ``out/results.md`` and every report's figures as ``out/<stem>.png``; return the markdown's path."""
+    import matplotlib.pyplot as plt
+
     from boftlab.bench import machine
 
     out.mkdir(parents=True, exist_ok=True)
@@ -386,6 +488,7 @@ def write_results(reports: list[Report], out: Path, profile: str, command: str) 
         parts.append(report.markdown())
         for stem, fig in report.figures.items():
             fig.savefig(out / f"{stem}.png", dpi=90)
+            plt.close(fig)
     path = out / "results.md"
     path.write_text("\n".join(parts))
     return path

@@ -15,14 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .runner import (
+    Domain,
     Method,
-    Report,
+    adapter_methods,
     Task,
     batch_indices,
     digits,
     load_checkpoint,
-    plot_curves,
-    run_methods,
     stratified_split,
 )
 
@@ -46,11 +45,6 @@ SETTINGS = {
     "colab": Settings(steps=300, batch_size=32, eval_every=50, train_size=5000, test_size=2000),
 }
 
-
-def settings(profile: str) -> Settings:
-    if profile not in SETTINGS:
-        raise ValueError(f"profile={profile!r}; valid profiles: {sorted(SETTINGS)}")
-    return SETTINGS[profile]
 
 
 # --- the ci model -----------------------------------------------------------------------------------------------------
@@ -80,6 +74,7 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 # --- methods ----------------------------------------------------------------------------------------------------------
+FLORA_NAME = "FLoRA (tensor core, + patch-embed conv)"
 CI_LINEARS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])"
 
 
@@ -89,14 +84,8 @@ def ci_methods() -> list[Method]:
     return [
         Method("head only", "head", lr=3e-3),
         Method("full fine-tuning", "full", lr=1e-3),
-        Method("LoRA r=4 (PEFT)", "lora", {"r": 4, "lora_alpha": 8}, CI_LINEARS, lr=3e-3),
-        Method("OFT b=16", "oft", {"block_size": 16}, CI_LINEARS, lr=3e-3),
-        Method("BOFT b=8 m=2", "boft", {"block_size": 8, "n_factors": 2}, CI_LINEARS, lr=3e-3),
-        Method("BOFT b=4 m=4", "boft", {"block_size": 4, "n_factors": 4}, CI_LINEARS, lr=3e-3),
-        Method("SURM circulant", "surm", {"structure": "circulant", "mode": "lora"}, CI_LINEARS, lr=3e-3),
-        Method("SURM Kronecker", "surm", {"structure": "kronecker", "mode": "lora"}, CI_LINEARS, lr=3e-3),
-        Method("FLoRA (tensor core, + patch-embed conv)", "tensor_core", {"ranks": 4},
-               rf"patch_embed\.proj|{CI_LINEARS}", lr=3e-3),
+        *adapter_methods(CI_LINEARS, 3e-3, lora_rank=4, oft_block_size=16, flora_ranks=4,
+                         flora_targets=rf"patch_embed\.proj|{CI_LINEARS}", flora_name=FLORA_NAME),
     ]
 
 
@@ -112,14 +101,9 @@ def colab_methods() -> list[Method]:
     return [
         Method("head only", "head", lr=1e-3),
         Method("full fine-tuning", "full", lr=2e-5),
-        Method("LoRA r=8 (PEFT)", "lora", {"r": 8, "lora_alpha": 16}, COLAB_LINEARS, lr=1e-3),
-        Method("OFT b=32", "oft", {"block_size": 32}, COLAB_LINEARS, lr=1e-3),
-        Method("BOFT b=8 m=2", "boft", {"block_size": 8, "n_factors": 2}, COLAB_LINEARS, lr=1e-3),
-        Method("BOFT b=4 m=4", "boft", {"block_size": 4, "n_factors": 4}, COLAB_LINEARS, lr=1e-3),
-        Method("SURM circulant", "surm", {"structure": "circulant", "mode": "lora"}, COLAB_LINEARS, lr=1e-3),
-        Method("SURM Kronecker", "surm", {"structure": "kronecker", "mode": "lora"}, COLAB_LINEARS, lr=1e-3),
-        Method("FLoRA (tensor core, + patch-embed conv)", "tensor_core", {"ranks": 8},
-               rf"vit\.embeddings\.patch_embeddings\.projection|{COLAB_LINEARS}", lr=1e-3),
+        *adapter_methods(COLAB_LINEARS, 1e-3, lora_rank=8, oft_block_size=32, flora_ranks=8,
+                         flora_targets=rf"vit\.embeddings\.patch_embeddings\.projection|{COLAB_LINEARS}",
+                         flora_name=FLORA_NAME),
     ]
 
 
@@ -190,24 +174,11 @@ def colab_task(s: Settings) -> tuple[Task, str]:
     return task, description
 
 
-def make_task(profile: str, s: Settings | None = None) -> tuple[Task, str]:
-    """(the runner's Task, a markdown paragraph describing it) for ``profile``, with ``s`` or its default settings."""
-    s = s or settings(profile)
-    return ci_task(s) if profile == "ci" else colab_task(s)
-
-
-def profile_methods(profile: str) -> list[Method]:
-    settings(profile)  # validates the name
-    return ci_methods() if profile == "ci" else colab_methods()
-
-
-def run(profile: str, progress: bool = True, methods: list[Method] | None = None,
-        s: Settings | None = None) -> Report:
-    """Run the ViT comparison under ``profile``; ``methods`` / ``s`` override the profile's defaults."""
-    s = s or settings(profile)
-    task, description = make_task(profile, s)
-    methods = methods if methods is not None else profile_methods(profile)
-    runs = run_methods(task, methods, progress)
-    title = "ViT: digits 0–4 → 5–9" if profile == "ci" else "ViT-B/16 (in21k) → CIFAR-10"
-    figure = plot_curves(runs, "test accuracy", "ViT")
-    return Report("vit", title, description, runs, "test accuracy", True, {"vit_curves": figure})
+DOMAIN = Domain(
+    name="vit", label="ViT", settings_by_profile=SETTINGS,
+    tasks={"ci": ci_task, "colab": colab_task}, methods={"ci": ci_methods, "colab": colab_methods},
+    titles={"ci": "ViT: digits 0–4 → 5–9", "colab": "ViT-B/16 (in21k) → CIFAR-10"},
+    metrics={"ci": "test accuracy", "colab": "test accuracy"}, higher_is_better=True,
+)
+settings, make_task, profile_methods, report, run = (
+    DOMAIN.settings, DOMAIN.make_task, DOMAIN.profile_methods, DOMAIN.report, DOMAIN.run)

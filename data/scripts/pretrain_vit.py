@@ -10,19 +10,11 @@ import datetime
 import platform
 
 import torch
-import torch.nn.functional as F
 
-from boftlab.reproduce.runner import batch_indices, digits, save_checkpoint, stratified_split
+from boftlab.reproduce.runner import digits, save_checkpoint, stratified_split, train_digit_model
 from boftlab.reproduce.vit import CHECKPOINT, SOURCE_CLASSES, build_ci_vit, normalize
 
 STEPS, BATCH, LR, SEED = 2500, 64, 2e-3, 0
-
-
-def shift(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random translation by up to one pixel in each direction (zero padding): (N, 1, 8, 8) -> same."""
-    padded = F.pad(images, (1, 1, 1, 1))
-    dy, dx = torch.randint(0, 3, (2,), generator=gen).tolist()
-    return padded[..., dy:dy + 8, dx:dx + 8]
 
 
 def main() -> None:
@@ -31,19 +23,7 @@ def main() -> None:
     train, test = stratified_split(labels, 0.2, SEED)
     x, y = normalize(images), labels
     model = build_ci_vit(len(SOURCE_CLASSES))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.05)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, LR, total_steps=STEPS, pct_start=0.05)
-    gen = torch.Generator().manual_seed(SEED)
-    for step in range(STEPS):
-        idx = train[batch_indices(len(train), BATCH, step, SEED)]
-        loss = F.cross_entropy(model(shift(x[idx], gen)), y[idx])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if step % 250 == 0:
-            print(f"step {step}: loss {loss.item():.4f}", flush=True)
-    model.eval()
+    train_digit_model(model, x, y, train, STEPS, BATCH, LR, 0.05, SEED)
     with torch.no_grad():
         test_acc = (model(x[test]).argmax(-1) == y[test]).float().mean().item()
         train_acc = (model(x[train]).argmax(-1) == y[train]).float().mean().item()

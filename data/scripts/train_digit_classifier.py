@@ -11,19 +11,11 @@ import datetime
 import platform
 
 import torch
-import torch.nn.functional as F
 
 from boftlab.reproduce.diffusion import CLASSIFIER, build_digit_classifier
-from boftlab.reproduce.runner import batch_indices, digits, save_checkpoint, stratified_split
+from boftlab.reproduce.runner import digits, save_checkpoint, stratified_split, train_digit_model
 
 STEPS, BATCH, LR, SEED = 1500, 64, 2e-3, 0
-
-
-def shift(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random translation by up to one pixel in each direction (zero padding): (N, 1, 8, 8) -> same."""
-    padded = F.pad(images, (1, 1, 1, 1))
-    dy, dx = torch.randint(0, 3, (2,), generator=gen).tolist()
-    return padded[..., dy:dy + 8, dx:dx + 8]
 
 
 def main() -> None:
@@ -31,19 +23,7 @@ def main() -> None:
     x, y = digits(list(range(10)))
     train, test = stratified_split(y, 0.2, SEED)
     model = build_digit_classifier()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, LR, total_steps=STEPS, pct_start=0.05)
-    gen = torch.Generator().manual_seed(SEED)
-    for step in range(STEPS):
-        idx = train[batch_indices(len(train), BATCH, step, SEED)]
-        loss = F.cross_entropy(model(shift(x[idx], gen)), y[idx])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if step % 250 == 0:
-            print(f"step {step}: loss {loss.item():.4f}", flush=True)
-    model.eval()
+    train_digit_model(model, x, y, train, STEPS, BATCH, LR, 0.01, SEED)
     with torch.no_grad():
         test_acc = (model(x[test]).argmax(-1) == y[test]).float().mean().item()
     print(f"test accuracy {test_acc:.4f}")
