@@ -32,6 +32,11 @@ from .contract import AdapterConfig, AdapterLayer, nearest
 from .kernels import butterfly_apply_fused, fused_supported
 
 PATHS = ("auto", "input", "weight")
+#: Per row element, in multiply-adds of a dense fp32 matmul: one butterfly factor (batched b×b products and the
+#: reshapes around them) and one index gather. Measured on a 2-core x86 CPU, 2026-11-23 (m=1: 80–150; m>1, factors
+#: plus gathers: 350–580 per factor); the auto path choice uses them, the results never depend on them.
+FACTOR_COST = 100
+GATHER_COST = 250
 
 
 # --- the butterfly structure ---------------------------------------------------------------------------------------
@@ -305,13 +310,21 @@ class BOFTLayer(AdapterLayer):
         base = self.base_layer
         return isinstance(base, nn.Linear) or (base.padding_mode == "zeros" and not isinstance(base.padding, str))
 
+    def rotation_cost(self) -> int:
+        """Cost of rotating one row element by R (the m factors and their index gathers), in multiply-adds of a
+        dense matmul: a factor's b multiply-adds move little data compared with the reshapes, copies and batched
+        tiny products around them, so each factor counts at least ``FACTOR_COST`` and each gather ``GATHER_COST``."""
+        gathers = sum(g is not None for g in self._gathers(transpose=False))
+        return self.n_factors * max(self.block_size, FACTOR_COST) + gathers * GATHER_COST
+
     def use_input_path(self, n_rows: int, input_requires_grad: bool) -> bool:
-        """Whether rotating the activations costs fewer FLOPs than rotating the weight, for n_rows rows."""
+        """Whether rotating the activations costs less than rotating the weight, for n_rows rows (see
+        ``rotation_cost``)."""
         if self.config.path != "auto":
             return self.config.path == "input"
         if not self._input_path_possible():
             return False
-        n, d, out, rot = n_rows, self.fan_in, self.out_features, self.block_size * self.n_factors
+        n, d, out, rot = n_rows, self.fan_in, self.out_features, self.rotation_cost()
         if torch.is_grad_enabled() and self.skew.requires_grad:
             # training: forward + two backward products of each rotation; the input path must back-propagate
             # through W (n·out·d), the weight path must form dW' (n·out·d) and also dx when the input needs it.

@@ -124,13 +124,16 @@ def test_conv2d_paths_equal_dense(conv_kwargs, path):
     torch.testing.assert_close(layer(x), dense_reference(layer, x), rtol=0, atol=1e-12)
 
 
-def test_auto_path_follows_flop_cost():
-    layer = boft_linear(64, 8, 2, out=256)
+def test_auto_path_follows_the_cost_model():
+    layer = boft_linear(64, 8, 2, out=8192)
     with torch.no_grad():  # inference: rotate whichever is smaller, activations or weight rows
         assert layer.use_input_path(n_rows=16, input_requires_grad=False)
-        assert not layer.use_input_path(n_rows=4096, input_requires_grad=False)
-    # training with a small first-layer batch and a big layer: rotating activations avoids forming dW'
+        assert not layer.use_input_path(n_rows=16384, input_requires_grad=False)
+    # training a very wide layer whose input needs a gradient: rotating activations avoids forming dW'
     assert layer.use_input_path(n_rows=4096, input_requires_grad=True)
+    # ... but a narrow one rotates its weight: a row element's rotation costs hundreds of multiply-adds
+    assert layer.rotation_cost() == 2 * 100 + 2 * 250
+    assert not boft_linear(64, 8, 2, out=256).use_input_path(n_rows=4096, input_requires_grad=True)
 
 
 def test_padding_same_conv_uses_weight_path_and_refuses_forced_input_path():
