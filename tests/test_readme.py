@@ -19,3 +19,17 @@ def test_quick_start_runs_as_written(tmp_path, monkeypatch):
     model.eval(), reloaded.eval()
     with torch.no_grad():  # the merged reload predicts what the trained model predicts
         torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_fine_tuning_tables_are_the_committed_run():
+    """Every table row, ranking and figure of docs/results/ci/results.md (written by ``python -m boftlab reproduce``)
+    is in the README unchanged, with the machine and date it came from."""
+    results = README.parent / "docs" / "results" / "ci"
+    text, readme = (results / "results.md").read_text(), README.read_text()
+    section = readme.split("## Fine-tuning results")[1].split("\n## ")[0]
+    measured = re.search(r"measured on: (.*)\.\n", text).group(1)
+    assert measured in section and re.search(r"\d{4}-\d\d-\d\d", measured)
+    rows = [line for line in text.splitlines() if line.startswith(("|", "Final "))]
+    assert len(rows) >= 3 * 10 and all(row in section for row in rows)
+    for stem in re.findall(r"!\[(\w+)\]", text):
+        assert f"](docs/results/ci/{stem}.png)" in section and (results / f"{stem}.png").is_file()
