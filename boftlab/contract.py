@@ -46,11 +46,15 @@ class AdapterConfig:
         """Wrap ``base_layer``; raise ``ValueError`` if this config cannot adapt it."""
         raise NotImplementedError
 
+    def display_name(self) -> str:
+        """How errors name this config: the class name, plus any option that decides ``supported_layers``."""
+        return type(self).__name__
+
     def check_supported(self, base_layer: nn.Module) -> None:
         if not isinstance(base_layer, self.supported_layers):
             names = ", ".join(f"nn.{t.__name__}" for t in self.supported_layers)
             raise ValueError(
-                f"{type(self).__name__} cannot adapt a {type(base_layer).__name__}; supported layer types: {names}."
+                f"{self.display_name()} cannot adapt a {type(base_layer).__name__}; supported layer types: {names}."
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -168,7 +168,7 @@ def adapt(
         ok = ", ".join(t.__name__ for t in config.supported_layers)
         raise ValueError(
             f"targets={_describe(targets)} matched {len(names)} module(s) of type(s) {kinds}, none of which "
-            f"{_config_name(config)} supports; supported types: {ok}"
+            f"{config.display_name()} supports; supported types: {ok}"
         )
     if isinstance(targets, (str, re.Pattern)) or any(isinstance(t, type) for t in _as_list(targets)):
         # a pattern or a type may sweep up containers (e.g. "encoder.layer.0"): keep the layers inside them. A
@@ -179,7 +179,7 @@ def adapt(
             shown = ", ".join(f"{n} ({type(model.get_submodule(n)).__name__})" for n in leaves[:8])
             more = f", … ({len(leaves) - 8} more)" if len(leaves) > 8 else ""
             raise ValueError(
-                f"targets={_describe(targets)} matched {len(leaves)} layer(s) that {_config_name(config)} cannot "
+                f"targets={_describe(targets)} matched {len(leaves)} layer(s) that {config.display_name()} cannot "
                 f"adapt: {shown}{more}; supported types: {ok}. Narrow the pattern to the layers you mean."
             )
         names = supported
@@ -190,12 +190,6 @@ def adapt(
     setattr(model, TRAINABLE_ATTR, sorted(set(getattr(model, TRAINABLE_ATTR, [])) | set(keep)))
     insert_layers(model, layers)
     return model
-
-
-def _config_name(config: AdapterConfig) -> str:
-    """``SURMConfig(mode='adapter')`` where the supported layer types depend on a mode, else the class name."""
-    mode = getattr(config, "mode", None)
-    return f"{type(config).__name__}(mode={mode!r})" if mode is not None else type(config).__name__
 
 
 def _as_list(targets: object) -> list:

@@ -616,6 +616,9 @@ class SURMConfig(AdapterConfig):
         touched."""
         return LAYERS_BY_MODE[self.mode]
 
+    def display_name(self) -> str:
+        return f"SURMConfig(mode={self.mode!r})"  # the mode decides the supported layer types
+
     def check_supported(self, base_layer: nn.Module) -> None:
         if self.mode == "adapter" and isinstance(base_layer, CONVOLUTIONS):
             raise ValueError(
