@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .butterfly_structure import butterfly_apply, gather_schedule, valid_block_sizes, valid_n_factors
 from .contract import AdapterConfig, AdapterLayer, nearest
-from .kernels import butterfly_apply_fused, fused_supported
+from .kernels import KERNELS, butterfly_apply_fused, fused_supported, kernel_in_force
 
 PATHS = ("auto", "input", "weight")
 #: Per row element, in multiply-adds of a dense fp32 matmul: one butterfly factor (batched b×b products and the
@@ -39,74 +40,7 @@ FACTOR_COST = 100
 GATHER_COST = 250
 
 
-# --- the butterfly structure ---------------------------------------------------------------------------------------
-def butterfly_permutation(dim: int, block_size: int, factor: int) -> torch.Tensor:
-    """Index vector ``perm`` of P_{factor+1} (``P[j, perm[j]] = 1``); factor 0 is the identity. O(d)."""
-    if factor == 0:
-        return torch.arange(dim)
-    half = block_size // 2
-    chunk = block_size * 2**factor  # coordinates one butterfly stage mixes
-    pieces = torch.arange(chunk // half)
-    order = torch.cat([pieces[0::2], pieces[1::2]])  # even halves first, then odd halves
-    within = (order[:, None] * half + torch.arange(half)).reshape(-1)  # (chunk,)
-    starts = torch.arange(0, dim, chunk)
-    return (starts[:, None] + within).reshape(-1)
-
-
-def gather_schedule(dim: int, block_size: int, n_factors: int, transpose: bool) -> list[torch.Tensor | None]:
-    """The m+1 index gathers around the m block products of ``x @ R`` (or ``x @ Rᵀ``), adjacent ones fused.
-
-    Row form: x @ B_i = ((x @ P_i) @ blockdiag(Q_i)) @ P_iᵀ, and for index vectors ``x @ P = x[..., inverse(perm)]``,
-    ``x @ Pᵀ = x[..., perm]``. ``x @ R`` runs the factors from the last to the first, ``x @ Rᵀ`` the other way.
-    Identity gathers are returned as ``None``.
-    """
-    perms = [butterfly_permutation(dim, block_size, i) for i in range(n_factors)]
-    inverses = [torch.argsort(p) for p in perms]
-    order = list(range(n_factors)) if transpose else list(range(n_factors - 1, -1, -1))
-    gathers = [inverses[order[0]]]
-    gathers += [perms[prev][inverses[cur]] for prev, cur in zip(order, order[1:])]  # x[a][b] == x[a[b]]
-    gathers.append(perms[order[-1]])
-    identity = torch.arange(dim)
-    return [None if torch.equal(g, identity) else g for g in gathers]
-
-
-def butterfly_apply(
-    x: torch.Tensor, blocks: torch.Tensor, gathers: list[torch.Tensor | None], transpose: bool = False
-) -> torch.Tensor:
-    """x: (..., d) -> x @ R, or x @ Rᵀ with ``transpose``; blocks: (m, k, b, b). O(d·b·m) per row.
-
-    ``gathers`` comes from ``gather_schedule`` for the same direction.
-    """
-    n_factors, n_blocks, block_size, _ = blocks.shape
-    order = range(n_factors) if transpose else range(n_factors - 1, -1, -1)
-    shape = x.shape
-    for step, i in enumerate(order):
-        if gathers[step] is not None:
-            x = x[..., gathers[step]]
-        q = blocks[i].transpose(-1, -2) if transpose else blocks[i]
-        x = x.reshape(*shape[:-1], n_blocks, block_size)  # (..., k, b)
-        x = torch.einsum("...kr,krc->...kc", x, q).reshape(shape)
-    if gathers[-1] is not None:
-        x = x[..., gathers[-1]]
-    return x
-
-
-def valid_block_sizes(dim: int, n_factors: int) -> list[int]:
-    """Block sizes b ≥ 2 for which b·2^(m−1) divides d (and b is even when m > 1, so P_i can halve blocks)."""
-    step = 2 ** (n_factors - 1)
-    return [b for b in range(2, dim + 1) if dim % (b * step) == 0 and (n_factors == 1 or b % 2 == 0)]
-
-
-def valid_n_factors(dim: int, block_size: int) -> list[int]:
-    """Numbers of factors m that fit (d, b); the largest, log2(d/b)+1 when d/b is a power of two, makes R dense."""
-    if dim % block_size:
-        return []
-    if block_size % 2:
-        return [1]
-    k = dim // block_size
-    return [m for m in range(1, int(math.log2(k)) + 2) if k % 2 ** (m - 1) == 0]
-
-
+# --- fitting the structure to a layer -------------------------------------------------------------------------------
 def resolve_block_size(dim: int, block_size: int | None, n_blocks: int | None, n_factors: int, what: str) -> int:
     """The block size for a d-dimensional fan-in, or a ValueError that lists what would be valid."""
     if n_blocks is not None:
@@ -174,6 +108,9 @@ class BOFTConfig(AdapterConfig):
     coft, coft_eps: constrained OFT — every block's skew matrix is kept in the ball ‖S‖_F ≤ coft_eps/√k.
     neumann_terms: None for the exact Cayley transform, n ≥ 2 for the n-term Cayley–Neumann series.
     path: "auto" picks the cheaper exact path per call; "input"/"weight" force one (tests, benchmarks).
+    kernel: "auto" rotates with the fused Triton kernel where it runs (CUDA, Triton, a supported b, m and dtype; the
+    same result to fp tolerance) and with PyTorch elsewhere; "torch" always with PyTorch. The environment variable
+    BOFTLAB_KERNEL=torch forces "torch" on every layer built while it is set (``boftlab.kernels``).
     """
 
     family: ClassVar[str] = "boft"
@@ -188,6 +125,7 @@ class BOFTConfig(AdapterConfig):
     coft_eps: float = 6e-5
     neumann_terms: int | None = None
     path: str = "auto"
+    kernel: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("block_size", "n_blocks", "n_factors", "neumann_terms"):
@@ -219,6 +157,8 @@ class BOFTConfig(AdapterConfig):
             raise ValueError(f"coft_eps must be > 0, got {self.coft_eps}")
         if self.path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {self.path!r}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
 
     def make_layer(self, base_layer: nn.Module) -> "BOFTLayer":
         self.check_supported(base_layer)
@@ -252,6 +192,7 @@ class BOFTLayer(AdapterLayer):
         what = "in_features" if isinstance(base_layer, nn.Linear) else "in_channels/groups·kh·kw"
         block_size = resolve_block_size(self.fan_in, config.block_size, config.n_blocks, config.n_factors, what)
         self.block_size, self.n_blocks, self.n_factors = block_size, self.fan_in // block_size, config.n_factors
+        self.kernel = kernel_in_force(config.kernel)  # "auto" or "torch" (this layer's rotations)
         if config.path == "input" and not self._input_path_possible():
             raise ValueError(
                 "path='input' needs a Conv2d with padding_mode='zeros' and numeric padding; "
@@ -293,12 +234,13 @@ class BOFTLayer(AdapterLayer):
     def rotate(self, rows: torch.Tensor, transpose: bool = False, blocks: torch.Tensor | None = None) -> torch.Tensor:
         """rows: (..., d) -> rows @ R (or rows @ Rᵀ). O(d·b·m) per row; R is never formed.
 
-        On CUDA with Triton, supported shapes run the fused kernel (one read, one write of the rows; same result to
-        fp tolerance); everything else runs the PyTorch path.
+        With ``kernel="auto"``, on CUDA with Triton, supported shapes run the fused kernel (one read, one write of the
+        rows; same result to fp tolerance); everything else runs the PyTorch path.
         """
         blocks = (self.orthogonal_blocks() if blocks is None else blocks).to(rows.dtype)
-        apply = butterfly_apply_fused if fused_supported(rows, blocks) else butterfly_apply
-        return apply(rows, blocks, self._gathers(transpose), transpose)
+        if self.kernel == "auto" and fused_supported(rows, blocks):
+            return butterfly_apply_fused(rows, blocks, transpose)
+        return butterfly_apply(rows, blocks, self._gathers(transpose), transpose)
 
     def rotation(self) -> torch.Tensor:
         """The dense d × d matrix R — for tests, figures and teaching only."""

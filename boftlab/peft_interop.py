@@ -19,7 +19,6 @@ import json
 import os
 from pathlib import Path
 from typing import Iterator
-from unittest import mock
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -45,10 +44,19 @@ def peft_boft_without_cuda() -> Iterator[None]:
 
     from peft.tuners.boft import layer
 
-    with mock.patch.object(layer, "get_fbd_cuda", lambda: True), mock.patch.object(
-        layer.FastBlockDiag, "apply", staticmethod(block_diagonal)
-    ):
+    block_diag_class = layer.FastBlockDiag
+    get_fbd_cuda = layer.get_fbd_cuda
+    own_apply = block_diag_class.__dict__.get("apply")  # None: ``apply`` is inherited from autograd.Function
+    layer.get_fbd_cuda = lambda: True
+    block_diag_class.apply = staticmethod(block_diagonal)
+    try:
         yield
+    finally:
+        layer.get_fbd_cuda = get_fbd_cuda
+        if own_apply is None:
+            del block_diag_class.apply
+        else:
+            block_diag_class.apply = own_apply
 
 
 def _single_config(model: nn.Module) -> tuple[BOFTConfig, dict[str, BOFTLayer]]:

@@ -7,14 +7,8 @@ import torch
 from torch import nn
 
 from boftlab import BOFTConfig, OFTConfig
-from boftlab.butterfly import (
-    butterfly_permutation,
-    cayley,
-    skew_entries,
-    skew_symmetric,
-    valid_block_sizes,
-    valid_n_factors,
-)
+from boftlab.butterfly import cayley, skew_entries, skew_symmetric
+from boftlab.butterfly_structure import valid_n_factors
 from boftlab.peft_interop import peft_boft_without_cuda
 
 SHAPES = [(16, 2, 1), (16, 2, 4), (16, 4, 3), (24, 4, 2), (12, 3, 1), (32, 8, 3), (64, 8, 4), (48, 6, 2)]
@@ -34,19 +28,6 @@ def boft_linear(d, b, m, out=5, dtype=torch.float64, **kw):
 
 
 # --- structure -----------------------------------------------------------------------------------------------------
-def test_permutations_match_peft():
-    from peft.tuners.boft.layer import BOFTLayer
-
-    for d, b, m in [(16, 2, 4), (32, 4, 3), (24, 4, 2), (64, 8, 4), (48, 6, 2)]:
-        for i in range(m):
-            theirs = BOFTLayer.block_butterfly_perm(None, d, d // b // 2**i, b // 2, m - 1)
-            assert torch.equal(theirs, butterfly_permutation(d, b, i)), (d, b, m, i)
-
-
-def test_first_factor_is_block_diagonal():
-    assert torch.equal(butterfly_permutation(32, 4, 0), torch.arange(32))
-
-
 @pytest.mark.parametrize("d,b", [(16, 2), (32, 4), (64, 8)])
 def test_log2_plus_one_factors_make_R_dense(d, b):
     m_dense = int(math.log2(d // b)) + 1
@@ -301,8 +282,3 @@ def test_oft_has_one_factor():
 def test_unsupported_layer_names_supported_types():
     with pytest.raises(ValueError, match=r"supported layer types: nn.Linear, nn.Conv2d"):
         BOFTConfig().make_layer(nn.Embedding(10, 16))
-
-
-def test_valid_block_sizes():
-    assert valid_block_sizes(48, 1) == [2, 3, 4, 6, 8, 12, 16, 24, 48]
-    assert valid_block_sizes(48, 3) == [2, 4, 6, 12]

@@ -1,4 +1,4 @@
-"""The fused Triton butterfly kernel equals the PyTorch path (boftlab.butterfly.butterfly_apply).
+"""The fused Triton butterfly kernel equals the PyTorch path (boftlab.butterfly_structure.butterfly_apply).
 
 Without a GPU the kernel runs in Triton's CPU interpreter, which must be chosen before Triton is first imported
 (Triton jit-compiles its own standard library at import). If another module imported Triton first (PEFT, timm and
@@ -19,14 +19,10 @@ if "triton" not in sys.modules and not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from boftlab.butterfly import BOFTConfig, butterfly_apply, cayley, gather_schedule, skew_symmetric  # noqa: E402
+from boftlab.butterfly import BOFTConfig, cayley, skew_symmetric  # noqa: E402
+from boftlab.butterfly_structure import butterfly_apply, gather_schedule  # noqa: E402
 from boftlab.kernels import fused_supported  # noqa: E402
-from boftlab.kernels.butterfly_triton import (  # noqa: E402
-    MAX_SPAN_ELEMENTS,
-    butterfly_apply_reshaped,
-    tile_shape,
-    unsupported_reason,
-)
+from boftlab.kernels.butterfly_triton import MAX_SPAN_ELEMENTS, tile_shape, unsupported_reason  # noqa: E402
 
 #: where the kernel runs in this process: "cuda", "cpu" (interpreter) or None (Triton was imported compiled)
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else ("cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None)
@@ -57,15 +53,7 @@ def on_device(*tensors):
     return [None if t is None else t.to(KERNEL_DEVICE) for t in tensors]
 
 
-# --- the identity the kernel is built on (no Triton needed) -------------------------------------------------------
-@pytest.mark.parametrize("transpose", [False, True])
-@pytest.mark.parametrize("d, b, m", CASES, ids=IDS)
-def test_reshaped_plan_equals_gathered_path(d, b, m, transpose):
-    x, blocks = torch.randn(3, d), random_blocks(d, b, m)
-    expected = butterfly_apply(x, blocks, gather_schedule(d, b, m, transpose), transpose)
-    torch.testing.assert_close(butterfly_apply_reshaped(x, blocks, transpose), expected)
-
-
+# --- what the kernel supports (no Triton needed) ----------------------------------------------------------------
 @pytest.mark.parametrize("d, b, m", CASES, ids=IDS)
 def test_tile_covers_whole_butterfly_spans(d, b, m):
     rows, cols, dot = tile_shape(d, b, m)
@@ -87,11 +75,32 @@ def test_not_supported_on_cpu_tensors():
     assert not fused_supported(torch.randn(4, 64), random_blocks(64, 8, 2))
 
 
+def test_kernel_switch_from_config_and_environment(monkeypatch):
+    linear = torch.nn.Linear(32, 8)
+    monkeypatch.delenv("BOFTLAB_KERNEL", raising=False)
+    assert BOFTConfig(block_size=4).make_layer(linear).kernel == "auto"
+    assert BOFTConfig(block_size=4, kernel="torch").make_layer(linear).kernel == "torch"
+    with pytest.raises(ValueError, match=r"kernel must be one of \('auto', 'torch'\), got 'triton'"):
+        BOFTConfig(kernel="triton")
+    monkeypatch.setenv("BOFTLAB_KERNEL", "torch")  # forces the PyTorch path on every layer built from now on
+    assert BOFTConfig(block_size=4).make_layer(linear).kernel == "torch"
+    monkeypatch.setenv("BOFTLAB_KERNEL", "auto")  # leaves the choice to each config
+    assert BOFTConfig(block_size=4, kernel="torch").make_layer(linear).kernel == "torch"
+    monkeypatch.setenv("BOFTLAB_KERNEL", "fast")
+    with pytest.raises(ValueError, match=r"BOFTLAB_KERNEL='fast' is not a kernel setting; valid: \('auto', 'torch'\)"):
+        BOFTConfig(block_size=4).make_layer(linear)
+
+
 # --- the kernel (interpreter on CPU, compiled on CUDA) ------------------------------------------------------------
-def gradients(apply, x, blocks, gathers, transpose, weight, needs=("x", "blocks")):
-    """d/dx and d/dblocks of Σ weight ⊙ apply(x, blocks) (weight makes dL/dy a generic matrix)."""
+def torch_path(gathers):
+    """butterfly_apply with ``gathers`` bound: the PyTorch path with the fused entry's (x, blocks, transpose)."""
+    return lambda x, blocks, transpose=False: butterfly_apply(x, blocks, gathers, transpose)
+
+
+def gradients(apply, x, blocks, transpose, weight, needs=("x", "blocks")):
+    """d/dx and d/dblocks of Σ weight ⊙ apply(x, blocks, transpose) (weight makes dL/dy a generic matrix)."""
     inputs = (x.clone().requires_grad_("x" in needs), blocks.clone().requires_grad_("blocks" in needs))
-    (apply(*inputs, gathers, transpose).float() * weight).sum().backward()
+    (apply(*inputs, transpose).float() * weight).sum().backward()
     return [t.grad for t in inputs]
 
 
@@ -99,7 +108,7 @@ def gradients(apply, x, blocks, gathers, transpose, weight, needs=("x", "blocks"
 @pytest.mark.parametrize("d, b, m", CASES, ids=IDS)
 def test_forward_matches_torch_path(kernel, d, b, m, transpose):
     x, blocks, *gathers = on_device(torch.randn(5, 3, d), random_blocks(d, b, m), *gather_schedule(d, b, m, transpose))
-    fused = kernel.butterfly_apply_fused(x, blocks, gathers, transpose)
+    fused = kernel.butterfly_apply_fused(x, blocks, transpose)
     torch.testing.assert_close(fused, butterfly_apply(x, blocks, gathers, transpose), rtol=1e-5, atol=1e-5)
 
 
@@ -109,8 +118,8 @@ def test_gradients_match_torch_path(kernel, d, b, m, transpose):
     x, blocks, weight, *gathers = on_device(
         torch.randn(7, d), random_blocks(d, b, m), torch.randn(7, d), *gather_schedule(d, b, m, transpose)
     )
-    expected = gradients(butterfly_apply, x, blocks, gathers, transpose, weight)
-    fused = gradients(kernel.butterfly_apply_fused, x, blocks, gathers, transpose, weight)
+    expected = gradients(torch_path(gathers), x, blocks, transpose, weight)
+    fused = gradients(kernel.butterfly_apply_fused, x, blocks, transpose, weight)
     for e, f in zip(expected, fused):
         torch.testing.assert_close(f, e, rtol=1e-5, atol=1e-5)
 
@@ -121,8 +130,8 @@ def test_gradients_across_many_row_tiles(kernel):
     x, blocks, weight, *gathers = on_device(
         torch.randn(200, d), random_blocks(d, b, m), torch.randn(200, d), *gather_schedule(d, b, m, False)
     )
-    expected = gradients(butterfly_apply, x, blocks, gathers, False, weight)
-    fused = gradients(kernel.butterfly_apply_fused, x, blocks, gathers, False, weight)
+    expected = gradients(torch_path(gathers), x, blocks, False, weight)
+    fused = gradients(kernel.butterfly_apply_fused, x, blocks, False, weight)
     for e, f in zip(expected, fused):
         torch.testing.assert_close(f, e, rtol=1e-5, atol=1e-4)
 
@@ -134,8 +143,8 @@ def test_gradient_of_one_input_only(kernel, needs):
     x, blocks, weight, *gathers = on_device(
         torch.randn(6, d), random_blocks(d, b, m), torch.randn(6, d), *gather_schedule(d, b, m, True)
     )
-    expected = gradients(butterfly_apply, x, blocks, gathers, True, weight, needs)
-    fused = gradients(kernel.butterfly_apply_fused, x, blocks, gathers, True, weight, needs)
+    expected = gradients(torch_path(gathers), x, blocks, True, weight, needs)
+    fused = gradients(kernel.butterfly_apply_fused, x, blocks, True, weight, needs)
     index = 0 if needs == "x" else 1
     assert fused[1 - index] is None
     torch.testing.assert_close(fused[index], expected[index], rtol=1e-5, atol=1e-5)
@@ -143,12 +152,12 @@ def test_gradient_of_one_input_only(kernel, needs):
 
 @pytest.mark.parametrize("transpose", [False, True])
 def test_drop_in_for_boft_layer_rotate(kernel, transpose):
-    layer = BOFTConfig(block_size=4, n_factors=3).make_layer(torch.nn.Linear(32, 8)).to(KERNEL_DEVICE)
+    layer = BOFTConfig(block_size=4, n_factors=3, kernel="torch").make_layer(torch.nn.Linear(32, 8)).to(KERNEL_DEVICE)
     with torch.no_grad():
         layer.skew.normal_()
     x = torch.randn(4, 32, device=KERNEL_DEVICE)
     blocks = layer.orthogonal_blocks()
-    fused = kernel.butterfly_apply_fused(x, blocks, layer._gathers(transpose), transpose)
+    fused = kernel.butterfly_apply_fused(x, blocks, transpose)
     torch.testing.assert_close(fused, layer.rotate(x, transpose, blocks), rtol=1e-5, atol=1e-5)
 
 
@@ -160,7 +169,7 @@ def test_half_precision_forward_within_output_rounding(kernel, dtype, d, b, m):
         torch.randn(40, d).to(dtype), random_blocks(d, b, m).to(dtype), *gather_schedule(d, b, m, False)
     )
     exact = butterfly_apply(x.float(), blocks.float(), gathers)
-    fused = kernel.butterfly_apply_fused(x, blocks, gathers)
+    fused = kernel.butterfly_apply_fused(x, blocks)
     assert fused.dtype == dtype
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(fused.float(), exact, rtol=eps, atol=eps * exact.abs().max().item())
@@ -173,29 +182,21 @@ def test_half_precision_gradients_no_worse_than_torch_path(kernel, dtype, d, b, 
         torch.randn(40, d).to(dtype), random_blocks(d, b, m).to(dtype), torch.randn(40, d),
         *gather_schedule(d, b, m, False),
     )
-    exact = gradients(butterfly_apply, x.float(), blocks.float(), gathers, False, weight)
+    exact = gradients(torch_path(gathers), x.float(), blocks.float(), False, weight)
     errors = {}
-    for name, apply in (("torch", butterfly_apply), ("fused", kernel.butterfly_apply_fused)):
-        grads = gradients(apply, x, blocks, gathers, False, weight)
+    for name, apply in (("torch", torch_path(gathers)), ("fused", kernel.butterfly_apply_fused)):
+        grads = gradients(apply, x, blocks, False, weight)
         errors[name] = [(g.float() - e).abs().max().item() for g, e in zip(grads, exact)]
     eps = torch.finfo(dtype).eps
-    for fused, torch_path, scale in zip(errors["fused"], errors["torch"], (1.0, 10.0)):
-        assert fused <= 1.5 * torch_path + eps * scale, errors
-
-
-def test_rejects_gathers_it_does_not_implement(kernel):
-    d, b, m = 32, 4, 2
-    x, blocks, *gathers = on_device(torch.randn(2, d), random_blocks(d, b, m), *gather_schedule(d, b, m, False))
-    gathers[1] = torch.randperm(d, device=KERNEL_DEVICE)
-    with pytest.raises(ValueError, match="gather_schedule"):
-        kernel.butterfly_apply_fused(x, blocks, gathers)
+    for fused, torch_error, scale in zip(errors["fused"], errors["torch"], (1.0, 10.0)):
+        assert fused <= 1.5 * torch_error + eps * scale, errors
 
 
 def test_rejects_unsupported_block_size_with_choices(kernel):
     d, b = 36, 6
     x, blocks = on_device(torch.randn(2, d), random_blocks(d, b, 1))
     with pytest.raises(ValueError, match=r"supported block sizes: \[2, 4, 8, 16, 32, 64\]"):
-        kernel.butterfly_apply_fused(x, blocks, [None, None])
+        kernel.butterfly_apply_fused(x, blocks)
 
 
 @pytest.mark.skipif(KERNEL_DEVICE is not None, reason="the kernel tests already ran in this process")

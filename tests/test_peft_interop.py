@@ -120,3 +120,17 @@ def test_import_refuses_other_peft_types_and_pickles(tmp_path):
     boft.save_pretrained(tmp_path / "bin", safe_serialization=False)
     with pytest.raises(ValueError, match="never unpickles"):
         boftlab.from_peft(base(), tmp_path / "bin")
+
+
+def test_peft_boft_without_cuda_puts_peft_back_even_after_an_error():
+    from peft.tuners.boft import layer
+
+    def state():
+        return layer.get_fbd_cuda, layer.FastBlockDiag.apply, "apply" in vars(layer.FastBlockDiag)
+
+    before = state()
+    with pytest.raises(RuntimeError, match="inside"):
+        with peft_boft_without_cuda():
+            assert layer.get_fbd_cuda() is True and state() != before
+            raise RuntimeError("inside")
+    assert state() == before

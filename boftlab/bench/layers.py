@@ -14,14 +14,13 @@ import contextlib
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
-from unittest import mock
 
 import torch
 from torch import nn
 
 from . import Timing, fwd_bwd, markdown_table, suite, synchronize, time_call
-from .. import butterfly
 from ..butterfly import BOFTConfig, OFTConfig
+from ..butterfly_structure import butterfly_apply, gather_schedule
 from ..kernels import butterfly_apply_fused
 
 BLOCK_SIZE = 8
@@ -45,13 +44,6 @@ def _peft(config_name: str, base: nn.Linear, **options) -> nn.Module:
 
     config = getattr(peft, config_name)(target_modules=["proj"], **options)
     return peft.inject_adapter_in_model(config, _Holder(base))
-
-
-@contextlib.contextmanager
-def torch_path_only() -> Iterator[None]:
-    """boftlab BOFT layers skip the fused kernel (which ``rotate`` picks on CUDA by itself): the PyTorch path rows."""
-    with mock.patch.object(butterfly, "fused_supported", lambda x, blocks: False):
-        yield
 
 
 @contextlib.contextmanager
@@ -103,8 +95,8 @@ def method_list(names: list[str], factors: tuple[int, ...] = (2,), device: torch
                 continue
             for m in factors:
                 label = f"boftlab BOFT m={m} b={BLOCK_SIZE}" + (" (fused kernel)" if fused else "")
-                config = BOFTConfig(block_size=BLOCK_SIZE, n_factors=m)
-                methods.append(Method(label, config.make_layer, None if fused else (lambda device: torch_path_only())))
+                config = BOFTConfig(block_size=BLOCK_SIZE, n_factors=m, kernel="auto" if fused else "torch")
+                methods.append(Method(label, config.make_layer))
         elif name == "surm":
             try:
                 from ..surm import SURMConfig
@@ -259,12 +251,10 @@ def kernel_bandwidth(dims: list[int], tokens_list: list[int], factors: tuple[int
             copy_ms = time_call(lambda: torch.empty_like(x).copy_(x), device, repeats=20).ms
             for m in factors:
                 blocks = torch.linalg.qr(torch.randn(m, dim // BLOCK_SIZE, BLOCK_SIZE, BLOCK_SIZE, device=device))[0]
-                gathers = [None if g is None else g.to(device)
-                           for g in butterfly.gather_schedule(dim, BLOCK_SIZE, m, False)]
+                gathers = [None if g is None else g.to(device) for g in gather_schedule(dim, BLOCK_SIZE, m, False)]
                 with torch.no_grad():
-                    fused_ms = time_call(lambda: butterfly_apply_fused(x, blocks, gathers), device, repeats=20).ms
-                    torch_ms = time_call(lambda: butterfly.butterfly_apply(x, blocks.to(x.dtype), gathers),
-                                         device, repeats=20).ms
+                    fused_ms = time_call(lambda: butterfly_apply_fused(x, blocks), device, repeats=20).ms
+                    torch_ms = time_call(lambda: butterfly_apply(x, blocks.to(x.dtype), gathers), device, repeats=20).ms
                 gbps = moved / fused_ms / 1e6
                 rows.append([dim, tokens, m, fused_ms, torch_ms, torch_ms / fused_ms, gbps, moved / copy_ms / 1e6,
                              100 * copy_ms / fused_ms, spec])

@@ -18,7 +18,7 @@ from torch import nn
 from . import markdown_table, suite
 from .. import model as boftlab_model
 from ..butterfly import BOFTConfig, OFTConfig
-from .layers import BLOCK_SIZE, LORA_RANK, _triton_available, torch_path_only, kernel_bandwidth, measure, peft_boft_context
+from .layers import BLOCK_SIZE, LORA_RANK, _triton_available, kernel_bandwidth, measure, peft_boft_context
 
 MINILM_TARGETS = ["query", "key", "value", "dense"]  # attention q/k/v/output and both MLP layers
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -52,8 +52,8 @@ def adapters(device: torch.device) -> list[Adapter]:
         Adapter(f"PEFT BOFT m=2 b={BLOCK_SIZE}",
                 _peft("BOFTConfig", boft_block_size=BLOCK_SIZE, boft_n_butterfly_factor=2), peft_boft_context),
         Adapter(f"boftlab OFT b={BLOCK_SIZE}", _boftlab(OFTConfig(block_size=BLOCK_SIZE))),
-        Adapter(f"boftlab BOFT m=2 b={BLOCK_SIZE}", _boftlab(BOFTConfig(block_size=BLOCK_SIZE, n_factors=2)),
-                lambda device: torch_path_only()),
+        Adapter(f"boftlab BOFT m=2 b={BLOCK_SIZE}", _boftlab(BOFTConfig(block_size=BLOCK_SIZE, n_factors=2,
+                                                                         kernel="torch"))),
     ]
     if device.type == "cuda" and _triton_available():
         found.append(Adapter(f"boftlab BOFT m=2 b={BLOCK_SIZE} (fused kernel)",

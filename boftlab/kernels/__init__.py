@@ -1,13 +1,37 @@
 """Fused GPU kernels. Importing this package does not import Triton: it loads on the first CUDA call.
 
-``fused_supported(x, blocks)`` says whether ``butterfly_apply_fused`` can replace ``butterfly.butterfly_apply`` for
-these tensors (CUDA, Triton importable, supported block size / factors / dtype); the result is the same to fp
-tolerance, so callers may dispatch on it.
+``fused_supported(x, blocks)`` says whether ``butterfly_apply_fused`` can replace
+``butterfly_structure.butterfly_apply`` for these tensors (CUDA, Triton importable, supported block size / factors /
+dtype); the result is the same to fp tolerance, so callers may dispatch on it.
+
+Which implementation a layer uses is a switch with two settings, ``KERNELS``:
+
+* ``"auto"``  — the fused kernel wherever ``fused_supported`` says it runs, the PyTorch path everywhere else;
+* ``"torch"`` — always the PyTorch path (the reference; benchmarks time it on GPUs too).
+
+A config chooses it (``BOFTConfig(kernel=...)``), and the environment variable ``BOFTLAB_KERNEL=torch`` forces the
+PyTorch path for every layer built while it is set (unset or ``auto``: each config decides).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+KERNELS = ("auto", "torch")
+KERNEL_ENV = "BOFTLAB_KERNEL"
+
+
+def kernel_in_force(configured: str) -> str:
+    """``"torch"`` if ``$BOFTLAB_KERNEL`` is ``torch``, else ``configured``; ValueError for any other value. O(1)."""
+    forced = os.environ.get(KERNEL_ENV, "auto")
+    if forced not in KERNELS:
+        raise ValueError(
+            f"{KERNEL_ENV}={forced!r} is not a kernel setting; valid: {KERNELS} (torch forces the PyTorch path, "
+            "auto or unset leaves the choice to each config)"
+        )
+    return "torch" if forced == "torch" else configured
 
 
 def fused_supported(x: torch.Tensor, blocks: torch.Tensor) -> bool:
@@ -19,10 +43,8 @@ def fused_supported(x: torch.Tensor, blocks: torch.Tensor) -> bool:
     return supported(x, blocks)
 
 
-def butterfly_apply_fused(
-    x: torch.Tensor, blocks: torch.Tensor, gathers: list[torch.Tensor | None], transpose: bool = False
-) -> torch.Tensor:
+def butterfly_apply_fused(x: torch.Tensor, blocks: torch.Tensor, transpose: bool = False) -> torch.Tensor:
     """x: (..., d) -> x @ R (or x @ Rᵀ) in one fused pass; see ``butterfly_triton.butterfly_apply_fused``."""
     from .butterfly_triton import butterfly_apply_fused as apply
 
-    return apply(x, blocks, gathers, transpose)
+    return apply(x, blocks, transpose)

@@ -1,8 +1,9 @@
 """A fused Triton kernel for the butterfly-orthogonal transform: x @ R (or x @ Rᵀ) with R = B_m ⋯ B_1.
 
-``boftlab.butterfly.butterfly_apply`` runs m rounds of gather + batched b × b matmul, each reading and writing
-all activations (about 2m passes over memory, plus m saved intermediates for backward). Here one Triton program
-loads a tile of rows once, applies every factor to it on chip, and writes it once.
+``boftlab.butterfly_structure.butterfly_apply`` runs m rounds of gather + batched b × b matmul, each reading and
+writing all activations (about 2m passes over memory, plus m saved intermediates for backward). Here one Triton
+program loads a tile of rows once, applies every factor to it on chip, and writes it once. Its plan, in PyTorch, is
+``butterfly_structure.butterfly_apply_reshaped``.
 
 Why no gathers are needed. Factor i (0-based, s = 2^i) is P · blockdiag(Q_i) · Pᵀ, and conjugating by the
 butterfly permutation only changes *which* coordinates a block mixes: in the natural layout, a row viewed as
@@ -24,16 +25,14 @@ Backward: one kernel per tile recomputes the factor inputs from x (no intermedia
 only x), propagates the gradient back through the factors (that is dx), and accumulates each block's gradient
 xₜᵀ·gₜ₊₁ over the rows a program owns; per-program partial sums are then added by PyTorch (deterministic).
 
-What it does not do (honestly): it is tuned by reasoning, not by measurement (no GPU was available when it was
-written); recomputation makes the backward O(m²) in factor products, which is compute-bound for large b·m; tiles of
+What it does not do: its tile shapes come from register budgets (``tile_shape``), not from tuning runs;
+recomputation makes the backward O(m²) in factor products, which is compute-bound for large b·m; tiles of
 L·b > 16384 elements (e.g. b = 8 with m ≥ 10) do not fit on chip and are left to the PyTorch path.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import weakref
 
 import torch
 
@@ -48,25 +47,6 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_SPAN_ELEMENTS = 16384  # L·b: one factor's blocks for one tile of L columns, in registers
 _PRODUCT_BUDGET = 4096  # rows × cols × b elements of a broadcast product, per program
 _DOT_MIN = 16  # tl.dot on GPUs needs every tile dimension ≥ 16
-
-
-# --- the kernel's algorithm, in PyTorch ----------------------------------------------------------------------------
-def butterfly_apply_reshaped(x: torch.Tensor, blocks: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-    """x: (..., d) -> x @ R (or x @ Rᵀ); blocks: (m, k, b, b). O(d·b·m) per row, no gathers, only reshapes.
-
-    The same result as ``butterfly_apply`` with ``gather_schedule``'s gathers; this is the kernel's plan.
-    """
-    n_factors, n_blocks, block_size, _ = blocks.shape
-    order = range(n_factors) if transpose else range(n_factors - 1, -1, -1)
-    shape = x.shape
-    for i in order:
-        stride = 2**i
-        q = blocks[i].transpose(-1, -2) if transpose else blocks[i]
-        x = x.reshape(*shape[:-1], -1, 2, stride, block_size // 2)  # (..., chunks, h, c, t)
-        x = x.transpose(-2, -3).reshape(*shape[:-1], n_blocks, block_size)  # (..., k, b): block = chunk·s + c
-        x = torch.einsum("...kr,krc->...kc", x, q)
-        x = x.reshape(*shape[:-1], -1, stride, 2, block_size // 2).transpose(-2, -3).reshape(shape)
-    return x
 
 
 # --- what the kernel supports --------------------------------------------------------------------------------------
@@ -301,38 +281,13 @@ class _FusedButterfly(torch.autograd.Function):
         return _launch_forward(grad, blocks, not ctx.transpose), None, None
 
 
-# --- the entry point, with butterfly_apply's signature -------------------------------------------------------------
-@functools.lru_cache(maxsize=64)
-def _schedule(dim: int, block_size: int, n_factors: int, transpose: bool) -> tuple[torch.Tensor | None, ...]:
-    from ..butterfly import gather_schedule  # deferred: butterfly.py may import this package
-
-    return tuple(gather_schedule(dim, block_size, n_factors, transpose))
-
-
-_CHECKED: dict[int, tuple[weakref.ref, int]] = {}  # id(gather) -> (the tensor, its version) once it matched
-
-
-def _is_expected(gather: torch.Tensor | None, expected: torch.Tensor | None) -> bool:
-    if gather is None or expected is None:
-        return gather is None and expected is None
-    seen = _CHECKED.get(id(gather))
-    if seen is not None and seen[0]() is gather and seen[1] == gather._version:
-        return True
-    if not torch.equal(gather.detach().cpu(), expected):
-        return False
-    key = id(gather)
-    _CHECKED[key] = (weakref.ref(gather, lambda _, key=key: _CHECKED.pop(key, None)), gather._version)
-    return True
-
-
-def butterfly_apply_fused(
-    x: torch.Tensor, blocks: torch.Tensor, gathers: list[torch.Tensor | None], transpose: bool = False
-) -> torch.Tensor:
+# --- the entry point -----------------------------------------------------------------------------------------------
+def butterfly_apply_fused(x: torch.Tensor, blocks: torch.Tensor, transpose: bool = False) -> torch.Tensor:
     """x: (..., d) -> x @ R, or x @ Rᵀ with ``transpose``; blocks: (m, k, b, b). O(d·b·m) per row, one pass.
 
-    Same signature and result (to fp tolerance) as ``butterfly.butterfly_apply``; differentiable in x and blocks.
-    The kernel implements the butterfly structure itself, so ``gathers`` must be ``gather_schedule``'s (checked
-    once per gather tensor); anything else raises rather than computing a different product.
+    The same result (to fp tolerance) as ``butterfly_structure.butterfly_apply`` with ``gather_schedule``'s gathers:
+    the kernel implements the butterfly permutations itself (``butterfly_apply_reshaped`` is its plan), so it takes
+    no gathers. Differentiable in x and blocks.
     """
     if triton is None:
         raise RuntimeError("butterfly_apply_fused needs Triton (pip install triton); use butterfly_apply instead")
@@ -345,12 +300,6 @@ def butterfly_apply_fused(
     reason = unsupported_reason(dim, block_size, n_factors, x.dtype)
     if reason is not None:
         raise ValueError(f"the fused butterfly kernel cannot run this case: {reason}. Use butterfly_apply.")
-    expected = _schedule(dim, block_size, n_factors, bool(transpose))
-    if len(gathers) != len(expected) or not all(_is_expected(g, e) for g, e in zip(gathers, expected)):
-        raise ValueError(
-            f"gathers are not gather_schedule({dim}, {block_size}, {n_factors}, transpose={bool(transpose)}); the "
-            "fused kernel only computes the butterfly product, so use butterfly_apply for other permutations"
-        )
     if x.device != blocks.device:
         raise ValueError(f"x is on {x.device} but blocks are on {blocks.device}")
     y = _FusedButterfly.apply(x.reshape(-1, dim), blocks, bool(transpose))
