@@ -22,20 +22,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .butterfly_structure import butterfly_apply, gather_schedule, valid_block_sizes, valid_n_factors
-from .contract import AdapterConfig, AdapterLayer, nearest
+from .contract import AdapterConfig, AdapterLayer, conv_output_size, nearest
 from .kernels import KERNELS, butterfly_apply_fused, fused_supported, kernel_in_force
 
-PATHS = ("auto", "input", "weight")
 #: Per row element, in multiply-adds of a dense fp32 matmul: one butterfly factor (batched b×b products and the
-#: reshapes around them) and one index gather. Measured on a 2-core x86 CPU, 2026-11-23 (m=1: 80–150; m>1, factors
-#: plus gathers: 350–580 per factor); the auto path choice uses them, the results never depend on them.
+#: reshapes around them) and one index gather. Calibrated with ``python -m boftlab.bench butterfly_costs`` (the
+#: measurement behind these values: benchmarks/README.md); the auto path choice uses them, results never depend on them.
 FACTOR_COST = 100
 GATHER_COST = 250
 
@@ -114,7 +113,6 @@ class BOFTConfig(AdapterConfig):
     """
 
     family: ClassVar[str] = "boft"
-    supported_layers: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Conv2d)
 
     block_size: int | None = None
     n_blocks: int | None = None
@@ -155,14 +153,15 @@ class BOFTConfig(AdapterConfig):
             raise ValueError(f"neumann_terms must be None (exact Cayley) or ≥ 2, got {self.neumann_terms}")
         if self.coft_eps <= 0:
             raise ValueError(f"coft_eps must be > 0, got {self.coft_eps}")
-        if self.path not in PATHS:
-            raise ValueError(f"path must be one of {PATHS}, got {self.path!r}")
+        self.check_path()
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
 
-    def make_layer(self, base_layer: nn.Module) -> "BOFTLayer":
-        self.check_supported(base_layer)
-        return BOFTLayer(base_layer, self)
+    def supported_layers(self) -> tuple[type[nn.Module], ...]:
+        return (nn.Linear, nn.Conv2d)
+
+    def layer_class(self) -> type["BOFTLayer"]:
+        return BOFTLayer
 
 
 @dataclasses.dataclass
@@ -193,11 +192,11 @@ class BOFTLayer(AdapterLayer):
         block_size = resolve_block_size(self.fan_in, config.block_size, config.n_blocks, config.n_factors, what)
         self.block_size, self.n_blocks, self.n_factors = block_size, self.fan_in // block_size, config.n_factors
         self.kernel = kernel_in_force(config.kernel)  # "auto" or "torch" (this layer's rotations)
-        if config.path == "input" and not self._input_path_possible():
-            raise ValueError(
-                "path='input' needs a Conv2d with padding_mode='zeros' and numeric padding; "
-                f"got padding={base_layer.padding!r}, padding_mode={base_layer.padding_mode!r}. Use path='auto'."
-            )
+        self.check_forced_path({"input": (
+            "needs a Conv2d with padding_mode='zeros' and numeric padding (F.unfold pads with zeros only); "
+            f"got padding={getattr(base_layer, 'padding', None)!r}, "
+            f"padding_mode={getattr(base_layer, 'padding_mode', None)!r}"
+        )})
 
         n_entries = block_size * (block_size - 1) // 2
         factory = {"device": weight.device, "dtype": torch.float32}
@@ -248,33 +247,38 @@ class BOFTLayer(AdapterLayer):
         return self.rotate(torch.eye(self.fan_in, device=blocks.device, dtype=blocks.dtype), blocks=blocks)
 
     # --- choosing a path ---
-    def _input_path_possible(self) -> bool:
+    def paths(self) -> tuple[str, ...]:
+        """Both paths, except for a conv whose padding ``F.unfold`` cannot reproduce ("same", or not zeros)."""
         base = self.base_layer
-        return isinstance(base, nn.Linear) or (base.padding_mode == "zeros" and not isinstance(base.padding, str))
+        if isinstance(base, nn.Linear) or (base.padding_mode == "zeros" and not isinstance(base.padding, str)):
+            return ("input", "weight")
+        return ("weight",)
 
-    def rotation_cost(self) -> int:
-        """Cost of rotating one row element by R (the m factors and their index gathers), in multiply-adds of a
-        dense matmul: a factor's b multiply-adds move little data compared with the reshapes, copies and batched
-        tiny products around them, so each factor counts at least ``FACTOR_COST`` and each gather ``GATHER_COST``."""
-        gathers = sum(g is not None for g in self._gathers(transpose=False))
-        return self.n_factors * max(self.block_size, FACTOR_COST) + gathers * GATHER_COST
+    def path_costs(self, x_shape: Sequence[int], training: bool, input_requires_grad: bool) -> dict[str, int]:
+        """Multiply-adds of one call on an input of ``x_shape``, per path.
 
-    def use_input_path(self, n_rows: int, input_requires_grad: bool) -> bool:
-        """Whether rotating the activations costs less than rotating the weight, for n_rows rows (see
-        ``rotation_cost``)."""
-        if self.config.path != "auto":
-            return self.config.path == "input"
-        if not self._input_path_possible():
-            return False
-        n, d, out, rot = n_rows, self.fan_in, self.out_features, self.rotation_cost()
-        if torch.is_grad_enabled() and self.skew.requires_grad:
-            # training: forward + two backward products of each rotation; the input path must back-propagate
-            # through W (n·out·d), the weight path must form dW' (n·out·d) and also dx when the input needs it.
-            input_cost = 3 * n * d * rot + n * out * d
-            weight_cost = 3 * out * d * rot + n * out * d * (2 if input_requires_grad else 1)
+        n rows (tokens, or conv output positions) of fan-in d, out outputs; C₀ = n·out·d, the base product. Rotating
+        one row element by R counts each factor's b multiply-adds as at least ``FACTOR_COST`` (its reshapes, copies
+        and batched tiny products move more data than they compute) and each index gather as ``GATHER_COST``: rot
+        per element. Inference: input n·d·rot + C₀, weight out·d·rot + C₀. Training adds the two backward products of
+        each rotation (3× rot) and the base's backward: the input path back-propagates through W (C₀), the weight
+        path forms dW' (C₀) and dx when the input needs it (C₀): input 3·n·d·rot + 2·C₀, weight 3·out·d·rot +
+        (2 + g)·C₀ with g = 1 when the input needs a gradient.
+        """
+        base, d, out = self.base_layer, self.fan_in, self.out_features
+        if isinstance(base, nn.Linear):
+            n = math.prod(x_shape) // d
         else:
-            input_cost, weight_cost = n * d * rot, out * d * rot
-        return input_cost < weight_cost
+            n = x_shape[0] * math.prod(conv_output_size(base, x_shape[-2:]))
+        gathers = sum(g is not None for g in self._gathers(transpose=False))
+        rot = self.n_factors * max(self.block_size, FACTOR_COST) + gathers * GATHER_COST
+        base_cost = n * out * d
+        if training:
+            costs = {"input": 3 * n * d * rot + 2 * base_cost,
+                     "weight": 3 * out * d * rot + (3 if input_requires_grad else 2) * base_cost}
+        else:
+            costs = {"input": n * d * rot + base_cost, "weight": out * d * rot + base_cost}
+        return {path: costs[path] for path in self.paths()}
 
     # --- forward ---
     def rotated_weight(self, blocks: torch.Tensor | None = None) -> torch.Tensor:
@@ -295,11 +299,7 @@ class BOFTLayer(AdapterLayer):
                 f"this adapted {type(base).__name__} expects inputs of shape {shape}, got {tuple(x.shape)}"
             )
         blocks = self.orthogonal_blocks()
-        if isinstance(base, nn.Linear):
-            n_rows = x.numel() // self.fan_in
-        else:
-            n_rows = x.shape[0] * math.prod(self._conv_output_size(x.shape[-2:]))
-        if not self.use_input_path(n_rows, x.requires_grad):
+        if self.choose_path(x) == "weight":
             weight = self.rotated_weight(blocks)
             if isinstance(base, nn.Linear):
                 return F.linear(x, weight, base.bias)
@@ -315,19 +315,6 @@ class BOFTLayer(AdapterLayer):
     def _linear_input_path(self, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         return F.linear(self.rotate(x, blocks=blocks), self.base_layer.weight)  # W (Rᵀ x), no bias yet
 
-    def _conv_output_size(self, spatial: torch.Size) -> tuple[int, int]:
-        base = self.base_layer
-        if isinstance(base.padding, str):  # "same" keeps the size (stride 1); "valid" is no padding
-            pad = (0, 0) if base.padding == "valid" else None
-            if pad is None:
-                return tuple(spatial)
-        else:
-            pad = base.padding
-        return tuple(
-            (size + 2 * p - d * (k - 1) - 1) // s + 1
-            for size, p, d, k, s in zip(spatial, pad, base.dilation, base.kernel_size, base.stride)
-        )
-
     def _conv_input_path(self, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         base, groups = self.base_layer, self.base_layer.groups
         patches = F.unfold(x, base.kernel_size, base.dilation, base.padding, base.stride)  # (B, C·kh·kw, L)
@@ -336,7 +323,7 @@ class BOFTLayer(AdapterLayer):
         rotated = self.rotate(patches, blocks=blocks)  # each patch's fan-in vector times R
         weight = base.weight.reshape(groups, self.out_features // groups, self.fan_in)  # (g, out/g, d)
         y = torch.einsum("bgld,god->bgol", rotated, weight).reshape(batch, self.out_features, length)
-        return y.reshape(batch, self.out_features, *self._conv_output_size(x.shape[-2:]))
+        return y.reshape(batch, self.out_features, *conv_output_size(base, x.shape[-2:]))
 
     # --- merging ---
     def merged_weights(self) -> dict[str, torch.Tensor]:

@@ -1,27 +1,49 @@
 """The adapter contract shared by every boftlab family.
 
-An adapter *wraps* one frozen base layer and answers the same five questions whatever its family:
+An adapter *wraps* one frozen base layer and answers the same questions whatever its family:
 
     forward(x)            the adapted layer's output (the base layer's alone once merged)
     merge() / unmerge()   fold the adaptation into the base weight and take it out again, exactly
     n_trainable()         how many numbers the adapter stores and trains
     n_effective()         the paper-style count of free parameters (e.g. b(b-1)/2 per skew-symmetric block)
+    paths()               the exact forward paths it has, in one vocabulary for every family (``PATHS``):
+                            "input"  — the adapter acts on the activations (BOFT rotates x; the tensor core's
+                                       factorised chain; SURM's FFT products on a Linear's input or output);
+                            "weight" — form the adapted weight, then one call of the base op
+    path_costs(...)       multiply-adds of one call on each path; ``choose_path(x)`` takes the config's ``path``,
+                          or under "auto" the cheapest (ties go to "weight"), and ``forward`` runs that one
 
 A family is two classes: an ``AdapterConfig`` dataclass (hyper-parameters, which layer types it adapts) and an
 ``AdapterLayer`` (the math). Injection, reports, saving and loading are written once against this file and never
 know which family they handle.
+
+Adding a family. Write ``myfamily.py`` with the structured matrix first (pure functions over tensors), then:
+
+* ``MyConfig(AdapterConfig)``, a dataclass with ``family: ClassVar[str] = "myfamily"`` (this registers it in
+  ``FAMILIES``), its hyper-parameters checked in ``__post_init__``, a field ``path: str = "auto"`` (checked by
+  ``check_path``), ``supported_layers()`` and ``layer_class()``;
+* ``MyLayer(AdapterLayer)`` with its trainable tensors as parameters of its own (zero change at init),
+  ``adapted_forward(x, *args, **kwargs)`` that runs ``self.choose_path(x)``, ``paths()``, ``path_costs(...)``,
+  ``merged_weights()`` / ``unmerged_weights()`` if it can be folded into the base weight, and ``n_effective()``
+  if the paper counts differently from what is stored.
+
+Import it from ``boftlab/__init__.py``. ``adapt``, ``summary``, ``merge``, saving, loading, ``counts`` and the
+reproduction runner then handle it, and ``tests/test_contract.py`` runs it through the contract once it is given a
+representative config there.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import nn
 
 #: family name -> config class; filled by ``AdapterConfig.__init_subclass__``.
 FAMILIES: dict[str, type["AdapterConfig"]] = {}
+#: the forward paths a layer may have (module docstring); a config's ``path`` is one of them or "auto".
+PATHS = ("input", "weight")
 
 
 def nearest(value: int, choices: list[int]) -> int:
@@ -29,33 +51,64 @@ def nearest(value: int, choices: list[int]) -> int:
     return min(choices, key=lambda c: (abs(c - value), c))
 
 
+def conv_output_size(conv: nn.Module, spatial: Sequence[int]) -> tuple[int, ...]:
+    """The spatial size of ``conv``'s output for an input of spatial size ``spatial`` (Conv1d/2d/3d). O(1).
+
+    padding="same" keeps the size (PyTorch allows it only with stride 1), "valid" is no padding; numbers follow
+    ⌊(size + 2·pad − dilation·(k − 1) − 1) / stride⌋ + 1 per spatial mode.
+    """
+    if conv.padding == "same":
+        return tuple(spatial)
+    pad = (0,) * len(spatial) if conv.padding == "valid" else conv.padding
+    return tuple(
+        (size + 2 * p - d * (k - 1) - 1) // s + 1
+        for size, p, d, k, s in zip(spatial, pad, conv.dilation, conv.kernel_size, conv.stride)
+    )
+
+
 @dataclasses.dataclass
 class AdapterConfig:
-    """Base class of the families' configs. A subclass sets ``family`` and implements ``make_layer``."""
+    """Base class of the families' configs. A subclass sets ``family`` and implements ``supported_layers`` and
+    ``layer_class``; ``make_layer`` is the same for every family."""
 
     family: ClassVar[str] = ""
-    #: the module types ``make_layer`` accepts, for the error raised when a target has another type.
-    supported_layers: ClassVar[tuple[type[nn.Module], ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls.__dict__.get("family"):
             FAMILIES[cls.family] = cls
 
-    def make_layer(self, base_layer: nn.Module) -> "AdapterLayer":
-        """Wrap ``base_layer``; raise ``ValueError`` if this config cannot adapt it."""
+    def supported_layers(self) -> tuple[type[nn.Module], ...]:
+        """The module types this config adapts (``adapt`` selects targets by them; errors name them)."""
         raise NotImplementedError
+
+    def layer_class(self) -> type["AdapterLayer"]:
+        """The ``AdapterLayer`` subclass that ``make_layer`` builds."""
+        raise NotImplementedError
+
+    def make_layer(self, base_layer: nn.Module) -> "AdapterLayer":
+        """Wrap ``base_layer``; ValueError if its type is not supported or the family cannot fit its shape."""
+        self.check_supported(base_layer)
+        return self.layer_class()(base_layer, self)
 
     def display_name(self) -> str:
         """How errors name this config: the class name, plus any option that decides ``supported_layers``."""
         return type(self).__name__
 
     def check_supported(self, base_layer: nn.Module) -> None:
-        if not isinstance(base_layer, self.supported_layers):
-            names = ", ".join(f"nn.{t.__name__}" for t in self.supported_layers)
+        supported = self.supported_layers()
+        if not isinstance(base_layer, supported):
+            names = ", ".join(f"nn.{t.__name__}" for t in supported)
             raise ValueError(
                 f"{self.display_name()} cannot adapt a {type(base_layer).__name__}; supported layer types: {names}."
             )
+
+    def check_path(self) -> None:
+        """ValueError unless the ``path`` option is "auto" or one of ``PATHS`` (whether a given layer has that path
+        is checked when the layer is built)."""
+        valid = ("auto", *PATHS)
+        if self.path not in valid:
+            raise ValueError(f"path must be one of {valid}, got {self.path!r}")
 
     def to_dict(self) -> dict[str, Any]:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -97,6 +150,16 @@ class AdapterLayer(nn.Module):
 
     # --- the family's part -------------------------------------------------------------------------------------
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The adapted output, computed on ``self.choose_path(x)``."""
+        raise NotImplementedError
+
+    def paths(self) -> tuple[str, ...]:
+        """The exact forward paths this layer has (a subset of ``PATHS``)."""
+        raise NotImplementedError
+
+    def path_costs(self, x_shape: Sequence[int], training: bool, input_requires_grad: bool) -> dict[str, int]:
+        """Estimated multiply-adds of one call on an input of ``x_shape``, for each of ``paths()`` (backward
+        included when ``training``)."""
         raise NotImplementedError
 
     def merged_weights(self) -> dict[str, torch.Tensor]:
@@ -135,6 +198,27 @@ class AdapterLayer(nn.Module):
 
     def n_trainable(self) -> int:
         return sum(p.numel() for p in self.adapter_parameters().values())
+
+    def check_forced_path(self, why_not: dict[str, str]) -> None:
+        """ValueError if the config forces a path this layer does not have; ``why_not``: path -> the reason.
+        Families call it at the end of ``__init__``, so a layer never reaches ``forward`` with a path it lacks."""
+        path = self.config.path
+        if path != "auto" and path not in self.paths():
+            raise ValueError(
+                f"path={path!r} {why_not[path]}; this {type(self.base_layer).__name__} has the path(s) "
+                f"{self.paths()}. Use path='auto'."
+            )
+
+    def choose_path(self, x: torch.Tensor) -> str:
+        """The path this call takes: the config's, or under "auto" the one of ``paths()`` with the fewest
+        multiply-adds (``path_costs``); a tie goes to "weight" (one call of the base op)."""
+        if self.config.path != "auto":
+            return self.config.path
+        if len(self.paths()) == 1:
+            return self.paths()[0]
+        training = torch.is_grad_enabled() and any(p.requires_grad for p in self.adapter_parameters().values())
+        costs = self.path_costs(x.shape, training, x.requires_grad)
+        return min(costs, key=lambda path: (costs[path], path != "weight"))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.merged:

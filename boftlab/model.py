@@ -162,10 +162,10 @@ def adapt(
             f"module {adapted[0]!r} already carries a {layer.family!r} adapter; boftlab puts one adapter per layer "
             "(unwrap(model) first, or choose other targets)"
         )
-    supported = [n for n in names if isinstance(model.get_submodule(n), config.supported_layers)]
+    supported = [n for n in names if isinstance(model.get_submodule(n), config.supported_layers())]
     if not supported:
         kinds = sorted({type(model.get_submodule(n)).__name__ for n in names})
-        ok = ", ".join(t.__name__ for t in config.supported_layers)
+        ok = ", ".join(t.__name__ for t in config.supported_layers())
         raise ValueError(
             f"targets={_describe(targets)} matched {len(names)} module(s) of type(s) {kinds}, none of which "
             f"{config.display_name()} supports; supported types: {ok}"
@@ -175,7 +175,7 @@ def adapt(
         # matched *leaf* layer of a type the family cannot adapt is an error, never silently left out.
         leaves = [n for n in names if n not in supported and next(model.get_submodule(n).children(), None) is None]
         if leaves:
-            ok = ", ".join(t.__name__ for t in config.supported_layers)
+            ok = ", ".join(t.__name__ for t in config.supported_layers())
             shown = ", ".join(f"{n} ({type(model.get_submodule(n)).__name__})" for n in leaves[:8])
             more = f", … ({len(leaves) - 8} more)" if len(leaves) > 8 else ""
             raise ValueError(

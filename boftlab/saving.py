@@ -10,6 +10,10 @@ An adapter directory holds
 The config records, per group of layers sharing one config: the family and hyper-parameters, the target module
 names, their base-layer types and weight shapes; plus the boftlab version and a format version.
 Loading validates everything against the model before changing it: on any error the model is left untouched.
+
+Format versions: 1, then 2, where the tensor core's constant multiplier is ``alpha`` (was ``scale``, SURM's name for
+the same thing) and its factorised forward is ``path="input"`` (was ``"factorised"``, the contract's one vocabulary).
+A version-1 file is read with those two names translated (``upgrade_config``); any other unknown option is refused.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from . import __version__
 from .contract import AdapterConfig, AdapterLayer
 from .model import TRAINABLE_ATTR, adapter_layers, build_layers, insert_layers
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 METADATA_KEY = "boftlab"
@@ -128,8 +132,28 @@ def read_safetensors(file: Path, key: str, what: str) -> tuple[dict[str, Any], d
         raise ValueError(f"the {what} metadata inside {str(file)!r} is not valid JSON: {err}") from err
 
 
+def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
+    """An adapter config (``adapter_config``'s dict) of any readable format version, in the current version's names.
+
+    1 -> 2: tensor_core's ``scale`` is ``alpha``, its ``path="factorised"`` is ``path="input"``. O(number of groups).
+    """
+    if config.get("format_version") != 1:
+        return config
+    groups = []
+    for group in config["groups"]:
+        options = dict(group["config"])
+        if options.get("family") == "tensor_core":
+            if "scale" in options:
+                options["alpha"] = options.pop("scale")
+            if options.get("path") == "factorised":
+                options["path"] = "input"
+        groups.append({**group, "config": options})
+    return {**config, "format_version": 2, "groups": groups}
+
+
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(config, tensors) of an adapter directory or weights file, validated for format; never unpickles."""
+    """(config, tensors) of an adapter directory or weights file, validated for format and in the current format's
+    names (``upgrade_config``); never unpickles."""
     file = Path(path)
     if file.is_dir():
         file = file / WEIGHTS_NAME
@@ -142,7 +166,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
             f"{str(file)!r} has adapter format version {version!r}, but this boftlab ({__version__}) reads versions "
             f"1..{FORMAT_VERSION}; upgrade boftlab to load it"
         )
-    return config, tensors
+    return upgrade_config(config), tensors
 
 
 def _check_targets(model: nn.Module, group: dict[str, Any]) -> None:

@@ -52,14 +52,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import nn
 
-from .contract import AdapterConfig, AdapterLayer, nearest
+from .contract import AdapterConfig, AdapterLayer, conv_output_size, nearest
 
 STRUCTURES = ("circulant", "toeplitz", "kronecker", "ldr")
 MODES = ("lora", "adapter")
@@ -355,6 +355,30 @@ class StructuredMatrix(nn.Module):
             y = y[..., : self.d_out]  # crop
         return y.to(x.dtype)
 
+    def product_cost(self) -> int:
+        """Estimated multiply-adds of ``forward`` per input row, an FFT of length L counted as L·⌈log2 L⌉ (the
+        layers' ``path_costs``): circulant 2F(n) + n; Toeplitz 2F(L) + L with L ≥ d_out + d_in − 1; Kronecker
+        m1·n1·n2 + m1·n2·m2; LDR r·(2F(L) + L + F(n) + n) + F(n) with L ≥ 2n (r negacyclic products, one sum)."""
+        fft = lambda length: length * max(1, math.ceil(math.log2(length)))  # noqa: E731
+        n = self.size
+        if self.structure == "circulant":
+            return 2 * fft(n) + n
+        if self.structure == "toeplitz":
+            length = _fft_size(self.d_out + self.d_in - 1)
+            return 2 * fft(length) + length
+        if self.structure == "kronecker":
+            (m1, n1), (m2, n2) = self.factor_a.shape, self.factor_b.shape
+            return m1 * n1 * n2 + m1 * n2 * m2
+        length = _fft_size(2 * n)
+        return self.displacement_rank * (2 * fft(length) + length + fft(n) + n) + fft(n)
+
+    def dense_cost(self) -> int:
+        """Estimated multiply-adds of ``dense()``: d_out·d_in gathers or products, r·d_out·d_in·⌈log2 n⌉ for LDR."""
+        entries = self.d_out * self.d_in
+        if self.structure == "ldr":
+            return self.displacement_rank * entries * max(1, math.ceil(math.log2(self.size)))
+        return entries
+
     def dense(self) -> torch.Tensor:
         """S as a dense d_out × d_in matrix, in fp32 (fp64 for fp64 parameters), in O(r·d_out·d_in) memory, never via
         a larger square (circulant, Toeplitz: gathers; Kronecker: torch.kron; LDR: ``ldr_block``).
@@ -565,6 +589,8 @@ class SURMConfig(AdapterConfig):
     alpha (α): scale of S in both modes.
     activation (f): adapter only, one of ``ACTIVATIONS`` (default "gelu"); "identity" makes the adapter mergeable.
     bias (b): adapter only (default True).
+    path: "auto", or the one path each layer has: "input" on a Linear (S applied by FFT products, never formed; in
+        adapter mode to the Linear's output), "weight" on a convolution (S formed at the kernel's size, one conv).
     """
 
     family: ClassVar[str] = "surm"
@@ -576,6 +602,7 @@ class SURMConfig(AdapterConfig):
     alpha: float = 1.0
     activation: str | None = None
     bias: bool | None = None
+    path: str = "auto"
 
     def __post_init__(self) -> None:
         if self.structure not in STRUCTURES:
@@ -609,9 +636,9 @@ class SURMConfig(AdapterConfig):
                 f"activation and bias belong to mode='adapter' (got activation={self.activation!r}, "
                 f"bias={self.bias!r} with mode='lora', where W' = W + α·S has neither)."
             )
+        self.check_path()
 
-    @property
-    def supported_layers(self) -> tuple[type[nn.Module], ...]:  # type: ignore[override]
+    def supported_layers(self) -> tuple[type[nn.Module], ...]:
         """Per mode: ``adapt`` selects targets by it, so an adapter-mode config refuses a conv before the model is
         touched."""
         return LAYERS_BY_MODE[self.mode]
@@ -628,9 +655,8 @@ class SURMConfig(AdapterConfig):
             )
         super().check_supported(base_layer)
 
-    def make_layer(self, base_layer: nn.Module) -> "SURMLayer | SURMAdapterLayer":
-        self.check_supported(base_layer)
-        return SURMLayer(base_layer, self) if self.mode == "lora" else SURMAdapterLayer(base_layer, self)
+    def layer_class(self) -> type["SURMLayer | SURMAdapterLayer"]:
+        return SURMLayer if self.mode == "lora" else SURMAdapterLayer
 
 
 # --- the layers ------------------------------------------------------------------------------------------------------
@@ -651,6 +677,28 @@ class SURMLayer(AdapterLayer):
             displacement_rank=config.displacement_rank or 1, kronecker_shape=config.kronecker_shape,
             device=weight.device,
         )
+        self.check_forced_path({
+            "weight": "is not a SURM path on a Linear: S is applied by FFT products and never formed",
+            "input": "is not a SURM path on a convolution: S is formed at the kernel's size, one conv (docstring)",
+        })
+
+    def paths(self) -> tuple[str, ...]:
+        return ("input",) if isinstance(self.base_layer, nn.Linear) else ("weight",)
+
+    def path_costs(self, x_shape: Sequence[int], training: bool, input_requires_grad: bool) -> dict[str, int]:
+        """Multiply-adds of one call, as in ``TensorCoreLayer.path_costs``: C₀ the base product, P the structured
+        products (``StructuredMatrix.product_cost`` per row), A forming S (``dense_cost``). Linear ("input"):
+        C₀ + P, training (1 + g)·C₀ + 3P; conv ("weight"): C₀ + A, training (2 + g)·C₀ + 3A (g = 1 when the input
+        needs a gradient)."""
+        base, weight, g = self.base_layer, self.base_layer.weight, int(input_requires_grad)
+        if isinstance(base, nn.Linear):
+            rows = math.prod(x_shape) // weight.shape[1]
+            base_cost, products = rows * weight.numel(), rows * self.matrix.product_cost()
+            return {"input": (1 + g) * base_cost + 3 * products if training else base_cost + products}
+        spatial = x_shape[-len(base.kernel_size):]
+        positions = math.prod(x_shape[:-len(base.kernel_size) - 1]) * math.prod(conv_output_size(base, spatial))
+        base_cost, assembly = positions * weight.numel(), self.matrix.dense_cost()
+        return {"weight": (2 + g) * base_cost + 3 * assembly if training else base_cost + assembly}
 
     def delta_weight(self) -> torch.Tensor:
         """α·S, dense, in the base weight's shape: (d_out, d_in), or (out, in/groups, *kernel_size) for a conv."""
@@ -658,9 +706,9 @@ class SURMLayer(AdapterLayer):
 
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         base = self.base_layer
-        if isinstance(base, nn.Linear):
+        if self.choose_path(x) == "input":  # a Linear: S x by FFT products
             return base(x) + self.config.alpha * self.matrix(x)
-        # the merged kernel W + α·S, built exactly as merge() builds it, through the base conv's own call
+        # a conv: the merged kernel W + α·S, built exactly as merge() builds it, through the base conv's own call
         return base._conv_forward(x, self.merged_weights()["weight"], base.bias)
 
     def merged_weights(self) -> dict[str, torch.Tensor]:
@@ -694,6 +742,18 @@ class SURMAdapterLayer(AdapterLayer):
         # named adapter_bias, not bias: code that reads ``module.bias`` must keep finding the base Linear's
         self.adapter_bias = nn.Parameter(torch.zeros(d, device=device)) if config.bias else None
         self.activation = ACTIVATIONS[config.activation]
+        self.check_forced_path({"weight": "is not a path of a SURM adapter: it acts on the Linear's output h"})
+
+    def paths(self) -> tuple[str, ...]:
+        return ("input",)
+
+    def path_costs(self, x_shape: Sequence[int], training: bool, input_requires_grad: bool) -> dict[str, int]:
+        """Multiply-adds of one call: the base product C₀ and the structured products P on its output rows;
+        training (1 + g)·C₀ + 3P (g = 1 when the input needs a gradient), else C₀ + P."""
+        weight = self.base_layer.weight
+        rows = math.prod(x_shape) // weight.shape[1]
+        base_cost, products = rows * weight.numel(), rows * self.matrix.product_cost()
+        return {"input": (1 + int(input_requires_grad)) * base_cost + 3 * products if training else base_cost + products}
 
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         h = self.base_layer(x)

@@ -3,10 +3,11 @@ Efficient Fine-tuning", 2024) — a low-rank Tucker core for N-dimensional weigh
 
 A frozen weight W keeps its own N-dimensional shape (d₁ × ⋯ × d_N, PyTorch layout) and learns
 
-    ΔW = s · G ×₁ U₁ ×₂ U₂ ⋯ ×_N U_N,        W' = W + ΔW
+    ΔW = α · G ×₁ U₁ ×₂ U₂ ⋯ ×_N U_N,        W' = W + ΔW
 
 * G (r₁ × ⋯ × r_N) is the small *core*; U_n (d_n × r_n) is the *factor* of mode n; ×_n is the mode-n product
-  (contract mode n of the tensor with the columns of U_n). s is the paper's constant scale (``scale``).
+  (contract mode n of the tensor with the columns of U_n). α is the paper's constant scale s (``alpha``, as in
+  SURM).
 * The modes are those of the stored weight: Linear (out, in); Embedding (num_embeddings, embedding_dim);
   Conv1d/2d/3d (out, in/groups, k…). A grouped or depthwise conv therefore has an in/groups mode (1 for depthwise),
   whose factor is shared by every group — exactly the tensor PyTorch stores.
@@ -17,11 +18,11 @@ A frozen weight W keeps its own N-dimensional shape (d₁ × ⋯ × d_N, PyTorch
   rank r, i.e. stored minus the GL(r_n) gauge G ×_n M⁻¹, U_n M): Π r_n + Σ r_n(d_n − r_n) — ``n_effective``.
 
 Initialisation (ΔW = 0 at step 0, non-zero gradients). The core starts at zero and every factor with random
-orthonormal columns. ∂L/∂G = s · ∂L/∂W ×₁ U₁ᵀ ⋯ ×_N U_Nᵀ is the weight gradient projected onto the factors'
+orthonormal columns. ∂L/∂G = α · ∂L/∂W ×₁ U₁ᵀ ⋯ ×_N U_Nᵀ is the weight gradient projected onto the factors'
 subspaces — non-zero — while ∂L/∂U_n contains G and is zero: step 1 moves only the core, and from step 2 on all
 factors train. (Zeroing one factor instead also works, but singles out one mode; a zero core treats all modes
 alike, as the public FLoRA reference code does.) Orthonormal columns make G ↦ ΔW an isometry at step 0,
-‖ΔW‖_F = s‖G‖_F, so the scale s means the same thing for every layer size (that reference code draws the factors
+‖ΔW‖_F = α‖G‖_F, so α means the same thing for every layer size (that reference code draws the factors
 Kaiming-normal instead, which multiplies ΔW by a layer-size–dependent factor).
 
 Ranks: one int r means min(r, d_n) on every mode (so it fits a depthwise kernel's size-1 mode); a tuple is taken
@@ -29,15 +30,16 @@ as given, one rank per mode, and a rank above its mode's size is a ValueError li
 Embedding: the factor row of ``padding_idx`` starts at zero and never gets a gradient, so the padding vector stays
 the base's; with ``max_norm`` the rows of W + ΔW are renormalised (the frozen W itself is never written).
 
-Two exact forward paths; ``auto`` picks the one with fewer multiply-adds per call (``path_costs``):
+Two exact forward paths (the contract's names); ``auto`` picks the one with fewer multiply-adds per call
+(``path_costs``):
 
-* weight path:     y = f(x; W + ΔW)                     — assemble ΔW from the factors, then one conv / matmul;
-* factorised path: y = f(x; W) + s · U_out ∘ conv(G ×ₖ Uₖ) ∘ U_inᵀ (x) — the base layer, plus a chain of three cheap
-  layers: project the input channels to r_in (1×1 conv), a conv with the small r_out × r_in × k kernel (the base's
-  stride, padding, padding_mode, dilation, groups), expand to the output channels (1×1 conv).
-  Linear: x U_in Gᵀ U_outᵀ; Embedding: U_num[x] G U_dimᵀ.
+* "weight": y = f(x; W + ΔW)                     — assemble ΔW from the factors, then one conv / matmul;
+* "input":  y = f(x; W) + α · U_out ∘ conv(G ×ₖ Uₖ) ∘ U_inᵀ (x) — the base layer, plus the factorised chain on the
+  activations, three cheap layers: project the input channels to r_in (1×1 conv), a conv with the small
+  r_out × r_in × k kernel (the base's stride, padding, padding_mode, dilation, groups), expand to the output
+  channels (1×1 conv). Linear: x U_in Gᵀ U_outᵀ; Embedding: U_num[x] G U_dimᵀ.
 
-While training, the weight path pays a weight-gradient conv (as big as the forward one) that the factorised path
+While training, the weight path pays a weight-gradient conv (as big as the forward one) that the input path
 avoids, so the chain wins for wide convs with small ranks; for a depthwise conv the chain's middle conv is r_out
 times the base conv and the weight path wins. The authors instead run the base conv plus a second full conv with
 ΔW (two full convolutions); ``boftlab.bench.conv`` times that scheme against both paths.
@@ -53,9 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .contract import AdapterConfig, AdapterLayer
+from .contract import AdapterConfig, AdapterLayer, conv_output_size
 
-PATHS = ("auto", "weight", "factorised")
 _CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
@@ -70,14 +71,14 @@ def mode_product(tensor: torch.Tensor, matrix: torch.Tensor, mode: int) -> torch
     return torch.movedim(torch.tensordot(tensor, matrix, dims=([mode], [1])), -1, mode)
 
 
-def tucker_delta(core: torch.Tensor, factors: Sequence[torch.Tensor], scale: float = 1.0) -> torch.Tensor:
-    """s · G ×₁ U₁ ⋯ ×_N U_N: core (r₁, …, r_N), factors[n] (d_n, r_n) -> (d₁, …, d_N). O(tucker_flops)."""
+def tucker_delta(core: torch.Tensor, factors: Sequence[torch.Tensor], alpha: float = 1.0) -> torch.Tensor:
+    """α · G ×₁ U₁ ⋯ ×_N U_N: core (r₁, …, r_N), factors[n] (d_n, r_n) -> (d₁, …, d_N). O(tucker_flops)."""
     if len(factors) != core.dim():
         raise ValueError(f"tucker_delta: a core with {core.dim()} modes needs {core.dim()} factors, got {len(factors)}")
     out = core
     for mode, factor in enumerate(factors):
         out = mode_product(out, factor, mode)
-    return out * scale
+    return out * alpha
 
 
 def tucker_flops(shape: Sequence[int], ranks: Sequence[int]) -> int:
@@ -156,20 +157,19 @@ def orthonormal_columns(rows: int, cols: int, dtype: torch.dtype, device: torch.
 # --- config -----------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class TensorCoreConfig(AdapterConfig):
-    """FLoRA: ΔW = scale · G ×₁ U₁ ⋯ ×_N U_N on the weight's own N modes.
+    """FLoRA: ΔW = α · G ×₁ U₁ ⋯ ×_N U_N on the weight's own N modes.
 
     ranks: one int r (min(r, d_n) on every mode) or one int per mode of the stored weight, e.g. (8, 8, 3, 3) for a
     Conv2d (out, in/groups, kh, kw); ranks equal to the kernel size leave the kernel modes unrestricted (a full
     k × k spatial core, one invertible k × k factor per spatial mode).
-    scale: the paper's constant s multiplying ΔW.
-    path: "auto" picks the cheaper exact forward per call; "weight"/"factorised" force one (tests, benchmarks).
+    alpha (α): the paper's constant s multiplying ΔW (named as in SURM).
+    path: "auto" picks the cheaper exact forward per call; "input" (the factorised chain) / "weight" force one.
     """
 
     family: ClassVar[str] = "tensor_core"
-    supported_layers: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 
     ranks: int | tuple[int, ...] = 8
-    scale: float = 1.0
+    alpha: float = 1.0
     path: str = "auto"
 
     def __post_init__(self) -> None:
@@ -180,22 +180,23 @@ class TensorCoreConfig(AdapterConfig):
             raise ValueError(
                 f"ranks must be an int ≥ 1 (every mode) or a tuple of ints ≥ 1 (one per mode), got {self.ranks!r}"
             )
-        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
-            raise ValueError(f"scale must be a finite number (the paper's s), got {self.scale!r}")
-        if self.scale == 0:
-            raise ValueError("scale=0 makes ΔW and every adapter gradient zero; use a non-zero scale, e.g. 1.0")
-        self.scale = float(self.scale)
-        if self.path not in PATHS:
-            raise ValueError(f"path must be one of {PATHS}, got {self.path!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+            raise ValueError(f"alpha must be a finite number (the paper's s), got {self.alpha!r}")
+        if self.alpha == 0:
+            raise ValueError("alpha=0 makes ΔW and every adapter gradient zero; use a non-zero alpha, e.g. 1.0")
+        self.alpha = float(self.alpha)
+        self.check_path()
 
-    def make_layer(self, base_layer: nn.Module) -> "TensorCoreLayer":
-        self.check_supported(base_layer)
-        return TensorCoreLayer(base_layer, self)
+    def supported_layers(self) -> tuple[type[nn.Module], ...]:
+        return (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+
+    def layer_class(self) -> type["TensorCoreLayer"]:
+        return TensorCoreLayer
 
 
 # --- the layer --------------------------------------------------------------------------------------------------------
 class TensorCoreLayer(AdapterLayer):
-    """A frozen Linear, Conv1d/2d/3d or Embedding with W' = W + s · G ×₁ U₁ ⋯ ×_N U_N (modes of the stored W)."""
+    """A frozen Linear, Conv1d/2d/3d or Embedding with W' = W + α · G ×₁ U₁ ⋯ ×_N U_N (modes of the stored W)."""
 
     def __init__(self, base_layer: nn.Module, config: TensorCoreConfig) -> None:
         super().__init__(base_layer, config)
@@ -203,12 +204,9 @@ class TensorCoreLayer(AdapterLayer):
         self.weight_shape = tuple(weight.shape)
         self.mode_names = mode_names(base_layer)
         self.ranks = resolve_ranks(self.weight_shape, config.ranks, self.mode_names, type(base_layer).__name__)
-        self.scale = config.scale
-        if config.path == "factorised" and not self._factorised_possible():
-            raise ValueError(
-                "path='factorised' cannot reproduce an Embedding with max_norm (it renormalises rows of W + ΔW, "
-                "not of W and ΔW separately); use path='auto' or 'weight'"
-            )
+        self.check_forced_path({"input": (
+            "cannot reproduce an Embedding with max_norm (it renormalises rows of W + ΔW, not of W and ΔW separately)"
+        )})
 
         factory = {"device": weight.device, "dtype": torch.float32}
         # zero core -> ΔW = 0: the adapted layer equals the base layer at step 0 (see the module docstring).
@@ -224,40 +222,33 @@ class TensorCoreLayer(AdapterLayer):
 
     # --- the update ---
     def delta_weight(self) -> torch.Tensor:
-        """ΔW = s · G ×₁ U₁ ⋯ ×_N U_N in the adapter's dtype, shape of the base weight. O(tucker_flops).
+        """ΔW = α · G ×₁ U₁ ⋯ ×_N U_N in the adapter's dtype, shape of the base weight. O(tucker_flops).
 
         Assembled outside autocast: the small products stay in the adapter's precision (under autocast each
         tensordot would round to half precision and the next one would mix dtypes).
         """
         with torch.autocast(self.core.device.type, enabled=False):
-            return tucker_delta(self.core, list(self.factors), self.scale)
+            return tucker_delta(self.core, list(self.factors), self.config.alpha)
 
     def n_effective(self) -> int:
         """Free parameters of the Tucker form (stored minus the per-mode gauge): ``tucker_dimension``."""
         return tucker_dimension(self.weight_shape, self.ranks)
 
     # --- choosing a path ---
-    def _factorised_possible(self) -> bool:
-        return not (isinstance(self.base_layer, nn.Embedding) and self.base_layer.max_norm is not None)
+    def paths(self) -> tuple[str, ...]:
+        """Both paths, except for an Embedding with max_norm (it renormalises rows of W + ΔW as one)."""
+        if isinstance(self.base_layer, nn.Embedding) and self.base_layer.max_norm is not None:
+            return ("weight",)
+        return ("input", "weight")
 
-    def _conv_output_spatial(self, spatial: Sequence[int]) -> tuple[int, ...]:
-        base = self.base_layer
-        if base.padding == "same":
-            return tuple(spatial)
-        pad = (0,) * len(spatial) if base.padding == "valid" else base.padding
-        return tuple(
-            (size + 2 * p - d * (k - 1) - 1) // s + 1
-            for size, p, d, k, s in zip(spatial, pad, base.dilation, base.kernel_size, base.stride)
-        )
-
-    def path_costs(self, x_shape: Sequence[int], training: bool, input_requires_grad: bool) -> tuple[int, int]:
-        """Estimated multiply-adds of one call on an input of ``x_shape``: (weight path, factorised path).
+    def path_costs(self, x_shape: Sequence[int], training: bool, input_requires_grad: bool) -> dict[str, int]:
+        """Estimated multiply-adds of one call on an input of ``x_shape``, per path.
 
         C₀ = the base layer's own product, A = assembling ΔW (``tucker_flops``), F = the factorised chain.
-        Inference: weight C₀ + A, factorised C₀ + F. Training (backward included): the weight path computes
-        ∂L/∂W' (another C₀), ∂L/∂x (C₀ if the input needs it) and back-propagates the assembly (2A); the factorised
-        path back-propagates the frozen base only to x and the chain twice (∂input, ∂factors):
-        weight (2 + g)·C₀ + 3A, factorised (1 + g)·C₀ + 3F, with g = 1 when the input needs a gradient.
+        Inference: weight C₀ + A, input C₀ + F. Training (backward included): the weight path computes ∂L/∂W'
+        (another C₀), ∂L/∂x (C₀ if the input needs it) and back-propagates the assembly (2A); the input path
+        back-propagates the frozen base only to x and the chain twice (∂input, ∂factors):
+        weight (2 + g)·C₀ + 3A, input (1 + g)·C₀ + 3F, with g = 1 when the input needs a gradient.
         """
         base, (out, fan) = self.base_layer, self.weight_shape[:2]
         r_out, r_in = self.ranks[:2]
@@ -267,37 +258,29 @@ class TensorCoreLayer(AdapterLayer):
             base_cost = 0
             chain = lookups * (r_out * r_in + r_in * fan)
             if training:  # the weight path also scatters the rows' gradient into ∂L/∂W'
-                return 3 * assembly + lookups * fan, 3 * chain
-            return assembly, chain
+                costs = {"input": 3 * chain, "weight": 3 * assembly + lookups * fan}
+            else:
+                costs = {"input": chain, "weight": assembly}
+            return {path: costs[path] for path in self.paths()}
         if isinstance(base, nn.Linear):
             rows = math.prod(x_shape) // fan
             base_cost = rows * out * fan
             chain = rows * (fan * r_in + r_in * r_out + r_out * out)
         else:
             batch, spatial = math.prod(x_shape[:-len(base.kernel_size) - 1]), x_shape[-len(base.kernel_size) :]
-            n_in, n_out = batch * math.prod(spatial), batch * math.prod(self._conv_output_spatial(spatial))
+            n_in, n_out = batch * math.prod(spatial), batch * math.prod(conv_output_size(base, spatial))
             kernel, groups = math.prod(base.kernel_size), base.groups
             base_cost = n_out * out * fan * kernel
             # project in (= groups·fan) channels to groups·r_in, the small grouped conv, expand to out channels
             chain = n_in * groups * fan * r_in + n_out * groups * r_out * r_in * kernel + n_out * out * r_out
         if training:
             g = int(input_requires_grad)
-            return (2 + g) * base_cost + 3 * assembly, (1 + g) * base_cost + 3 * chain
-        return base_cost + assembly, base_cost + chain
-
-    def use_factorised(self, x: torch.Tensor) -> bool:
-        """The path this call takes: the config's, or under "auto" the one with fewer multiply-adds."""
-        if self.config.path != "auto":
-            return self.config.path == "factorised"
-        if not self._factorised_possible():
-            return False
-        training = torch.is_grad_enabled() and any(p.requires_grad for p in self.adapter_parameters().values())
-        weight_cost, factorised_cost = self.path_costs(x.shape, training, x.requires_grad)
-        return factorised_cost < weight_cost
+            return {"input": (1 + g) * base_cost + 3 * chain, "weight": (2 + g) * base_cost + 3 * assembly}
+        return {"input": base_cost + chain, "weight": base_cost + assembly}
 
     # --- forward ---
-    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_factorised(x):
+    def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.choose_path(x) == "input":
             return self._factorised_forward(x)
         return self._base_forward(x, self.base_layer.weight + self.delta_weight().to(self.base_layer.weight.dtype))
 
@@ -320,10 +303,10 @@ class TensorCoreLayer(AdapterLayer):
         if isinstance(base, nn.Embedding):
             rows = F.embedding(x, u_out, base.padding_idx, None, 2.0, base.scale_grad_by_freq)  # (..., r_num)
             delta = rows @ core @ u_in.T  # (..., embedding_dim)
-            return base(x) + (self.scale * delta).to(base.weight.dtype)
+            return base(x) + (self.config.alpha * delta).to(base.weight.dtype)
         if isinstance(base, nn.Linear):
             delta = x @ u_in @ core.T @ u_out.T  # (..., in) -> (..., r_in) -> (..., r_out) -> (..., out)
-            return base(x) + self.scale * delta
+            return base(x) + self.config.alpha * delta
         groups, n_spatial = base.groups, len(base.kernel_size)
         conv, ones = _CONV_FUNCTIONS[n_spatial], (1,) * n_spatial
         r_out, r_in = self.ranks[:2]
@@ -335,7 +318,7 @@ class TensorCoreLayer(AdapterLayer):
         z = conv(x, project, groups=groups)  # (B, groups·r_in, *spatial): each group's channels -> r_in
         z = base._conv_forward(z, kernel.repeat(groups, *(1,) * (core.dim() - 1)), None)  # (B, groups·r_out, *out)
         delta = conv(z, u_out.reshape(*u_out.shape, *ones), groups=groups)  # (B, out, *out): r_out -> out/groups
-        return base._conv_forward(x, base.weight, base.bias) + self.scale * delta
+        return base._conv_forward(x, base.weight, base.bias) + self.config.alpha * delta
 
     # --- merging ---
     def merged_weights(self) -> dict[str, torch.Tensor]:
@@ -347,7 +330,7 @@ class TensorCoreLayer(AdapterLayer):
         return {"weight": weight - self.delta_weight().to(weight.dtype)}
 
     def extra_repr(self) -> str:
-        return f"weight_shape={self.weight_shape}, ranks={self.ranks}, scale={self.scale}, " + super().extra_repr()
+        return f"weight_shape={self.weight_shape}, ranks={self.ranks}, alpha={self.config.alpha}, " + super().extra_repr()
 
 
 # --- for notebook 08: figures, parameter counts, a small transfer task ------------------------------------------------

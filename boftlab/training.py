@@ -33,7 +33,7 @@ from torch import nn
 
 from . import __version__
 from .model import TRAINABLE_ATTR, adapter_layers
-from .saving import adapter_config, atomic_write, read_safetensors
+from .saving import adapter_config, atomic_write, read_safetensors, upgrade_config
 
 FORMAT_VERSION = 1
 CHECKPOINT_NAME = "training_checkpoint.safetensors"
@@ -239,7 +239,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
             f"{str(file)!r} has checkpoint format version {meta.get('format_version')!r}; this boftlab "
             f"({__version__}) reads version {FORMAT_VERSION}"
         )
-    return meta, tensors
+    return {**meta, "adapter": upgrade_config(meta["adapter"])}, tensors
 
 
 def _same_adapters(saved: dict[str, Any], current: dict[str, Any]) -> bool:

@@ -44,7 +44,7 @@ def tensor_core(**kwargs):
         case("surm_rank_without_ldr", lambda: surm(displacement_rank=2), "only applies to structure='ldr'"),
         case("surm_relu", lambda: surm(mode="adapter", activation="relu"), r"unknown activation 'relu'.*; valid"),
         case("tensor_core_rank_0", lambda: tensor_core(ranks=0), r"ranks must be an int ≥ 1.*got 0"),
-        case("tensor_core_scale_0", lambda: tensor_core(scale=0), "scale=0 makes ΔW and every adapter gradient zero"),
+        case("tensor_core_alpha_0", lambda: tensor_core(alpha=0), "alpha=0 makes ΔW and every adapter gradient zero"),
         case("from_dict_family", lambda: AdapterConfig.from_dict({"family": "dora"}), r"unknown adapter family 'dora'"),
         case("from_dict_option", lambda: AdapterConfig.from_dict({"family": "boft", "rank": 4}),
              r"BOFTConfig has no option\(s\) \['rank'\]; its options are \['block_size'"),

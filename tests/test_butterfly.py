@@ -108,13 +108,15 @@ def test_conv2d_paths_equal_dense(conv_kwargs, path):
 def test_auto_path_follows_the_cost_model():
     layer = boft_linear(64, 8, 2, out=8192)
     with torch.no_grad():  # inference: rotate whichever is smaller, activations or weight rows
-        assert layer.use_input_path(n_rows=16, input_requires_grad=False)
-        assert not layer.use_input_path(n_rows=16384, input_requires_grad=False)
+        assert layer.choose_path(torch.zeros(16, 64)) == "input"
+        assert layer.choose_path(torch.zeros(16384, 64)) == "weight"
     # training a very wide layer whose input needs a gradient: rotating activations avoids forming dW'
-    assert layer.use_input_path(n_rows=4096, input_requires_grad=True)
+    assert layer.choose_path(torch.zeros(4096, 64, requires_grad=True)) == "input"
     # ... but a narrow one rotates its weight: a row element's rotation costs hundreds of multiply-adds
-    assert layer.rotation_cost() == 2 * 100 + 2 * 250
-    assert not boft_linear(64, 8, 2, out=256).use_input_path(n_rows=4096, input_requires_grad=True)
+    rotation = 2 * 100 + 2 * 250  # m = 2 factors (at least FACTOR_COST each) and 2 index gathers (GATHER_COST)
+    assert layer.path_costs((16, 64), training=False, input_requires_grad=False) == {
+        "input": 16 * 64 * rotation + 16 * 8192 * 64, "weight": 8192 * 64 * rotation + 16 * 8192 * 64}
+    assert boft_linear(64, 8, 2, out=256).choose_path(torch.zeros(4096, 64, requires_grad=True)) == "weight"
 
 
 def test_padding_same_conv_uses_weight_path_and_refuses_forced_input_path():
@@ -122,6 +124,7 @@ def test_padding_same_conv_uses_weight_path_and_refuses_forced_input_path():
     layer = BOFTConfig(block_size=6, n_factors=2).make_layer(conv)
     x = torch.randn(1, 4, 5, 5)
     torch.testing.assert_close(layer(x), conv(x))
+    assert layer.paths() == ("weight",) and layer.choose_path(x) == "weight"
     with pytest.raises(ValueError, match="path='input'"):
         BOFTConfig(block_size=6, n_factors=2, path="input").make_layer(conv)
 

@@ -160,3 +160,26 @@ def test_mismatched_resume_is_refused_and_changes_nothing(tmp_path):
     with pytest.raises(ValueError, match="holds a LambdaLR scheduler state; pass the scheduler"):
         load_checkpoint(tmp_path, fresh, fresh_opt, None)
     assert_same(before, snapshot(fresh, fresh_opt, fresh_sched))
+
+
+def test_checkpoint_with_format_1_adapter_names_resumes(tmp_path):
+    """A checkpoint embeds its adapter config; one written with format 1's tensor-core names still resumes."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from boftlab.training import METADATA_KEY
+
+    def adapted():
+        torch.manual_seed(0)
+        return boftlab.adapt(nn.Sequential(nn.Linear(8, 8)), boftlab.TensorCoreConfig(ranks=2, alpha=0.5), ["0"])
+
+    file = save_checkpoint(tmp_path, adapted(), step=2)
+    with safe_open(str(file), framework="pt") as f:
+        meta, tensors = json.loads(f.metadata()[METADATA_KEY]), {k: f.get_tensor(k) for k in f.keys()}
+    meta["adapter"]["format_version"] = 1
+    options = meta["adapter"]["groups"][0]["config"]
+    options["scale"] = options.pop("alpha")
+    save_file(tensors, file, metadata={METADATA_KEY: json.dumps(meta)})
+    assert load_checkpoint(tmp_path, adapted(), rng=False).step == 2

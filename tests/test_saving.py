@@ -69,7 +69,7 @@ def test_round_trip_reproduces_outputs(tmp_path):
 def test_saved_files(tmp_path):
     boftlab.save_adapter(adapted_net(), tmp_path)
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
-    assert config["format_version"] == 1 and config["boftlab_version"] == boftlab.__version__
+    assert config["format_version"] == 2 and config["boftlab_version"] == boftlab.__version__
     groups = {g["config"]["family"]: g for g in config["groups"]}
     assert groups["boft"]["config"]["block_size"] == 4 and groups["boft"]["config"]["n_factors"] == 2
     assert groups["boft"]["targets"]["encoder.0"] == {"type": "Linear", "weight_shape": [16, 16]}
@@ -107,7 +107,7 @@ def rewrite(path, change_tensors=None, change_config=None):
         (lambda t: t.update(extra=torch.zeros(1)), None, r"unexpected tensors \['extra'\]"),
         (lambda t: t.update({"conv.skew": torch.zeros(2, 2)}), None, "tensor shape mismatch"),
         (None, lambda c: c["groups"][0]["config"].update(family="dora"), r"unknown adapter family 'dora'.*\['boft', 'oft'"),
-        (None, lambda c: c.update(format_version=99), "format version 99.*reads versions 1..1"),
+        (None, lambda c: c.update(format_version=99), "format version 99.*reads versions 1..2"),
         (None, lambda c: c["groups"][0]["config"].update(rank=3), r"has no option\(s\) \['rank'\]"),
         (None, lambda c: c["groups"][0]["targets"].update({"decoder.0": {"type": "Linear", "weight_shape": [16, 16]}}),
          r"does not have"),
@@ -186,3 +186,44 @@ def test_save_without_adapters_and_onto_a_file(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="existing file"):
         boftlab.save_adapter(adapted_net(), tmp_path / "file")
+
+
+def tensor_core_base():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+
+
+def tensor_core_net():
+    net = boftlab.adapt(tensor_core_base(), boftlab.TensorCoreConfig(ranks=2, alpha=0.5, path="input"), targets=["0"])
+    with torch.no_grad():
+        net[0].core.normal_()
+    return net
+
+
+def test_format_1_file_loads_with_the_old_tensor_core_option_names(tmp_path):
+    """Format 1 called the tensor core's alpha "scale" and its input path "factorised": both are translated."""
+    net, x = tensor_core_net(), torch.randn(3, 8)
+    boftlab.save_adapter(net, tmp_path)
+
+    def as_format_1(config):
+        options = config["groups"][0]["config"]
+        options["scale"], options["path"] = options.pop("alpha"), "factorised"
+        config["format_version"] = 1
+
+    rewrite(tmp_path, change_config=as_format_1)
+    loaded = boftlab.load_adapter(tensor_core_base(), tmp_path)
+    layer = boftlab.adapter_layers(loaded)["0"]
+    assert (layer.config.alpha, layer.config.path) == (0.5, "input")
+    torch.testing.assert_close(loaded(x), net(x), rtol=0, atol=0)
+    assert read_adapter(tmp_path)[0]["format_version"] == 2
+
+
+def test_format_2_file_with_an_old_option_name_is_refused(tmp_path):
+    boftlab.save_adapter(tensor_core_net(), tmp_path)
+    rename = lambda c: c["groups"][0]["config"].update(scale=c["groups"][0]["config"].pop("alpha"))  # noqa: E731
+    rewrite(tmp_path, change_config=rename)
+    model = tensor_core_base()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"TensorCoreConfig has no option\(s\) \['scale'\]; its options are .*'alpha'"):
+        boftlab.load_adapter(model, tmp_path)
+    assert_untouched(model, before)

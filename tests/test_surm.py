@@ -665,3 +665,42 @@ def test_adapt_a_conv_net_merge_save_and_load(tmp_path):
     boftlab.merge(model)
     assert torch.allclose(run(model, x), after, atol=1e-12)
     assert torch.allclose(run(boftlab.load_adapter(net(), tmp_path / "surm_conv"), x), after, atol=1e-12)
+
+
+# --- paths (the contract's vocabulary: each SURM layer has exactly one) ----------------------------------------------
+def test_each_layer_has_its_one_path_and_refuses_the_other():
+    linear, conv = nn.Linear(8, 6), nn.Conv2d(2, 3, 3)
+    assert SURMConfig().make_layer(linear).paths() == ("input",)  # S x by FFT products, S never formed
+    assert SURMConfig().make_layer(conv).paths() == ("weight",)  # S formed at the kernel's size, one conv
+    assert SURMConfig(mode="adapter").make_layer(linear).paths() == ("input",)  # acts on the output h
+    with pytest.raises(ValueError, match=r"path='weight' is not a SURM path on a Linear.*\('input',\)"):
+        SURMConfig(path="weight").make_layer(linear)
+    with pytest.raises(ValueError, match=r"path='input' is not a SURM path on a convolution"):
+        SURMConfig(path="input").make_layer(conv)
+    with pytest.raises(ValueError, match=r"path='weight' is not a path of a SURM adapter"):
+        SURMConfig(mode="adapter", path="weight").make_layer(linear)
+    with pytest.raises(ValueError, match=r"path must be one of \('auto', 'input', 'weight'\), got 'fft'"):
+        SURMConfig(path="fft")
+
+
+def test_forcing_the_path_a_layer_has_changes_nothing():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    auto = SURMConfig(structure="toeplitz").make_layer(nn.Linear(8, 6))
+    forced = SURMConfig(structure="toeplitz", path="input").make_layer(auto.base_layer)
+    with torch.no_grad():
+        auto.matrix.diagonals.normal_()
+        forced.matrix.diagonals.copy_(auto.matrix.diagonals)
+    assert auto.choose_path(x) == forced.choose_path(x) == "input"
+    assert torch.equal(auto(x), forced(x))
+
+
+def test_path_costs_count_the_base_product_and_the_structured_one():
+    layer = SURMConfig(structure="circulant").make_layer(nn.Linear(8, 6))
+    per_row = 2 * 8 * 3 + 8  # two real FFTs of length n = 8 (8·log2 8 each) and the pointwise product
+    assert layer.matrix.product_cost() == per_row
+    assert layer.path_costs((4, 8), training=False, input_requires_grad=False) == {"input": 4 * 6 * 8 + 4 * per_row}
+    assert layer.path_costs((4, 8), training=True, input_requires_grad=True) == {"input": 2 * 4 * 6 * 8 + 3 * 4 * per_row}
+    conv = SURMConfig(structure="toeplitz").make_layer(nn.Conv2d(2, 3, 3, padding=1))
+    base = 5 * 4 * 4 * 3 * 18  # batch 5, 4×4 output positions, 3 × (2·3·3) kernel
+    assert conv.path_costs((5, 2, 4, 4), training=False, input_requires_grad=False) == {"weight": base + 3 * 18}

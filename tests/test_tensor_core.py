@@ -54,7 +54,7 @@ def make(name: str, path: str = "auto", randomise: bool = True) -> tuple[TensorC
     torch.manual_seed(0)
     build, inputs = LAYERS[name]
     base = build().double()
-    layer = TensorCoreConfig(ranks=RANKS.get(name, 3), scale=0.7, path=path).make_layer(base).double()
+    layer = TensorCoreConfig(ranks=RANKS.get(name, 3), alpha=0.7, path=path).make_layer(base).double()
     if randomise:  # a trained-looking core (the init one is zero)
         with torch.no_grad():
             layer.core.normal_()
@@ -63,11 +63,11 @@ def make(name: str, path: str = "auto", randomise: bool = True) -> tuple[TensorC
 
 
 def dense_reference(layer: TensorCoreLayer) -> torch.Tensor:
-    """s · G ×₁ U₁ ⋯ ×_N U_N written as one einsum: 'abc,ia,jb,kc->ijk'."""
+    """α · G ×₁ U₁ ⋯ ×_N U_N written as one einsum: 'abc,ia,jb,kc->ijk'."""
     n = layer.core.dim()
     small, big = string.ascii_lowercase[:n], string.ascii_lowercase[n : 2 * n]
     spec = small + "," + ",".join(big[i] + small[i] for i in range(n)) + "->" + big
-    return layer.scale * torch.einsum(spec, layer.core, *layer.factors)
+    return layer.config.alpha * torch.einsum(spec, layer.core, *layer.factors)
 
 
 def reference_forward(layer: TensorCoreLayer, x: torch.Tensor) -> torch.Tensor:
@@ -162,9 +162,9 @@ def test_unsupported_layer_raises_listing_supported_types():
         ({"ranks": 0}, "ranks must be"),
         ({"ranks": (2, 0)}, "ranks must be"),
         ({"ranks": 2.5}, "ranks must be"),
-        ({"scale": 0}, "scale=0"),
-        ({"scale": float("nan")}, "finite"),
-        ({"path": "fast"}, r"path must be one of \('auto', 'weight', 'factorised'\)"),
+        ({"alpha": 0}, "alpha=0"),
+        ({"alpha": float("nan")}, "finite"),
+        ({"path": "fast"}, r"path must be one of \('auto', 'input', 'weight'\)"),
     ],
 )
 def test_bad_config_values_raise(kwargs, match):
@@ -172,15 +172,15 @@ def test_bad_config_values_raise(kwargs, match):
         TensorCoreConfig(**kwargs)
 
 
-def test_factorised_path_refuses_embedding_with_max_norm():
+def test_input_path_refuses_embedding_with_max_norm():
     with pytest.raises(ValueError, match="max_norm"):
-        TensorCoreConfig(path="factorised").make_layer(nn.Embedding(10, 4, max_norm=1.0))
+        TensorCoreConfig(path="input").make_layer(nn.Embedding(10, 4, max_norm=1.0))
 
 
 def test_config_round_trips_through_dict():
-    config = TensorCoreConfig(ranks=(4, 2, 3, 3), scale=2.0, path="weight")
+    config = TensorCoreConfig(ranks=(4, 2, 3, 3), alpha=2.0, path="weight")
     data = config.to_dict()
-    assert data == {"family": "tensor_core", "ranks": [4, 2, 3, 3], "scale": 2.0, "path": "weight"}
+    assert data == {"family": "tensor_core", "ranks": [4, 2, 3, 3], "alpha": 2.0, "path": "weight"}
     assert boftlab.AdapterConfig.from_dict(data) == config
 
 
@@ -192,14 +192,14 @@ def test_delta_weight_equals_dense_einsum_reference(name):
     assert layer.delta_weight().shape == layer.base_layer.weight.shape
 
 
-@pytest.mark.parametrize("path", ["weight", "factorised"])
+@pytest.mark.parametrize("path", ["weight", "input"])
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_forward_equals_base_with_dense_updated_weight(name, path):
     layer, x = make(name, path)
     torch.testing.assert_close(layer(x), reference_forward(layer, x), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("path", ["weight", "factorised"])
+@pytest.mark.parametrize("path", ["weight", "input"])
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_identity_at_init(name, path):
     layer, x = make(name, path, randomise=False)
@@ -207,7 +207,7 @@ def test_identity_at_init(name, path):
     assert torch.count_nonzero(layer.delta_weight()) == 0
 
 
-@pytest.mark.parametrize("path", ["weight", "factorised"])
+@pytest.mark.parametrize("path", ["weight", "input"])
 @pytest.mark.parametrize("name", ["linear", "conv2d_grouped", "embedding"])
 def test_step_zero_gradients_reach_the_core_then_every_factor(name, path):
     layer, x = make(name, path, randomise=False)
@@ -221,11 +221,11 @@ def test_step_zero_gradients_reach_the_core_then_every_factor(name, path):
     assert all(f.grad.abs().sum() > 0 for f in layer.factors)
 
 
-def test_init_factors_have_orthonormal_columns_so_delta_norm_is_scale_times_core_norm():
+def test_init_factors_have_orthonormal_columns_so_delta_norm_is_alpha_times_core_norm():
     layer, _ = make("conv2d")
     for factor in layer.factors:
         torch.testing.assert_close(factor.T @ factor, torch.eye(factor.shape[1], dtype=torch.float64))
-    torch.testing.assert_close(layer.delta_weight().norm(), layer.scale * layer.core.norm())
+    torch.testing.assert_close(layer.delta_weight().norm(), layer.config.alpha * layer.core.norm())
 
 
 # small shapes: gradcheck differentiates numerically in every input entry
@@ -240,7 +240,7 @@ GRADCHECK = {
 }
 
 
-@pytest.mark.parametrize("path", ["weight", "factorised"])
+@pytest.mark.parametrize("path", ["weight", "input"])
 @pytest.mark.parametrize("name", [*GRADCHECK, "embedding"])
 def test_gradcheck(name, path):
     torch.manual_seed(0)
@@ -249,7 +249,7 @@ def test_gradcheck(name, path):
         x = x[x != layer.base_layer.padding_idx]  # padding_idx blocks its row's gradient by design: leave it out
     else:
         build, shape, ranks = GRADCHECK[name]
-        layer = TensorCoreConfig(ranks=ranks, scale=0.7, path=path).make_layer(build().double()).double()
+        layer = TensorCoreConfig(ranks=ranks, alpha=0.7, path=path).make_layer(build().double()).double()
         x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     layer.base_layer.requires_grad_(False)
     names = list(layer.adapter_parameters())
@@ -302,7 +302,7 @@ def test_embedding_with_max_norm_renormalises_the_adapted_rows_and_leaves_base_w
 
 def test_bfloat16_base_keeps_its_dtype_and_float32_adapter():
     base = nn.Conv2d(4, 4, 3).to(torch.bfloat16)
-    for path in ("weight", "factorised"):
+    for path in ("weight", "input"):
         layer = TensorCoreConfig(ranks=2, path=path).make_layer(base)
         assert layer(torch.randn(1, 4, 6, 6, dtype=torch.bfloat16)).dtype == torch.bfloat16
         assert layer.core.dtype == torch.float32
@@ -312,23 +312,25 @@ def test_bfloat16_base_keeps_its_dtype_and_float32_adapter():
 def test_auto_path_follows_the_flop_estimate():
     wide = TensorCoreConfig(ranks=8).make_layer(nn.Conv2d(256, 256, 3, padding=1))
     x = torch.randn(16, 256, 32, 32, requires_grad=True)
-    weight_cost, factorised_cost = wide.path_costs(x.shape, training=True, input_requires_grad=True)
-    assert factorised_cost < weight_cost  # the chain avoids the weight-gradient conv
-    assert wide.use_factorised(x)
+    costs = wide.path_costs(x.shape, training=True, input_requires_grad=True)
+    assert costs["input"] < costs["weight"]  # the chain avoids the weight-gradient conv
+    assert wide.choose_path(x) == "input"
     with torch.no_grad():  # inference: assembling ΔW once is cheaper than the chain over 16·32·32 positions
-        assert not wide.use_factorised(x)
+        assert wide.choose_path(x) == "weight"
     depthwise = TensorCoreConfig(ranks=8).make_layer(nn.Conv2d(96, 96, 7, padding=3, groups=96))
     y = torch.randn(16, 96, 32, 32, requires_grad=True)
-    assert not depthwise.use_factorised(y)  # the chain's middle conv is r_out times the depthwise conv
+    assert depthwise.choose_path(y) == "weight"  # the chain's middle conv is r_out times the depthwise conv
     embedding = TensorCoreConfig(ranks=8).make_layer(nn.Embedding(30000, 64))
-    assert embedding.use_factorised(torch.zeros(4, 16, dtype=torch.long))  # never assemble a vocab-sized ΔW
+    assert embedding.choose_path(torch.zeros(4, 16, dtype=torch.long)) == "input"  # never assemble a vocab-sized ΔW
+    with_max_norm = TensorCoreConfig(ranks=8).make_layer(nn.Embedding(300, 64, max_norm=1.0))
+    assert with_max_norm.paths() == ("weight",) and with_max_norm.choose_path(torch.zeros(4, dtype=torch.long)) == "weight"
 
 
 def test_path_costs_count_the_base_conv():
     conv = nn.Conv2d(8, 16, 3, stride=2, padding=1)
     layer = TensorCoreConfig(ranks=(2, 2, 3, 3)).make_layer(conv)
     base = 4 * 8 * 8 * 16 * 8 * 9  # batch 4, 16×16 -> 8×8 output, out 16, in 8, 3×3
-    weight_cost, _ = layer.path_costs((4, 8, 16, 16), training=False, input_requires_grad=False)
+    weight_cost = layer.path_costs((4, 8, 16, 16), training=False, input_requires_grad=False)["weight"]
     assert weight_cost == base + tucker_flops((16, 8, 3, 3), (2, 2, 3, 3))
 
 
@@ -372,7 +374,7 @@ def test_diffusers_unet2d_small_config():
     )
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 500])
     reference = model(x, t).sample
-    boftlab.adapt(model, TensorCoreConfig(ranks=3, scale=2.0), targets=[nn.Conv2d, nn.Linear])
+    boftlab.adapt(model, TensorCoreConfig(ranks=3, alpha=2.0), targets=[nn.Conv2d, nn.Linear])
     summary = boftlab.summary(model)
     assert summary.by_family["tensor_core"]["layers"] > 10 and summary.trainable == summary.adapter
     assert torch.equal(model(x, t).sample, reference)
@@ -385,7 +387,7 @@ def test_save_and_load_adapter_round_trip(tmp_path):
     x = torch.randn(2, 3, 8, 8)
     fresh = copy.deepcopy(net)
     boftlab.adapt(net, TensorCoreConfig(ranks=(3, 2, 3, 3)), targets=["0"])
-    boftlab.adapt(net, TensorCoreConfig(ranks=2, path="factorised"), targets=["2"])
+    boftlab.adapt(net, TensorCoreConfig(ranks=2, path="input"), targets=["2"])
     with torch.no_grad():
         for layer in boftlab.adapter_layers(net).values():
             layer.core.normal_()
@@ -477,7 +479,7 @@ def test_fit_and_transfer_methods_start_at_the_pretrained_model_and_train_only_w
     assert len(plot_learning_curves({"a": curve}).axes[0].lines) == 1
 
 
-@pytest.mark.parametrize("path", ["weight", "factorised"])
+@pytest.mark.parametrize("path", ["weight", "input"])
 @pytest.mark.parametrize("name", ["linear", "conv2d_grouped", "conv3d"])
 def test_autocast_bfloat16_output_is_close_to_float32(name, path):
     layer, x = make(name, path)

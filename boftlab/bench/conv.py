@@ -8,8 +8,8 @@ process:
 * PEFT LoRA on the conv (a k×k conv to r channels, then a 1×1 conv back);
 * PEFT LoHa and LoKr with ``use_effective_conv2d`` (a Tucker-style r × r × k × k core; ΔW assembled, then a second
   full conv);
-* the FLoRA authors' scheme, implemented here as the baseline: y = conv(x, W) + conv(x, s·ΔW), ΔW assembled from the
-  Tucker factors — two full convolutions;
+* the FLoRA authors' scheme, implemented here as the baseline: y = conv(x, W) + conv(x, α·ΔW), ΔW assembled from
+  the Tucker factors — two full convolutions;
 * boftlab's tensor-core layer: ``auto`` (the path its FLOP estimate picks) and both paths forced.
 
 Every rank is 8 (the FLoRA / tensor-core ranks are (8, 8, 3, 3)); the ratio columns compare with the frozen conv and
@@ -32,14 +32,14 @@ RANK = 8
 
 
 class TwoConvFLoRA(nn.Module):
-    """The authors' forward, as the baseline: y = conv(x, W) + conv(x, s · G ×₁ U₁ ⋯ ×₄ U₄), two full convs.
+    """The authors' forward, as the baseline: y = conv(x, W) + conv(x, α · G ×₁ U₁ ⋯ ×₄ U₄), two full convs.
 
     Same parameters and initialisation as ``TensorCoreLayer``; only the forward differs.
     """
 
-    def __init__(self, base: nn.Conv2d, ranks: int, scale: float = 1.0) -> None:
+    def __init__(self, base: nn.Conv2d, ranks: int, alpha: float = 1.0) -> None:
         super().__init__()
-        self.base, self.scale = base, scale
+        self.base, self.alpha = base, alpha
         shape = tuple(base.weight.shape)
         ranks_per_mode = resolve_ranks(shape, ranks, mode_names(base), "Conv2d")
         factory = {"dtype": torch.float32, "device": base.weight.device}
@@ -50,7 +50,7 @@ class TwoConvFLoRA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base
-        delta = tucker_delta(self.core, list(self.factors), self.scale).to(x.dtype)
+        delta = tucker_delta(self.core, list(self.factors), self.alpha).to(x.dtype)
         return base(x) + F.conv2d(x, delta, None, base.stride, base.padding, base.dilation, base.groups)
 
 
@@ -94,7 +94,7 @@ METHODS = [
     (f"FLoRA two-conv scheme r={RANK}", lambda base: TwoConvFLoRA(base, RANK)),
     (f"boftlab tensor-core r={RANK} (auto)", _boftlab("auto")),
     (f"boftlab tensor-core r={RANK} (weight path)", _boftlab("weight")),
-    (f"boftlab tensor-core r={RANK} (factorised path)", _boftlab("factorised")),
+    (f"boftlab tensor-core r={RANK} (input path: factorised chain)", _boftlab("input")),
 ]
 
 
@@ -124,7 +124,7 @@ def conv(argv: list[str]) -> str:
         module = build(base).to(device)
         if label.endswith("(auto)"):
             with torch.enable_grad():
-                chosen = "factorised" if module.use_factorised(x.detach().requires_grad_(True)) else "weight"
+                chosen = module.choose_path(x.detach().requires_grad_(True))
             label = label.replace("(auto)", f"(auto → {chosen})")
         steps.append(fwd_bwd(module, x))
         labels.append(label)
