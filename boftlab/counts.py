@@ -1,18 +1,25 @@
-"""Parameter counts: closed forms per layer, then sums over real architectures built on the ``meta`` device.
+"""Parameter counts: per layer from the adapters themselves, then sums over real architectures built on the ``meta``
+device.
 
-Per adapted layer with fan-in d (in_features, or in_channels/groups·kh·kw) and fan-out n:
+A boftlab family's count for a layer is what ``config.make_layer`` stores on a meta-device layer of that shape
+(``n_trainable``; no memory, no download), so counts and layers cannot drift apart. Their closed forms, tested equal
+to those counts in tests/test_counts.py, per adapted layer with fan-in d (in_features, or in_channels/groups·kh·kw)
+and fan-out n:
 
-    LoRA, rank r                       r·(d + n)
     OFT / BOFT, m factors of k = d/b   m·k·b(b−1)/2   free entries of the skew-symmetric blocks ("effective")
-      blocks of size b                 m·k·b²         what PEFT stores (full b × b matrices, "peft")
       output scale s (BOFT, optional)  + n
-    dense orthogonal matrix            d(d−1)/2
-
     SURM (LoRA-style, S: n × d)        circulant max(n, d) · Toeplitz n + d − 1 · Kronecker m1·n1 + m2·n2 ·
                                        LDR of displacement rank r: 2·r·max(n, d)   (``surm.parameter_count``)
     SURM (adapter-style, S: n × n)     the same with d = n, + n for the adapter bias
     FLoRA / tensor core, ranks r_i     Π r_i + Σ d_i·r_i over the weight's modes (out, in[, kh, kw])
                                        (``tensor_core.tucker_n_params``)
+
+What is not a boftlab layer stays a small closed form here:
+
+    LoRA (PEFT's), rank r              r·(d + n)
+    OFT / BOFT as PEFT stores them     m·k·b² (full b × b blocks, convention "peft") + n for the scale
+    dense orthogonal matrix            d(d−1)/2
+    a trained base bias                + n (``trained_bias``; the BOFT paper's tables count it)
 
 The architectures are built from hand-written configs (values copied from the hub ``config.json`` named in each
 ``source``) under ``torch.device("meta")``: every module and shape is real, no weight is allocated, nothing is
@@ -29,10 +36,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .butterfly import resolve_block_size
+from .butterfly import BOFTLayer
+from .contract import FAMILIES
 
 CONVENTIONS = ("effective", "peft")
-METHODS = ("lora", "oft", "boft", "surm", "flora")
 
 
 # --- closed forms per layer ------------------------------------------------------------------------------------------
@@ -54,23 +61,21 @@ def boft_params(
     block_size: int | None = None,
     n_factors: int = 2,
     scale: bool = True,
-    bias: bool = False,
+    trained_bias: bool = False,
     convention: str = "effective",
     n_blocks: int | None = None,
 ) -> int:
     """m·k·b(b−1)/2 ("effective") or m·k·b² ("peft") for the blocks, + n for the scale, + n for a trained bias.
 
-    Give ``block_size`` (b) or ``n_blocks`` (k = d/b, how OFT/BOFT's diffusion experiments state it). Raises the
-    ValueError of ``butterfly.resolve_block_size`` (listing valid choices) when (d, b, m) is not a butterfly.
+    Give ``block_size`` (b) or ``n_blocks`` (k = d/b, how OFT/BOFT's diffusion experiments state it). Counted from a
+    meta-device ``BOFTLayer`` (``layer_count``); raises its ValueError (listing valid choices) when (d, b, m) is not
+    a butterfly.
     """
-    if convention not in CONVENTIONS:
-        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     if block_size is None and n_blocks is None:
         raise ValueError("give block_size or n_blocks")
-    b = resolve_block_size(fan_in, block_size, n_blocks, n_factors, "fan_in")
-    k = fan_in // b
-    per_block = b * (b - 1) // 2 if convention == "effective" else b * b
-    return n_factors * k * per_block + fan_out * (int(scale) + int(bias))
+    shape = LayerShape("layer", fan_in, fan_out, trained_bias, "linear")
+    return layer_count(shape, "boft", convention, trained_bias, block_size=block_size, n_blocks=n_blocks,
+                       n_factors=n_factors, scale=scale)
 
 
 def oft_params(
@@ -78,12 +83,12 @@ def oft_params(
     fan_out: int,
     block_size: int | None = None,
     scale: bool = False,
-    bias: bool = False,
+    trained_bias: bool = False,
     convention: str = "effective",
     n_blocks: int | None = None,
 ) -> int:
-    """OFT is BOFT with one factor: k·b(b−1)/2 (or k·b²), plus optional scale / bias vectors."""
-    return boft_params(fan_in, fan_out, block_size, 1, scale, bias, convention, n_blocks)
+    """OFT is BOFT with one factor: k·b(b−1)/2 (or k·b²), plus optional scale / trained bias vectors."""
+    return boft_params(fan_in, fan_out, block_size, 1, scale, trained_bias, convention, n_blocks)
 
 
 # --- layers of an architecture ---------------------------------------------------------------------------------------
@@ -126,31 +131,49 @@ def layer_shapes(model: nn.Module, targets: list[str] | str) -> list[LayerShape]
     return found
 
 
-def layer_count(shape: LayerShape, method: str, **hyper: Any) -> int:
-    """The closed form for ``method`` at one layer. hyper: rank (lora); block_size / n_blocks, n_factors, scale,
-    bias, convention (oft/boft); structure, displacement_rank, kronecker_shape, mode (surm); ranks (flora)."""
+def methods() -> tuple[str, ...]:
+    """What ``layer_count`` counts: PEFT's LoRA, then every boftlab family (``contract.FAMILIES``)."""
+    return ("lora", *FAMILIES)
+
+
+def layer_count(shape: LayerShape, method: str, convention: str = "effective", trained_bias: bool = False,
+                **options: Any) -> int:
+    """Parameters ``method`` adds to one layer of ``shape``.
+
+    "lora": PEFT's LoRA, ``options`` = {rank}. A boftlab family (``methods()``): ``options`` are its config's
+    keyword arguments, and the count is what ``make_layer`` stores on a meta-device layer of this shape; with
+    convention="peft" (OFT/BOFT), what PEFT stores instead: full b × b blocks and the scale. ``trained_bias``: + n for
+    the base layer's bias, trained as well. O(one meta layer), cached per shape and options.
+    """
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     if method == "lora":
-        return lora_params(shape.fan_in, shape.fan_out, hyper["rank"])
-    if method in ("oft", "boft"):
-        options = {k: hyper[k] for k in ("block_size", "n_blocks", "scale", "bias", "convention") if k in hyper}
-        if method == "oft":
-            return oft_params(shape.fan_in, shape.fan_out, **options)
-        return boft_params(shape.fan_in, shape.fan_out, n_factors=hyper.get("n_factors", 2), **options)
-    if method == "surm":
-        from .surm import parameter_count
+        if set(options) != {"rank"}:
+            raise ValueError(f"method 'lora' takes one option, rank; got {sorted(options)}")
+        count = lora_params(shape.fan_in, shape.fan_out, options["rank"])
+    elif method in FAMILIES:
+        frozen = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items()))
+        count = _family_count(shape.modes, method, convention, frozen)
+    else:
+        raise ValueError(f"unknown method {method!r}; methods: {methods()}")
+    return count + (shape.fan_out if trained_bias else 0)
 
-        adapter = hyper.get("mode", "lora") == "adapter"
-        d_in = shape.fan_out if adapter else shape.fan_in  # the adapter acts on the layer's output
-        options = {k: hyper[k] for k in ("displacement_rank", "kronecker_shape") if hyper.get(k) is not None}
-        stored = parameter_count(hyper.get("structure", "circulant"), shape.fan_out, d_in, **options)
-        return stored + (shape.fan_out if adapter and hyper.get("bias", True) else 0)
-    if method == "flora":
-        from .tensor_core import resolve_ranks, tucker_n_params
 
-        names = tuple(f"mode {i}" for i in range(len(shape.modes)))
-        ranks = resolve_ranks(shape.modes, hyper.get("ranks", 8), names, shape.kind)
-        return tucker_n_params(shape.modes, ranks)
-    raise ValueError(f"unknown method {method!r}; methods: {METHODS}")
+@functools.lru_cache(maxsize=None)
+def _family_count(modes: tuple[int, ...], family: str, convention: str, options: tuple) -> int:
+    if len(modes) not in (2, 4):
+        raise ValueError(f"a layer's weight is (out, in) or (out, in/groups, kh, kw), got {modes}")
+    config = FAMILIES[family](**dict(options))
+    out, fan_in, *kernel = modes
+    base = nn.Linear(fan_in, out, device="meta") if not kernel else nn.Conv2d(fan_in, out, kernel, device="meta")
+    with torch.random.fork_rng(devices=[]):  # random initial factors (drawn on the CPU) leave the caller's RNG alone
+        layer = config.make_layer(base)
+    if convention == "effective":
+        return layer.n_trainable()
+    if not isinstance(layer, BOFTLayer):
+        raise ValueError(f"convention='peft' counts OFT/BOFT's full b × b blocks; {family!r} has no such blocks")
+    scale = 0 if layer.scale is None else layer.scale.numel()
+    return layer.n_factors * layer.n_blocks * layer.block_size**2 + scale
 
 
 # --- architectures from configs, on the meta device -----------------------------------------------------------------
@@ -279,7 +302,7 @@ def resolve_targets(name: str, targets: list[str] | str) -> list[str] | str:
 
 
 def count(name: str, method: str, targets: list[str] | str = "all linear", **hyper: Any) -> int:
-    """Σ over the targeted layers of ``name`` of ``layer_count(method, **hyper)``. O(number of modules)."""
+    """Σ over the targeted layers of ``name`` of ``layer_count(shape, method, **hyper)``. O(number of modules)."""
     shapes = layer_shapes(build(name), resolve_targets(name, targets))
     return sum(layer_count(s, method, **hyper) for s in shapes)
 
@@ -338,7 +361,7 @@ def _row(
     return PaperRow(f"{_BOFT}, {table}", model, method, label, targets, hyper, reported, conv, note)
 
 
-BOFT_SB = dict(scale=True, bias=True)
+BOFT_SB = dict(scale=True, trained_bias=True)
 PAPER_ROWS: list[PaperRow] = [
     # Table 1 (p. 7): GLUE, DeBERTaV3-base; OFT/BOFT on every linear layer of every block (App. A.1, p. 19).
     _row("Table 1, p. 7", "deberta-v3-base", "lora", "LoRA r=8", "all linear", dict(rank=8), "1.33M", _LORA),
@@ -387,7 +410,7 @@ def paper_table(rows: list[PaperRow] | None = None) -> list[dict[str, Any]]:
     for row in PAPER_ROWS if rows is None else rows:
         peft = None
         if row.method in ("oft", "boft"):
-            peft = count(row.model, row.method, row.targets, **{**row.hyper, "convention": "peft", "bias": False})
+            peft = count(row.model, row.method, row.targets, **{**row.hyper, "convention": "peft", "trained_bias": False})
         out.append({
             "source": "BOFT paper, " + row.where.rsplit("), ", 1)[-1], "model": row.model,
             "method": row.label, "targets": row.targets, "paper": row.reported, "ours": row.ours_as_reported(),
@@ -397,10 +420,11 @@ def paper_table(rows: list[PaperRow] | None = None) -> list[dict[str, Any]]:
     return out
 
 
-def markdown_table(records: list[dict[str, Any]]) -> str:
-    """A list of dicts as a GitHub markdown table (numbers with thousands separators)."""
-    keys = list(records[0])
-    cell = lambda v: "" if v is None else f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(cell(r[k]) for k in keys) + " |" for r in records]
-    return "\n".join(lines)
+def paper_markdown(rows: list[PaperRow] | None = None) -> str:
+    """``paper_table`` as the markdown table of the README and docs/parameter_counts.md: counts with thousands
+    separators, an empty cell where a column does not apply."""
+    from .bench import markdown_table
+
+    records = paper_table(rows)
+    cell = lambda v: "" if v is None else f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else v  # noqa: E731
+    return markdown_table(list(records[0]), [[cell(v) for v in record.values()] for record in records])

@@ -1,4 +1,8 @@
-"""Closed-form parameter counts against the layers that store them, and against the papers' tables."""
+"""Parameter counts: the closed forms equal what the layers store (counts.layer_count builds the layers), and the
+papers' tables."""
+
+import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,17 +11,55 @@ from torch import nn
 from boftlab import counts
 from boftlab.butterfly import BOFTConfig, OFTConfig
 
+ROOT = Path(__file__).resolve().parents[1]
 
-@pytest.mark.parametrize("fan_in,fan_out,block_size,n_factors", [(16, 8, 4, 1), (16, 8, 4, 3), (32, 48, 2, 5), (24, 24, 6, 3)])
+
+# --- the closed forms of the module docstring, for many shapes --------------------------------------------------------
+def boft_closed_form(fan_in, fan_out, block_size, n_factors, scale, convention="effective"):
+    """m·k·b(b−1)/2 ("effective") or m·k·b² ("peft"), + n for the output scale."""
+    per_block = block_size * (block_size - 1) // 2 if convention == "effective" else block_size**2
+    return n_factors * (fan_in // block_size) * per_block + (fan_out if scale else 0)
+
+
+def surm_closed_form(structure, d_out, d_in, displacement_rank=1, kronecker_shape=None):
+    """circulant max(n, d), Toeplitz n + d − 1, Kronecker m1·n1 + m2·n2, LDR 2·r·max(n, d)."""
+    if structure == "circulant":
+        return max(d_out, d_in)
+    if structure == "toeplitz":
+        return d_out + d_in - 1
+    if structure == "ldr":
+        return 2 * displacement_rank * max(d_out, d_in)
+    m1, n1 = kronecker_shape
+    return m1 * n1 + (d_out // m1) * (d_in // n1)
+
+
+def tucker_closed_form(modes, ranks):
+    """Π r_i + Σ d_i·r_i, with one int r meaning min(r, d_i) on every mode."""
+    ranks = [min(ranks, d) for d in modes] if isinstance(ranks, int) else ranks
+    return math.prod(ranks) + sum(d * r for d, r in zip(modes, ranks))
+
+
+BOFT_SHAPES = [(16, 8, 4, 1), (16, 8, 4, 3), (32, 48, 2, 5), (24, 24, 6, 3), (768, 768, 8, 2), (768, 3072, 16, 1),
+               (3072, 768, 4, 4), (1024, 1024, 2, 6), (36, 6, 6, 2)]
+
+
+@pytest.mark.parametrize("fan_in,fan_out,block_size,n_factors", BOFT_SHAPES)
 def test_boft_formula_equals_what_the_layer_stores(fan_in, fan_out, block_size, n_factors):
+    shape = counts.LayerShape("x", fan_in, fan_out, True, "linear")
     for scale in (True, False):
         layer = BOFTConfig(block_size=block_size, n_factors=n_factors, scale=scale).make_layer(nn.Linear(fan_in, fan_out))
-        assert counts.boft_params(fan_in, fan_out, block_size, n_factors, scale=scale) == layer.n_trainable()
+        expected = boft_closed_form(fan_in, fan_out, block_size, n_factors, scale)
+        assert counts.boft_params(fan_in, fan_out, block_size, n_factors, scale=scale) == layer.n_trainable() == expected
+        assert counts.layer_count(shape, "boft", block_size=block_size, n_factors=n_factors, scale=scale) == expected
+        peft = boft_closed_form(fan_in, fan_out, block_size, n_factors, scale, "peft")
+        assert counts.layer_count(shape, "boft", "peft", block_size=block_size, n_factors=n_factors, scale=scale) == peft
+        assert counts.layer_count(shape, "boft", trained_bias=True, block_size=block_size, n_factors=n_factors,
+                                  scale=scale) == expected + fan_out
 
 
 def test_oft_formula_equals_what_the_layer_stores():
     layer = OFTConfig(block_size=8).make_layer(nn.Linear(32, 10))
-    assert counts.oft_params(32, 10, 8) == layer.n_trainable() == 4 * 28
+    assert counts.oft_params(32, 10, 8) == layer.n_trainable() == 4 * 28 == boft_closed_form(32, 10, 8, 1, False)
 
 
 def test_boft_formula_on_conv_fan_in():
@@ -45,6 +87,21 @@ def test_invalid_hyper_parameters_raise_with_choices():
         counts.boft_params(768, 768, 8, 2, convention="paper")
     with pytest.raises(ValueError, match="unknown architecture"):
         counts.build("bert-huge")
+    shape = counts.LayerShape("x", 16, 16, False, "linear")
+    with pytest.raises(ValueError, match=r"unknown method 'flora'; methods: \('lora', .*'tensor_core'"):
+        counts.layer_count(shape, "flora", ranks=8)
+    with pytest.raises(ValueError, match="convention='peft' counts OFT/BOFT's full b × b blocks"):
+        counts.layer_count(shape, "surm", "peft")
+
+
+def test_counting_leaves_the_random_state_alone():
+    """Tensor-core and Kronecker layers draw random initial factors; counting them must not move the caller's RNG."""
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    counts.layer_count(counts.LayerShape("x", 40, 24, False, "linear"), "tensor_core", ranks=(5, 3))
+    counts.layer_count(counts.LayerShape("x", 40, 24, False, "linear"), "surm", structure="kronecker")
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_meta_architectures_have_the_published_sizes():
@@ -88,18 +145,32 @@ def test_stable_diffusion_rows_are_reproduced():
 @pytest.mark.parametrize("hyper", [dict(structure="circulant"), dict(structure="toeplitz"), dict(structure="kronecker"),
                                    dict(structure="ldr", displacement_rank=3),
                                    dict(structure="circulant", mode="adapter"), dict(structure="ldr", displacement_rank=2, mode="adapter")])
-@pytest.mark.parametrize("fan_in,fan_out", [(16, 16), (12, 20)])
+@pytest.mark.parametrize("fan_in,fan_out", [(16, 16), (12, 20), (768, 3072), (3072, 768)])
 def test_surm_formula_equals_what_the_layer_stores(hyper, fan_in, fan_out):
-    surm = pytest.importorskip("boftlab.surm")
-    layer = surm.SURMConfig(**hyper).make_layer(nn.Linear(fan_in, fan_out))
+    from boftlab.surm import default_kronecker_shape
+
+    layer = counts.FAMILIES["surm"](**hyper).make_layer(nn.Linear(fan_in, fan_out))
     shape = counts.layer_shapes(nn.Sequential(nn.Linear(fan_in, fan_out)), ["0"])[0]
-    assert counts.layer_count(shape, "surm", **hyper) == layer.n_trainable()
+    adapter = hyper.get("mode") == "adapter"
+    d_in = fan_out if adapter else fan_in  # the adapter acts on the layer's output
+    options = {k: v for k, v in hyper.items() if k == "displacement_rank"}
+    if hyper["structure"] == "kronecker":
+        options["kronecker_shape"] = default_kronecker_shape(fan_out, d_in)
+    expected = surm_closed_form(hyper["structure"], fan_out, d_in, **options) + (fan_out if adapter else 0)
+    assert counts.layer_count(shape, "surm", **hyper) == layer.n_trainable() == expected
 
 
 @pytest.mark.parametrize("module,ranks", [(nn.Linear(24, 40), 8), (nn.Linear(24, 40), (4, 6)), (nn.Conv2d(8, 16, 3), 4),
-                                          (nn.Conv2d(8, 16, 3), (4, 2, 3, 3))])
-def test_flora_formula_equals_what_the_layer_stores(module, ranks):
-    tensor_core = pytest.importorskip("boftlab.tensor_core")
-    layer = tensor_core.TensorCoreConfig(ranks=ranks).make_layer(module)
+                                          (nn.Conv2d(8, 16, 3), (4, 2, 3, 3)), (nn.Linear(768, 3072), 16),
+                                          (nn.Conv2d(64, 64, 3, groups=64), 8), (nn.Conv2d(3, 96, 7), (8, 3, 7, 7))])
+def test_tensor_core_formula_equals_what_the_layer_stores(module, ranks):
+    layer = counts.FAMILIES["tensor_core"](ranks=ranks).make_layer(module)
     shape = counts.layer_shapes(nn.Sequential(module), ["0"])[0]
-    assert counts.layer_count(shape, "flora", ranks=ranks) == layer.n_trainable()
+    expected = tucker_closed_form(tuple(module.weight.shape), ranks)
+    assert counts.layer_count(shape, "tensor_core", ranks=ranks) == layer.n_trainable() == expected
+
+
+def test_the_papers_table_in_the_readme_and_docs_is_generated():
+    """README.md and docs/parameter_counts.md show ``paper_markdown()`` exactly (regenerate both if a count changes)."""
+    table = counts.paper_markdown()
+    assert table in (ROOT / "README.md").read_text() and table in (ROOT / "docs" / "parameter_counts.md").read_text()

@@ -2,6 +2,7 @@
 
 import math
 import re
+import sys
 
 import pytest
 import torch
@@ -115,11 +116,19 @@ def test_run_measures_steps_losses_and_metric(vit_task):
     assert run.losses != run_method(vit_task, BOFT, progress=False).losses
 
 
-def test_unimportable_family_is_skipped_with_its_reason(vit_task, monkeypatch):
-    monkeypatch.setitem(runner.BOFTLAB_CONFIGS, "surm", ("boftlab.no_such_module", "SURMConfig"))
-    run = run_method(vit_task, Method("SURM", "surm", {}, vit.CI_LINEARS), progress=False)
-    assert run.skipped and "boftlab.no_such_module" in run.skipped
-    assert "| SURM | skipped: " in runner.results_table([run], "accuracy")
+def test_method_without_its_package_is_skipped_with_its_reason(vit_task, monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # PEFT not installed: importing it raises ImportError
+    run = run_method(vit_task, LORA, progress=False)
+    assert run.skipped and "PEFT is not importable here" in run.skipped and "pip install peft" in run.skipped
+    assert f"| {LORA.name} | skipped: " in runner.results_table([run], "accuracy")
+
+
+def test_every_boftlab_family_is_a_method_family():
+    """The runner names families as the contract does: one registry (contract.FAMILIES)."""
+    from boftlab.contract import FAMILIES
+
+    assert runner.method_families() == ("head", "full", "lora", *FAMILIES)
+    assert {"boft", "oft", "surm", "tensor_core"} <= set(FAMILIES)
 
 
 def test_results_md_and_pngs_carry_the_run_numbers(tmp_path, monkeypatch):
@@ -208,7 +217,7 @@ def test_colab_llm_path_runs_on_a_tiny_stand_in(monkeypatch):
     import transformers
 
     tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_file=str(runner.checkpoint_dir(llm.CHECKPOINT) / "tokenizer.json"), eos_token="<|endoftext|>")
+        tokenizer_file=str(runner.pretrained_dir(llm.CHECKPOINT) / "tokenizer.json"), eos_token="<|endoftext|>")
     config = transformers.Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda name: tokenizer)

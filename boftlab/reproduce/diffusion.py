@@ -25,7 +25,7 @@ from .runner import (
     Task,
     batch_indices,
     digits,
-    load_checkpoint,
+    load_pretrained,
     stratified_split,
 )
 
@@ -87,14 +87,14 @@ def build_digit_classifier() -> nn.Module:
 
 def load_ci_unet():
     """(pretrained UNet2DModel, its DDPMScheduler, checkpoint config)."""
-    state, config = load_checkpoint(CHECKPOINT)
+    state, config = load_pretrained(CHECKPOINT)
     unet = build_ci_unet()
     unet.load_state_dict(state)
     return unet, build_scheduler(), config
 
 
 def load_digit_classifier() -> tuple[nn.Module, dict]:
-    state, config = load_checkpoint(CLASSIFIER)
+    state, config = load_pretrained(CLASSIFIER)
     model = build_digit_classifier()
     model.load_state_dict(state)
     return model.eval().requires_grad_(False), config

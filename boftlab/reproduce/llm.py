@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .runner import Domain, Method, Task, adapter_methods, batch_indices, checkpoint_dir, load_checkpoint
+from .runner import Domain, Method, Task, adapter_methods, batch_indices, pretrained_dir, load_pretrained
 
 CHECKPOINT = "lm_pydoc"
 
@@ -72,14 +72,14 @@ def load_ci_lm():
     """(pretrained LlamaForCausalLM, its ``tokenizers.Tokenizer``, checkpoint config)."""
     from tokenizers import Tokenizer
 
-    state, config = load_checkpoint(CHECKPOINT)
+    state, config = load_pretrained(CHECKPOINT)
     model = build_ci_lm()
     missing, unexpected = model.load_state_dict(state, strict=False)  # the tied output embedding is stored once
     if set(missing) - {"lm_head.weight"} or unexpected:
         raise ValueError(f"checkpoint {CHECKPOINT!r} does not fit build_ci_lm(): missing {missing}, unexpected "
                          f"{unexpected}")
     model.tie_weights()
-    tokenizer = Tokenizer.from_file(str(checkpoint_dir(CHECKPOINT) / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(str(pretrained_dir(CHECKPOINT) / "tokenizer.json"))
     return model, tokenizer, config
 
 

@@ -9,7 +9,6 @@ before and after, milliseconds per optimizer step and peak accelerator memory. N
 from __future__ import annotations
 
 import copy
-import importlib
 import math
 import statistics
 import time
@@ -20,14 +19,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-#: the families a method can name: the two references, then boftlab's config classes (module, class name).
-BOFTLAB_CONFIGS = {
-    "oft": ("boftlab.butterfly", "OFTConfig"),
-    "boft": ("boftlab.butterfly", "BOFTConfig"),
-    "surm": ("boftlab.surm", "SURMConfig"),
-    "tensor_core": ("boftlab.tensor_core", "TensorCoreConfig"),
-}
-FAMILIES = ("head", "full", "lora", *BOFTLAB_CONFIGS)
+from ..contract import FAMILIES
+
+#: the references a method can name besides boftlab's families (``contract.FAMILIES``)
+REFERENCES = ("head", "full", "lora")
+
+
+def method_families() -> tuple[str, ...]:
+    """What ``Method.family`` can be: the references, then every boftlab family."""
+    return (*REFERENCES, *FAMILIES)
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,9 @@ class Method:
     """One row of a results table.
 
     family: "head" (only the modules kept trainable), "full" (every parameter), "lora" (PEFT ``LoraConfig``) or a
-    boftlab family; options: that config's keyword arguments; targets: the layers it adapts (a regex that
-    ``fullmatch``-es module names, or a list of names / suffixes / module types); lr: AdamW's peak learning rate.
+    boftlab family (``contract.FAMILIES``); options: that config's keyword arguments; targets: the layers it adapts
+    (a regex that ``fullmatch``-es module names, or a list of names / suffixes / module types); lr: AdamW's peak
+    learning rate.
     """
 
     name: str
@@ -46,8 +47,10 @@ class Method:
     lr: float = 1e-3
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise ValueError(f"Method {self.name!r}: unknown family {self.family!r}; valid families: {FAMILIES}")
+        if self.family not in method_families():
+            raise ValueError(
+                f"Method {self.name!r}: unknown family {self.family!r}; valid families: {method_families()}"
+            )
         if self.family not in ("head", "full") and self.targets is None:
             raise ValueError(f"Method {self.name!r}: family {self.family!r} needs targets (the layers to adapt)")
 
@@ -73,16 +76,7 @@ def adapter_methods(targets: Any, lr: float, lora_rank: int, oft_block_size: int
 
 
 class MethodUnavailable(RuntimeError):
-    """A method's family cannot be imported in this installation; the run lists it as skipped."""
-
-
-def config_class(family: str) -> type:
-    """The boftlab config class of ``family``, imported on first use."""
-    module_name, class_name = BOFTLAB_CONFIGS[family]
-    try:
-        return getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as err:
-        raise MethodUnavailable(f"{module_name}.{class_name} is not importable here ({err})") from err
+    """A method needs a package this installation lacks (PEFT, for LoRA); the run lists it as skipped."""
 
 
 def prepare(model: nn.Module, method: Method, trainable: list[str]) -> nn.Module:
@@ -93,14 +87,16 @@ def prepare(model: nn.Module, method: Method, trainable: list[str]) -> nn.Module
             p.requires_grad_(method.family == "full" or any(_in_module(name, t) for t in trainable))
         return model
     if method.family == "lora":
-        from peft import LoraConfig, get_peft_model
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError as err:
+            raise MethodUnavailable(f"PEFT is not importable here ({err}); pip install peft") from err
 
         config = LoraConfig(target_modules=method.targets, modules_to_save=list(trainable) or None, **method.options)
         return get_peft_model(model, config)
-    import boftlab
+    from ..model import adapt
 
-    config = config_class(method.family)(**method.options)
-    return boftlab.adapt(model, config, targets=method.targets, trainable=trainable)
+    return adapt(model, FAMILIES[method.family](**method.options), targets=method.targets, trainable=trainable)
 
 
 def _in_module(param_name: str, module_name: str) -> bool:
@@ -126,7 +122,8 @@ def data_dir() -> Path:
     return Path(os.environ.get("BOFTLAB_DATA", Path(__file__).resolve().parents[2] / "data"))
 
 
-def checkpoint_dir(name: str) -> Path:
+def pretrained_dir(name: str) -> Path:
+    """``data/checkpoints/<name>``: a pretrained model the ci profile starts from (not a resumable training state)."""
     path = data_dir() / "checkpoints" / name
     if not (path / "model.safetensors").exists():
         raise FileNotFoundError(
@@ -137,8 +134,9 @@ def checkpoint_dir(name: str) -> Path:
     return path
 
 
-def save_checkpoint(name: str, state: dict[str, torch.Tensor], config: dict[str, Any], dtype=torch.float32) -> Path:
-    """Write ``data/checkpoints/<name>/model.safetensors`` (tensors cast to ``dtype``) and ``config.json``."""
+def save_pretrained(name: str, state: dict[str, torch.Tensor], config: dict[str, Any], dtype=torch.float32) -> Path:
+    """Write a pretrained model to ``data/checkpoints/<name>/model.safetensors`` (tensors cast to ``dtype``) and
+    ``config.json`` (``data/scripts/`` make the ci profile's)."""
     import json
 
     from safetensors.torch import save_file
@@ -150,13 +148,13 @@ def save_checkpoint(name: str, state: dict[str, torch.Tensor], config: dict[str,
     return path
 
 
-def load_checkpoint(name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state dict in float32, config) of a checkpoint written by ``save_checkpoint``."""
+def load_pretrained(name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict in float32, config) of a pretrained model written by ``save_pretrained``."""
     import json
 
     from safetensors.torch import load_file
 
-    path = checkpoint_dir(name)
+    path = pretrained_dir(name)
     state = {k: v.float() for k, v in load_file(path / "model.safetensors").items()}
     return state, json.loads((path / "config.json").read_text())
 

@@ -21,7 +21,7 @@ from .runner import (
     Task,
     batch_indices,
     digits,
-    load_checkpoint,
+    load_pretrained,
     stratified_split,
 )
 
@@ -63,7 +63,7 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 def load_ci_vit() -> tuple[nn.Module, dict]:
     """The pretrained ci ViT (its head classifies digits 0–4) and its checkpoint config."""
-    state, config = load_checkpoint(CHECKPOINT)
+    state, config = load_pretrained(CHECKPOINT)
     model = build_ci_vit(len(SOURCE_CLASSES))
     model.load_state_dict(state)
     return model, config

@@ -26,7 +26,7 @@ from boftlab.reproduce.llm import (
     target_text,
     windows,
 )
-from boftlab.reproduce.runner import batch_indices, data_dir, save_checkpoint
+from boftlab.reproduce.runner import batch_indices, data_dir, save_pretrained
 
 STEPS, BATCH, CONTEXT, LR, SEED = 600, 16, 64, 3e-3, 0
 
@@ -85,7 +85,7 @@ def main() -> None:
                 f"Python {platform.python_version()}",
     }
     state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied to the embedding
-    path = save_checkpoint(CHECKPOINT, state, config, dtype=torch.float16)
+    path = save_pretrained(CHECKPOINT, state, config, dtype=torch.float16)
     tokenizer.save(str(data_dir() / "checkpoints" / CHECKPOINT / "tokenizer.json"))
     print(f"wrote {path}")
 

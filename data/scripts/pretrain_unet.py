@@ -28,7 +28,7 @@ from boftlab.reproduce.diffusion import (
     sample,
     target_rate,
 )
-from boftlab.reproduce.runner import batch_indices, digits, save_checkpoint
+from boftlab.reproduce.runner import batch_indices, digits, save_pretrained
 
 STEPS, BATCH, LR, EMA, SEED = 1500, 128, 2e-3, 0.995, 0
 
@@ -72,7 +72,7 @@ def main() -> None:
         "script": "data/scripts/pretrain_unet.py",
         "made": f"{datetime.date.today().isoformat()}, torch {torch.__version__}, {platform.machine()} CPU",
     }
-    print(f"wrote {save_checkpoint(CHECKPOINT, ema.state_dict(), config)}")
+    print(f"wrote {save_pretrained(CHECKPOINT, ema.state_dict(), config)}")
 
 
 if __name__ == "__main__":

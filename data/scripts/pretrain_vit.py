@@ -11,7 +11,7 @@ import platform
 
 import torch
 
-from boftlab.reproduce.runner import digits, save_checkpoint, stratified_split, train_digit_model
+from boftlab.reproduce.runner import digits, save_pretrained, stratified_split, train_digit_model
 from boftlab.reproduce.vit import CHECKPOINT, SOURCE_CLASSES, build_ci_vit, normalize
 
 STEPS, BATCH, LR, SEED = 2500, 64, 2e-3, 0
@@ -41,7 +41,7 @@ def main() -> None:
         "script": "data/scripts/pretrain_vit.py",
         "made": f"{datetime.date.today().isoformat()}, torch {torch.__version__}, {platform.machine()} CPU",
     }
-    path = save_checkpoint(CHECKPOINT, model.state_dict(), config)
+    path = save_pretrained(CHECKPOINT, model.state_dict(), config)
     print(f"wrote {path}")
 
 

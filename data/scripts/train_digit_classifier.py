@@ -13,7 +13,7 @@ import platform
 import torch
 
 from boftlab.reproduce.diffusion import CLASSIFIER, build_digit_classifier
-from boftlab.reproduce.runner import digits, save_checkpoint, stratified_split, train_digit_model
+from boftlab.reproduce.runner import digits, save_pretrained, stratified_split, train_digit_model
 
 STEPS, BATCH, LR, SEED = 1500, 64, 2e-3, 0
 
@@ -38,7 +38,7 @@ def main() -> None:
         "script": "data/scripts/train_digit_classifier.py",
         "made": f"{datetime.date.today().isoformat()}, torch {torch.__version__}, {platform.machine()} CPU",
     }
-    print(f"wrote {save_checkpoint(CLASSIFIER, model.state_dict(), config)}")
+    print(f"wrote {save_pretrained(CLASSIFIER, model.state_dict(), config)}")
 
 
 if __name__ == "__main__":
