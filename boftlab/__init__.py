@@ -13,11 +13,11 @@ from .peft_interop import from_peft, to_peft
 def __getattr__(name: str):
     # transformers is slow to import; load the Trainer integration only when it is asked for
     if name == "SaveAdapterCallback":
-        from .trainer import SaveAdapterCallback
+        from .hf_trainer import SaveAdapterCallback
 
         return SaveAdapterCallback
     raise AttributeError(f"module 'boftlab' has no attribute {name!r}")
 from .surm import SURMAdapterLayer, SURMConfig, SURMLayer, StructuredMatrix, approximation_error, displacement_rank
 from .tensor_core import TensorCoreConfig, TensorCoreLayer, mode_product, tucker_delta, tucker_dimension, tucker_n_params
-from .training import load_checkpoint, save_checkpoint
+from .checkpoints import load_checkpoint, save_checkpoint
 from . import counts, expressivity, figures

@@ -12,7 +12,8 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .reproduce import DOMAINS, PROFILES, reproduce
+    from .profiles import PROFILES
+    from .reproduce import DOMAINS, reproduce
 
     parser = argparse.ArgumentParser(prog="python -m boftlab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

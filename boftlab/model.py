@@ -26,6 +26,27 @@ TRAINABLE_ATTR = "_boftlab_trainable"
 
 
 # --- finding modules ---------------------------------------------------------------------------------------------------
+def strip_wrappers(model: nn.Module, sharded: bool = True) -> nn.Module:
+    """The model inside DistributedDataParallel / FSDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers,
+    so that names never carry a wrapper's prefix. ``sharded=False``: an FSDP wrapper is a ValueError (its parameters
+    and optimizer state are sharded, so this process does not hold the whole model)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    while True:
+        if isinstance(model, FullyShardedDataParallel) and not sharded:
+            raise ValueError(
+                "save_checkpoint/load_checkpoint handle full (unsharded) models; an FSDP model's parameters and "
+                "optimizer state are sharded — checkpoint it with accelerate's save_state or "
+                "torch.distributed.checkpoint (see docs/multi_gpu.md)"
+            )
+        if isinstance(model, (nn.parallel.DistributedDataParallel, FullyShardedDataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
     """Every adapter in ``model`` by its module name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}

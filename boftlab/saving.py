@@ -31,7 +31,7 @@ from torch import nn
 
 from . import __version__
 from .contract import AdapterConfig, AdapterLayer
-from .model import TRAINABLE_ATTR, adapter_layers, build_layers, insert_layers
+from .model import TRAINABLE_ATTR, adapter_layers, build_layers, insert_layers, strip_wrappers
 
 FORMAT_VERSION = 2
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -57,19 +57,9 @@ def atomic_write(path: Path, write: Any) -> None:
         raise
 
 
-def unwrap_wrappers(model: nn.Module) -> nn.Module:
-    """The model inside DistributedDataParallel / FSDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers,
-    so that saved names never carry a wrapper's prefix."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    while isinstance(model, (nn.parallel.DistributedDataParallel, FullyShardedDataParallel)) or hasattr(model, "_orig_mod"):
-        model = model.module if hasattr(model, "module") else model._orig_mod
-    return model
-
-
 def adapter_config(model: nn.Module) -> dict[str, Any]:
     """The JSON-able description of every adapter in ``model`` (what ``save_adapter`` writes)."""
-    model = unwrap_wrappers(model)
+    model = strip_wrappers(model)
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("the model has no boftlab adapters to save; call boftlab.adapt(model, config, targets) first")
@@ -89,15 +79,21 @@ def adapter_config(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{module_name.key: tensor}`` for every adapter's state and every module kept trainable."""
-    model = unwrap_wrappers(model)
-    tensors = {}
-    for name, layer in adapter_layers(model).items():
-        tensors |= {f"{name}.{k}": v for k, v in layer.adapter_state().items()}
-    for name in getattr(model, TRAINABLE_ATTR, []):
-        tensors |= {f"{name}.{k}": v for k, v in model.get_submodule(name).state_dict().items()}
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{module_name.key: tensor}``, sharing storage with ``model``: every adapter's ``adapter_state`` and the state of
+    every module kept trainable — what an adapter file (and a training checkpoint's model part) holds."""
+    model = strip_wrappers(model)
+    trainable = {name: model.get_submodule(name) for name in getattr(model, TRAINABLE_ATTR, [])}
+    return _named_state(adapter_layers(model), trainable)
+
+
+def _named_state(layers: dict[str, AdapterLayer], trainable: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, layer in layers.items():
+        state |= {f"{name}.{k}": v for k, v in layer.adapter_state().items()}
+    for name, module in trainable.items():
+        state |= {f"{name}.{k}": v for k, v in module.state_dict().items()}
+    return state
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -107,7 +103,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         raise ValueError(f"save_adapter writes a directory, but {str(directory)!r} is an existing file")
     config = adapter_config(model)
     text = json.dumps(config, indent=2)
-    tensors = adapter_tensors(model)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state(model).items()}
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={METADATA_KEY: text}))
     atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text + "\n"))
     return directory / WEIGHTS_NAME
@@ -198,7 +194,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     unknown family or a newer format raise ``ValueError`` and leave the model as it was.
     """
     config, tensors = read_adapter(path)
-    model = unwrap_wrappers(model)
+    model = strip_wrappers(model)
     meta = [n for n, p in model.named_parameters() if p.is_meta]
     if meta:
         raise ValueError(
@@ -216,15 +212,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         _check_targets(model, group)
         layers |= build_layers(model, adapter_config_, list(group["targets"]))
     trainable = list(config.get("trainable", []))
-    expected: dict[str, torch.Tensor] = {}
-    for name, layer in layers.items():
-        expected |= {f"{name}.{k}": v for k, v in layer.adapter_state().items()}
+    modules = {}
     for name in trainable:
         try:
-            module = model.get_submodule(name)
+            modules[name] = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"the adapter keeps module {name!r} trainable, but this model has no such module") from None
-        expected |= {f"{name}.{k}": v for k, v in module.state_dict().items()}
+    expected = _named_state(layers, modules)
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or extra:
         raise ValueError(

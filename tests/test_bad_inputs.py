@@ -12,7 +12,7 @@ import boftlab
 from boftlab import AdapterConfig, BOFTConfig, OFTConfig
 from boftlab.model import TRAINABLE_ATTR
 from boftlab.saving import WEIGHTS_NAME
-from boftlab.training import load_checkpoint, save_checkpoint
+from boftlab.checkpoints import load_checkpoint, save_checkpoint
 
 
 def case(name, *values):

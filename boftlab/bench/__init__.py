@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import nn
 
 #: suite name -> (one-line description, function(argv) -> markdown report)
 SUITES: dict[str, tuple[str, Callable[[list[str]], str]]] = {}
@@ -69,6 +70,27 @@ def fwd_bwd(module: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
         module(inp).float().square().mean().backward()
 
     return step
+
+
+class OneLayer(nn.Module):
+    """A module whose one child, ``layer``, is the layer to adapt: PEFT targets modules by name."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+def with_peft(config_name: str, module: nn.Module, targets: list[str] | None = None, **options) -> nn.Module:
+    """PEFT's ``config_name`` (e.g. "LoraConfig") injected into ``module`` at ``targets`` (module names), or with no
+    targets into ``module`` itself, a bare layer. PEFT leaves only its adapters trainable."""
+    import peft
+
+    if targets is None:
+        module, targets = OneLayer(module), ["layer"]
+    return peft.inject_adapter_in_model(getattr(peft, config_name)(target_modules=targets, **options), module)
 
 
 def machine() -> str:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fwd_bwd, machine, markdown_table, suite, synchronize
+from . import fwd_bwd, machine, markdown_table, suite, synchronize, with_peft
 from ..tensor_core import TensorCoreConfig, orthonormal_columns, resolve_ranks, mode_names, tucker_delta
 
 RANK = 8
@@ -54,27 +54,6 @@ class TwoConvFLoRA(nn.Module):
         return base(x) + F.conv2d(x, delta, None, base.stride, base.padding, base.dilation, base.groups)
 
 
-class _Holder(nn.Module):
-    """A module with one Conv2d named ``conv``, so PEFT can inject into it."""
-
-    def __init__(self, conv: nn.Conv2d) -> None:
-        super().__init__()
-        self.conv = conv
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
-
-
-def _peft(config_name: str, base: nn.Conv2d, **options) -> nn.Module:
-    import peft
-
-    config = getattr(peft, config_name)(target_modules=["conv"], r=RANK, **options)
-    model = peft.inject_adapter_in_model(config, _Holder(base))
-    for name, p in model.named_parameters():
-        p.requires_grad_(not name.startswith("conv.base_layer"))
-    return model
-
-
 def _boftlab(path: str):
     def build(base: nn.Conv2d) -> nn.Module:
         return TensorCoreConfig(ranks=RANK, path=path).make_layer(base)
@@ -88,9 +67,9 @@ def _trainable(module: nn.Module) -> int:
 
 METHODS = [
     ("frozen base conv", lambda base: base),
-    (f"PEFT LoRA r={RANK}", lambda base: _peft("LoraConfig", base)),
-    (f"PEFT LoHa r={RANK} (effective conv)", lambda base: _peft("LoHaConfig", base, use_effective_conv2d=True)),
-    (f"PEFT LoKr r={RANK} (effective conv)", lambda base: _peft("LoKrConfig", base, use_effective_conv2d=True)),
+    (f"PEFT LoRA r={RANK}", lambda base: with_peft("LoraConfig", base, r=RANK)),
+    (f"PEFT LoHa r={RANK} (effective conv)", lambda base: with_peft("LoHaConfig", base, r=RANK, use_effective_conv2d=True)),
+    (f"PEFT LoKr r={RANK} (effective conv)", lambda base: with_peft("LoKrConfig", base, r=RANK, use_effective_conv2d=True)),
     (f"FLoRA two-conv scheme r={RANK}", lambda base: TwoConvFLoRA(base, RANK)),
     (f"boftlab tensor-core r={RANK} (auto)", _boftlab("auto")),
     (f"boftlab tensor-core r={RANK} (weight path)", _boftlab("weight")),

@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from . import Timing, fwd_bwd, markdown_table, suite, synchronize, time_call
+from . import Timing, fwd_bwd, markdown_table, suite, synchronize, time_call, with_peft
 from ..butterfly import BOFTConfig, OFTConfig
 from ..butterfly_structure import butterfly_apply, gather_schedule
 from ..kernels import butterfly_apply_fused
@@ -28,24 +28,6 @@ LORA_RANK = 8
 
 
 # --- building the layers -------------------------------------------------------------------------------------------
-class _Holder(nn.Module):
-    """A module with one Linear named ``proj``, so PEFT can inject into it."""
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.proj = linear
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
-
-
-def _peft(config_name: str, base: nn.Linear, **options) -> nn.Module:
-    import peft
-
-    config = getattr(peft, config_name)(target_modules=["proj"], **options)
-    return peft.inject_adapter_in_model(config, _Holder(base))
-
-
 @contextlib.contextmanager
 def peft_boft_context(device: torch.device) -> Iterator[str]:
     """PEFT's real m-factor BOFT: its CUDA extension if it builds, else the torch.block_diag patch. Yields a label."""
@@ -61,7 +43,10 @@ def peft_boft_context(device: torch.device) -> Iterator[str]:
 
 
 @dataclass
-class Method:
+class LayerMethod:
+    """One row of the single-layer tables: how to build the adapted layer from the frozen base, and a context to
+    build and time it in (e.g. PEFT's BOFT without its CUDA extension)."""
+
     label: str
     build: Callable[[nn.Linear], nn.Module]
     context: Callable[[torch.device], contextlib.AbstractContextManager] | None = None
@@ -71,24 +56,25 @@ def _frozen(base: nn.Linear) -> nn.Module:
     return base
 
 
-def method_list(names: list[str], factors: tuple[int, ...] = (2,), device: torch.device | None = None) -> list[Method]:
+def method_list(names: list[str], factors: tuple[int, ...] = (2,), device: torch.device | None = None) -> list[LayerMethod]:
     """The methods to time, in table order; names from ``METHODS`` (optional families skipped when absent)."""
     methods = []
     for name in names:
         if name == "frozen":
-            methods.append(Method("frozen base", _frozen))
+            methods.append(LayerMethod("frozen base", _frozen))
         elif name == "lora":
-            methods.append(Method(f"PEFT LoRA r={LORA_RANK}", lambda b: _peft("LoraConfig", b, r=LORA_RANK)))
+            methods.append(LayerMethod(f"PEFT LoRA r={LORA_RANK}", lambda b: with_peft("LoraConfig", b, r=LORA_RANK)))
         elif name == "peft_oft":
-            methods.append(Method(f"PEFT OFT b={BLOCK_SIZE}", lambda b: _peft("OFTConfig", b, oft_block_size=BLOCK_SIZE)))
+            methods.append(LayerMethod(f"PEFT OFT b={BLOCK_SIZE}",
+                                       lambda b: with_peft("OFTConfig", b, oft_block_size=BLOCK_SIZE)))
         elif name == "peft_boft":
-            methods.append(Method(
+            methods.append(LayerMethod(
                 f"PEFT BOFT m=2 b={BLOCK_SIZE}",
-                lambda b: _peft("BOFTConfig", b, boft_block_size=BLOCK_SIZE, boft_n_butterfly_factor=2),
+                lambda b: with_peft("BOFTConfig", b, boft_block_size=BLOCK_SIZE, boft_n_butterfly_factor=2),
                 peft_boft_context,
             ))
         elif name == "oft":
-            methods.append(Method(f"boftlab OFT b={BLOCK_SIZE}", OFTConfig(block_size=BLOCK_SIZE).make_layer))
+            methods.append(LayerMethod(f"boftlab OFT b={BLOCK_SIZE}", OFTConfig(block_size=BLOCK_SIZE).make_layer))
         elif name in ("boft", "boft_fused"):
             fused = name == "boft_fused"
             if fused and not (device is not None and device.type == "cuda" and _triton_available()):
@@ -96,19 +82,19 @@ def method_list(names: list[str], factors: tuple[int, ...] = (2,), device: torch
             for m in factors:
                 label = f"boftlab BOFT m={m} b={BLOCK_SIZE}" + (" (fused kernel)" if fused else "")
                 config = BOFTConfig(block_size=BLOCK_SIZE, n_factors=m, kernel="auto" if fused else "torch")
-                methods.append(Method(label, config.make_layer))
+                methods.append(LayerMethod(label, config.make_layer))
         elif name == "surm":
             try:
                 from ..surm import SURMConfig
             except ImportError:
                 continue
-            methods.append(Method("boftlab SURM circulant", SURMConfig(structure="circulant").make_layer))
+            methods.append(LayerMethod("boftlab SURM circulant", SURMConfig(structure="circulant").make_layer))
         elif name == "tensor_core":
             try:
                 from ..tensor_core import TensorCoreConfig
             except ImportError:
                 continue
-            methods.append(Method("boftlab tensor-core r=8", TensorCoreConfig(ranks=8).make_layer))
+            methods.append(LayerMethod("boftlab tensor-core r=8", TensorCoreConfig(ranks=8).make_layer))
         else:
             raise ValueError(f"unknown method {name!r}; valid: {METHODS}")
     return methods
@@ -136,7 +122,7 @@ def measure(step: Callable[[], None], device: torch.device, budget_s: float = 3.
     return time_call(step, device, repeats=repeats, warmup=1 if repeats > 2 else 0)
 
 
-def time_layer(method: Method, dim: int, tokens: int, device: torch.device, dtype: torch.dtype) -> tuple[str, Timing]:
+def time_layer(method: LayerMethod, dim: int, tokens: int, device: torch.device, dtype: torch.dtype) -> tuple[str, Timing]:
     """(label, timing) of one training step of ``method`` on nn.Linear(dim, dim) with (tokens, dim) inputs."""
     torch.manual_seed(0)
     base = nn.Linear(dim, dim).to(device=device, dtype=dtype).requires_grad_(False)
@@ -151,7 +137,7 @@ def time_layer(method: Method, dim: int, tokens: int, device: torch.device, dtyp
     return label, timing
 
 
-def layer_rows(dims: list[int], tokens_list: list[int], methods: list[Method], device: torch.device,
+def layer_rows(dims: list[int], tokens_list: list[int], methods: list[LayerMethod], device: torch.device,
                dtype: torch.dtype) -> tuple[list[list[object]], dict[tuple[int, int, str], float]]:
     """Table rows (see ``HEADER``) and the raw ms by (d, tokens, label)."""
     rows, times = [], {}

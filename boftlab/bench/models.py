@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import markdown_table, suite
+from . import markdown_table, suite, with_peft
 from .. import model as boftlab_model
 from ..butterfly import BOFTConfig, OFTConfig
 from .layers import BLOCK_SIZE, LORA_RANK, _triton_available, kernel_bandwidth, measure, peft_boft_context
@@ -32,12 +32,7 @@ class Adapter:
 
 
 def _peft(config_name: str, **options) -> Callable[[nn.Module, list[str]], nn.Module]:
-    def apply(model: nn.Module, targets: list[str]) -> nn.Module:
-        import peft
-
-        return peft.inject_adapter_in_model(getattr(peft, config_name)(target_modules=targets, **options), model)
-
-    return apply
+    return lambda model, targets: with_peft(config_name, model, targets, **options)
 
 
 def _boftlab(config) -> Callable[[nn.Module, list[str]], nn.Module]:

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fwd_bwd, markdown_table, suite, time_call
-from .layers import LORA_RANK, _peft
+from . import fwd_bwd, markdown_table, suite, time_call, with_peft
+from .layers import LORA_RANK
 from ..surm import SURMConfig
 
 FULL = {"dims": (768, 2048, 4096), "tokens": 512, "repeats": 3, "warmup": 2}
@@ -43,7 +43,7 @@ def methods() -> list[tuple[str, callable]]:
         ("SURM adapter circulant+GELU", SURMConfig(structure="circulant", mode="adapter")),
     ]
     return [
-        (f"PEFT LoRA r={LORA_RANK}", lambda base: _peft("LoraConfig", base, r=LORA_RANK)),
+        (f"PEFT LoRA r={LORA_RANK}", lambda base: with_peft("LoraConfig", base, r=LORA_RANK)),
         ("dense ΔW", DenseDelta),
         *[(label, config.make_layer) for label, config in surm],
     ]

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..profiles import PROFILES
 from . import diffusion, llm, vit
 from .runner import Domain, Method, Report, Run, plot_curves, ranking, results_table, run_methods, write_results
 
 DOMAINS = {"vit": vit, "llm": llm, "diffusion": diffusion}
-PROFILES = ("ci", "colab")
 
 
 def reproduce(domains: list[str], profile: str, out: str | Path, progress: bool = True,
@@ -31,5 +31,5 @@ def reproduce(domains: list[str], profile: str, out: str | Path, progress: bool 
     return write_results(reports, Path(out), profile, command)
 
 
-__all__ = ["DOMAINS", "PROFILES", "Domain", "Method", "Report", "Run", "plot_curves", "ranking", "reproduce", "results_table", "run_methods",
+__all__ = ["DOMAINS", "Domain", "Method", "Report", "Run", "plot_curves", "ranking", "reproduce", "results_table", "run_methods",
            "write_results"]

@@ -8,7 +8,7 @@ RNG states) is a safetensors tensor, and everything else (step, scheduler counte
 Python/NumPy RNG states, the adapter config) is JSON in the file's metadata. Nothing is ever unpickled, and the
 file is replaced atomically (``boftlab.saving.atomic_write``), so a crash during a save leaves the previous
 checkpoint intact. With fixed seeds, a run resumed from a checkpoint reproduces the uninterrupted run's losses
-exactly (tests/test_resume.py).
+exactly (tests/test_checkpoints.py).
 
 ``model`` is the adapted model (or its DDP / ``torch.compile`` wrapper); resume into a model adapted with the same
 configs and targets, and an optimizer built over the same parameters in the same order. Random states are those of
@@ -32,8 +32,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
-from .model import TRAINABLE_ATTR, adapter_layers
-from .saving import adapter_config, atomic_write, read_safetensors, upgrade_config
+from .model import adapter_layers, strip_wrappers
+from .saving import adapter_config, adapter_state, atomic_write, read_safetensors, upgrade_config
 
 FORMAT_VERSION = 1
 CHECKPOINT_NAME = "training_checkpoint.safetensors"
@@ -106,35 +106,6 @@ def decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 # --- what is saved ---------------------------------------------------------------------------------------------------
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The adapted model inside DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    while True:
-        if isinstance(model, FullyShardedDataParallel):
-            raise ValueError(
-                "save_checkpoint/load_checkpoint handle full (unsharded) models; an FSDP model's parameters and "
-                "optimizer state are sharded — checkpoint it with accelerate's save_state or "
-                "torch.distributed.checkpoint (see docs/multi_gpu.md)"
-            )
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif isinstance(model, nn.Module) and hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def live_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{module_name.key: tensor}`` sharing storage with the model: adapters and modules kept trainable."""
-    state = {}
-    for name, layer in adapter_layers(model).items():
-        state |= {f"{name}.{k}": v for k, v in layer.adapter_state().items()}
-    for name in getattr(model, TRAINABLE_ATTR, []):
-        state |= {f"{name}.{k}": v for k, v in model.get_submodule(name).state_dict().items()}
-    return state
-
-
 def optimizer_parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
     """Per parameter group, the model names of the optimizer's parameters (to check a resume uses the same ones)."""
     names = {id(p): n for n, p in model.named_parameters()}
@@ -199,7 +170,7 @@ def save_checkpoint(
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be an integer ≥ 0 (the number of optimizer steps done), got {step!r}")
-    model = unwrap_model(model)
+    model = strip_wrappers(model, sharded=False)
     file = checkpoint_file(path)
     if file.exists() and not file.is_file():
         raise ValueError(f"save_checkpoint writes the file {str(file)!r}, but a directory is there")
@@ -209,7 +180,7 @@ def save_checkpoint(
         "boftlab_version": __version__,
         "step": step,
         "adapter": adapter_config(model),  # raises if the model has no adapters
-        "model": encode(dict(live_adapter_state(model)), "model", tensors),
+        "model": encode(dict(adapter_state(model)), "model", tensors),
         "optimizer": None,
         "scheduler": None,
         "rng": rng_states(tensors) if rng else None,
@@ -260,7 +231,7 @@ def load_checkpoint(
     parameters, scheduler given iff saved): on any mismatch a ``ValueError`` says what differs and nothing changes.
     """
     meta, tensors = read_checkpoint(path)
-    model = unwrap_model(model)
+    model = strip_wrappers(model, sharded=False)
     if not adapter_layers(model):
         raise ValueError(
             "load_checkpoint resumes into an adapted model: call boftlab.adapt(model, config, targets) with the "
@@ -273,7 +244,7 @@ def load_checkpoint(
             "from this model's; adapt the model exactly as in the checkpointed run"
         )
     saved_model = decode(meta["model"], tensors)
-    live = live_adapter_state(model)
+    live = adapter_state(model)
     missing, unexpected = sorted(set(live) - set(saved_model)), sorted(set(saved_model) - set(live))
     if missing or unexpected:
         raise ValueError(f"the checkpoint does not fit this model: missing tensors {missing[:10]}, unexpected {unexpected[:10]}")

@@ -1,4 +1,4 @@
-"""boftlab.training: a run resumed from a checkpoint reproduces the uninterrupted run exactly (fixed seeds, CPU)."""
+"""boftlab.checkpoints: a run resumed from a checkpoint reproduces the uninterrupted run exactly (fixed seeds, CPU)."""
 
 import random
 
@@ -10,7 +10,7 @@ from torch import nn
 
 import boftlab
 from boftlab import BOFTConfig, OFTConfig
-from boftlab.training import CHECKPOINT_NAME, decode, encode, load_checkpoint, save_checkpoint
+from boftlab.checkpoints import CHECKPOINT_NAME, decode, encode, load_checkpoint, save_checkpoint
 
 N_STEPS, SPLIT = 6, 3
 
@@ -114,13 +114,13 @@ def test_encode_decode_round_trip():
 def test_interrupted_checkpoint_keeps_previous(tmp_path, monkeypatch):
     model, optimizer, scheduler = build()
     previous = save_checkpoint(tmp_path, model, optimizer, scheduler, step=0).read_bytes()
-    import boftlab.training as training
+    import boftlab.checkpoints as checkpoints
 
     def crash_half_way(tensors, filename, metadata=None):
         open(filename, "wb").write(previous[:64])
         raise OSError("disk full")
 
-    monkeypatch.setattr(training, "save_file", crash_half_way)
+    monkeypatch.setattr(checkpoints, "save_file", crash_half_way)
     train(model, optimizer, scheduler, 1)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(tmp_path, model, optimizer, scheduler, step=1)
@@ -169,7 +169,7 @@ def test_checkpoint_with_format_1_adapter_names_resumes(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from boftlab.training import METADATA_KEY
+    from boftlab.checkpoints import METADATA_KEY
 
     def adapted():
         torch.manual_seed(0)
