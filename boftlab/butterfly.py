@@ -330,7 +330,8 @@ class BOFTLayer(AdapterLayer):
         return {"weight": self.rotated_weight()}
 
     def unmerged_weights(self) -> dict[str, torch.Tensor]:
-        merged = self.base_layer.weight.reshape(self.out_features, self.fan_in).float()
+        weight = self.base_layer.weight
+        merged = weight.reshape(self.out_features, self.fan_in).to(torch.promote_types(weight.dtype, torch.float32))
         if self.scale is not None:
             if (self.scale == 0).any():
                 raise ValueError("cannot unmerge: some output scales are exactly 0, so the base weight is lost")

@@ -247,3 +247,33 @@ def kernel_bandwidth(dims: list[int], tokens_list: list[int], factors: tuple[int
     header = ["d", "tokens", "m", "fused ms", "torch ms", "speed-up", "fused GB/s", "copy GB/s",
               "% of bound (copy)", "spec GB/s"]
     return markdown_table(header, rows)
+
+
+@suite("butterfly_costs", "cost per row element of a butterfly factor and an index gather, in dense-matmul "
+                          "multiply-adds: the measurement behind butterfly.FACTOR_COST / GATHER_COST")
+def butterfly_costs(argv: list[str]) -> str:
+    """Forward ``butterfly_apply`` (PyTorch path, fp32) on 512 rows, against one dense (512 × d) @ (d × d) matmul timed in
+    the same run: cost = d · t_butterfly / t_matmul multiply-adds per row element. m = 1 has no gathers (a factor
+    alone); for m > 1 the per-factor column is factors and gathers together. The last column is the cost model."""
+    from ..butterfly import FACTOR_COST, GATHER_COST
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokens, rows = 512, []
+    for dim in (768, 2048):
+        x = torch.randn(tokens, dim, device=device)
+        dense = torch.randn(dim, dim, device=device)
+        with torch.no_grad():
+            matmul_ms = time_call(lambda: x @ dense, device, repeats=10).ms
+            for block_size, n_factors in ((8, 1), (16, 1), (8, 2), (8, 4), (16, 2)):
+                blocks = torch.linalg.qr(torch.randn(n_factors, dim // block_size, block_size, block_size))[0].to(device)
+                gathers = [None if g is None else g.to(device)
+                           for g in gather_schedule(dim, block_size, n_factors, False)]
+                ms = time_call(lambda: butterfly_apply(x, blocks, gathers), device, repeats=10).ms
+                cost = dim * ms / matmul_ms
+                n_gathers = sum(g is not None for g in gathers)
+                model = n_factors * max(block_size, FACTOR_COST) + n_gathers * GATHER_COST
+                rows.append([dim, block_size, n_factors, n_gathers, ms, matmul_ms, cost, cost / n_factors, model])
+    header = ["d", "b", "m", "gathers", "butterfly ms", "matmul ms", "cost / element", "per factor", "cost model"]
+    note = (f"{device.type}, fp32, {tokens} rows, forward only, median of 10 calls; cost model: "
+            f"m·max(b, FACTOR_COST={FACTOR_COST}) + gathers·GATHER_COST={GATHER_COST}.")
+    return note + "\n\n" + markdown_table(header, rows)

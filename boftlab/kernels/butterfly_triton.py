@@ -81,9 +81,9 @@ def fused_supported(x: torch.Tensor, blocks: torch.Tensor) -> bool:
 def tile_shape(dim: int, block_size: int, n_factors: int) -> tuple[int, int, bool]:
     """(rows, cols, use_dot) of one program's tile: cols a multiple of L = b·2^(m−1) dividing d; rows a power of 2.
 
-    Sized so one program stays near ≤ 128 registers per thread at 4 warps (checked by compiling for sm_90 with
-    Triton 3.8: broadcast products of ≤ 4096 elements, dot tiles of ≤ 32 × 64): wide enough for coalesced rows,
-    small enough to keep several programs resident per SM.
+    Sized so one program stays near ≤ 128 registers per thread at 4 warps (broadcast products of ≤ 4096 elements,
+    dot tiles of ≤ 32 × 64; benchmarks/README.md): wide enough for coalesced rows, small enough to keep several
+    programs resident per SM.
     """
     use_dot = block_size >= _DOT_MIN
     cols = block_size * 2 ** (n_factors - 1)

@@ -1,0 +1,178 @@
+"""The adapter contract itself: every family in FAMILIES, on every layer type it supports, answers the same questions
+the same way — identity at init, merge/unmerge, the path protocol, save/load, summary, and the unsupported-layer error.
+
+A new family is covered by adding representative configs to ``CONFIGS`` (the first test fails until it is)."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import boftlab
+from boftlab.contract import FAMILIES, PATHS, AdapterConfig
+
+#: family -> representative configs (every option that changes the layer's structure or its supported types)
+CONFIGS: dict[str, list[AdapterConfig]] = {
+    "boft": [boftlab.BOFTConfig(block_size=4, n_factors=2)],
+    "oft": [boftlab.OFTConfig(block_size=4, scale=True)],
+    "surm": [
+        boftlab.SURMConfig(structure="circulant", alpha=0.5),
+        boftlab.SURMConfig(structure="ldr", displacement_rank=2),
+        boftlab.SURMConfig(structure="toeplitz", mode="adapter", activation="identity"),
+    ],
+    "tensor_core": [boftlab.TensorCoreConfig(ranks=3, alpha=0.5)],
+}
+CASES = [(family, config) for family, configs in CONFIGS.items() for config in configs]
+
+#: one base layer and one input per supported layer type (fan-ins that every representative config fits)
+LAYERS = {
+    nn.Linear: (lambda: nn.Linear(16, 12), lambda: torch.randn(3, 16)),
+    nn.Conv1d: (lambda: nn.Conv1d(8, 6, 3, padding=1), lambda: torch.randn(2, 8, 9)),
+    nn.Conv2d: (lambda: nn.Conv2d(8, 6, 3, padding=1), lambda: torch.randn(2, 8, 5, 5)),
+    nn.Conv3d: (lambda: nn.Conv3d(4, 6, 2), lambda: torch.randn(2, 4, 3, 3, 3)),
+    nn.Embedding: (lambda: nn.Embedding(20, 12), lambda: torch.randint(0, 20, (3, 5))),
+}
+
+
+def cases_by_layer():
+    for family, config in CASES:
+        for kind in config.supported_layers():
+            yield pytest.param(config, kind, id=f"{config.display_name()}-{family}-{kind.__name__}-{_options(config)}")
+
+
+def _options(config: AdapterConfig) -> str:
+    return ",".join(f"{k}={v}" for k, v in config.to_dict().items() if k != "family" and v is not None)
+
+
+def build(config: AdapterConfig, kind: type[nn.Module]):
+    """(adapted layer in float64, its base layer, an input)."""
+    torch.manual_seed(0)
+    make_base, make_input = LAYERS[kind]
+    base = make_base().double()
+    x = make_input()
+    return config.make_layer(base).double(), base, (x.double() if x.is_floating_point() else x)
+
+
+def perturb(layer) -> None:
+    """Move every adapter tensor away from its initial value (a trained-looking adapter)."""
+    with torch.no_grad():
+        for p in layer.adapter_parameters().values():
+            p.add_(0.1 * torch.randn_like(p))
+
+
+def test_every_family_has_representative_configs():
+    assert set(CONFIGS) == set(FAMILIES)
+    assert all(type(c).family == family for family, c in CASES)
+
+
+@pytest.mark.parametrize("config,kind", list(cases_by_layer()))
+def test_identity_at_init(config, kind):
+    layer, base, x = build(config, kind)
+    torch.testing.assert_close(layer(x), base(x), rtol=0, atol=1e-12)
+    assert layer.n_trainable() > 0 and all(p.requires_grad for p in layer.adapter_parameters().values())
+
+
+@pytest.mark.parametrize("config,kind", list(cases_by_layer()))
+def test_merge_unmerge_round_trip(config, kind):
+    layer, base, x = build(config, kind)
+    perturb(layer)
+    original = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    adapted = layer(x)
+    assert not torch.allclose(adapted, base(x))  # the perturbed adapter changes the output
+    layer.merge()
+    assert layer.merged and not torch.equal(base.weight, original["weight"])
+    torch.testing.assert_close(layer(x), adapted, rtol=1e-9, atol=1e-9)  # now the base layer alone
+    torch.testing.assert_close(base(x), adapted, rtol=1e-9, atol=1e-9)
+    layer.unmerge()
+    for name, value in base.state_dict().items():
+        torch.testing.assert_close(value, original[name], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(layer(x), adapted, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("config,kind", list(cases_by_layer()))
+def test_path_protocol(config, kind):
+    """paths() in the contract's vocabulary; path_costs answers for exactly those; auto takes one of them; forcing any
+    of them gives the same output."""
+    layer, base, x = build(config, kind)
+    perturb(layer)
+    paths = layer.paths()
+    assert paths and set(paths) <= set(PATHS)
+    for training, needs_grad in ((False, False), (True, False), (True, True)):
+        costs = layer.path_costs(x.shape, training, needs_grad)
+        assert set(costs) == set(paths) and all(isinstance(c, int) and c > 0 for c in costs.values())
+    assert layer.choose_path(x) in paths
+    expected = layer(x)
+    for path in paths:
+        forced = type(config).from_dict({**config.to_dict(), "path": path})
+        other = forced.make_layer(base).double()
+        other.load_state_dict(layer.state_dict())
+        assert other.choose_path(x) == path
+        torch.testing.assert_close(other(x), expected, rtol=1e-9, atol=1e-9)
+    for path in set(PATHS) - set(paths):
+        message = rf"path='{path}' .*has the path\(s\) {re.escape(repr(paths))}\. Use path='auto'"
+        with pytest.raises(ValueError, match=message):
+            type(config).from_dict({**config.to_dict(), "path": path}).make_layer(base)
+
+
+class Net(nn.Module):
+    def __init__(self, kind: type[nn.Module]) -> None:
+        super().__init__()
+        self.layer = LAYERS[kind][0]()
+        self.head = nn.LazyLinear(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(x).flatten(1))
+
+
+def net(kind: type[nn.Module]) -> tuple[Net, torch.Tensor]:
+    torch.manual_seed(0)
+    model = Net(kind)
+    x = LAYERS[kind][1]()
+    model(x)  # materialise the head
+    return model, x
+
+
+@pytest.mark.parametrize("config,kind", list(cases_by_layer()))
+def test_save_load_and_summary(config, kind, tmp_path):
+    model, x = net(kind)
+    fresh = copy.deepcopy(model)
+    boftlab.adapt(model, config, targets=["layer"], trainable=["head"])
+    perturb(model.layer)
+    expected = model(x)
+    boftlab.save_adapter(model, tmp_path)
+    loaded = boftlab.load_adapter(fresh, tmp_path)
+    layer = boftlab.adapter_layers(loaded)["layer"]
+    assert layer.family == config.family and layer.config == config
+    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+
+    report = boftlab.summary(loaded)
+    key = f"{config.family}/{kind.__name__}"
+    assert report.by_family[config.family] == report.by_layer_type[key]
+    assert report.by_family[config.family]["layers"] == 1
+    assert report.adapter == report.by_family[config.family]["trainable"] == layer.n_trainable()
+    assert report.effective == layer.n_effective()
+    assert report.other_trainable == sum(p.numel() for p in loaded.head.parameters())
+    assert f"| {key} | 1 | {layer.n_trainable():,} |" in str(report)
+
+
+@pytest.mark.parametrize("family,config", CASES, ids=[f"{f}-{_options(c)}" for f, c in CASES])
+def test_unsupported_layer_is_refused_naming_the_supported_types(family, config):
+    names = ", ".join(f"nn.{t.__name__}" for t in config.supported_layers())
+    with pytest.raises(ValueError, match=rf"{re.escape(config.display_name())} cannot adapt a LayerNorm; supported "
+                                         rf"layer types: {names}\."):
+        config.make_layer(nn.LayerNorm(16))
+    model = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16))
+    with pytest.raises(ValueError, match=rf"none of which {re.escape(config.display_name())} supports; supported types: "
+                                         rf"{', '.join(t.__name__ for t in config.supported_layers())}"):
+        boftlab.adapt(model, config, targets=["1"])
+    assert not boftlab.adapter_layers(model)  # nothing changed
+
+
+@pytest.mark.parametrize("family,config", CASES, ids=[f"{f}-{_options(c)}" for f, c in CASES])
+def test_config_round_trips_through_its_dict(family, config):
+    data = config.to_dict()
+    assert data["family"] == family and AdapterConfig.from_dict(data) == config
