@@ -147,10 +147,12 @@ def resolve_ranks(shape: Sequence[int], ranks: int | Sequence[int], names: Seque
     return ranks
 
 
-def orthonormal_columns(rows: int, cols: int, dtype: torch.dtype, device: torch.device | None) -> torch.Tensor:
-    """(rows, cols) with random orthonormal columns (QR of a Gaussian), cols ≤ rows. O(rows·cols²)."""
-    q, r = torch.linalg.qr(torch.randn(rows, cols, dtype=torch.float64))
-    q = q * torch.sign(torch.diagonal(r))  # Haar-distributed (fixes QR's sign convention)
+def orthonormal_columns(rows: int, cols: int, dtype: torch.dtype, device: torch.device | None,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """(rows, cols) with random orthonormal columns (QR of a Gaussian), cols ≤ rows: Haar-distributed, so with
+    rows = cols a Haar-random orthogonal matrix. O(rows·cols²)."""
+    q, r = torch.linalg.qr(torch.randn(rows, cols, generator=generator, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r))  # Haar-distributed (fixes QR's sign convention; Mezzadri 2007)
     return q.to(dtype=dtype, device=device)
 
 
