@@ -410,7 +410,8 @@ def paper_table(rows: list[PaperRow] | None = None) -> list[dict[str, Any]]:
     for row in PAPER_ROWS if rows is None else rows:
         peft = None
         if row.method in ("oft", "boft"):
-            peft = count(row.model, row.method, row.targets, **{**row.hyper, "convention": "peft", "trained_bias": False})
+            as_peft = {**row.hyper, "convention": "peft", "trained_bias": False}
+            peft = count(row.model, row.method, row.targets, **as_peft)
         out.append({
             "source": "BOFT paper, " + row.where.rsplit("), ", 1)[-1], "model": row.model,
             "method": row.label, "targets": row.targets, "paper": row.reported, "ours": row.ours_as_reported(),
@@ -426,5 +427,9 @@ def paper_markdown(rows: list[PaperRow] | None = None) -> str:
     from .bench import markdown_table
 
     records = paper_table(rows)
-    cell = lambda v: "" if v is None else f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else v  # noqa: E731
+    def cell(value: Any) -> Any:
+        if value is None:
+            return ""
+        return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else value
+
     return markdown_table(list(records[0]), [[cell(v) for v in record.values()] for record in records])

@@ -753,7 +753,8 @@ class SURMAdapterLayer(AdapterLayer):
         weight = self.base_layer.weight
         rows = math.prod(x_shape) // weight.shape[1]
         base_cost, products = rows * weight.numel(), rows * self.matrix.product_cost()
-        return {"input": (1 + int(input_requires_grad)) * base_cost + 3 * products if training else base_cost + products}
+        g = int(input_requires_grad)
+        return {"input": (1 + g) * base_cost + 3 * products if training else base_cost + products}
 
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         h = self.base_layer(x)

@@ -332,7 +332,8 @@ class TensorCoreLayer(AdapterLayer):
         return {"weight": weight - self.delta_weight().to(weight.dtype)}
 
     def extra_repr(self) -> str:
-        return f"weight_shape={self.weight_shape}, ranks={self.ranks}, alpha={self.config.alpha}, " + super().extra_repr()
+        shapes = f"weight_shape={self.weight_shape}, ranks={self.ranks}, alpha={self.config.alpha}, "
+        return shapes + super().extra_repr()
 
 
 # --- for notebook 08: figures, parameter counts, a small transfer task ------------------------------------------------

@@ -68,8 +68,10 @@ def _trainable(module: nn.Module) -> int:
 METHODS = [
     ("frozen base conv", lambda base: base),
     (f"PEFT LoRA r={RANK}", lambda base: with_peft("LoraConfig", base, r=RANK)),
-    (f"PEFT LoHa r={RANK} (effective conv)", lambda base: with_peft("LoHaConfig", base, r=RANK, use_effective_conv2d=True)),
-    (f"PEFT LoKr r={RANK} (effective conv)", lambda base: with_peft("LoKrConfig", base, r=RANK, use_effective_conv2d=True)),
+    (f"PEFT LoHa r={RANK} (effective conv)",
+     lambda base: with_peft("LoHaConfig", base, r=RANK, use_effective_conv2d=True)),
+    (f"PEFT LoKr r={RANK} (effective conv)",
+     lambda base: with_peft("LoKrConfig", base, r=RANK, use_effective_conv2d=True)),
     (f"FLoRA two-conv scheme r={RANK}", lambda base: TwoConvFLoRA(base, RANK)),
     (f"boftlab tensor-core r={RANK} (auto)", _boftlab("auto")),
     (f"boftlab tensor-core r={RANK} (weight path)", _boftlab("weight")),

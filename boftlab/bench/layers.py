@@ -56,7 +56,8 @@ def _frozen(base: nn.Linear) -> nn.Module:
     return base
 
 
-def method_list(names: list[str], factors: tuple[int, ...] = (2,), device: torch.device | None = None) -> list[LayerMethod]:
+def method_list(names: list[str], factors: tuple[int, ...] = (2,),
+                device: torch.device | None = None) -> list[LayerMethod]:
     """The methods to time, in table order; names from ``METHODS`` (optional families skipped when absent)."""
     methods = []
     for name in names:
@@ -122,7 +123,8 @@ def measure(step: Callable[[], None], device: torch.device, budget_s: float = 3.
     return time_call(step, device, repeats=repeats, warmup=1 if repeats > 2 else 0)
 
 
-def time_layer(method: LayerMethod, dim: int, tokens: int, device: torch.device, dtype: torch.dtype) -> tuple[str, Timing]:
+def time_layer(method: LayerMethod, dim: int, tokens: int, device: torch.device,
+               dtype: torch.dtype) -> tuple[str, Timing]:
     """(label, timing) of one training step of ``method`` on nn.Linear(dim, dim) with (tokens, dim) inputs."""
     torch.manual_seed(0)
     base = nn.Linear(dim, dim).to(device=device, dtype=dtype).requires_grad_(False)
@@ -252,8 +254,8 @@ def kernel_bandwidth(dims: list[int], tokens_list: list[int], factors: tuple[int
 @suite("butterfly_costs", "cost per row element of a butterfly factor and an index gather, in dense-matmul "
                           "multiply-adds: the measurement behind butterfly.FACTOR_COST / GATHER_COST")
 def butterfly_costs(argv: list[str]) -> str:
-    """Forward ``butterfly_apply`` (PyTorch path, fp32) on 512 rows, against one dense (512 × d) @ (d × d) matmul timed in
-    the same run: cost = d · t_butterfly / t_matmul multiply-adds per row element. m = 1 has no gathers (a factor
+    """Forward ``butterfly_apply`` (PyTorch path, fp32) on 512 rows, against one dense (512 × d) @ (d × d) matmul
+    timed in the same run: cost = d · t_butterfly / t_matmul multiply-adds per row element. m = 1 has no gathers (a factor
     alone); for m > 1 the per-factor column is factors and gathers together. The last column is the cost model."""
     from ..butterfly import FACTOR_COST, GATHER_COST
 
@@ -265,7 +267,8 @@ def butterfly_costs(argv: list[str]) -> str:
         with torch.no_grad():
             matmul_ms = time_call(lambda: x @ dense, device, repeats=10).ms
             for block_size, n_factors in ((8, 1), (16, 1), (8, 2), (8, 4), (16, 2)):
-                blocks = torch.linalg.qr(torch.randn(n_factors, dim // block_size, block_size, block_size))[0].to(device)
+                gauss = torch.randn(n_factors, dim // block_size, block_size, block_size)
+                blocks = torch.linalg.qr(gauss)[0].to(device)  # (m, k, b, b) orthogonal
                 gathers = [None if g is None else g.to(device)
                            for g in gather_schedule(dim, block_size, n_factors, False)]
                 ms = time_call(lambda: butterfly_apply(x, blocks, gathers), device, repeats=10).ms

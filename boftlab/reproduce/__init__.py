@@ -31,5 +31,5 @@ def reproduce(domains: list[str], profile: str, out: str | Path, progress: bool 
     return write_results(reports, Path(out), profile, command)
 
 
-__all__ = ["DOMAINS", "Domain", "Method", "Report", "Run", "plot_curves", "ranking", "reproduce", "results_table", "run_methods",
-           "write_results"]
+__all__ = ["DOMAINS", "Domain", "Method", "Report", "Run", "plot_curves", "ranking", "reproduce", "results_table",
+           "run_methods", "write_results"]
