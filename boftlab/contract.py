@@ -23,9 +23,10 @@ Adding a family. Write ``myfamily.py`` with the structured matrix first (pure fu
   ``FAMILIES``), its hyper-parameters checked in ``__post_init__``, a field ``path: str = "auto"`` (checked by
   ``check_path``), ``supported_layers()`` and ``layer_class()``;
 * ``MyLayer(AdapterLayer)`` with its trainable tensors as parameters of its own (zero change at init),
-  ``adapted_forward(x, *args, **kwargs)`` that runs ``self.choose_path(x)``, ``paths()``, ``path_costs(...)``,
-  ``merged_weights()`` / ``unmerged_weights()`` if it can be folded into the base weight, and ``n_effective()``
-  if the paper counts differently from what is stored.
+  ``adapted_forward(x, *args, **kwargs)`` that runs ``self.choose_path(x)``, ``paths()``, ``path_costs(...)``
+  (and ``check_forced_path`` at the end of ``__init__`` if some layers lack a path), ``merged_weights()`` /
+  ``unmerged_weights()`` if it can be folded into the base weight, and ``n_effective()`` if the paper counts
+  differently from what is stored.
 
 Import it from ``boftlab/__init__.py``. ``adapt``, ``summary``, ``merge``, saving, loading, ``counts`` and the
 reproduction runner then handle it, and ``tests/test_contract.py`` runs it through the contract once it is given a
