@@ -37,7 +37,7 @@ __all__ = [
 # also public, loaded on first use and left out of __all__ so that ``from boftlab import *`` never needs transformers:
 # boftlab.SaveAdapterCallback, the Hugging Face Trainer integration
 
-#: submodules that import more than torch (matplotlib, transformers, …): loaded when first touched
+#: submodules the adapters do not need (teaching code, counts on real architectures, experiments): loaded when touched
 LAZY_SUBMODULES = ("teaching", "counts", "reproduce", "bench", "profiles")
 
 
