@@ -1,23 +1,52 @@
 """boftlab: structured parameter-efficient fine-tuning — butterfly-orthogonal (BOFT/OFT), structured
-unrestricted-rank (SURM) and tensor-core (FLoRA) adapters behind one adapter contract."""
+unrestricted-rank (SURM) and tensor-core (FLoRA) adapters behind one adapter contract.
 
-__version__ = "0.1.0"
+``import boftlab`` loads torch and the adapters only. The family helpers (structured matrices, Tucker algebra) are
+reached through their modules — ``boftlab.butterfly``, ``boftlab.surm``, ``boftlab.tensor_core`` — and the heavier
+submodules load on first use: ``boftlab.teaching`` (notebook figures and widgets), ``boftlab.counts`` (parameter
+counts on real architectures), ``boftlab.reproduce``, ``boftlab.bench``, ``boftlab.profiles``, and
+``boftlab.SaveAdapterCallback`` (needs transformers).
+"""
+
+__version__ = "0.1.0"  # before the imports: saving.py and training.py write it into every file
+
+import importlib
+from typing import Any
 
 from .contract import FAMILIES, AdapterConfig, AdapterLayer
 from .butterfly import BOFTConfig, BOFTLayer, OFTConfig
+from .surm import SURMAdapterLayer, SURMConfig, SURMLayer
+from .tensor_core import TensorCoreConfig, TensorCoreLayer
 from .model import adapt, adapter_layers, merge, summary, unmerge, unwrap
 from .saving import load_adapter, save_adapter
+from .checkpoints import load_checkpoint, save_checkpoint
 from .peft_interop import from_peft, to_peft
 
+__all__ = [
+    # the contract
+    "AdapterConfig", "AdapterLayer", "FAMILIES",
+    # the families
+    "BOFTConfig", "OFTConfig", "BOFTLayer",
+    "SURMConfig", "SURMLayer", "SURMAdapterLayer",
+    "TensorCoreConfig", "TensorCoreLayer",
+    # models
+    "adapt", "adapter_layers", "summary", "merge", "unmerge", "unwrap",
+    # files
+    "save_adapter", "load_adapter", "save_checkpoint", "load_checkpoint", "from_peft", "to_peft",
+]
+# also public, loaded on first use and left out of __all__ so that ``from boftlab import *`` never needs transformers:
+# boftlab.SaveAdapterCallback, the Hugging Face Trainer integration
 
-def __getattr__(name: str):
-    # transformers is slow to import; load the Trainer integration only when it is asked for
+#: submodules the adapters do not need (teaching code, counts on real architectures, experiments): loaded when touched
+LAZY_SUBMODULES = ("teaching", "counts", "reproduce", "bench", "profiles")
+
+
+def __getattr__(name: str) -> Any:
+    if name in LAZY_SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
     if name == "SaveAdapterCallback":
         from .hf_trainer import SaveAdapterCallback
 
         return SaveAdapterCallback
     raise AttributeError(f"module 'boftlab' has no attribute {name!r}")
-from .surm import SURMAdapterLayer, SURMConfig, SURMLayer, StructuredMatrix, approximation_error, displacement_rank
-from .tensor_core import TensorCoreConfig, TensorCoreLayer, mode_product, tucker_delta, tucker_dimension, tucker_n_params
-from .checkpoints import load_checkpoint, save_checkpoint
-from . import counts, expressivity, figures
+

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import os
 
-from transformers import TrainerCallback
+try:
+    from transformers import TrainerCallback
+except ModuleNotFoundError as err:  # transformers is an optional dependency
+    raise ImportError(
+        "boftlab.SaveAdapterCallback plugs into the transformers Trainer, and transformers is not installed; "
+        'install the notebooks extra: pip install "boftlab[notebooks]" (or pip install transformers)'
+    ) from err
 
 from .saving import save_adapter
 

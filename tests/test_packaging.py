@@ -1,8 +1,14 @@
-"""The install files agree: environment.yml's pip section lists exactly pyproject's dependencies + dev extras."""
+"""The install files agree: environment.yml's pip section lists exactly pyproject's dependencies + the dev extra
+(expanded: dev = boftlab[notebooks] + test tools), and the README's set-up commands are what CI runs."""
 
+import os
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
+
+import boftlab
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,9 +28,20 @@ def pip_section(text):
     return items
 
 
+def expand(requirements, extras):
+    """``requirements`` with every ``boftlab[extra]`` replaced by that extra's own requirements, recursively."""
+    out = []
+    for r in requirements:
+        match = re.fullmatch(r"boftlab\[(\w+)\]", r)
+        out += expand(extras[match.group(1)], extras) if match else [r]
+    return out
+
+
 def test_environment_yml_matches_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    declared = project["dependencies"] + project["optional-dependencies"]["dev"]
+    extras = project["optional-dependencies"]
+    assert "boftlab[notebooks]" in extras["dev"]  # dev is a superset of notebooks
+    declared = project["dependencies"] + expand(extras["dev"], extras)
     listed = [i for i in pip_section((ROOT / "environment.yml").read_text()) if not i.startswith("-e")]
     assert sorted(listed) == sorted(declared)  # same names and the same version bounds
     assert "-e .[dev]" in pip_section((ROOT / "environment.yml").read_text())  # and it installs boftlab itself
@@ -37,3 +54,63 @@ def test_readme_commands_are_what_ci_runs():
     for command in (install, test):  # the third block, the main job, is run by people, not CI
         for line in command.strip().splitlines():
             assert line.strip() in ci, f"README command not run by .ci/run: {line}"
+
+
+# --- the core install ------------------------------------------------------------------------------------------------
+#: PyPI names whose import name differs by more than "-" -> "_"
+IMPORT_NAMES = {"scikit-learn": "sklearn"}
+
+CORE_ONLY = """
+import sys
+for name in {blocked!r}:
+    sys.modules[name] = None  # as if not installed: importing it raises ModuleNotFoundError
+import copy, tempfile
+import torch
+from torch import nn
+import boftlab
+
+for family, config_class in boftlab.FAMILIES.items():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    model = boftlab.adapt(copy.deepcopy(base), config_class(), targets=["0", "2"])
+    x = torch.randn(3, 16)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    model(x).sum().backward()
+    optimizer.step()
+    with tempfile.TemporaryDirectory() as directory:
+        boftlab.save_adapter(model, directory + "/adapter")
+        boftlab.save_checkpoint(directory + "/checkpoint", model, optimizer, step=1)
+        boftlab.load_checkpoint(directory + "/checkpoint", model, optimizer)
+        torch.testing.assert_close(boftlab.load_adapter(base, directory + "/adapter")(x), model(x))
+    expected = model(x)
+    torch.testing.assert_close(boftlab.merge(model)(x), expected)
+    boftlab.unmerge(model)
+    print(family, "ok")
+for attempt in ("boftlab.SaveAdapterCallback", "import boftlab.teaching"):
+    try:
+        exec(attempt)
+    except ImportError as err:
+        print(attempt, "->", err)
+"""
+
+
+def optional_import_names() -> set[str]:
+    """Import names of everything the extras add to the core dependencies."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    optional = requirement_names(expand(extras["dev"], extras)) - requirement_names(project["dependencies"])
+    return {IMPORT_NAMES.get(name, name.replace("-", "_")) for name in optional}
+
+
+def test_the_core_dependencies_run_the_library_and_the_rest_asks_for_the_notebooks_extra():
+    blocked = sorted(optional_import_names())
+    assert {"matplotlib", "transformers", "sklearn", "peft"} <= set(blocked)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", CORE_ONLY.format(blocked=blocked)], capture_output=True, text=True,
+                            cwd=ROOT, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert {f"{family} ok" for family in boftlab.FAMILIES} <= set(lines)  # every family, on the core install
+    for attempt in ("boftlab.SaveAdapterCallback", "import boftlab.teaching"):
+        message = next(line for line in lines if line.startswith(attempt + " ->"))
+        assert 'pip install "boftlab[notebooks]"' in message

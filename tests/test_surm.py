@@ -1,11 +1,10 @@
 """SURM: FFT products == dense references, displacement rank, parameter counts, identity at init, gradients,
-merging in both modes, half precision, bad configs, best approximations, boftlab.adapt on a tiny BERT, and LoRA-style
+merging in both modes, half precision, bad configs, boftlab.adapt on a tiny BERT, and LoRA-style
 SURM on Conv1d/2d/3d."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from matplotlib.figure import Figure
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -16,22 +15,16 @@ from boftlab.surm import (
     ACTIVATIONS,
     STRUCTURES,
     StructuredMatrix,
-    approximation_error,
-    best_approximation,
     circulant,
     circulant_matvec,
     displacement,
     displacement_rank,
-    error_curves,
-    fit_ldr,
     kronecker_matvec,
     ldr,
     ldr_block,
     ldr_generators,
     ldr_matvec,
     parameter_count,
-    plot_error_vs_parameters,
-    plot_structure,
     shift_matrix,
     skew_circulant,
     skew_circulant_matvec,
@@ -389,59 +382,6 @@ def test_unsupported_layer_type():
         SURMConfig().make_layer(nn.ConvTranspose2d(3, 3, 3))
     with pytest.raises(ValueError, match=r"cannot adapt a Embedding; supported layer types: nn.Linear\.$"):
         SURMConfig(mode="adapter").make_layer(nn.Embedding(10, 4))
-
-
-# --- best approximations (the notebook's figures) -------------------------------------------------------------------
-@pytest.mark.parametrize("d_out,d_in", [(12, 12), (8, 12), (12, 8)])
-def test_structured_targets_are_recovered_exactly(d_out, d_in):
-    for structure in ("circulant", "toeplitz", "kronecker"):
-        target = structured(structure, d_out, d_in).dense().detach()
-        assert approximation_error(target, structure) < 1e-12, structure
-    low_rank = torch.randn(d_out, 2, dtype=F64) @ torch.randn(2, d_in, dtype=F64)
-    assert approximation_error(low_rank, "low_rank", rank=2) < 1e-12
-
-
-def test_projections_are_optimal():
-    target = torch.randn(10, 14, dtype=F64)
-    for structure in ("circulant", "toeplitz"):  # linear classes: best + any member is a member
-        best = best_approximation(target, structure)
-        for _ in range(5):
-            other = best + 0.01 * structured(structure, 10, 14).dense().detach()
-            assert torch.linalg.matrix_norm(target - other) > torch.linalg.matrix_norm(target - best)
-    best = best_approximation(target, "kronecker")  # A 2 × 2 ⊗ B 5 × 7 (default shape for 10 × 14)
-    rearranged = best.reshape(2, 5, 2, 7).permute(0, 2, 1, 3).reshape(4, 35)  # rank 1: vec(A) vec(B)ᵀ
-    u, s, vh = torch.linalg.svd(rearranged)
-    a, b = (s[0] * u[:, 0]).reshape(2, 2), vh[0].reshape(5, 7)
-    assert torch.allclose(torch.kron(a, b), best, atol=1e-12)
-    for _ in range(5):  # moving either factor moves away from the target
-        other = torch.kron(a + 0.01 * torch.randn(2, 2, dtype=F64), b + 0.01 * torch.randn(5, 7, dtype=F64))
-        assert torch.linalg.matrix_norm(target - other) > torch.linalg.matrix_norm(target - best)
-
-
-def test_fit_ldr_recovers_an_ldr_target_and_never_gets_worse():
-    target = ldr(torch.randn(1, 8, dtype=F64), torch.randn(1, 8, dtype=F64))
-    assert approximation_error(target, "ldr", displacement_rank=1, sweeps=60) < 1e-8
-    noise = torch.randn(16, 16, dtype=F64)
-    errors = [approximation_error(noise, "ldr", displacement_rank=2, sweeps=s) for s in (1, 2, 4, 8)]
-    assert errors[0] <= approximation_error(noise, "circulant") + 1e-12  # circulants are LDR r=1 (h = e_0)
-    assert all(b <= a + 1e-12 for a, b in zip(errors, errors[1:]))
-    g, h = fit_ldr(noise, 16, sweeps=30)
-    assert torch.allclose(ldr(g, h), noise, atol=1e-8)  # r = n: every matrix is reachable
-
-
-def test_error_curves_and_figures():
-    target = torch.randn(12, 12, dtype=F64)
-    rows = error_curves(target, ranks=[1, 2], sweeps=3)
-    structures = {r["structure"] for r in rows}
-    assert structures == {"low_rank", "ldr", "circulant", "toeplitz", "kronecker"}
-    assert all(0 <= r["error"] <= 1 + 1e-12 for r in rows)
-    assert {r["setting"] for r in rows if r["structure"] == "kronecker"} == {"A 2×2", "A 3×3", "A 4×4", "A 6×6"}
-    fig = plot_error_vs_parameters(rows, "noise")
-    assert isinstance(fig, Figure) and len(fig.axes[0].lines) == 5
-    fig = plot_structure(target, "ldr", displacement_rank=2, sweeps=3)
-    assert len(fig.axes) == 3
-    error = approximation_error(target, "ldr", displacement_rank=2, sweeps=3)
-    assert f"{2 * 2 * 12} numbers, relative error {error:.3f}" in fig._suptitle.get_text()
 
 
 # --- through boftlab.adapt on a tiny BERT ---------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from boftlab.tensor_core import (
     TensorCoreConfig,
     TensorCoreLayer,
     mode_product,
+    orthonormal_columns,
     resolve_ranks,
     tucker_delta,
     tucker_dimension,
@@ -23,13 +24,7 @@ from boftlab.tensor_core import (
     tucker_n_params,
 )
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These shapes are tiny: one thread avoids intra-op spinning when the CPU is shared (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # these shapes are tiny (tests/conftest.py)
 
 
 # name -> (base layer factory, input factory); float64 so comparisons are tight
@@ -228,6 +223,14 @@ def test_init_factors_have_orthonormal_columns_so_delta_norm_is_alpha_times_core
     torch.testing.assert_close(layer.delta_weight().norm(), layer.config.alpha * layer.core.norm())
 
 
+def test_orthonormal_columns_draw_from_the_given_generator_else_from_the_global_one():
+    drawn = orthonormal_columns(7, 3, torch.float64, None, torch.Generator().manual_seed(4))
+    torch.testing.assert_close(drawn.T @ drawn, torch.eye(3, dtype=torch.float64))
+    assert torch.equal(orthonormal_columns(7, 3, torch.float64, None, torch.Generator().manual_seed(4)), drawn)
+    torch.manual_seed(4)
+    assert torch.equal(orthonormal_columns(7, 3, torch.float64, None), drawn)  # the same stream as a seeded generator
+
+
 # small shapes: gradcheck differentiates numerically in every input entry
 GRADCHECK = {
     "linear": (lambda: nn.Linear(5, 4), (2, 5), (3, 2)),
@@ -396,87 +399,6 @@ def test_save_and_load_adapter_round_trip(tmp_path):
     boftlab.load_adapter(fresh, tmp_path / "adapter")
     assert boftlab.adapter_layers(fresh)["2"].ranks == (2, 2, 2, 2)
     torch.testing.assert_close(fresh(x), expected)
-
-
-# --- notebook 08 helpers --------------------------------------------------------------------------------------------
-from boftlab.tensor_core import (  # noqa: E402
-    digits_transfer,
-    fit,
-    flattened_neighbours,
-    layer_kind,
-    mode_product_steps,
-    parameter_counts,
-    plot_flattening,
-    plot_learning_curves,
-    plot_mode_products,
-    small_cnn,
-    transfer_methods,
-)
-
-
-def test_flattening_puts_vertical_neighbours_k_columns_apart_and_channels_k_squared_apart():
-    marks = flattened_neighbours(in_channels=3, kernel_size=5, channel=1, row=2, col=2)
-    tap = 25 + 2 * 5 + 2
-    assert marks == {"tap": tap, "left": tap - 1, "right": tap + 1, "up": tap - 5, "down": tap + 5,
-                     "next channel": tap + 25}
-    assert "left" not in flattened_neighbours(2, 3, 0, 0, 0)
-    with pytest.raises(ValueError, match="outside a kernel"):
-        flattened_neighbours(2, 3, 2, 0, 0)
-
-
-def test_flattening_figure_has_one_panel_per_channel_and_the_row():
-    assert len(plot_flattening(in_channels=4, kernel_size=3).axes) == 5
-
-
-def test_mode_product_steps_end_at_the_weight_shape_and_sum_to_the_assembly_cost():
-    steps = mode_product_steps((64, 32, 3, 3), (8, 4, 3, 3))
-    assert [s["shape"] for s in steps] == [(8, 4, 3, 3), (64, 4, 3, 3), (64, 32, 3, 3), (64, 32, 3, 3), (64, 32, 3, 3)]
-    assert sum(s["flops"] for s in steps) == tucker_flops((64, 32, 3, 3), (8, 4, 3, 3))
-
-
-def test_mode_product_figure_and_its_rank_check():
-    fig = plot_mode_products((16, 8, 3), 4)
-    assert len(fig.axes) == 4 and "(4, 4, 3)" in fig._suptitle.get_text()
-    with pytest.raises(ValueError, match="nearest valid"):
-        plot_mode_products((16, 8, 3), (4, 9, 3))
-
-
-def test_parameter_counts_per_layer_kind():
-    pytest.importorskip("peft")
-    net = nn.Sequential(nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 16, 3), nn.Flatten(), nn.Linear(16, 4))
-    rows = {r["layer kind"]: r for r in parameter_counts(net, rank=3)}
-    assert set(rows) == {"3×3 depthwise conv", "3×3 conv", "Linear"}
-    assert rows["3×3 depthwise conv"]["PEFT LoRA"] is None  # PEFT needs r divisible by groups
-    assert rows["3×3 depthwise conv"]["tensor-core"] == tucker_n_params((8, 1, 3, 3), (3, 1, 3, 3))
-    assert rows["3×3 conv"]["PEFT LoRA"] == 3 * 8 * 9 + 16 * 3  # LoRA on the flattened 16 × 72 matrix
-    assert rows["Linear"]["tensor-core"] == tucker_n_params((4, 16), (3, 3))
-    assert layer_kind(nn.Conv2d(4, 8, (1, 1), groups=2)) == "1×1 grouped conv"
-
-
-def test_digits_tasks_are_disjoint_and_split_70_30():
-    data = digits_transfer()
-    for task in ("source", "target"):
-        n_train, n_test = len(data[f"{task}_train_y"]), len(data[f"{task}_test_y"])
-        assert abs(n_train / (n_train + n_test) - 0.7) < 0.01
-        assert set(data[f"{task}_train_y"].tolist()) == set(range(5))
-    assert data["source_train_x"].shape[1:] == (1, 8, 8) and data["source_train_x"].max() <= 1.0
-
-
-def test_fit_and_transfer_methods_start_at_the_pretrained_model_and_train_only_what_they_say():
-    data = digits_transfer()
-    model = small_cnn(width=8)
-    curve = fit(model, data, "source", steps=60, lr=1e-2)
-    assert curve[-1][1] > max(0.6, curve[0][1])
-    methods = transfer_methods(model, lora_rank=2, tensor_core_ranks=3)
-    x = data["target_test_x"][:16]
-    reference = model(x)
-    for label, adapted in methods.items():
-        torch.testing.assert_close(adapted(x), reference)
-    trainable = lambda m: {n for n, p in m.named_parameters() if p.requires_grad}  # noqa: E731
-    assert trainable(methods["head only"]) == {"head.weight", "head.bias"}
-    tensor_core = trainable(methods["tensor-core ranks=3"])
-    assert {"head.weight", "head.bias", "conv2.core"} <= tensor_core and "conv2.base_layer.weight" not in tensor_core
-    assert len(plot_learning_curves({"a": curve}).axes[0].lines) == 1
 
 
 @pytest.mark.parametrize("path", ["weight", "input"])

@@ -264,6 +264,27 @@ class Task:
     after: Callable[[nn.Module, Run], None] | None = None
 
 
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of rows of ``logits`` (N, classes) whose arg-max is ``labels`` (N,)."""
+    return (logits.argmax(-1) == labels).float().mean().item()
+
+
+def classification_task(model, forward, train_x, train_y, test_x, test_y, head, s: Any, device: torch.device) -> Task:
+    """Cross-entropy on seeded batches of (train_x, train_y); held-out metric = accuracy on (test_x, test_y).
+    ``forward(model, images) -> logits`` hides the model family's calling convention; ``head`` is the module every
+    method trains; ``s`` holds steps, batch_size, eval_every and seed (a domain's settings)."""
+
+    def loss(m: nn.Module, step: int) -> torch.Tensor:
+        idx = batch_indices(len(train_x), s.batch_size, step, s.seed)
+        return torch.nn.functional.cross_entropy(forward(m, train_x[idx].to(device)), train_y[idx].to(device))
+
+    def evaluate(m: nn.Module) -> float:
+        logits = torch.cat([forward(m, x.to(device)).cpu() for x in test_x.split(256)])
+        return accuracy(logits, test_y)
+
+    return Task(model, [head], loss, evaluate, s.steps, s.eval_every, device, s.seed)
+
+
 def lr_factor(step: int, steps: int, warmup: int) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``steps``."""
     if step < warmup:

@@ -17,9 +17,9 @@ from torch import nn
 from .runner import (
     Domain,
     Method,
-    adapter_methods,
     Task,
-    batch_indices,
+    adapter_methods,
+    classification_task,
     digits,
     load_pretrained,
     stratified_split,
@@ -69,10 +69,6 @@ def load_ci_vit() -> tuple[nn.Module, dict]:
     return model, config
 
 
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return (logits.argmax(-1) == labels).float().mean().item()
-
-
 # --- methods ----------------------------------------------------------------------------------------------------------
 FLORA_NAME = "FLoRA (tensor core, + patch-embed conv)"
 CI_LINEARS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])"
@@ -108,21 +104,6 @@ def colab_methods() -> list[Method]:
 
 
 # --- tasks ------------------------------------------------------------------------------------------------------------
-def classification_task(model, forward, train_x, train_y, test_x, test_y, head, s: Settings, device) -> Task:
-    """Cross-entropy on seeded batches of (train_x, train_y); held-out metric = accuracy on (test_x, test_y).
-    ``forward(model, images) -> logits`` hides the model family's calling convention."""
-
-    def loss(m: nn.Module, step: int) -> torch.Tensor:
-        idx = batch_indices(len(train_x), s.batch_size, step, s.seed)
-        return F.cross_entropy(forward(m, train_x[idx].to(device)), train_y[idx].to(device))
-
-    def evaluate(m: nn.Module) -> float:
-        logits = torch.cat([forward(m, x.to(device)).cpu() for x in test_x.split(256)])
-        return accuracy(logits, test_y)
-
-    return Task(model, [head], loss, evaluate, s.steps, s.eval_every, device, s.seed)
-
-
 def ci_task(s: Settings) -> tuple[Task, str]:
     model, config = load_ci_vit()
     torch.manual_seed(s.seed)

@@ -6,6 +6,7 @@ R = B_m ⋯ B_1 of a ``BOFTLayer`` (``boftlab.butterfly``, Cayley-parameterised 
 m·(d/b)·b(b−1)/2. Zero is a perfect fit; the identity (no adaptation) scores √(2 − 2·tr(T)/d) ≈ √2 for a random T.
 
 Targets live in SO(d), not O(d): every Cayley block has determinant +1, so no BOFT/OFT matrix can reach det −1.
+For notebook 03; tested in ``tests/test_teaching_expressivity.py``.
 """
 
 from __future__ import annotations
@@ -17,15 +18,15 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from .butterfly import BOFTConfig, BOFTLayer, valid_n_factors
+from ..butterfly import BOFTConfig, BOFTLayer, valid_n_factors
+from ..tensor_core import orthonormal_columns
 
 
 # --- targets ----------------------------------------------------------------------------------------------------------
 def random_rotation(dim: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(d, d) Haar-random rotation in SO(d): QR of a Gaussian matrix with R's diagonal made positive. O(d³)."""
-    gauss = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
-    q, r = torch.linalg.qr(gauss)
-    q = q * torch.sign(torch.diagonal(r))  # makes the distribution Haar (Mezzadri 2007)
+    """(d, d) Haar-random rotation in SO(d): a Haar-random orthogonal matrix (``orthonormal_columns``: QR of a
+    Gaussian with R's diagonal made positive, Mezzadri 2007) with one column flipped if its determinant is −1. O(d³)."""
+    q = orthonormal_columns(dim, dim, torch.float64, None, generator)
     if torch.linalg.det(q) < 0:
         q[:, 0] = -q[:, 0]  # the reflection maps Haar on O(d)∖SO(d) onto Haar on SO(d)
     return q.float()

@@ -1,4 +1,5 @@
-"""The functions under notebook 01's widgets: patterns, reachability, figures."""
+"""boftlab.teaching.butterfly: the functions under notebooks 01 and 02's widgets — patterns, reachability, figures,
+parameter budgets."""
 
 import math
 
@@ -8,10 +9,10 @@ matplotlib.use("Agg")
 
 import pytest
 import torch
-from matplotlib.figure import Figure
 from torch import nn
 
-from boftlab import counts, figures
+from boftlab import counts
+from boftlab.teaching import butterfly as figures
 from boftlab.butterfly import BOFTConfig, valid_n_factors
 
 
@@ -102,23 +103,3 @@ def test_parameter_budget_prints_the_count_of_counts_module(capsys):
     assert len(fig.axes[0].patches) == 6  # one bar per linear layer kind of a DeBERTa block
     assert figures.plot_parameter_budget("deberta-v3-base", "boft", block_size=7) is None
     assert "Valid block_size" in capsys.readouterr().out
-
-
-def test_interact_renders_the_figure_and_the_printed_text_without_an_output_widget():
-    import ipywidgets as widgets
-
-    from boftlab.figures import interact
-
-    def plot(dim: int, label: str):
-        print(f"dim={dim} <{label}>")
-        figure = Figure()
-        figure.subplots().plot(range(dim))
-        return figure
-
-    box = interact(plot, dim=widgets.IntSlider(value=4, min=2, max=8), label=widgets.fixed("x"))
-    slider, output, text, image = box.children
-    assert image.value[:8] == b"\x89PNG\r\n\x1a\n" and "dim=4 &lt;x&gt;" in text.value
-    assert not output.outputs  # nothing went through the Output widget
-    first = image.value
-    slider.value = 7  # moving a control re-renders
-    assert "dim=7" in text.value and image.value != first

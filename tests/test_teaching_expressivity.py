@@ -1,4 +1,4 @@
-"""Fitting orthogonal targets with BOFT / OFT (the functions under notebook 03)."""
+"""boftlab.teaching.expressivity: fitting orthogonal targets with BOFT / OFT (the functions under notebook 03)."""
 
 import matplotlib
 
@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from boftlab import expressivity as ex
+from boftlab.teaching import expressivity as ex
 from boftlab.butterfly import BOFTConfig
+from boftlab.tensor_core import orthonormal_columns
 
 
 def _eye(d):
@@ -20,6 +21,16 @@ def test_random_rotation_is_in_SO_d():
     q = ex.random_rotation(12, torch.Generator().manual_seed(3))
     assert torch.allclose(q @ q.T, _eye(12), atol=1e-5)
     assert torch.linalg.det(q).item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_random_rotation_is_the_haar_orthogonal_sample_reflected_onto_SO_d():
+    flipped = 0
+    for seed in range(6):
+        rotation = ex.random_rotation(5, torch.Generator().manual_seed(seed))
+        orthogonal = orthonormal_columns(5, 5, torch.float64, None, torch.Generator().manual_seed(seed)).float()
+        assert torch.equal(rotation[:, 1:], orthogonal[:, 1:])  # the same draw: only column 0 may change sign
+        flipped += torch.equal(rotation[:, 0], -orthogonal[:, 0])
+    assert 0 < flipped < 6  # det −1 draws are reflected, det +1 draws kept
 
 
 def test_nearest_rotation_is_the_polar_factor_in_SO_d():

@@ -1,8 +1,9 @@
-"""Figures for the tutorial notebooks — the plain functions under every widget.
+"""Butterfly patterns, reachability and parameter budgets, for notebooks 01 and 02 — the plain functions under their
+widgets.
 
 Each function takes plain numbers, returns a matplotlib ``Figure`` (and prints what a widget should print), and is
-tested in ``tests/test_figures.py``. The math comes from ``boftlab.butterfly`` and ``boftlab.counts``; nothing is
-re-derived here.
+tested in ``tests/test_teaching_butterfly.py``. The math comes from ``boftlab.butterfly`` and ``boftlab.counts``;
+nothing is re-derived here.
 
 The information-transmission view (BOFT paper, Sec. 3): a d × d matrix is a bipartite graph from d input nodes to d
 output nodes, with an edge j → i wherever entry (i, j) is non-zero. A product R = B_m ⋯ B_1 is a graph of m + 1
@@ -14,13 +15,13 @@ product counts the paths from j to i exactly.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
 
 import torch
 from matplotlib.figure import Figure
 
-from .butterfly import butterfly_apply, gather_schedule, resolve_block_size, valid_block_sizes, valid_n_factors
-from . import counts
+from .. import counts
+from ..butterfly import resolve_block_size
+from ..butterfly_structure import butterfly_apply, gather_schedule, valid_block_sizes, valid_n_factors
 
 
 # --- patterns and reachability ---------------------------------------------------------------------------------------
@@ -212,43 +213,3 @@ def plot_parameter_budget(
     ax.set_xlabel("trainable parameters (M), summed over blocks")
     ax.set_title(f"{model}: {method} {hyper}", fontsize=8)
     return fig
-
-
-# --- widgets ---------------------------------------------------------------------------------------------------------
-def interact(function: Callable[..., Figure | None], **controls: Any) -> Any:  # -> widgets.VBox
-    """``ipywidgets.interact`` for the figure functions: same controls (sliders, lists, ``widgets.fixed`` …), but
-    the returned Figure is rendered to PNG into a ``widgets.Image`` and what the function prints into a ``<pre>``
-    block, instead of both going through an ``Output`` widget — rich outputs captured by an Output widget can
-    deadlock headless notebook runners (jupyter/nbclient#312, jupyter/nbconvert#2029), and CI runs every notebook.
-    Displays and returns a ``widgets.VBox``: the controls, the (normally empty) Output widget where errors appear,
-    the printed text and the figure.
-    """
-    import contextlib
-    import html
-    import inspect
-    import io
-
-    import ipywidgets as widgets
-    import matplotlib.pyplot as plt
-    from IPython.display import display
-
-    image, text = widgets.Image(format="png"), widgets.HTML()
-
-    def show(**kwargs: Any) -> None:
-        printed = io.StringIO()
-        with contextlib.redirect_stdout(printed):
-            figure = function(**kwargs)
-        text.value = f"<pre>{html.escape(printed.getvalue())}</pre>" if printed.getvalue() else ""
-        if figure is None:
-            image.layout.display = "none"
-            return
-        png = io.BytesIO()
-        figure.savefig(png, format="png", dpi=80)
-        plt.close(figure)  # a pyplot figure would otherwise also be shown through the Output widget
-        image.value, image.layout.display = png.getvalue(), None
-
-    show.__signature__ = inspect.signature(function)  # the controls come from the figure function's parameters
-    panel = widgets.interactive(show, **controls)
-    box = widgets.VBox([*panel.children, text, image])
-    display(box)
-    return box

@@ -1,0 +1,32 @@
+"""Teaching code for the notebooks: figures, the widget helper and small demo experiments, kept apart from the
+adapters (the family files hold the structured matrix and its layer only).
+
+One module per subject, each loaded when imported (``from boftlab.teaching import surm``) or first touched
+(``boftlab.teaching.surm``):
+
+* ``butterfly``    — butterfly patterns, reachability, parameter budgets (notebooks 01, 02);
+* ``expressivity`` — fitting rotations with BOFT/OFT at equal budgets (notebook 03);
+* ``surm``         — best structured approximations and their figures (notebook 07);
+* ``tensor_core``  — flattening and mode-product figures, parameter counts vs PEFT, the digits transfer task (08);
+* ``widgets``      — ``interact``: sliders on any of the figure functions above.
+
+They need the ``notebooks`` extra (matplotlib, ipywidgets, scikit-learn, peft, …): ``pip install "boftlab[notebooks]"``.
+"""
+
+import importlib
+import importlib.util
+from typing import Any
+
+if importlib.util.find_spec("matplotlib") is None:
+    raise ImportError(
+        "boftlab.teaching draws with matplotlib, which is not installed; install the notebooks extra: "
+        'pip install "boftlab[notebooks]"'
+    )
+
+MODULES = ("butterfly", "expressivity", "surm", "tensor_core", "widgets")
+
+
+def __getattr__(name: str) -> Any:
+    if name in MODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'boftlab.teaching' has no attribute {name!r}; its modules: {MODULES}")
