@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .butterfly_structure import butterfly_apply, gather_schedule, valid_block_sizes, valid_n_factors
-from .contract import AdapterConfig, AdapterLayer, conv_output_size, nearest
+from .contract import AdapterConfig, AdapterLayer, check_integer, check_number, conv_output_size, merge_dtype, nearest
 from .kernels import KERNELS, butterfly_apply_fused, fused_supported, kernel_in_force
 
 #: Per row element, in multiply-adds of a dense fp32 matmul: one butterfly factor (batched b×b products and the
@@ -95,6 +95,32 @@ def cayley(skew: torch.Tensor, neumann_terms: int | None = None) -> torch.Tensor
     return (eye - skew) @ series
 
 
+# --- undoing a merge: R⁻ᵀ from the same blocks ------------------------------------------------------------------------
+def inverse_transposed_blocks(blocks: torch.Tensor) -> torch.Tensor:
+    """(m, k, b, b) blocks Q -> Q⁻ᵀ, or a ValueError naming a singular block. O(m·k·b³).
+
+    With Q⁻ᵀ in place of Q, the product ``butterfly_apply`` forms as x @ R becomes x @ R⁻ᵀ: B_i⁻ᵀ = P_i ·
+    blockdiag(Q_i⁻ᵀ) · P_iᵀ and R⁻ᵀ = (B_1ᵀ ⋯ B_mᵀ)⁻¹ = B_m⁻ᵀ ⋯ B_1⁻ᵀ, the factors in R's own order. An exactly
+    orthogonal Q has Q⁻ᵀ = Q; the truncated Cayley–Neumann series is not orthogonal, so there Rᵀ is not R⁻¹.
+    """
+    inverse, info = torch.linalg.inv_ex(blocks.transpose(-1, -2))
+    bad = (info != 0) | ~torch.isfinite(inverse).all(dim=(-1, -2))
+    if bad.any():
+        factor, block = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"block {block} of factor {factor} is singular ({int(bad.sum())} such block(s)), so W' = diag(s)·W·Rᵀ "
+            "could not be undone; keep this adapter unmerged (its forward is exact) or use neumann_terms=None "
+            "(the exact Cayley transform is always invertible)"
+        )
+    return inverse
+
+
+def unrotate_rows(rows: torch.Tensor, blocks: torch.Tensor, gathers: list[torch.Tensor | None]) -> torch.Tensor:
+    """rows: (..., d) -> rows @ R⁻ᵀ, which undoes rows @ Rᵀ for any invertible blocks (m, k, b, b). O(d·b·m) per
+    row plus O(m·k·b³). ``gathers``: ``gather_schedule(d, b, m, transpose=False)``, the direction of x @ R."""
+    return butterfly_apply(rows, inverse_transposed_blocks(blocks), gathers, transpose=False)
+
+
 # --- config ----------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class BOFTConfig(AdapterConfig):
@@ -127,13 +153,13 @@ class BOFTConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         for name in ("block_size", "n_blocks", "n_factors", "neumann_terms"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+            if getattr(self, name) is not None:
+                setattr(self, name, check_integer(name, getattr(self, name)))
         for name in ("dropout", "coft_eps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+            setattr(self, name, check_number(name, getattr(self, name)))
+        for name in ("scale", "coft"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.block_size is not None and self.n_blocks is not None:
             raise ValueError(
                 f"give block_size or n_blocks, not both (got block_size={self.block_size}, n_blocks={self.n_blocks});"
@@ -210,21 +236,23 @@ class BOFTLayer(AdapterLayer):
     # --- the orthogonal factors ---
     def orthogonal_blocks(self) -> torch.Tensor:
         """(m, k, b, b) orthogonal blocks in fp32 (or fp64), with COFT and (while training) multiplicative dropout applied."""
-        with torch.autocast(self.skew.device.type, enabled=False):  # Cayley (solve or series) in fp32 under AMP
-            return self._orthogonal_blocks()
-
-    def _orthogonal_blocks(self) -> torch.Tensor:
-        skew = skew_symmetric(self.skew.to(torch.promote_types(self.skew.dtype, torch.float32)), self.block_size)
-        if self.config.coft:
-            # constrained OFT: pull each block's S back onto the ball ‖S‖_F ≤ eps/√k (eps as in PEFT)
-            radius = self.config.coft_eps / math.sqrt(self.n_blocks)
-            norm = torch.linalg.matrix_norm(skew, keepdim=True)
-            skew = skew * torch.clamp(radius / norm.clamp_min(1e-30), max=1.0)
-        blocks = cayley(skew, self.config.neumann_terms)
+        blocks = self.cayley_blocks()
         if self.training and self.config.dropout > 0:
             drop = torch.rand(blocks.shape[:2], device=blocks.device) < self.config.dropout  # (m, k)
             blocks = torch.where(drop[..., None, None], torch.eye(self.block_size, device=blocks.device), blocks)
         return blocks
+
+    def cayley_blocks(self) -> torch.Tensor:
+        """(m, k, b, b) blocks in fp32 (or fp64) with COFT applied and no dropout: the eval-mode R, which merge folds
+        in whatever the mode (dropout perturbs training steps only)."""
+        with torch.autocast(self.skew.device.type, enabled=False):  # Cayley (solve or series) in fp32 under AMP
+            skew = skew_symmetric(self.skew.to(torch.promote_types(self.skew.dtype, torch.float32)), self.block_size)
+            if self.config.coft:
+                # constrained OFT: pull each block's S back onto the ball ‖S‖_F ≤ eps/√k (eps as in PEFT)
+                radius = self.config.coft_eps / math.sqrt(self.n_blocks)
+                norm = torch.linalg.matrix_norm(skew, keepdim=True)
+                skew = skew * torch.clamp(radius / norm.clamp_min(1e-30), max=1.0)
+            return cayley(skew, self.config.neumann_terms)
 
     def _gathers(self, transpose: bool) -> list[torch.Tensor | None]:
         direction = "transpose" if transpose else "forward"
@@ -327,16 +355,41 @@ class BOFTLayer(AdapterLayer):
 
     # --- merging ---
     def merged_weights(self) -> dict[str, torch.Tensor]:
-        return {"weight": self.rotated_weight()}
+        """W' = diag(s)·W·Rᵀ from the eval-mode blocks, computed in fp64 and rounded once to W's dtype.
+
+        ValueError, before anything is written, where unmerge could not undo it: an output scale of exactly 0 or a
+        singular block (the Cayley–Neumann series with neumann_terms ≡ 1 mod 4 can be).
+        """
+        self._check_scale_invertible("merge")
+        weight, blocks = self.base_layer.weight, self.cayley_blocks()
+        if torch.isfinite(blocks).all():  # (NaN/inf blocks: the merged weight is not finite, which merge refuses)
+            inverse_transposed_blocks(blocks.to(merge_dtype(weight)))  # raises for a singular block
+        rows = weight.reshape(self.out_features, self.fan_in).to(merge_dtype(weight))
+        merged = butterfly_apply(rows, blocks.to(rows.dtype), self._gathers(transpose=True), transpose=True)  # W Rᵀ
+        if self.scale is not None:
+            merged = merged * self.scale.to(rows.dtype)[:, None]
+        return {"weight": merged.reshape(weight.shape).to(weight.dtype)}
 
     def unmerged_weights(self) -> dict[str, torch.Tensor]:
+        """W = diag(s)⁻¹·W'·R⁻ᵀ (``unrotate_rows``: every block inverted, so exact for the Cayley–Neumann series
+        too), computed in fp64 and rounded once to W's dtype."""
+        self._check_scale_invertible("unmerge")
         weight = self.base_layer.weight
-        merged = weight.reshape(self.out_features, self.fan_in).to(torch.promote_types(weight.dtype, torch.float32))
+        merged = weight.reshape(self.out_features, self.fan_in).to(merge_dtype(weight))
         if self.scale is not None:
-            if (self.scale == 0).any():
-                raise ValueError("cannot unmerge: some output scales are exactly 0, so the base weight is lost")
-            merged = merged / self.scale[:, None]
-        return {"weight": self.rotate(merged).reshape(self.base_layer.weight.shape)}  # W' R = W Rᵀ R = W
+            merged = merged / self.scale.to(merged.dtype)[:, None]
+        blocks = self.cayley_blocks().to(merged.dtype)
+        return {"weight": unrotate_rows(merged, blocks, self._gathers(transpose=False)).reshape(weight.shape).to(weight.dtype)}
+
+    def _check_scale_invertible(self, action: str) -> None:
+        if self.scale is None or not (self.scale == 0).any():
+            return
+        rows = (self.scale == 0).nonzero().flatten().tolist()
+        raise ValueError(
+            f"cannot {action}: the output scale is exactly 0 at {len(rows)} row(s) (e.g. row {rows[0]}), so "
+            "W' = diag(s)·W·Rᵀ zeroes those rows and unmerge could not recover W there. Give those scales a non-zero "
+            "value, or keep the adapter unmerged (its forward is exact)."
+        )
 
     def n_effective(self) -> int:
         """b(b−1)/2 free entries per block (the skew-symmetric part) plus the output scale, as stored here."""

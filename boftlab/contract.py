@@ -36,6 +36,8 @@ representative config there.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any, ClassVar, Sequence
 
 import torch
@@ -45,11 +47,34 @@ from torch import nn
 FAMILIES: dict[str, type["AdapterConfig"]] = {}
 #: the forward paths a layer may have (module docstring); a config's ``path`` is one of them or "auto".
 PATHS = ("input", "weight")
+#: the key under each adapter layer's prefix in a ``state_dict()`` that records whether its base tensors are merged
+MERGED_KEY = "merged"
 
 
 def nearest(value: int, choices: list[int]) -> int:
     """The choice closest to ``value`` (ties go to the smaller one) — for error messages that suggest a fix."""
     return min(choices, key=lambda c: (abs(c - value), c))
+
+
+def check_integer(name: str, value: Any) -> int:
+    """``value`` as an int, or a ValueError unless it is an integer (a bool, a float like 4.0 or a string is not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
+def check_number(name: str, value: Any) -> float:
+    """``value`` as a float, or a ValueError unless it is a finite real number (a bool, a string, NaN or ±inf is
+    not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def merge_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype merges and unmerges compute in: fp64 (fp32 on Apple's MPS, which has no fp64), so that the only
+    rounding a merge adds is the final one to the weight's own dtype."""
+    return torch.float32 if weight.device.type == "mps" else torch.float64
 
 
 def conv_output_size(conv: nn.Module, spatial: Sequence[int]) -> tuple[int, ...]:
@@ -164,11 +189,14 @@ class AdapterLayer(nn.Module):
         raise NotImplementedError
 
     def merged_weights(self) -> dict[str, torch.Tensor]:
-        """The base layer's tensors (by attribute name, e.g. ``{"weight": W'}``) with the adaptation folded in."""
+        """The base layer's tensors (by attribute name, e.g. ``{"weight": W'}``) with the adaptation folded in, in
+        their own dtypes (computed in ``merge_dtype``, rounded once); a ValueError if ``unmerged_weights`` could not
+        undo it (e.g. a zero scale), so that every merge can be taken back."""
         raise NotImplementedError(f"{type(self).__name__} cannot be merged into its base layer")
 
     def unmerged_weights(self) -> dict[str, torch.Tensor]:
-        """The inverse of ``merged_weights``: the base tensors recovered from merged ones."""
+        """The inverse of ``merged_weights``: the base tensors recovered from merged ones, exact to the rounding of
+        the weight's dtype."""
         raise NotImplementedError(f"{type(self).__name__} cannot be unmerged")
 
     def n_effective(self) -> int:
@@ -194,8 +222,9 @@ class AdapterLayer(nn.Module):
         return {n: p for n, p in self.named_parameters() if not n.startswith("base_layer.")}
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        """Everything that must be saved to rebuild this adapter: its parameters and persistent buffers."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("base_layer.")}
+        """Everything that must be saved to rebuild this adapter: its parameters and persistent buffers (not the
+        base layer's tensors, nor the merged flag a whole-model ``state_dict`` carries)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("base_layer.") and k != MERGED_KEY}
 
     def n_trainable(self) -> int:
         return sum(p.numel() for p in self.adapter_parameters().values())
@@ -228,10 +257,12 @@ class AdapterLayer(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the adapter into the base weights: afterwards ``forward`` costs exactly the base layer's."""
+        """Fold the adapter into the base weights: afterwards ``forward`` costs exactly the base layer's. Every new
+        tensor is computed and checked (``base_after``) before any is written. On a whole model use
+        ``boftlab.merge``, which also refuses to write into a tensor another module shares."""
         if self.merged:
             raise RuntimeError(f"this {type(self).__name__} is already merged; call unmerge() first")
-        self._write_base(self.merged_weights())
+        self._write_base(self.base_after(merge=True))
         self.merged = True
 
     @torch.no_grad()
@@ -239,13 +270,72 @@ class AdapterLayer(nn.Module):
         """Restore the base weights that ``merge`` changed."""
         if not self.merged:
             raise RuntimeError(f"this {type(self).__name__} is not merged; nothing to unmerge")
-        self._write_base(self.unmerged_weights())
+        self._write_base(self.base_after(merge=False))
         self.merged = False
+
+    @torch.no_grad()
+    def base_after(self, merge: bool) -> dict[str, torch.Tensor]:
+        """The base tensors ``merge()`` (or ``unmerge()``, ``merge=False``) would write, computed without writing
+        anything: a ValueError if the family cannot do it or if any result holds NaN or ±inf."""
+        action = "merge" if merge else "unmerge"
+        tensors = self.merged_weights() if merge else self.unmerged_weights()
+        broken = {name: int((~torch.isfinite(t)).sum()) for name, t in tensors.items() if not torch.isfinite(t).all()}
+        if broken:
+            adapter = [n for n, p in self.adapter_parameters().items() if not torch.isfinite(p).all()]
+            base = [n for n in tensors if not torch.isfinite(getattr(self.base_layer, n)).all()]
+            cause = (
+                f"the adapter's own tensors {adapter} hold NaN/inf (a diverged training step?); restore them from a "
+                "saved adapter or checkpoint" if adapter
+                else f"the base layer's {base} already hold NaN/inf" if base
+                else f"the result overflows {self.base_layer.weight.dtype}"
+            )
+            raise ValueError(
+                f"cannot {action}: the new base tensor(s) would hold NaN/inf ({', '.join(f'{n}: {c} value(s)' for n, c in broken.items())}) "
+                f"— {cause}. Nothing was changed."
+            )
+        return tensors
 
     def _write_base(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, value in tensors.items():
             target = getattr(self.base_layer, name)
             target.copy_(value.to(target.dtype))
+
+    # --- the merged flag in a whole-model state_dict ---------------------------------------------------------------
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + MERGED_KEY] = torch.tensor(self.merged)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        """Load a ``state_dict`` with its merged flag: base tensors saved merged load as merged, so the adapter is
+        never applied twice. Refused (ValueError, before this layer changes) where the flag, the base tensors and the
+        adapter tensors cannot describe one consistent layer."""
+        key = prefix + MERGED_KEY
+        has_flag = key in state_dict
+        merged = bool(state_dict[key]) if has_flag else self.merged
+        has_base = any(k.startswith(prefix + "base_layer.") for k in state_dict)
+        has_adapter = any(prefix + k in state_dict for k in self.adapter_state())
+        problem = None
+        if has_flag and not has_base and merged != self.merged:
+            problem = f"it says merged={merged} but holds no base tensors to go with that (this layer is merged={self.merged})"
+        elif merged and has_adapter != has_base:
+            problem = ("it holds merged base tensors without the adapter tensors merged into them" if has_base
+                       else "it holds adapter tensors for a merged layer, whose base tensors have another adapter folded in")
+        elif merged and has_base and not has_flag:
+            problem = "it holds base tensors without a merged flag, so it is unknown whether they are merged"
+        if problem:
+            raise ValueError(
+                f"cannot load this state into {prefix[:-1] or 'the adapter layer'!r}: {problem}. Load a whole "
+                f"state_dict() of an adapted model (it records each layer's '{MERGED_KEY}' flag), or unmerge first."
+            )
+        errors = len(error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
+        if not has_flag:
+            missing_keys.append(key)
+        elif len(error_msgs) == errors:
+            self.merged = merged
 
     def extra_repr(self) -> str:
         return f"family={self.family!r}, merged={self.merged}, n_trainable={self.n_trainable()}"

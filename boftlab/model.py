@@ -6,10 +6,16 @@ Written once against the adapter contract (``boftlab.contract``): nothing here k
     summary(model)                                        trainable vs total parameters, per family / layer type
     merge(model) / unmerge(model)                          fold adapters into the base weights and back
     unwrap(model)                                          merge, then put the plain base layers back
+
+A merge writes into the base layer's tensors, so a tensor that another module shares (tied weights: ``lm_head``
+and ``embed_tokens`` in most small LMs) is never adapted unless ``adapt(..., untie=True)`` gives the adapted module
+its own copy; ``merge`` and ``unwrap`` check again and refuse to write into a shared tensor. Every merge, unmerge
+and unwrap computes and checks all new tensors before it writes any: it happens whole or not at all.
 """
 
 from __future__ import annotations
 
+import copy
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -125,11 +131,43 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def build_layers(model: nn.Module, config: AdapterConfig, names: list[str]) -> dict[str, AdapterLayer]:
-    """Adapter layers for the named modules, built without touching the model (errors leave it unchanged)."""
+# --- shared tensors ----------------------------------------------------------------------------------------------------
+def tensor_holders(model: nn.Module) -> dict[tuple, list[str]]:
+    """Storage -> the names ("module.attr") of every parameter and buffer of ``model`` that lives in it; a module
+    reachable under several names is listed under each. O(number of tensors)."""
+    holders: dict[tuple, list[str]] = defaultdict(list)
+    for name, module in model.named_modules(remove_duplicate=False):
+        for attr, tensor in (*module._parameters.items(), *module._buffers.items()):
+            if tensor is not None and not tensor.is_meta and tensor.numel():
+                holders[_storage(tensor)].append(f"{name}.{attr}" if name else attr)
+    return holders
+
+
+def _storage(tensor: torch.Tensor) -> tuple:
+    return tensor.device, tensor.untyped_storage().data_ptr()
+
+
+def shared_tensors(model: nn.Module, owned: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """For each ``"module.attr": tensor`` in ``owned``, the other names in ``model`` whose tensor shares its storage
+    (tied weights, or a module registered under two names); only the shared ones are returned."""
+    holders = tensor_holders(model)
+    shared = {name: [h for h in holders[_storage(t)] if h != name] for name, t in owned.items() if t.numel()}
+    return {name: others for name, others in shared.items() if others}
+
+
+def _describe_ties(ties: dict[str, list[str]]) -> str:
+    shown = "; ".join(f"{name!r} is the same tensor as {', '.join(map(repr, others))}" for name, others in list(ties.items())[:5])
+    return shown + (f"; … ({len(ties) - 5} more)" if len(ties) > 5 else "")
+
+
+def build_layers(
+    model: nn.Module, config: AdapterConfig, names: list[str], bases: dict[str, nn.Module] | None = None
+) -> dict[str, AdapterLayer]:
+    """Adapter layers for the named modules (or for ``bases[name]`` in their place), built without touching the
+    model (errors leave it unchanged)."""
     layers = {}
     for name in names:
-        module = model.get_submodule(name)
+        module = bases[name] if bases and name in bases else model.get_submodule(name)
         try:
             layers[name] = config.make_layer(module)
         except ValueError as err:
@@ -161,10 +199,15 @@ def adapt(
     config: AdapterConfig,
     targets: Target | Sequence[Target],
     trainable: Sequence[str] = (),
+    untie: bool = False,
 ) -> nn.Module:
     """Wrap every module ``targets`` selects with ``config``'s adapter; freeze all other parameters. In place.
 
     ``trainable``: module names (or dotted suffixes) kept fully trainable, e.g. a new classifier head.
+    ``untie``: a targeted module whose weight (or bias) another module shares — ``lm_head`` tied to
+    ``embed_tokens`` — is refused, since merging would rewrite its partner too; ``untie=True`` adapts a copy of it
+    with tensors of its own instead (the partner keeps the original; the two then train and merge independently,
+    and a transformers config that says ``tie_word_embeddings=True`` no longer describes the model).
     Call again with another config and other targets to mix families on one model. Returns ``model``.
     """
     if not isinstance(config, AdapterConfig):
@@ -207,10 +250,29 @@ def adapt(
     keep = resolve_trainable(model, trainable)
     kept = set(keep) | set(getattr(model, TRAINABLE_ATTR, []))
     names = [n for n in names if not any(n == k or n.startswith(k + ".") for k in kept)]  # heads stay plain
-    layers = build_layers(model, config, names)  # may raise: the model is still untouched
+    tied = _tied_targets(model, names)
+    if tied and not untie:
+        modules = sorted({name for name, _ in tied.values()})
+        raise ValueError(
+            f"cannot adapt {', '.join(map(repr, modules))}: {_describe_ties({a: o for a, (_, o) in tied.items()})} "
+            "(tied weights): merging the adapter would rewrite the other module too. Leave "
+            f"{'it' if len(modules) == 1 else 'them'} out of targets, or pass adapt(..., untie=True) to adapt a copy "
+            "with tensors of its own (the tie is then broken for good)."
+        )
+    bases = {name: copy.deepcopy(model.get_submodule(name)) for name, _ in tied.values()}  # untie: own copies
+    layers = build_layers(model, config, names, bases)  # may raise: the model is still untouched
     setattr(model, TRAINABLE_ATTR, sorted(set(getattr(model, TRAINABLE_ATTR, [])) | set(keep)))
     insert_layers(model, layers)
     return model
+
+
+def _tied_targets(model: nn.Module, names: list[str]) -> dict[str, tuple[str, list[str]]]:
+    """"module.attr" -> (module, the other holders) for the direct parameters of the named modules that another
+    module shares."""
+    owned = {f"{name}.{attr}": (name, p) for name in names
+             for attr, p in model.get_submodule(name)._parameters.items() if p is not None and not p.is_meta}
+    ties = shared_tensors(model, {key: p for key, (_, p) in owned.items()})
+    return {key: (owned[key][0], others) for key, others in ties.items()}
 
 
 def _as_list(targets: object) -> list:
@@ -302,42 +364,68 @@ def summary(model: nn.Module, print_it: bool = False) -> Summary:
 
 # --- merging -----------------------------------------------------------------------------------------------------------
 def merge(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weights (zero added latency); ``unmerge`` undoes it."""
+    """Fold every adapter into its base weights (zero added latency); ``unmerge`` undoes it, exactly to the rounding
+    of each weight's dtype. All or nothing: a ValueError (an adapter holding NaN/inf, a zero output scale, a
+    non-linear SURM adapter, a shared base tensor) leaves every layer as it was."""
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("merge: the model has no boftlab adapters")
     already = [n for n, layer in layers.items() if layer.merged]
     if already:
         raise ValueError(f"merge: already merged ({len(already)} layers, e.g. {already[0]!r}); call unmerge first")
-    _write_all(layers, {name: layer.merged_weights() for name, layer in layers.items()}, merged=True)
+    _write_all(model, _plan(model, layers, merge=True), merged=True)
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Take merged adapters back out of the base weights."""
+    """Take merged adapters back out of the base weights (all or nothing, as ``merge``)."""
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("unmerge: the model has no boftlab adapters")
     not_merged = [n for n, layer in layers.items() if not layer.merged]
     if not_merged:
         raise ValueError(f"unmerge: {len(not_merged)} layers are not merged (e.g. {not_merged[0]!r})")
-    _write_all(layers, {name: layer.unmerged_weights() for name, layer in layers.items()}, merged=False)
+    _write_all(model, _plan(model, layers, merge=False), merged=False)
     return model
 
 
-@torch.no_grad()
-def _write_all(layers: dict[str, AdapterLayer], weights: dict[str, dict[str, torch.Tensor]], merged: bool) -> None:
-    """Write every layer's new base tensors — computed beforehand, so one layer's error changes nothing."""
+def _plan(model: nn.Module, layers: dict[str, AdapterLayer], merge: bool) -> dict[str, dict[str, torch.Tensor]]:
+    """Every layer's new base tensors, computed and checked before anything is written: ValueError naming the layer
+    if one cannot be merged (or unmerged), or if it would write into a tensor another module shares."""
+    action = "merge" if merge else "unmerge"
+    plans = {}
     for name, layer in layers.items():
-        layer._write_base(weights[name])
-        layer.merged = merged
+        try:
+            plans[name] = layer.base_after(merge)
+        except ValueError as err:
+            raise ValueError(f"{action}: layer {name!r}: {err}") from err
+    owned = {f"{name}.base_layer.{attr}": getattr(layer.base_layer, attr)
+             for name, layer in layers.items() for attr in plans[name]}
+    ties = shared_tensors(model, owned)
+    if ties:
+        raise ValueError(
+            f"{action}: {_describe_ties(ties)}: writing the {action}d weight would change the other module too. "
+            "Nothing was changed; keep the adapter unmerged (its forward is exact), or adapt a fresh model with "
+            "adapt(..., untie=True)."
+        )
+    return plans
+
+
+@torch.no_grad()
+def _write_all(model: nn.Module, plans: dict[str, dict[str, torch.Tensor]], merged: bool) -> None:
+    """Write every layer's planned base tensors (``_plan``)."""
+    layers = adapter_layers(model)
+    for name, tensors in plans.items():
+        layers[name]._write_base(tensors)
+        layers[name].merged = merged
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """Merge the adapters and put the plain base layers back: a model with the original module types."""
-    for name, layer in adapter_layers(model).items():
-        if not layer.merged:
-            layer.merge()
+    """Merge the adapters and put the plain base layers back: a model with the original module types. All or
+    nothing: every merge is computed and checked (as in ``merge``) before any layer is changed."""
+    layers = adapter_layers(model)
+    _write_all(model, _plan(model, {n: layer for n, layer in layers.items() if not layer.merged}, merge=True), True)
+    for name, layer in layers.items():
         _replace(model, name, layer.base_layer)
     if hasattr(model, TRAINABLE_ATTR):
         delattr(model, TRAINABLE_ATTR)

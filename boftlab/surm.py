@@ -58,13 +58,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .contract import AdapterConfig, AdapterLayer, conv_output_size, nearest
+from .contract import AdapterConfig, AdapterLayer, check_integer, check_number, conv_output_size, merge_dtype, nearest
 
 STRUCTURES = ("circulant", "toeplitz", "kronecker", "ldr")
 MODES = ("lora", "adapter")
+
+
+def identity(x: torch.Tensor) -> torch.Tensor:
+    """f(x) = x: the adapter activation that keeps it linear, hence mergeable (a named function, so layers pickle)."""
+    return x
+
+
 #: adapter non-linearities, all with f(0) = 0 (so S = 0 is the identity) and f'(0) ≠ 0 (so S = 0 still learns);
 #: ReLU is left out on purpose: relu'(0) = 0 in autograd, so a zero-initialised S would never move.
-ACTIVATIONS = {"identity": lambda x: x, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu}
+ACTIVATIONS = {"identity": identity, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu}
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -436,10 +443,14 @@ class SURMConfig(AdapterConfig):
             raise ValueError(f"unknown structure {self.structure!r}; valid structures: {STRUCTURES}")
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; valid modes: {MODES}")
+        self.alpha = check_number("alpha", self.alpha)
+        if self.alpha == 0:
+            raise ValueError("alpha=0 makes α·S and every adapter gradient zero; use a non-zero alpha, e.g. 1.0")
         if self.structure == "ldr":
             if self.displacement_rank is None:
                 self.displacement_rank = 1
-            if not isinstance(self.displacement_rank, int) or self.displacement_rank < 1:
+            self.displacement_rank = check_integer("displacement_rank", self.displacement_rank)
+            if self.displacement_rank < 1:
                 raise ValueError(
                     f"displacement_rank must be an integer ≥ 1 (and ≤ the layer size), got {self.displacement_rank!r}"
                 )
@@ -451,11 +462,15 @@ class SURMConfig(AdapterConfig):
         if self.kronecker_shape is not None:
             if self.structure != "kronecker":
                 raise ValueError(f"kronecker_shape only applies to structure='kronecker', not {self.structure!r}")
-            self.kronecker_shape = tuple(self.kronecker_shape)
+            if not isinstance(self.kronecker_shape, (tuple, list)) or len(self.kronecker_shape) != 2:
+                raise ValueError(f"kronecker_shape is the shape (rows, cols) of the first factor A, got {self.kronecker_shape!r}")
+            self.kronecker_shape = tuple(check_integer("kronecker_shape entries", n) for n in self.kronecker_shape)
         if self.mode == "adapter":
             self.activation = "gelu" if self.activation is None else self.activation
             self.bias = True if self.bias is None else self.bias
-            if self.activation not in ACTIVATIONS:
+            if not isinstance(self.bias, bool):
+                raise ValueError(f"bias must be True or False, got {self.bias!r}")
+            if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
                 why = " (relu'(0) = 0 would freeze a zero-initialised S)" if self.activation == "relu" else ""
                 raise ValueError(f"unknown activation {self.activation!r}{why}; valid: {tuple(ACTIVATIONS)}")
         elif self.activation is not None or self.bias is not None:
@@ -535,16 +550,19 @@ class SURMLayer(AdapterLayer):
         base = self.base_layer
         if self.choose_path(x) == "input":  # a Linear: S x by FFT products
             return base(x) + self.config.alpha * self.matrix(x)
-        # a conv: the merged kernel W + α·S, built exactly as merge() builds it, through the base conv's own call
-        return base._conv_forward(x, self.merged_weights()["weight"], base.bias)
+        # a conv: the kernel W + α·S, through the base conv's own call
+        return base._conv_forward(x, self._shifted_weight(_compute_dtype(base.weight.dtype), +1), base.bias)
+
+    def _shifted_weight(self, dtype: torch.dtype, sign: int) -> torch.Tensor:
+        """W ± α·S computed in ``dtype``, in W's shape and dtype (one rounding)."""
+        weight = self.base_layer.weight
+        return (weight.to(dtype) + sign * self.delta_weight().to(dtype)).to(weight.dtype)
 
     def merged_weights(self) -> dict[str, torch.Tensor]:
-        weight = self.base_layer.weight
-        return {"weight": (weight.to(_compute_dtype(weight.dtype)) + self.delta_weight()).to(weight.dtype)}
+        return {"weight": self._shifted_weight(merge_dtype(self.base_layer.weight), +1)}
 
     def unmerged_weights(self) -> dict[str, torch.Tensor]:
-        weight = self.base_layer.weight
-        return {"weight": (weight.to(_compute_dtype(weight.dtype)) - self.delta_weight()).to(weight.dtype)}
+        return {"weight": self._shifted_weight(merge_dtype(self.base_layer.weight), -1)}
 
     def extra_repr(self) -> str:
         return f"mode='lora', alpha={self.config.alpha}, " + super().extra_repr()
@@ -604,9 +622,16 @@ class SURMAdapterLayer(AdapterLayer):
         return torch.eye(s.shape[0], dtype=dtype, device=s.device) + self.config.alpha * s
 
     def merged_weights(self) -> dict[str, torch.Tensor]:
+        """W' = (I + α·S)·W, bias' = (I + α·S)·bias + b in fp64, rounded once; ValueError if I + α·S is singular
+        (unmerge solves with it)."""
         base = self.base_layer
-        dtype = _compute_dtype(base.weight.dtype)
+        dtype = merge_dtype(base.weight)
         mixing = self._mixing(dtype)
+        if torch.linalg.lu_factor_ex(mixing).info != 0:
+            raise ValueError(
+                "cannot merge: I + α·S is singular, so unmerge could not recover W from (I + α·S)·W; keep this "
+                "adapter unmerged (its forward is exact)"
+            )
         merged = {"weight": (mixing @ base.weight.to(dtype)).to(base.weight.dtype)}
         if base.bias is not None:
             bias = mixing @ base.bias.to(dtype) + (0 if self.adapter_bias is None else self.adapter_bias.to(dtype))
@@ -615,7 +640,7 @@ class SURMAdapterLayer(AdapterLayer):
 
     def unmerged_weights(self) -> dict[str, torch.Tensor]:
         base = self.base_layer
-        dtype = _compute_dtype(base.weight.dtype)
+        dtype = merge_dtype(base.weight)
         mixing = self._mixing(dtype)
         restored = {"weight": torch.linalg.solve(mixing, base.weight.to(dtype)).to(base.weight.dtype)}
         if base.bias is not None:

@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .contract import AdapterConfig, AdapterLayer, conv_output_size
+from .contract import AdapterConfig, AdapterLayer, check_number, conv_output_size, merge_dtype
 
 _CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -182,11 +182,9 @@ class TensorCoreConfig(AdapterConfig):
             raise ValueError(
                 f"ranks must be an int ≥ 1 (every mode) or a tuple of ints ≥ 1 (one per mode), got {self.ranks!r}"
             )
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
-            raise ValueError(f"alpha must be a finite number (the paper's s), got {self.alpha!r}")
+        self.alpha = check_number("alpha", self.alpha)
         if self.alpha == 0:
             raise ValueError("alpha=0 makes ΔW and every adapter gradient zero; use a non-zero alpha, e.g. 1.0")
-        self.alpha = float(self.alpha)
         self.check_path()
 
     def supported_layers(self) -> tuple[type[nn.Module], ...]:
@@ -324,12 +322,16 @@ class TensorCoreLayer(AdapterLayer):
 
     # --- merging ---
     def merged_weights(self) -> dict[str, torch.Tensor]:
-        weight = self.base_layer.weight
-        return {"weight": weight + self.delta_weight().to(weight.dtype)}
+        """W + ΔW in fp64, rounded once to W's dtype."""
+        return {"weight": self._shifted_weight(+1)}
 
     def unmerged_weights(self) -> dict[str, torch.Tensor]:
+        return {"weight": self._shifted_weight(-1)}
+
+    def _shifted_weight(self, sign: int) -> torch.Tensor:
         weight = self.base_layer.weight
-        return {"weight": weight - self.delta_weight().to(weight.dtype)}
+        dtype = merge_dtype(weight)
+        return (weight.to(dtype) + sign * self.delta_weight().to(dtype)).to(weight.dtype)
 
     def extra_repr(self) -> str:
         shapes = f"weight_shape={self.weight_shape}, ranks={self.ranks}, alpha={self.config.alpha}, "

@@ -51,6 +51,27 @@ def tensor_core(**kwargs):
         case("block_size_str", lambda: BOFTConfig(block_size="4"), r"block_size must be an integer.*'4'"),
         case("block_size_float", lambda: BOFTConfig(block_size=4.0), r"block_size must be an integer.*4.0"),
         case("from_dict_not_a_dict", lambda: AdapterConfig.from_dict("boft"), r"expects a dict.*got a str"),
+        # every family's numeric options: finite numbers of the right type, refused when the config is built
+        case("surm_alpha_nan", lambda: surm(alpha=float("nan")), r"alpha must be a finite number, got nan \(float\)"),
+        case("surm_alpha_inf", lambda: surm(alpha=float("inf")), r"alpha must be a finite number, got inf"),
+        case("surm_alpha_str", lambda: surm(alpha="1"), r"alpha must be a finite number, got '1' \(str\)"),
+        case("surm_alpha_bool", lambda: surm(alpha=True), r"alpha must be a finite number, got True \(bool\)"),
+        case("surm_alpha_0", lambda: surm(alpha=0), "alpha=0 makes α·S and every adapter gradient zero"),
+        case("surm_rank_bool", lambda: surm(structure="ldr", displacement_rank=True), r"displacement_rank must be an integer"),
+        case("surm_rank_float", lambda: surm(structure="ldr", displacement_rank=2.0), r"displacement_rank must be an integer"),
+        case("surm_kronecker_shape_float", lambda: surm(structure="kronecker", kronecker_shape=(2.5, 3)),
+             r"kronecker_shape entries must be an integer, got 2.5"),
+        case("surm_kronecker_shape_int", lambda: surm(structure="kronecker", kronecker_shape=4), r"kronecker_shape is the shape"),
+        case("surm_bias_str", lambda: surm(mode="adapter", bias="no"), r"bias must be True or False, got 'no'"),
+        case("surm_activation_list", lambda: surm(mode="adapter", activation=["gelu"]), r"unknown activation \['gelu'\]"),
+        case("boft_coft_eps_nan", lambda: BOFTConfig(coft_eps=float("nan")), r"coft_eps must be a finite number, got nan"),
+        case("boft_coft_eps_inf", lambda: BOFTConfig(coft_eps=float("inf")), r"coft_eps must be a finite number, got inf"),
+        case("boft_dropout_nan", lambda: BOFTConfig(dropout=float("nan")), r"dropout must be a finite number, got nan"),
+        case("boft_dropout_str", lambda: BOFTConfig(dropout="0.1"), r"dropout must be a finite number, got '0.1'"),
+        case("boft_scale_str", lambda: BOFTConfig(scale="yes"), r"scale must be True or False, got 'yes'"),
+        case("boft_neumann_float", lambda: BOFTConfig(neumann_terms=3.0), r"neumann_terms must be an integer, got 3.0"),
+        case("tensor_core_alpha_nan", lambda: tensor_core(alpha=float("nan")), r"alpha must be a finite number, got nan"),
+        case("tensor_core_alpha_str", lambda: tensor_core(alpha="1"), r"alpha must be a finite number, got '1' \(str\)"),
     ],
 )
 def test_bad_config(make, message):
@@ -104,6 +125,8 @@ def snapshot(model):
 def same_tensor(a, b):
     if a.is_meta or b.is_meta:  # no values to compare
         return a.is_meta and b.is_meta and a.shape == b.shape and a.dtype == b.dtype
+    if a.is_floating_point() and a.isnan().any():  # a NaN the model already held must still be there, bit for bit
+        return a.dtype == b.dtype and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
     return torch.equal(a, b)
 
 
@@ -117,11 +140,31 @@ def saved(tmp_path, model=None):
     return tmp_path / "adapter"
 
 
-def zero_scale_then_merge():
-    model = adapted()
+def with_zero_scale(model=None):
+    model = model or adapted()
     with torch.no_grad():
         model.value.scale[0] = 0.0
-    return boftlab.merge(model)
+    return model
+
+
+def with_non_finite(value):
+    model = adapted()
+    with torch.no_grad():
+        model.value.skew[0, 0, 0] = value
+    return model
+
+
+def with_shared_weight(model=None):
+    """``value`` uses ``query``'s weight tensor (tied weights)."""
+    model = model or plain()
+    model.value.weight = model.query.weight
+    return model
+
+
+def adapted_then_tied():
+    model = adapted()
+    model.value.base_layer.weight = model.query.base_layer.weight  # tied after adapting, behind boftlab's back
+    return model
 
 
 def boft_then_unmergeable_surm():
@@ -166,10 +209,36 @@ MODEL_CASES = [
     case("merge_twice", merged, lambda m, t: boftlab.merge(m), r"merge: already merged \(2 layers"),
     case("unmerge_unmerged", adapted, lambda m, t: boftlab.unmerge(m), "unmerge: 2 layers are not merged"),
     case("merge_without_adapters", plain, lambda m, t: boftlab.merge(m), "merge: the model has no boftlab adapters"),
-    case("unmerge_with_zero_scale", zero_scale_then_merge, lambda m, t: boftlab.unmerge(m),
-         "cannot unmerge: some output scales are exactly 0"),
+    case("merge_with_zero_scale", with_zero_scale, lambda m, t: boftlab.merge(m),
+         r"merge: layer 'value': cannot merge: the output scale is exactly 0 at 1 row\(s\) \(e.g. row 0\).*unmerge could not recover"),
+    case("unmerge_with_zero_scale", lambda: with_zero_scale(merged()), lambda m, t: boftlab.unmerge(m),
+         r"cannot unmerge: the output scale is exactly 0"),
     case("merge_unmergeable_second_layer", boft_then_unmergeable_surm, lambda m, t: boftlab.merge(m),
          r"cannot merge an adapter with activation='gelu'"),
+    case("merge_nan_adapter", lambda: with_non_finite(float("nan")), lambda m, t: boftlab.merge(m),
+         r"layer 'value': cannot merge: the new base tensor\(s\) would hold NaN/inf \(weight: \d+ value\(s\)\) — the "
+         r"adapter's own tensors \['skew'\] hold NaN/inf.*Nothing was changed"),
+    case("merge_inf_adapter", lambda: with_non_finite(float("inf")), lambda m, t: boftlab.merge(m), r"\['skew'\] hold NaN/inf"),
+    case("unwrap_nan_adapter", lambda: with_non_finite(float("nan")), lambda m, t: boftlab.unwrap(m), r"\['skew'\] hold NaN/inf"),
+    case("unwrap_unmergeable_second_layer", boft_then_unmergeable_surm, lambda m, t: boftlab.unwrap(m),
+         r"cannot merge an adapter with activation='gelu'"),
+    case("unwrap_with_zero_scale", with_zero_scale, lambda m, t: boftlab.unwrap(m), "the output scale is exactly 0"),
+    # tied weights: never adapted unless untied, never merged into
+    case("adapt_tied_weight", with_shared_weight, lambda m, t: boftlab.adapt(m, BOFTConfig(block_size=4), ["query"]),
+         r"cannot adapt 'query': 'query.weight' is the same tensor as 'value.weight' \(tied weights\).*Leave it out of "
+         r"targets, or pass adapt\(\.\.\., untie=True\)"),
+    case("adapt_module_under_two_names", lambda: setattr(m := plain(), "alias", m.query) or m,
+         lambda m, t: boftlab.adapt(m, BOFTConfig(block_size=4), ["query"]), r"'query.weight' is the same tensor as 'alias.weight'"),
+    case("merge_into_shared_weight", adapted_then_tied, lambda m, t: boftlab.merge(m),
+         r"merge: 'query.base_layer.weight' is the same tensor as 'value.base_layer.weight'.*Nothing was changed"),
+    case("unwrap_into_shared_weight", adapted_then_tied, lambda m, t: boftlab.unwrap(m), r"same tensor as"),
+    # a whole-model state_dict carries each layer's merged flag; what cannot be one consistent layer is refused
+    case("state_dict_adapter_tensors_into_merged_model", merged,
+         lambda m, t: m.load_state_dict(boftlab.saving.adapter_state(adapted()), strict=False),
+         r"cannot load this state into 'query': it holds adapter tensors for a merged layer"),
+    case("state_dict_merged_flag_without_base_weights", adapted,
+         lambda m, t: m.load_state_dict({k: v for k, v in merged().state_dict().items() if "base_layer" not in k}, strict=False),
+         r"it says merged=True but holds no base tensors"),
     # saving and loading
     case("save_without_adapters", plain, lambda m, t: boftlab.save_adapter(m, t / "a"), "no boftlab adapters to save"),
     case("save_onto_a_file", adapted, lambda m, t: boftlab.save_adapter(m, (t / "f").write_text("x") and t / "f"),

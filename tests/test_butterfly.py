@@ -215,6 +215,79 @@ def test_coft_keeps_blocks_near_identity():
     assert ((q - torch.eye(4, dtype=q.dtype)).flatten(-2).norm(dim=-1) <= 2 * radius * 1.01).all()
 
 
+# --- merging: exact to the weight's own rounding ------------------------------------------------------------------
+def dense_rotation(layer):
+    """R (fp64, d × d) from the blocks merge folds in — the eval-mode blocks, no dropout."""
+    training = layer.training
+    layer.eval()
+    blocks = layer.orthogonal_blocks().double()
+    layer.train(training)
+    return layer.rotate(torch.eye(layer.fan_in, dtype=torch.float64), blocks=blocks)
+
+
+def unmerge_error_bound(layer, weight):
+    """Per-row bound on ‖W_rec − W‖ after merge → unmerge, from the weight's unit roundoff u = eps/2.
+
+    The merge rounds diag(s)·W·Rᵀ once to the weight's dtype (|δ_i| ≤ u·|s_i|·‖W_i‖·‖R‖), unmerge multiplies by
+    R⁻ᵀ/s_i in fp64 (‖δ_i R⁻ᵀ‖/|s_i| ≤ u·κ(R)·‖W_i‖) and rounds once more (≤ u·‖W_i‖). What fp64 adds — 2m
+    products of length b on each side, amplified by κ(R) — is the second term.
+    """
+    R = dense_rotation(layer)
+    kappa = torch.linalg.cond(R).item()
+    u = torch.finfo(weight.dtype).eps / 2
+    fp64 = 4 * layer.n_factors * layer.block_size * kappa * torch.finfo(torch.float64).eps
+    rows = weight.double().reshape(weight.shape[0], -1).norm(dim=1)
+    return ((1 + kappa) * u * 1.001 + fp64) * rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("neumann_terms", [None, 2, 3, 5])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_unmerge_is_exact_to_the_weight_dtype(kind, neumann_terms, dtype):
+    """W' = diag(s)·W·Rᵀ with a truncated Cayley–Neumann series (R not orthogonal) comes back as W to the rounding
+    of W's dtype: Rᵀ is not R⁻¹ there, so unmerge inverts every block."""
+    torch.manual_seed(1)
+    base = nn.Linear(32, 12) if kind == "linear" else nn.Conv2d(8, 6, 2, padding=1)
+    layer = BOFTConfig(block_size=4, n_factors=3, neumann_terms=neumann_terms).make_layer(base.to(dtype))
+    with torch.no_grad():
+        layer.skew.normal_(0, 0.3)
+        layer.scale.uniform_(0.5, 2).mul_(torch.randint(0, 2, layer.scale.shape) * 2 - 1)  # either sign
+    R = dense_rotation(layer)
+    defect = (R.T @ R - torch.eye(32, dtype=R.dtype)).abs().max().item()
+    assert defect < 1e-5 if neumann_terms is None else defect > 5e-2  # the series really is not orthogonal
+    original = base.weight.detach().clone()
+    layer.merge()
+    assert not torch.equal(base.weight, original)
+    layer.unmerge()
+    error = (base.weight.double() - original.double()).reshape(original.shape[0], -1).norm(dim=1)
+    assert (error <= unmerge_error_bound(layer, original)).all(), (error / original.double().norm()).max()
+
+
+def test_merge_folds_in_the_eval_blocks_even_in_training_mode():
+    """Multiplicative dropout perturbs training steps only: a merge in train() mode folds in the eval-mode R, and
+    unmerge undoes exactly that one."""
+    layer = boft_linear(32, 4, 2, dropout=0.5).float()
+    x = torch.randn(3, 32)
+    layer.eval()
+    expected = layer(x)
+    original = layer.base_layer.weight.detach().clone()
+    layer.train()
+    layer.merge()
+    torch.testing.assert_close(layer.base_layer(x), expected, rtol=1e-6, atol=1e-6)
+    layer.unmerge()
+    assert ((layer.base_layer.weight - original).norm(dim=1) <= unmerge_error_bound(layer, original)).all()
+
+
+def test_merge_refuses_a_zero_scale_and_leaves_the_weight():
+    layer = boft_linear(16, 4, 2)
+    with torch.no_grad():
+        layer.scale[3] = 0.0
+    original = layer.base_layer.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"output scale.* exactly 0 .*row 3.*unmerge could not recover"):
+        layer.merge()
+    assert not layer.merged and torch.equal(layer.base_layer.weight, original)
+
+
 # --- equality with PEFT on identical parameters ----------------------------------------------------------------------
 def copy_into_peft(peft_layer, layer):
     with torch.no_grad():

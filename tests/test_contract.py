@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import boftlab
-from boftlab.contract import FAMILIES, PATHS, AdapterConfig
+from boftlab.contract import FAMILIES, MERGED_KEY, PATHS, AdapterConfig
 
 #: family -> representative configs (every option that changes the layer's structure or its supported types)
 CONFIGS: dict[str, list[AdapterConfig]] = {
@@ -91,6 +91,23 @@ def test_merge_unmerge_round_trip(config, kind):
     for name, value in base.state_dict().items():
         torch.testing.assert_close(value, original[name], rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(layer(x), adapted, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("config,kind", list(cases_by_layer()))
+def test_merge_refuses_a_non_finite_adapter_and_leaves_the_base(config, kind, value):
+    """One bad training step leaves NaN/inf in an adapter: merge refuses instead of writing it into the base."""
+    layer, base, x = build(config, kind)
+    perturb(layer)
+    with torch.no_grad():
+        for p in layer.adapter_parameters().values():
+            p[(0,) * p.dim()] = value
+    original = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ValueError, match=r"cannot merge: the new base tensor\(s\) would hold NaN/inf .*the adapter's "
+                                         r"own tensors \[.+\] hold NaN/inf.*Nothing was changed"):
+        layer.merge()
+    assert not layer.merged
+    assert all(torch.equal(v, original[k]) for k, v in base.state_dict().items())
 
 
 @pytest.mark.parametrize("config,kind", list(cases_by_layer()))
@@ -176,3 +193,37 @@ def test_unsupported_layer_is_refused_naming_the_supported_types(family, config)
 def test_config_round_trips_through_its_dict(family, config):
     data = config.to_dict()
     assert data["family"] == family and AdapterConfig.from_dict(data) == config
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+@pytest.mark.parametrize("config,kind", list(cases_by_layer()))
+def test_whole_model_state_dict_round_trip(config, kind, merged):
+    """A whole-model ``state_dict()`` (base weights included) loads into a freshly adapted model exactly, merged or
+    not: the state records each layer's merged flag, so merged base weights never get the adapter applied twice.
+    Adapter files are unaffected: ``adapter_state`` holds no flag."""
+    model, x = net(kind)
+    fresh = copy.deepcopy(model)
+    boftlab.adapt(model, config, targets=["layer"], trainable=["head"])
+    perturb(model.layer)
+    if merged:
+        boftlab.merge(model)
+    expected = model(x)
+    state = model.state_dict()
+    assert state[f"layer.{MERGED_KEY}"].item() is merged and MERGED_KEY not in model.layer.adapter_state()
+    boftlab.adapt(fresh, config, targets=["layer"], trainable=["head"])
+    fresh.load_state_dict(state)
+    assert fresh.layer.merged is merged
+    torch.testing.assert_close(fresh(x), expected, rtol=0, atol=0)
+    if merged:
+        boftlab.unmerge(fresh), boftlab.unmerge(model)
+        torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+        assert torch.equal(fresh.layer.base_layer.weight, model.layer.base_layer.weight)
+
+
+def test_state_dict_without_merged_flags_is_missing_keys():
+    """A strict load of a state_dict with base weights but no merged flag (not from this boftlab) names the keys."""
+    model, x = net(nn.Linear)
+    boftlab.adapt(model, CONFIGS["boft"][0], targets=["layer"])
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith(f".{MERGED_KEY}")}
+    with pytest.raises(RuntimeError, match=rf'Missing key\(s\) in state_dict: "layer.{MERGED_KEY}"'):
+        model.load_state_dict(state)

@@ -148,3 +148,62 @@ def test_bad_config_and_trainable():
         boftlab.adapt(Net(), {"block_size": 4}, targets=["query"])
     with pytest.raises(ValueError, match="trainable='classifier' matched no module"):
         boftlab.adapt(Net(), BOFTConfig(block_size=4), targets=["query"], trainable=["classifier"])
+
+
+# --- tied weights ------------------------------------------------------------------------------------------------------
+class TiedLM(nn.Module):
+    """An embedding and an output layer that share one weight tensor, as in most small LMs (tie_word_embeddings)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(40, 16)
+        self.body = nn.Linear(16, 16)
+        self.lm_head = nn.Linear(16, 40, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.lm_head(torch.tanh(self.body(self.embed(ids))))
+
+
+def test_adapting_a_tied_weight_is_refused_naming_the_tie_and_the_fixes():
+    model = TiedLM()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    message = (r"cannot adapt 'lm_head': 'lm_head.weight' is the same tensor as 'embed.weight' \(tied weights\): "
+               r"merging the adapter would rewrite the other module too. Leave it out of targets, or pass "
+               r"adapt\(\.\.\., untie=True\)")
+    with pytest.raises(ValueError, match=message):
+        boftlab.adapt(model, BOFTConfig(block_size=4), targets=nn.Linear)  # a type sweeps the tied head in
+    assert not boftlab.adapter_layers(model) and model.lm_head.weight is model.embed.weight
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    boftlab.adapt(model, BOFTConfig(block_size=4), targets=["body"])  # the untied layers adapt as before
+
+
+def test_untie_adapts_a_copy_that_merges_without_touching_its_partner():
+    model = TiedLM()
+    ids = torch.randint(0, 40, (3, 7))
+    embed = model.embed.weight.detach().clone()
+    boftlab.adapt(model, BOFTConfig(block_size=4), targets=nn.Linear, untie=True)
+    head = model.lm_head.base_layer
+    assert head.weight is not model.embed.weight and torch.equal(head.weight, embed)  # its own copy, same values
+    assert not head.weight.requires_grad and not model.embed.weight.requires_grad
+    perturb(model)
+    adapted = model(ids)
+    boftlab.merge(model)
+    assert torch.equal(model.embed.weight, embed) and not torch.equal(head.weight, embed)
+    torch.testing.assert_close(model(ids), adapted, rtol=1e-5, atol=1e-5)
+    plain = boftlab.unwrap(boftlab.unmerge(model))
+    assert torch.equal(plain.embed.weight, embed)
+    torch.testing.assert_close(plain(ids), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_and_unwrap_never_write_into_a_shared_tensor():
+    """Tied after adapting (behind adapt's back): merge and unwrap refuse, and nothing changes."""
+    model = perturb(boftlab.adapt(TiedLM(), BOFTConfig(block_size=4), targets=["body"]))
+    model.embed.weight = model.body.base_layer.weight  # a (16, 16) table sharing the adapted layer's weight
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for call in (boftlab.merge, boftlab.unwrap):
+        with pytest.raises(ValueError, match=r"'body.base_layer.weight' is the same tensor as 'embed.weight'.*"
+                                             r"Nothing was changed"):
+            call(model)
+        assert isinstance(model.body, BOFTLayer) and not model.body.merged
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -84,6 +84,35 @@ def test_llama_config_causal_lm(tmp_path):
     assert {layer.family for layer in boftlab.adapter_layers(model).values()} == {"boft", "oft"}
 
 
+def test_llama_with_tied_word_embeddings(tmp_path):
+    """tie_word_embeddings=True: lm_head shares embed_tokens' weight. targets=nn.Linear sweeps lm_head in and is
+    refused, naming the tie; untie=True adapts a copy, and merging leaves embed_tokens exactly as it was."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = torch.randint(0, 101, (2, 12))
+    with pytest.raises(ValueError, match=r"cannot adapt 'lm_head': 'lm_head.weight' is the same tensor as "
+                                         r"'model.embed_tokens.weight' \(tied weights\).*untie=True"):
+        boftlab.adapt(model, BOFTConfig(block_size=8), targets=nn.Linear)
+    assert not boftlab.adapter_layers(model)
+    embed = model.model.embed_tokens.weight.detach().clone()
+    boftlab.adapt(model, BOFTConfig(block_size=8), targets=nn.Linear, untie=True)
+    with torch.no_grad():
+        for layer in boftlab.adapter_layers(model).values():
+            layer.skew.normal_(0, 0.05)
+        adapted = model(ids).logits
+        plain = boftlab.unwrap(model)
+        assert torch.equal(plain.model.embed_tokens.weight, embed) and not torch.equal(plain.lm_head.weight, embed)
+        torch.testing.assert_close(plain(ids).logits, adapted, rtol=1e-4, atol=1e-4)
+        plain.save_pretrained(tmp_path)  # transformers keeps two different tensors apart, whatever the config says
+        torch.testing.assert_close(LlamaForCausalLM.from_pretrained(tmp_path)(ids).logits, adapted, rtol=1e-4, atol=1e-4)
+
+
 def test_timm_vit(tmp_path):
     import timm
 

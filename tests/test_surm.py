@@ -2,6 +2,8 @@
 merging in both modes, half precision, bad configs, boftlab.adapt on a tiny BERT, and LoRA-style
 SURM on Conv1d/2d/3d."""
 
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -285,6 +287,16 @@ def test_identity_adapter_merges_exactly(structure):
     layer.unmerge()
     assert torch.allclose(layer.base_layer.weight, weight, atol=1e-10)
     assert torch.allclose(layer.base_layer.bias, bias, atol=1e-10)
+
+
+@pytest.mark.parametrize("activation", ["identity", "gelu", "tanh", "silu"])
+def test_adapter_layers_pickle_with_every_activation(activation):
+    """Activations are named functions, so an adapted model pickles (copy.deepcopy, torch.save, multiprocessing)."""
+    layer = surm_linear("circulant", 8, 8, mode="adapter", activation=activation)
+    x = torch.randn(3, 8, dtype=F64)
+    restored = pickle.loads(pickle.dumps(layer))
+    assert restored.activation is layer.activation
+    torch.testing.assert_close(restored(x), layer(x), rtol=0, atol=0)
 
 
 def test_nonlinear_adapter_refuses_to_merge():
