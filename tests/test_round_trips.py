@@ -1,0 +1,259 @@
+"""Randomized round trips: every family × random configurations, layer types, dtypes and faults, through merge →
+unmerge, save → load, a whole-model state_dict (unmerged and merged) and pickle. Each is exact — bit for bit, or for
+merge → unmerge to the bound the weight's dtype allows — or a ValueError that leaves the model exactly as it was.
+
+The merge → unmerge bound, from the unit roundoff u = eps/2 of the weight's dtype (merges compute in fp64 and round
+once; ``contract.merge_dtype``):
+
+* additive families (SURM mode="lora", tensor core): W' = fl(W + ΔW), W_rec = fl(W' − ΔW), so entrywise
+  |W_rec − W| ≤ u·(|W| + |W'|);
+* BOFT / OFT, W' = fl(diag(s)·W·Rᵀ): per row ‖W_rec,i − W_i‖ ≤ (1 + κ(R))·u·‖W_i‖;
+* SURM mode="adapter" (identity), W' = fl(M·W) with M = I + α·S: per column ‖W_rec,:j − W_:j‖ ≤ (1 + κ(M))·u·‖W_:j‖,
+  and for the bias, bias' = fl(M·bias + b): ‖bias_rec − bias‖ ≤ u·((1 + κ(M))·‖bias‖ + ‖M⁻¹‖·‖b‖);
+
+plus what the fp64 arithmetic itself adds (``FP64_SLACK``, a few ulps of fp64 times κ).
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import random
+
+import pytest
+import torch
+from torch import nn
+
+import boftlab
+from boftlab.butterfly_structure import valid_n_factors
+from boftlab.contract import FAMILIES, MERGED_KEY
+from boftlab.surm import ACTIVATIONS, STRUCTURES
+
+N_CASES = 48
+DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+#: one base layer (fan-in 16 everywhere, so every block size below fits) and one input per layer type
+LAYERS = {
+    nn.Linear: (lambda bias: nn.Linear(16, 12, bias=bias), lambda: torch.randn(3, 16)),
+    nn.Conv1d: (lambda bias: nn.Conv1d(8, 6, 2, bias=bias), lambda: torch.randn(2, 8, 5)),
+    nn.Conv2d: (lambda bias: nn.Conv2d(4, 6, 2, padding=1, bias=bias), lambda: torch.randn(2, 4, 4, 4)),
+    nn.Conv3d: (lambda bias: nn.Conv3d(2, 6, 2, bias=bias), lambda: torch.randn(2, 2, 3, 3, 3)),
+    nn.Embedding: (lambda bias: nn.Embedding(20, 12), lambda: torch.randint(0, 20, (3, 5))),
+}
+FP64_SLACK = 256 * torch.finfo(torch.float64).eps
+
+
+def random_config(rng: random.Random, family: str):
+    """A random valid config of ``family`` (every option that changes the math or the layer types)."""
+    if family in ("boft", "oft"):
+        block_size = rng.choice([2, 4, 8, 16] if family == "oft" else [2, 4, 8])
+        options = dict(block_size=block_size, scale=rng.random() < 0.7, coft=rng.random() < 0.2,
+                       neumann_terms=rng.choice([None, None, 2, 3, 4, 5]), dropout=rng.choice([0.0, 0.0, 0.3]))
+        if family == "boft":
+            options["n_factors"] = rng.choice(valid_n_factors(16, block_size))
+            return boftlab.BOFTConfig(**options)
+        return boftlab.OFTConfig(**options)
+    alpha = rng.choice([-1, 1]) * rng.uniform(0.2, 1.5)
+    if family == "tensor_core":
+        return boftlab.TensorCoreConfig(ranks=rng.randint(1, 3), alpha=alpha)
+    structure = rng.choice(STRUCTURES)
+    options = dict(structure=structure, alpha=alpha, mode=rng.choice(["lora", "adapter"]))
+    if structure == "ldr":
+        options["displacement_rank"] = rng.randint(1, 3)
+    if options["mode"] == "adapter":
+        options |= dict(activation=rng.choice(sorted(ACTIVATIONS) + ["identity"]), bias=rng.random() < 0.5)
+    return boftlab.SURMConfig(**options)
+
+
+class Net(nn.Module):
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+def draw(seed: int) -> dict:
+    """One random case: config, layer type, dtype, and perhaps a fault that must make merge refuse."""
+    rng = random.Random(seed)
+    family = sorted(FAMILIES)[seed % len(FAMILIES)]  # every family equally often
+    config = random_config(rng, family)
+    kinds = config.supported_layers()
+    kind = kinds[(seed // len(FAMILIES)) % len(kinds)]  # every layer type the family supports in turn
+    faults = ["nan", "inf"]
+    if getattr(config, "scale", False):
+        faults.append("zero_scale")
+    return dict(seed=seed, config=config, kind=kind, dtype=rng.choice(DTYPES), base_bias=rng.random() < 0.8,
+                cast_adapter=rng.random() < 0.3, train_mode_merge=rng.random() < 0.3,
+                fault=rng.choice(faults) if rng.random() < 0.25 else None)
+
+
+def build(case: dict, adapted: bool = True) -> tuple[Net, torch.Tensor]:
+    """The case's model (same base weights every call) and input; adapted with trained-looking adapter values."""
+    torch.manual_seed(case["seed"])
+    make_layer, make_input = LAYERS[case["kind"]]
+    model, x = Net(make_layer(case["base_bias"]).to(case["dtype"])), make_input()
+    if x.is_floating_point():
+        x = x.to(case["dtype"])
+    if not adapted:
+        return model, x
+    boftlab.adapt(model, case["config"], targets=["layer"])
+    if case["cast_adapter"]:
+        model.to(case["dtype"])
+    layer = model.layer
+    with torch.no_grad():
+        for p in layer.adapter_parameters().values():
+            p.add_(0.2 * torch.randn_like(p))
+        if case["fault"] in ("nan", "inf"):
+            p = next(iter(layer.adapter_parameters().values()))
+            p[(0,) * p.dim()] = float(case["fault"])
+        elif case["fault"] == "zero_scale":
+            layer.scale[1] = 0.0
+    return model.eval(), x
+
+
+def must_refuse_merge(case: dict) -> bool:
+    config = case["config"]
+    if case["fault"]:
+        return True
+    if config.family == "surm" and config.mode == "adapter":
+        return config.activation != "identity" or (config.bias and not case["base_bias"])
+    return False
+
+
+def snapshot(model: Net) -> tuple:
+    layer = model.layer
+    return layer.merged, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(before: tuple, after: tuple) -> None:
+    assert before[0] == after[0] and before[1].keys() == after[1].keys()
+    for key, value in before[1].items():
+        torch.testing.assert_close(after[1][key], value, rtol=0, atol=0, equal_nan=True)
+
+
+def assert_same_output(model: nn.Module, other: nn.Module, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), model(x), rtol=0, atol=0, equal_nan=True)
+
+
+def unmerge_bounds(layer, before: dict[str, torch.Tensor], merged: dict[str, torch.Tensor]):
+    """name -> (error after merge → unmerge, its bound), in fp64, from the module docstring."""
+    u = torch.finfo(before["weight"].dtype).eps / 2
+    W, Wm = before["weight"].double(), merged["weight"].double()
+    W_rec = layer.base_layer.weight.double()
+    family = layer.config.family
+    if family in ("boft", "oft"):
+        blocks = layer.cayley_blocks().double()
+        R = layer.rotate(torch.eye(layer.fan_in, dtype=torch.float64), blocks=blocks)
+        kappa = torch.linalg.cond(R).item()
+        rows = W.reshape(W.shape[0], -1)
+        error = (W_rec - W).reshape(rows.shape).norm(dim=1)
+        return {"weight": (error, ((1 + kappa) * u * 1.001 + FP64_SLACK * kappa) * rows.norm(dim=1))}
+    if family == "surm" and layer.config.mode == "adapter":
+        mixing = layer._mixing(torch.float64)
+        kappa, inverse_norm = torch.linalg.cond(mixing).item(), torch.linalg.matrix_norm(torch.linalg.inv(mixing), 2).item()
+        slack = (1 + kappa) * u * 1.001 + FP64_SLACK * kappa
+        bounds = {"weight": ((W_rec - W).norm(dim=0), slack * W.norm(dim=0))}
+        if "bias" in before:
+            bias, bias_rec = before["bias"].double(), layer.base_layer.bias.double()
+            extra = 0.0 if layer.adapter_bias is None else inverse_norm * layer.adapter_bias.double().norm().item()
+            bounds["bias"] = ((bias_rec - bias).norm(), slack * bias.norm() + (u * 1.001 + FP64_SLACK) * extra)
+        return bounds
+    return {"weight": ((W_rec - W).abs(), (u * 1.001 + FP64_SLACK) * (W.abs() + Wm.abs()))}
+
+
+CASES = [draw(seed) for seed in range(N_CASES)]
+
+
+def case_id(case: dict) -> str:
+    options = ",".join(f"{k}={v}" for k, v in case["config"].to_dict().items() if k not in ("family", "path", "kernel")
+                       and v is not None)
+    fault = f"-{case['fault']}" if case["fault"] else ""
+    return f"{case['seed']}-{case['config'].family}({options})-{case['kind'].__name__}-{str(case['dtype'])[6:]}{fault}"
+
+
+def test_the_draw_covers_every_family_layer_type_dtype_and_fault():
+    assert {c["config"].family for c in CASES} == set(FAMILIES)
+    assert {c["kind"] for c in CASES} == set(LAYERS) and {c["dtype"] for c in CASES} == set(DTYPES)
+    assert {c["fault"] for c in CASES} == {None, "nan", "inf", "zero_scale"}
+    assert any(must_refuse_merge(c) for c in CASES if not c["fault"])  # a non-linear or bias-less SURM adapter
+    assert any(c["config"].family == "boft" and c["config"].neumann_terms for c in CASES if not c["fault"])
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_merge_then_unmerge(case):
+    model, x = build(case)
+    before = snapshot(model)
+    model.train(case["train_mode_merge"])
+    if must_refuse_merge(case):
+        with pytest.raises(ValueError, match="cannot merge"):
+            boftlab.merge(model)
+        assert_same_state(before, snapshot(model))
+        return
+    with torch.no_grad():
+        expected = model.eval()(x)
+    original = {k: v.clone() for k, v in model.layer.base_layer.state_dict().items()}
+    boftlab.merge(model.train(case["train_mode_merge"]))
+    merged = {k: v.clone() for k, v in model.layer.base_layer.state_dict().items()}
+    # the merged layer computes what the adapted one does, to the precision of the weight or of the adapter's own
+    # tensors (fp32 unless cast), whichever is coarser
+    eps = max(torch.finfo(t.dtype).eps for t in [*merged.values(), *model.layer.adapter_parameters().values()])
+    with torch.no_grad():
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(model.eval()(x), expected, rtol=64 * eps, atol=64 * eps * scale)
+    boftlab.unmerge(model)
+    for name, (error, bound) in unmerge_bounds(model.layer, original, merged).items():
+        assert (error <= bound).all(), f"{name}: error/bound up to {(error / bound).max().item():.3g}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_save_then_load(case, tmp_path, request):
+    if case["cast_adapter"] and case["dtype"] == torch.float64:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "load_adapter builds fp32 adapter tensors and copies the file's fp64 values into them, rounding: the "
+            "files side of issue 14 (saving.py) makes this exact or a refusal")))
+    model, x = build(case)
+    try:
+        boftlab.save_adapter(model, tmp_path / "adapter")
+    except ValueError:  # a non-finite adapter may be refused at save time: then no file is left behind
+        assert case["fault"] in ("nan", "inf") and not (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+        return
+    loaded = boftlab.load_adapter(build(case, adapted=False)[0], tmp_path / "adapter").eval()
+    assert loaded.layer.config == model.layer.config
+    assert_same_output(model, loaded, x)
+
+
+@pytest.mark.parametrize("merge", [False, True], ids=["unmerged", "merged"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_whole_model_state_dict(case, merge):
+    model, x = build(case)
+    if merge:
+        if must_refuse_merge(case):
+            return  # refused: test_merge_then_unmerge checks that it changes nothing
+        boftlab.merge(model)
+    state = model.state_dict()
+    assert state[f"layer.{MERGED_KEY}"].item() is merge
+    fresh = build(case)[0]
+    with torch.no_grad():
+        for p in fresh.layer.adapter_parameters().values():
+            p.add_(1.0)  # other adapter values: the load must replace them all
+    fresh.load_state_dict(state)
+    assert fresh.layer.merged is merge
+    assert_same_state(snapshot(model), snapshot(fresh))
+    assert_same_output(model, fresh, x)
+    if merge:
+        boftlab.unmerge(model), boftlab.unmerge(fresh)
+        assert_same_state(snapshot(model), snapshot(fresh))
+
+
+@pytest.mark.parametrize("merge", [False, True], ids=["unmerged", "merged"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_pickle(case, merge):
+    model, x = build(case)
+    if merge and not must_refuse_merge(case):
+        boftlab.merge(model)
+    restored = pickle.loads(pickle.dumps(model))
+    assert_same_state(snapshot(model), snapshot(restored))
+    assert_same_output(model, restored, x)
+    assert_same_output(model, copy.deepcopy(model), x)
