@@ -378,8 +378,8 @@ class BOFTLayer(AdapterLayer):
         merged = weight.reshape(self.out_features, self.fan_in).to(merge_dtype(weight))
         if self.scale is not None:
             merged = merged / self.scale.to(merged.dtype)[:, None]
-        blocks = self.cayley_blocks().to(merged.dtype)
-        return {"weight": unrotate_rows(merged, blocks, self._gathers(transpose=False)).reshape(weight.shape).to(weight.dtype)}
+        restored = unrotate_rows(merged, self.cayley_blocks().to(merged.dtype), self._gathers(transpose=False))
+        return {"weight": restored.reshape(weight.shape).to(weight.dtype)}
 
     def _check_scale_invertible(self, action: str) -> None:
         if self.scale is None or not (self.scale == 0).any():

@@ -289,9 +289,9 @@ class AdapterLayer(nn.Module):
                 else f"the base layer's {base} already hold NaN/inf" if base
                 else f"the result overflows {self.base_layer.weight.dtype}"
             )
+            counts = ", ".join(f"{name}: {count} value(s)" for name, count in broken.items())
             raise ValueError(
-                f"cannot {action}: the new base tensor(s) would hold NaN/inf ({', '.join(f'{n}: {c} value(s)' for n, c in broken.items())}) "
-                f"— {cause}. Nothing was changed."
+                f"cannot {action}: the new base tensor(s) would hold NaN/inf ({counts}) — {cause}. Nothing was changed."
             )
         return tensors
 
@@ -317,10 +317,12 @@ class AdapterLayer(nn.Module):
         has_adapter = any(prefix + k in state_dict for k in self.adapter_state())
         problem = None
         if has_flag and not has_base and merged != self.merged:
-            problem = f"it says merged={merged} but holds no base tensors to go with that (this layer is merged={self.merged})"
+            problem = f"it says merged={merged} but holds no base tensors (the layer is merged={self.merged})"
         elif merged and has_adapter != has_base:
-            problem = ("it holds merged base tensors without the adapter tensors merged into them" if has_base
-                       else "it holds adapter tensors for a merged layer, whose base tensors have another adapter folded in")
+            problem = (
+                "it holds merged base tensors without the adapter tensors merged into them" if has_base
+                else "it holds adapter tensors for a merged layer, whose base tensors have another adapter folded in"
+            )
         elif merged and has_base and not has_flag:
             problem = "it holds base tensors without a merged flag, so it is unknown whether they are merged"
         if problem:
@@ -329,7 +331,9 @@ class AdapterLayer(nn.Module):
                 f"state_dict() of an adapted model (it records each layer's '{MERGED_KEY}' flag), or unmerge first."
             )
         errors = len(error_msgs)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         if key in unexpected_keys:
             unexpected_keys.remove(key)
         if not has_flag:

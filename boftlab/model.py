@@ -132,7 +132,7 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 # --- shared tensors ----------------------------------------------------------------------------------------------------
-def tensor_holders(model: nn.Module) -> dict[tuple, list[str]]:
+def _tensor_holders(model: nn.Module) -> dict[tuple, list[str]]:
     """Storage -> the names ("module.attr") of every parameter and buffer of ``model`` that lives in it; a module
     reachable under several names is listed under each. O(number of tensors)."""
     holders: dict[tuple, list[str]] = defaultdict(list)
@@ -150,14 +150,14 @@ def _storage(tensor: torch.Tensor) -> tuple:
 def shared_tensors(model: nn.Module, owned: dict[str, torch.Tensor]) -> dict[str, list[str]]:
     """For each ``"module.attr": tensor`` in ``owned``, the other names in ``model`` whose tensor shares its storage
     (tied weights, or a module registered under two names); only the shared ones are returned."""
-    holders = tensor_holders(model)
+    holders = _tensor_holders(model)
     shared = {name: [h for h in holders[_storage(t)] if h != name] for name, t in owned.items() if t.numel()}
     return {name: others for name, others in shared.items() if others}
 
 
 def _describe_ties(ties: dict[str, list[str]]) -> str:
-    shown = "; ".join(f"{name!r} is the same tensor as {', '.join(map(repr, others))}" for name, others in list(ties.items())[:5])
-    return shown + (f"; … ({len(ties) - 5} more)" if len(ties) > 5 else "")
+    shown = [f"{name!r} is the same tensor as {', '.join(map(repr, others))}" for name, others in ties.items()]
+    return "; ".join(shown[:5]) + (f"; … ({len(shown) - 5} more)" if len(shown) > 5 else "")
 
 
 def build_layers(

@@ -463,7 +463,9 @@ class SURMConfig(AdapterConfig):
             if self.structure != "kronecker":
                 raise ValueError(f"kronecker_shape only applies to structure='kronecker', not {self.structure!r}")
             if not isinstance(self.kronecker_shape, (tuple, list)) or len(self.kronecker_shape) != 2:
-                raise ValueError(f"kronecker_shape is the shape (rows, cols) of the first factor A, got {self.kronecker_shape!r}")
+                raise ValueError(
+                    f"kronecker_shape is the shape (rows, cols) of the first factor A, got {self.kronecker_shape!r}"
+                )
             self.kronecker_shape = tuple(check_integer("kronecker_shape entries", n) for n in self.kronecker_shape)
         if self.mode == "adapter":
             self.activation = "gelu" if self.activation is None else self.activation
