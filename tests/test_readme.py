@@ -33,3 +33,14 @@ def test_fine_tuning_tables_are_the_committed_run():
     assert len(rows) >= 3 * 10 and all(row in section for row in rows)
     for stem in re.findall(r"!\[(\w+)\]", text):
         assert f"](docs/results/ci/{stem}.png)" in section and (results / f"{stem}.png").is_file()
+
+
+def test_reliability_counts_are_the_catalogues():
+    """The Reliability section's counts are those of the bad-input catalogue and the randomized round trips."""
+    import test_bad_inputs
+    import test_round_trips
+
+    section = README.read_text().split("## Reliability")[1].split("\n## ")[0]
+    assert f"{len(test_bad_inputs.CONFIG_CASES)} bad configs" in section
+    assert f"{len(test_bad_inputs.MODEL_CASES)} bad calls on a model" in section
+    assert f"draws {test_round_trips.N_CASES} seeded random cases" in section
