@@ -161,6 +161,13 @@ def with_shared_weight(model=None):
     return model
 
 
+def with_alias():
+    """``query`` is also registered as ``alias``: one module under two names."""
+    model = plain()
+    model.alias = model.query
+    return model
+
+
 def adapted_then_tied():
     model = adapted()
     model.value.base_layer.weight = model.query.base_layer.weight  # tied after adapting, behind boftlab's back
@@ -227,8 +234,8 @@ MODEL_CASES = [
     case("adapt_tied_weight", with_shared_weight, lambda m, t: boftlab.adapt(m, BOFTConfig(block_size=4), ["query"]),
          r"cannot adapt 'query': 'query.weight' is the same tensor as 'value.weight' \(tied weights\).*Leave it out of "
          r"targets, or pass adapt\(\.\.\., untie=True\)"),
-    case("adapt_module_under_two_names", lambda: setattr(m := plain(), "alias", m.query) or m,
-         lambda m, t: boftlab.adapt(m, BOFTConfig(block_size=4), ["query"]), r"'query.weight' is the same tensor as 'alias.weight'"),
+    case("adapt_module_under_two_names", with_alias, lambda m, t: boftlab.adapt(m, BOFTConfig(block_size=4), ["query"]),
+         r"'query.weight' is the same tensor as 'alias.weight'"),
     case("merge_into_shared_weight", adapted_then_tied, lambda m, t: boftlab.merge(m),
          r"merge: 'query.base_layer.weight' is the same tensor as 'value.base_layer.weight'.*Nothing was changed"),
     case("unwrap_into_shared_weight", adapted_then_tied, lambda m, t: boftlab.unwrap(m), r"same tensor as"),
