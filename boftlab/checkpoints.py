@@ -7,8 +7,10 @@ A checkpoint is a single safetensors file: every tensor (adapter and trainable-m
 RNG states) is a safetensors tensor, and everything else (step, scheduler counters, optimizer hyper-parameters,
 Python/NumPy RNG states, the adapter config) is JSON in the file's metadata. Nothing is ever unpickled, and the
 file is replaced atomically (``boftlab.saving.atomic_write``), so a crash during a save leaves the previous
-checkpoint intact. With fixed seeds, a run resumed from a checkpoint reproduces the uninterrupted run's losses
-exactly (tests/test_checkpoints.py).
+checkpoint intact. Like an adapter file it carries a SHA-256 of its metadata and tensors (``boftlab.saving``), checked
+when loading; model tensors holding a NaN or an infinity are refused when saving and when loading. Format version 2
+added the checksum; version-1 checkpoints, written before it, load without one. With fixed seeds, a run resumed from
+a checkpoint reproduces the uninterrupted run's losses exactly (tests/test_checkpoints.py).
 
 ``model`` is the adapted model (or its DDP / ``torch.compile`` wrapper); resume into a model adapted with the same
 configs and targets, and an optimizer built over the same parameters in the same order. Random states are those of
@@ -28,14 +30,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
 from .model import adapter_layers, strip_wrappers
-from .saving import adapter_config, adapter_state, atomic_write, read_safetensors, upgrade_config
+from .saving import (
+    adapter_config, adapter_state, atomic_write, check_finite, read_safetensors, safetensors_writer, upgrade_config,
+)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+CHECKSUMMED_SINCE = 2  # the first checkpoint format version whose files carry a checksum
 CHECKPOINT_NAME = "training_checkpoint.safetensors"
 METADATA_KEY = "boftlab_checkpoint"
 
@@ -175,6 +179,7 @@ def save_checkpoint(
     if file.exists() and not file.is_file():
         raise ValueError(f"save_checkpoint writes the file {str(file)!r}, but a directory is there")
     tensors: dict[str, torch.Tensor] = {}
+    check_finite(adapter_state(model), "save_checkpoint refuses to write a model with")
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "boftlab_version": __version__,
@@ -195,21 +200,23 @@ def save_checkpoint(
     if scheduler is not None:
         meta["scheduler"] = {"class": type(scheduler).__name__, "state": encode(scheduler.state_dict(), "scheduler", tensors)}
     text = json.dumps(meta)
-    atomic_write(file, lambda tmp: save_file(tensors, tmp, metadata={METADATA_KEY: text}))
+    atomic_write(file, safetensors_writer(tensors, {METADATA_KEY: text}))
     return file
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(metadata, tensors) of a checkpoint file, validated for format; never unpickles."""
+    """(metadata, tensors) of a checkpoint file, validated for format and checksum, its model tensors finite; never
+    unpickles."""
     file = checkpoint_file(path)
     if not file.is_file():
         raise ValueError(f"no training checkpoint at {str(path)!r}: expected {str(file)!r}")
-    meta, tensors = read_safetensors(file, METADATA_KEY, "training checkpoint")
-    if meta.get("format_version") != FORMAT_VERSION:
+    meta, tensors = read_safetensors(file, METADATA_KEY, "training checkpoint", CHECKSUMMED_SINCE)
+    if meta.get("format_version") not in range(1, FORMAT_VERSION + 1):
         raise ValueError(
             f"{str(file)!r} has checkpoint format version {meta.get('format_version')!r}; this boftlab "
-            f"({__version__}) reads version {FORMAT_VERSION}"
+            f"({__version__}) reads versions 1..{FORMAT_VERSION}"
         )
+    check_finite({k: v for k, v in tensors.items() if k.startswith("model.")}, f"the checkpoint {str(file)!r} holds")
     return {**meta, "adapter": upgrade_config(meta["adapter"])}, tensors
 
 

@@ -1,28 +1,40 @@
-"""Saving and loading adapters: safetensors only (nothing is ever unpickled), atomic writes, strict checks.
+"""Saving and loading adapters: safetensors only (nothing is ever unpickled), atomic writes, checksums, strict checks.
 
-An adapter directory holds
+``save_adapter(model, "dir")`` writes a directory holding
 
     adapter_model.safetensors   the adapters' tensors (and those of modules kept trainable, e.g. a head), with the
-                                adapter config embedded in the file's metadata under "boftlab" — one file, written
-                                atomically, so weights and config can never disagree;
-    adapter_config.json         the same config, pretty-printed for people and tools.
+                                adapter config embedded in the file's metadata under "boftlab" and a checksum under
+                                "boftlab_sha256";
+    adapter_config.json         the same config, pretty-printed for people and tools;
 
-The config records, per group of layers sharing one config: the family and hyper-parameters, the target module
-names, their base-layer types and weight shapes; plus the boftlab version and a format version.
+``save_adapter(model, "x/adapter.safetensors")`` writes that one file (the config lives inside it). The config records,
+per group of layers sharing one config: the family and hyper-parameters, the target module names, their base-layer
+types and weight shapes; plus the boftlab version and a format version.
+
+What a file promises. The checksum is a SHA-256 over the embedded config and every tensor's name, dtype, shape and
+bytes (``payload_checksum``): a flipped bit anywhere in the payload or the config makes loading raise, naming the file.
+Non-finite tensors (NaN/inf, e.g. after a diverged step) are refused when saving and when loading. Each file is
+written to a temporary name and renamed over the old one, so a crash leaves the previous save intact; the two files
+of a directory are renamed one right after the other, and if they ever disagree (a save interrupted between the two
+renames, or a hand-edited ``adapter_config.json``) loading refuses: the embedded config is the one written with the
+tensors and covered by the checksum, the JSON is a copy, and which one the user meant is not knowable.
 Loading validates everything against the model before changing it: on any error the model is left untouched.
 
-Format versions: 1, then 2, where the tensor core's constant multiplier is ``alpha`` (was ``scale``, SURM's name for
-the same thing) and its factorised forward is ``path="input"`` (was ``"factorised"``, the contract's one vocabulary).
-A version-1 file is read with those two names translated (``upgrade_config``); any other unknown option is refused.
+Format versions: 1; 2, where the tensor core's constant multiplier is ``alpha`` (was ``scale``, SURM's name for the
+same thing) and its factorised forward is ``path="input"`` (was ``"factorised"``, the contract's one vocabulary);
+3, where every file carries the checksum. Files of versions 1 and 2 were written before checksums and load without
+one (their format version says so); a version-3 file without a checksum is refused. A version-1 file is read with
+the two names translated (``upgrade_config``); any other unknown option is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -33,30 +45,114 @@ from . import __version__
 from .contract import AdapterConfig, AdapterLayer
 from .model import TRAINABLE_ATTR, adapter_layers, build_layers, insert_layers, strip_wrappers
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+CHECKSUMMED_SINCE = 3  # the first adapter format version whose files carry CHECKSUM_KEY
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 METADATA_KEY = "boftlab"
+CHECKSUM_KEY = "boftlab_sha256"
 
 
-# --- writing ---------------------------------------------------------------------------------------------------------
-def atomic_write(path: Path, write: Any) -> None:
+# --- the file format: checksummed safetensors, written atomically -----------------------------------------------------
+def payload_checksum(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 (hex) over every metadata entry but the checksum itself and every tensor's name, dtype, shape and bytes,
+    each in sorted order — independent of how safetensors lays the tensors out. O(total bytes)."""
+    digest = hashlib.sha256()
+    for key in sorted(k for k in metadata if k != CHECKSUM_KEY):
+        digest.update(json.dumps(["metadata", key, metadata[key]]).encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        digest.update(json.dumps(["tensor", name, str(tensor.dtype), list(tensor.shape)]).encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # the length follows from dtype and shape
+    return digest.hexdigest()
+
+
+def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """ValueError naming every floating-point tensor of ``tensors`` that holds a NaN or an infinity. O(total size)."""
+    bad = []
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() or tensor.is_complex():
+            finite = torch.isfinite(tensor)
+            if not bool(finite.all()):
+                nan = int(torch.isnan(tensor).sum())
+                bad.append(f"{name!r} ({nan} NaN, {int((~finite).sum()) - nan} inf of {tensor.numel()})")
+    if bad:
+        raise ValueError(
+            f"{what} non-finite values in {len(bad)} tensor(s): {', '.join(bad[:10])}{' …' if len(bad) > 10 else ''}. "
+            "A NaN or inf usually comes from a diverged step (learning rate too high, fp16 overflow); go back to an "
+            "earlier checkpoint or re-initialise those adapters. Nothing was written or changed."
+        )
+
+
+def safetensors_writer(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Callable[[str], None]:
+    """A ``write(path)`` for ``atomic_write``: ``tensors`` (on the CPU, contiguous) as a safetensors file with
+    ``metadata`` and its ``payload_checksum`` under ``CHECKSUM_KEY``."""
+    signed = {**metadata, CHECKSUM_KEY: payload_checksum(metadata, tensors)}
+    return lambda path: save_file(tensors, path, metadata=signed)
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``.
 
     The rename is atomic, so an interrupted save (crash, exception, full disk) leaves the old file intact.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    atomic_write_files({path: write})
+
+
+def atomic_write_files(writes: dict[Path, Callable[[str], None]]) -> None:
+    """``atomic_write`` for several files: every ``write`` runs on its temporary file first, then the renames follow
+    one another — an error in any write leaves every old file intact and no temporary file behind."""
+    temporary: dict[Path, str] = {}
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        for path, write in writes.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, temporary[path] = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
+            write(temporary[path])
+        for path, tmp in temporary.items():
+            os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for tmp in temporary.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
         raise
 
 
+def read_safetensors(
+    file: Path, key: str, what: str, checksummed_since: int
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(the JSON stored under metadata ``key``, tensors) of a safetensors ``file`` boftlab wrote as ``what``
+    ("adapter", "training checkpoint"), its checksum verified. ValueError for an unreadable file, other metadata, bad
+    JSON, a checksum that does not match, or none in a file whose JSON ``format_version`` is ≥ ``checksummed_since``.
+    Never unpickles. O(file size)."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{str(file)!r} is not a readable safetensors file (truncated or corrupted?): {err}") from err
+    if key not in metadata:
+        raise ValueError(f"{str(file)!r} is a safetensors file but not a boftlab {what} (no {key!r} metadata)")
+    stored = metadata.get(CHECKSUM_KEY)
+    if stored is not None and stored != payload_checksum(metadata, tensors):
+        raise ValueError(
+            f"the {what} file {str(file)!r} is corrupted: its tensors or config no longer match the checksum written "
+            "with them (a flipped bit on disk or in transfer, or a file edited by hand). Use another copy of it."
+        )
+    try:
+        document = json.loads(metadata[key])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"the {what} metadata inside {str(file)!r} is not valid JSON: {err}") from err
+    version = document.get("format_version") if isinstance(document, dict) else None
+    if stored is None and isinstance(version, int) and version >= checksummed_since:
+        raise ValueError(
+            f"the {what} file {str(file)!r} says format version {version}, whose files carry a checksum "
+            f"({CHECKSUM_KEY!r} metadata), but it has none: it was damaged or not written by boftlab"
+        )
+    return document, tensors
+
+
+# --- writing adapters ------------------------------------------------------------------------------------------------
 def adapter_config(model: nn.Module) -> dict[str, Any]:
     """The JSON-able description of every adapter in ``model`` (what ``save_adapter`` writes)."""
     model = strip_wrappers(model)
@@ -97,37 +193,39 @@ def _named_state(layers: dict[str, AdapterLayer], trainable: dict[str, nn.Module
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write ``model``'s adapters to the directory ``path`` (created if needed). Returns the weights file's path."""
-    directory = Path(path)
-    if directory.exists() and not directory.is_dir():
-        raise ValueError(f"save_adapter writes a directory, but {str(directory)!r} is an existing file")
+    """Write ``model``'s adapters; returns the weights file's path. O(adapter size).
+
+    ``path``: a directory (created if needed) that receives ``adapter_model.safetensors`` and ``adapter_config.json``,
+    or a path ending in ``.safetensors``, written as that one file (its config is embedded). Refused, with nothing
+    written: a model without adapters, and any adapter or kept-trainable tensor holding a NaN or an infinity.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        if path.is_dir():
+            raise ValueError(
+                f"save_adapter writes the file {str(path)!r}, but a directory of that name is in the way; remove it "
+                "or choose another name"
+            )
+        file, copy = path, None
+    elif path.exists() and not path.is_dir():
+        raise ValueError(
+            f"save_adapter writes a directory, but {str(path)!r} is an existing file; give a directory, or a path "
+            "ending in .safetensors to write a single file"
+        )
+    else:
+        file, copy = path / WEIGHTS_NAME, path / CONFIG_NAME
     config = adapter_config(model)
-    text = json.dumps(config, indent=2)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state(model).items()}
-    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={METADATA_KEY: text}))
-    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text + "\n"))
-    return directory / WEIGHTS_NAME
+    check_finite(tensors, "save_adapter refuses to write an adapter with")
+    text = json.dumps(config, indent=2)
+    writes = {file: safetensors_writer(tensors, {METADATA_KEY: text})}
+    if copy is not None:
+        writes[copy] = lambda tmp: Path(tmp).write_text(text + "\n")
+    atomic_write_files(writes)
+    return file
 
 
-# --- reading ---------------------------------------------------------------------------------------------------------
-def read_safetensors(file: Path, key: str, what: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(the JSON stored under metadata ``key``, tensors) of a safetensors ``file`` boftlab wrote as ``what``
-    ("adapter", "training checkpoint"); ValueError for an unreadable file, other metadata or bad JSON. Never
-    unpickles."""
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{str(file)!r} is not a readable safetensors file (truncated or corrupted?): {err}") from err
-    if key not in metadata:
-        raise ValueError(f"{str(file)!r} is a safetensors file but not a boftlab {what} (no {key!r} metadata)")
-    try:
-        return json.loads(metadata[key]), tensors
-    except json.JSONDecodeError as err:
-        raise ValueError(f"the {what} metadata inside {str(file)!r} is not valid JSON: {err}") from err
-
-
+# --- reading adapters ------------------------------------------------------------------------------------------------
 def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
     """An adapter config (``adapter_config``'s dict) of any readable format version, in the current version's names.
 
@@ -148,21 +246,58 @@ def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(config, tensors) of an adapter directory or weights file, validated for format and in the current format's
-    names (``upgrade_config``); never unpickles."""
+    """(config, tensors) of an adapter directory or weights file, its checksum verified, its tensors finite, its
+    format readable, and in the current format's names (``upgrade_config``); never unpickles.
+
+    Beside an ``adapter_model.safetensors`` an ``adapter_config.json`` must say the same as the config embedded in the
+    weights (module docstring): when they differ the adapter is refused, naming the first differences.
+    """
     file = Path(path)
     if file.is_dir():
         file = file / WEIGHTS_NAME
     if not file.is_file():
-        raise ValueError(f"no adapter at {str(path)!r}: expected a directory containing {WEIGHTS_NAME}")
-    config, tensors = read_safetensors(file, METADATA_KEY, "adapter")
+        raise ValueError(
+            f"no adapter at {str(path)!r}: expected a directory containing {WEIGHTS_NAME}, or a .safetensors file"
+        )
+    config, tensors = read_safetensors(file, METADATA_KEY, "adapter", CHECKSUMMED_SINCE)
     version = config.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(
             f"{str(file)!r} has adapter format version {version!r}, but this boftlab ({__version__}) reads versions "
             f"1..{FORMAT_VERSION}; upgrade boftlab to load it"
         )
+    if file.name == WEIGHTS_NAME and (file.parent / CONFIG_NAME).is_file():
+        _check_config_copy(file, config)
+    check_finite(tensors, f"the adapter file {str(file)!r} holds")
     return upgrade_config(config), tensors
+
+
+def _check_config_copy(file: Path, config: dict[str, Any]) -> None:
+    """ValueError unless the ``adapter_config.json`` beside ``file`` holds ``config``, the weights' embedded one."""
+    copy_file = file.parent / CONFIG_NAME
+    try:
+        copy = json.loads(copy_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{str(copy_file)!r} is not valid JSON ({err}); delete it to load {str(file)!r}") from err
+    if copy != config:
+        differences = _differences(config, copy, "")
+        raise ValueError(
+            f"{str(copy_file)!r} disagrees with the config embedded in {str(file)!r}: "
+            f"{'; '.join(differences[:5])}{' …' if len(differences) > 5 else ''}. boftlab loads the embedded config "
+            "(written with the tensors, covered by their checksum), and will not guess which one you meant: to load "
+            "the adapter as saved, delete or restore adapter_config.json; to change the adapter, load it, change "
+            "the model, and save again"
+        )
+
+
+def _differences(embedded: Any, copy: Any, where: str) -> list[str]:
+    """Where two JSON documents differ, as ``"groups[0].config.alpha: 0.5 in the weights, 0.7 in the JSON"``."""
+    if isinstance(embedded, dict) and isinstance(copy, dict):
+        return [d for k in sorted(set(embedded) | set(copy), key=str)
+                for d in _differences(embedded.get(k, "(absent)"), copy.get(k, "(absent)"), f"{where}.{k}".lstrip("."))]
+    if isinstance(embedded, list) and isinstance(copy, list) and len(embedded) == len(copy):
+        return [d for i, (u, v) in enumerate(zip(embedded, copy)) for d in _differences(u, v, f"{where}[{i}]")]
+    return [] if embedded == copy else [f"{where or 'the whole config'}: {embedded!r} in the weights, {copy!r} in the JSON"]
 
 
 def _check_targets(model: nn.Module, group: dict[str, Any]) -> None:
@@ -190,8 +325,9 @@ def _check_targets(model: nn.Module, group: dict[str, Any]) -> None:
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Put the adapters saved at ``path`` on ``model`` (a freshly built base model), in place; returns ``model``.
 
-    Every check runs before the model changes: wrong architecture, missing or extra tensors, a corrupted file, an
-    unknown family or a newer format raise ``ValueError`` and leave the model as it was.
+    Every check runs before the model changes: wrong architecture, missing or extra tensors, a corrupted file (checksum),
+    non-finite values, an ``adapter_config.json`` that disagrees with the weights, an unknown family or a newer format
+    raise ``ValueError`` and leave the model as it was.
     """
     config, tensors = read_adapter(path)
     model = strip_wrappers(model)

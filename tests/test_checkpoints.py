@@ -114,13 +114,13 @@ def test_encode_decode_round_trip():
 def test_interrupted_checkpoint_keeps_previous(tmp_path, monkeypatch):
     model, optimizer, scheduler = build()
     previous = save_checkpoint(tmp_path, model, optimizer, scheduler, step=0).read_bytes()
-    import boftlab.checkpoints as checkpoints
+    import boftlab.saving as saving
 
     def crash_half_way(tensors, filename, metadata=None):
         open(filename, "wb").write(previous[:64])
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoints, "save_file", crash_half_way)
+    monkeypatch.setattr(saving, "save_file", crash_half_way)
     train(model, optimizer, scheduler, 1)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(tmp_path, model, optimizer, scheduler, step=1)
@@ -167,9 +167,9 @@ def test_checkpoint_with_format_1_adapter_names_resumes(tmp_path):
     import json
 
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     from boftlab.checkpoints import METADATA_KEY
+    from boftlab.saving import safetensors_writer
 
     def adapted():
         torch.manual_seed(0)
@@ -181,5 +181,49 @@ def test_checkpoint_with_format_1_adapter_names_resumes(tmp_path):
     meta["adapter"]["format_version"] = 1
     options = meta["adapter"]["groups"][0]["config"]
     options["scale"] = options.pop("alpha")
-    save_file(tensors, file, metadata={METADATA_KEY: json.dumps(meta)})
+    safetensors_writer(tensors, {METADATA_KEY: json.dumps(meta)})(file)
     assert load_checkpoint(tmp_path, adapted(), rng=False).step == 2
+
+
+def test_non_finite_model_is_not_checkpointed(tmp_path):
+    model, optimizer, scheduler = build()
+    previous = save_checkpoint(tmp_path, model, optimizer, scheduler, step=0).read_bytes()
+    with torch.no_grad():
+        model[2].skew[0, 1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"save_checkpoint refuses .* non-finite values in 1 tensor\(s\): '2.skew' \(1 NaN"):
+        save_checkpoint(tmp_path, model, optimizer, scheduler, step=1)
+    assert (tmp_path / CHECKPOINT_NAME).read_bytes() == previous
+
+
+def test_flipped_bit_in_a_checkpoint_is_refused_and_changes_nothing(tmp_path):
+    from test_saving import flip_bit
+
+    model, optimizer, scheduler = build()
+    train(model, optimizer, scheduler, 1)
+    file = save_checkpoint(tmp_path, model, optimizer, scheduler, step=1)
+    flip_bit(file, 12345)
+    fresh = build()
+    before = snapshot(*fresh)
+    with pytest.raises(ValueError, match=rf"training checkpoint file '{file}' is corrupted"):
+        load_checkpoint(tmp_path, *fresh)
+    assert_same(before, snapshot(*fresh))
+
+
+def test_checkpoint_without_a_checksum(tmp_path):
+    """Format 1 predates checksums and resumes without one; a format-2 checkpoint must carry one."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from boftlab.checkpoints import METADATA_KEY
+
+    model, optimizer, scheduler = build()
+    file = save_checkpoint(tmp_path, model, optimizer, scheduler, step=4)
+    with safe_open(str(file), framework="pt") as f:
+        meta, tensors = json.loads(f.metadata()[METADATA_KEY]), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, file, metadata={METADATA_KEY: json.dumps({**meta, "format_version": 1})})
+    assert load_checkpoint(tmp_path, *build()).step == 4
+    save_file(tensors, file, metadata={METADATA_KEY: json.dumps(meta)})
+    with pytest.raises(ValueError, match="says format version 2, whose files carry a checksum"):
+        load_checkpoint(tmp_path, *build())

@@ -10,7 +10,7 @@ from torch import nn
 
 import boftlab
 from boftlab import BOFTConfig, OFTConfig
-from boftlab.saving import CONFIG_NAME, WEIGHTS_NAME, read_adapter
+from boftlab.saving import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, read_adapter, safetensors_writer
 
 
 class Net(nn.Module):
@@ -69,7 +69,7 @@ def test_round_trip_reproduces_outputs(tmp_path):
 def test_saved_files(tmp_path):
     boftlab.save_adapter(adapted_net(), tmp_path)
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
-    assert config["format_version"] == 2 and config["boftlab_version"] == boftlab.__version__
+    assert config["format_version"] == FORMAT_VERSION == 3 and config["boftlab_version"] == boftlab.__version__
     groups = {g["config"]["family"]: g for g in config["groups"]}
     assert groups["boft"]["config"]["block_size"] == 4 and groups["boft"]["config"]["n_factors"] == 2
     assert groups["boft"]["targets"]["encoder.0"] == {"type": "Linear", "weight_shape": [16, 16]}
@@ -90,14 +90,20 @@ def test_shape_mismatch_is_refused_and_model_untouched(tmp_path):
     assert_untouched(other, before)
 
 
-def rewrite(path, change_tensors=None, change_config=None):
-    weights = path / WEIGHTS_NAME
+def rewrite(path, change_tensors=None, change_config=None, checksum=True):
+    """Rewrite a saved adapter directory with changed tensors or config, both files consistent (and the weights
+    checksummed unless ``checksum=False``): what a buggy or foreign writer could produce."""
     config, tensors = read_adapter(path)
     if change_tensors:
         change_tensors(tensors)
     if change_config:
         change_config(config)
-    save_file(tensors, weights, metadata={"boftlab": json.dumps(config)})
+    metadata = {"boftlab": json.dumps(config)}
+    if checksum:
+        safetensors_writer(tensors, metadata)(path / WEIGHTS_NAME)
+    else:
+        save_file(tensors, path / WEIGHTS_NAME, metadata=metadata)
+    (path / CONFIG_NAME).write_text(json.dumps(config))
 
 
 @pytest.mark.parametrize(
@@ -107,7 +113,7 @@ def rewrite(path, change_tensors=None, change_config=None):
         (lambda t: t.update(extra=torch.zeros(1)), None, r"unexpected tensors \['extra'\]"),
         (lambda t: t.update({"conv.skew": torch.zeros(2, 2)}), None, "tensor shape mismatch"),
         (None, lambda c: c["groups"][0]["config"].update(family="dora"), r"unknown adapter family 'dora'.*\['boft', 'oft'"),
-        (None, lambda c: c.update(format_version=99), "format version 99.*reads versions 1..2"),
+        (None, lambda c: c.update(format_version=99), "format version 99.*reads versions 1..3"),
         (None, lambda c: c["groups"][0]["config"].update(rank=3), r"has no option\(s\) \['rank'\]"),
         (None, lambda c: c["groups"][0]["targets"].update({"decoder.0": {"type": "Linear", "weight_shape": [16, 16]}}),
          r"does not have"),
@@ -227,3 +233,136 @@ def test_format_2_file_with_an_old_option_name_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"TensorCoreConfig has no option\(s\) \['scale'\]; its options are .*'alpha'"):
         boftlab.load_adapter(model, tmp_path)
     assert_untouched(model, before)
+
+
+# --- what a file promises: finite values, a checksum, one config, the path the user named -----------------------------
+def poisoned(value):
+    model = adapted_net()
+    with torch.no_grad():
+        model.encoder[2].skew[0, 0, 1] = value
+        model.head.weight[1, 2] = float("inf")
+    return model
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_adapter_is_not_saved(tmp_path, value):
+    boftlab.save_adapter(adapted_net(), tmp_path)
+    previous = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ValueError, match=r"non-finite values in 2 tensor\(s\): 'encoder.2.skew' .*'head.weight' \(0 NaN, 1 inf"):
+        boftlab.save_adapter(poisoned(value), tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == previous  # the previous adapter, untouched
+    with pytest.raises(ValueError, match="non-finite"):
+        boftlab.save_adapter(poisoned(value), tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+
+
+def test_non_finite_file_written_without_checks_is_not_loaded(tmp_path):
+    boftlab.save_adapter(adapted_net(), tmp_path)
+    rewrite(tmp_path, change_tensors=lambda t: t["conv.skew"].view(-1)[3].fill_(float("nan")))
+    model = fresh_net()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"adapter file .* holds non-finite values in 1 tensor\(s\): 'conv.skew' \(1 NaN"):
+        boftlab.load_adapter(model, tmp_path)
+    assert_untouched(model, before)
+
+
+def flip_bit(file, offset_in_data):
+    """Flip the lowest bit of one byte of the tensor data section (after the 8-byte length and the JSON header)."""
+    data = bytearray(file.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")
+    data[start + offset_in_data % (len(data) - start)] ^= 0x01
+    file.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("offset", [0, 101, -1])
+def test_flipped_bit_in_the_tensor_data_is_refused(tmp_path, offset):
+    boftlab.save_adapter(adapted_net(), tmp_path)
+    flip_bit(tmp_path / WEIGHTS_NAME, offset)
+    model = fresh_net()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf"adapter file '{tmp_path / WEIGHTS_NAME}' is corrupted.*checksum"):
+        boftlab.load_adapter(model, tmp_path)
+    assert_untouched(model, before)
+
+
+def test_flipped_bit_in_the_embedded_config_is_refused(tmp_path):
+    """'n_factors\\": 2' -> 'n_factors\\": 3': a valid config, a wrong adapter — caught by the checksum."""
+    boftlab.save_adapter(adapted_net(), tmp_path)
+    data = bytearray((tmp_path / WEIGHTS_NAME).read_bytes())
+    at = data.index(b'n_factors\\": 2') + len(b'n_factors\\": ')
+    data[at] ^= 0x01  # '2' (0x32) -> '3' (0x33)
+    (tmp_path / WEIGHTS_NAME).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="is corrupted"):
+        boftlab.load_adapter(fresh_net(), tmp_path)
+
+
+def test_files_without_a_checksum(tmp_path):
+    """Format 2 predates checksums and loads without one; a format-3 file must carry one."""
+    model, x = adapted_net(), torch.randn(5, 16)
+    boftlab.save_adapter(model, tmp_path)
+    rewrite(tmp_path, change_config=lambda c: c.update(format_version=2), checksum=False)
+    torch.testing.assert_close(boftlab.load_adapter(fresh_net(), tmp_path)(x), model(x), rtol=0, atol=1e-6)
+    rewrite(tmp_path, change_config=lambda c: c.update(format_version=3), checksum=False)
+    with pytest.raises(ValueError, match="says format version 3, whose files carry a checksum .* but it has none"):
+        boftlab.load_adapter(fresh_net(), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda c: c["groups"][0]["config"].update(n_factors=1), r"groups\[0\].config.n_factors: 2 in the weights, 1 in the JSON"),
+        (lambda c: c.update(trainable=[]), r"trainable: \['head'\] in the weights, \[\] in the JSON"),
+        (lambda c: c["groups"].pop(), r"groups: \[.*\] in the weights"),
+    ],
+)
+def test_config_json_that_disagrees_with_the_weights_is_refused(tmp_path, edit, message):
+    model, x = adapted_net(), torch.randn(5, 16)
+    boftlab.save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    edit(config)
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    fresh = fresh_net()
+    before = snapshot(fresh)
+    with pytest.raises(ValueError, match=rf"adapter_config.json' disagrees with the config embedded in .*{message}"):
+        boftlab.load_adapter(fresh, tmp_path)
+    assert_untouched(fresh, before)
+    with pytest.raises(ValueError, match="disagrees"):  # the weights file named directly has the JSON beside it too
+        boftlab.load_adapter(fresh, tmp_path / WEIGHTS_NAME)
+    (tmp_path / CONFIG_NAME).unlink()  # the weights file alone is complete
+    torch.testing.assert_close(boftlab.load_adapter(fresh, tmp_path)(x), model(x), rtol=0, atol=1e-6)
+
+
+def test_config_json_that_is_not_json_is_refused(tmp_path):
+    boftlab.save_adapter(adapted_net(), tmp_path)
+    (tmp_path / CONFIG_NAME).write_text('{"format_version": 3,')
+    with pytest.raises(ValueError, match="adapter_config.json' is not valid JSON"):
+        boftlab.load_adapter(fresh_net(), tmp_path)
+
+
+def test_save_to_a_safetensors_path_writes_that_file(tmp_path):
+    model, x = adapted_net(), torch.randn(5, 16)
+    file = boftlab.save_adapter(model, tmp_path / "run" / "adapter.safetensors")
+    assert file == tmp_path / "run" / "adapter.safetensors" and file.is_file()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["adapter.safetensors"]
+    torch.testing.assert_close(boftlab.load_adapter(fresh_net(), file)(x), model(x), rtol=0, atol=1e-6)
+    (tmp_path / "taken.safetensors").mkdir()
+    with pytest.raises(ValueError, match="writes the file .*taken.safetensors', but a directory of that name is in the way"):
+        boftlab.save_adapter(model, tmp_path / "taken.safetensors")
+    assert list((tmp_path / "taken.safetensors").iterdir()) == []
+
+
+def test_save_interrupted_between_the_two_files_keeps_both(tmp_path, monkeypatch):
+    """The JSON copy's write fails after the weights were written to their temporary file: neither file changes."""
+    model = adapted_net()
+    boftlab.save_adapter(model, tmp_path)
+    previous = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def full_disk(self, text):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with torch.no_grad():
+        model.encoder[0].skew.add_(1.0)
+    with pytest.raises(OSError, match="disk full"):
+        boftlab.save_adapter(model, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == previous
