@@ -223,8 +223,13 @@ class AdapterLayer(nn.Module):
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """Everything that must be saved to rebuild this adapter: its parameters and persistent buffers (not the
-        base layer's tensors, nor the merged flag a whole-model ``state_dict`` carries)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("base_layer.") and k != MERGED_KEY}
+        base layer's tensors, nor the merged flag and the plain copies a whole-model ``state_dict`` carries)."""
+        state: dict[str, torch.Tensor] = {}
+        nn.Module._save_to_state_dict(self, state, "", keep_vars=False)  # its own tensors, without this class's extras
+        for name, child in self.named_children():
+            if name != "base_layer":
+                state |= child.state_dict(prefix=f"{name}.")
+        return state
 
     def n_trainable(self) -> int:
         return sum(p.numel() for p in self.adapter_parameters().values())
@@ -304,12 +309,17 @@ class AdapterLayer(nn.Module):
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + MERGED_KEY] = torch.tensor(self.merged)
+        destination.update({prefix + k: v for k, v in self.plain_state().items()})
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
                               missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
         """Load a ``state_dict`` with its merged flag: base tensors saved merged load as merged, so the adapter is
         never applied twice. Refused (ValueError, before this layer changes) where the flag, the base tensors and the
-        adapter tensors cannot describe one consistent layer."""
+        adapter tensors cannot describe one consistent layer. The plain copies (``plain_state``) of tensors the state
+        also holds as ``base_layer.*`` are dropped."""
+        for name in self.base_layer.state_dict():
+            if prefix + "base_layer." + name in state_dict:
+                state_dict.pop(prefix + name, None)
         key = prefix + MERGED_KEY
         has_flag = key in state_dict
         merged = bool(state_dict[key]) if has_flag else self.merged
@@ -340,6 +350,30 @@ class AdapterLayer(nn.Module):
             missing_keys.append(key)
         elif len(error_msgs) == errors:
             self.merged = merged
+
+    # --- state_dict: what a plain model loads from an adapted model's state -----------------------------------------
+    def plain_state(self) -> dict[str, torch.Tensor]:
+        """The base layer's tensors under their own names (``weight``, ``bias``) with the adaptation folded in — what
+        ``unwrap`` would leave in the plain layer — or ``{"weight": <empty>}`` where ``merge`` would refuse (a family
+        that cannot merge, a zero scale, a NaN/inf result).
+
+        ``state_dict`` writes them beside ``base_layer.*`` and the adapter's tensors, so a plain model loads an adapted
+        model's state merged (transformers ``from_pretrained`` on what ``save_pretrained`` or a ``Trainer`` checkpoint
+        wrote; ``load_state_dict(strict=False)``), and an empty ``weight`` makes that load fail on its shape instead of
+        re-initialising the layer. An adapted model reads ``base_layer.*`` and the adapter and ignores these copies.
+        Costs one ``merged_weights`` per call. Empty for sharded tensors (FSDP's sharded state dicts), which no plain
+        model loads.
+        """
+        base = self.base_layer.state_dict()
+        if any(type(v) is not torch.Tensor for v in base.values()):
+            return {}
+        if self.merged or any(v.is_meta for v in base.values()):
+            return {k: v.clone() for k, v in base.items()}
+        try:
+            merged = self.base_after(merge=True)
+        except (ValueError, NotImplementedError):
+            return {"weight": base["weight"].new_empty(0)}
+        return {k: merged[k] if k in merged else v.clone() for k, v in base.items()}
 
     def extra_repr(self) -> str:
         return f"family={self.family!r}, merged={self.merged}, n_trainable={self.n_trainable()}"

@@ -1,4 +1,11 @@
-"""transformers ``Trainer`` integration: save the boftlab adapter inside every checkpoint the Trainer writes."""
+"""transformers ``Trainer`` integration: save the boftlab adapter inside every checkpoint the Trainer writes.
+
+A checkpoint then holds two things that reload exactly. ``checkpoint-<step>/model.safetensors``, written by the
+Trainer from the adapted model's ``state_dict``, holds the base tensors, the adapters and, under the plain layer names,
+the merged weights (``AdapterLayer.plain_state``): ``resume_from_checkpoint`` continues the run exactly, and the plain
+class's ``from_pretrained(".../checkpoint-<step>")`` gives the fine-tuned model merged. ``boftlab_adapter/`` holds
+the adapter alone, for ``boftlab.load_adapter`` onto a fresh base model.
+"""
 
 from __future__ import annotations
 

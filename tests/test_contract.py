@@ -227,3 +227,48 @@ def test_state_dict_without_merged_flags_is_missing_keys():
     state = {k: v for k, v in model.state_dict().items() if not k.endswith(f".{MERGED_KEY}")}
     with pytest.raises(RuntimeError, match=rf'Missing key\(s\) in state_dict: "layer.{MERGED_KEY}"'):
         model.load_state_dict(state)
+
+
+@pytest.mark.parametrize("config,kind", list(cases_by_layer()))
+def test_plain_model_loads_the_adapted_state_merged(config, kind):
+    """state_dict() holds the base tensors merged under the plain names too: a plain model loads it exactly as
+    ``unwrap`` leaves the layer; an adapted model loads it back (strict) and ignores those copies."""
+    model, x = net(kind)
+    plain, again = copy.deepcopy(model), copy.deepcopy(model)
+    boftlab.adapt(model, config, targets=["layer"], trainable=["head"])
+    perturb(model.layer)
+    state = model.state_dict()
+    loaded = plain.load_state_dict(state, strict=False)
+    assert loaded.missing_keys == [] and all(k.startswith("layer.") for k in loaded.unexpected_keys)
+    unwrapped = boftlab.unwrap(copy.deepcopy(model))
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in unwrapped.state_dict().items())
+    torch.testing.assert_close(plain(x), model(x), rtol=1e-5, atol=1e-6)
+    boftlab.adapt(again, config, targets=["layer"], trainable=["head"])
+    again.load_state_dict(state)
+    torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+    assert state.keys() == again.state_dict().keys()
+
+
+def test_unmergeable_layer_makes_a_plain_load_fail_not_reinitialise():
+    model, x = net(nn.Linear)
+    plain = copy.deepcopy(model)
+    boftlab.adapt(model, boftlab.SURMConfig(mode="adapter", activation="gelu"), targets=["layer"])
+    state = model.state_dict()
+    assert state["layer.weight"].shape == (0,)
+    with pytest.raises(RuntimeError, match=r"size mismatch for layer.weight: copying a param with shape torch.Size\(\[0\]\)"):
+        plain.load_state_dict(state, strict=False)
+    again = copy.deepcopy(model)
+    again.load_state_dict(state)
+    torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+
+
+def test_plain_state_is_the_eval_mode_merge_even_while_training():
+    """BOFT's multiplicative dropout is a training-time perturbation: the plain weights never include it."""
+    model, x = net(nn.Linear)
+    boftlab.adapt(model, boftlab.BOFTConfig(block_size=4, dropout=0.5), targets=["layer"])
+    perturb(model.layer)
+    model.train()
+    states = [model.state_dict()["layer.weight"] for _ in range(3)]
+    assert model.layer.training
+    model.eval()
+    assert all(torch.equal(s, model.state_dict()["layer.weight"]) for s in states)

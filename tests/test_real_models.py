@@ -191,3 +191,88 @@ def test_trainer_trains_and_checkpoints_the_adapter(minilm_dir, tmp_path):
     model.eval(), reloaded.eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, rtol=0, atol=1e-6)
+
+
+# --- transformers' own saving: save_pretrained and Trainer checkpoints reload into the plain class, merged ------------
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(vocab_size=101, hidden_size=32, intermediate_size=64,
+                                                    num_hidden_layers=2, num_attention_heads=4, num_labels=2))
+
+
+def trained_adapters(model):
+    with torch.no_grad():
+        for layer in boftlab.adapter_layers(model).values():
+            for p in layer.adapter_parameters().values():
+                p.add_(0.3 * torch.randn_like(p))
+    return model.eval()
+
+
+def assert_plain_reload_is_the_merged_model(model, directory):
+    """``from_pretrained`` of the plain class: nothing missing, every tensor equal to ``unwrap``'s, same logits."""
+    import copy
+
+    plain, info = type(model).from_pretrained(directory, output_loading_info=True)
+    assert info["missing_keys"] == set() and info["mismatched_keys"] == set()
+    merged = boftlab.unwrap(copy.deepcopy(model))
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in merged.state_dict().items())
+    ids = torch.randint(0, 101, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("build,targets", [(tiny_llama, ["q_proj", "v_proj", "up_proj"]), (tiny_bert, ["query", "value"])],
+                         ids=["llama", "bert"])
+def test_save_pretrained_reloads_into_the_plain_class_merged(tmp_path, build, targets):
+    model = trained_adapters(boftlab.adapt(build(), BOFTConfig(block_size=4, n_factors=2), targets=targets))
+    model.save_pretrained(tmp_path)
+    assert_plain_reload_is_the_merged_model(model, tmp_path)
+
+
+def test_save_pretrained_of_an_unmergeable_adapter_fails_to_load_into_the_plain_class(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    model = boftlab.adapt(tiny_llama(), boftlab.SURMConfig(mode="adapter", activation="gelu"), targets=["o_proj"])
+    model.save_pretrained(tmp_path)
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        LlamaForCausalLM.from_pretrained(tmp_path)
+
+
+class RandomSentences(torch.utils.data.Dataset):
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        ids = torch.randint(1, 101, (9,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": ids, "attention_mask": torch.ones(9, dtype=torch.long), "labels": torch.tensor(i % 2)}
+
+
+def test_trainer_checkpoint_reloads_into_the_plain_class_and_resumes_exactly(tmp_path):
+    """A real Trainer run: checkpoint-4/model.safetensors loads into BertForSequenceClassification as the merged
+    model, and resuming from checkpoint-2 ends exactly where the uninterrupted run ended."""
+    from transformers import Trainer, TrainingArguments
+
+    def run(output_dir, resume=None):
+        model = boftlab.adapt(tiny_bert(), BOFTConfig(block_size=4, n_factors=2), targets=["query", "value"],
+                              trainable=["classifier"])
+        args = TrainingArguments(output_dir=str(output_dir), max_steps=4, per_device_train_batch_size=4,
+                                 learning_rate=1e-2, save_steps=2, report_to=[], use_cpu=True, seed=0,
+                                 disable_tqdm=True)
+        Trainer(model=model, args=args, train_dataset=RandomSentences()).train(resume_from_checkpoint=resume)
+        return model.eval()
+
+    model = run(tmp_path / "run")
+    assert_plain_reload_is_the_merged_model(model, tmp_path / "run" / "checkpoint-4")
+    resumed = run(tmp_path / "resumed", resume=str(tmp_path / "run" / "checkpoint-2"))
+    expected = boftlab.saving.adapter_state(model)
+    assert all(torch.equal(v, expected[k]) for k, v in boftlab.saving.adapter_state(resumed).items())
