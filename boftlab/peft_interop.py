@@ -1,4 +1,4 @@
-"""Interoperability with Hugging Face PEFT's BOFT and OFT adapters (exact, both directions).
+"""Interoperability with Hugging Face PEFT's BOFT and OFT adapters, both directions: exact, or refused.
 
 Parameter maps (boftlab stores each block's skew-symmetric S by its b(b−1)/2 upper entries ``skew``):
 
@@ -6,29 +6,47 @@ Parameter maps (boftlab stores each block's skew-symmetric S by its b(b−1)/2 u
                boft_s: the output scale, shaped (out, 1) for Linear and (1, out) for Conv2d.
     PEFT OFT   oft_R.weight (k, b(b−1)/2) = upper entries of S_peft, S_peft = U − Uᵀ; no scale.
                exact Cayley: Q = (I − S)(I + S)⁻¹ as ours, so S_peft = S.
-               Cayley–Neumann: PEFT sums I + 2S + 2S² + …, the series of (I + S)(I − S)⁻¹, so S_peft = −S.
+               Cayley–Neumann, n terms: PEFT sums I + 2S_p + 2S_p² + … + 2S_p^(n−2) + S_p^(n−1) for n ≥ 4, and
+               boftlab's (I − S)·Σ_{j≤n−2} (−S)^j expands to the same with S_p = −S. PEFT's n = 3 sums
+               I + 2S_p + 2S_p² + S_p³, boftlab's 4 terms (imported as neumann_terms=4); PEFT's n = 2 (I + 2S_p) and
+               n = 1 (I), and boftlab's n = 2, 3 (I + S_p, I + 2S_p + S_p²) have no counterpart and are refused.
 
-PEFT computes the conv rotation with ``kernel_size[0]``², ``padding[0]`` and ``stride[0]`` and no dilation or
-groups, so only convolutions where that is exact are exported; anything else raises ``ValueError``.
+Refused, because the other side computes something else (a ``ValueError`` says why; model and files untouched):
+
+* PEFT OFT on Conv2d, both ways. PEFT 0.21 rotates the input's unfolded patches and puts them back with ``F.fold``,
+  which *sums* overlapping patches, so even the identity rotation multiplies every input pixel by the number of
+  patches covering it: PEFT's conv OFT differs from the base conv as soon as its stride-1, unpadded unfold has more
+  than one patch position (identity adapter, 3×3 kernel: exactly 0 on a 3×3 input, about 9 on 5×5 —
+  tests/test_peft_interop.py). boftlab's conv OFT rotates each patch's fan-in vector, i.e. the kernel, and is exact:
+  export it with OFTConfig(scale=True), which PEFT computes exactly as BOFT.
+* ``bias`` other than "none": PEFT trained and saved the biases; boftlab adapters keep the base bias frozen.
+* a BOFT file with fewer factors than its config's ``boft_n_butterfly_factor``: PEFT trains one factor whenever its
+  CUDA extension is missing, whatever the config says; set the config to what the file holds to import that.
+* ``block_share``; BOFT with COFT or a Cayley–Neumann series; convolutions PEFT computes inexactly (``_check_conv``).
+
+An ``oft_block_size`` (or ``r``) that PEFT adjusted to fit a layer is read from that layer's stored tensor, as PEFT
+itself recomputes it when loading.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import math
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .butterfly import BOFTConfig, BOFTLayer, OFTConfig, skew_entries, skew_symmetric
-from .model import TRAINABLE_ATTR, resolve_trainable, adapt, adapter_layers
-from .saving import atomic_write
+from .butterfly import BOFTConfig, BOFTLayer, OFTConfig, resolve_block_size, skew_entries, skew_symmetric
+from .model import TRAINABLE_ATTR, adapter_layers, build_layers, insert_layers, resolve_trainable
+from .saving import atomic_write_files, check_finite, read_checked, safetensors_writer
 
 PEFT_PREFIX = "base_model.model."
+PEFT_WEIGHTS_NAME, PEFT_CONFIG_NAME = "adapter_model.safetensors", "adapter_config.json"
 
 
 @contextlib.contextmanager
@@ -59,6 +77,15 @@ def peft_boft_without_cuda() -> Iterator[None]:
             block_diag_class.apply = own_apply
 
 
+CONV_OFT_REFUSAL = (
+    "PEFT's OFT on Conv2d is not the map it claims: it rotates the input's unfolded patches and folds them back by "
+    "summing overlapping patches, so even an identity adapter scales each input pixel by the number of patches "
+    "covering it (it equals the base conv only when the input has a single patch position). boftlab's conv OFT "
+    "rotates the kernel and is exact, but no boftlab adapter reproduces PEFT's map"
+)
+
+
+# --- boftlab -> PEFT -------------------------------------------------------------------------------------------------
 def _single_config(model: nn.Module) -> tuple[BOFTConfig, dict[str, BOFTLayer]]:
     layers = adapter_layers(model)
     if not layers:
@@ -93,21 +120,41 @@ def _check_conv(name: str, conv: nn.Conv2d) -> None:
         )
 
 
+def _check_neumann_export(config: BOFTConfig, as_peft_oft: bool) -> None:
+    if config.neumann_terms is None:
+        return
+    if not as_peft_oft:
+        raise ValueError("PEFT BOFT uses the exact Cayley transform; export an adapter with neumann_terms=None")
+    if config.neumann_terms < 4:
+        series = {2: "I − S", 3: "I − 2S + S²"}[config.neumann_terms]
+        raise ValueError(
+            f"neumann_terms={config.neumann_terms}: boftlab's series {series} has no PEFT counterpart (PEFT's n-term "
+            "series with S_peft = −S is I + 2S_peft + … + 2S_peft^(n−2) + S_peft^(n−1), its 2-term one I + 2S_peft); "
+            "export an adapter trained with neumann_terms ≥ 4, or None for the exact Cayley transform"
+        )
+
+
 def to_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write ``model``'s BOFT/OFT adapters as a PEFT adapter directory that ``PeftModel.from_pretrained`` loads
-    with identical outputs. OFT without an output scale becomes PEFT OFT (Linear only); everything else PEFT BOFT."""
+    with identical outputs. OFT without an output scale becomes PEFT OFT (Linear only); everything else PEFT BOFT.
+    What PEFT would compute differently is refused (module docstring). Both files are written atomically, the weights
+    with boftlab's checksum in their metadata (PEFT ignores it)."""
     import peft
 
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"to_peft writes a directory, but {str(directory)!r} is an existing file")
     config, layers = _single_config(model)
     as_peft_oft = config.family == "oft" and not config.scale
+    _check_neumann_export(config, as_peft_oft)
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
         base, key = layer.base_layer, PEFT_PREFIX + name
         if isinstance(base, nn.Conv2d):
             if as_peft_oft:
                 raise ValueError(
-                    f"PEFT OFT rotates Conv2d inputs patch-wise, which is not the same map as rotating the kernel; "
-                    f"export OFT on conv layers (here {name!r}) with OFTConfig(scale=True), which maps to PEFT BOFT"
+                    f"cannot export OFT on Conv2d {name!r} as PEFT OFT. {CONV_OFT_REFUSAL}. Export OFT on conv layers "
+                    "with OFTConfig(scale=True), which maps to PEFT BOFT (exact)"
                 )
             _check_conv(name, base)
         if as_peft_oft:
@@ -123,30 +170,101 @@ def to_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     common = dict(target_modules=sorted(layers), modules_to_save=trainable or None)
     if as_peft_oft:
         peft_config = peft.OFTConfig(
-            r=0, oft_block_size=layer.block_size, module_dropout=config.dropout, coft=config.coft,
-            eps=config.coft_eps, use_cayley_neumann=config.neumann_terms is not None,
+            r=config.n_blocks or 0, oft_block_size=config.block_size or 0, module_dropout=config.dropout,
+            coft=config.coft, eps=config.coft_eps, use_cayley_neumann=config.neumann_terms is not None,
             num_cayley_neumann_terms=config.neumann_terms or 5, **common,
         )
     else:
-        if config.neumann_terms is not None:
-            raise ValueError("PEFT BOFT uses the exact Cayley transform; export an adapter with neumann_terms=None")
         peft_config = peft.BOFTConfig(
             boft_block_size=config.block_size or 0, boft_block_num=config.n_blocks or 0,
             boft_n_butterfly_factor=config.n_factors, boft_dropout=config.dropout, **common,
         )
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.to("cpu").contiguous().clone() for k, v in tensors.items()}
-    atomic_write(directory / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
-    peft_config.save_pretrained(str(directory))
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    check_finite(tensors, "to_peft refuses to write an adapter with")
+    options = {k: sorted(v) if isinstance(v, set) else v for k, v in peft_config.to_dict().items()}
+    text = json.dumps(options, indent=2, sort_keys=True)
+    atomic_write_files({
+        directory / PEFT_WEIGHTS_NAME: safetensors_writer(tensors, {"format": "pt"}),
+        directory / PEFT_CONFIG_NAME: lambda tmp: Path(tmp).write_text(text),
+    })
     return directory
+
+
+# --- PEFT -> boftlab -------------------------------------------------------------------------------------------------
+def _config_from_peft(peft_config: dict[str, Any], kind: str) -> BOFTConfig:
+    """The boftlab config a PEFT ``adapter_config.json`` describes, or a ValueError for what boftlab cannot
+    reproduce exactly (module docstring)."""
+    bias = peft_config.get("bias", "none")
+    if bias != "none":
+        raise ValueError(
+            f"the PEFT adapter was trained with bias={bias!r}: PEFT trained and saved biases of the base model, while "
+            "boftlab adapters keep the base layer's bias frozen and do not store it, so the import would drop them "
+            "and change the outputs. Import adapters trained with bias='none'"
+        )
+    if kind == "BOFT":
+        return BOFTConfig(
+            block_size=peft_config["boft_block_size"] or None, n_blocks=peft_config["boft_block_num"] or None,
+            n_factors=peft_config["boft_n_butterfly_factor"], dropout=peft_config.get("boft_dropout", 0.0),
+        )
+    if peft_config.get("block_share"):
+        raise ValueError("PEFT OFT with block_share=True has no boftlab equivalent (one block shared by all)")
+    neumann = peft_config.get("num_cayley_neumann_terms", 5) if peft_config.get("use_cayley_neumann", False) else None
+    if neumann is not None and neumann < 3:
+        series = "I" if neumann < 2 else "I + 2S"
+        raise ValueError(
+            f"PEFT OFT with num_cayley_neumann_terms={neumann} computes Q = {series}, which is no boftlab series "
+            "(boftlab's n-term one is I + 2S + … + 2S^(n−2) + S^(n−1), n ≥ 2, with PEFT's S); "
+            "retrain with num_cayley_neumann_terms ≥ 3 or use_cayley_neumann=False"
+        )
+    return OFTConfig(
+        block_size=peft_config["oft_block_size"] or None, n_blocks=peft_config["r"] or None,
+        dropout=peft_config.get("module_dropout", 0.0), coft=peft_config.get("coft", False),
+        coft_eps=peft_config.get("eps", 6e-5), neumann_terms=None if neumann is None else max(neumann, 4),
+    )
+
+
+def _layer_config(config: BOFTConfig, name: str, module: nn.Module, stored: torch.Tensor) -> BOFTConfig:
+    """The config for one layer given its stored ``boft_R`` (m, k, b, b) or ``oft_R.weight`` (k, b(b−1)/2)."""
+    fan_in = module.weight[0].numel()
+    if config.family == "boft":
+        m, k, b = (stored.shape[:3] if stored.dim() == 4 else (None, None, None))
+    else:
+        k = stored.shape[0] if stored.dim() == 2 else None
+        b = (1 + math.isqrt(1 + 8 * stored.shape[-1])) // 2 if stored.dim() == 2 else None
+        m = 1
+    if b is None or k * b != fan_in or stored.shape[-1] != (b if config.family == "boft" else b * (b - 1) // 2):
+        raise ValueError(
+            f"the PEFT adapter's tensor for {name!r} has shape {list(stored.shape)}, which is no {config.family} "
+            f"layout for this layer's fan-in {fan_in}; was it saved for another model?"
+        )
+    if m != config.n_factors:
+        raise ValueError(
+            f"the PEFT BOFT adapter stores {m} butterfly factor(s) for {name!r} (boft_R of shape {list(stored.shape)}),"
+            f" but its adapter_config.json says boft_n_butterfly_factor={config.n_factors}: PEFT trains a single factor "
+            "whenever its CUDA extension (fbd_cuda) is missing, whatever the config says, and a PEFT with the "
+            f"extension cannot load this file. To import what was trained, set boft_n_butterfly_factor to {m} in "
+            "adapter_config.json"
+        )
+    try:
+        wanted = resolve_block_size(fan_in, config.block_size, config.n_blocks, config.n_factors, "fan-in")
+    except ValueError:
+        wanted = None
+    if wanted == b:
+        return config
+    if config.family == "boft":
+        raise ValueError(
+            f"the PEFT BOFT adapter stores blocks of size {b} for {name!r}, but its config gives {wanted} for this "
+            "layer; PEFT could not load this file either — was it saved for another model?"
+        )
+    return dataclasses.replace(config, block_size=b, n_blocks=None)  # PEFT adjusted oft_block_size / r to fit
 
 
 def from_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Put a PEFT BOFT or OFT adapter (a ``save_pretrained`` directory, safetensors) on ``model`` as boftlab
-    adapters with the same outputs. In place; returns ``model``."""
+    adapters with the same outputs, or raise ``ValueError`` for what boftlab cannot reproduce (module docstring) and
+    leave ``model`` untouched. In place; returns ``model``."""
     directory = Path(directory)
-    config_file, weights_file = directory / "adapter_config.json", directory / "adapter_model.safetensors"
+    config_file, weights_file = directory / PEFT_CONFIG_NAME, directory / PEFT_WEIGHTS_NAME
     if not config_file.is_file():
         raise ValueError(f"no PEFT adapter at {str(directory)!r}: adapter_config.json is missing")
     if not weights_file.is_file():
@@ -156,26 +274,19 @@ def from_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         )
     peft_config = json.loads(config_file.read_text())
     kind = peft_config.get("peft_type")
-    tensors = load_file(str(weights_file))
     marker = {"BOFT": ".boft_R", "OFT": ".oft_R.weight"}.get(kind)
     if marker is None:
         raise ValueError(f"from_peft reads PEFT BOFT and OFT adapters; this one is {kind!r}")
+    config = _config_from_peft(peft_config, kind)
+    _, tensors = read_checked(weights_file, "PEFT adapter")
     names = sorted(k[len(PEFT_PREFIX) : -len(marker)] for k in tensors if k.endswith(marker))
-    if kind == "BOFT":
-        config: BOFTConfig = BOFTConfig(
-            block_size=peft_config["boft_block_size"] or None, n_blocks=peft_config["boft_block_num"] or None,
-            n_factors=peft_config["boft_n_butterfly_factor"], dropout=peft_config.get("boft_dropout", 0.0),
-        )
-    else:
-        if peft_config.get("block_share"):
-            raise ValueError("PEFT OFT with block_share=True has no boftlab equivalent (one block shared by all)")
-        neumann = peft_config.get("use_cayley_neumann", False)
-        config = OFTConfig(
-            block_size=peft_config["oft_block_size"] or None, n_blocks=peft_config["r"] or None,
-            dropout=peft_config.get("module_dropout", 0.0), coft=peft_config.get("coft", False),
-            coft_eps=peft_config.get("eps", 6e-5),
-            neumann_terms=peft_config.get("num_cayley_neumann_terms", 5) if neumann else None,
-        )
+    modules = dict(model.named_modules())
+    unknown = [n for n in names if n not in modules]
+    if unknown:
+        raise ValueError(f"the PEFT adapter targets module(s) {unknown[:5]} that this model does not have")
+    convs = [n for n in names if kind == "OFT" and isinstance(modules[n], nn.Conv2d)]
+    if convs:
+        raise ValueError(f"cannot import PEFT OFT on Conv2d {convs[:5]}. {CONV_OFT_REFUSAL}")
     trainable = resolve_trainable(model, list(peft_config.get("modules_to_save") or []))  # suffixes -> names
     suffixes = [".boft_R", ".boft_s"] if kind == "BOFT" else [".oft_R.weight"]
     needed = [PEFT_PREFIX + n + s for n in names for s in suffixes]
@@ -183,20 +294,31 @@ def from_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     missing = [k for k in needed if k not in tensors]
     if not names or missing:
         raise ValueError(f"the PEFT adapter at {str(directory)!r} is incomplete: missing tensors {missing[:10]}")
-    adapt(model, config, targets=names, trainable=trainable)
-    layers = adapter_layers(model)
+    check_finite({k: tensors[k] for k in needed}, f"the PEFT adapter {str(weights_file)!r} holds")
+
+    layers: dict[str, BOFTLayer] = {}
+    for name in names:
+        layer_config = _layer_config(config, name, modules[name], tensors[PEFT_PREFIX + name + marker])
+        layers |= build_layers(model, layer_config, [name])
+    values = {}  # every value checked against its target's shape before anything changes
+    for name, layer in layers.items():
+        key = PEFT_PREFIX + name
+        if kind == "BOFT":
+            a = tensors[f"{key}.boft_R"].float()
+            values[layer.skew] = skew_entries(0.5 * (a - a.transpose(-1, -2)))
+            values[layer.scale] = tensors[f"{key}.boft_s"].reshape(-1)
+        else:
+            sign = -1.0 if config.neumann_terms is not None else 1.0
+            values[layer.skew] = sign * tensors[f"{key}.oft_R.weight"][None]
+    for name in trainable:
+        values |= {v: tensors[f"{PEFT_PREFIX}{name}.{k}"] for k, v in model.get_submodule(name).state_dict().items()}
+    wrong = [(list(v.shape), list(target.shape)) for target, v in values.items() if v.shape != target.shape]
+    if wrong:
+        raise ValueError(f"the PEFT adapter's tensors do not fit this model (stored, expected): {wrong[:5]}")
+
     with torch.no_grad():
-        for name in names:
-            layer, key = layers[name], PEFT_PREFIX + name
-            if kind == "BOFT":
-                a = tensors[f"{key}.boft_R"].float()
-                layer.skew.copy_(skew_entries(0.5 * (a - a.transpose(-1, -2))))
-                layer.scale.copy_(tensors[f"{key}.boft_s"].reshape(-1))
-            else:
-                sign = -1.0 if config.neumann_terms is not None else 1.0
-                layer.skew.copy_(sign * tensors[f"{key}.oft_R.weight"][None])
-        for name in getattr(model, TRAINABLE_ATTR, []):
-            module = model.get_submodule(name)
-            for k, v in module.state_dict().items():
-                v.copy_(tensors[f"{PEFT_PREFIX}{name}.{k}"])
+        for target, value in values.items():
+            target.copy_(value)  # state_dict() tensors share storage with the parameters
+    setattr(model, TRAINABLE_ATTR, sorted(set(getattr(model, TRAINABLE_ATTR, [])) | set(trainable)))
+    insert_layers(model, layers)
     return model

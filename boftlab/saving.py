@@ -118,12 +118,9 @@ def atomic_write_files(writes: dict[Path, Callable[[str], None]]) -> None:
         raise
 
 
-def read_safetensors(
-    file: Path, key: str, what: str, checksummed_since: int
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(the JSON stored under metadata ``key``, tensors) of a safetensors ``file`` boftlab wrote as ``what``
-    ("adapter", "training checkpoint"), its checksum verified. ValueError for an unreadable file, other metadata, bad
-    JSON, a checksum that does not match, or none in a file whose JSON ``format_version`` is ≥ ``checksummed_since``.
+def read_checked(file: Path, what: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of any safetensors ``file``, its checksum verified where it carries one (every file boftlab
+    writes does). ValueError for an unreadable file or a checksum that does not match, naming ``what`` and the file.
     Never unpickles. O(file size)."""
     try:
         with safe_open(str(file), framework="pt") as f:
@@ -131,20 +128,30 @@ def read_safetensors(
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{str(file)!r} is not a readable safetensors file (truncated or corrupted?): {err}") from err
-    if key not in metadata:
-        raise ValueError(f"{str(file)!r} is a safetensors file but not a boftlab {what} (no {key!r} metadata)")
     stored = metadata.get(CHECKSUM_KEY)
     if stored is not None and stored != payload_checksum(metadata, tensors):
         raise ValueError(
             f"the {what} file {str(file)!r} is corrupted: its tensors or config no longer match the checksum written "
             "with them (a flipped bit on disk or in transfer, or a file edited by hand). Use another copy of it."
         )
+    return metadata, tensors
+
+
+def read_safetensors(
+    file: Path, key: str, what: str, checksummed_since: int
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(the JSON stored under metadata ``key``, tensors) of a safetensors ``file`` boftlab wrote as ``what``
+    ("adapter", "training checkpoint"), checked by ``read_checked``. ValueError also for other metadata, bad JSON, or
+    no checksum in a file whose JSON ``format_version`` is ≥ ``checksummed_since``."""
+    metadata, tensors = read_checked(file, what)
+    if key not in metadata:
+        raise ValueError(f"{str(file)!r} is a safetensors file but not a boftlab {what} (no {key!r} metadata)")
     try:
         document = json.loads(metadata[key])
     except json.JSONDecodeError as err:
         raise ValueError(f"the {what} metadata inside {str(file)!r} is not valid JSON: {err}") from err
     version = document.get("format_version") if isinstance(document, dict) else None
-    if stored is None and isinstance(version, int) and version >= checksummed_since:
+    if CHECKSUM_KEY not in metadata and isinstance(version, int) and version >= checksummed_since:
         raise ValueError(
             f"the {what} file {str(file)!r} says format version {version}, whose files carry a checksum "
             f"({CHECKSUM_KEY!r} metadata), but it has none: it was damaged or not written by boftlab"

@@ -134,3 +134,149 @@ def test_peft_boft_without_cuda_puts_peft_back_even_after_an_error():
             assert layer.get_fbd_cuda() is True and state() != before
             raise RuntimeError("inside")
     assert state() == before
+
+
+# --- exact or refused: what PEFT computes differently ----------------------------------------------------------------
+def untouched(model, before):
+    assert not boftlab.adapter_layers(model) and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("terms", [1, 2, 3, 4, 6])
+def test_import_peft_oft_cayley_neumann(tmp_path, terms):
+    """PEFT's n-term series: 1 and 2 terms match no boftlab series (refused); 3 terms is boftlab's 4-term one."""
+    theirs = peft.get_peft_model(base(), peft.OFTConfig(target_modules=["fc1", "fc2"], oft_block_size=8, r=0,
+                                                        num_cayley_neumann_terms=terms, init_weights=False))
+    theirs.save_pretrained(tmp_path)
+    x = inputs()
+    model = base()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    if terms < 3:
+        with pytest.raises(ValueError, match=rf"num_cayley_neumann_terms={terms} computes Q = I.*which is no boftlab series"):
+            boftlab.from_peft(model, tmp_path)
+        untouched(model, before)
+        return
+    ours = boftlab.from_peft(model, tmp_path)
+    assert {layer.config.neumann_terms for layer in boftlab.adapter_layers(ours).values()} == {max(terms, 4)}
+    assert_same(ours(*x), theirs(*x))
+
+
+@pytest.mark.parametrize("terms", [2, 3, 4, 5])
+def test_export_oft_cayley_neumann(tmp_path, terms):
+    model = perturb(boftlab.adapt(base(), OFTConfig(block_size=8, neumann_terms=terms), targets=["fc1", "fc2"]))
+    x = inputs()
+    if terms < 4:
+        with pytest.raises(ValueError, match=rf"neumann_terms={terms}: boftlab's series .* has no PEFT counterpart"):
+            boftlab.to_peft(model, tmp_path)
+        assert not tmp_path.joinpath("adapter_model.safetensors").exists()
+        return
+    boftlab.to_peft(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(base(), tmp_path)
+    assert theirs.peft_config["default"].num_cayley_neumann_terms == terms
+    assert_same(theirs(*x), model(*x))
+
+
+def test_import_refuses_peft_boft_with_trained_biases(tmp_path):
+    with peft_boft_without_cuda():
+        theirs = peft.get_peft_model(base(), peft.BOFTConfig(target_modules=["fc1"], boft_block_size=4,
+                                                             boft_n_butterfly_factor=2, bias="boft_only", init_weights=False))
+        with torch.no_grad():
+            theirs.base_model.model.fc1.base_layer.bias.add_(1.0)  # what training the biases does
+        theirs.save_pretrained(tmp_path)
+    model = base()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="trained with bias='boft_only': PEFT trained and saved biases"):
+        boftlab.from_peft(model, tmp_path)
+    untouched(model, before)
+
+
+def test_import_refuses_a_boft_file_with_fewer_factors_than_its_config(tmp_path):
+    """What PEFT writes on a machine without its CUDA extension: one factor stored, the config still saying 2."""
+    import json
+
+    theirs = peft.get_peft_model(base(), peft.BOFTConfig(target_modules=["fc1", "conv"], boft_block_size=4,
+                                                         boft_n_butterfly_factor=1, init_weights=False))
+    theirs.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "boft_n_butterfly_factor": 2}))
+    model = base()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"stores 1 butterfly factor\(s\) for 'conv'.*boft_n_butterfly_factor=2.*CUDA "
+                                         r"extension.*set boft_n_butterfly_factor to 1"):
+        boftlab.from_peft(model, tmp_path)
+    untouched(model, before)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "boft_n_butterfly_factor": 1}))  # the fix
+    x = inputs()
+    assert_same(boftlab.from_peft(model, tmp_path)(*x), theirs(*x))
+
+
+class Mixed(nn.Module):
+    """Fan-ins 32 and 24: PEFT OFT with oft_block_size=16 keeps 16 on the first and adjusts to 12 on the second."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(32, 24), nn.Linear(24, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def mixed():
+    torch.manual_seed(5)
+    return Mixed()
+
+
+def test_import_peft_oft_with_a_block_size_peft_adjusted(tmp_path):
+    with pytest.warns(UserWarning, match=r"Adjusted `oft_block_size` to \(12\)"):
+        theirs = peft.get_peft_model(mixed(), peft.OFTConfig(target_modules=["fc1", "fc2"], oft_block_size=16, r=0,
+                                                             init_weights=False))
+    theirs.save_pretrained(tmp_path)
+    x = torch.randn(3, 32)
+    ours = boftlab.from_peft(mixed(), tmp_path)
+    assert {n: layer.block_size for n, layer in boftlab.adapter_layers(ours).items()} == {"fc1": 16, "fc2": 12}
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_export_oft_by_number_of_blocks_on_layers_of_different_widths(tmp_path):
+    model = perturb(boftlab.adapt(mixed(), OFTConfig(n_blocks=4), targets=["fc1", "fc2"]))  # b = 8 and 6
+    x = torch.randn(3, 32)
+    boftlab.to_peft(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(mixed(), tmp_path)
+    torch.testing.assert_close(theirs(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def peft_conv_oft_error(size):
+    """max |PEFT OFT conv − base conv| for PEFT's identity adapter (zero init) on a size × size input."""
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1))
+    image = torch.randn(2, 4, size, size)
+    expected = conv(image)
+    theirs = peft.get_peft_model(conv, peft.OFTConfig(target_modules=["0"], oft_block_size=4, r=0))
+    return theirs, (theirs(image) - expected).abs().max().item()
+
+
+def test_peft_conv_oft_is_refused_both_ways_because_peft_computes_it_wrongly(tmp_path):
+    """PEFT's identity conv OFT equals the base conv only with a single patch position (3×3 input, 3×3 kernel)."""
+    assert peft_conv_oft_error(3)[1] == 0.0
+    theirs, error = peft_conv_oft_error(5)
+    assert error > 5.0  # 8.9 here: overlapping patches are summed back
+    theirs.save_pretrained(tmp_path / "theirs")
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"cannot import PEFT OFT on Conv2d \['0'\]. PEFT's OFT on Conv2d is not the map"):
+        boftlab.from_peft(model, tmp_path / "theirs")
+    untouched(model, before)
+    ours = boftlab.adapt(model, OFTConfig(block_size=4), targets=["0"])
+    image = torch.randn(2, 4, 5, 5)
+    torch.testing.assert_close(ours(image), ours[0].base_layer(image), rtol=0, atol=0)  # boftlab's identity is exact
+    with pytest.raises(ValueError, match=r"cannot export OFT on Conv2d '0' as PEFT OFT.*OFTConfig\(scale=True\)"):
+        boftlab.to_peft(ours, tmp_path / "ours")
+
+
+def test_exported_file_is_checksummed_and_a_flipped_bit_is_refused(tmp_path):
+    from test_saving import flip_bit
+
+    model = perturb(boftlab.adapt(base(), OFTConfig(block_size=8), targets=["fc1"]))
+    boftlab.to_peft(model, tmp_path)
+    flip_bit(tmp_path / "adapter_model.safetensors", 7)
+    with pytest.raises(ValueError, match="PEFT adapter file .* is corrupted"):
+        boftlab.from_peft(base(), tmp_path)
