@@ -16,9 +16,9 @@ Refused, because the other side computes something else (a ``ValueError`` says w
 * PEFT OFT on Conv2d, both ways. PEFT 0.21 rotates the input's unfolded patches and puts them back with ``F.fold``,
   which *sums* overlapping patches, so even the identity rotation multiplies every input pixel by the number of
   patches covering it: PEFT's conv OFT differs from the base conv as soon as its stride-1, unpadded unfold has more
-  than one patch position (identity adapter, 3×3 kernel: exactly 0 on a 3×3 input, about 9 on 5×5 —
-  tests/test_peft_interop.py). boftlab's conv OFT rotates each patch's fan-in vector, i.e. the kernel, and is exact:
-  export it with OFTConfig(scale=True), which PEFT computes exactly as BOFT.
+  than one patch position (identity adapter, 3×3 kernel: exact on a 3×3 input, far off on 5×5, as
+  tests/test_peft_interop.py measures). boftlab's conv OFT rotates each patch's fan-in vector, i.e. the kernel, and
+  is exact: export it with OFTConfig(scale=True), which PEFT computes exactly as BOFT.
 * ``bias`` other than "none": PEFT trained and saved the biases; boftlab adapters keep the base bias frozen.
 * a BOFT file with fewer factors than its config's ``boft_n_butterfly_factor``: PEFT trains one factor whenever its
   CUDA extension is missing, whatever the config says; set the config to what the file holds to import that.
@@ -239,11 +239,11 @@ def _layer_config(config: BOFTConfig, name: str, module: nn.Module, stored: torc
         )
     if m != config.n_factors:
         raise ValueError(
-            f"the PEFT BOFT adapter stores {m} butterfly factor(s) for {name!r} (boft_R of shape {list(stored.shape)}),"
-            f" but its adapter_config.json says boft_n_butterfly_factor={config.n_factors}: PEFT trains a single factor "
-            "whenever its CUDA extension (fbd_cuda) is missing, whatever the config says, and a PEFT with the "
-            f"extension cannot load this file. To import what was trained, set boft_n_butterfly_factor to {m} in "
-            "adapter_config.json"
+            f"the PEFT BOFT adapter stores {m} butterfly factor(s) for {name!r} (boft_R of shape "
+            f"{list(stored.shape)}), but its adapter_config.json says boft_n_butterfly_factor={config.n_factors}: "
+            "PEFT trains a single factor whenever its CUDA extension (fbd_cuda) is missing, whatever the config "
+            "says, and a PEFT with the extension cannot load this file. To import what was trained, set "
+            f"boft_n_butterfly_factor to {m} in adapter_config.json"
         )
     try:
         wanted = resolve_block_size(fan_in, config.block_size, config.n_blocks, config.n_factors, "fan-in")

@@ -304,7 +304,9 @@ def _differences(embedded: Any, copy: Any, where: str) -> list[str]:
                 for d in _differences(embedded.get(k, "(absent)"), copy.get(k, "(absent)"), f"{where}.{k}".lstrip("."))]
     if isinstance(embedded, list) and isinstance(copy, list) and len(embedded) == len(copy):
         return [d for i, (u, v) in enumerate(zip(embedded, copy)) for d in _differences(u, v, f"{where}[{i}]")]
-    return [] if embedded == copy else [f"{where or 'the whole config'}: {embedded!r} in the weights, {copy!r} in the JSON"]
+    if embedded == copy:
+        return []
+    return [f"{where or 'the whole config'}: {embedded!r} in the weights, {copy!r} in the JSON"]
 
 
 def _check_targets(model: nn.Module, group: dict[str, Any]) -> None:
@@ -332,9 +334,9 @@ def _check_targets(model: nn.Module, group: dict[str, Any]) -> None:
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Put the adapters saved at ``path`` on ``model`` (a freshly built base model), in place; returns ``model``.
 
-    Every check runs before the model changes: wrong architecture, missing or extra tensors, a corrupted file (checksum),
-    non-finite values, an ``adapter_config.json`` that disagrees with the weights, an unknown family or a newer format
-    raise ``ValueError`` and leave the model as it was.
+    Every check runs before the model changes: wrong architecture, missing or extra tensors, a corrupted file
+    (checksum), non-finite values, an ``adapter_config.json`` that disagrees with the weights, an unknown family or a
+    newer format raise ``ValueError`` and leave the model as it was.
     """
     config, tensors = read_adapter(path)
     model = strip_wrappers(model)

@@ -190,7 +190,8 @@ def test_non_finite_model_is_not_checkpointed(tmp_path):
     previous = save_checkpoint(tmp_path, model, optimizer, scheduler, step=0).read_bytes()
     with torch.no_grad():
         model[2].skew[0, 1, 2] = float("nan")
-    with pytest.raises(ValueError, match=r"save_checkpoint refuses .* non-finite values in 1 tensor\(s\): '2.skew' \(1 NaN"):
+    message = r"save_checkpoint refuses .* non-finite values in 1 tensor\(s\): '2.skew' \(1 NaN"
+    with pytest.raises(ValueError, match=message):
         save_checkpoint(tmp_path, model, optimizer, scheduler, step=1)
     assert (tmp_path / CHECKPOINT_NAME).read_bytes() == previous
 

@@ -255,7 +255,8 @@ def test_unmergeable_layer_makes_a_plain_load_fail_not_reinitialise():
     boftlab.adapt(model, boftlab.SURMConfig(mode="adapter", activation="gelu"), targets=["layer"])
     state = model.state_dict()
     assert state["layer.weight"].shape == (0,)
-    with pytest.raises(RuntimeError, match=r"size mismatch for layer.weight: copying a param with shape torch.Size\(\[0\]\)"):
+    message = r"size mismatch for layer.weight: copying a param with shape torch.Size\(\[0\]\)"
+    with pytest.raises(RuntimeError, match=message):
         plain.load_state_dict(state, strict=False)
     again = copy.deepcopy(model)
     again.load_state_dict(state)

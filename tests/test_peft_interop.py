@@ -151,7 +151,7 @@ def test_import_peft_oft_cayley_neumann(tmp_path, terms):
     model = base()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     if terms < 3:
-        with pytest.raises(ValueError, match=rf"num_cayley_neumann_terms={terms} computes Q = I.*which is no boftlab series"):
+        with pytest.raises(ValueError, match=rf"num_cayley_neumann_terms={terms} computes Q = I.*no boftlab series"):
             boftlab.from_peft(model, tmp_path)
         untouched(model, before)
         return
@@ -177,8 +177,9 @@ def test_export_oft_cayley_neumann(tmp_path, terms):
 
 def test_import_refuses_peft_boft_with_trained_biases(tmp_path):
     with peft_boft_without_cuda():
-        theirs = peft.get_peft_model(base(), peft.BOFTConfig(target_modules=["fc1"], boft_block_size=4,
-                                                             boft_n_butterfly_factor=2, bias="boft_only", init_weights=False))
+        config = peft.BOFTConfig(target_modules=["fc1"], boft_block_size=4, boft_n_butterfly_factor=2,
+                                 bias="boft_only", init_weights=False)
+        theirs = peft.get_peft_model(base(), config)
         with torch.no_grad():
             theirs.base_model.model.fc1.base_layer.bias.add_(1.0)  # what training the biases does
         theirs.save_pretrained(tmp_path)
@@ -258,11 +259,11 @@ def test_peft_conv_oft_is_refused_both_ways_because_peft_computes_it_wrongly(tmp
     """PEFT's identity conv OFT equals the base conv only with a single patch position (3×3 input, 3×3 kernel)."""
     assert peft_conv_oft_error(3)[1] == 0.0
     theirs, error = peft_conv_oft_error(5)
-    assert error > 5.0  # 8.9 here: overlapping patches are summed back
+    assert error > 5.0  # overlapping patches are summed back, not rotated
     theirs.save_pretrained(tmp_path / "theirs")
     model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"cannot import PEFT OFT on Conv2d \['0'\]. PEFT's OFT on Conv2d is not the map"):
+    with pytest.raises(ValueError, match=r"cannot import PEFT OFT on Conv2d \['0'\]. PEFT's OFT on Conv2d is not"):
         boftlab.from_peft(model, tmp_path / "theirs")
     untouched(model, before)
     ours = boftlab.adapt(model, OFTConfig(block_size=4), targets=["0"])
@@ -280,3 +281,19 @@ def test_exported_file_is_checksummed_and_a_flipped_bit_is_refused(tmp_path):
     flip_bit(tmp_path / "adapter_model.safetensors", 7)
     with pytest.raises(ValueError, match="PEFT adapter file .* is corrupted"):
         boftlab.from_peft(base(), tmp_path)
+
+
+@pytest.mark.parametrize("neumann_terms", [None, 5])
+@pytest.mark.parametrize("coft_eps", [6e-5, 10.0], ids=["projected", "inside-the-ball"])
+def test_coft_both_ways(tmp_path, neumann_terms, coft_eps):
+    config = OFTConfig(block_size=8, coft=True, coft_eps=coft_eps, neumann_terms=neumann_terms)
+    model = perturb(boftlab.adapt(base(), config, targets=["fc1", "fc2"]))
+    x = inputs()
+    boftlab.to_peft(model, tmp_path / "out")
+    assert_same(peft.PeftModel.from_pretrained(base(), tmp_path / "out")(*x), model(*x))
+    theirs = peft.get_peft_model(base(), peft.OFTConfig(
+        target_modules=["fc1"], oft_block_size=8, r=0, coft=True, eps=coft_eps,
+        use_cayley_neumann=neumann_terms is not None, num_cayley_neumann_terms=neumann_terms or 5, init_weights=False,
+    ))
+    theirs.save_pretrained(tmp_path / "in")
+    assert_same(boftlab.from_peft(base(), tmp_path / "in")(*x), theirs(*x))

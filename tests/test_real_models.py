@@ -231,8 +231,10 @@ def assert_plain_reload_is_the_merged_model(model, directory):
         torch.testing.assert_close(plain.eval()(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("build,targets", [(tiny_llama, ["q_proj", "v_proj", "up_proj"]), (tiny_bert, ["query", "value"])],
-                         ids=["llama", "bert"])
+@pytest.mark.parametrize(
+    "build,targets", [(tiny_llama, ["q_proj", "v_proj", "up_proj"]), (tiny_bert, ["query", "value"])],
+    ids=["llama", "bert"],
+)
 def test_save_pretrained_reloads_into_the_plain_class_merged(tmp_path, build, targets):
     model = trained_adapters(boftlab.adapt(build(), BOFTConfig(block_size=4, n_factors=2), targets=targets))
     model.save_pretrained(tmp_path)

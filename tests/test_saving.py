@@ -248,7 +248,8 @@ def poisoned(value):
 def test_non_finite_adapter_is_not_saved(tmp_path, value):
     boftlab.save_adapter(adapted_net(), tmp_path)
     previous = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    with pytest.raises(ValueError, match=r"non-finite values in 2 tensor\(s\): 'encoder.2.skew' .*'head.weight' \(0 NaN, 1 inf"):
+    message = r"non-finite values in 2 tensor\(s\): 'encoder.2.skew' .*'head.weight' \(0 NaN, 1 inf"
+    with pytest.raises(ValueError, match=message):
         boftlab.save_adapter(poisoned(value), tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == previous  # the previous adapter, untouched
     with pytest.raises(ValueError, match="non-finite"):
@@ -261,7 +262,8 @@ def test_non_finite_file_written_without_checks_is_not_loaded(tmp_path):
     rewrite(tmp_path, change_tensors=lambda t: t["conv.skew"].view(-1)[3].fill_(float("nan")))
     model = fresh_net()
     before = snapshot(model)
-    with pytest.raises(ValueError, match=r"adapter file .* holds non-finite values in 1 tensor\(s\): 'conv.skew' \(1 NaN"):
+    message = r"adapter file .* holds non-finite values in 1 tensor\(s\): 'conv.skew' \(1 NaN"
+    with pytest.raises(ValueError, match=message):
         boftlab.load_adapter(model, tmp_path)
     assert_untouched(model, before)
 
@@ -310,7 +312,8 @@ def test_files_without_a_checksum(tmp_path):
 @pytest.mark.parametrize(
     "edit,message",
     [
-        (lambda c: c["groups"][0]["config"].update(n_factors=1), r"groups\[0\].config.n_factors: 2 in the weights, 1 in the JSON"),
+        (lambda c: c["groups"][0]["config"].update(n_factors=1),
+         r"groups\[0\].config.n_factors: 2 in the weights, 1 in the JSON"),
         (lambda c: c.update(trainable=[]), r"trainable: \['head'\] in the weights, \[\] in the JSON"),
         (lambda c: c["groups"].pop(), r"groups: \[.*\] in the weights"),
     ],
@@ -346,7 +349,7 @@ def test_save_to_a_safetensors_path_writes_that_file(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["adapter.safetensors"]
     torch.testing.assert_close(boftlab.load_adapter(fresh_net(), file)(x), model(x), rtol=0, atol=1e-6)
     (tmp_path / "taken.safetensors").mkdir()
-    with pytest.raises(ValueError, match="writes the file .*taken.safetensors', but a directory of that name is in the way"):
+    with pytest.raises(ValueError, match="writes the file .*taken.safetensors', but a directory of that name is in"):
         boftlab.save_adapter(model, tmp_path / "taken.safetensors")
     assert list((tmp_path / "taken.safetensors").iterdir()) == []
 
