@@ -236,6 +236,15 @@ def test_format_2_file_with_an_old_option_name_is_refused(tmp_path):
 
 
 # --- what a file promises: finite values, a checksum, one config, the path the user named -----------------------------
+def assert_load_refused(path, message, model=None):
+    """load_adapter(model, path) raises a ValueError matching ``message`` and leaves ``model`` (a fresh one) as it was."""
+    model = fresh_net() if model is None else model
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        boftlab.load_adapter(model, path)
+    assert_untouched(model, before)
+
+
 def poisoned(value):
     model = adapted_net()
     with torch.no_grad():
@@ -260,12 +269,7 @@ def test_non_finite_adapter_is_not_saved(tmp_path, value):
 def test_non_finite_file_written_without_checks_is_not_loaded(tmp_path):
     boftlab.save_adapter(adapted_net(), tmp_path)
     rewrite(tmp_path, change_tensors=lambda t: t["conv.skew"].view(-1)[3].fill_(float("nan")))
-    model = fresh_net()
-    before = snapshot(model)
-    message = r"adapter file .* holds non-finite values in 1 tensor\(s\): 'conv.skew' \(1 NaN"
-    with pytest.raises(ValueError, match=message):
-        boftlab.load_adapter(model, tmp_path)
-    assert_untouched(model, before)
+    assert_load_refused(tmp_path, r"adapter file .* holds non-finite values in 1 tensor\(s\): 'conv.skew' \(1 NaN")
 
 
 def flip_bit(file, offset_in_data):
@@ -280,11 +284,7 @@ def flip_bit(file, offset_in_data):
 def test_flipped_bit_in_the_tensor_data_is_refused(tmp_path, offset):
     boftlab.save_adapter(adapted_net(), tmp_path)
     flip_bit(tmp_path / WEIGHTS_NAME, offset)
-    model = fresh_net()
-    before = snapshot(model)
-    with pytest.raises(ValueError, match=rf"adapter file '{tmp_path / WEIGHTS_NAME}' is corrupted.*checksum"):
-        boftlab.load_adapter(model, tmp_path)
-    assert_untouched(model, before)
+    assert_load_refused(tmp_path, rf"adapter file '{tmp_path / WEIGHTS_NAME}' is corrupted.*checksum")
 
 
 def test_flipped_bit_in_the_embedded_config_is_refused(tmp_path):
@@ -324,15 +324,10 @@ def test_config_json_that_disagrees_with_the_weights_is_refused(tmp_path, edit, 
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
     edit(config)
     (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
-    fresh = fresh_net()
-    before = snapshot(fresh)
-    with pytest.raises(ValueError, match=rf"adapter_config.json' disagrees with the config embedded in .*{message}"):
-        boftlab.load_adapter(fresh, tmp_path)
-    assert_untouched(fresh, before)
-    with pytest.raises(ValueError, match="disagrees"):  # the weights file named directly has the JSON beside it too
-        boftlab.load_adapter(fresh, tmp_path / WEIGHTS_NAME)
+    assert_load_refused(tmp_path, rf"adapter_config.json' disagrees with the config embedded in .*{message}")
+    assert_load_refused(tmp_path / WEIGHTS_NAME, "disagrees")  # the weights file named directly: the JSON is beside it
     (tmp_path / CONFIG_NAME).unlink()  # the weights file alone is complete
-    torch.testing.assert_close(boftlab.load_adapter(fresh, tmp_path)(x), model(x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(boftlab.load_adapter(fresh_net(), tmp_path)(x), model(x), rtol=0, atol=1e-6)
 
 
 def test_config_json_that_is_not_json_is_refused(tmp_path):
