@@ -255,9 +255,15 @@ def load_checkpoint(
     missing, unexpected = sorted(set(live) - set(saved_model)), sorted(set(saved_model) - set(live))
     if missing or unexpected:
         raise ValueError(f"the checkpoint does not fit this model: missing tensors {missing[:10]}, unexpected {unexpected[:10]}")
-    wrong = [(k, list(v.shape), list(saved_model[k].shape)) for k, v in live.items() if saved_model[k].shape != v.shape]
+    wrong = [
+        (k, f"{list(v.shape)} {v.dtype}", f"{list(saved_model[k].shape)} {saved_model[k].dtype}")
+        for k, v in live.items() if (saved_model[k].shape, saved_model[k].dtype) != (v.shape, v.dtype)
+    ]
     if wrong:
-        raise ValueError(f"tensor shape mismatch (name, model, checkpoint): {wrong[:5]}")
+        raise ValueError(
+            f"tensor shape or dtype mismatch (name, model, checkpoint): {wrong[:5]}; build and cast the model as in "
+            "the checkpointed run (a resume copies every value exactly, never rounding it)"
+        )
     optimizer_state = _check_optional("optimizer", optimizer, meta["optimizer"])
     if optimizer_state is not None:
         names = optimizer_parameter_names(model, optimizer)

@@ -336,7 +336,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
     Every check runs before the model changes: wrong architecture, missing or extra tensors, a corrupted file
     (checksum), non-finite values, an ``adapter_config.json`` that disagrees with the weights, an unknown family or a
-    newer format raise ``ValueError`` and leave the model as it was.
+    newer format raise ``ValueError`` and leave the model as it was. Adapter tensors come back exactly, in the dtype
+    they were saved in; a kept-trainable module's tensor that the model's dtype cannot hold exactly is refused.
     """
     config, tensors = read_adapter(path)
     model = strip_wrappers(model)
@@ -373,9 +374,36 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     wrong = [(k, list(tensors[k].shape), list(v.shape)) for k, v in expected.items() if tensors[k].shape != v.shape]
     if wrong:
         raise ValueError(f"tensor shape mismatch (name, in file, expected): {wrong[:10]}")
+    rounded = [  # the model's own modules keep their dtype, so a value they cannot hold exactly is refused
+        f"{k!r} ({tensors[k].dtype} in the file, {v.dtype} in the model)"
+        for k, v in _named_state({}, modules).items()
+        if not torch.equal(tensors[k].to(v.dtype).to(tensors[k].dtype), tensors[k])
+    ]
+    if rounded:
+        raise ValueError(
+            f"loading would round {', '.join(rounded[:5])}: the adapter was saved from a model of another dtype. "
+            "Cast the model to the file's dtype (e.g. model.to(torch.float64)) before load_adapter"
+        )
     with torch.no_grad():
-        for key, target in expected.items():
+        for name, layer in layers.items():  # boftlab built these: they take the dtype they were saved in
+            for key, target in layer.adapter_state().items():
+                _restore(layer, key, target, tensors[f"{name}.{key}"])
+        for key, target in _named_state({}, modules).items():
             target.copy_(tensors[key])  # state_dict() tensors share storage with the parameters
     setattr(model, TRAINABLE_ATTR, trainable)
     insert_layers(model, layers)
     return model
+
+
+def _restore(layer: nn.Module, key: str, target: torch.Tensor, value: torch.Tensor) -> None:
+    """Give ``layer``'s tensor ``key`` (``target``, from its state) the saved ``value``, in ``value``'s dtype."""
+    if value.dtype == target.dtype:
+        target.copy_(value)  # shares storage with the parameter or buffer
+        return
+    owner_name, _, attr = key.rpartition(".")
+    owner = layer.get_submodule(owner_name)
+    current = getattr(owner, attr)
+    if isinstance(current, nn.Parameter):
+        current.data = value.to(current.device)  # the same Parameter object, now in the saved dtype
+    else:
+        setattr(owner, attr, value.to(current.device))

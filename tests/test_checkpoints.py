@@ -228,3 +228,15 @@ def test_checkpoint_without_a_checksum(tmp_path):
     save_file(tensors, file, metadata={METADATA_KEY: json.dumps(meta)})
     with pytest.raises(ValueError, match="says format version 2, whose files carry a checksum"):
         load_checkpoint(tmp_path, *build())
+
+
+def test_resume_into_a_model_of_another_dtype_is_refused(tmp_path):
+    model, optimizer, scheduler = build()
+    model.double()
+    save_checkpoint(tmp_path, model, step=1, rng=False)
+    fresh = build()
+    before = snapshot(*fresh)
+    message = r"dtype mismatch .*'0.skew', '\[2, 4, 6\] torch.float32', '\[2, 4, 6\] torch.float64'"
+    with pytest.raises(ValueError, match=message):
+        load_checkpoint(tmp_path, fresh[0], rng=False)
+    assert_same(before, snapshot(*fresh))

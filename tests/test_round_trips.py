@@ -208,11 +208,7 @@ def test_merge_then_unmerge(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_save_then_load(case, tmp_path, request):
-    if case["cast_adapter"] and case["dtype"] == torch.float64:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "load_adapter builds fp32 adapter tensors and copies the file's fp64 values into them, rounding: the "
-            "files side of issue 14 (saving.py) makes this exact or a refusal")))
+def test_save_then_load(case, tmp_path):
     model, x = build(case)
     try:
         boftlab.save_adapter(model, tmp_path / "adapter")

@@ -364,3 +364,24 @@ def test_save_interrupted_between_the_two_files_keeps_both(tmp_path, monkeypatch
     with pytest.raises(OSError, match="disk full"):
         boftlab.save_adapter(model, tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == previous
+
+
+def test_adapter_tensors_come_back_in_the_dtype_they_were_saved_in(tmp_path):
+    """An adapted model cast to float64 saves float64 adapters; they load back as float64, not rounded to float32."""
+    model, x = adapted_net().double(), torch.randn(5, 16, dtype=torch.float64)
+    boftlab.save_adapter(model, tmp_path)
+    loaded = boftlab.load_adapter(fresh_net().double(), tmp_path)
+    assert loaded.encoder[0].skew.dtype == torch.float64 and isinstance(loaded.encoder[0].skew, nn.Parameter)
+    assert loaded.encoder[0].skew.requires_grad
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def test_kept_module_the_model_dtype_would_round_is_refused(tmp_path):
+    model = adapted_net().double()
+    with torch.no_grad():
+        model.head.weight.add_(1e-3 * torch.randn_like(model.head.weight))  # values float32 cannot hold
+    boftlab.save_adapter(model, tmp_path)
+    assert_load_refused(tmp_path, r"loading would round 'head.weight' \(torch.float64 in the file, torch.float32 in")
+    boftlab.save_adapter(adapted_net(), tmp_path / "fp32")  # float32 values fit a float64 model exactly
+    loaded = boftlab.load_adapter(fresh_net().double(), tmp_path / "fp32")
+    assert loaded.head.weight.dtype == torch.float64 and torch.equal(loaded.head.weight, adapted_net().head.weight)
