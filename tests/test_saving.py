@@ -237,7 +237,7 @@ def test_format_2_file_with_an_old_option_name_is_refused(tmp_path):
 
 # --- what a file promises: finite values, a checksum, one config, the path the user named -----------------------------
 def assert_load_refused(path, message, model=None):
-    """load_adapter(model, path) raises a ValueError matching ``message`` and leaves ``model`` (a fresh one) as it was."""
+    """load_adapter(model, path) raises a ValueError matching ``message``; ``model`` (default: fresh) is unchanged."""
     model = fresh_net() if model is None else model
     before = snapshot(model)
     with pytest.raises(ValueError, match=message):
