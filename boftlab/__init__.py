@@ -8,7 +8,7 @@ counts on real architectures), ``boftlab.reproduce``, ``boftlab.bench``, ``boftl
 ``boftlab.SaveAdapterCallback`` (needs transformers).
 """
 
-__version__ = "0.1.0"  # before the imports: saving.py and training.py write it into every file
+__version__ = "0.1.0"  # before the imports: saving.py and checkpoints.py write it into every file
 
 import importlib
 from typing import Any
