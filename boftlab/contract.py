@@ -15,7 +15,10 @@ An adapter *wraps* one frozen base layer and answers the same questions whatever
 
 A family is two classes: an ``AdapterConfig`` dataclass (hyper-parameters, which layer types it adapts) and an
 ``AdapterLayer`` (the math). Injection, reports, saving and loading are written once against this file and never
-know which family they handle.
+know which family they handle. A family reads its base layer through ``boftlab.base_layers`` (the weight in PyTorch's
+layout, the call that runs the base with another weight), so one layer class covers nn.Linear, transformers'
+Conv1D (W stored transposed) and bitsandbytes' quantized layers (W opaque) alike; ``forward`` here bypasses the
+adapter inside ``boftlab.disabled(model)``.
 
 Adding a family. Write ``myfamily.py`` with the structured matrix first (pure functions over tensors), then:
 
@@ -42,6 +45,8 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import nn
+
+from .base_layers import type_name
 
 #: family name -> config class; filled by ``AdapterConfig.__init_subclass__``.
 FAMILIES: dict[str, type["AdapterConfig"]] = {}
@@ -124,7 +129,7 @@ class AdapterConfig:
     def check_supported(self, base_layer: nn.Module) -> None:
         supported = self.supported_layers()
         if not isinstance(base_layer, supported):
-            names = ", ".join(f"nn.{t.__name__}" for t in supported)
+            names = ", ".join(type_name(t) for t in supported)
             raise ValueError(
                 f"{self.display_name()} cannot adapt a {type(base_layer).__name__}; supported layer types: {names}."
             )

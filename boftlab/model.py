@@ -24,6 +24,7 @@ from typing import Iterable, Sequence, Union
 import torch
 from torch import nn
 
+from .base_layers import type_name
 from .contract import AdapterConfig, AdapterLayer
 
 Target = Union[str, re.Pattern, type]
@@ -229,7 +230,7 @@ def adapt(
     supported = [n for n in names if isinstance(model.get_submodule(n), config.supported_layers())]
     if not supported:
         kinds = sorted({type(model.get_submodule(n)).__name__ for n in names})
-        ok = ", ".join(t.__name__ for t in config.supported_layers())
+        ok = ", ".join(type_name(t) for t in config.supported_layers())
         raise ValueError(
             f"targets={_describe(targets)} matched {len(names)} module(s) of type(s) {kinds}, none of which "
             f"{config.display_name()} supports; supported types: {ok}"
@@ -239,7 +240,7 @@ def adapt(
         # matched *leaf* layer of a type the family cannot adapt is an error, never silently left out.
         leaves = [n for n in names if n not in supported and next(model.get_submodule(n).children(), None) is None]
         if leaves:
-            ok = ", ".join(t.__name__ for t in config.supported_layers())
+            ok = ", ".join(type_name(t) for t in config.supported_layers())
             shown = ", ".join(f"{n} ({type(model.get_submodule(n)).__name__})" for n in leaves[:8])
             more = f", … ({len(leaves) - 8} more)" if len(leaves) > 8 else ""
             raise ValueError(

@@ -356,5 +356,6 @@ def test_oft_has_one_factor():
 
 
 def test_unsupported_layer_names_supported_types():
-    with pytest.raises(ValueError, match=r"supported layer types: nn.Linear, nn.Conv2d"):
-        BOFTConfig().make_layer(nn.Embedding(10, 16))
+    with pytest.raises(ValueError, match=r"supported layer types: nn.Linear, transformers Conv1D, nn.Conv2d, "
+                                         r"nn.Embedding\."):
+        BOFTConfig().make_layer(nn.LayerNorm(16))

@@ -113,7 +113,7 @@ def test_targets_matching_nothing_lists_modules():
 
 
 def test_targets_of_unsupported_type_name_supported_types():
-    with pytest.raises(ValueError, match=r"\['LayerNorm'\].*supported types: Linear, Conv2d"):
+    with pytest.raises(ValueError, match=r"\['LayerNorm'\].*supported types: nn.Linear, transformers Conv1D, nn.Conv2d, nn.Embedding$"):
         boftlab.adapt(Net(), BOFTConfig(block_size=4), targets=["norm"])
 
 
