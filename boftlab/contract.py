@@ -178,6 +178,7 @@ class AdapterLayer(nn.Module):
         self.base_layer = base_layer
         self.config = config
         self.merged = False
+        self.disabled_count = 0  # open ``boftlab.disabled`` contexts that bypass this adapter (they nest)
 
     # --- the family's part -------------------------------------------------------------------------------------
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -261,7 +262,12 @@ class AdapterLayer(nn.Module):
         return min(costs, key=lambda path: (costs[path], path != "weight"))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.merged:
+        if self.disabled_count and self.merged:
+            raise RuntimeError(
+                f"this {type(self).__name__} was merged inside boftlab.disabled(...): its base weights now hold the "
+                "adapted ones, so it cannot compute the base layer's output; unmerge it, or merge outside the context"
+            )
+        if self.merged or self.disabled_count:
             return self.base_layer(x, *args, **kwargs)
         return self.adapted_forward(x, *args, **kwargs)
 
