@@ -254,8 +254,16 @@ MODEL_CASES = [
          "save_adapter writes a directory, but .* is an existing file"),
     case("load_missing_path", plain, lambda m, t: boftlab.load_adapter(m, t / "nothing"), "no adapter at .*nothing"),
     case("load_pickle_file", plain, lambda m, t: boftlab.load_adapter(m, write_pickle(t)), "not a readable safetensors file"),
-    case("load_into_adapted_model", adapted, lambda m, t: boftlab.load_adapter(m, saved(t)), "already has boftlab adapters"),
-    case("load_into_merged_model", merged, lambda m, t: boftlab.load_adapter(m, saved(t)), "already has boftlab adapters"),
+    case("load_other_family_into_adapted_model", adapted,
+         lambda m, t: boftlab.load_adapter(m, saved(t, adapted(OFTConfig(block_size=4)))),
+         r"already carries adapters of another structure than the file's.*'query': here \(\{'family': 'boft'"),
+    case("load_other_targets_into_adapted_model", adapted,
+         lambda m, t: boftlab.load_adapter(m, saved(t, boftlab.adapt(plain(), BOFTConfig(block_size=4), ["query"]))),
+         r"another structure than the file's, so the file cannot be swapped in place "
+         r"\(adapted here only: \['value'\]; kept trainable: here \['head'\], "
+         r"in the file \[\]\)"),
+    case("load_into_merged_model", merged, lambda m, t: boftlab.load_adapter(m, saved(t)),
+         r"load_adapter: 2 adapter\(s\) of this model are merged .*boftlab.unmerge\(model\), load_adapter"),
     case("load_other_width", lambda: Net(width=32), lambda m, t: boftlab.load_adapter(m, saved(t)),
          r"shape mismatch at 'query'.*\[16, 16\].*\[32, 32\]"),
     case("load_into_meta_model", lambda: Net().to("meta"), lambda m, t: boftlab.load_adapter(m, saved(t)),
