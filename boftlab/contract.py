@@ -259,7 +259,13 @@ class AdapterLayer(nn.Module):
             return self.paths()[0]
         training = torch.is_grad_enabled() and any(p.requires_grad for p in self.adapter_parameters().values())
         costs = self.path_costs(x.shape, training, x.requires_grad)
-        return min(costs, key=lambda path: (costs[path], path != "weight"))
+        # compared one by one, not by min(key=...): under torch.compile with dynamic shapes the costs are symbolic,
+        # and each comparison becomes a guard on the input's shape
+        best = "weight" if "weight" in costs else next(iter(costs))
+        for path, cost in costs.items():
+            if cost < costs[best]:
+                best = path
+        return best
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disabled_count and self.merged:
