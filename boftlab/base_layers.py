@@ -31,12 +31,19 @@ QUANTIZED_LINEARS = ("Linear4bit", "Linear8bitLt")
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def _derives_from(layer: nn.Module, package: str, names: tuple[str, ...]) -> bool:
-    """Whether ``type(layer)`` or a base class of it is one of ``names`` defined in ``package`` (or a submodule)."""
-    return any(
-        cls.__name__ in names and (cls.__module__ == package or cls.__module__.startswith(package + "."))
-        for cls in type(layer).__mro__
-    )
+def _derives_from(layer_class: type, package: str, names: tuple[str, ...]) -> bool:
+    """Whether ``layer_class`` or a base class of it is one of ``names`` defined in ``package`` (or a submodule).
+    Remembered per class (a plain dict, which torch.compile reads as a constant): families ask on every call."""
+    key = (layer_class, package, names)
+    if key not in _DERIVES_FROM:
+        _DERIVES_FROM[key] = any(
+            cls.__name__ in names and (cls.__module__ == package or cls.__module__.startswith(package + "."))
+            for cls in layer_class.__mro__
+        )
+    return _DERIVES_FROM[key]
+
+
+_DERIVES_FROM: dict[tuple[type, str, tuple[str, ...]], bool] = {}
 
 
 class _MatchedByName(type):
@@ -45,7 +52,7 @@ class _MatchedByName(type):
     package: str
 
     def __instancecheck__(cls, instance: object) -> bool:
-        return isinstance(instance, nn.Module) and _derives_from(instance, cls.package, (cls.__name__,))
+        return isinstance(instance, nn.Module) and _derives_from(type(instance), cls.package, (cls.__name__,))
 
 
 class Conv1D(metaclass=_MatchedByName):
@@ -67,17 +74,33 @@ def type_name(layer_type: type) -> str:
 
 
 def kind(layer: nn.Module) -> str:
-    """One of ``KINDS``; ValueError for a layer none of them describes (e.g. an nn.Linear whose weight is not a float
-    (out_features, in_features) matrix: some quantization library boftlab does not know)."""
-    if isinstance(layer, nn.Linear) and _derives_from(layer, "bitsandbytes", QUANTIZED_LINEARS):
+    """One of ``KINDS``, decided by the layer's class (cached per class: families ask on every call); ValueError for a
+    class none of them describes. ``check_readable`` vets the instance once, when an adapter wraps it."""
+    layer_class = type(layer)
+    if layer_class not in _KIND_OF_CLASS:
+        _KIND_OF_CLASS[layer_class] = _class_kind(layer_class)
+    return _KIND_OF_CLASS[layer_class]
+
+
+_KIND_OF_CLASS: dict[type, str] = {}
+
+
+def _class_kind(layer_class: type) -> str:
+    if issubclass(layer_class, nn.Linear) and _derives_from(layer_class, "bitsandbytes", QUANTIZED_LINEARS):
         return "quantized"
-    if isinstance(layer, CONVOLUTIONS):
+    if issubclass(layer_class, CONVOLUTIONS):
         return "conv"
-    if isinstance(layer, nn.Embedding):
+    if issubclass(layer_class, nn.Embedding):
         return "embedding"
-    if isinstance(layer, Conv1D):
+    if issubclass(layer_class, nn.Linear) or _derives_from(layer_class, Conv1D.package, ("Conv1D",)):
         return "linear"
-    if isinstance(layer, nn.Linear):
+    raise ValueError(f"boftlab has no view of a {layer_class.__name__} (known kinds: {KINDS})")
+
+
+def check_readable(layer: nn.Module) -> None:
+    """ValueError for an nn.Linear (subclass) whose weight is not a float (out_features, in_features) matrix: some
+    quantization library boftlab does not know, whose packed weight it would misread."""
+    if kind(layer) == "linear" and isinstance(layer, nn.Linear):
         weight = layer.weight
         if not weight.is_floating_point() or tuple(weight.shape) != (layer.out_features, layer.in_features):
             raise ValueError(
@@ -85,8 +108,6 @@ def kind(layer: nn.Module) -> str:
                 f"as a float ({layer.out_features}, {layer.in_features}) matrix: a quantized layer boftlab cannot read. "
                 f"Quantized layers boftlab adapts: bitsandbytes {', '.join(QUANTIZED_LINEARS)}."
             )
-        return "linear"
-    raise ValueError(f"boftlab has no view of a {type(layer).__name__} (known kinds: {KINDS})")
 
 
 def is_linear(layer: nn.Module) -> bool:

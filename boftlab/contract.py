@@ -46,7 +46,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import nn
 
-from .base_layers import type_name
+from .base_layers import check_readable, type_name
 
 #: family name -> config class; filled by ``AdapterConfig.__init_subclass__``.
 FAMILIES: dict[str, type["AdapterConfig"]] = {}
@@ -175,6 +175,7 @@ class AdapterLayer(nn.Module):
 
     def __init__(self, base_layer: nn.Module, config: AdapterConfig) -> None:
         super().__init__()
+        check_readable(base_layer)  # e.g. a packed weight of a quantization library boftlab does not know
         self.base_layer = base_layer
         self.config = config
         self.merged = False
