@@ -17,7 +17,7 @@ from .contract import FAMILIES, AdapterConfig, AdapterLayer
 from .butterfly import BOFTConfig, BOFTLayer, OFTConfig
 from .surm import SURMAdapterLayer, SURMConfig, SURMLayer
 from .tensor_core import TensorCoreConfig, TensorCoreLayer
-from .model import adapt, adapter_layers, merge, summary, unmerge, unwrap
+from .model import adapt, adapter_layers, dequantize_bases, disabled, merge, summary, unmerge, unwrap
 from .saving import load_adapter, save_adapter
 from .checkpoints import load_checkpoint, save_checkpoint
 from .peft_interop import from_peft, to_peft
@@ -30,7 +30,7 @@ __all__ = [
     "SURMConfig", "SURMLayer", "SURMAdapterLayer",
     "TensorCoreConfig", "TensorCoreLayer",
     # models
-    "adapt", "adapter_layers", "summary", "merge", "unmerge", "unwrap",
+    "adapt", "adapter_layers", "summary", "merge", "unmerge", "unwrap", "disabled", "dequantize_bases",
     # files
     "save_adapter", "load_adapter", "save_checkpoint", "load_checkpoint", "from_peft", "to_peft",
 ]

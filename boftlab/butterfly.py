@@ -16,6 +16,17 @@ O(d·b·m) per row, and the layer picks, per call, the cheaper of two exact path
 
 * input path:  y = s ⊙ (W · (Rᵀx)) + bias      — rotate the activations, then the frozen layer;
 * weight path: y = (diag(s) · W · Rᵀ) x + bias  — rotate W's rows once, then one matmul / conv.
+
+Base layers (read through ``boftlab.base_layers``). nn.Linear and transformers' Conv1D (GPT-2, W stored transposed)
+have both paths. A bitsandbytes quantized Linear has only the input path, run by its own kernel, W never dequantized:
+
+    y = h + (s − 1) ⊙ (h − bias),   h = base(Rᵀx)   (= s ⊙ (W Rᵀx) + bias; without a scale, y = h)
+
+written so that s = 1 adds exactly nothing: bit-equal to the base layer at init. An nn.Embedding rotates its outputs,
+as PEFT's OFT does: each looked-up row e becomes e · R · diag(s), so the merged table is W' = W · R · diag(s); the
+padding_idx row stays the base's (PEFT rotates it too, which changes nothing while it is zero, as nn.Embedding
+initialises it). An Embedding with max_norm is refused: it renormalises looked-up rows in place, and a scale changes
+the norms, so the adapted and merged forms would renormalise different rows.
 """
 
 from __future__ import annotations
@@ -28,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import base_layers
+from .base_layers import Conv1D
 from .butterfly_structure import butterfly_apply, gather_schedule, valid_block_sizes, valid_n_factors
 from .contract import AdapterConfig, AdapterLayer, check_integer, check_number, conv_output_size, merge_dtype, nearest
 from .kernels import KERNELS, butterfly_apply_fused, fused_supported, kernel_in_force
@@ -184,7 +197,7 @@ class BOFTConfig(AdapterConfig):
             raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
 
     def supported_layers(self) -> tuple[type[nn.Module], ...]:
-        return (nn.Linear, nn.Conv2d)
+        return (nn.Linear, Conv1D, nn.Conv2d, nn.Embedding)
 
     def layer_class(self) -> type["BOFTLayer"]:
         return BOFTLayer
@@ -207,31 +220,44 @@ class OFTConfig(BOFTConfig):
 
 # --- the layer -------------------------------------------------------------------------------------------------------
 class BOFTLayer(AdapterLayer):
-    """A frozen nn.Linear or nn.Conv2d with W' = diag(s) · W · Rᵀ (conv: W flattened to out × (c/groups·kh·kw))."""
+    """A frozen linear layer (nn.Linear, Conv1D, quantized) or nn.Conv2d with W' = diag(s) · W · Rᵀ (conv: W flattened
+    to out × (c/groups·kh·kw)), or an nn.Embedding whose output rows e become e · R · diag(s)."""
 
     def __init__(self, base_layer: nn.Module, config: BOFTConfig) -> None:
         super().__init__(base_layer, config)
-        weight = base_layer.weight
-        self.out_features = weight.shape[0]
-        self.fan_in = weight[0].numel()  # d: in_features, or in_channels/groups · kh · kw
-        what = "in_features" if isinstance(base_layer, nn.Linear) else "in_channels/groups·kh·kw"
+        kind, shape = base_layers.kind(base_layer), base_layers.weight_shape(base_layer)
+        if kind == "embedding":
+            if base_layer.max_norm is not None:
+                raise ValueError(
+                    f"BOFT/OFT cannot adapt an Embedding with max_norm={base_layer.max_norm}: it renormalises every "
+                    "looked-up row in place, and the output scale changes row norms, so the adapted and the merged "
+                    "tables would renormalise different rows. Use an Embedding with max_norm=None, or "
+                    "TensorCoreConfig, which renormalises the rows of W + ΔW exactly."
+                )
+            self.out_features = self.fan_in = shape[1]  # d: embedding_dim, the axis rotated and scaled
+        else:
+            self.out_features, self.fan_in = shape[0], math.prod(shape[1:])  # d: in_features, or in/groups·kh·kw
+        what = {"conv": "in_channels/groups·kh·kw", "embedding": "embedding_dim"}.get(kind, "in_features")
         block_size = resolve_block_size(self.fan_in, config.block_size, config.n_blocks, config.n_factors, what)
         self.block_size, self.n_blocks, self.n_factors = block_size, self.fan_in // block_size, config.n_factors
         self.kernel = kernel_in_force(config.kernel)  # "auto" or "torch" (this layer's rotations)
-        self.check_forced_path({"input": (
-            "needs a Conv2d with padding_mode='zeros' and numeric padding (F.unfold pads with zeros only); "
-            f"got padding={getattr(base_layer, 'padding', None)!r}, "
-            f"padding_mode={getattr(base_layer, 'padding_mode', None)!r}"
-        )})
+        self.check_forced_path({
+            "input": (
+                "needs a Conv2d with padding_mode='zeros' and numeric padding (F.unfold pads with zeros only); "
+                f"got padding={getattr(base_layer, 'padding', None)!r}, "
+                f"padding_mode={getattr(base_layer, 'padding_mode', None)!r}"
+            ),
+            "weight": "needs the base weight, which this quantized layer stores packed (bitsandbytes)",
+        })
 
         n_entries = block_size * (block_size - 1) // 2
-        factory = {"device": weight.device, "dtype": torch.float32}
+        factory = {"device": base_layer.weight.device, "dtype": torch.float32}
         # zero skew-symmetric part -> every Q is I -> R = I: the adapted layer equals the base layer at step 0.
         self.skew = nn.Parameter(torch.zeros(self.n_factors, self.n_blocks, n_entries, **factory))
         self.scale = nn.Parameter(torch.ones(self.out_features, **factory)) if config.scale else None
         for direction, transpose in (("forward", False), ("transpose", True)):
             for j, g in enumerate(gather_schedule(self.fan_in, block_size, self.n_factors, transpose)):
-                self.register_buffer(f"_{direction}_gather_{j}", None if g is None else g.to(weight.device), False)
+                self.register_buffer(f"_{direction}_gather_{j}", None if g is None else g.to(factory["device"]), False)
 
     # --- the orthogonal factors ---
     def orthogonal_blocks(self) -> torch.Tensor:
@@ -276,11 +302,14 @@ class BOFTLayer(AdapterLayer):
 
     # --- choosing a path ---
     def paths(self) -> tuple[str, ...]:
-        """Both paths, except for a conv whose padding ``F.unfold`` cannot reproduce ("same", or not zeros)."""
-        base = self.base_layer
-        if isinstance(base, nn.Linear) or (base.padding_mode == "zeros" and not isinstance(base.padding, str)):
-            return ("input", "weight")
-        return ("weight",)
+        """Both paths, except for a conv whose padding ``F.unfold`` cannot reproduce ("same", or not zeros) and for a
+        quantized layer (its weight is packed: only the input path, through its own kernel)."""
+        base, kind = self.base_layer, base_layers.kind(self.base_layer)
+        if kind == "quantized":
+            return ("input",)
+        if kind == "conv" and (base.padding_mode != "zeros" or isinstance(base.padding, str)):
+            return ("weight",)
+        return ("input", "weight")
 
     def path_costs(self, x_shape: Sequence[int], training: bool, input_requires_grad: bool) -> dict[str, int]:
         """Multiply-adds of one call on an input of ``x_shape``, per path.
@@ -291,15 +320,21 @@ class BOFTLayer(AdapterLayer):
         per element. Inference: input n·d·rot + C₀, weight out·d·rot + C₀. Training adds the two backward products of
         each rotation (3× rot) and the base's backward: the input path back-propagates through W (C₀), the weight
         path forms dW' (C₀) and dx when the input needs it (C₀): input 3·n·d·rot + 2·C₀, weight 3·out·d·rot +
-        (2 + g)·C₀ with g = 1 when the input needs a gradient.
+        (2 + g)·C₀ with g = 1 when the input needs a gradient. An Embedding (n lookups of a num × d table) has no
+        product to count: input n·d·rot, weight num·d·rot, training 3× each and the weight path's scatter of n rows.
         """
         base, d, out = self.base_layer, self.fan_in, self.out_features
-        if isinstance(base, nn.Linear):
-            n = math.prod(x_shape) // d
-        else:
-            n = x_shape[0] * math.prod(conv_output_size(base, x_shape[-2:]))
         gathers = sum(g is not None for g in self._gathers(transpose=False))
         rot = self.n_factors * max(self.block_size, FACTOR_COST) + gathers * GATHER_COST
+        kind = base_layers.kind(base)
+        if kind == "embedding":
+            n, passes = math.prod(x_shape), 3 if training else 1
+            return {"input": passes * n * d * rot,
+                    "weight": passes * base.num_embeddings * d * rot + (n * d if training else 0)}
+        if kind == "conv":
+            n = x_shape[0] * math.prod(conv_output_size(base, x_shape[-2:]))
+        else:
+            n = math.prod(x_shape) // d
         base_cost = n * out * d
         if training:
             costs = {"input": 3 * n * d * rot + 2 * base_cost,
@@ -310,38 +345,72 @@ class BOFTLayer(AdapterLayer):
 
     # --- forward ---
     def rotated_weight(self, blocks: torch.Tensor | None = None) -> torch.Tensor:
-        """diag(s) · W · Rᵀ in the base weight's shape and dtype."""
-        weight = self.base_layer.weight
+        """diag(s) · W · Rᵀ in the layout and dtype of ``base_layers.weight`` (ValueError for a quantized base)."""
+        weight = base_layers.weight(self.base_layer)
         rotated = self.rotate(weight.reshape(self.out_features, self.fan_in), transpose=True, blocks=blocks)
         if self.scale is not None:
             rotated = rotated * self.scale.to(rotated.dtype)[:, None]
         return rotated.reshape(weight.shape)
 
+    def rotated_table(self, blocks: torch.Tensor | None = None) -> torch.Tensor:
+        """An Embedding's table as its lookups are adapted: W · R · diag(s), (num, d), the padding row W's own."""
+        table = self.base_layer.weight
+        rotated = self.rotate(table, blocks=blocks)  # each row e -> e R
+        if self.scale is not None:
+            rotated = rotated * self.scale.to(rotated.dtype)
+        return self._keep_padding(torch.arange(table.shape[0], device=table.device), table, rotated)
+
+    def _keep_padding(self, ids: torch.Tensor, base_rows: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` with the base's row wherever ``ids`` is the Embedding's padding_idx. ids: (...), rows: (..., d)."""
+        padding_idx = self.base_layer.padding_idx
+        return rows if padding_idx is None else torch.where((ids == padding_idx)[..., None], base_rows, rows)
+
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        base = self.base_layer
-        expected = base.in_features if isinstance(base, nn.Linear) else base.in_channels
-        channels = x.shape[-1] if isinstance(base, nn.Linear) else x.shape[-3] if x.dim() >= 3 else None
+        base, kind = self.base_layer, base_layers.kind(self.base_layer)
+        if kind == "embedding":
+            return self._embedding_forward(x)
+        linear = kind != "conv"
+        expected = self.fan_in if linear else base.in_channels
+        channels = x.shape[-1] if linear else x.shape[-3] if x.dim() >= 3 else None
         if channels != expected:
-            shape = f"(..., {expected})" if isinstance(base, nn.Linear) else f"(batch, {expected}, height, width)"
+            shape = f"(..., {expected})" if linear else f"(batch, {expected}, height, width)"
             raise ValueError(
                 f"this adapted {type(base).__name__} expects inputs of shape {shape}, got {tuple(x.shape)}"
             )
         blocks = self.orthogonal_blocks()
         if self.choose_path(x) == "weight":
-            weight = self.rotated_weight(blocks)
-            if isinstance(base, nn.Linear):
-                return F.linear(x, weight, base.bias)
-            return base._conv_forward(x, weight, base.bias)
-        y = self._linear_input_path(x, blocks) if isinstance(base, nn.Linear) else self._conv_input_path(x, blocks)
+            return base_layers.run(base, x, self.rotated_weight(blocks))
+        if kind == "quantized":
+            return self._quantized_input_path(x, blocks)
+        y = self._linear_input_path(x, blocks) if linear else self._conv_input_path(x, blocks)
         if self.scale is not None:
-            shape = (-1,) if isinstance(base, nn.Linear) else (-1, 1, 1)
+            shape = (-1,) if linear else (-1, 1, 1)
             y = y * self.scale.to(y.dtype).reshape(shape)
         if base.bias is not None:
-            y = y + (base.bias if isinstance(base, nn.Linear) else base.bias[:, None, None]).to(y.dtype)
+            y = y + (base.bias if linear else base.bias[:, None, None]).to(y.dtype)
         return y
 
+    def _embedding_forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids: (...) -> (..., d): the base's rows e as e · R · diag(s), padding rows the base's."""
+        blocks = self.orthogonal_blocks()
+        if self.choose_path(ids) == "weight":
+            return base_layers.run(self.base_layer, ids, self.rotated_table(blocks))
+        rows = self.base_layer(ids)  # (..., d): the base's own lookup
+        rotated = self.rotate(rows, blocks=blocks)
+        if self.scale is not None:
+            rotated = rotated * self.scale.to(rotated.dtype)
+        return self._keep_padding(ids, rows, rotated)
+
     def _linear_input_path(self, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.rotate(x, blocks=blocks), self.base_layer.weight)  # W (Rᵀ x), no bias yet
+        return F.linear(self.rotate(x, blocks=blocks), base_layers.weight(self.base_layer))  # W (Rᵀ x), no bias yet
+
+    def _quantized_input_path(self, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """h = base(Rᵀx) by the layer's own kernel, then h + (s − 1) ⊙ (h − bias) = s ⊙ (W Rᵀx) + bias."""
+        h = self.base_layer(self.rotate(x, blocks=blocks))
+        if self.scale is None:
+            return h
+        bias = self.base_layer.bias
+        return h + (self.scale.to(h.dtype) - 1) * (h if bias is None else h - bias.to(h.dtype))
 
     def _conv_input_path(self, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         base, groups = self.base_layer, self.base_layer.groups
@@ -355,31 +424,46 @@ class BOFTLayer(AdapterLayer):
 
     # --- merging ---
     def merged_weights(self) -> dict[str, torch.Tensor]:
-        """W' = diag(s)·W·Rᵀ from the eval-mode blocks, computed in fp64 and rounded once to W's dtype.
+        """W' = diag(s)·W·Rᵀ (an Embedding's table: W·R·diag(s), the padding row W's own) from the eval-mode blocks,
+        computed in fp64 and rounded once to W's dtype, in the base's own layout (``base_layers.stored``).
 
         ValueError, before anything is written, where unmerge could not undo it: an output scale of exactly 0 or a
-        singular block (the Cayley–Neumann series with neumann_terms ≡ 1 mod 4 can be).
+        singular block (the Cayley–Neumann series with neumann_terms ≡ 1 mod 4 can be); and for a quantized base
+        (``base_layers.weight`` says why).
         """
         self._check_scale_invertible("merge")
-        weight, blocks = self.base_layer.weight, self.cayley_blocks()
+        base, weight, blocks = self.base_layer, base_layers.weight(self.base_layer), self.cayley_blocks()
         if torch.isfinite(blocks).all():  # (NaN/inf blocks: the merged weight is not finite, which merge refuses)
             inverse_transposed_blocks(blocks.to(merge_dtype(weight)))  # raises for a singular block
-        rows = weight.reshape(self.out_features, self.fan_in).to(merge_dtype(weight))
-        merged = butterfly_apply(rows, blocks.to(rows.dtype), self._gathers(transpose=True), transpose=True)  # W Rᵀ
+        embedding = base_layers.kind(base) == "embedding"
+        rows = weight.reshape(-1, self.fan_in).to(merge_dtype(weight))
+        # a Linear's or conv's rows become W Rᵀ; an Embedding's rows e become e R, as its lookups do
+        gathers = self._gathers(transpose=not embedding)
+        merged = butterfly_apply(rows, blocks.to(rows.dtype), gathers, transpose=not embedding)
         if self.scale is not None:
-            merged = merged * self.scale.to(rows.dtype)[:, None]
-        return {"weight": merged.reshape(weight.shape).to(weight.dtype)}
+            merged = merged * (self.scale.to(rows.dtype) if embedding else self.scale.to(rows.dtype)[:, None])
+        if embedding:
+            merged = self._keep_padding(torch.arange(len(rows), device=rows.device), rows, merged)
+        return base_layers.stored(base, merged.reshape(weight.shape).to(weight.dtype))
 
     def unmerged_weights(self) -> dict[str, torch.Tensor]:
-        """W = diag(s)⁻¹·W'·R⁻ᵀ (``unrotate_rows``: every block inverted, so exact for the Cayley–Neumann series
-        too), computed in fp64 and rounded once to W's dtype."""
+        """W = diag(s)⁻¹·W'·R⁻ᵀ (an Embedding's table: W'·diag(s)⁻¹·R⁻¹, the padding row kept) from every block
+        inverted, so exact for the Cayley–Neumann series too, computed in fp64 and rounded once to W's dtype."""
         self._check_scale_invertible("unmerge")
-        weight = self.base_layer.weight
-        merged = weight.reshape(self.out_features, self.fan_in).to(merge_dtype(weight))
+        base, weight = self.base_layer, base_layers.weight(self.base_layer)
+        embedding = base_layers.kind(base) == "embedding"
+        rows = weight.reshape(-1, self.fan_in).to(merge_dtype(weight))
+        merged = rows
         if self.scale is not None:
-            merged = merged / self.scale.to(merged.dtype)[:, None]
-        restored = unrotate_rows(merged, self.cayley_blocks().to(merged.dtype), self._gathers(transpose=False))
-        return {"weight": restored.reshape(weight.shape).to(weight.dtype)}
+            merged = rows / (self.scale.to(rows.dtype) if embedding else self.scale.to(rows.dtype)[:, None])
+        blocks = self.cayley_blocks().to(rows.dtype)
+        if embedding:  # rows times R⁻¹ = (R⁻ᵀ)ᵀ: the blocks of R⁻ᵀ, applied transposed
+            restored = butterfly_apply(merged, inverse_transposed_blocks(blocks), self._gathers(transpose=True),
+                                       transpose=True)
+            restored = self._keep_padding(torch.arange(len(rows), device=rows.device), rows, restored)
+        else:
+            restored = unrotate_rows(merged, blocks, self._gathers(transpose=False))
+        return base_layers.stored(base, restored.reshape(weight.shape).to(weight.dtype))
 
     def _check_scale_invertible(self, action: str) -> None:
         if self.scale is None or not (self.scale == 0).any():

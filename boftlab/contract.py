@@ -15,7 +15,10 @@ An adapter *wraps* one frozen base layer and answers the same questions whatever
 
 A family is two classes: an ``AdapterConfig`` dataclass (hyper-parameters, which layer types it adapts) and an
 ``AdapterLayer`` (the math). Injection, reports, saving and loading are written once against this file and never
-know which family they handle.
+know which family they handle. A family reads its base layer through ``boftlab.base_layers`` (the weight in PyTorch's
+layout, the call that runs the base with another weight), so one layer class covers nn.Linear, transformers'
+Conv1D (W stored transposed) and bitsandbytes' quantized layers (W opaque) alike; ``forward`` here bypasses the
+adapter inside ``boftlab.disabled(model)``.
 
 Adding a family. Write ``myfamily.py`` with the structured matrix first (pure functions over tensors), then:
 
@@ -42,6 +45,8 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import nn
+
+from .base_layers import check_readable, type_name
 
 #: family name -> config class; filled by ``AdapterConfig.__init_subclass__``.
 FAMILIES: dict[str, type["AdapterConfig"]] = {}
@@ -124,7 +129,7 @@ class AdapterConfig:
     def check_supported(self, base_layer: nn.Module) -> None:
         supported = self.supported_layers()
         if not isinstance(base_layer, supported):
-            names = ", ".join(f"nn.{t.__name__}" for t in supported)
+            names = ", ".join(type_name(t) for t in supported)
             raise ValueError(
                 f"{self.display_name()} cannot adapt a {type(base_layer).__name__}; supported layer types: {names}."
             )
@@ -170,9 +175,11 @@ class AdapterLayer(nn.Module):
 
     def __init__(self, base_layer: nn.Module, config: AdapterConfig) -> None:
         super().__init__()
+        check_readable(base_layer)  # e.g. a packed weight of a quantization library boftlab does not know
         self.base_layer = base_layer
         self.config = config
         self.merged = False
+        self.disabled_count = 0  # open ``boftlab.disabled`` contexts that bypass this adapter (they nest)
 
     # --- the family's part -------------------------------------------------------------------------------------
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -253,10 +260,21 @@ class AdapterLayer(nn.Module):
             return self.paths()[0]
         training = torch.is_grad_enabled() and any(p.requires_grad for p in self.adapter_parameters().values())
         costs = self.path_costs(x.shape, training, x.requires_grad)
-        return min(costs, key=lambda path: (costs[path], path != "weight"))
+        # compared one by one, not by min(key=...): under torch.compile with dynamic shapes the costs are symbolic,
+        # and each comparison becomes a guard on the input's shape
+        best = "weight" if "weight" in costs else next(iter(costs))
+        for path, cost in costs.items():
+            if cost < costs[best]:
+                best = path
+        return best
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.merged:
+        if self.disabled_count and self.merged:
+            raise RuntimeError(
+                f"this {type(self).__name__} was merged inside boftlab.disabled(...): its base weights now hold the "
+                "adapted ones, so it cannot compute the base layer's output; unmerge it, or merge outside the context"
+            )
+        if self.merged or self.disabled_count:
             return self.base_layer(x, *args, **kwargs)
         return self.adapted_forward(x, *args, **kwargs)
 

@@ -6,6 +6,8 @@ Written once against the adapter contract (``boftlab.contract``): nothing here k
     summary(model)                                        trainable vs total parameters, per family / layer type
     merge(model) / unmerge(model)                          fold adapters into the base weights and back
     unwrap(model)                                          merge, then put the plain base layers back
+    with disabled(model): ...                              every adapter bypassed: the base model's outputs
+    dequantize_bases(model, dtype)                         quantized base layers -> plain nn.Linear (merge is exact)
 
 A merge writes into the base layer's tensors, so a tensor that another module shares (tied weights: ``lm_head``
 and ``embed_tokens`` in most small LMs) is never adapted unless ``adapt(..., untie=True)`` gives the adapted module
@@ -15,15 +17,18 @@ and unwrap computes and checks all new tensors before it writes any: it happens 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Iterator, Sequence, Union
 
 import torch
 from torch import nn
 
+from . import base_layers
+from .base_layers import type_name
 from .contract import AdapterConfig, AdapterLayer
 
 Target = Union[str, re.Pattern, type]
@@ -229,7 +234,7 @@ def adapt(
     supported = [n for n in names if isinstance(model.get_submodule(n), config.supported_layers())]
     if not supported:
         kinds = sorted({type(model.get_submodule(n)).__name__ for n in names})
-        ok = ", ".join(t.__name__ for t in config.supported_layers())
+        ok = ", ".join(type_name(t) for t in config.supported_layers())
         raise ValueError(
             f"targets={_describe(targets)} matched {len(names)} module(s) of type(s) {kinds}, none of which "
             f"{config.display_name()} supports; supported types: {ok}"
@@ -239,7 +244,7 @@ def adapt(
         # matched *leaf* layer of a type the family cannot adapt is an error, never silently left out.
         leaves = [n for n in names if n not in supported and next(model.get_submodule(n).children(), None) is None]
         if leaves:
-            ok = ", ".join(t.__name__ for t in config.supported_layers())
+            ok = ", ".join(type_name(t) for t in config.supported_layers())
             shown = ", ".join(f"{n} ({type(model.get_submodule(n)).__name__})" for n in leaves[:8])
             more = f", … ({len(leaves) - 8} more)" if len(leaves) > 8 else ""
             raise ValueError(
@@ -429,4 +434,65 @@ def unwrap(model: nn.Module) -> nn.Module:
         _replace(model, name, layer.base_layer)
     if hasattr(model, TRAINABLE_ATTR):
         delattr(model, TRAINABLE_ATTR)
+    return model
+
+
+# --- switching adapters off ------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def disabled(model: nn.Module, targets: Target | Sequence[Target] | None = None) -> Iterator[nn.Module]:
+    """``with boftlab.disabled(model): ...`` — inside, every adapter (or those in the modules ``targets`` selects, as
+    in ``adapt``) is bypassed: each adapted layer returns exactly its base layer's output. The base model without a
+    second copy of it, e.g. a DPO reference model or a before/after comparison. Yields ``model``.
+
+    Nestable and exception-safe: each layer counts the open contexts that bypass it and is back on when the last
+    one exits, however it exits. Not thread-safe: the switch lives on the layers, so another thread running the same
+    model meanwhile sees the adapters off too. A merged adapter is refused (ValueError, nothing changed): its base
+    weights hold the adapted ones, and unmerging behind your back would round-trip them through floating point on
+    every call — ``boftlab.unmerge(model)`` first, if that is what you want.
+    """
+    model = strip_wrappers(model)
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError("disabled: the model has no boftlab adapters to switch off")
+    if targets is not None:
+        chosen = match_targets(model, targets)
+        layers = {n: layer for n, layer in layers.items() if any(n == c or n.startswith(c + ".") for c in chosen)}
+        if not layers:
+            raise ValueError(
+                f"disabled: targets={_describe(targets)} selects no adapted layer; adapted layers: "
+                f"{sorted(adapter_layers(model))}"
+            )
+    merged = [n for n, layer in layers.items() if layer.merged]
+    if merged:
+        raise ValueError(
+            f"disabled: {len(merged)} adapter(s) are merged into their base weights (e.g. {merged[0]!r}), so the base "
+            "layers no longer compute the base model; call boftlab.unmerge(model) first (disabled never unmerges "
+            "for you: each unmerge/merge round trip rounds the base weights)"
+        )
+    for layer in layers.values():
+        layer.disabled_count += 1
+    try:
+        yield model
+    finally:
+        for layer in layers.values():
+            layer.disabled_count -= 1
+
+
+# --- quantized base layers ---------------------------------------------------------------------------------------------
+def dequantize_bases(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Replace the quantized base layer (bitsandbytes Linear4bit / Linear8bitLt) of every adapter by a frozen
+    nn.Linear in ``dtype`` holding its dequantized weight and its bias, in place; returns ``model``.
+
+    ``dtype`` is that of the activations reaching these layers (the model's compute dtype, e.g. torch.bfloat16).
+    Afterwards ``merge`` and ``unwrap`` are exact, as on any nn.Linear. The forward changes by what the quantized
+    kernel computes beyond x·dequantize(W)ᵀ: for 4-bit, nothing; for 8-bit on a GPU, the int8 rounding of the
+    activations. O(out·in) per layer; memory grows to ``dtype``'s size per weight.
+    """
+    layers = {n: layer for n, layer in adapter_layers(strip_wrappers(model)).items()
+              if base_layers.kind(layer.base_layer) == "quantized"}
+    if not layers:
+        raise ValueError("dequantize_bases: no adapter of this model wraps a quantized (bitsandbytes) layer")
+    plain = {name: base_layers.dequantized_linear(layer.base_layer, dtype) for name, layer in layers.items()}
+    for name, layer in layers.items():
+        layer.base_layer = plain[name]
     return model

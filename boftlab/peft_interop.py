@@ -4,7 +4,8 @@ Parameter maps (boftlab stores each block's skew-symmetric S by its b(b−1)/2 u
 
     PEFT BOFT  boft_R (m, k, b, b) = A, any matrix; PEFT uses S = (A − Aᵀ)/2 and Q = (I − S)(I + S)⁻¹ — as we do.
                boft_s: the output scale, shaped (out, 1) for Linear and (1, out) for Conv2d.
-    PEFT OFT   oft_R.weight (k, b(b−1)/2) = upper entries of S_peft, S_peft = U − Uᵀ; no scale.
+    PEFT OFT   oft_R.weight (k, b(b−1)/2) = upper entries of S_peft, S_peft = U − Uᵀ; no scale. On an nn.Embedding
+               the same tensor is oft_embedding_R.weight (PEFT rotates the looked-up rows, as boftlab does).
                exact Cayley: Q = (I − S)(I + S)⁻¹ as ours, so S_peft = S.
                Cayley–Neumann, n terms: PEFT sums I + 2S_p + 2S_p² + … + 2S_p^(n−2) + S_p^(n−1) for n ≥ 4, and
                boftlab's (I − S)·Σ_{j≤n−2} (−S)^j expands to the same with S_p = −S. PEFT's n = 3 sums
@@ -23,6 +24,8 @@ Refused, because the other side computes something else (a ``ValueError`` says w
 * a BOFT file with fewer factors than its config's ``boft_n_butterfly_factor``: PEFT trains one factor whenever its
   CUDA extension is missing, whatever the config says; set the config to what the file holds to import that.
 * ``block_share``; BOFT with COFT or a Cayley–Neumann series; convolutions PEFT computes inexactly (``_check_conv``).
+* base layers whose exchange is not verified against PEFT, both ways (``_check_exchangeable``): transformers'
+  Conv1D, quantized layers, and an Embedding except under PEFT OFT.
 
 An ``oft_block_size`` (or ``r``) that PEFT adjusted to fit a layer is read from that layer's stored tensor, as PEFT
 itself recomputes it when loading.
@@ -41,6 +44,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from . import base_layers
 from .butterfly import BOFTConfig, BOFTLayer, OFTConfig, resolve_block_size, skew_entries, skew_symmetric
 from .model import TRAINABLE_ATTR, adapter_layers, build_layers, insert_layers, resolve_trainable
 from .saving import atomic_write_files, check_finite, read_checked, safetensors_writer
@@ -105,6 +109,18 @@ def _single_config(model: nn.Module) -> tuple[BOFTConfig, dict[str, BOFTLayer]]:
     return config, layers
 
 
+def _check_exchangeable(name: str, base: nn.Module, peft_oft: bool) -> None:
+    """ValueError unless PEFT computes ``base``'s adapter as boftlab does: a plain nn.Linear, an nn.Conv2d, or an
+    nn.Embedding under PEFT OFT (convolutions are checked further by the caller)."""
+    kind = base_layers.kind(base)
+    if not (type(base) is nn.Linear or kind == "conv" or (kind == "embedding" and peft_oft)):
+        raise ValueError(
+            f"PEFT exchange covers BOFT/OFT on nn.Linear and nn.Conv2d, and OFT without a scale on nn.Embedding; "
+            f"{name!r} is a {type(base).__name__} (boftlab adapts it, but the exchange is not verified against PEFT, "
+            "so it is refused)"
+        )
+
+
 def _check_conv(name: str, conv: nn.Conv2d) -> None:
     kh, kw = conv.kernel_size
     uniform = lambda pair: len(set(pair)) == 1  # noqa: E731
@@ -150,6 +166,7 @@ def to_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
         base, key = layer.base_layer, PEFT_PREFIX + name
+        _check_exchangeable(name, base, as_peft_oft)
         if isinstance(base, nn.Conv2d):
             if as_peft_oft:
                 raise ValueError(
@@ -159,7 +176,8 @@ def to_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
             _check_conv(name, base)
         if as_peft_oft:
             sign = -1.0 if config.neumann_terms is not None else 1.0
-            tensors[f"{key}.oft_R.weight"] = sign * layer.skew.detach()[0]
+            rotation = "oft_embedding_R" if isinstance(base, nn.Embedding) else "oft_R"
+            tensors[f"{key}.{rotation}.weight"] = sign * layer.skew.detach()[0]
         else:
             scale = layer.scale.detach() if layer.scale is not None else torch.ones(layer.out_features)
             tensors[f"{key}.boft_R"] = skew_symmetric(layer.skew.detach(), layer.block_size)
@@ -274,22 +292,25 @@ def from_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         )
     peft_config = json.loads(config_file.read_text())
     kind = peft_config.get("peft_type")
-    marker = {"BOFT": ".boft_R", "OFT": ".oft_R.weight"}.get(kind)
-    if marker is None:
+    markers = {"BOFT": (".boft_R",), "OFT": (".oft_R.weight", ".oft_embedding_R.weight")}.get(kind)
+    if markers is None:
         raise ValueError(f"from_peft reads PEFT BOFT and OFT adapters; this one is {kind!r}")
     config = _config_from_peft(peft_config, kind)
     _, tensors = read_checked(weights_file, "PEFT adapter")
-    names = sorted(k[len(PEFT_PREFIX) : -len(marker)] for k in tensors if k.endswith(marker))
+    rotations = {k[len(PEFT_PREFIX) : -len(m)]: k for k in tensors for m in markers if k.endswith(m)}  # name -> key
+    names = sorted(rotations)
     modules = dict(model.named_modules())
     unknown = [n for n in names if n not in modules]
     if unknown:
         raise ValueError(f"the PEFT adapter targets module(s) {unknown[:5]} that this model does not have")
+    for name in names:
+        _check_exchangeable(name, modules[name], kind == "OFT")
     convs = [n for n in names if kind == "OFT" and isinstance(modules[n], nn.Conv2d)]
     if convs:
         raise ValueError(f"cannot import PEFT OFT on Conv2d {convs[:5]}. {CONV_OFT_REFUSAL}")
     trainable = resolve_trainable(model, list(peft_config.get("modules_to_save") or []))  # suffixes -> names
-    suffixes = [".boft_R", ".boft_s"] if kind == "BOFT" else [".oft_R.weight"]
-    needed = [PEFT_PREFIX + n + s for n in names for s in suffixes]
+    needed = ([PEFT_PREFIX + n + s for n in names for s in (".boft_R", ".boft_s")] if kind == "BOFT"
+              else [rotations[n] for n in names])
     needed += [f"{PEFT_PREFIX}{n}.{k}" for n in trainable for k in model.get_submodule(n).state_dict()]
     missing = [k for k in needed if k not in tensors]
     if not names or missing:
@@ -298,7 +319,7 @@ def from_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
 
     layers: dict[str, BOFTLayer] = {}
     for name in names:
-        layer_config = _layer_config(config, name, modules[name], tensors[PEFT_PREFIX + name + marker])
+        layer_config = _layer_config(config, name, modules[name], tensors[rotations[name]])
         layers |= build_layers(model, layer_config, [name])
     values = {}  # every value checked against its target's shape before anything changes
     for name, layer in layers.items():
@@ -309,7 +330,7 @@ def from_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             values[layer.scale] = tensors[f"{key}.boft_s"].reshape(-1)
         else:
             sign = -1.0 if config.neumann_terms is not None else 1.0
-            values[layer.skew] = sign * tensors[f"{key}.oft_R.weight"][None]
+            values[layer.skew] = sign * tensors[rotations[name]][None]
     for name in trainable:
         values |= {v: tensors[f"{PEFT_PREFIX}{name}.{k}"] for k, v in model.get_submodule(name).state_dict().items()}
     wrong = [(list(v.shape), list(target.shape)) for target, v in values.items() if v.shape != target.shape]

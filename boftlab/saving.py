@@ -19,6 +19,7 @@ of a directory are renamed one right after the other, and if they ever disagree 
 renames, or a hand-edited ``adapter_config.json``) loading refuses: the embedded config is the one written with the
 tensors and covered by the checksum, the JSON is a copy, and which one the user meant is not knowable.
 Loading validates everything against the model before changing it: on any error the model is left untouched.
+Loading onto a model that already carries adapters of the same structure swaps their weights in place (hot swap).
 
 Format versions: 1; 2, where the tensor core's constant multiplier is ``alpha`` (was ``scale``, SURM's name for the
 same thing) and its factorised forward is ``path="input"`` (was ``"factorised"``, the contract's one vocabulary);
@@ -332,12 +333,18 @@ def _check_targets(model: nn.Module, group: dict[str, Any]) -> None:
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Put the adapters saved at ``path`` on ``model`` (a freshly built base model), in place; returns ``model``.
+    """Put the adapters saved at ``path`` on ``model``, in place; returns ``model``.
 
-    Every check runs before the model changes: wrong architecture, missing or extra tensors, a corrupted file
-    (checksum), non-finite values, an ``adapter_config.json`` that disagrees with the weights, an unknown family or a
-    newer format raise ``ValueError`` and leave the model as it was. Adapter tensors come back exactly, in the dtype
-    they were saved in; a kept-trainable module's tensor that the model's dtype cannot hold exactly is refused.
+    On a plain base model the adapters are built and inserted. On a model that already carries adapters of the same
+    structure — the same families, configs, targets (type and shape) and modules kept trainable — the file's tensors
+    are copied into them: a hot swap, with no rebuild, so the parameter objects, and any optimizer built on them,
+    stay the same (so does that optimizer's state, e.g. Adam's moments: reset it to train the new adapter afresh).
+
+    Every check runs before the model changes: wrong architecture, adapters of another structure, merged adapters,
+    missing or extra tensors, a corrupted file (checksum), non-finite values, an ``adapter_config.json`` that
+    disagrees with the weights, an unknown family or a newer format raise ``ValueError`` and leave the model as it
+    was. Adapter tensors come back exactly: built afresh, in the dtype they were saved in; swapped, in the model's
+    dtype, and a value that dtype cannot hold exactly is refused — as is such a value for a kept-trainable module.
     """
     config, tensors = read_adapter(path)
     model = strip_wrappers(model)
@@ -348,10 +355,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             "dropped; materialise the base model (load its weights) before load_adapter"
         )
     if adapter_layers(model):
-        raise ValueError(
-            "the model already has boftlab adapters; load_adapter expects the plain base model "
-            "(build it again, or boftlab.unwrap(model) to fold the current adapters in first)"
-        )
+        return _swap(model, config, tensors)
     layers: dict[str, AdapterLayer] = {}
     for group in config["groups"]:
         adapter_config_ = AdapterConfig.from_dict(group["config"])
@@ -364,7 +368,23 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             modules[name] = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"the adapter keeps module {name!r} trainable, but this model has no such module") from None
-    expected = _named_state(layers, modules)
+    expected, kept = _named_state(layers, modules), _named_state({}, modules)
+    _check_tensors(expected, tensors, kept)
+    with torch.no_grad():
+        for name, layer in layers.items():  # boftlab built these: they take the dtype they were saved in
+            for key, target in layer.adapter_state().items():
+                _restore(layer, key, target, tensors[f"{name}.{key}"])
+        for key, target in kept.items():
+            target.copy_(tensors[key])  # state_dict() tensors share storage with the parameters
+    setattr(model, TRAINABLE_ATTR, trainable)
+    insert_layers(model, layers)
+    return model
+
+
+def _check_tensors(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
+                   kept: dict[str, torch.Tensor]) -> None:
+    """ValueError unless the file's ``tensors`` have exactly the names and shapes of the model's ``expected`` ones,
+    and every value of those in ``kept`` (tensors that keep the model's dtype) fits that dtype exactly."""
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or extra:
         raise ValueError(
@@ -376,7 +396,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise ValueError(f"tensor shape mismatch (name, in file, expected): {wrong[:10]}")
     rounded = [  # the model's own modules keep their dtype, so a value they cannot hold exactly is refused
         f"{k!r} ({tensors[k].dtype} in the file, {v.dtype} in the model)"
-        for k, v in _named_state({}, modules).items()
+        for k, v in kept.items()
         if not torch.equal(tensors[k].to(v.dtype).to(tensors[k].dtype), tensors[k])
     ]
     if rounded:
@@ -384,14 +404,48 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             f"loading would round {', '.join(rounded[:5])}: the adapter was saved from a model of another dtype. "
             "Cast the model to the file's dtype (e.g. model.to(torch.float64)) before load_adapter"
         )
+
+
+def _structure(config: dict[str, Any]) -> dict[str, Any]:
+    """Module name -> (config, base type, base weight shape) of an ``adapter_config``, plus the kept-trainable list."""
+    targets = {
+        name: (group["config"], info["type"], info["weight_shape"])
+        for group in config["groups"] for name, info in group["targets"].items()
+    }
+    return {"targets": targets, "trainable": sorted(config.get("trainable", []))}
+
+
+def _swap(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """Hot swap: the file's tensors into adapters of the same structure (``load_adapter``). O(adapter size)."""
+    here, there = _structure(adapter_config(model)), _structure(config)
+    mine, theirs = here["targets"], there["targets"]
+    differences = [
+        f"adapted here only: {sorted(set(mine) - set(theirs))[:5]}" if set(mine) - set(theirs) else "",
+        f"in the file only: {sorted(set(theirs) - set(mine))[:5]}" if set(theirs) - set(mine) else "",
+        *(f"{name!r}: here {mine[name]}, in the file {theirs[name]}"
+          for name in sorted(set(mine) & set(theirs)) if mine[name] != theirs[name]),
+        f"kept trainable: here {here['trainable']}, in the file {there['trainable']}"
+        if here["trainable"] != there["trainable"] else "",
+    ]
+    differences = [d for d in differences if d]
+    if differences:
+        raise ValueError(
+            "load_adapter: this model already carries adapters of another structure than the file's, so the file "
+            f"cannot be swapped in place ({'; '.join(differences[:5])}). Load it into a freshly built base model, or "
+            "boftlab.unwrap(model) first to fold the current adapters in."
+        )
+    merged = [name for name, layer in adapter_layers(model).items() if layer.merged]
+    if merged:
+        raise ValueError(
+            f"load_adapter: {len(merged)} adapter(s) of this model are merged into their base weights (e.g. "
+            f"{merged[0]!r}); swapping would need unmerge, swap, merge, each rounding the base weights. Call "
+            "boftlab.unmerge(model), load_adapter, then boftlab.merge(model) if you mean it."
+        )
+    expected = adapter_state(model)
+    _check_tensors(expected, tensors, expected)  # a swap copies into the model's tensors: their dtype must hold it
     with torch.no_grad():
-        for name, layer in layers.items():  # boftlab built these: they take the dtype they were saved in
-            for key, target in layer.adapter_state().items():
-                _restore(layer, key, target, tensors[f"{name}.{key}"])
-        for key, target in _named_state({}, modules).items():
-            target.copy_(tensors[key])  # state_dict() tensors share storage with the parameters
-    setattr(model, TRAINABLE_ATTR, trainable)
-    insert_layers(model, layers)
+        for key, target in expected.items():
+            target.copy_(tensors[key])  # shares storage with the parameter: the same objects, new values
     return model
 
 

@@ -25,10 +25,15 @@ stored number still reaches the crop. Toeplitz and Kronecker matrices are native
 The two uses of the paper:
 
 * LoRA-style (mode="lora"):    W' = W + α·S,        y = W x + α·S x + bias             (S: d_out × d_in)
-  on nn.Linear and on nn.Conv1d / nn.Conv2d / nn.Conv3d (below);
+  on linear layers and on nn.Conv1d / nn.Conv2d / nn.Conv3d (below);
 * adapter-style (mode="adapter"): y = h + f(α·S h) + b,  h = W x + bias                 (S: d_out × d_out)
   inserted on the output of the targeted Linear — on BERT's ``attention.output.dense`` and ``output.dense`` this
-  is the paper's placement, after the projection and before the residual LayerNorm. nn.Linear only.
+  is the paper's placement, after the projection and before the residual LayerNorm. Linear layers only.
+
+Linear layers are nn.Linear, transformers' Conv1D (GPT-2; W read as the transpose of what it stores) and bitsandbytes'
+quantized Linear4bit / Linear8bitLt (``boftlab.base_layers``): both modes only *call* the base layer and add S's
+products beside it, so a quantized base is never dequantized — and merging into it is refused, since re-quantizing
+W + α·S would round it again.
 
 Convolutions (mode="lora"). A kernel W: (out, in/groups, *k) is the matrix W: (out, in/groups·prod(k)), each row one
 output channel's weights over an input patch, flattened channel-major as (out, in/g, *k) -> (out, rest); so S is
@@ -58,6 +63,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import base_layers
+from .base_layers import CONVOLUTIONS, Conv1D
 from .contract import AdapterConfig, AdapterLayer, check_integer, check_number, conv_output_size, merge_dtype, nearest
 
 STRUCTURES = ("circulant", "toeplitz", "kronecker", "ldr")
@@ -407,19 +414,21 @@ class StructuredMatrix(nn.Module):
 
 
 # --- config ----------------------------------------------------------------------------------------------------------
-CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-LAYERS_BY_MODE: dict[str, tuple[type[nn.Module], ...]] = {"lora": (nn.Linear, *CONVOLUTIONS), "adapter": (nn.Linear,)}
+LAYERS_BY_MODE: dict[str, tuple[type[nn.Module], ...]] = {
+    "lora": (nn.Linear, Conv1D, *CONVOLUTIONS), "adapter": (nn.Linear, Conv1D),
+}
 
 
 @dataclasses.dataclass
 class SURMConfig(AdapterConfig):
-    """Structured unrestricted-rank adaptation of nn.Linear layers, and in mode="lora" of nn.Conv1d/2d/3d too.
+    """Structured unrestricted-rank adaptation of linear layers (nn.Linear, transformers Conv1D, bitsandbytes'
+    quantized layers), and in mode="lora" of nn.Conv1d/2d/3d too.
 
     structure: "circulant" | "toeplitz" | "kronecker" | "ldr".
     displacement_rank (r): LDR only (default 1); 1 ≤ r ≤ max(d_out, d_in).
     kronecker_shape: Kronecker only; shape (m1, n1) of A in A ⊗ B; default: divisors nearest √d_out and √d_in.
     mode: "lora" (W' = W + α·S; nn.Linear and convolutions, d_in = in/groups·prod(kernel_size) for a conv) or
-        "adapter" (h + f(α·S h) + b on the layer's output; nn.Linear only).
+        "adapter" (h + f(α·S h) + b on the layer's output; linear layers only).
     alpha (α): scale of S in both modes.
     activation (f): adapter only, one of ``ACTIVATIONS`` (default "gelu"); "identity" makes the adapter mergeable.
     bias (b): adapter only (default True).
@@ -493,9 +502,9 @@ class SURMConfig(AdapterConfig):
     def check_supported(self, base_layer: nn.Module) -> None:
         if self.mode == "adapter" and isinstance(base_layer, CONVOLUTIONS):
             raise ValueError(
-                f"SURMConfig(mode='adapter') adapts nn.Linear only, not a {type(base_layer).__name__}: the adapter "
-                "h ↦ h + f(α·S h) + b acts on a Linear's output features. mode='lora' (W' = W + α·S) adapts "
-                "nn.Linear, nn.Conv1d, nn.Conv2d and nn.Conv3d."
+                f"SURMConfig(mode='adapter') adapts linear layers only, not a {type(base_layer).__name__}: the "
+                "adapter h ↦ h + f(α·S h) + b acts on a Linear's output features. mode='lora' (W' = W + α·S) adapts "
+                "nn.Linear, transformers Conv1D, nn.Conv1d, nn.Conv2d and nn.Conv3d."
             )
         super().check_supported(base_layer)
 
@@ -507,19 +516,19 @@ class SURMConfig(AdapterConfig):
 class SURMLayer(AdapterLayer):
     """LoRA-style: a frozen layer with W' = W + α·S, S structured (d_out × d_in).
 
-    nn.Linear: x: (..., d_in) -> (..., d_out), y = W x + bias + α·S x, S applied by FFT and never formed.
+    Linear layers: x: (..., d_in) -> (..., d_out), y = base(x) + α·S x, S applied by FFT and never formed.
     nn.Conv1d/2d/3d: W: (out, in/groups, *k) is d_out × d_in with d_out = out, d_in = in/groups·prod(k);
     y = conv(x; W + α·S reshaped to W's shape), one conv with the base layer's settings; S is formed, at the kernel's
     size (see the module docstring for why that is cheap).
     """
 
-    def __init__(self, base_layer: nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d, config: SURMConfig) -> None:
+    def __init__(self, base_layer: nn.Module, config: SURMConfig) -> None:
         super().__init__(base_layer, config)
-        weight = base_layer.weight  # (d_out, d_in) or (out, in/groups, *kernel_size)
+        shape = base_layers.weight_shape(base_layer)  # (d_out, d_in) or (out, in/groups, *kernel_size)
         self.matrix = StructuredMatrix(
-            config.structure, weight.shape[0], math.prod(weight.shape[1:]),
+            config.structure, shape[0], math.prod(shape[1:]),
             displacement_rank=config.displacement_rank or 1, kronecker_shape=config.kronecker_shape,
-            device=weight.device,
+            device=base_layer.weight.device,
         )
         self.check_forced_path({
             "weight": "is not a SURM path on a Linear: S is applied by FFT products and never formed",
@@ -527,60 +536,61 @@ class SURMLayer(AdapterLayer):
         })
 
     def paths(self) -> tuple[str, ...]:
-        return ("input",) if isinstance(self.base_layer, nn.Linear) else ("weight",)
+        return ("input",) if base_layers.is_linear(self.base_layer) else ("weight",)
 
     def path_costs(self, x_shape: Sequence[int], training: bool, input_requires_grad: bool) -> dict[str, int]:
         """Multiply-adds of one call, as in ``TensorCoreLayer.path_costs``: C₀ the base product, P the structured
         products (``StructuredMatrix.product_cost`` per row), A forming S (``dense_cost``). Linear ("input"):
         C₀ + P, training (1 + g)·C₀ + 3P; conv ("weight"): C₀ + A, training (2 + g)·C₀ + 3A (g = 1 when the input
         needs a gradient)."""
-        base, weight, g = self.base_layer, self.base_layer.weight, int(input_requires_grad)
-        if isinstance(base, nn.Linear):
-            rows = math.prod(x_shape) // weight.shape[1]
-            base_cost, products = rows * weight.numel(), rows * self.matrix.product_cost()
+        base, shape, g = self.base_layer, base_layers.weight_shape(self.base_layer), int(input_requires_grad)
+        if base_layers.is_linear(base):
+            rows = math.prod(x_shape) // shape[1]
+            base_cost, products = rows * math.prod(shape), rows * self.matrix.product_cost()
             return {"input": (1 + g) * base_cost + 3 * products if training else base_cost + products}
         spatial = x_shape[-len(base.kernel_size):]
         positions = math.prod(x_shape[:-len(base.kernel_size) - 1]) * math.prod(conv_output_size(base, spatial))
-        base_cost, assembly = positions * weight.numel(), self.matrix.dense_cost()
+        base_cost, assembly = positions * math.prod(shape), self.matrix.dense_cost()
         return {"weight": (2 + g) * base_cost + 3 * assembly if training else base_cost + assembly}
 
     def delta_weight(self) -> torch.Tensor:
-        """α·S, dense, in the base weight's shape: (d_out, d_in), or (out, in/groups, *kernel_size) for a conv."""
-        return (self.config.alpha * self.matrix.dense()).reshape(self.base_layer.weight.shape)
+        """α·S, dense, in ``base_layers.weight_shape``: (d_out, d_in), or (out, in/groups, *kernel_size) for a conv."""
+        return (self.config.alpha * self.matrix.dense()).reshape(base_layers.weight_shape(self.base_layer))
 
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         base = self.base_layer
-        if self.choose_path(x) == "input":  # a Linear: S x by FFT products
+        if self.choose_path(x) == "input":  # a linear layer: S x by FFT products
             return base(x) + self.config.alpha * self.matrix(x)
         # a conv: the kernel W + α·S, through the base conv's own call
-        return base._conv_forward(x, self._shifted_weight(_compute_dtype(base.weight.dtype), +1), base.bias)
+        return base_layers.run(base, x, self._shifted_weight(_compute_dtype(base.weight.dtype), +1))
 
     def _shifted_weight(self, dtype: torch.dtype, sign: int) -> torch.Tensor:
-        """W ± α·S computed in ``dtype``, in W's shape and dtype (one rounding)."""
-        weight = self.base_layer.weight
+        """W ± α·S computed in ``dtype``, in ``base_layers.weight``'s layout and W's dtype (one rounding); ValueError
+        for a quantized base."""
+        weight = base_layers.weight(self.base_layer)
         return (weight.to(dtype) + sign * self.delta_weight().to(dtype)).to(weight.dtype)
 
     def merged_weights(self) -> dict[str, torch.Tensor]:
-        return {"weight": self._shifted_weight(merge_dtype(self.base_layer.weight), +1)}
+        return base_layers.stored(self.base_layer, self._shifted_weight(merge_dtype(self.base_layer.weight), +1))
 
     def unmerged_weights(self) -> dict[str, torch.Tensor]:
-        return {"weight": self._shifted_weight(merge_dtype(self.base_layer.weight), -1)}
+        return base_layers.stored(self.base_layer, self._shifted_weight(merge_dtype(self.base_layer.weight), -1))
 
     def extra_repr(self) -> str:
         return f"mode='lora', alpha={self.config.alpha}, " + super().extra_repr()
 
 
 class SURMAdapterLayer(AdapterLayer):
-    """Adapter-style: a frozen nn.Linear followed by h ↦ h + f(α·S h) + b, S structured (d_out × d_out).
+    """Adapter-style: a frozen linear layer followed by h ↦ h + f(α·S h) + b, S structured (d_out × d_out).
 
     Mergeable only with f = identity: then y = (I + α·S)(W x + bias) + b, i.e. W' = (I + α·S)·W and
     bias' = (I + α·S)·bias + b; unmerging solves with I + α·S. A non-linear f cannot be folded into a Linear, so
     ``merge`` raises.
     """
 
-    def __init__(self, base_layer: nn.Linear, config: SURMConfig) -> None:
+    def __init__(self, base_layer: nn.Module, config: SURMConfig) -> None:
         super().__init__(base_layer, config)
-        d = base_layer.out_features
+        d = base_layers.weight_shape(base_layer)[0]  # out_features
         device = base_layer.weight.device
         self.matrix = StructuredMatrix(
             config.structure, d, d, displacement_rank=config.displacement_rank or 1,
@@ -597,9 +607,9 @@ class SURMAdapterLayer(AdapterLayer):
     def path_costs(self, x_shape: Sequence[int], training: bool, input_requires_grad: bool) -> dict[str, int]:
         """Multiply-adds of one call: the base product C₀ and the structured products P on its output rows;
         training (1 + g)·C₀ + 3P (g = 1 when the input needs a gradient), else C₀ + P."""
-        weight = self.base_layer.weight
-        rows = math.prod(x_shape) // weight.shape[1]
-        base_cost, products = rows * weight.numel(), rows * self.matrix.product_cost()
+        shape = base_layers.weight_shape(self.base_layer)
+        rows = math.prod(x_shape) // shape[1]
+        base_cost, products = rows * math.prod(shape), rows * self.matrix.product_cost()
         g = int(input_requires_grad)
         return {"input": (1 + g) * base_cost + 3 * products if training else base_cost + products}
 
@@ -626,25 +636,25 @@ class SURMAdapterLayer(AdapterLayer):
     def merged_weights(self) -> dict[str, torch.Tensor]:
         """W' = (I + α·S)·W, bias' = (I + α·S)·bias + b in fp64, rounded once; ValueError if I + α·S is singular
         (unmerge solves with it)."""
-        base = self.base_layer
-        dtype = merge_dtype(base.weight)
+        base, weight = self.base_layer, base_layers.weight(self.base_layer)
+        dtype = merge_dtype(weight)
         mixing = self._mixing(dtype)
         if torch.linalg.lu_factor_ex(mixing).info != 0:
             raise ValueError(
                 "cannot merge: I + α·S is singular, so unmerge could not recover W from (I + α·S)·W; keep this "
                 "adapter unmerged (its forward is exact)"
             )
-        merged = {"weight": (mixing @ base.weight.to(dtype)).to(base.weight.dtype)}
+        merged = base_layers.stored(base, (mixing @ weight.to(dtype)).to(weight.dtype))
         if base.bias is not None:
             bias = mixing @ base.bias.to(dtype) + (0 if self.adapter_bias is None else self.adapter_bias.to(dtype))
             merged["bias"] = bias.to(base.bias.dtype)
         return merged
 
     def unmerged_weights(self) -> dict[str, torch.Tensor]:
-        base = self.base_layer
-        dtype = merge_dtype(base.weight)
+        base, weight = self.base_layer, base_layers.weight(self.base_layer)
+        dtype = merge_dtype(weight)
         mixing = self._mixing(dtype)
-        restored = {"weight": torch.linalg.solve(mixing, base.weight.to(dtype)).to(base.weight.dtype)}
+        restored = base_layers.stored(base, torch.linalg.solve(mixing, weight.to(dtype)).to(weight.dtype))
         if base.bias is not None:
             shifted = base.bias.to(dtype) - (0 if self.adapter_bias is None else self.adapter_bias.to(dtype))
             restored["bias"] = torch.linalg.solve(mixing, shifted).to(base.bias.dtype)

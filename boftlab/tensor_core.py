@@ -8,8 +8,10 @@ A frozen weight W keeps its own N-dimensional shape (d₁ × ⋯ × d_N, PyTorch
 * G (r₁ × ⋯ × r_N) is the small *core*; U_n (d_n × r_n) is the *factor* of mode n; ×_n is the mode-n product
   (contract mode n of the tensor with the columns of U_n). α is the paper's constant scale s (``alpha``, as in
   SURM).
-* The modes are those of the stored weight: Linear (out, in); Embedding (num_embeddings, embedding_dim);
-  Conv1d/2d/3d (out, in/groups, k…). A grouped or depthwise conv therefore has an in/groups mode (1 for depthwise),
+* The modes are those of the weight in PyTorch's layout (``boftlab.base_layers``): linear layers (out, in) — nn.Linear,
+  transformers' Conv1D (which stores the transpose), bitsandbytes' quantized layers (input path only: their weight is
+  packed, so they are called, never dequantized, and merging into them is refused); Embedding (num_embeddings,
+  embedding_dim); Conv1d/2d/3d (out, in/groups, k…). A grouped or depthwise conv therefore has an in/groups mode (1 for depthwise),
   whose factor is shared by every group — exactly the tensor PyTorch stores.
 * LoRA on a conv flattens W to out × (in/groups·kh·kw) and factorises that matrix: the kh×kw neighbourhood of a
   kernel becomes unrelated columns. Here every mode keeps its own factor, so the kernel's spatial modes share one
@@ -55,6 +57,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import base_layers
+from .base_layers import Conv1D
 from .contract import AdapterConfig, AdapterLayer, check_number, conv_output_size, merge_dtype
 
 _CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -111,7 +115,7 @@ def tucker_dimension(shape: Sequence[int], ranks: Sequence[int]) -> int:
 
 def mode_names(layer: nn.Module) -> tuple[str, ...]:
     """Names of the stored weight's modes, for messages: e.g. Conv2d -> (out_channels, in_channels/groups, …)."""
-    if isinstance(layer, nn.Linear):
+    if base_layers.is_linear(layer):
         return ("out_features", "in_features")
     if isinstance(layer, nn.Embedding):
         return ("num_embeddings", "embedding_dim")
@@ -188,7 +192,7 @@ class TensorCoreConfig(AdapterConfig):
         self.check_path()
 
     def supported_layers(self) -> tuple[type[nn.Module], ...]:
-        return (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+        return (nn.Linear, Conv1D, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 
     def layer_class(self) -> type["TensorCoreLayer"]:
         return TensorCoreLayer
@@ -196,19 +200,21 @@ class TensorCoreConfig(AdapterConfig):
 
 # --- the layer --------------------------------------------------------------------------------------------------------
 class TensorCoreLayer(AdapterLayer):
-    """A frozen Linear, Conv1d/2d/3d or Embedding with W' = W + α · G ×₁ U₁ ⋯ ×_N U_N (modes of the stored W)."""
+    """A frozen linear layer, Conv1d/2d/3d or Embedding with W' = W + α · G ×₁ U₁ ⋯ ×_N U_N (modes of W in
+    PyTorch's layout, ``base_layers.weight_shape``)."""
 
     def __init__(self, base_layer: nn.Module, config: TensorCoreConfig) -> None:
         super().__init__(base_layer, config)
-        weight = base_layer.weight
-        self.weight_shape = tuple(weight.shape)
+        self.weight_shape = base_layers.weight_shape(base_layer)
         self.mode_names = mode_names(base_layer)
         self.ranks = resolve_ranks(self.weight_shape, config.ranks, self.mode_names, type(base_layer).__name__)
-        self.check_forced_path({"input": (
-            "cannot reproduce an Embedding with max_norm (it renormalises rows of W + ΔW, not of W and ΔW separately)"
-        )})
+        self.check_forced_path({
+            "input": "cannot reproduce an Embedding with max_norm (it renormalises rows of W + ΔW, not of W and ΔW "
+                     "separately)",
+            "weight": "needs the base weight, which this quantized layer stores packed (bitsandbytes)",
+        })
 
-        factory = {"device": weight.device, "dtype": torch.float32}
+        factory = {"device": base_layer.weight.device, "dtype": torch.float32}
         # zero core -> ΔW = 0: the adapted layer equals the base layer at step 0 (see the module docstring).
         self.core = nn.Parameter(torch.zeros(self.ranks, **factory))
         self.factors = nn.ParameterList(
@@ -236,9 +242,12 @@ class TensorCoreLayer(AdapterLayer):
 
     # --- choosing a path ---
     def paths(self) -> tuple[str, ...]:
-        """Both paths, except for an Embedding with max_norm (it renormalises rows of W + ΔW as one)."""
+        """Both paths, except for an Embedding with max_norm (it renormalises rows of W + ΔW as one) and a quantized
+        layer (its packed weight cannot take ΔW: only the base call plus the chain)."""
         if isinstance(self.base_layer, nn.Embedding) and self.base_layer.max_norm is not None:
             return ("weight",)
+        if base_layers.kind(self.base_layer) == "quantized":
+            return ("input",)
         return ("input", "weight")
 
     def path_costs(self, x_shape: Sequence[int], training: bool, input_requires_grad: bool) -> dict[str, int]:
@@ -262,7 +271,7 @@ class TensorCoreLayer(AdapterLayer):
             else:
                 costs = {"input": chain, "weight": assembly}
             return {path: costs[path] for path in self.paths()}
-        if isinstance(base, nn.Linear):
+        if base_layers.is_linear(base):
             rows = math.prod(x_shape) // fan
             base_cost = rows * out * fan
             chain = rows * (fan * r_in + r_in * r_out + r_out * out)
@@ -275,25 +284,18 @@ class TensorCoreLayer(AdapterLayer):
             chain = n_in * groups * fan * r_in + n_out * groups * r_out * r_in * kernel + n_out * out * r_out
         if training:
             g = int(input_requires_grad)
-            return {"input": (1 + g) * base_cost + 3 * chain, "weight": (2 + g) * base_cost + 3 * assembly}
-        return {"input": base_cost + chain, "weight": base_cost + assembly}
+            costs = {"input": (1 + g) * base_cost + 3 * chain, "weight": (2 + g) * base_cost + 3 * assembly}
+        else:
+            costs = {"input": base_cost + chain, "weight": base_cost + assembly}
+        return {path: costs[path] for path in self.paths()}
 
     # --- forward ---
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.choose_path(x) == "input":
             return self._factorised_forward(x)
-        return self._base_forward(x, self.base_layer.weight + self.delta_weight().to(self.base_layer.weight.dtype))
-
-    def _base_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """The base layer's own functional call with another weight (stride, padding, padding_idx, … honoured)."""
-        base = self.base_layer
-        if isinstance(base, nn.Linear):
-            return F.linear(x, weight, base.bias)
-        if isinstance(base, nn.Embedding):
-            # F.embedding renormalises rows of this temporary W' in place when max_norm is set; the frozen W is
-            # left alone. Adapter gradients are dense (sparse only concerns the frozen base weight).
-            return F.embedding(x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq)
-        return base._conv_forward(x, weight, base.bias)
+        # the base's own call with W + ΔW (stride, padding, padding_idx, … honoured; an Embedding's max_norm
+        # renormalises rows of this temporary W', never of the frozen W)
+        return base_layers.run(self.base_layer, x, self._shifted_weight(+1))
 
     def _factorised_forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
@@ -304,7 +306,7 @@ class TensorCoreLayer(AdapterLayer):
             rows = F.embedding(x, u_out, base.padding_idx, None, 2.0, base.scale_grad_by_freq)  # (..., r_num)
             delta = rows @ core @ u_in.T  # (..., embedding_dim)
             return base(x) + (self.config.alpha * delta).to(base.weight.dtype)
-        if isinstance(base, nn.Linear):
+        if base_layers.is_linear(base):
             delta = x @ u_in @ core.T @ u_out.T  # (..., in) -> (..., r_in) -> (..., r_out) -> (..., out)
             return base(x) + self.config.alpha * delta
         groups, n_spatial = base.groups, len(base.kernel_size)
@@ -323,14 +325,16 @@ class TensorCoreLayer(AdapterLayer):
     # --- merging ---
     def merged_weights(self) -> dict[str, torch.Tensor]:
         """W + ΔW in fp64, rounded once to W's dtype."""
-        return {"weight": self._shifted_weight(+1)}
+        return base_layers.stored(self.base_layer, self._shifted_weight(+1, merge_dtype(self.base_layer.weight)))
 
     def unmerged_weights(self) -> dict[str, torch.Tensor]:
-        return {"weight": self._shifted_weight(-1)}
+        return base_layers.stored(self.base_layer, self._shifted_weight(-1, merge_dtype(self.base_layer.weight)))
 
-    def _shifted_weight(self, sign: int) -> torch.Tensor:
-        weight = self.base_layer.weight
-        dtype = merge_dtype(weight)
+    def _shifted_weight(self, sign: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W ± ΔW summed in ``dtype`` (default W's own), in ``base_layers.weight``'s layout and W's dtype; ValueError
+        for a quantized base."""
+        weight = base_layers.weight(self.base_layer)
+        dtype = dtype or weight.dtype
         return (weight.to(dtype) + sign * self.delta_weight().to(dtype)).to(weight.dtype)
 
     def extra_repr(self) -> str:

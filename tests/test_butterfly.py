@@ -317,6 +317,62 @@ def test_equal_to_peft_boft(m, b, kind):
     torch.testing.assert_close(layer(x), theirs, rtol=1e-5, atol=1e-5)
 
 
+# --- nn.Embedding: the output rows rotated, as PEFT's OFT does ---------------------------------------------------------
+@pytest.mark.parametrize("neumann_terms", [None, 5])
+def test_embedding_equals_peft_oft_embedding(neumann_terms):
+    """PEFT 0.21's OFT on an Embedding rotates each looked-up row, e ↦ e · blockdiag(Q), and merges W ↦ W · R."""
+    import peft
+
+    ids = torch.randint(0, 30, (4, 7))
+    host = nn.Sequential(nn.Embedding(30, 16))
+    peft_config = peft.OFTConfig(target_modules=["0"], r=0, oft_block_size=4, use_cayley_neumann=neumann_terms is not None,
+                                 num_cayley_neumann_terms=neumann_terms or 5)
+    peft_layer = peft.get_peft_model(host, peft_config).base_model.model[0]
+    layer = randomize(OFTConfig(block_size=4, neumann_terms=neumann_terms).make_layer(peft_layer.base_layer))
+    sign = -1.0 if neumann_terms else 1.0  # PEFT's Cayley–Neumann series is that of −S (boftlab.peft_interop)
+    with torch.no_grad():
+        peft_layer.oft_embedding_R["default"].weight.copy_(sign * layer.skew[0])
+    torch.testing.assert_close(layer(ids), peft_layer(ids), rtol=1e-6, atol=1e-6)
+    expected_table = peft_layer.base_layer.weight @ peft_layer.get_delta_weight("default")
+    torch.testing.assert_close(layer.merged_weights()["weight"], expected_table, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["input", "weight"])
+def test_embedding_keeps_the_padding_row_and_merges_exactly(path):
+    base = nn.Embedding(12, 8, padding_idx=5)
+    with torch.no_grad():
+        base.weight[5] = torch.randn(8)  # a pretrained model's padding row need not be zero
+    layer = randomize(BOFTConfig(block_size=2, n_factors=3, path=path).make_layer(base), std=0.5)
+    ids = torch.tensor([[5, 0, 5, 11], [3, 5, 1, 2]])
+    out = layer(ids)
+    torch.testing.assert_close(out[ids == 5], base.weight[5].expand(3, 8), rtol=0, atol=0)
+    rotated = base(ids[ids != 5]) @ layer.rotation() * layer.scale  # every other row: e · R · diag(s)
+    torch.testing.assert_close(out[ids != 5], rotated, rtol=1e-5, atol=1e-6)
+    original = base.weight.detach().clone()
+    layer.merge()
+    torch.testing.assert_close(base(ids), out, rtol=1e-6, atol=1e-6)
+    assert torch.equal(base.weight[5], original[5])
+    layer.unmerge()
+    torch.testing.assert_close(base.weight, original, rtol=1e-5, atol=1e-6)
+
+
+def test_embedding_padding_row_gets_no_change_from_training():
+    base = nn.Embedding(10, 8, padding_idx=0)
+    layer = BOFTConfig(block_size=4).make_layer(base)
+    optimizer = torch.optim.SGD(layer.adapter_parameters().values(), lr=1.0)
+    ids = torch.tensor([[0, 1, 2, 0, 9]])
+    layer(ids).square().sum().backward()
+    optimizer.step()
+    out = layer(ids)
+    assert torch.equal(out[0, 0], base.weight[0]) and not torch.allclose(out[0, 1], base.weight[1])
+
+
+def test_embedding_with_max_norm_is_refused():
+    with pytest.raises(ValueError, match=r"cannot adapt an Embedding with max_norm=1.0: it renormalises every "
+                                         r"looked-up row in place.*TensorCoreConfig"):
+        OFTConfig(block_size=4).make_layer(nn.Embedding(10, 8, max_norm=1.0))
+
+
 # --- bad input: every invalid combination names the valid choices ------------------------------------------------------
 BAD = [
     (dict(block_size=5, n_factors=1), nn.Linear(16, 4), r"block_size=5 .*Valid block_size for n_factors=1: \[2, 4, 8, 16\]"),
@@ -356,5 +412,6 @@ def test_oft_has_one_factor():
 
 
 def test_unsupported_layer_names_supported_types():
-    with pytest.raises(ValueError, match=r"supported layer types: nn.Linear, nn.Conv2d"):
-        BOFTConfig().make_layer(nn.Embedding(10, 16))
+    with pytest.raises(ValueError, match=r"supported layer types: nn.Linear, transformers Conv1D, nn.Conv2d, "
+                                         r"nn.Embedding\."):
+        BOFTConfig().make_layer(nn.LayerNorm(16))

@@ -84,3 +84,51 @@ def test_adapter_saved_from_compiled_model_loads_into_plain_model(tmp_path):
     plain = adapted_model()
     boftlab.unwrap(plain)
     boftlab.load_adapter(plain, tmp_path)
+
+
+def test_disabled_under_compile_runs_the_base_and_then_the_adapters_again():
+    """The switch is an attribute the compiled graph is guarded on: entering and leaving recompile, never go stale."""
+    model = adapted_model()
+    fast = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(8, 32)
+    with torch.no_grad():
+        adapted = fast(x)
+        with boftlab.disabled(fast):
+            off = fast(x)
+        torch.testing.assert_close(fast(x), adapted, rtol=0, atol=0)
+    base = nn.Sequential(*[m.base_layer if isinstance(m, boftlab.AdapterLayer) else m for m in model])
+    torch.testing.assert_close(off, base(x), rtol=0, atol=1e-6)
+    assert not torch.allclose(off, adapted)
+
+
+def test_hot_swap_under_compile_needs_no_recompilation(tmp_path):
+    """load_adapter copies into the same parameter objects, so the compiled graph stays valid and is reused."""
+    from torch._dynamo.testing import CompileCounter
+
+    other = adapted_model()
+    with torch.no_grad():
+        for layer in boftlab.adapter_layers(other).values():
+            for p in layer.adapter_parameters().values():
+                p.add_(0.2 * torch.randn_like(p))
+    boftlab.save_adapter(other, tmp_path)
+    model = adapted_model()
+    counter = CompileCounter()
+    fast = torch.compile(model, backend=counter, fullgraph=True)
+    x = torch.randn(8, 32)
+    with torch.no_grad():
+        fast(x)
+        frames = counter.frame_count
+        boftlab.load_adapter(fast, tmp_path)
+        torch.testing.assert_close(fast(x), other(x), rtol=0, atol=1e-6)
+    assert counter.frame_count == frames == 1
+
+
+def test_dynamic_shapes_compile_in_one_graph():
+    """Under dynamic shapes the auto path's costs are symbolic: choosing between them must not break the graph (it
+    guards on the shape instead), whatever the batch size."""
+    model = adapted_model()
+    fast = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for rows in (8, 16, 3000):  # 3000 rows: the weight path is cheaper for BOFT, the input path below
+            x = torch.randn(rows, 32)
+            torch.testing.assert_close(fast(x), model(x), rtol=0, atol=1e-5)

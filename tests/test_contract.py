@@ -11,8 +11,10 @@ import re
 import pytest
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D as TransformersConv1D
 
 import boftlab
+from boftlab.base_layers import Conv1D, type_name
 from boftlab.contract import FAMILIES, MERGED_KEY, PATHS, AdapterConfig
 
 #: family -> representative configs (every option that changes the layer's structure or its supported types)
@@ -31,10 +33,11 @@ CASES = [(family, config) for family, configs in CONFIGS.items() for config in c
 #: one base layer and one input per supported layer type (fan-ins that every representative config fits)
 LAYERS = {
     nn.Linear: (lambda: nn.Linear(16, 12), lambda: torch.randn(3, 16)),
+    Conv1D: (lambda: TransformersConv1D(12, 16), lambda: torch.randn(3, 16)),  # GPT-2's: nf=12 outputs, nx=16 inputs
     nn.Conv1d: (lambda: nn.Conv1d(8, 6, 3, padding=1), lambda: torch.randn(2, 8, 9)),
     nn.Conv2d: (lambda: nn.Conv2d(8, 6, 3, padding=1), lambda: torch.randn(2, 8, 5, 5)),
     nn.Conv3d: (lambda: nn.Conv3d(4, 6, 2), lambda: torch.randn(2, 4, 3, 3, 3)),
-    nn.Embedding: (lambda: nn.Embedding(20, 12), lambda: torch.randint(0, 20, (3, 5))),
+    nn.Embedding: (lambda: nn.Embedding(20, 16, padding_idx=3), lambda: torch.randint(0, 20, (3, 5)).fill_diagonal_(3)),
 }
 
 
@@ -178,13 +181,13 @@ def test_save_load_and_summary(config, kind, tmp_path):
 
 @pytest.mark.parametrize("family,config", CASES, ids=[f"{f}-{_options(c)}" for f, c in CASES])
 def test_unsupported_layer_is_refused_naming_the_supported_types(family, config):
-    names = ", ".join(f"nn.{t.__name__}" for t in config.supported_layers())
+    names = ", ".join(type_name(t) for t in config.supported_layers())
     with pytest.raises(ValueError, match=rf"{re.escape(config.display_name())} cannot adapt a LayerNorm; supported "
                                          rf"layer types: {names}\."):
         config.make_layer(nn.LayerNorm(16))
     model = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16))
     with pytest.raises(ValueError, match=rf"none of which {re.escape(config.display_name())} supports; supported types: "
-                                         rf"{', '.join(t.__name__ for t in config.supported_layers())}"):
+                                         rf"{re.escape(names)}$"):
         boftlab.adapt(model, config, targets=["1"])
     assert not boftlab.adapter_layers(model)  # nothing changed
 

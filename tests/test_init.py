@@ -10,7 +10,8 @@ import pytest
 import boftlab
 
 ROOT = Path(__file__).resolve().parents[1]
-OPTIONAL = {"matplotlib", "transformers", "diffusers", "timm", "ipywidgets", "pandas", "peft", "sklearn", "datasets"}
+OPTIONAL = {"matplotlib", "transformers", "diffusers", "timm", "ipywidgets", "pandas", "peft", "sklearn", "datasets",
+            "bitsandbytes"}
 
 
 def run_python(code: str) -> str:
@@ -42,7 +43,7 @@ def test_public_names_are_the_contract_the_families_the_model_api_and_the_files(
         "AdapterConfig", "AdapterLayer", "FAMILIES",
         "BOFTConfig", "OFTConfig", "BOFTLayer", "SURMConfig", "SURMLayer", "SURMAdapterLayer",
         "TensorCoreConfig", "TensorCoreLayer",
-        "adapt", "adapter_layers", "summary", "merge", "unmerge", "unwrap",
+        "adapt", "adapter_layers", "summary", "merge", "unmerge", "unwrap", "disabled", "dequantize_bases",
         "save_adapter", "load_adapter", "save_checkpoint", "load_checkpoint", "from_peft", "to_peft",
     ])
     assert all(getattr(boftlab, name) is not None for name in boftlab.__all__)

@@ -1,5 +1,6 @@
 """adapt / summary / merge / unmerge / unwrap on plain PyTorch models."""
 
+import copy
 import re
 
 import pytest
@@ -113,7 +114,7 @@ def test_targets_matching_nothing_lists_modules():
 
 
 def test_targets_of_unsupported_type_name_supported_types():
-    with pytest.raises(ValueError, match=r"\['LayerNorm'\].*supported types: Linear, Conv2d"):
+    with pytest.raises(ValueError, match=r"\['LayerNorm'\].*supported types: nn.Linear, transformers Conv1D, nn.Conv2d, nn.Embedding$"):
         boftlab.adapt(Net(), BOFTConfig(block_size=4), targets=["norm"])
 
 
@@ -207,3 +208,81 @@ def test_merge_and_unwrap_never_write_into_a_shared_tensor():
             call(model)
         assert isinstance(model.body, BOFTLayer) and not model.body.merged
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# --- disabled ---------------------------------------------------------------------------------------------------------
+def mixed_model():
+    """(a model with BOFT, SURM and tensor-core adapters moved off their initial values, a copy of its base)."""
+    torch.manual_seed(0)
+    base = Net()
+    model = boftlab.adapt(copy.deepcopy(base), BOFTConfig(block_size=4), targets=["query"])
+    boftlab.adapt(model, boftlab.SURMConfig(structure="circulant"), targets=["blocks.0.value"])
+    boftlab.adapt(model, boftlab.TensorCoreConfig(ranks=3), targets=["blocks.1.value"])
+    return perturb(model), base
+
+
+def test_disabled_computes_the_base_model_and_restores_the_adapters():
+    model, base = mixed_model()
+    x = torch.randn(5, 16)
+    adapted = model(x)
+    assert not torch.allclose(adapted, base(x))
+    with boftlab.disabled(model) as inside:
+        assert inside is model
+        assert torch.equal(model(x), base(x))
+    assert torch.equal(model(x), adapted)
+
+
+def test_disabled_nests_and_survives_exceptions():
+    model, base = mixed_model()
+    x = torch.randn(5, 16)
+    adapted = model(x)
+    with boftlab.disabled(model):
+        with boftlab.disabled(model):
+            assert torch.equal(model(x), base(x))
+        assert torch.equal(model(x), base(x))  # the outer context still holds
+    assert torch.equal(model(x), adapted)
+    with pytest.raises(KeyError):
+        with boftlab.disabled(model):
+            raise KeyError("a failing step")
+    assert torch.equal(model(x), adapted)
+    assert all(layer.disabled_count == 0 for layer in boftlab.adapter_layers(model).values())
+
+
+def test_disabled_on_a_subset_bypasses_only_those_adapters():
+    model, _ = mixed_model()
+    x = torch.randn(5, 16)
+    with boftlab.disabled(model, targets=["query"]):
+        for block in model.blocks:
+            assert torch.equal(block.query(x), block.query.base_layer(x))
+            assert not torch.allclose(block.value(x), block.value.base_layer(x))
+    with pytest.raises(ValueError, match=r"targets=\['norm'\] selects no adapted layer; adapted layers: \["):
+        with boftlab.disabled(model, targets=["norm"]):
+            pass
+
+
+def test_disabled_reference_pass_gives_the_adapters_no_gradient():
+    """The DPO pattern: the policy's loss and a reference pass through the same model with the adapters off."""
+    model, base = mixed_model()
+    x = torch.randn(5, 16)
+    with boftlab.disabled(model):
+        reference = model(x)
+    assert not reference.requires_grad  # no adapter took part; the base is frozen
+    (model(x) - reference).square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_disabled_refuses_a_merged_model_and_a_merge_inside_it():
+    model, _ = mixed_model()
+    x = torch.randn(5, 16)
+    boftlab.merge(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"disabled: 4 adapter\(s\) are merged .*call boftlab.unmerge\(model\) first"):
+        with boftlab.disabled(model):
+            pass
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all(layer.disabled_count == 0 for layer in boftlab.adapter_layers(model).values())
+    boftlab.unmerge(model)
+    with boftlab.disabled(model):
+        boftlab.merge(model)
+        with pytest.raises(RuntimeError, match="was merged inside boftlab.disabled"):
+            model(x)

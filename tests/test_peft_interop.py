@@ -111,6 +111,50 @@ def test_export_refuses_what_peft_computes_differently(tmp_path):
         boftlab.to_peft(grouped, tmp_path)
 
 
+class TokenNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.embed = nn.Embedding(40, 32)
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, ids):
+        return self.fc(self.embed(ids))
+
+
+@pytest.mark.parametrize("neumann_terms", [None, 5])
+def test_oft_on_an_embedding_round_trips_through_peft(tmp_path, neumann_terms):
+    """An Embedding's OFT becomes PEFT's oft_embedding_R: PEFT loads it with our outputs, and from_peft reads it back."""
+    model = perturb(boftlab.adapt(TokenNet(), OFTConfig(block_size=8, neumann_terms=neumann_terms), ["embed", "fc"]))
+    ids = torch.randint(0, 40, (3, 6))
+    boftlab.to_peft(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(TokenNet(), tmp_path)
+    assert "oft_embedding_R" in dict(theirs.named_modules())["base_model.model.embed"]._modules
+    torch.testing.assert_close(theirs(ids), model(ids), rtol=1e-5, atol=1e-5)
+    back = boftlab.from_peft(TokenNet(), tmp_path)
+    torch.testing.assert_close(back(ids), model(ids), rtol=0, atol=0)
+
+
+def test_export_refuses_base_layers_not_verified_against_peft(tmp_path):
+    from transformers.pytorch_utils import Conv1D
+
+    cases = ((TokenNet(), BOFTConfig(block_size=8), "embed"), (nn.Sequential(Conv1D(8, 16)), OFTConfig(block_size=8), "0"))
+    for model, config, target in cases:
+        boftlab.adapt(model, config, targets=[target])
+        with pytest.raises(ValueError, match=r"PEFT exchange covers BOFT/OFT on nn.Linear and nn.Conv2d, and OFT "
+                                             r"without a scale on nn.Embedding; '(embed|0)' is a (Embedding|Conv1D)"):
+            boftlab.to_peft(model, tmp_path)
+        assert not (tmp_path / "adapter_model.safetensors").exists()
+    # and the other way: a PEFT OFT adapter of a Linear onto a model where that name is GPT-2's Conv1D
+    peft.get_peft_model(TokenNet(), peft.OFTConfig(target_modules=["fc"], oft_block_size=8, r=0)).save_pretrained(
+        tmp_path / "linear")
+    gpt2_like = TokenNet()
+    gpt2_like.fc = Conv1D(4, 32)
+    with pytest.raises(ValueError, match=r"PEFT exchange covers .*; 'fc' is a Conv1D"):
+        boftlab.from_peft(gpt2_like, tmp_path / "linear")
+    assert not boftlab.adapter_layers(gpt2_like)
+
+
 def test_import_refuses_other_peft_types_and_pickles(tmp_path):
     lora = peft.get_peft_model(base(), peft.LoraConfig(target_modules=["fc1"]))
     lora.save_pretrained(tmp_path / "lora")

@@ -113,6 +113,47 @@ def test_llama_with_tied_word_embeddings(tmp_path):
         torch.testing.assert_close(LlamaForCausalLM.from_pretrained(tmp_path)(ids).logits, adapted, rtol=1e-4, atol=1e-4)
 
 
+GPT2_CASES = {  # every family on GPT-2's Conv1D projections (weight stored in × out); BOFT on its position embedding too
+    "boft": (BOFTConfig(block_size=8, n_factors=2), ["c_attn", "c_proj", "c_fc", "wpe"]),
+    "oft": (OFTConfig(block_size=16), ["c_attn", "c_proj", "c_fc"]),
+    "surm_lora": (boftlab.SURMConfig(structure="circulant", alpha=0.5), ["c_attn", "c_proj", "c_fc"]),
+    "surm_adapter": (boftlab.SURMConfig(structure="toeplitz", mode="adapter", activation="identity"),
+                     ["c_attn", "c_proj", "c_fc"]),
+    "tensor_core": (boftlab.TensorCoreConfig(ranks=4), ["c_attn", "c_proj", "c_fc"]),
+}
+
+
+@pytest.mark.parametrize("case", GPT2_CASES)
+def test_gpt2_conv1d_every_family(case, tmp_path):
+    """GPT-2 from a small config: identity at init, training, save/load and an exact merge (``check_adapted``), and
+    greedy generation identical before and after the merge."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=97, n_positions=32)
+
+    def build():
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(config)
+
+    adapter_config, targets = GPT2_CASES[case]
+    inputs = {"input_ids": torch.randint(0, 97, (2, 10))}
+    model = check_adapted(build(), adapter_config, targets, inputs, tmp_path, build)  # returns it merged
+    assert len(boftlab.adapter_layers(model)) == 2 * 4 + ("wpe" in targets)  # per block: c_attn, c_fc, 2 × c_proj
+    generate = lambda: model.generate(inputs["input_ids"], max_new_tokens=8, do_sample=False, pad_token_id=0)  # noqa: E731
+    with torch.no_grad():
+        merged = generate()
+        boftlab.unmerge(model)
+        adapted = generate()
+        with boftlab.disabled(model):
+            base = generate()
+    assert torch.equal(merged, adapted)
+    torch.testing.assert_close(base, build().generate(inputs["input_ids"], max_new_tokens=8, do_sample=False,
+                                                      pad_token_id=0), rtol=0, atol=0)
+    plain = boftlab.unwrap(model)
+    assert type(plain.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+    assert torch.equal(plain.generate(inputs["input_ids"], max_new_tokens=8, do_sample=False, pad_token_id=0), adapted)
+
+
 def test_timm_vit(tmp_path):
     import timm
 

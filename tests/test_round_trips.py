@@ -23,8 +23,11 @@ import random
 import pytest
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D as TransformersConv1D
 
 import boftlab
+from boftlab import base_layers
+from boftlab.base_layers import Conv1D
 from boftlab.butterfly_structure import valid_n_factors
 from boftlab.contract import FAMILIES, MERGED_KEY
 from boftlab.surm import ACTIVATIONS, STRUCTURES
@@ -34,10 +37,11 @@ DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 #: one base layer (fan-in 16 everywhere, so every block size below fits) and one input per layer type
 LAYERS = {
     nn.Linear: (lambda bias: nn.Linear(16, 12, bias=bias), lambda: torch.randn(3, 16)),
+    Conv1D: (lambda bias: TransformersConv1D(12, 16), lambda: torch.randn(3, 16)),  # GPT-2's: always a bias
     nn.Conv1d: (lambda bias: nn.Conv1d(8, 6, 2, bias=bias), lambda: torch.randn(2, 8, 5)),
     nn.Conv2d: (lambda bias: nn.Conv2d(4, 6, 2, padding=1, bias=bias), lambda: torch.randn(2, 4, 4, 4)),
     nn.Conv3d: (lambda bias: nn.Conv3d(2, 6, 2, bias=bias), lambda: torch.randn(2, 2, 3, 3, 3)),
-    nn.Embedding: (lambda bias: nn.Embedding(20, 12), lambda: torch.randint(0, 20, (3, 5))),
+    nn.Embedding: (lambda bias: nn.Embedding(20, 16, padding_idx=3), lambda: torch.randint(0, 20, (3, 5))),
 }
 FP64_SLACK = 256 * torch.finfo(torch.float64).eps
 
@@ -140,12 +144,16 @@ def assert_same_output(model: nn.Module, other: nn.Module, x: torch.Tensor) -> N
 def unmerge_bounds(layer, before: dict[str, torch.Tensor], merged: dict[str, torch.Tensor]):
     """name -> (error after merge → unmerge, its bound), in fp64, from the module docstring."""
     u = torch.finfo(before["weight"].dtype).eps / 2
-    W, Wm = before["weight"].double(), merged["weight"].double()
-    W_rec = layer.base_layer.weight.double()
+    # in the layout the family reasons in (a Conv1D stores Wᵀ)
+    logical = (lambda w: w.T) if isinstance(layer.base_layer, Conv1D) else (lambda w: w)  # noqa: E731
+    W, Wm = logical(before["weight"]).double(), logical(merged["weight"]).double()
+    W_rec = base_layers.weight(layer.base_layer).double()
     family = layer.config.family
     if family in ("boft", "oft"):
         blocks = layer.cayley_blocks().double()
         R = layer.rotate(torch.eye(layer.fan_in, dtype=torch.float64), blocks=blocks)
+        if isinstance(layer.base_layer, nn.Embedding) and layer.scale is not None:
+            R = R * layer.scale.double()  # an Embedding's rows become e·R·diag(s): the scale acts within each row
         kappa = torch.linalg.cond(R).item()
         rows = W.reshape(W.shape[0], -1)
         error = (W_rec - W).reshape(rows.shape).norm(dim=1)

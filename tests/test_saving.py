@@ -160,10 +160,76 @@ def test_missing_directory_and_non_adapter_file(tmp_path):
         boftlab.load_adapter(fresh_net(), tmp_path)
 
 
-def test_loading_into_an_adapted_model_is_refused(tmp_path):
-    boftlab.save_adapter(adapted_net(), tmp_path)
-    with pytest.raises(ValueError, match="already has boftlab adapters"):
-        boftlab.load_adapter(adapted_net(), tmp_path)
+def test_hot_swap_copies_weights_into_the_same_parameter_objects(tmp_path):
+    """load_adapter onto adapters of the same structure swaps their values in place: outputs become the file's, no
+    module or parameter is replaced, and an optimizer built before the swap trains the swapped-in adapter."""
+    x = torch.randn(5, 16)
+    first, second = adapted_net(), trained(adapted_net())  # same structure, other values
+    boftlab.save_adapter(first, tmp_path / "first")
+    boftlab.save_adapter(second, tmp_path / "second")
+    expected_first, expected_second = first(x), second(x)
+    assert not torch.allclose(expected_first, expected_second)
+
+    model = second
+    modules, params = list(model.modules()), list(model.parameters())
+    optimizer = torch.optim.SGD([p for p in params if p.requires_grad], lr=0.1)
+    assert boftlab.load_adapter(model, tmp_path / "first") is model
+    assert list(model.modules()) == modules and all(a is b for a, b in zip(model.parameters(), params))
+    torch.testing.assert_close(model(x), expected_first, rtol=0, atol=0)
+
+    loaded = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model(x).square().mean().backward()
+    optimizer.step()
+    for name, p in model.named_parameters():
+        if p.requires_grad:  # the old optimizer updated the swapped-in values: SGD moved them by −lr·grad
+            step = 0 if p.grad is None else 0.1 * p.grad  # the conv's adapter is not on the forward's path
+            torch.testing.assert_close(p.detach(), loaded[name] - step, rtol=0, atol=1e-7)
+    assert not torch.allclose(model.encoder[0].skew, loaded["encoder.0.skew"])
+
+    boftlab.load_adapter(model, tmp_path / "second")  # and back
+    torch.testing.assert_close(model(x), expected_second, rtol=0, atol=0)
+
+
+def test_hot_swap_copies_exactly_or_refuses_a_value_the_models_dtype_would_round(tmp_path):
+    """A swap keeps the model's tensors, hence their dtype: float32 values go into a float64 model exactly; float64
+    values a float32 model cannot hold are refused, with nothing changed."""
+    boftlab.save_adapter(adapted_net(), tmp_path / "fp32")
+    wide = adapted_net().double()
+    boftlab.load_adapter(wide, tmp_path / "fp32")
+    assert wide.encoder[0].skew.dtype == torch.float64
+    assert torch.equal(wide.encoder[0].skew, adapted_net().encoder[0].skew.double())
+    with torch.no_grad():
+        wide.encoder[0].skew.add_(1e-12)  # not a float32 number any more
+    boftlab.save_adapter(wide, tmp_path / "fp64")
+    model = adapted_net()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"loading would round 'encoder.0.skew' \(torch.float64 in the file, "
+                                         r"torch.float32 in the model\)"):
+        boftlab.load_adapter(model, tmp_path / "fp64")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "other,message",
+    [
+        (lambda: boftlab.adapt(fresh_net(), BOFTConfig(block_size=8, n_factors=2), ["encoder.0", "encoder.2"],
+                               trainable=["head"]),
+         r"'encoder.0': here \(\{'family': 'boft', 'block_size': 4.*in the file \(\{'family': 'boft', 'block_size': 8"),
+        (lambda: boftlab.adapt(fresh_net(), BOFTConfig(block_size=4, n_factors=2), ["encoder.0"], trainable=["head"]),
+         r"adapted here only: \['conv', 'encoder.2'\]"),
+        (lambda: boftlab.adapt(fresh_net(), OFTConfig(block_size=4), ["encoder.0", "encoder.2", "conv"],
+                               trainable=["head"]),
+         r"'encoder.0': here \(\{'family': 'boft'.*in the file \(\{'family': 'oft'"),
+    ],
+    ids=["other_block_size", "fewer_targets", "other_family"],
+)
+def test_hot_swap_of_another_structure_is_refused_and_changes_nothing(other, message, tmp_path):
+    boftlab.save_adapter(other(), tmp_path)
+    model = adapted_net()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="already carries adapters of another structure than the file's.*" + message):
+        boftlab.load_adapter(model, tmp_path)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_interrupted_save_keeps_previous_adapter(tmp_path, monkeypatch):

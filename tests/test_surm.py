@@ -387,12 +387,13 @@ def test_impossible_kronecker_factors_are_rejected():
 
 
 def test_unsupported_layer_type():
-    with pytest.raises(ValueError, match=r"cannot adapt a Embedding; supported layer types: nn.Linear, nn.Conv1d, "
-                                         r"nn.Conv2d, nn.Conv3d\."):
+    with pytest.raises(ValueError, match=r"cannot adapt a Embedding; supported layer types: nn.Linear, transformers "
+                                         r"Conv1D, nn.Conv1d, nn.Conv2d, nn.Conv3d\."):
         SURMConfig().make_layer(nn.Embedding(10, 4))
     with pytest.raises(ValueError, match=r"cannot adapt a ConvTranspose2d; supported layer types: nn.Linear,"):
         SURMConfig().make_layer(nn.ConvTranspose2d(3, 3, 3))
-    with pytest.raises(ValueError, match=r"cannot adapt a Embedding; supported layer types: nn.Linear\.$"):
+    with pytest.raises(ValueError, match=r"cannot adapt a Embedding; supported layer types: nn.Linear, transformers "
+                                         r"Conv1D\.$"):
         SURMConfig(mode="adapter").make_layer(nn.Embedding(10, 4))
 
 
@@ -567,15 +568,16 @@ def test_conv_parameter_count(structure, case):
 @pytest.mark.parametrize("conv", [nn.Conv1d(4, 4, 3), nn.Conv2d(4, 4, 3), nn.Conv3d(4, 4, 3)],
                          ids=lambda c: type(c).__name__)
 def test_adapter_mode_on_a_conv_names_what_is_supported(conv):
-    message = (rf"SURMConfig\(mode='adapter'\) adapts nn.Linear only, not a {type(conv).__name__}"
-               r".*mode='lora'.*adapts nn.Linear, nn.Conv1d, nn.Conv2d and nn.Conv3d")
+    message = (rf"SURMConfig\(mode='adapter'\) adapts linear layers only, not a {type(conv).__name__}"
+               r".*mode='lora'.*adapts nn.Linear, transformers Conv1D, nn.Conv1d, nn.Conv2d and nn.Conv3d")
     with pytest.raises(ValueError, match=message):
         SURMConfig(mode="adapter").make_layer(conv)
 
 
 def test_adapter_mode_on_a_conv_is_refused_before_the_model_changes():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 4))
-    with pytest.raises(ValueError, match=r"none of which SURMConfig\(mode='adapter'\) supports; supported types: Linear$"):
+    with pytest.raises(ValueError, match=r"none of which SURMConfig\(mode='adapter'\) supports; supported types: "
+                                         r"nn.Linear, transformers Conv1D$"):
         boftlab.adapt(model, SURMConfig(mode="adapter"), targets=["0"])
     assert type(model[0]) is nn.Conv2d and all(p.requires_grad for p in model.parameters())
 

@@ -147,7 +147,8 @@ def test_wrong_number_of_ranks_raises_naming_the_modes():
 
 
 def test_unsupported_layer_raises_listing_supported_types():
-    with pytest.raises(ValueError, match=r"ConvTranspose2d.*nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding"):
+    with pytest.raises(ValueError, match=r"ConvTranspose2d.*nn.Linear, transformers Conv1D, nn.Conv1d, nn.Conv2d, "
+                                         r"nn.Conv3d, nn.Embedding"):
         TensorCoreConfig().make_layer(nn.ConvTranspose2d(4, 4, 3))
 
 
