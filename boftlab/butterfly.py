@@ -11,11 +11,20 @@ output scale s:
   b/2 and interleaves them, like a Cooley–Tukey stage, so after log2(d/b)+1 factors every input reaches every output.
   The permutations and the block layout are the paper's (and PEFT's), so a PEFT BOFT adapter maps 1:1 onto ours.
 
-Nothing here builds the dense d × d matrix while training. ``butterfly_apply`` multiplies rows by R (or Rᵀ) in
-O(d·b·m) per row, and the layer picks, per call, the cheaper of two exact paths:
+Nothing here builds the dense d × d matrix while training. R has two exact forms (``butterfly_structure``):
 
-* input path:  y = s ⊙ (W · (Rᵀx)) + bias      — rotate the activations, then the frozen layer;
-* weight path: y = (diag(s) · W · Rᵀ) x + bias  — rotate W's rows once, then one matmul / conv.
+* factored:  the m factors applied to each row, O(d·b·m) per row (``butterfly_apply_reshaped``; on CUDA the fused
+  kernel of ``kernels/``);
+* assembled: every factor mixes only within chunks of L = b·2^(m−1) coordinates, so R is block diagonal with L × L
+  blocks. Its w × w diagonal blocks (w a multiple of L, at least ``MIN_WIDTH``) cost O(w·d·b·m) to assemble, once
+  per call, and then rows @ R is one block-diagonal product, O(d·w) per row — OFT's cost at block size w, no gathers.
+
+and the layer picks, per call, the cheapest of three exact paths (``path_costs``):
+
+* "input":     y = s ⊙ (W · (Rᵀx)) + bias      — rotate the activations by the factored form, then the frozen layer;
+* "assembled": the same, rotating the activations by the assembled form (the default choice while L is small);
+* "weight":    y = (diag(s) · W · Rᵀ) x + bias  — rotate W's rows once (by the cheaper form), then one matmul / conv.
+  ``merge`` writes this same weight.
 """
 
 from __future__ import annotations
@@ -28,15 +37,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .butterfly_structure import butterfly_apply, gather_schedule, valid_block_sizes, valid_n_factors
+from .butterfly_structure import (
+    assembled_width,
+    block_diagonal_apply,
+    butterfly_apply_reshaped,
+    diagonal_blocks,
+    valid_block_sizes,
+    valid_n_factors,
+)
 from .contract import AdapterConfig, AdapterLayer, check_integer, check_number, conv_output_size, merge_dtype, nearest
-from .kernels import KERNELS, butterfly_apply_fused, fused_supported, kernel_in_force
+from .kernels import KERNELS, butterfly_apply_fused, fused_available, fused_supported, kernel_in_force
 
-#: Per row element, in multiply-adds of a dense fp32 matmul: one butterfly factor (batched b×b products and the
-#: reshapes around them) and one index gather. Calibrated with ``python -m boftlab.bench butterfly_costs`` (the
-#: measurement behind these values: benchmarks/README.md); the auto path choice uses them, results never depend on them.
+#: Per row element, in multiply-adds of a dense fp32 matmul: one factor of the PyTorch factored form (its batched
+#: b × b products and the reshape copies around them; at least b) and one block-diagonal product of the assembled
+#: form (at least its width w). Calibrated with ``python -m boftlab.bench butterfly_costs`` (the measurement behind
+#: these values: benchmarks/README.md); the auto path choice uses them, results never depend on them.
 FACTOR_COST = 100
-GATHER_COST = 250
+PRODUCT_COST = 40
+#: Assembled diagonal blocks are at least this wide: batched products of narrower blocks run several times slower per
+#: element on CPU (``butterfly_costs``), and GPU matrix-multiply tiles are 16 wide.
+MIN_WIDTH = 16
 
 
 # --- fitting the structure to a layer -------------------------------------------------------------------------------
@@ -99,7 +119,7 @@ def cayley(skew: torch.Tensor, neumann_terms: int | None = None) -> torch.Tensor
 def inverse_transposed_blocks(blocks: torch.Tensor) -> torch.Tensor:
     """(m, k, b, b) blocks Q -> Q⁻ᵀ, or a ValueError naming a singular block. O(m·k·b³).
 
-    With Q⁻ᵀ in place of Q, the product ``butterfly_apply`` forms as x @ R becomes x @ R⁻ᵀ: B_i⁻ᵀ = P_i ·
+    With Q⁻ᵀ in place of Q, the product ``BOFTLayer.rotate`` forms as x @ R becomes x @ R⁻ᵀ: B_i⁻ᵀ = P_i ·
     blockdiag(Q_i⁻ᵀ) · P_iᵀ and R⁻ᵀ = (B_1ᵀ ⋯ B_mᵀ)⁻¹ = B_m⁻ᵀ ⋯ B_1⁻ᵀ, the factors in R's own order. An exactly
     orthogonal Q has Q⁻ᵀ = Q; the truncated Cayley–Neumann series is not orthogonal, so there Rᵀ is not R⁻¹.
     """
@@ -115,11 +135,6 @@ def inverse_transposed_blocks(blocks: torch.Tensor) -> torch.Tensor:
     return inverse
 
 
-def unrotate_rows(rows: torch.Tensor, blocks: torch.Tensor, gathers: list[torch.Tensor | None]) -> torch.Tensor:
-    """rows: (..., d) -> rows @ R⁻ᵀ, which undoes rows @ Rᵀ for any invertible blocks (m, k, b, b). O(d·b·m) per
-    row plus O(m·k·b³). ``gathers``: ``gather_schedule(d, b, m, transpose=False)``, the direction of x @ R."""
-    return butterfly_apply(rows, inverse_transposed_blocks(blocks), gathers, transpose=False)
-
 
 # --- config ----------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
@@ -132,7 +147,8 @@ class BOFTConfig(AdapterConfig):
     is replaced by the identity with this probability while training (paper, Sec. 5).
     coft, coft_eps: constrained OFT — every block's skew matrix is kept in the ball ‖S‖_F ≤ coft_eps/√k.
     neumann_terms: None for the exact Cayley transform, n ≥ 2 for the n-term Cayley–Neumann series.
-    path: "auto" picks the cheaper exact path per call; "input"/"weight" force one (tests, benchmarks).
+    path: "auto" picks the cheapest exact path per call; "input" (factored R on the activations), "assembled" (R's
+    diagonal blocks on the activations) or "weight" (rotated weight) forces one (tests, benchmarks).
     kernel: "auto" rotates with the fused Triton kernel where it runs (CUDA, Triton, a supported b, m and dtype; the
     same result to fp tolerance) and with PyTorch elsewhere; "torch" always with PyTorch. The environment variable
     BOFTLAB_KERNEL=torch forces "torch" on every layer built while it is set (``boftlab.kernels``).
@@ -217,6 +233,7 @@ class BOFTLayer(AdapterLayer):
         what = "in_features" if isinstance(base_layer, nn.Linear) else "in_channels/groups·kh·kw"
         block_size = resolve_block_size(self.fan_in, config.block_size, config.n_blocks, config.n_factors, what)
         self.block_size, self.n_blocks, self.n_factors = block_size, self.fan_in // block_size, config.n_factors
+        self.width = assembled_width(self.fan_in, block_size, self.n_factors, MIN_WIDTH)  # w of the assembled form
         self.kernel = kernel_in_force(config.kernel)  # "auto" or "torch" (this layer's rotations)
         self.check_forced_path({"input": (
             "needs a Conv2d with padding_mode='zeros' and numeric padding (F.unfold pads with zeros only); "
@@ -229,9 +246,6 @@ class BOFTLayer(AdapterLayer):
         # zero skew-symmetric part -> every Q is I -> R = I: the adapted layer equals the base layer at step 0.
         self.skew = nn.Parameter(torch.zeros(self.n_factors, self.n_blocks, n_entries, **factory))
         self.scale = nn.Parameter(torch.ones(self.out_features, **factory)) if config.scale else None
-        for direction, transpose in (("forward", False), ("transpose", True)):
-            for j, g in enumerate(gather_schedule(self.fan_in, block_size, self.n_factors, transpose)):
-                self.register_buffer(f"_{direction}_gather_{j}", None if g is None else g.to(weight.device), False)
 
     # --- the orthogonal factors ---
     def orthogonal_blocks(self) -> torch.Tensor:
@@ -254,20 +268,26 @@ class BOFTLayer(AdapterLayer):
                 skew = skew * torch.clamp(radius / norm.clamp_min(1e-30), max=1.0)
             return cayley(skew, self.config.neumann_terms)
 
-    def _gathers(self, transpose: bool) -> list[torch.Tensor | None]:
-        direction = "transpose" if transpose else "forward"
-        return [getattr(self, f"_{direction}_gather_{j}") for j in range(self.n_factors + 1)]
+    def rotate(self, rows: torch.Tensor, transpose: bool = False, blocks: torch.Tensor | None = None,
+               form: str | None = None) -> torch.Tensor:
+        """rows: (..., d) -> rows @ R (or rows @ Rᵀ); R is never formed. ``blocks``: (m, k, b, b), any (default: this
+        layer's orthogonal blocks; unmerge may pass their inverses).
 
-    def rotate(self, rows: torch.Tensor, transpose: bool = False, blocks: torch.Tensor | None = None) -> torch.Tensor:
-        """rows: (..., d) -> rows @ R (or rows @ Rᵀ). O(d·b·m) per row; R is never formed.
-
-        With ``kernel="auto"``, on CUDA with Triton, supported shapes run the fused kernel (one read, one write of the
-        rows; same result to fp tolerance); everything else runs the PyTorch path.
+        form "factored": the m factors, O(d·b·m) per row — the fused kernel where it runs (``kernel="auto"``, CUDA,
+        Triton, a supported shape; same result to fp tolerance), ``butterfly_apply_reshaped`` elsewhere;
+        "assembled": R's w × w diagonal blocks, O(w·d·b·m) once, assembled in the blocks' precision, then one
+        block-diagonal product, O(d·w) per row; None: the cheaper of the two for this many rows (``rotation_costs``).
         """
-        blocks = (self.orthogonal_blocks() if blocks is None else blocks).to(rows.dtype)
+        blocks = self.orthogonal_blocks() if blocks is None else blocks
+        if form is None:
+            costs = self.rotation_costs(rows.numel() // self.fan_in, rows.dtype)
+            form = min(costs, key=costs.get)
+        if form == "assembled":
+            return block_diagonal_apply(rows, diagonal_blocks(blocks, self.width, transpose).to(rows.dtype))
+        blocks = blocks.to(rows.dtype)
         if self.kernel == "auto" and fused_supported(rows, blocks):
             return butterfly_apply_fused(rows, blocks, transpose)
-        return butterfly_apply(rows, blocks, self._gathers(transpose), transpose)
+        return butterfly_apply_reshaped(rows, blocks, transpose)
 
     def rotation(self) -> torch.Tensor:
         """The dense d × d matrix R — for tests, figures and teaching only."""
@@ -276,41 +296,54 @@ class BOFTLayer(AdapterLayer):
 
     # --- choosing a path ---
     def paths(self) -> tuple[str, ...]:
-        """Both paths, except for a conv whose padding ``F.unfold`` cannot reproduce ("same", or not zeros)."""
+        """All three paths, except for a conv whose padding ``F.unfold`` cannot reproduce ("same", or not zeros)."""
         base = self.base_layer
         if isinstance(base, nn.Linear) or (base.padding_mode == "zeros" and not isinstance(base.padding, str)):
-            return ("input", "weight")
+            return ("input", "assembled", "weight")
         return ("weight",)
+
+    def rotation_costs(self, n_rows: int, dtype: torch.dtype) -> dict[str, int]:
+        """Multiply-adds of multiplying ``n_rows`` rows by R, per form (forward only).
+
+        Per row element the factored form costs m·max(b, ``FACTOR_COST``) with PyTorch and its m·b multiply-adds in
+        the fused kernel (all on chip, one pass over the rows); the assembled form costs the factored PyTorch form on
+        w rows (the assembly) plus max(w, ``PRODUCT_COST``) per row element.
+        """
+        d, m, b = self.fan_in, self.n_factors, self.block_size
+        torch_factored = m * max(b, FACTOR_COST)
+        fused = self.kernel == "auto" and fused_available(self.skew.device, d, b, m, dtype)
+        return {"factored": n_rows * d * (m * b if fused else torch_factored),
+                "assembled": self.width * d * torch_factored + n_rows * d * max(self.width, PRODUCT_COST)}
 
     def path_costs(self, x_shape: Sequence[int], training: bool, input_requires_grad: bool) -> dict[str, int]:
         """Multiply-adds of one call on an input of ``x_shape``, per path.
 
-        n rows (tokens, or conv output positions) of fan-in d, out outputs; C₀ = n·out·d, the base product. Rotating
-        one row element by R counts each factor's b multiply-adds as at least ``FACTOR_COST`` (its reshapes, copies
-        and batched tiny products move more data than they compute) and each index gather as ``GATHER_COST``: rot
-        per element. Inference: input n·d·rot + C₀, weight out·d·rot + C₀. Training adds the two backward products of
-        each rotation (3× rot) and the base's backward: the input path back-propagates through W (C₀), the weight
-        path forms dW' (C₀) and dx when the input needs it (C₀): input 3·n·d·rot + 2·C₀, weight 3·out·d·rot +
-        (2 + g)·C₀ with g = 1 when the input needs a gradient.
+        n rows (tokens, or conv output positions) of fan-in d, out outputs; C₀ = n·out·d, the base product; rot(r, f)
+        the cost of rotating r rows by form f (``rotation_costs``). Inference: "input" rot(n, factored) + C₀,
+        "assembled" rot(n, assembled) + C₀, "weight" min_f rot(out, f) + C₀. Training triples every rotation (its
+        two backward products) and adds the base's backward: the input paths back-propagate through W (C₀), the
+        weight path forms dW' (C₀) and dx when the input needs it (C₀): 3·rot + 2·C₀, and 3·rot + (2 + g)·C₀ with
+        g = 1 when the input needs a gradient.
         """
         base, d, out = self.base_layer, self.fan_in, self.out_features
         if isinstance(base, nn.Linear):
             n = math.prod(x_shape) // d
         else:
             n = x_shape[0] * math.prod(conv_output_size(base, x_shape[-2:]))
-        gathers = sum(g is not None for g in self._gathers(transpose=False))
-        rot = self.n_factors * max(self.block_size, FACTOR_COST) + gathers * GATHER_COST
+        dtype = base.weight.dtype
+        on_rows, on_weight = self.rotation_costs(n, dtype), self.rotation_costs(out, dtype)
+        rotation = {"input": on_rows["factored"], "assembled": on_rows["assembled"], "weight": min(on_weight.values())}
         base_cost = n * out * d
         if training:
-            costs = {"input": 3 * n * d * rot + 2 * base_cost,
-                     "weight": 3 * out * d * rot + (3 if input_requires_grad else 2) * base_cost}
+            costs = {p: 3 * r + (3 if p == "weight" and input_requires_grad else 2) * base_cost
+                     for p, r in rotation.items()}
         else:
-            costs = {"input": n * d * rot + base_cost, "weight": out * d * rot + base_cost}
+            costs = {p: r + base_cost for p, r in rotation.items()}
         return {path: costs[path] for path in self.paths()}
 
     # --- forward ---
     def rotated_weight(self, blocks: torch.Tensor | None = None) -> torch.Tensor:
-        """diag(s) · W · Rᵀ in the base weight's shape and dtype."""
+        """diag(s) · W · Rᵀ in the base weight's shape and dtype; W's rows rotated by the cheaper form."""
         weight = self.base_layer.weight
         rotated = self.rotate(weight.reshape(self.out_features, self.fan_in), transpose=True, blocks=blocks)
         if self.scale is not None:
@@ -327,31 +360,38 @@ class BOFTLayer(AdapterLayer):
                 f"this adapted {type(base).__name__} expects inputs of shape {shape}, got {tuple(x.shape)}"
             )
         blocks = self.orthogonal_blocks()
-        if self.choose_path(x) == "weight":
+        path = self.choose_path(x)
+        if path == "weight":
             weight = self.rotated_weight(blocks)
             if isinstance(base, nn.Linear):
                 return F.linear(x, weight, base.bias)
             return base._conv_forward(x, weight, base.bias)
-        y = self._linear_input_path(x, blocks) if isinstance(base, nn.Linear) else self._conv_input_path(x, blocks)
-        if self.scale is not None:
-            shape = (-1,) if isinstance(base, nn.Linear) else (-1, 1, 1)
-            y = y * self.scale.to(y.dtype).reshape(shape)
-        if base.bias is not None:
-            y = y + (base.bias if isinstance(base, nn.Linear) else base.bias[:, None, None]).to(y.dtype)
-        return y
+        form = "factored" if path == "input" else "assembled"
+        if isinstance(base, nn.Linear):
+            rotated = self.rotate(x, blocks=blocks, form=form)  # Rᵀx for every row
+            if self.scale is None:
+                return F.linear(rotated, base.weight, base.bias)
+            return self._scale_and_shift(F.linear(rotated, base.weight), (-1,))
+        return self._scale_and_shift(self._conv_input_path(x, blocks, form), (-1, 1, 1))
 
-    def _linear_input_path(self, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.rotate(x, blocks=blocks), self.base_layer.weight)  # W (Rᵀ x), no bias yet
+    def _scale_and_shift(self, y: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """s ⊙ y + bias, with s and bias broadcast over ``shape`` (one fused addcmul when both are there)."""
+        bias = self.base_layer.bias
+        bias = None if bias is None else bias.to(y.dtype).reshape(shape)
+        if self.scale is None:
+            return y if bias is None else y + bias
+        scale = self.scale.to(y.dtype).reshape(shape)
+        return y * scale if bias is None else torch.addcmul(bias, y, scale)
 
-    def _conv_input_path(self, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    def _conv_input_path(self, x: torch.Tensor, blocks: torch.Tensor, form: str) -> torch.Tensor:
         base, groups = self.base_layer, self.base_layer.groups
         patches = F.unfold(x, base.kernel_size, base.dilation, base.padding, base.stride)  # (B, C·kh·kw, L)
         batch, _, length = patches.shape
         patches = patches.reshape(batch, groups, self.fan_in, length).transpose(-1, -2)  # (B, g, L, d)
-        rotated = self.rotate(patches, blocks=blocks)  # each patch's fan-in vector times R
+        rotated = self.rotate(patches, blocks=blocks, form=form)  # each patch's fan-in vector times R
         weight = base.weight.reshape(groups, self.out_features // groups, self.fan_in)  # (g, out/g, d)
         y = torch.einsum("bgld,god->bgol", rotated, weight).reshape(batch, self.out_features, length)
-        return y.reshape(batch, self.out_features, *conv_output_size(base, x.shape[-2:]))
+        return y.reshape(batch, self.out_features, *conv_output_size(base, x.shape[-2:]))  # no bias yet
 
     # --- merging ---
     def merged_weights(self) -> dict[str, torch.Tensor]:
@@ -365,20 +405,20 @@ class BOFTLayer(AdapterLayer):
         if torch.isfinite(blocks).all():  # (NaN/inf blocks: the merged weight is not finite, which merge refuses)
             inverse_transposed_blocks(blocks.to(merge_dtype(weight)))  # raises for a singular block
         rows = weight.reshape(self.out_features, self.fan_in).to(merge_dtype(weight))
-        merged = butterfly_apply(rows, blocks.to(rows.dtype), self._gathers(transpose=True), transpose=True)  # W Rᵀ
+        merged = self.rotate(rows, transpose=True, blocks=blocks.to(rows.dtype))  # W Rᵀ, by the weight path's form
         if self.scale is not None:
             merged = merged * self.scale.to(rows.dtype)[:, None]
         return {"weight": merged.reshape(weight.shape).to(weight.dtype)}
 
     def unmerged_weights(self) -> dict[str, torch.Tensor]:
-        """W = diag(s)⁻¹·W'·R⁻ᵀ (``unrotate_rows``: every block inverted, so exact for the Cayley–Neumann series
-        too), computed in fp64 and rounded once to W's dtype."""
+        """W = diag(s)⁻¹·W'·R⁻ᵀ (every block inverted, ``inverse_transposed_blocks``, so exact for the
+        Cayley–Neumann series too; the same form as the merge), computed in fp64 and rounded once to W's dtype."""
         self._check_scale_invertible("unmerge")
         weight = self.base_layer.weight
         merged = weight.reshape(self.out_features, self.fan_in).to(merge_dtype(weight))
         if self.scale is not None:
             merged = merged / self.scale.to(merged.dtype)[:, None]
-        restored = unrotate_rows(merged, self.cayley_blocks().to(merged.dtype), self._gathers(transpose=False))
+        restored = self.rotate(merged, blocks=inverse_transposed_blocks(self.cayley_blocks().to(merged.dtype)))
         return {"weight": restored.reshape(weight.shape).to(weight.dtype)}
 
     def _check_scale_invertible(self, action: str) -> None:
