@@ -1,12 +1,16 @@
 """Benchmarks (not tests): ``python -m boftlab.bench <suite>``.
 
-Every suite times its methods in one process, one after another, and reports each as a ratio to a reference
-measured in the same run (PEFT LoRA, PEFT BOFT, ...), so the numbers compare like with like on whatever machine
-runs them. Suites live in this package, one module each, and register themselves in ``SUITES``.
+Every suite builds all its methods in one process and times them round-robin (``round_robin``: each round runs
+every method once, so a load change on a shared machine hits all of them alike), reports medians and ratios to
+references measured in the same run (PEFT LoRA, PEFT OFT, PEFT BOFT, ...), and the peak memory of one step
+(``peak_memory_mib``; ``MEMORY_METHOD`` says how it is measured). Suites live in this package, one module each, and
+register themselves in ``SUITES``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import platform
 import statistics
 import time
@@ -35,7 +39,16 @@ def suite(name: str, description: str):
 @dataclass
 class Timing:
     ms: float  # median wall time of one call, milliseconds
-    peak_mib: float | None  # peak allocated memory during the calls (CUDA only; None on CPU)
+    peak_mib: float | None  # peak memory of one call above what was live before it (MEMORY_METHOD), MiB
+
+
+#: how ``peak_memory_mib`` measures, per device type (the suites print it under their tables)
+MEMORY_METHOD = {
+    "cuda": "peak MiB: torch.cuda.max_memory_allocated during one step, above what was allocated before it",
+    "cpu": "peak MiB: the most tensor memory live at once during one step, above what was live before it — the running "
+           "sum of the allocations and frees of torch's CPU allocator, from torch.profiler's memory events "
+           "(profile_memory=True)",
+}
 
 
 def synchronize(device: torch.device) -> None:
@@ -44,7 +57,8 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_call(fn: Callable[[], object], device: torch.device, repeats: int = 10, warmup: int = 3) -> Timing:
-    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` calls, and its peak CUDA memory."""
+    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` calls, and its peak CUDA memory. For one
+    function alone; comparisons between methods use ``round_robin``."""
     for _ in range(warmup):
         fn()
     synchronize(device)
@@ -59,6 +73,59 @@ def time_call(fn: Callable[[], object], device: torch.device, repeats: int = 10,
         samples.append((time.perf_counter() - start) * 1e3)
     peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else None
     return Timing(statistics.median(samples), peak)
+
+
+def round_robin(calls: dict[str, Callable[[], object]], device: torch.device, budget_s: float = 20.0,
+                min_rounds: int = 3, max_rounds: int = 15) -> dict[str, float]:
+    """Median wall milliseconds of every call, timed in rounds that run each call once, in order.
+
+    One untimed warm-up round first (its duration sizes the rest: as many rounds as fit in ``budget_s``, at least
+    ``min_rounds``, at most ``max_rounds``). Interleaving makes a change of load on a shared machine hit every method
+    alike, where timing one method after another would charge it to whichever ran then.
+    """
+    start = time.perf_counter()
+    for fn in calls.values():
+        fn()
+    synchronize(device)
+    rounds = max(min_rounds, min(max_rounds, int(budget_s / max(time.perf_counter() - start, 1e-9))))
+    samples: dict[str, list[float]] = {label: [] for label in calls}
+    for _ in range(rounds):
+        for label, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            samples[label].append((time.perf_counter() - start) * 1e3)
+    return {label: statistics.median(times) for label, times in samples.items()}
+
+
+def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak memory of one call of ``fn`` above what was live before it, MiB (``MEMORY_METHOD[device.type]``)."""
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()  # > 0 an allocation, < 0 a free
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def measure_methods(calls: dict[str, Callable[[], object]], device: torch.device, budget_s: float = 20.0,
+                    **rounds: int) -> dict[str, Timing]:
+    """``round_robin`` medians (``rounds``: its min_rounds / max_rounds), then each call's ``peak_memory_mib``
+    (measured apart: the profiler slows calls)."""
+    times = round_robin(calls, device, budget_s, **rounds)
+    return {label: Timing(times[label], peak_memory_mib(fn, device)) for label, fn in calls.items()}
 
 
 def fwd_bwd(module: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
@@ -93,13 +160,43 @@ def with_peft(config_name: str, module: nn.Module, targets: list[str] | None = N
     return peft.inject_adapter_in_model(getattr(peft, config_name)(target_modules=targets, **options), module)
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what ``platform`` knows."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def machine() -> str:
     """Where a table was measured: device name, thread count, torch version, date."""
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name()
     else:
-        device = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        device = f"CPU {cpu_name()} ({os.cpu_count()} cores), {torch.get_num_threads()} threads"
     return f"{device}; torch {torch.__version__}; {date.today().isoformat()}"
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages (Unix), for judging how busy a shared machine was."""
+    with contextlib.suppress(OSError, AttributeError):
+        return ", ".join(f"{v:.2f}" for v in os.getloadavg()) + f" (1, 5, 15 min; {os.cpu_count()} cores)"
+    return "not available"
+
+
+def goals_table(goals: list[tuple[str, float | None, str, float]]) -> str:
+    """(goal, measured, "≤" or "≥", bound) rows -> a markdown table saying whether each is met, and by how much
+    each miss misses (measured ÷ bound)."""
+    rows = []
+    for goal, measured, sense, bound in goals:
+        if measured is None:
+            rows.append([goal, None, f"{sense} {bound:g}", "not measured"])
+            continue
+        met = measured <= bound if sense == "≤" else measured >= bound
+        miss = measured / bound if sense == "≤" else bound / measured
+        rows.append([goal, measured, f"{sense} {bound:g}", "met" if met else f"missed by {100 * (miss - 1):.0f} %"])
+    return markdown_table(["goal", "measured", "target", "result"], rows)
 
 
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:
