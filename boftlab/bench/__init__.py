@@ -24,6 +24,8 @@ from torch import nn
 
 #: suite name -> (one-line description, function(argv) -> markdown report)
 SUITES: dict[str, tuple[str, Callable[[list[str]], str]]] = {}
+#: seconds of timed rounds per comparison (one round-robin over a set of methods); ``--budget`` sets it
+ROUND_BUDGET_S = 20.0
 
 
 def suite(name: str, description: str):
@@ -75,18 +77,19 @@ def time_call(fn: Callable[[], object], device: torch.device, repeats: int = 10,
     return Timing(statistics.median(samples), peak)
 
 
-def round_robin(calls: dict[str, Callable[[], object]], device: torch.device, budget_s: float = 20.0,
+def round_robin(calls: dict[str, Callable[[], object]], device: torch.device, budget_s: float | None = None,
                 min_rounds: int = 3, max_rounds: int = 15) -> dict[str, float]:
     """Median wall milliseconds of every call, timed in rounds that run each call once, in order.
 
-    One untimed warm-up round first (its duration sizes the rest: as many rounds as fit in ``budget_s``, at least
-    ``min_rounds``, at most ``max_rounds``). Interleaving makes a change of load on a shared machine hit every method
+    One untimed warm-up round first (its duration sizes the rest: as many rounds as fit in ``budget_s``, default
+    ``ROUND_BUDGET_S``, at least ``min_rounds``, at most ``max_rounds``). Interleaving makes a change of load on a shared machine hit every method
     alike, where timing one method after another would charge it to whichever ran then.
     """
     start = time.perf_counter()
     for fn in calls.values():
         fn()
     synchronize(device)
+    budget_s = ROUND_BUDGET_S if budget_s is None else budget_s
     rounds = max(min_rounds, min(max_rounds, int(budget_s / max(time.perf_counter() - start, 1e-9))))
     samples: dict[str, list[float]] = {label: [] for label in calls}
     for _ in range(rounds):
@@ -120,7 +123,7 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
     return peak / 2**20
 
 
-def measure_methods(calls: dict[str, Callable[[], object]], device: torch.device, budget_s: float = 20.0,
+def measure_methods(calls: dict[str, Callable[[], object]], device: torch.device, budget_s: float | None = None,
                     **rounds: int) -> dict[str, Timing]:
     """``round_robin`` medians (``rounds``: its min_rounds / max_rounds), then each call's ``peak_memory_mib``
     (measured apart: the profiler slows calls)."""
@@ -218,6 +221,7 @@ class ResultTable:
     machine: str
     header: list[str]
     rows: list[list[object]]  # numbers as float, "–" as None, everything else as str
+    source: str = ""  # the name of the file it was read from: one run
 
 
 def read_results(path: str | Path) -> list[ResultTable]:
@@ -242,7 +246,7 @@ def read_results(path: str | Path) -> list[ResultTable]:
             continue
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if table is None:
-            table = ResultTable(suite_name, where, cells, [])
+            table = ResultTable(suite_name, where, cells, [], Path(path).name)
             tables.append(table)
         elif not all(set(c) <= {"-"} for c in cells):
             table.rows.append([value(c) for c in cells])

@@ -1,4 +1,5 @@
-"""``python -m boftlab.bench [suite ...] [--threads N] [--out FILE]`` — run benchmark suites, print markdown tables."""
+"""``python -m boftlab.bench [suite ...] [--threads N] [--budget S] [--out FILE]`` — run benchmark suites, print markdown
+tables."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .. import bench
 from . import SUITES, load_average, machine
 
 
@@ -22,6 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("suites", nargs="*", help=f"suites to run (default: all): {sorted(SUITES)}")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (on a shared CPU, 1 avoids spinning "
                                                     "against other processes)")
+    parser.add_argument("--budget", type=float, help="seconds of timed rounds per comparison (default "
+                                                     "20; fewer rounds, noisier medians)")
     parser.add_argument("--out", type=Path, help="also write the report to this markdown file")
     args, rest = parser.parse_known_args(argv)
     names = args.suites or sorted(SUITES)
@@ -30,6 +34,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown suite(s) {unknown}; available: {sorted(SUITES)}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.budget is not None:
+        bench.ROUND_BUDGET_S = args.budget
     command = shlex.join(["python", "-m", "boftlab.bench", *(sys.argv[1:] if argv is None else argv)])
     report = [f"# boftlab benchmarks\n\nMeasured on: {machine()}\n\nCommand: `{command}`\n\n"
               f"Load average at the start: {load_average()}\n"]

@@ -136,7 +136,7 @@ class Measured:
 
 
 def measure_layers(methods: list[LayerMethod], dim: int, tokens: int, device: torch.device, dtype: torch.dtype,
-                   budget_s: float = 20.0) -> list[Measured]:
+                   budget_s: float | None = None) -> list[Measured]:
     """One training step of every method on nn.Linear(dim, dim) with (tokens, dim) inputs, timed round-robin."""
     torch.manual_seed(0)
     base = nn.Linear(dim, dim).to(device=device, dtype=dtype).requires_grad_(False)
@@ -159,12 +159,13 @@ HEADER = ["d", "tokens", "method", "ms / step", "× LoRA", "× PEFT OFT", "PEFT 
 
 
 def layer_rows(dims: list[int], tokens_list: list[int], methods: list[LayerMethod], device: torch.device,
-               dtype: torch.dtype) -> tuple[list[list[object]], dict[tuple[int, int, str], Timing]]:
-    """Table rows (``HEADER``) and the timings by (d, tokens, method key)."""
+               dtype: torch.dtype, budget_s: float | None = None
+               ) -> tuple[list[list[object]], dict[tuple[int, int, str], Timing]]:
+    """Table rows (``HEADER``) and the timings by (d, tokens, method key); ``budget_s`` per (d, tokens)."""
     rows, results = [], {}
     for dim in dims:
         for tokens in tokens_list:
-            measured = measure_layers(methods, dim, tokens, device, dtype)
+            measured = measure_layers(methods, dim, tokens, device, dtype, budget_s)
             by_key = {m.key: m.timing for m in measured}
             lora, peft_oft, peft_boft = by_key.get("lora"), by_key.get("peft_oft"), by_key.get("peft_boft")
             for m in measured:

@@ -69,7 +69,7 @@ def adapters(device: torch.device) -> list[Adapter]:
 
 
 def model_rows(build: Callable[[], nn.Module], loss: Callable[[nn.Module], torch.Tensor], targets: list[str],
-               device: torch.device, budget_s: float = 30.0) -> tuple[list[list[object]], dict[str, Timing]]:
+               device: torch.device, budget_s: float | None = None) -> tuple[list[list[object]], dict[str, Timing]]:
     """Rows [method, trainable, ms / step, × LoRA, × PEFT OFT, PEFT BOFT ÷ this, peak MiB, memory × LoRA] for every
     adapter, all timed round-robin, and the timings by adapter key."""
     with contextlib.ExitStack() as contexts:  # every method's context stays entered while all are timed
