@@ -1,6 +1,7 @@
 """The benchmark harness: its report format round-trips (boftlab.bench.read_results reads what the suites write), its
 round-robin timing interleaves methods, its CPU memory peak counts live tensor bytes, its goals table judges."""
 
+import pytest
 import torch
 
 from boftlab.bench import goals_table, markdown_table, peak_memory_mib, read_results, round_robin
@@ -41,6 +42,32 @@ def test_peak_memory_counts_what_is_live_at_once_during_the_call():
 
     peak = peak_memory_mib(step, torch.device("cpu"))
     assert 8.0 <= peak < 8.1
+
+
+def profiler_peak_mib(fn) -> float:
+    """The same peak from torch.profiler's allocator events (profile_memory=True): the running sum of their sizes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def test_peak_memory_of_a_training_step_agrees_with_the_profiler():
+    from boftlab import BOFTConfig
+    from boftlab.bench import fwd_bwd, with_peft
+
+    x = torch.randn(64, 128)
+    for module in (with_peft("LoraConfig", torch.nn.Linear(128, 96), r=8),
+                   BOFTConfig(block_size=8, n_factors=2).make_layer(torch.nn.Linear(128, 96))):
+        step = fwd_bwd(module, x)
+        step()
+        assert peak_memory_mib(step, torch.device("cpu")) == pytest.approx(profiler_peak_mib(step), rel=1e-3)
 
 
 def test_goals_table_says_met_or_by_how_much_each_goal_misses():

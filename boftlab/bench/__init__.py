@@ -21,6 +21,9 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 #: suite name -> (one-line description, function(argv) -> markdown report)
 SUITES: dict[str, tuple[str, Callable[[list[str]], str]]] = {}
@@ -47,9 +50,9 @@ class Timing:
 #: how ``peak_memory_mib`` measures, per device type (the suites print it under their tables)
 MEMORY_METHOD = {
     "cuda": "peak MiB: torch.cuda.max_memory_allocated during one step, above what was allocated before it",
-    "cpu": "peak MiB: the most tensor memory live at once during one step, above what was live before it — the running "
-           "sum of the allocations and frees of torch's CPU allocator, from torch.profiler's memory events "
-           "(profile_memory=True)",
+    "cpu": "peak MiB: the most memory the step's own tensors hold at once — every storage a torch op creates in the "
+           "step, forward and backward, counted from its op until it is freed (boftlab.bench.LiveTensorBytes, a "
+           "TorchDispatchMode; it agrees with torch.profiler's allocator events)",
 }
 
 
@@ -101,8 +104,38 @@ def round_robin(calls: dict[str, Callable[[], object]], device: torch.device, bu
     return {label: statistics.median(times) for label, times in samples.items()}
 
 
+class LiveTensorBytes(TorchDispatchMode):
+    """While active, the bytes of CPU tensor storage created by torch ops and not yet freed, and their peak.
+
+    An op's output storage counts when it is new (not one of the op's inputs: views and in-place results add
+    nothing); it stops counting once freed (a weak reference to the storage expires; checked before every op, so the
+    peak is exact at op granularity). What was allocated before the mode started never counts.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.storages: dict[int, tuple[StorageWeakRef, int]] = {}  # data pointer -> (weak reference, bytes)
+        self.live = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for pointer in [p for p, (ref, _) in self.storages.items() if ref.expired()]:
+            self.live -= self.storages.pop(pointer)[1]
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
+                storage = tensor.untyped_storage()
+                pointer, size = storage.data_ptr(), storage.nbytes()
+                if size and pointer not in inputs and pointer not in self.storages:
+                    self.storages[pointer] = (StorageWeakRef(storage), size)
+                    self.live += size
+                    self.peak = max(self.peak, self.live)
+        return out
+
+
 def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
-    """Peak memory of one call of ``fn`` above what was live before it, MiB (``MEMORY_METHOD[device.type]``)."""
+    """Peak memory of one call of ``fn``, MiB: what it allocates on top of what was live before it
+    (``MEMORY_METHOD[device.type]``)."""
     synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -110,17 +143,9 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
         fn()
         synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with LiveTensorBytes() as tracker:
         fn()
-    events = [e for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
-    live = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        live += event.nbytes()  # > 0 an allocation, < 0 a free
-        peak = max(peak, live)
-    return peak / 2**20
+    return tracker.peak / 2**20
 
 
 def measure_methods(calls: dict[str, Callable[[], object]], device: torch.device, budget_s: float | None = None,
