@@ -52,8 +52,8 @@ from .kernels import KERNELS, butterfly_apply_fused, fused_available, fused_supp
 #: b × b products and the reshape copies around them; at least b) and one block-diagonal product of the assembled
 #: form (at least its width w). Calibrated with ``python -m boftlab.bench butterfly_costs`` (the measurement behind
 #: these values: benchmarks/README.md); the auto path choice uses them, results never depend on them.
-FACTOR_COST = 100
-PRODUCT_COST = 40
+FACTOR_COST = 350
+PRODUCT_COST = 100
 #: Assembled diagonal blocks are at least this wide: batched products of narrower blocks run several times slower per
 #: element on CPU (``butterfly_costs``), and GPU matrix-multiply tiles are 16 wide.
 MIN_WIDTH = 16

@@ -216,11 +216,11 @@ def test_auto_path_follows_the_cost_model():
         assert layer.choose_path(torch.zeros(16384, 64)) == "weight"
     # training a very wide layer whose input needs a gradient: rotating activations avoids forming dW'
     assert layer.choose_path(torch.zeros(4096, 64, requires_grad=True)) == "assembled"
-    # ... and so does a narrow one, unless its input needs no gradient (a first layer): then dW' replaces the
-    # backward through W, and rotating its 256 weight rows is cheaper than rotating 4096 activation rows
-    narrow = boft_linear(64, 8, 2, out=256)
-    assert narrow.choose_path(torch.zeros(4096, 64, requires_grad=True)) == "assembled"
-    assert narrow.choose_path(torch.zeros(4096, 64)) == "weight"
+    # ... unless its input needs no gradient (a first layer): then dW' replaces the backward through W, and rotating
+    # its 1024 weight rows costs less than rotating 4096 activation rows
+    narrower = boft_linear(64, 8, 2, out=1024)
+    assert narrower.choose_path(torch.zeros(4096, 64, requires_grad=True)) == "assembled"
+    assert narrower.choose_path(torch.zeros(4096, 64)) == "weight"
     # a wide span L: assembling L × L blocks costs more than the factors themselves, so the factored path stays
     dense = boft_linear(1024, 8, 8, out=1024)  # L = 1024 = d: R is dense
     assert dense.choose_path(torch.zeros(512, 1024, requires_grad=True)) == "input"

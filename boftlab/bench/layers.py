@@ -290,14 +290,24 @@ def kernel_bandwidth(dims: list[int], tokens_list: list[int], factors: tuple[int
 @suite("butterfly_costs", "cost per row element of a factor of the PyTorch factored form and of a block-diagonal "
                           "product of width w, in dense-matmul multiply-adds: butterfly.FACTOR_COST / PRODUCT_COST")
 def butterfly_costs(argv: list[str]) -> str:
-    """Forward only, fp32, 512 rows, against one dense (512 × d) @ (d × d) matmul timed round-robin with them:
-    cost = d · t / t_matmul multiply-adds per row element. Factored: ``butterfly_apply_reshaped`` per factor (and the
-    gathered reference ``butterfly_apply`` beside it); assembled: ``block_diagonal_apply`` at width w, per product."""
+    """A training step's rotation (forward, then backward to the rows and the blocks: three products), fp32, 512 rows,
+    against one dense (512 × d) @ (d × d) matmul timed round-robin with it: cost = d · (t / 3) / t_matmul multiply-adds
+    per row element and product — the unit of the cost model, which triples every rotation in training. Factored:
+    ``butterfly_apply_reshaped``, per factor (the gathered reference ``butterfly_apply`` beside it); assembled:
+    ``block_diagonal_apply`` at width w."""
     from ..butterfly import FACTOR_COST, PRODUCT_COST
     from ..butterfly_structure import block_diagonal_apply
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokens, factored_rows, product_rows = 512, [], []
+
+    def training(apply: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
+                 weights: torch.Tensor) -> Callable[[], None]:
+        def step() -> None:
+            apply(x.detach().requires_grad_(True), weights.detach().requires_grad_(True)).sum().backward()
+
+        return step
+
     for dim in (768, 2048):
         x = torch.randn(tokens, dim, device=device)
         dense = torch.randn(dim, dim, device=device)
@@ -305,25 +315,23 @@ def butterfly_costs(argv: list[str]) -> str:
         for block_size, n_factors in ((8, 1), (16, 1), (8, 2), (8, 4), (16, 2), (4, 3)):
             blocks = torch.linalg.qr(torch.randn(n_factors, dim // block_size, block_size, block_size))[0].to(device)
             gathers = [None if g is None else g.to(device) for g in gather_schedule(dim, block_size, n_factors, False)]
-            calls[f"reshaped {block_size} {n_factors}"] = lambda blocks=blocks: butterfly_apply_reshaped(x, blocks)
-            calls[f"gathered {block_size} {n_factors}"] = lambda b=blocks, g=gathers: butterfly_apply(x, b, g)
+            calls[f"reshaped {block_size} {n_factors}"] = training(butterfly_apply_reshaped, x, blocks)
+            calls[f"gathered {block_size} {n_factors}"] = training(
+                lambda rows, b, g=gathers: butterfly_apply(rows, b, g), x, blocks)
             shapes.append((block_size, n_factors))
         widths = [w for w in (8, 16, 32, 64, 128, 256) if dim % w == 0]
         for width in widths:
-            diagonal = torch.randn(dim // width, width, width, device=device)
-            calls[f"product {width}"] = lambda diagonal=diagonal: block_diagonal_apply(x, diagonal)
-        with torch.no_grad():
-            ms = round_robin(calls, device, budget_s=10.0)
-        cost = {label: dim * t / ms["matmul"] for label, t in ms.items()}
+            calls[f"product {width}"] = training(block_diagonal_apply, x, torch.randn(dim // width, width, width))
+        ms = round_robin(calls, device, budget_s=20.0)
+        cost = {label: dim * t / 3 / ms["matmul"] for label, t in ms.items()}
         for b, m in shapes:
-            per_factor = cost[f"reshaped {b} {m}"] / m
-            factored_rows.append([dim, b, m, ms[f"reshaped {b} {m}"], per_factor, cost[f"gathered {b} {m}"] / m,
-                                  max(b, FACTOR_COST)])
+            factored_rows.append([dim, b, m, ms[f"reshaped {b} {m}"], cost[f"reshaped {b} {m}"] / m,
+                                  cost[f"gathered {b} {m}"] / m, max(b, FACTOR_COST)])
         product_rows += [[dim, w, ms[f"product {w}"], cost[f"product {w}"], max(w, PRODUCT_COST)] for w in widths]
-    note = (f"{device.type}, fp32, {tokens} rows, forward only, round-robin with the dense matmul; cost per row "
-            f"element in matmul multiply-adds. Cost model: a factor max(b, FACTOR_COST={FACTOR_COST}), a product of "
-            f"width w max(w, PRODUCT_COST={PRODUCT_COST}).")
-    factored = markdown_table(["d", "b", "m", "reshaped ms", "per factor", "per factor (gathered reference)",
+    note = (f"{device.type}, fp32, {tokens} rows, forward + backward (÷ 3), round-robin with the dense matmul; cost "
+            f"per row element and product in matmul multiply-adds. Cost model: a factor max(b, FACTOR_COST="
+            f"{FACTOR_COST}), a block-diagonal product of width w max(w, PRODUCT_COST={PRODUCT_COST}).")
+    factored = markdown_table(["d", "b", "m", "training ms", "per factor", "per factor (gathered reference)",
                                "cost model"], factored_rows)
-    products = markdown_table(["d", "w", "ms", "per product", "cost model"], product_rows)
+    products = markdown_table(["d", "w", "training ms", "per product", "cost model"], product_rows)
     return "\n\n".join([note, factored, products])
