@@ -11,14 +11,24 @@ output scale s:
   b/2 and interleaves them, like a Cooley–Tukey stage, so after log2(d/b)+1 factors every input reaches every output.
   The permutations and the block layout are the paper's (and PEFT's), so a PEFT BOFT adapter maps 1:1 onto ours.
 
-Nothing here builds the dense d × d matrix while training. ``butterfly_apply`` multiplies rows by R (or Rᵀ) in
-O(d·b·m) per row, and the layer picks, per call, the cheaper of two exact paths:
+Nothing here builds the dense d × d matrix while training. R has two exact forms (``butterfly_structure``):
 
-* input path:  y = s ⊙ (W · (Rᵀx)) + bias      — rotate the activations, then the frozen layer;
-* weight path: y = (diag(s) · W · Rᵀ) x + bias  — rotate W's rows once, then one matmul / conv.
+* factored:  the m factors applied to each row, O(d·b·m) per row (``butterfly_apply_reshaped``; on CUDA the fused
+  kernel of ``kernels/``);
+* assembled: every factor mixes only within chunks of L = b·2^(m−1) coordinates, so R is block diagonal with L × L
+  blocks. Its w × w diagonal blocks (w a multiple of L, at least ``MIN_WIDTH``) cost O(w·d·b·m) to assemble, once
+  per call, and then rows @ R is one block-diagonal product, O(d·w) per row — OFT's cost at block size w, no gathers.
+
+and the layer picks, per call, the cheapest of three exact paths (``path_costs``):
+
+* "input":     y = s ⊙ (W · (Rᵀx)) + bias      — rotate the activations by the factored form, then the frozen layer;
+* "assembled": the same, rotating the activations by the assembled form (the default choice while L is small);
+* "weight":    y = (diag(s) · W · Rᵀ) x + bias  — rotate W's rows once (by the cheaper form), then one matmul / conv.
+  ``merge`` writes this same weight.
 
 Base layers (read through ``boftlab.base_layers``). nn.Linear and transformers' Conv1D (GPT-2, W stored transposed)
-have both paths. A bitsandbytes quantized Linear has only the input path, run by its own kernel, W never dequantized:
+have all three paths. A bitsandbytes quantized Linear has only the two activation paths ("input", "assembled"), run
+by its own kernel, W never dequantized:
 
     y = h + (s − 1) ⊙ (h − bias),   h = base(Rᵀx)   (= s ⊙ (W Rᵀx) + bias; without a scale, y = h)
 
@@ -41,15 +51,26 @@ from torch import nn
 
 from . import base_layers
 from .base_layers import Conv1D
-from .butterfly_structure import butterfly_apply, gather_schedule, valid_block_sizes, valid_n_factors
+from .butterfly_structure import (
+    assembled_width,
+    block_diagonal_apply,
+    butterfly_apply_reshaped,
+    diagonal_blocks,
+    valid_block_sizes,
+    valid_n_factors,
+)
 from .contract import AdapterConfig, AdapterLayer, check_integer, check_number, conv_output_size, merge_dtype, nearest
-from .kernels import KERNELS, butterfly_apply_fused, fused_supported, kernel_in_force
+from .kernels import KERNELS, butterfly_apply_fused, fused_available, fused_supported, kernel_in_force
 
-#: Per row element, in multiply-adds of a dense fp32 matmul: one butterfly factor (batched b×b products and the
-#: reshapes around them) and one index gather. Calibrated with ``python -m boftlab.bench butterfly_costs`` (the
-#: measurement behind these values: benchmarks/README.md); the auto path choice uses them, results never depend on them.
-FACTOR_COST = 100
-GATHER_COST = 250
+#: Per row element, in multiply-adds of a dense fp32 matmul: one factor of the PyTorch factored form (its batched
+#: b × b products and the reshape copies around them; at least b) and one block-diagonal product of the assembled
+#: form (at least its width w). Calibrated with ``python -m boftlab.bench butterfly_costs`` (the measurement behind
+#: these values: benchmarks/README.md); the auto path choice uses them, results never depend on them.
+FACTOR_COST = 350
+PRODUCT_COST = 100
+#: Assembled diagonal blocks are at least this wide: batched products of narrower blocks run several times slower per
+#: element on CPU (``butterfly_costs``), and GPU matrix-multiply tiles are 16 wide.
+MIN_WIDTH = 16
 
 
 # --- fitting the structure to a layer -------------------------------------------------------------------------------
@@ -112,7 +133,7 @@ def cayley(skew: torch.Tensor, neumann_terms: int | None = None) -> torch.Tensor
 def inverse_transposed_blocks(blocks: torch.Tensor) -> torch.Tensor:
     """(m, k, b, b) blocks Q -> Q⁻ᵀ, or a ValueError naming a singular block. O(m·k·b³).
 
-    With Q⁻ᵀ in place of Q, the product ``butterfly_apply`` forms as x @ R becomes x @ R⁻ᵀ: B_i⁻ᵀ = P_i ·
+    With Q⁻ᵀ in place of Q, the product ``BOFTLayer.rotate`` forms as x @ R becomes x @ R⁻ᵀ: B_i⁻ᵀ = P_i ·
     blockdiag(Q_i⁻ᵀ) · P_iᵀ and R⁻ᵀ = (B_1ᵀ ⋯ B_mᵀ)⁻¹ = B_m⁻ᵀ ⋯ B_1⁻ᵀ, the factors in R's own order. An exactly
     orthogonal Q has Q⁻ᵀ = Q; the truncated Cayley–Neumann series is not orthogonal, so there Rᵀ is not R⁻¹.
     """
@@ -128,11 +149,6 @@ def inverse_transposed_blocks(blocks: torch.Tensor) -> torch.Tensor:
     return inverse
 
 
-def unrotate_rows(rows: torch.Tensor, blocks: torch.Tensor, gathers: list[torch.Tensor | None]) -> torch.Tensor:
-    """rows: (..., d) -> rows @ R⁻ᵀ, which undoes rows @ Rᵀ for any invertible blocks (m, k, b, b). O(d·b·m) per
-    row plus O(m·k·b³). ``gathers``: ``gather_schedule(d, b, m, transpose=False)``, the direction of x @ R."""
-    return butterfly_apply(rows, inverse_transposed_blocks(blocks), gathers, transpose=False)
-
 
 # --- config ----------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
@@ -145,7 +161,8 @@ class BOFTConfig(AdapterConfig):
     is replaced by the identity with this probability while training (paper, Sec. 5).
     coft, coft_eps: constrained OFT — every block's skew matrix is kept in the ball ‖S‖_F ≤ coft_eps/√k.
     neumann_terms: None for the exact Cayley transform, n ≥ 2 for the n-term Cayley–Neumann series.
-    path: "auto" picks the cheaper exact path per call; "input"/"weight" force one (tests, benchmarks).
+    path: "auto" picks the cheapest exact path per call; "input" (factored R on the activations), "assembled" (R's
+    diagonal blocks on the activations) or "weight" (rotated weight) forces one (tests, benchmarks).
     kernel: "auto" rotates with the fused Triton kernel where it runs (CUDA, Triton, a supported b, m and dtype; the
     same result to fp tolerance) and with PyTorch elsewhere; "torch" always with PyTorch. The environment variable
     BOFTLAB_KERNEL=torch forces "torch" on every layer built while it is set (``boftlab.kernels``).
@@ -240,13 +257,16 @@ class BOFTLayer(AdapterLayer):
         what = {"conv": "in_channels/groups·kh·kw", "embedding": "embedding_dim"}.get(kind, "in_features")
         block_size = resolve_block_size(self.fan_in, config.block_size, config.n_blocks, config.n_factors, what)
         self.block_size, self.n_blocks, self.n_factors = block_size, self.fan_in // block_size, config.n_factors
+        self.width = assembled_width(self.fan_in, block_size, self.n_factors, MIN_WIDTH)  # w of the assembled form
         self.kernel = kernel_in_force(config.kernel)  # "auto" or "torch" (this layer's rotations)
+        unfold_padding = (
+            "needs a Conv2d with padding_mode='zeros' and numeric padding (F.unfold pads with zeros only); "
+            f"got padding={getattr(base_layer, 'padding', None)!r}, "
+            f"padding_mode={getattr(base_layer, 'padding_mode', None)!r}"
+        )
         self.check_forced_path({
-            "input": (
-                "needs a Conv2d with padding_mode='zeros' and numeric padding (F.unfold pads with zeros only); "
-                f"got padding={getattr(base_layer, 'padding', None)!r}, "
-                f"padding_mode={getattr(base_layer, 'padding_mode', None)!r}"
-            ),
+            "input": unfold_padding,
+            "assembled": unfold_padding,
             "weight": "needs the base weight, which this quantized layer stores packed (bitsandbytes)",
         })
 
@@ -255,9 +275,6 @@ class BOFTLayer(AdapterLayer):
         # zero skew-symmetric part -> every Q is I -> R = I: the adapted layer equals the base layer at step 0.
         self.skew = nn.Parameter(torch.zeros(self.n_factors, self.n_blocks, n_entries, **factory))
         self.scale = nn.Parameter(torch.ones(self.out_features, **factory)) if config.scale else None
-        for direction, transpose in (("forward", False), ("transpose", True)):
-            for j, g in enumerate(gather_schedule(self.fan_in, block_size, self.n_factors, transpose)):
-                self.register_buffer(f"_{direction}_gather_{j}", None if g is None else g.to(factory["device"]), False)
 
     # --- the orthogonal factors ---
     def orthogonal_blocks(self) -> torch.Tensor:
@@ -280,20 +297,26 @@ class BOFTLayer(AdapterLayer):
                 skew = skew * torch.clamp(radius / norm.clamp_min(1e-30), max=1.0)
             return cayley(skew, self.config.neumann_terms)
 
-    def _gathers(self, transpose: bool) -> list[torch.Tensor | None]:
-        direction = "transpose" if transpose else "forward"
-        return [getattr(self, f"_{direction}_gather_{j}") for j in range(self.n_factors + 1)]
+    def rotate(self, rows: torch.Tensor, transpose: bool = False, blocks: torch.Tensor | None = None,
+               form: str | None = None) -> torch.Tensor:
+        """rows: (..., d) -> rows @ R (or rows @ Rᵀ); R is never formed. ``blocks``: (m, k, b, b), any (default: this
+        layer's orthogonal blocks; unmerge may pass their inverses).
 
-    def rotate(self, rows: torch.Tensor, transpose: bool = False, blocks: torch.Tensor | None = None) -> torch.Tensor:
-        """rows: (..., d) -> rows @ R (or rows @ Rᵀ). O(d·b·m) per row; R is never formed.
-
-        With ``kernel="auto"``, on CUDA with Triton, supported shapes run the fused kernel (one read, one write of the
-        rows; same result to fp tolerance); everything else runs the PyTorch path.
+        form "factored": the m factors, O(d·b·m) per row — the fused kernel where it runs (``kernel="auto"``, CUDA,
+        Triton, a supported shape; same result to fp tolerance), ``butterfly_apply_reshaped`` elsewhere;
+        "assembled": R's w × w diagonal blocks, O(w·d·b·m) once, assembled in the blocks' precision, then one
+        block-diagonal product, O(d·w) per row; None: the cheaper of the two for this many rows (``rotation_costs``).
         """
-        blocks = (self.orthogonal_blocks() if blocks is None else blocks).to(rows.dtype)
+        blocks = self.orthogonal_blocks() if blocks is None else blocks
+        if form is None:
+            costs = self.rotation_costs(rows.numel() // self.fan_in, rows.dtype)
+            form = min(costs, key=costs.get)
+        if form == "assembled":
+            return block_diagonal_apply(rows, diagonal_blocks(blocks, self.width, transpose).to(rows.dtype))
+        blocks = blocks.to(rows.dtype)
         if self.kernel == "auto" and fused_supported(rows, blocks):
             return butterfly_apply_fused(rows, blocks, transpose)
-        return butterfly_apply(rows, blocks, self._gathers(transpose), transpose)
+        return butterfly_apply_reshaped(rows, blocks, transpose)
 
     def rotation(self) -> torch.Tensor:
         """The dense d × d matrix R — for tests, figures and teaching only."""
@@ -302,50 +325,69 @@ class BOFTLayer(AdapterLayer):
 
     # --- choosing a path ---
     def paths(self) -> tuple[str, ...]:
-        """Both paths, except for a conv whose padding ``F.unfold`` cannot reproduce ("same", or not zeros) and for a
-        quantized layer (its weight is packed: only the input path, through its own kernel)."""
+        """All three paths, except for a conv whose padding ``F.unfold`` cannot reproduce ("same", or not zeros) and
+        for a quantized layer (its weight is packed: only the activation paths, through its own kernel)."""
         base, kind = self.base_layer, base_layers.kind(self.base_layer)
         if kind == "quantized":
-            return ("input",)
+            return ("input", "assembled")
         if kind == "conv" and (base.padding_mode != "zeros" or isinstance(base.padding, str)):
             return ("weight",)
-        return ("input", "weight")
+        return ("input", "assembled", "weight")
+
+    def rotation_costs(self, n_rows: int, dtype: torch.dtype) -> dict[str, int]:
+        """Multiply-adds of multiplying ``n_rows`` rows by R, per form (forward only).
+
+        Per row element the factored form costs m·max(b, ``FACTOR_COST``) with PyTorch and its m·b multiply-adds in
+        the fused kernel (all on chip, one pass over the rows); the assembled form costs the factored PyTorch form on
+        w rows (the assembly) plus max(w, ``PRODUCT_COST``) per row element.
+        """
+        d, m, b = self.fan_in, self.n_factors, self.block_size
+        torch_factored = m * max(b, FACTOR_COST)
+        fused = self.kernel == "auto" and fused_available(self.skew.device, d, b, m, dtype)
+        return {"factored": n_rows * d * (m * b if fused else torch_factored),
+                "assembled": self.width * d * torch_factored + n_rows * d * max(self.width, PRODUCT_COST)}
 
     def path_costs(self, x_shape: Sequence[int], training: bool, input_requires_grad: bool) -> dict[str, int]:
         """Multiply-adds of one call on an input of ``x_shape``, per path.
 
-        n rows (tokens, or conv output positions) of fan-in d, out outputs; C₀ = n·out·d, the base product. Rotating
-        one row element by R counts each factor's b multiply-adds as at least ``FACTOR_COST`` (its reshapes, copies
-        and batched tiny products move more data than they compute) and each index gather as ``GATHER_COST``: rot
-        per element. Inference: input n·d·rot + C₀, weight out·d·rot + C₀. Training adds the two backward products of
-        each rotation (3× rot) and the base's backward: the input path back-propagates through W (C₀), the weight
-        path forms dW' (C₀) and dx when the input needs it (C₀): input 3·n·d·rot + 2·C₀, weight 3·out·d·rot +
-        (2 + g)·C₀ with g = 1 when the input needs a gradient. An Embedding (n lookups of a num × d table) has no
-        product to count: input n·d·rot, weight num·d·rot, training 3× each and the weight path's scatter of n rows.
+        n rows (tokens, or conv output positions) of fan-in d, out outputs; C₀ = n·out·d, the base product; rot(r, f)
+        the cost of rotating r rows by form f (``rotation_costs``). Inference: "input" rot(n, factored) + C₀,
+        "assembled" rot(n, assembled) + C₀, "weight" min_f rot(out, f) + C₀. Training triples every rotation (its
+        two backward products) and adds the base's backward: the input paths back-propagate through W (C₀), the
+        weight path forms dW' (C₀) and dx when the input needs it (C₀): 3·rot + 2·C₀, and 3·rot + (2 + g)·C₀ with
+        g = 1 when the input needs a gradient. An Embedding (n lookups of a num × d table) has no product to count:
+        the activation paths rotate the n looked-up rows, the weight path the num rows of the table (and, training,
+        scatters n rows of gradient).
         """
         base, d, out = self.base_layer, self.fan_in, self.out_features
-        gathers = sum(g is not None for g in self._gathers(transpose=False))
-        rot = self.n_factors * max(self.block_size, FACTOR_COST) + gathers * GATHER_COST
         kind = base_layers.kind(base)
+        dtype = self.skew.dtype if kind == "quantized" else base.weight.dtype  # (a packed weight has no float dtype)
         if kind == "embedding":
             n, passes = math.prod(x_shape), 3 if training else 1
-            return {"input": passes * n * d * rot,
-                    "weight": passes * base.num_embeddings * d * rot + (n * d if training else 0)}
+            on_rows, on_table = self.rotation_costs(n, dtype), self.rotation_costs(base.num_embeddings, dtype)
+            costs = {"input": passes * on_rows["factored"], "assembled": passes * on_rows["assembled"],
+                     "weight": passes * min(on_table.values()) + (n * d if training else 0)}
+            return {path: costs[path] for path in self.paths()}
         if kind == "conv":
             n = x_shape[0] * math.prod(conv_output_size(base, x_shape[-2:]))
         else:
             n = math.prod(x_shape) // d
+        on_rows = self.rotation_costs(n, dtype)
+        rotation = {"input": on_rows["factored"], "assembled": on_rows["assembled"]}
+        if "weight" in self.paths():
+            rotation["weight"] = min(self.rotation_costs(out, dtype).values())
         base_cost = n * out * d
         if training:
-            costs = {"input": 3 * n * d * rot + 2 * base_cost,
-                     "weight": 3 * out * d * rot + (3 if input_requires_grad else 2) * base_cost}
+            costs = {p: 3 * r + (3 if p == "weight" and input_requires_grad else 2) * base_cost
+                     for p, r in rotation.items()}
         else:
-            costs = {"input": n * d * rot + base_cost, "weight": out * d * rot + base_cost}
+            costs = {p: r + base_cost for p, r in rotation.items()}
         return {path: costs[path] for path in self.paths()}
 
     # --- forward ---
     def rotated_weight(self, blocks: torch.Tensor | None = None) -> torch.Tensor:
-        """diag(s) · W · Rᵀ in the layout and dtype of ``base_layers.weight`` (ValueError for a quantized base)."""
+        """diag(s) · W · Rᵀ in the layout and dtype of ``base_layers.weight`` (ValueError for a quantized base); W's
+        rows rotated by the cheaper form."""
         weight = base_layers.weight(self.base_layer)
         rotated = self.rotate(weight.reshape(self.out_features, self.fan_in), transpose=True, blocks=blocks)
         if self.scale is not None:
@@ -378,49 +420,58 @@ class BOFTLayer(AdapterLayer):
                 f"this adapted {type(base).__name__} expects inputs of shape {shape}, got {tuple(x.shape)}"
             )
         blocks = self.orthogonal_blocks()
-        if self.choose_path(x) == "weight":
+        path = self.choose_path(x)
+        if path == "weight":
             return base_layers.run(base, x, self.rotated_weight(blocks))
+        form = "factored" if path == "input" else "assembled"
         if kind == "quantized":
-            return self._quantized_input_path(x, blocks)
-        y = self._linear_input_path(x, blocks) if linear else self._conv_input_path(x, blocks)
-        if self.scale is not None:
-            shape = (-1,) if linear else (-1, 1, 1)
-            y = y * self.scale.to(y.dtype).reshape(shape)
-        if base.bias is not None:
-            y = y + (base.bias if linear else base.bias[:, None, None]).to(y.dtype)
-        return y
+            return self._quantized_input_path(x, blocks, form)
+        if linear:
+            rotated = self.rotate(x, blocks=blocks, form=form)  # Rᵀx for every row
+            weight = base_layers.weight(base)
+            if self.scale is None:
+                return F.linear(rotated, weight, base.bias)
+            return self._scale_and_shift(F.linear(rotated, weight), (-1,))
+        return self._scale_and_shift(self._conv_input_path(x, blocks, form), (-1, 1, 1))
+
+    def _scale_and_shift(self, y: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """s ⊙ y + bias, with s and bias broadcast over ``shape`` (one fused addcmul when both are there)."""
+        bias = self.base_layer.bias
+        bias = None if bias is None else bias.to(y.dtype).reshape(shape)
+        if self.scale is None:
+            return y if bias is None else y + bias
+        scale = self.scale.to(y.dtype).reshape(shape)
+        return y * scale if bias is None else torch.addcmul(bias, y, scale)
 
     def _embedding_forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids: (...) -> (..., d): the base's rows e as e · R · diag(s), padding rows the base's."""
         blocks = self.orthogonal_blocks()
-        if self.choose_path(ids) == "weight":
+        path = self.choose_path(ids)
+        if path == "weight":
             return base_layers.run(self.base_layer, ids, self.rotated_table(blocks))
         rows = self.base_layer(ids)  # (..., d): the base's own lookup
-        rotated = self.rotate(rows, blocks=blocks)
+        rotated = self.rotate(rows, blocks=blocks, form="factored" if path == "input" else "assembled")
         if self.scale is not None:
             rotated = rotated * self.scale.to(rotated.dtype)
         return self._keep_padding(ids, rows, rotated)
 
-    def _linear_input_path(self, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.rotate(x, blocks=blocks), base_layers.weight(self.base_layer))  # W (Rᵀ x), no bias yet
-
-    def _quantized_input_path(self, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    def _quantized_input_path(self, x: torch.Tensor, blocks: torch.Tensor, form: str) -> torch.Tensor:
         """h = base(Rᵀx) by the layer's own kernel, then h + (s − 1) ⊙ (h − bias) = s ⊙ (W Rᵀx) + bias."""
-        h = self.base_layer(self.rotate(x, blocks=blocks))
+        h = self.base_layer(self.rotate(x, blocks=blocks, form=form))
         if self.scale is None:
             return h
         bias = self.base_layer.bias
         return h + (self.scale.to(h.dtype) - 1) * (h if bias is None else h - bias.to(h.dtype))
 
-    def _conv_input_path(self, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    def _conv_input_path(self, x: torch.Tensor, blocks: torch.Tensor, form: str) -> torch.Tensor:
         base, groups = self.base_layer, self.base_layer.groups
         patches = F.unfold(x, base.kernel_size, base.dilation, base.padding, base.stride)  # (B, C·kh·kw, L)
         batch, _, length = patches.shape
         patches = patches.reshape(batch, groups, self.fan_in, length).transpose(-1, -2)  # (B, g, L, d)
-        rotated = self.rotate(patches, blocks=blocks)  # each patch's fan-in vector times R
+        rotated = self.rotate(patches, blocks=blocks, form=form)  # each patch's fan-in vector times R
         weight = base.weight.reshape(groups, self.out_features // groups, self.fan_in)  # (g, out/g, d)
         y = torch.einsum("bgld,god->bgol", rotated, weight).reshape(batch, self.out_features, length)
-        return y.reshape(batch, self.out_features, *conv_output_size(base, x.shape[-2:]))
+        return y.reshape(batch, self.out_features, *conv_output_size(base, x.shape[-2:]))  # no bias yet
 
     # --- merging ---
     def merged_weights(self) -> dict[str, torch.Tensor]:
@@ -437,9 +488,9 @@ class BOFTLayer(AdapterLayer):
             inverse_transposed_blocks(blocks.to(merge_dtype(weight)))  # raises for a singular block
         embedding = base_layers.kind(base) == "embedding"
         rows = weight.reshape(-1, self.fan_in).to(merge_dtype(weight))
-        # a Linear's or conv's rows become W Rᵀ; an Embedding's rows e become e R, as its lookups do
-        gathers = self._gathers(transpose=not embedding)
-        merged = butterfly_apply(rows, blocks.to(rows.dtype), gathers, transpose=not embedding)
+        # a Linear's or conv's rows become W Rᵀ; an Embedding's rows e become e R, as its lookups do; by the weight
+        # path's form
+        merged = self.rotate(rows, transpose=not embedding, blocks=blocks.to(rows.dtype))
         if self.scale is not None:
             merged = merged * (self.scale.to(rows.dtype) if embedding else self.scale.to(rows.dtype)[:, None])
         if embedding:
@@ -448,7 +499,8 @@ class BOFTLayer(AdapterLayer):
 
     def unmerged_weights(self) -> dict[str, torch.Tensor]:
         """W = diag(s)⁻¹·W'·R⁻ᵀ (an Embedding's table: W'·diag(s)⁻¹·R⁻¹, the padding row kept) from every block
-        inverted, so exact for the Cayley–Neumann series too, computed in fp64 and rounded once to W's dtype."""
+        inverted (``inverse_transposed_blocks``), so exact for the Cayley–Neumann series too; the same form as the
+        merge, computed in fp64 and rounded once to W's dtype."""
         self._check_scale_invertible("unmerge")
         base, weight = self.base_layer, base_layers.weight(self.base_layer)
         embedding = base_layers.kind(base) == "embedding"
@@ -456,13 +508,11 @@ class BOFTLayer(AdapterLayer):
         merged = rows
         if self.scale is not None:
             merged = rows / (self.scale.to(rows.dtype) if embedding else self.scale.to(rows.dtype)[:, None])
-        blocks = self.cayley_blocks().to(rows.dtype)
-        if embedding:  # rows times R⁻¹ = (R⁻ᵀ)ᵀ: the blocks of R⁻ᵀ, applied transposed
-            restored = butterfly_apply(merged, inverse_transposed_blocks(blocks), self._gathers(transpose=True),
-                                       transpose=True)
+        inverse = inverse_transposed_blocks(self.cayley_blocks().to(rows.dtype))
+        # rows @ R⁻ᵀ for a Linear's or conv's W'; an Embedding's rows times R⁻¹ = (R⁻ᵀ)ᵀ, the blocks applied transposed
+        restored = self.rotate(merged, transpose=embedding, blocks=inverse)
+        if embedding:
             restored = self._keep_padding(torch.arange(len(rows), device=rows.device), rows, restored)
-        else:
-            restored = unrotate_rows(merged, blocks, self._gathers(transpose=False))
         return base_layers.stored(base, restored.reshape(weight.shape).to(weight.dtype))
 
     def _check_scale_invertible(self, action: str) -> None:

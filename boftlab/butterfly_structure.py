@@ -1,10 +1,16 @@
-"""The butterfly structure itself: which coordinates each BOFT factor mixes, and two ways to apply the product.
+"""The butterfly structure itself: which coordinates each BOFT factor mixes, and three ways to apply the product.
 
 R = B_m ⋯ B_1 with B_i = P_i · blockdiag(Q_i1 … Q_ik) · P_iᵀ (d × d; k = d/b blocks of size b; P_1 = I). Given the
 blocks Q as a tensor (m, k, b, b), this module multiplies rows by R or Rᵀ without forming it:
 
-* ``butterfly_apply``           the reference: m index gathers (``gather_schedule``) around m batched b × b products;
-* ``butterfly_apply_reshaped``  the fused kernel's plan: the same product with reshapes only, no gathers.
+* ``butterfly_apply``           the reference: m index gathers (``gather_schedule``) around m batched b × b products,
+                                the formula read literally;
+* ``butterfly_apply_reshaped``  the same product with reshapes only, no gathers: the layer's PyTorch path and the
+                                fused kernel's plan;
+* ``diagonal_blocks`` + ``block_diagonal_apply``  the assembled form. Every factor mixes only within chunks of
+                                L = b·2^(m−1) coordinates, so R is block diagonal with L × L blocks: apply the factors
+                                once to a (w × d) tiled identity (w a multiple of L) to read off R's w × w diagonal
+                                blocks, then x @ R is one block-diagonal product, O(d·w) per row.
 
 It imports nothing else of boftlab, so ``butterfly.py`` (the BOFT layer) and ``kernels/`` (the fused Triton kernel)
 both build on it without importing each other.
@@ -78,15 +84,53 @@ def butterfly_apply_reshaped(x: torch.Tensor, blocks: torch.Tensor, transpose: b
     """
     n_factors, n_blocks, block_size, _ = blocks.shape
     order = range(n_factors) if transpose else range(n_factors - 1, -1, -1)
-    shape = x.shape
+    shape, half = x.shape, block_size // 2
     for i in order:
-        stride = 2**i
-        q = blocks[i].transpose(-1, -2) if transpose else blocks[i]
-        x = x.reshape(*shape[:-1], -1, 2, stride, block_size // 2)  # (..., chunks, h, c, t)
-        x = x.transpose(-2, -3).reshape(*shape[:-1], n_blocks, block_size)  # (..., k, b): block = chunk·s + c
-        x = torch.einsum("...kr,krc->...kc", x, q)
-        x = x.reshape(*shape[:-1], -1, stride, 2, block_size // 2).transpose(-2, -3).reshape(shape)
+        q = blocks[i].transpose(-1, -2) if transpose else blocks[i]  # (k, b, b)
+        if i == 0:  # P_1 = I: block j mixes coordinates j·b … j·b + b − 1 (b may be odd when m = 1)
+            x = torch.einsum("...kr,krc->...kc", x.reshape(*shape[:-1], n_blocks, block_size), q)
+        else:
+            x = x.reshape(*shape[:-1], -1, 2, 2**i, half)  # (..., chunks, h, c, t)
+            x = x.transpose(-2, -3).reshape(*shape[:-1], n_blocks, block_size)  # (..., k, b): block = chunk·s + c
+            x = torch.einsum("...kr,krc->...kc", x, q)
+            x = x.reshape(*shape[:-1], -1, 2**i, 2, half).transpose(-2, -3)  # back to (..., chunks, h, c, t)
+        x = x.reshape(shape)
     return x
+
+
+def butterfly_span(block_size: int, n_factors: int) -> int:
+    """L = b·2^(m−1): the chunk of coordinates R mixes, so R is block diagonal with L × L blocks. O(1)."""
+    return block_size * 2 ** (n_factors - 1)
+
+
+def assembled_width(dim: int, block_size: int, n_factors: int, minimum: int) -> int:
+    """Width w of the diagonal blocks to assemble: the smallest multiple of L = b·2^(m−1) that divides d and is
+    ≥ ``minimum`` (d when none is), so that narrow spans are grouped into blocks wide enough to multiply fast. O(d/L)."""
+    span = butterfly_span(block_size, n_factors)
+    return next((w for w in range(span, dim, span) if dim % w == 0 and w >= minimum), dim)
+
+
+def diagonal_blocks(blocks: torch.Tensor, width: int, transpose: bool = False) -> torch.Tensor:
+    """blocks: (m, k, b, b) -> R's (or Rᵀ's) diagonal blocks, (d/w, w, w). O(w·d·b·m); w a multiple of L dividing d.
+
+    R is block diagonal with L × L blocks, hence with w × w blocks. Rows of the tiled identity E = [I_w ⋯ I_w]
+    (w × d) times R: (E R)[r, j·w + c] = Σ_j' R[j'·w + r, j·w + c] = R_j[r, c], only j' = j being non-zero.
+    Differentiable in ``blocks``.
+    """
+    n_factors, n_blocks, block_size, _ = blocks.shape
+    dim = n_blocks * block_size
+    tiled = torch.eye(width, dtype=blocks.dtype, device=blocks.device).repeat(1, dim // width)  # (w, d)
+    rows = butterfly_apply_reshaped(tiled, blocks)  # E R, (w, d)
+    diagonal = rows.reshape(width, dim // width, width).transpose(0, 1)  # (d/w, w, w): [j, r, c] = R_j[r, c]
+    return diagonal.transpose(-1, -2) if transpose else diagonal
+
+
+def block_diagonal_apply(x: torch.Tensor, diagonal: torch.Tensor) -> torch.Tensor:
+    """x: (..., d) -> x @ blockdiag(D_1 … D_j); diagonal: (j, w, w) with j·w = d. O(d·w) per row, one batched product."""
+    n_diagonal, width, _ = diagonal.shape
+    shape = x.shape
+    y = torch.einsum("...jr,jrc->...jc", x.reshape(*shape[:-1], n_diagonal, width), diagonal)  # (..., j, w)
+    return y.reshape(shape)
 
 
 def valid_block_sizes(dim: int, n_factors: int) -> list[int]:

@@ -7,9 +7,12 @@ An adapter *wraps* one frozen base layer and answers the same questions whatever
     n_trainable()         how many numbers the adapter stores and trains
     n_effective()         the paper-style count of free parameters (e.g. b(b-1)/2 per skew-symmetric block)
     paths()               the exact forward paths it has, in one vocabulary for every family (``PATHS``):
-                            "input"  — the adapter acts on the activations (BOFT rotates x; the tensor core's
-                                       factorised chain; SURM's FFT products on a Linear's input or output);
-                            "weight" — form the adapted weight, then one call of the base op
+                            "input"     — the adapter acts on the activations in its factored form (BOFT's m
+                                          butterfly factors; the tensor core's factorised chain; SURM's FFT
+                                          products on a Linear's input or output);
+                            "assembled" — small dense pieces of the adapter's matrix are assembled first, then act
+                                          on the activations in one product (BOFT: R's diagonal blocks);
+                            "weight"    — form the adapted weight, then one call of the base op
     path_costs(...)       multiply-adds of one call on each path; ``choose_path(x)`` takes the config's ``path``,
                           or under "auto" the cheapest (ties go to "weight"), and ``forward`` runs that one
 
@@ -51,7 +54,7 @@ from .base_layers import check_readable, type_name
 #: family name -> config class; filled by ``AdapterConfig.__init_subclass__``.
 FAMILIES: dict[str, type["AdapterConfig"]] = {}
 #: the forward paths a layer may have (module docstring); a config's ``path`` is one of them or "auto".
-PATHS = ("input", "weight")
+PATHS = ("input", "assembled", "weight")
 #: the key under each adapter layer's prefix in a ``state_dict()`` that records whether its base tensors are merged
 MERGED_KEY = "merged"
 
@@ -242,18 +245,21 @@ class AdapterLayer(nn.Module):
         return sum(p.numel() for p in self.adapter_parameters().values())
 
     def check_forced_path(self, why_not: dict[str, str]) -> None:
-        """ValueError if the config forces a path this layer does not have; ``why_not``: path -> the reason.
-        Families call it at the end of ``__init__``, so a layer never reaches ``forward`` with a path it lacks."""
+        """ValueError if the config forces a path this layer does not have; ``why_not``: path -> the reason (paths
+        the family never has may be left out). Families call it at the end of ``__init__``, so a layer never reaches
+        ``forward`` with a path it lacks."""
         path = self.config.path
         if path != "auto" and path not in self.paths():
+            reason = why_not.get(path, f"is not a path of {self.config.display_name()}")
             raise ValueError(
-                f"path={path!r} {why_not[path]}; this {type(self.base_layer).__name__} has the path(s) "
+                f"path={path!r} {reason}; this {type(self.base_layer).__name__} has the path(s) "
                 f"{self.paths()}. Use path='auto'."
             )
 
     def choose_path(self, x: torch.Tensor) -> str:
         """The path this call takes: the config's, or under "auto" the one of ``paths()`` with the fewest
-        multiply-adds (``path_costs``); a tie goes to "weight" (one call of the base op)."""
+        multiply-adds (``path_costs``); a tie goes to "weight" (one call of the base op), then to the earlier path of
+        ``PATHS``."""
         if self.config.path != "auto":
             return self.config.path
         if len(self.paths()) == 1:
@@ -261,10 +267,10 @@ class AdapterLayer(nn.Module):
         training = torch.is_grad_enabled() and any(p.requires_grad for p in self.adapter_parameters().values())
         costs = self.path_costs(x.shape, training, x.requires_grad)
         # compared one by one, not by min(key=...): under torch.compile with dynamic shapes the costs are symbolic,
-        # and each comparison becomes a guard on the input's shape
-        best = "weight" if "weight" in costs else next(iter(costs))
-        for path, cost in costs.items():
-            if cost < costs[best]:
+        # and each comparison becomes a guard on the input's shape. Ties go to "weight", then to PATHS order.
+        best = "weight" if "weight" in costs else min(costs, key=PATHS.index)
+        for path in sorted(costs, key=PATHS.index):
+            if costs[path] < costs[best]:
                 best = path
         return best
 

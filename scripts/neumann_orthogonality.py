@@ -8,7 +8,7 @@ After some steps it reports, as a markdown table, the worst adapted layer's
   number, which bounds what unmerge can recover (module docstring of tests/test_round_trips.py);
 * the relative error ‖W_rec − W‖_F / ‖W‖_F of merge → unmerge when Rᵀ is taken as R⁻¹ (what boftlab did before it
   inverted the blocks, and what an orthogonal R would allow);
-* the same for ``boftlab.unmerge``, which inverts every block (``butterfly.unrotate_rows``).
+* the same for ``boftlab.unmerge``, which inverts every block (``butterfly.inverse_transposed_blocks``).
 
     python scripts/neumann_orthogonality.py                      # n ∈ {exact, 2, 3, 5}, lr ∈ {3e-3, 1e-2, 3e-2}
     python scripts/neumann_orthogonality.py --steps 50 150 --terms 2 --lrs 1e-2

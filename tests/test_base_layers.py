@@ -129,7 +129,8 @@ def test_quantized_base_is_read_by_its_sizes_and_equals_the_base_at_init_bit_for
     before = model(x)
     boftlab.adapt(model, CONFIGS[name], targets=["query", "value"])
     layer = model.query
-    assert base_layers.kind(layer.base_layer) == "quantized" and layer.paths() == ("input",)
+    assert base_layers.kind(layer.base_layer) == "quantized"
+    assert "input" in layer.paths() and "weight" not in layer.paths()  # activations only: a packed weight is not rotated
     assert torch.equal(model(x), before)
 
 
@@ -214,10 +215,32 @@ def test_bf16_compute_on_a_4bit_base():
 
 def test_forcing_the_weight_path_on_a_quantized_base_is_refused():
     base = QuantizedNet(4).query
-    for config in (boftlab.BOFTConfig(block_size=4, path="weight"), boftlab.TensorCoreConfig(path="weight")):
+    for config, paths in ((boftlab.BOFTConfig(block_size=4, path="weight"), r"\('input', 'assembled'\)"),
+                          (boftlab.TensorCoreConfig(path="weight"), r"\('input',\)")):
         with pytest.raises(ValueError, match=r"path='weight' needs the base weight, which this quantized layer stores "
-                                             r"packed \(bitsandbytes\); this Linear4bit has the path\(s\) \('input',\)"):
+                                             r"packed \(bitsandbytes\); this Linear4bit has the path\(s\) " + paths):
             config.make_layer(base)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_both_activation_paths_on_a_quantized_base_give_the_same_output(bits):
+    """BOFT on a packed base rotates the activations either factor by factor ("input") or by R's assembled diagonal
+    blocks ("assembled"); the two are the same R, so outputs and adapter gradients agree to float rounding."""
+    torch.manual_seed(0)
+    base = QuantizedNet(bits).query
+    layers = {path: boftlab.BOFTConfig(block_size=4, n_factors=2, path=path).make_layer(base)
+              for path in ("input", "assembled")}
+    with torch.no_grad():
+        skew = torch.randn_like(layers["input"].skew) * 0.1
+        for layer in layers.values():
+            layer.skew.copy_(skew)
+    x = torch.randn(5, 32)
+    outputs = {path: layer(x) for path, layer in layers.items()}
+    for out in outputs.values():
+        out.square().sum().backward()
+    torch.testing.assert_close(outputs["assembled"], outputs["input"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layers["assembled"].skew.grad, layers["input"].skew.grad, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(outputs["input"], base(x))  # the rotation is on the path
 
 
 def test_dequantize_bases_without_quantized_layers_is_refused():

@@ -1,6 +1,10 @@
-"""The benchmark harness's report format round-trips (boftlab.bench.read_results reads what the suites write)."""
+"""The benchmark harness: its report format round-trips (boftlab.bench.read_results reads what the suites write), its
+round-robin timing interleaves methods, its CPU memory peak counts live tensor bytes, its goals table judges."""
 
-from boftlab.bench import markdown_table, read_results
+import pytest
+import torch
+
+from boftlab.bench import goals_table, markdown_table, peak_memory_mib, read_results, round_robin
 
 
 def test_read_results_inverts_markdown_table(tmp_path):
@@ -18,3 +22,56 @@ def test_read_results_inverts_markdown_table(tmp_path):
     assert first.header == ["d", "method", "ms", "ratio"]
     assert first.rows == [[768.0, "PEFT LoRA r=8", 12.5, None], [4096.0, "boftlab BOFT m=2 b=8", 1234.0, 0.25]]
     assert second.rows == [[1.0, "x"]]
+
+
+def test_round_robin_interleaves_every_method_in_each_round():
+    calls = []
+    medians = round_robin({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, torch.device("cpu"),
+                          budget_s=0.0, min_rounds=3)
+    assert calls == ["a", "b"] * 4  # one warm-up round, then three timed rounds, each running a then b
+    assert set(medians) == {"a", "b"} and all(ms >= 0 for ms in medians.values())
+
+
+def test_peak_memory_counts_what_is_live_at_once_during_the_call():
+    def step():
+        first = torch.ones(2**20)  # 4 MiB
+        second = torch.ones(2**20)  # 8 MiB live together
+        del first, second
+        third = torch.ones(2**19)  # 2 MiB after both were freed
+        return third.sum()
+
+    peak = peak_memory_mib(step, torch.device("cpu"))
+    assert 8.0 <= peak < 8.1
+
+
+def profiler_peak_mib(fn) -> float:
+    """The same peak from torch.profiler's allocator events (profile_memory=True): the running sum of their sizes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def test_peak_memory_of_a_training_step_agrees_with_the_profiler():
+    from boftlab import BOFTConfig
+    from boftlab.bench import fwd_bwd, with_peft
+
+    x = torch.randn(64, 128)
+    for module in (with_peft("LoraConfig", torch.nn.Linear(128, 96), r=8),
+                   BOFTConfig(block_size=8, n_factors=2).make_layer(torch.nn.Linear(128, 96))):
+        step = fwd_bwd(module, x)
+        step()
+        assert peak_memory_mib(step, torch.device("cpu")) == pytest.approx(profiler_peak_mib(step), rel=1e-3)
+
+
+def test_goals_table_says_met_or_by_how_much_each_goal_misses():
+    table = goals_table([("fast", 1.1, "≤", 1.15), ("slow", 1.38, "≤", 1.15), ("speed-up", 16.0, "≥", 20.0),
+                         ("absent", None, "≤", 1.0)])
+    rows = [line.split(" | ")[-1].rstrip(" |") for line in table.splitlines()[2:]]
+    assert rows == ["met", "missed by 20 %", "missed by 25 %", "not measured"]

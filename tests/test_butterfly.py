@@ -1,4 +1,4 @@
-"""BOFT / OFT: the butterfly structure, orthogonality, the two exact paths, merging, PEFT equality, bad input."""
+"""BOFT / OFT: the butterfly structure, orthogonality, the three exact paths, merging, PEFT equality, bad input."""
 
 import math
 
@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from boftlab import BOFTConfig, OFTConfig
-from boftlab.butterfly import cayley, skew_entries, skew_symmetric
-from boftlab.butterfly_structure import valid_n_factors
+from boftlab.butterfly import FACTOR_COST, PRODUCT_COST, cayley, skew_entries, skew_symmetric
+from boftlab.butterfly_structure import butterfly_permutation, valid_block_sizes, valid_n_factors
 from boftlab.peft_interop import peft_boft_without_cuda
 
 SHAPES = [(16, 2, 1), (16, 2, 4), (16, 4, 3), (24, 4, 2), (12, 3, 1), (32, 8, 3), (64, 8, 4), (48, 6, 2)]
@@ -65,10 +65,26 @@ def test_skew_entries_round_trip():
     assert torch.equal(skew_entries(skew_symmetric(vec, 5)), vec)
 
 
-# --- the two exact paths ---------------------------------------------------------------------------------------------
+# --- the three exact paths -------------------------------------------------------------------------------------------
+PATHS = ["input", "assembled", "weight"]
+
+
+def formula_rotation(layer):
+    """R = B_m ⋯ B_1 read literally: B_i = P_i · blockdiag(Q_i1 … Q_ik) · P_iᵀ with dense permutation matrices and
+    torch.block_diag (P[j, perm[j]] = 1) — shares nothing with the layer's ways of applying R. Tests only."""
+    blocks = layer.orthogonal_blocks()
+    d, b = layer.fan_in, layer.block_size
+    eye = torch.eye(d, dtype=blocks.dtype)
+    rotation = eye
+    for i in range(layer.n_factors):
+        permutation = eye[butterfly_permutation(d, b, i)]
+        rotation = permutation @ torch.block_diag(*blocks[i]) @ permutation.T @ rotation
+    return rotation
+
+
 def dense_reference(layer, x):
-    """y = diag(s) W Rᵀ x + bias with the dense R (tests only)."""
-    R = layer.rotation()
+    """y = diag(s) W Rᵀ x + bias with the dense R of ``formula_rotation`` (tests only)."""
+    R = formula_rotation(layer)
     base = layer.base_layer
     w = base.weight.reshape(layer.out_features, -1) @ R.T
     if layer.scale is not None:
@@ -78,8 +94,57 @@ def dense_reference(layer, x):
     return base._conv_forward(x, w.reshape(base.weight.shape), base.bias)
 
 
+def every_family(dims):
+    """Every valid (d, b, m) for these fan-ins: m = 1 (OFT), the dense m, odd b, odd k = d/b, odd d/L."""
+    return [(d, b, m) for d in dims for b in range(2, d + 1) for m in valid_n_factors(d, b)
+            if b in valid_block_sizes(d, m)]
+
+
+def outputs_and_gradients(layer, x):
+    """The output and the gradients of a generic scalar loss w.r.t. x and every adapter parameter."""
+    x = x.detach().requires_grad_(True)
+    params = [x, *layer.adapter_parameters().values()]
+    y = layer(x)
+    return y, torch.autograd.grad((y * torch.linspace(-1, 2, y.numel(), dtype=y.dtype).reshape(y.shape)).sum(), params)
+
+
+def assert_equal_to_dense(layer, x, atol):
+    y, grads = outputs_and_gradients(layer, x)
+    params = [x.detach().requires_grad_(True), *layer.adapter_parameters().values()]
+    reference = dense_reference(layer, params[0])
+    weights = torch.linspace(-1, 2, reference.numel(), dtype=reference.dtype).reshape(reference.shape)
+    expected = torch.autograd.grad((reference * weights).sum(), params)
+    torch.testing.assert_close(y, reference, rtol=0, atol=atol)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=atol)
+
+
+FAMILY_GRID = every_family((12, 16, 24, 32, 48, 64, 96))
+
+
+def test_family_grid_covers_the_edge_cases():
+    spans = {(d, b, m): b * 2 ** (m - 1) for d, b, m in FAMILY_GRID}
+    assert len(FAMILY_GRID) == 118
+    assert any(m == 1 for _, _, m in FAMILY_GRID) and any(L == d for (d, _, _), L in spans.items() if _ > 1)
+    assert (12, 3, 1) in FAMILY_GRID and (48, 16, 1) in FAMILY_GRID  # odd b; odd k = d/b
+    assert (48, 8, 2) in FAMILY_GRID and (96, 4, 4) in FAMILY_GRID  # d/L = 3 chunks
+    assert (96, 6, 5) in FAMILY_GRID and spans[(96, 6, 5)] == 96  # the dense m
+
+
+@pytest.mark.parametrize("d,b,m", FAMILY_GRID, ids=[f"d{d}-b{b}-m{m}" for d, b, m in FAMILY_GRID])
+def test_every_family_every_path_equals_dense_fp64(d, b, m, one_thread):
+    """Forward and gradients (x, skew, scale) of each path equal the formula's dense R, fp64, to 1e-12."""
+    layer = boft_linear(d, b, m)
+    x = torch.randn(2, 3, d, dtype=torch.float64)
+    torch.testing.assert_close(layer.rotation(), formula_rotation(layer), rtol=0, atol=1e-12)
+    for path in PATHS:
+        layer.config.path = path
+        assert layer.choose_path(x) == path
+        assert_equal_to_dense(layer, x, atol=1e-12)
+
+
 @pytest.mark.parametrize("d,b,m", SHAPES)
-@pytest.mark.parametrize("path", ["input", "weight"])
+@pytest.mark.parametrize("path", PATHS)
 def test_linear_paths_equal_dense(d, b, m, path):
     layer = boft_linear(d, b, m, path=path)
     x = torch.randn(3, 7, d, dtype=torch.float64)
@@ -91,32 +156,74 @@ CONVS = [
     dict(in_channels=8, out_channels=5, kernel_size=(2, 1), stride=2, padding=1, dilation=(2, 1)),  # d = 16
     dict(in_channels=8, out_channels=8, kernel_size=2, groups=2, padding=(1, 0)),  # d = 16 per group
     dict(in_channels=4, out_channels=4, kernel_size=3, groups=4, padding=1, bias=False),  # depthwise, d = 9
+    dict(in_channels=6, out_channels=4, kernel_size=(2, 2), stride=(1, 2), dilation=2, groups=2),  # d = 12
+    dict(in_channels=12, out_channels=6, kernel_size=2, stride=3, padding=(0, 2)),  # d = 48
 ]
 
 
 @pytest.mark.parametrize("conv_kwargs", CONVS)
-@pytest.mark.parametrize("path", ["input", "weight"])
+@pytest.mark.parametrize("path", PATHS)
 def test_conv2d_paths_equal_dense(conv_kwargs, path):
     conv = nn.Conv2d(**conv_kwargs).double()
     d = conv.weight[0].numel()
-    b, m = (3, 1) if d == 9 else (2, 3)
+    b, m = {9: (3, 1), 12: (2, 2)}.get(d, (2, 3))
     layer = randomize(BOFTConfig(block_size=b, n_factors=m, path=path).make_layer(conv).double())
     x = torch.randn(2, conv_kwargs["in_channels"], 7, 6, dtype=torch.float64)
     torch.testing.assert_close(layer(x), dense_reference(layer, x), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("conv_kwargs", CONVS, ids=[f"conv{i}" for i in range(len(CONVS))])
+def test_conv2d_every_family_every_path_equals_dense_fp64(conv_kwargs, one_thread):
+    """Forward and gradients of every path, for every valid (b, m) of the conv's fan-in."""
+    conv = nn.Conv2d(**conv_kwargs).double()
+    x = torch.randn(2, conv_kwargs["in_channels"], 7, 6, dtype=torch.float64)
+    for d, b, m in every_family([conv.weight[0].numel()]):
+        layer = randomize(BOFTConfig(block_size=b, n_factors=m).make_layer(conv).double())
+        for path in PATHS:
+            layer.config.path = path
+            assert_equal_to_dense(layer, x, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_auto_choice_changes_speed_not_results(dtype, atol, kind):
+    """Whatever path auto takes, outputs and gradients equal every forced path's (fp64 exactly, fp32 to rounding)."""
+    torch.manual_seed(0)
+    module = nn.Linear(32, 24) if kind == "linear" else nn.Conv2d(8, 6, 2, padding=1)
+    x = torch.randn(5, 32) if kind == "linear" else torch.randn(2, 8, 5, 5)
+    layer = randomize(BOFTConfig(block_size=4, n_factors=2).make_layer(module.to(dtype)).to(dtype))
+    auto = outputs_and_gradients(layer, x.to(dtype))
+    for path in PATHS:
+        layer.config.path = path
+        forced = outputs_and_gradients(layer, x.to(dtype))
+        torch.testing.assert_close(forced[0], auto[0], rtol=0, atol=atol)
+        for got, want in zip(forced[1], auto[1]):
+            torch.testing.assert_close(got, want, rtol=0, atol=atol)
+
+
 def test_auto_path_follows_the_cost_model():
-    layer = boft_linear(64, 8, 2, out=8192)
+    layer = boft_linear(64, 8, 2, out=8192)  # L = 16 = the assembled width w
+    factored = 2 * max(8, FACTOR_COST)  # m = 2 factors, at least FACTOR_COST each, per row element
+    assert layer.rotation_costs(16, torch.float64) == {
+        "factored": 16 * 64 * factored, "assembled": 16 * 64 * factored + 16 * 64 * max(16, PRODUCT_COST)}
+    assert layer.path_costs((16, 64), training=False, input_requires_grad=False) == {
+        "input": 16 * 64 * factored + 16 * 8192 * 64,
+        "assembled": 16 * 64 * factored + 16 * 64 * max(16, PRODUCT_COST) + 16 * 8192 * 64,
+        "weight": 16 * 64 * factored + 8192 * 64 * max(16, PRODUCT_COST) + 16 * 8192 * 64}
     with torch.no_grad():  # inference: rotate whichever is smaller, activations or weight rows
-        assert layer.choose_path(torch.zeros(16, 64)) == "input"
+        assert layer.choose_path(torch.zeros(16, 64)) == "input"  # assembling w = 16 rows costs more than 16 rows
+        assert layer.choose_path(torch.zeros(4096, 64)) == "assembled"
         assert layer.choose_path(torch.zeros(16384, 64)) == "weight"
     # training a very wide layer whose input needs a gradient: rotating activations avoids forming dW'
-    assert layer.choose_path(torch.zeros(4096, 64, requires_grad=True)) == "input"
-    # ... but a narrow one rotates its weight: a row element's rotation costs hundreds of multiply-adds
-    rotation = 2 * 100 + 2 * 250  # m = 2 factors (at least FACTOR_COST each) and 2 index gathers (GATHER_COST)
-    assert layer.path_costs((16, 64), training=False, input_requires_grad=False) == {
-        "input": 16 * 64 * rotation + 16 * 8192 * 64, "weight": 8192 * 64 * rotation + 16 * 8192 * 64}
-    assert boft_linear(64, 8, 2, out=256).choose_path(torch.zeros(4096, 64, requires_grad=True)) == "weight"
+    assert layer.choose_path(torch.zeros(4096, 64, requires_grad=True)) == "assembled"
+    # ... unless its input needs no gradient (a first layer): then dW' replaces the backward through W, and rotating
+    # its 1024 weight rows costs less than rotating 4096 activation rows
+    narrower = boft_linear(64, 8, 2, out=1024)
+    assert narrower.choose_path(torch.zeros(4096, 64, requires_grad=True)) == "assembled"
+    assert narrower.choose_path(torch.zeros(4096, 64)) == "weight"
+    # a wide span L: assembling L × L blocks costs more than the factors themselves, so the factored path stays
+    dense = boft_linear(1024, 8, 8, out=1024)  # L = 1024 = d: R is dense
+    assert dense.choose_path(torch.zeros(512, 1024, requires_grad=True)) == "input"
 
 
 def test_padding_same_conv_uses_weight_path_and_refuses_forced_input_path():
@@ -398,7 +505,7 @@ def test_bad_combinations_raise_with_valid_choices(kwargs, module, message):
         (dict(n_factors=0), "n_factors must be an integer ≥ 1"),
         (dict(dropout=1.0), r"\[0, 1\)"),
         (dict(neumann_terms=1), "neumann_terms"),
-        (dict(path="fast"), r"\('auto', 'input', 'weight'\)"),
+        (dict(path="fast"), r"\('auto', 'input', 'assembled', 'weight'\)"),
     ],
 )
 def test_bad_config_values(kwargs, message):

@@ -1,9 +1,14 @@
-"""The fused Triton butterfly kernel equals the PyTorch path (boftlab.butterfly_structure.butterfly_apply).
+"""The fused Triton butterfly kernel equals the PyTorch path (boftlab.butterfly_structure.butterfly_apply), compiles
+for real GPUs without one, and never fails silently.
 
 Without a GPU the kernel runs in Triton's CPU interpreter, which must be chosen before Triton is first imported
 (Triton jit-compiles its own standard library at import). If another module imported Triton first (PEFT, timm and
 diffusers do), one test re-runs this file in a fresh process with TRITON_INTERPRET=1. With a GPU the same tests
 run the compiled kernel on CUDA tensors. Skipped cleanly where Triton is absent.
+
+Ahead-of-time compilation (``compile_ahead``) runs in a fresh process without the interpreter, for sm_75 (T4),
+sm_80 and sm_90: a representative grid in CI, every supported (block_size, n_factors, dtype, direction) with
+BOFTLAB_AOT_GRID=full (slow: see ``test_kernels_compile_ahead_of_time``).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import pytest  # noqa: E402
 
 from boftlab.butterfly import BOFTConfig, cayley, skew_symmetric  # noqa: E402
 from boftlab.butterfly_structure import butterfly_apply, gather_schedule  # noqa: E402
-from boftlab.kernels import fused_supported  # noqa: E402
+from boftlab.kernels import FusedKernelError, fused_available, fused_supported  # noqa: E402
 from boftlab.kernels.butterfly_triton import MAX_SPAN_ELEMENTS, tile_shape, unsupported_reason  # noqa: E402
 
 #: where the kernel runs in this process: "cuda", "cpu" (interpreter) or None (Triton was imported compiled)
@@ -73,6 +78,7 @@ def test_unsupported_cases_give_reasons():
 
 def test_not_supported_on_cpu_tensors():
     assert not fused_supported(torch.randn(4, 64), random_blocks(64, 8, 2))
+    assert not fused_available(torch.device("cpu"), 64, 8, 2, torch.float32)
 
 
 def test_kernel_switch_from_config_and_environment(monkeypatch):
@@ -208,3 +214,113 @@ def test_in_fresh_interpreter_process():
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     summary = result.stdout.strip().splitlines()[-1]
     assert result.returncode == 0 and "passed" in summary and "skipped" not in summary, result.stdout[-4000:]
+
+
+# --- a kernel that fails is an error that names the switch, never a silent fallback ------------------------------
+class FailingLaunch:
+    """Stands in for a Triton kernel whose compile or launch fails (``kernel[grid](*args)`` raises)."""
+
+    def __getitem__(self, grid):
+        def launch(*args, **constants):
+            raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+        return launch
+
+
+SWITCH = r"BOFTConfig\(kernel='torch'\).*BOFTLAB_KERNEL=torch"
+
+
+def test_failing_launch_raises_naming_the_switch(monkeypatch):
+    butterfly_triton = pytest.importorskip("boftlab.kernels.butterfly_triton")
+    if butterfly_triton.triton is None:
+        pytest.skip("Triton is not installed")
+    monkeypatch.setattr(butterfly_triton, "_forward_kernel", FailingLaunch())
+    with pytest.raises(FusedKernelError, match="no kernel image.*" + SWITCH):
+        butterfly_triton.butterfly_apply_fused(torch.randn(4, 32), random_blocks(32, 4, 2))
+
+
+def test_failing_backward_launch_raises_naming_the_switch(kernel, monkeypatch):
+    monkeypatch.setattr(kernel, "_backward_kernel", FailingLaunch())
+    x, blocks = on_device(torch.randn(4, 32), random_blocks(32, 4, 2))
+    y = kernel.butterfly_apply_fused(x.requires_grad_(True), blocks.requires_grad_(True))
+    with pytest.raises(FusedKernelError, match=SWITCH):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("path", ["input", "assembled", "weight"])
+def test_layer_with_failing_kernel_raises_and_the_switch_works(monkeypatch, path):
+    """Where the fused kernel is taken (simulated here: CPU tensors reported as supported), a failing launch stops
+    the forward with the error; kernel='torch' and BOFTLAB_KERNEL=torch run the PyTorch path instead."""
+    butterfly_triton = pytest.importorskip("boftlab.kernels.butterfly_triton")
+    if butterfly_triton.triton is None:
+        pytest.skip("Triton is not installed")
+    import boftlab.butterfly
+
+    monkeypatch.setattr(boftlab.butterfly, "fused_supported", lambda rows, blocks: True)
+    monkeypatch.setattr(butterfly_triton, "_forward_kernel", FailingLaunch())
+    monkeypatch.delenv("BOFTLAB_KERNEL", raising=False)
+    base, x = torch.nn.Linear(32, 8), torch.randn(64, 32)
+    reference = BOFTConfig(block_size=4, n_factors=2, kernel="torch", path=path).make_layer(base)
+    layer = BOFTConfig(block_size=4, n_factors=2, path=path).make_layer(base)
+    if path == "assembled":  # the assembled form rotates with reshapes and a batched matmul: no kernel to fail
+        torch.testing.assert_close(layer(x), reference(x))
+    else:  # the input path rotates the activations, the weight path W's rows, with the kernel
+        with pytest.raises(FusedKernelError, match=SWITCH):
+            layer(x)
+    monkeypatch.setenv("BOFTLAB_KERNEL", "torch")
+    switched = BOFTConfig(block_size=4, n_factors=2, path=path).make_layer(base)
+    torch.testing.assert_close(switched(x), reference(x))
+
+
+# --- ahead-of-time compilation for real GPUs, on any machine ------------------------------------------------------
+CAPABILITIES = (75, 80, 90)  # T4 (Colab's free GPU), A100, H100/H200
+DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def compile_grid(full: bool) -> list[tuple[int, int, int, str, bool, list[bool]]]:
+    """(capability, b, m, dtype, transpose, write_dx variants) to compile.
+
+    CI: on every capability, the broadcast product (b = 8, m = 2) in every dtype and the tl.dot product (b = 16,
+    m = 2) in one dtype each (T4's bf16 → TF32 dot included), forward and the backward that writes dx; x @ Rᵀ once.
+    Full: every supported (b, m) × dtype × direction × capability, both backward variants."""
+    from boftlab.kernels.butterfly_triton import BLOCK_SIZES, unsupported_reason
+
+    if full:
+        shapes = [(b, m) for b in BLOCK_SIZES for m in range(1, 14)
+                  if unsupported_reason(b * 2 ** (m - 1), b, m, torch.float32) is None]
+        return [(cc, b, m, dt, t, [True, False])
+                for cc in CAPABILITIES for b, m in shapes for dt in DTYPE_NAMES for t in (False, True)]
+    grid = [(cc, 8, 2, dt, False, [True]) for cc in CAPABILITIES for dt in DTYPE_NAMES]
+    grid += [(cc, 16, 2, dt, False, [True]) for cc, dt in zip(CAPABILITIES, ("bf16", "fp16", "fp32"))]
+    return grid + [(90, 8, 2, "fp32", True, [True])]
+
+
+COMPILE_SCRIPT = """
+import json, sys, time, torch
+from boftlab.kernels.butterfly_triton import compile_ahead
+for cc, b, m, dtype, transpose, write_dx in json.loads(sys.argv[1]):
+    start = time.perf_counter()
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    kernels = compile_ahead(cc, 4 * b * 2 ** (m - 1), b, m, dt, transpose, tuple(write_dx))
+    assert len(kernels) == 1 + len(write_dx) and all(k.asm.get("cubin") for k in kernels), (cc, b, m, dtype)
+    print(json.dumps([cc, b, m, dtype, transpose, round(time.perf_counter() - start, 2)]), flush=True)
+"""
+
+
+def test_kernels_compile_ahead_of_time(tmp_path):
+    """Forward and backward kernels compile to GPU binaries (cubin) for sm_75/80/90 on this machine, GPU or not.
+
+    Runs in a fresh process: the interpreter (TRITON_INTERPRET) replaces the kernels by Python functions, and a fresh
+    Triton cache makes it compile for real. The CI grid takes about a minute on a 2-core CPU; the full grid
+    (BOFTLAB_AOT_GRID=full) takes hours: deep unrolls (m ≥ 6) spend minutes each in ptxas.
+    """
+    pytest.importorskip("triton")
+    grid = compile_grid(full=os.environ.get("BOFTLAB_AOT_GRID") == "full")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    import json
+
+    result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, json.dumps(grid)], env=env, capture_output=True,
+                            text=True, timeout=None if len(grid) > 100 else 900)
+    compiled = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("[")]
+    assert result.returncode == 0 and len(compiled) == len(grid), result.stderr[-4000:]

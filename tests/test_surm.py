@@ -633,7 +633,7 @@ def test_each_layer_has_its_one_path_and_refuses_the_other():
         SURMConfig(path="input").make_layer(conv)
     with pytest.raises(ValueError, match=r"path='weight' is not a path of a SURM adapter"):
         SURMConfig(mode="adapter", path="weight").make_layer(linear)
-    with pytest.raises(ValueError, match=r"path must be one of \('auto', 'input', 'weight'\), got 'fft'"):
+    with pytest.raises(ValueError, match=r"path must be one of \('auto', 'input', 'assembled', 'weight'\), got 'fft'"):
         SURMConfig(path="fft")
 
 

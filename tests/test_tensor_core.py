@@ -160,7 +160,7 @@ def test_unsupported_layer_raises_listing_supported_types():
         ({"ranks": 2.5}, "ranks must be"),
         ({"alpha": 0}, "alpha=0"),
         ({"alpha": float("nan")}, "finite"),
-        ({"path": "fast"}, r"path must be one of \('auto', 'input', 'weight'\)"),
+        ({"path": "fast"}, r"path must be one of \('auto', 'input', 'assembled', 'weight'\)"),
     ],
 )
 def test_bad_config_values_raise(kwargs, match):

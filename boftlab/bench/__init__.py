@@ -1,12 +1,16 @@
 """Benchmarks (not tests): ``python -m boftlab.bench <suite>``.
 
-Every suite times its methods in one process, one after another, and reports each as a ratio to a reference
-measured in the same run (PEFT LoRA, PEFT BOFT, ...), so the numbers compare like with like on whatever machine
-runs them. Suites live in this package, one module each, and register themselves in ``SUITES``.
+Every suite builds all its methods in one process and times them round-robin (``round_robin``: each round runs
+every method once, so a load change on a shared machine hits all of them alike), reports medians and ratios to
+references measured in the same run (PEFT LoRA, PEFT OFT, PEFT BOFT, ...), and the peak memory of one step
+(``peak_memory_mib``; ``MEMORY_METHOD`` says how it is measured). Suites live in this package, one module each, and
+register themselves in ``SUITES``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import platform
 import statistics
 import time
@@ -17,9 +21,14 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 #: suite name -> (one-line description, function(argv) -> markdown report)
 SUITES: dict[str, tuple[str, Callable[[list[str]], str]]] = {}
+#: seconds of timed rounds per comparison (one round-robin over a set of methods); ``--budget`` sets it
+ROUND_BUDGET_S = 20.0
 
 
 def suite(name: str, description: str):
@@ -35,7 +44,16 @@ def suite(name: str, description: str):
 @dataclass
 class Timing:
     ms: float  # median wall time of one call, milliseconds
-    peak_mib: float | None  # peak allocated memory during the calls (CUDA only; None on CPU)
+    peak_mib: float | None  # peak memory of one call above what was live before it (MEMORY_METHOD), MiB
+
+
+#: how ``peak_memory_mib`` measures, per device type (the suites print it under their tables)
+MEMORY_METHOD = {
+    "cuda": "peak MiB: torch.cuda.max_memory_allocated during one step, above what was allocated before it",
+    "cpu": "peak MiB: the most memory the step's own tensors hold at once — every storage a torch op creates in the "
+           "step, forward and backward, counted from its op until it is freed (boftlab.bench.LiveTensorBytes, a "
+           "TorchDispatchMode; it agrees with torch.profiler's allocator events)",
+}
 
 
 def synchronize(device: torch.device) -> None:
@@ -44,7 +62,8 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_call(fn: Callable[[], object], device: torch.device, repeats: int = 10, warmup: int = 3) -> Timing:
-    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` calls, and its peak CUDA memory."""
+    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` calls, and its peak CUDA memory. For one
+    function alone; comparisons between methods use ``round_robin``."""
     for _ in range(warmup):
         fn()
     synchronize(device)
@@ -59,6 +78,82 @@ def time_call(fn: Callable[[], object], device: torch.device, repeats: int = 10,
         samples.append((time.perf_counter() - start) * 1e3)
     peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else None
     return Timing(statistics.median(samples), peak)
+
+
+def round_robin(calls: dict[str, Callable[[], object]], device: torch.device, budget_s: float | None = None,
+                min_rounds: int = 3, max_rounds: int = 15) -> dict[str, float]:
+    """Median wall milliseconds of every call, timed in rounds that run each call once, in order.
+
+    One untimed warm-up round first (its duration sizes the rest: as many rounds as fit in ``budget_s``, default
+    ``ROUND_BUDGET_S``, at least ``min_rounds``, at most ``max_rounds``). Interleaving makes a change of load on a shared machine hit every method
+    alike, where timing one method after another would charge it to whichever ran then.
+    """
+    start = time.perf_counter()
+    for fn in calls.values():
+        fn()
+    synchronize(device)
+    budget_s = ROUND_BUDGET_S if budget_s is None else budget_s
+    rounds = max(min_rounds, min(max_rounds, int(budget_s / max(time.perf_counter() - start, 1e-9))))
+    samples: dict[str, list[float]] = {label: [] for label in calls}
+    for _ in range(rounds):
+        for label, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            samples[label].append((time.perf_counter() - start) * 1e3)
+    return {label: statistics.median(times) for label, times in samples.items()}
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """While active, the bytes of CPU tensor storage created by torch ops and not yet freed, and their peak.
+
+    An op's output storage counts when it is new (not one of the op's inputs: views and in-place results add
+    nothing); it stops counting once freed (a weak reference to the storage expires; checked before every op, so the
+    peak is exact at op granularity). What was allocated before the mode started never counts.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.storages: dict[int, tuple[StorageWeakRef, int]] = {}  # data pointer -> (weak reference, bytes)
+        self.live = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for pointer in [p for p, (ref, _) in self.storages.items() if ref.expired()]:
+            self.live -= self.storages.pop(pointer)[1]
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
+                storage = tensor.untyped_storage()
+                pointer, size = storage.data_ptr(), storage.nbytes()
+                if size and pointer not in inputs and pointer not in self.storages:
+                    self.storages[pointer] = (StorageWeakRef(storage), size)
+                    self.live += size
+                    self.peak = max(self.peak, self.live)
+        return out
+
+
+def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak memory of one call of ``fn``, MiB: what it allocates on top of what was live before it
+    (``MEMORY_METHOD[device.type]``)."""
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    with LiveTensorBytes() as tracker:
+        fn()
+    return tracker.peak / 2**20
+
+
+def measure_methods(calls: dict[str, Callable[[], object]], device: torch.device, budget_s: float | None = None,
+                    **rounds: int) -> dict[str, Timing]:
+    """``round_robin`` medians (``rounds``: its min_rounds / max_rounds), then each call's ``peak_memory_mib``
+    (measured apart: the profiler slows calls)."""
+    times = round_robin(calls, device, budget_s, **rounds)
+    return {label: Timing(times[label], peak_memory_mib(fn, device)) for label, fn in calls.items()}
 
 
 def fwd_bwd(module: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
@@ -93,13 +188,43 @@ def with_peft(config_name: str, module: nn.Module, targets: list[str] | None = N
     return peft.inject_adapter_in_model(getattr(peft, config_name)(target_modules=targets, **options), module)
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what ``platform`` knows."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def machine() -> str:
     """Where a table was measured: device name, thread count, torch version, date."""
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name()
     else:
-        device = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        device = f"CPU {cpu_name()} ({os.cpu_count()} cores), {torch.get_num_threads()} threads"
     return f"{device}; torch {torch.__version__}; {date.today().isoformat()}"
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages (Unix), for judging how busy a shared machine was."""
+    with contextlib.suppress(OSError, AttributeError):
+        return ", ".join(f"{v:.2f}" for v in os.getloadavg()) + f" (1, 5, 15 min; {os.cpu_count()} cores)"
+    return "not available"
+
+
+def goals_table(goals: list[tuple[str, float | None, str, float]]) -> str:
+    """(goal, measured, "≤" or "≥", bound) rows -> a markdown table saying whether each is met, and by how much
+    each miss misses (measured ÷ bound)."""
+    rows = []
+    for goal, measured, sense, bound in goals:
+        if measured is None:
+            rows.append([goal, None, f"{sense} {bound:g}", "not measured"])
+            continue
+        met = measured <= bound if sense == "≤" else measured >= bound
+        miss = measured / bound if sense == "≤" else bound / measured
+        rows.append([goal, measured, f"{sense} {bound:g}", "met" if met else f"missed by {100 * (miss - 1):.0f} %"])
+    return markdown_table(["goal", "measured", "target", "result"], rows)
 
 
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:
@@ -121,6 +246,7 @@ class ResultTable:
     machine: str
     header: list[str]
     rows: list[list[object]]  # numbers as float, "–" as None, everything else as str
+    source: str = ""  # the name of the file it was read from: one run
 
 
 def read_results(path: str | Path) -> list[ResultTable]:
@@ -145,7 +271,7 @@ def read_results(path: str | Path) -> list[ResultTable]:
             continue
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if table is None:
-            table = ResultTable(suite_name, where, cells, [])
+            table = ResultTable(suite_name, where, cells, [], Path(path).name)
             tables.append(table)
         elif not all(set(c) <= {"-"} for c in cells):
             table.rows.append([value(c) for c in cells])

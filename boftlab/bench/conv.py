@@ -1,4 +1,4 @@
-"""Conv2d training-step benchmark: ``python -m boftlab.bench conv [--quick] [--batch N] [--repeats N] [--threads N]``.
+"""Conv2d training-step benchmark: ``python -m boftlab.bench conv [--quick] [--batch N] [--repeats N]``.
 
 One nn.Conv2d(c, c, 3, padding=1) on (batch, c, size, size) maps — the issue's setting is c = 256, 32×32, batch 16 —
 one training step (forward, a scalar loss, backward to the adapter and the input), timed for every method in one
@@ -12,20 +12,17 @@ process:
   the Tucker factors — two full convolutions;
 * boftlab's tensor-core layer: ``auto`` (the path its FLOP estimate picks) and both paths forced.
 
-Every rank is 8 (the FLoRA / tensor-core ranks are (8, 8, 3, 3)); the ratio columns compare with the frozen conv and
-with PEFT LoRA measured in the same run.
+Every rank is 8 (the FLoRA / tensor-core ranks are (8, 8, 3, 3)); all methods are timed round-robin, and the ratio
+columns compare with the frozen conv and with PEFT LoRA measured in the same run.
 """
 
 from __future__ import annotations
-
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fwd_bwd, machine, markdown_table, suite, synchronize, with_peft
+from . import MEMORY_METHOD, fwd_bwd, machine, markdown_table, measure_methods, suite, with_peft
 from ..tensor_core import TensorCoreConfig, orthonormal_columns, resolve_ranks, mode_names, tucker_delta
 
 RANK = 8
@@ -95,39 +92,26 @@ def conv(argv: list[str]) -> str:
     channels, size = (64, 16) if quick else (256, 32)
     batch = _option(argv, "--batch", 4 if quick else 16)
     repeats = _option(argv, "--repeats", 10)
-    if "--threads" in argv:  # on a shared CPU, 1 thread avoids intra-op spinning against other processes
-        torch.set_num_threads(_option(argv, "--threads", torch.get_num_threads()))
     torch.manual_seed(0)
     base = nn.Conv2d(channels, channels, 3, padding=1).to(device).requires_grad_(False)
     x = torch.randn(batch, channels, size, size, device=device)
-    steps, labels, params = [], [], []
+    calls, params = {}, {}
     for label, build in METHODS:
         module = build(base).to(device)
         if label.endswith("(auto)"):
             with torch.enable_grad():
                 chosen = module.choose_path(x.detach().requires_grad_(True))
             label = label.replace("(auto)", f"(auto → {chosen})")
-        steps.append(fwd_bwd(module, x))
-        labels.append(label)
-        params.append(_trainable(module))
-    # round-robin: every round times each method once, so load changes on a shared machine hit all methods alike
-    samples = [[] for _ in steps]
-    for round_ in range(2 + repeats):
-        for i, step in enumerate(steps):
-            start = time.perf_counter()
-            step()
-            synchronize(device)
-            if round_ >= 2:  # two warm-up rounds
-                samples[i].append((time.perf_counter() - start) * 1e3)
-    measured = [(label, n, statistics.median(s), None) for label, n, s in zip(labels, params, samples)]
-    frozen = measured[0][2]
-    lora = measured[1][2]
-    two_conv = next(ms for label, _, ms, _ in measured if label.startswith("FLoRA two-conv"))
-    rows = [[label, n, ms, ms / frozen, ms / lora, two_conv / ms] for label, n, ms, _ in measured]
+        calls[label], params[label] = fwd_bwd(module, x), _trainable(module)
+    timings = measure_methods(calls, device, min_rounds=repeats, max_rounds=repeats)
+    frozen, lora = timings["frozen base conv"].ms, timings[f"PEFT LoRA r={RANK}"].ms
+    two_conv = next(t.ms for label, t in timings.items() if label.startswith("FLoRA two-conv"))
+    rows = [[label, params[label], t.ms, t.ms / frozen, t.ms / lora, two_conv / t.ms, t.peak_mib]
+            for label, t in timings.items()]
     setting = (
         f"Conv2d({channels}, {channels}, 3, padding=1), input ({batch}, {channels}, {size}, {size}), float32, "
-        f"{device.type}; median of {repeats} rounds (each round times every method once) after 2 warm-up rounds. "
-        f"Measured on: {machine()}."
+        f"{device.type}; median of {repeats} rounds (each round times every method once) after a warm-up round. "
+        f"Measured on: {machine()}. {MEMORY_METHOD[device.type]}."
     )
-    header = ["method", "trainable params", "ms / step", "× frozen", "× PEFT LoRA", "two-conv ÷ this"]
+    header = ["method", "trainable params", "ms / step", "× frozen", "× PEFT LoRA", "two-conv ÷ this", "peak MiB"]
     return setting + "\n\n" + markdown_table(header, rows)

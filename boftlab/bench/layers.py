@@ -1,8 +1,10 @@
 """Single-layer training-step benchmarks: ``python -m boftlab.bench linear layers [--full]``.
 
-One nn.Linear(d, d), one training step (forward, a scalar loss, backward to the adapter and the input), timed for
-every method in the same process. PEFT's BOFT multiplies dense d × d matrices (O(m·d³) per step); boftlab's BOFT
-never forms them (O(N·d·b·m)), and on CUDA its fused kernel reads and writes the activations once.
+One nn.Linear(d, d), one training step (forward, a scalar loss, backward to the adapter and the input), every method
+built in one process and timed round-robin (``round_robin``). PEFT's BOFT multiplies dense d × d matrices
+(O(m·d³) per step); boftlab's BOFT never forms them: it rotates the activations by R's assembled diagonal blocks
+(O(N·d·w)), by its m factors (O(N·d·b·m); on CUDA the fused kernel), or rotates the weight — whichever its cost model
+picks, shown in brackets.
 
 On CPU PEFT's BOFT silently drops to one factor (its ``fbd_cuda`` extension cannot build), so m > 1 is timed with
 ``boftlab.peft_interop.peft_boft_without_cuda`` (block-diagonal assembly by ``torch.block_diag``) and labelled so.
@@ -11,16 +13,16 @@ On CPU PEFT's BOFT silently drops to one factor (its ``fbd_cuda`` extension cann
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
-from . import Timing, fwd_bwd, markdown_table, suite, synchronize, time_call, with_peft
-from ..butterfly import BOFTConfig, OFTConfig
-from ..butterfly_structure import butterfly_apply, gather_schedule
+from . import (MEMORY_METHOD, Timing, fwd_bwd, goals_table, markdown_table, measure_methods, round_robin, suite,
+               with_peft)
+from ..butterfly import BOFTConfig, BOFTLayer, OFTConfig
+from ..butterfly_structure import butterfly_apply, butterfly_apply_reshaped, gather_schedule
 from ..kernels import butterfly_apply_fused
 
 BLOCK_SIZE = 8
@@ -44,9 +46,10 @@ def peft_boft_context(device: torch.device) -> Iterator[str]:
 
 @dataclass
 class LayerMethod:
-    """One row of the single-layer tables: how to build the adapted layer from the frozen base, and a context to
-    build and time it in (e.g. PEFT's BOFT without its CUDA extension)."""
+    """One row of the single-layer tables: a key the goals refer to, how to build the adapted layer from the frozen
+    base, and a context to build and time it in (e.g. PEFT's BOFT without its CUDA extension)."""
 
+    key: str
     label: str
     build: Callable[[nn.Linear], nn.Module]
     context: Callable[[torch.device], contextlib.AbstractContextManager] | None = None
@@ -58,24 +61,26 @@ def _frozen(base: nn.Linear) -> nn.Module:
 
 def method_list(names: list[str], factors: tuple[int, ...] = (2,),
                 device: torch.device | None = None) -> list[LayerMethod]:
-    """The methods to time, in table order; names from ``METHODS`` (optional families skipped when absent)."""
+    """The methods to time, in table order; names from ``METHODS`` (optional families skipped when absent). Keys:
+    the name, with ``-m{m}`` for boftlab BOFT."""
     methods = []
     for name in names:
         if name == "frozen":
-            methods.append(LayerMethod("frozen base", _frozen))
+            methods.append(LayerMethod(name, "frozen base", _frozen))
         elif name == "lora":
-            methods.append(LayerMethod(f"PEFT LoRA r={LORA_RANK}", lambda b: with_peft("LoraConfig", b, r=LORA_RANK)))
+            methods.append(LayerMethod(name, f"PEFT LoRA r={LORA_RANK}",
+                                       lambda b: with_peft("LoraConfig", b, r=LORA_RANK)))
         elif name == "peft_oft":
-            methods.append(LayerMethod(f"PEFT OFT b={BLOCK_SIZE}",
+            methods.append(LayerMethod(name, f"PEFT OFT b={BLOCK_SIZE}",
                                        lambda b: with_peft("OFTConfig", b, oft_block_size=BLOCK_SIZE)))
         elif name == "peft_boft":
             methods.append(LayerMethod(
-                f"PEFT BOFT m=2 b={BLOCK_SIZE}",
+                name, f"PEFT BOFT m=2 b={BLOCK_SIZE}",
                 lambda b: with_peft("BOFTConfig", b, boft_block_size=BLOCK_SIZE, boft_n_butterfly_factor=2),
                 peft_boft_context,
             ))
         elif name == "oft":
-            methods.append(LayerMethod(f"boftlab OFT b={BLOCK_SIZE}", OFTConfig(block_size=BLOCK_SIZE).make_layer))
+            methods.append(LayerMethod(name, f"boftlab OFT b={BLOCK_SIZE}", OFTConfig(block_size=BLOCK_SIZE).make_layer))
         elif name in ("boft", "boft_fused"):
             fused = name == "boft_fused"
             if fused and not (device is not None and device.type == "cuda" and _triton_available()):
@@ -83,19 +88,19 @@ def method_list(names: list[str], factors: tuple[int, ...] = (2,),
             for m in factors:
                 label = f"boftlab BOFT m={m} b={BLOCK_SIZE}" + (" (fused kernel)" if fused else "")
                 config = BOFTConfig(block_size=BLOCK_SIZE, n_factors=m, kernel="auto" if fused else "torch")
-                methods.append(LayerMethod(label, config.make_layer))
+                methods.append(LayerMethod(f"{name}-m{m}", label, config.make_layer))
         elif name == "surm":
             try:
                 from ..surm import SURMConfig
             except ImportError:
                 continue
-            methods.append(LayerMethod("boftlab SURM circulant", SURMConfig(structure="circulant").make_layer))
+            methods.append(LayerMethod(name, "boftlab SURM circulant", SURMConfig(structure="circulant").make_layer))
         elif name == "tensor_core":
             try:
                 from ..tensor_core import TensorCoreConfig
             except ImportError:
                 continue
-            methods.append(LayerMethod("boftlab tensor-core r=8", TensorCoreConfig(ranks=8).make_layer))
+            methods.append(LayerMethod(name, "boftlab tensor-core r=8", TensorCoreConfig(ranks=8).make_layer))
         else:
             raise ValueError(f"unknown method {name!r}; valid: {METHODS}")
     return methods
@@ -112,51 +117,68 @@ def _triton_available() -> bool:
     return True
 
 
+def chosen_path(module: nn.Module, x: torch.Tensor) -> str:
+    """" [path]" for a boftlab BOFT layer under path="auto" (the path a training step takes), else ""."""
+    if not isinstance(module, BOFTLayer) or module.config.path != "auto":
+        return ""
+    with torch.enable_grad():
+        return f" [{module.choose_path(x.detach().requires_grad_(True))}]"
+
+
 # --- timing --------------------------------------------------------------------------------------------------------
-def measure(step: Callable[[], None], device: torch.device, budget_s: float = 3.0) -> Timing:
-    """``time_call`` with as many repeats (1…10) as fit in ``budget_s`` after one untimed warm-up call."""
-    start = time.perf_counter()
-    step()
-    synchronize(device)
-    once = time.perf_counter() - start
-    repeats = max(1, min(10, int(budget_s / max(once, 1e-6))))
-    return time_call(step, device, repeats=repeats, warmup=1 if repeats > 2 else 0)
+@dataclass
+class Measured:
+    """One method on one (d, tokens): its key, its label as printed, and its timing."""
+
+    key: str
+    label: str
+    timing: Timing
 
 
-def time_layer(method: LayerMethod, dim: int, tokens: int, device: torch.device,
-               dtype: torch.dtype) -> tuple[str, Timing]:
-    """(label, timing) of one training step of ``method`` on nn.Linear(dim, dim) with (tokens, dim) inputs."""
+def measure_layers(methods: list[LayerMethod], dim: int, tokens: int, device: torch.device, dtype: torch.dtype,
+                   budget_s: float | None = None) -> list[Measured]:
+    """One training step of every method on nn.Linear(dim, dim) with (tokens, dim) inputs, timed round-robin."""
     torch.manual_seed(0)
     base = nn.Linear(dim, dim).to(device=device, dtype=dtype).requires_grad_(False)
     x = torch.randn(tokens, dim, device=device, dtype=dtype)
-    with (method.context(device) if method.context else contextlib.nullcontext()) as note:
-        module = method.build(base).to(device)  # adapter parameters in whatever dtype each library chooses
-        timing = measure(fwd_bwd(module, x), device)
-    label = method.label + (f" ({note})" if isinstance(note, str) else "")
-    del module
+    with contextlib.ExitStack() as contexts:  # every method's context stays entered while all are timed
+        calls, keys = {}, {}
+        for method in methods:
+            note = contexts.enter_context(method.context(device)) if method.context else None
+            module = method.build(base).to(device)  # adapter parameters in whatever dtype each library chooses
+            label = method.label + (f" ({note})" if isinstance(note, str) else "") + chosen_path(module, x)
+            calls[label], keys[label] = fwd_bwd(module, x), method.key
+        timings = measure_methods(calls, device, budget_s)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return label, timing
+    return [Measured(keys[label], label, timing) for label, timing in timings.items()]
+
+
+HEADER = ["d", "tokens", "method", "ms / step", "× LoRA", "× PEFT OFT", "PEFT BOFT ÷ this", "peak MiB",
+          "memory × LoRA"]
 
 
 def layer_rows(dims: list[int], tokens_list: list[int], methods: list[LayerMethod], device: torch.device,
-               dtype: torch.dtype) -> tuple[list[list[object]], dict[tuple[int, int, str], float]]:
-    """Table rows (see ``HEADER``) and the raw ms by (d, tokens, label)."""
-    rows, times = [], {}
+               dtype: torch.dtype, budget_s: float | None = None
+               ) -> tuple[list[list[object]], dict[tuple[int, int, str], Timing]]:
+    """Table rows (``HEADER``) and the timings by (d, tokens, method key); ``budget_s`` per (d, tokens)."""
+    rows, results = [], {}
     for dim in dims:
         for tokens in tokens_list:
-            measured = [time_layer(m, dim, tokens, device, dtype) for m in methods]
-            lora = next((t for label, t in measured if label.startswith("PEFT LoRA")), None)
-            peft_boft = next((t for label, t in measured if label.startswith("PEFT BOFT")), None)
-            for label, timing in measured:
-                times[(dim, tokens, label)] = timing.ms
-                memory = None if lora is None or not lora.peak_mib else timing.peak_mib / lora.peak_mib
-                rows.append([dim, tokens, label, timing.ms, None if lora is None else timing.ms / lora.ms,
-                             None if peft_boft is None else peft_boft.ms / timing.ms, timing.peak_mib, memory])
-    return rows, times
+            measured = measure_layers(methods, dim, tokens, device, dtype, budget_s)
+            by_key = {m.key: m.timing for m in measured}
+            lora, peft_oft, peft_boft = by_key.get("lora"), by_key.get("peft_oft"), by_key.get("peft_boft")
+            for m in measured:
+                t = m.timing
+                results[(dim, tokens, m.key)] = t
+                rows.append([dim, tokens, m.label, t.ms, _ratio(t.ms, lora and lora.ms),
+                             _ratio(t.ms, peft_oft and peft_oft.ms), _ratio(peft_boft and peft_boft.ms, t.ms),
+                             t.peak_mib, _ratio(t.peak_mib, lora and lora.peak_mib)])
+    return rows, results
 
 
-HEADER = ["d", "tokens", "method", "ms / step", "× LoRA", "PEFT BOFT ÷ this", "peak MiB", "memory × LoRA"]
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return None if not numerator or not denominator else numerator / denominator
 
 
 def _setting(device: torch.device) -> tuple[torch.dtype, str]:
@@ -164,20 +186,24 @@ def _setting(device: torch.device) -> tuple[torch.dtype, str]:
     return dtype, f"device {device.type}, dtype {str(dtype).removeprefix('torch.')}, nn.Linear(d, d) with bias"
 
 
-def goals(times: dict[tuple[int, int, str], float], tokens: int) -> str:
-    """The issue's goals, checked on this run's numbers."""
-    lines = []
-    find = lambda dim, prefix: next((v for (d, n, label), v in times.items()  # noqa: E731
-                                     if d == dim and n == tokens and label.startswith(prefix)), None)
-    ours = f"boftlab BOFT m=2 b={BLOCK_SIZE}"
-    for dim, wanted in ((2048, 10), (4096, 30)):
-        peft_boft, peft_oft, lora = find(dim, "PEFT BOFT"), find(dim, "PEFT OFT"), find(dim, "PEFT LoRA")
-        for label in (ours, ours + " (fused kernel)"):
-            mine = times.get((dim, tokens, label))
-            if mine and peft_boft and peft_oft and lora:
-                lines.append(f"- d={dim}, {label}: {peft_boft / mine:.1f}× faster than PEFT BOFT (goal ≥ {wanted}×), "
-                             f"{mine / peft_oft:.2f}× PEFT OFT (goal ≤ 1.3×), {mine / lora:.2f}× LoRA")
-    return "\n".join(lines)
+def layer_goals(results: dict[tuple[int, int, str], Timing], dims: list[int], tokens: int, boft: str = "boft-m2") -> str:
+    """The issue's single-layer goals, checked on this run's numbers (``boft``: the BOFT m=2 b=8 method key)."""
+    def ratio(dim: int, key: str, reference: str, memory: bool = False) -> float | None:
+        mine, theirs = results.get((dim, tokens, key)), results.get((dim, tokens, reference))
+        if mine is None or theirs is None:
+            return None
+        return _ratio(mine.peak_mib, theirs.peak_mib) if memory else mine.ms / theirs.ms
+
+    goals = []
+    for dim in dims:
+        goals += [(f"d={dim}: BOFT m=2 ÷ PEFT OFT (time)", ratio(dim, boft, "peft_oft"), "≤", 1.15),
+                  (f"d={dim}: BOFT m=2 ÷ PEFT LoRA (time)", ratio(dim, boft, "lora"), "≤", 1.25),
+                  (f"d={dim}: boftlab OFT ÷ PEFT OFT (time)", ratio(dim, "oft", "peft_oft"), "≤", 1.0),
+                  (f"d={dim}: BOFT m=2 ÷ PEFT LoRA (peak memory)", ratio(dim, boft, "lora", memory=True), "≤", 1.1)]
+    speedup = ratio(2048, "peft_boft", boft)
+    if speedup is not None:
+        goals.append(("d=2048: PEFT BOFT m=2 ÷ BOFT m=2 (time)", speedup, "≥", 20.0))
+    return f"Goals (issue 15), on this run's {tokens}-token numbers:\n\n" + goals_table(goals)
 
 
 # --- suites --------------------------------------------------------------------------------------------------------
@@ -185,11 +211,12 @@ def goals(times: dict[tuple[int, int, str], float], tokens: int) -> str:
 def linear(argv: list[str]) -> str:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype, setting = _setting(device)
-    tokens = 512
+    tokens, dims = 512, [768, 2048, 4096]
     methods = method_list(["frozen", "lora", "peft_oft", "peft_boft", "oft", "boft"], factors=(1, 2, 4))
-    rows, times = layer_rows([768, 2048, 4096], [tokens], methods, device, dtype)
-    memory = "peak MiB: CUDA allocator peak above the inputs; – on CPU (not measured)."
-    return "\n\n".join([f"{setting}, {tokens} tokens. {memory}", markdown_table(HEADER, rows), goals(times, tokens)])
+    rows, results = layer_rows(dims, [tokens], methods, device, dtype)
+    note = (f"{setting}, {tokens} tokens; per d, all methods timed round-robin, median of the rounds; [path]: the "
+            f"path boftlab's auto choice takes. {MEMORY_METHOD[device.type]}.")
+    return "\n\n".join([note, markdown_table(HEADER, rows), layer_goals(results, dims, tokens)])
 
 
 @suite("layers", "single-layer training step and peak memory for every method; reduced grid on CPU (--full for all)")
@@ -202,15 +229,17 @@ def layers(argv: list[str]) -> str:
     names = ["frozen", "lora", "peft_oft", "peft_boft", "oft", "boft", "boft_fused", "surm", "tensor_core"]
     methods = method_list(names, factors=(2,), device=device)
     missing = [f for f, n in (("SURM", "surm"), ("tensor-core", "tensor_core")) if not _importable(n)]
-    notes = [f"{setting}; {grid}."]
+    notes = [f"{setting}; {grid}; per (d, tokens), all methods timed round-robin. {MEMORY_METHOD[device.type]}."]
     if missing:
         notes.append(f"Skipped (module not importable): {', '.join(missing)}.")
     if not any("fused" in m.label for m in methods):
         notes.append("Fused-kernel rows need CUDA and Triton; this run has " + device.type + ".")
-    rows, times = layer_rows(dims, tokens_list, methods, device, dtype)
-    parts = [" ".join(notes), markdown_table(HEADER, rows), goals(times, 512)]
+    rows, results = layer_rows(dims, tokens_list, methods, device, dtype)
+    parts = [" ".join(notes), markdown_table(HEADER, rows),
+             layer_goals(results, [d for d in dims if (d, 512, "lora") in results], 512)]
     if device.type == "cuda" and _triton_available():
-        parts += ["Fused kernel, forward only, bf16 activations (tokens × d), b=8:", kernel_bandwidth(dims, tokens_list)]
+        parts += ["BOFT's rotation alone, forward, bf16 activations (tokens × d), b=8: the fused kernel, the PyTorch "
+                  "factored form and the assembled form:", kernel_bandwidth(dims, tokens_list)]
     return "\n\n".join(p for p in parts if p)
 
 
@@ -223,11 +252,16 @@ def _importable(module: str) -> bool:
 
 
 def kernel_bandwidth(dims: list[int], tokens_list: list[int], factors: tuple[int, ...] = (1, 2, 4)) -> str:
-    """Achieved GB/s of the fused forward vs the bytes-moved bound (read + write the activations once).
+    """Achieved GB/s of the fused forward vs the bytes-moved bound (read + write the activations once), with the
+    PyTorch factored form and the assembled form (``diagonal_blocks`` once, then one block-diagonal product) timed
+    round-robin beside it.
 
     The bound's bandwidth is measured in the same run with ``torch`` copying the same tensor (read + write), and the
     spec peak from the device properties is shown next to it.
     """
+    from ..butterfly import MIN_WIDTH
+    from ..butterfly_structure import assembled_width, block_diagonal_apply, diagonal_blocks
+
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(device)
     spec = 2 * props.memory_clock_rate * 1e3 * props.memory_bus_width / 8 / 1e9  # GB/s, double data rate
@@ -236,47 +270,68 @@ def kernel_bandwidth(dims: list[int], tokens_list: list[int], factors: tuple[int
         for tokens in tokens_list:
             x = torch.randn(tokens, dim, device=device, dtype=torch.bfloat16)
             moved = 2 * x.numel() * x.element_size()
-            copy_ms = time_call(lambda: torch.empty_like(x).copy_(x), device, repeats=20).ms
             for m in factors:
                 blocks = torch.linalg.qr(torch.randn(m, dim // BLOCK_SIZE, BLOCK_SIZE, BLOCK_SIZE, device=device))[0]
-                gathers = [None if g is None else g.to(device) for g in gather_schedule(dim, BLOCK_SIZE, m, False)]
+                width = assembled_width(dim, BLOCK_SIZE, m, MIN_WIDTH)
                 with torch.no_grad():
-                    fused_ms = time_call(lambda: butterfly_apply_fused(x, blocks), device, repeats=20).ms
-                    torch_ms = time_call(lambda: butterfly_apply(x, blocks.to(x.dtype), gathers), device, repeats=20).ms
-                gbps = moved / fused_ms / 1e6
-                rows.append([dim, tokens, m, fused_ms, torch_ms, torch_ms / fused_ms, gbps, moved / copy_ms / 1e6,
-                             100 * copy_ms / fused_ms, spec])
-    header = ["d", "tokens", "m", "fused ms", "torch ms", "speed-up", "fused GB/s", "copy GB/s",
+                    ms = round_robin({
+                        "copy": lambda: torch.empty_like(x).copy_(x),
+                        "fused": lambda: butterfly_apply_fused(x, blocks.to(x.dtype)),
+                        "torch": lambda: butterfly_apply_reshaped(x, blocks.to(x.dtype)),
+                        "assembled": lambda: block_diagonal_apply(x, diagonal_blocks(blocks, width).to(x.dtype)),
+                    }, device, budget_s=2.0, max_rounds=50)
+                rows.append([dim, tokens, m, width, ms["fused"], ms["torch"], ms["assembled"],
+                             moved / ms["fused"] / 1e6, moved / ms["copy"] / 1e6, 100 * ms["copy"] / ms["fused"], spec])
+    header = ["d", "tokens", "m", "w", "fused ms", "torch factored ms", "assembled ms", "fused GB/s", "copy GB/s",
               "% of bound (copy)", "spec GB/s"]
     return markdown_table(header, rows)
 
 
-@suite("butterfly_costs", "cost per row element of a butterfly factor and an index gather, in dense-matmul "
-                          "multiply-adds: the measurement behind butterfly.FACTOR_COST / GATHER_COST")
+@suite("butterfly_costs", "cost per row element of a factor of the PyTorch factored form and of a block-diagonal "
+                          "product of width w, in dense-matmul multiply-adds: butterfly.FACTOR_COST / PRODUCT_COST")
 def butterfly_costs(argv: list[str]) -> str:
-    """Forward ``butterfly_apply`` (PyTorch path, fp32) on 512 rows, against one dense (512 × d) @ (d × d) matmul
-    timed in the same run: cost = d · t_butterfly / t_matmul multiply-adds per row element. m = 1 has no gathers (a factor
-    alone); for m > 1 the per-factor column is factors and gathers together. The last column is the cost model."""
-    from ..butterfly import FACTOR_COST, GATHER_COST
+    """A training step's rotation (forward, then backward to the rows and the blocks: three products), fp32, 512 rows,
+    against one dense (512 × d) @ (d × d) matmul timed round-robin with it: cost = d · (t / 3) / t_matmul multiply-adds
+    per row element and product — the unit of the cost model, which triples every rotation in training. Factored:
+    ``butterfly_apply_reshaped``, per factor (the gathered reference ``butterfly_apply`` beside it); assembled:
+    ``block_diagonal_apply`` at width w."""
+    from ..butterfly import FACTOR_COST, PRODUCT_COST
+    from ..butterfly_structure import block_diagonal_apply
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokens, rows = 512, []
+    tokens, factored_rows, product_rows = 512, [], []
+
+    def training(apply: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
+                 weights: torch.Tensor) -> Callable[[], None]:
+        def step() -> None:
+            apply(x.detach().requires_grad_(True), weights.detach().requires_grad_(True)).sum().backward()
+
+        return step
+
     for dim in (768, 2048):
         x = torch.randn(tokens, dim, device=device)
         dense = torch.randn(dim, dim, device=device)
-        with torch.no_grad():
-            matmul_ms = time_call(lambda: x @ dense, device, repeats=10).ms
-            for block_size, n_factors in ((8, 1), (16, 1), (8, 2), (8, 4), (16, 2)):
-                gauss = torch.randn(n_factors, dim // block_size, block_size, block_size)
-                blocks = torch.linalg.qr(gauss)[0].to(device)  # (m, k, b, b) orthogonal
-                gathers = [None if g is None else g.to(device)
-                           for g in gather_schedule(dim, block_size, n_factors, False)]
-                ms = time_call(lambda: butterfly_apply(x, blocks, gathers), device, repeats=10).ms
-                cost = dim * ms / matmul_ms
-                n_gathers = sum(g is not None for g in gathers)
-                model = n_factors * max(block_size, FACTOR_COST) + n_gathers * GATHER_COST
-                rows.append([dim, block_size, n_factors, n_gathers, ms, matmul_ms, cost, cost / n_factors, model])
-    header = ["d", "b", "m", "gathers", "butterfly ms", "matmul ms", "cost / element", "per factor", "cost model"]
-    note = (f"{device.type}, fp32, {tokens} rows, forward only, median of 10 calls; cost model: "
-            f"m·max(b, FACTOR_COST={FACTOR_COST}) + gathers·GATHER_COST={GATHER_COST}.")
-    return note + "\n\n" + markdown_table(header, rows)
+        calls, shapes = {"matmul": lambda: x @ dense}, []
+        for block_size, n_factors in ((8, 1), (16, 1), (8, 2), (8, 4), (16, 2), (4, 3)):
+            blocks = torch.linalg.qr(torch.randn(n_factors, dim // block_size, block_size, block_size))[0].to(device)
+            gathers = [None if g is None else g.to(device) for g in gather_schedule(dim, block_size, n_factors, False)]
+            calls[f"reshaped {block_size} {n_factors}"] = training(butterfly_apply_reshaped, x, blocks)
+            calls[f"gathered {block_size} {n_factors}"] = training(
+                lambda rows, b, g=gathers: butterfly_apply(rows, b, g), x, blocks)
+            shapes.append((block_size, n_factors))
+        widths = [w for w in (8, 16, 32, 64, 128, 256) if dim % w == 0]
+        for width in widths:
+            calls[f"product {width}"] = training(block_diagonal_apply, x, torch.randn(dim // width, width, width))
+        ms = round_robin(calls, device, budget_s=20.0)
+        cost = {label: dim * t / 3 / ms["matmul"] for label, t in ms.items()}
+        for b, m in shapes:
+            factored_rows.append([dim, b, m, ms[f"reshaped {b} {m}"], cost[f"reshaped {b} {m}"] / m,
+                                  cost[f"gathered {b} {m}"] / m, max(b, FACTOR_COST)])
+        product_rows += [[dim, w, ms[f"product {w}"], cost[f"product {w}"], max(w, PRODUCT_COST)] for w in widths]
+    note = (f"{device.type}, fp32, {tokens} rows, forward + backward (÷ 3), round-robin with the dense matmul; cost "
+            f"per row element and product in matmul multiply-adds. Cost model: a factor max(b, FACTOR_COST="
+            f"{FACTOR_COST}), a block-diagonal product of width w max(w, PRODUCT_COST={PRODUCT_COST}).")
+    factored = markdown_table(["d", "b", "m", "training ms", "per factor", "per factor (gathered reference)",
+                               "cost model"], factored_rows)
+    products = markdown_table(["d", "w", "training ms", "per product", "cost model"], product_rows)
+    return "\n\n".join([note, factored, products])

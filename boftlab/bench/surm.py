@@ -2,8 +2,8 @@
 
 One frozen nn.Linear(d, d) and 512 tokens; one training step (forward, a scalar loss, backward to the adapter and
 the input) for every SURM structure (LoRA-style, W + S, and one adapter-style row), a dense trainable ΔW (full
-fine-tuning of the update, d² numbers) and PEFT LoRA r=8, timed in the same process, one run (median of 3 calls).
-Ratios are to PEFT LoRA and to the dense ΔW of the same d. ``--quick``: d ∈ {64, 128}, 32 tokens (a smoke run).
+fine-tuning of the update, d² numbers) and PEFT LoRA r=8, timed round-robin in one process (medians). Ratios are
+to PEFT LoRA and to the dense ΔW of the same d. ``--quick``: d ∈ {64, 128}, 32 tokens (a smoke run).
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fwd_bwd, markdown_table, suite, time_call, with_peft
+from . import fwd_bwd, markdown_table, round_robin, suite, with_peft
 from .layers import LORA_RANK
 from ..surm import SURMConfig
 
-FULL = {"dims": (768, 2048, 4096), "tokens": 512, "repeats": 3, "warmup": 2}
-QUICK = {"dims": (64, 128), "tokens": 32, "repeats": 5, "warmup": 2}
+FULL = {"dims": (768, 2048, 4096), "tokens": 512, "repeats": 5}
+QUICK = {"dims": (64, 128), "tokens": 32, "repeats": 5}
 
 
 class DenseDelta(nn.Module):
@@ -62,16 +62,16 @@ def run(argv: list[str]) -> str:
     for d in sizes["dims"]:
         torch.manual_seed(0)
         x = torch.randn(sizes["tokens"], d, device=device)
-        timings = []
+        calls, counts = {}, {}
         for label, build in methods():
             base = nn.Linear(d, d).to(device)
             module = build(base).to(device)
             base.weight.requires_grad_(False)  # frozen, as adapt() leaves it
             base.bias.requires_grad_(False)
-            ms = time_call(fwd_bwd(module, x), device, sizes["repeats"], sizes["warmup"]).ms
-            timings.append((label, trainable(module), ms))
-        lora_ms, dense_ms = timings[0][2], timings[1][2]
-        rows += [[label, d, n, ms, ms / lora_ms, ms / dense_ms] for label, n, ms in timings]
-    note = (f"{sizes['tokens']} tokens, fp32, {device.type}; median of {sizes['repeats']} calls after "
-            f"{sizes['warmup']} warm-up; one run, so expect noise of ±20% on a shared machine.")
+            calls[label], counts[label] = fwd_bwd(module, x), trainable(module)
+        ms = round_robin(calls, device, min_rounds=sizes["repeats"], max_rounds=sizes["repeats"])
+        lora_ms, dense_ms = ms[f"PEFT LoRA r={LORA_RANK}"], ms["dense ΔW"]
+        rows += [[label, d, counts[label], t, t / lora_ms, t / dense_ms] for label, t in ms.items()]
+    note = (f"{sizes['tokens']} tokens, fp32, {device.type}; median of {sizes['repeats']} round-robin rounds (each "
+            f"times every method once) after a warm-up round.")
     return note + "\n\n" + markdown_table(header, rows)

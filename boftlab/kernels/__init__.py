@@ -1,8 +1,9 @@
 """Fused GPU kernels. Importing this package does not import Triton: it loads on the first CUDA call.
 
 ``fused_supported(x, blocks)`` says whether ``butterfly_apply_fused`` can replace
-``butterfly_structure.butterfly_apply`` for these tensors (CUDA, Triton importable, supported block size / factors /
-dtype); the result is the same to fp tolerance, so callers may dispatch on it.
+``butterfly_structure.butterfly_apply_reshaped`` for these tensors (CUDA, Triton importable, supported block size /
+factors / dtype); the result is the same to fp tolerance, so callers may dispatch on it. ``fused_available`` answers
+the same from a device, shape and dtype (for cost models, before any tensor exists).
 
 Which implementation a layer uses is a switch with two settings, ``KERNELS``:
 
@@ -10,7 +11,9 @@ Which implementation a layer uses is a switch with two settings, ``KERNELS``:
 * ``"torch"`` — always the PyTorch path (the reference; benchmarks time it on GPUs too).
 
 A config chooses it (``BOFTConfig(kernel=...)``), and the environment variable ``BOFTLAB_KERNEL=torch`` forces the
-PyTorch path for every layer built while it is set (unset or ``auto``: each config decides).
+PyTorch path for every layer built while it is set (unset or ``auto``: each config decides). Nothing falls back
+silently: if the kernel fails to compile or launch, ``butterfly_apply_fused`` raises ``FusedKernelError``, whose
+message names both switches.
 """
 
 from __future__ import annotations
@@ -32,6 +35,19 @@ def kernel_in_force(configured: str) -> str:
             "auto or unset leaves the choice to each config)"
         )
     return "torch" if forced == "torch" else configured
+
+
+class FusedKernelError(RuntimeError):
+    """The fused kernel failed to compile or launch (a Triton/driver/GPU problem, not a bad argument)."""
+
+
+def fused_available(device: torch.device, dim: int, block_size: int, n_factors: int, dtype: torch.dtype) -> bool:
+    """Whether the fused kernel runs for rows of ``dtype`` and width ``dim`` on ``device`` with (b, m). O(1)."""
+    if device.type != "cuda":
+        return False  # decided without importing Triton
+    from .butterfly_triton import triton, unsupported_reason
+
+    return triton is not None and unsupported_reason(dim, block_size, n_factors, dtype) is None
 
 
 def fused_supported(x: torch.Tensor, blocks: torch.Tensor) -> bool:

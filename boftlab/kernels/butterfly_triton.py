@@ -1,9 +1,11 @@
 """A fused Triton kernel for the butterfly-orthogonal transform: x @ R (or x @ Rᵀ) with R = B_m ⋯ B_1.
 
-``boftlab.butterfly_structure.butterfly_apply`` runs m rounds of gather + batched b × b matmul, each reading and
-writing all activations (about 2m passes over memory, plus m saved intermediates for backward). Here one Triton
-program loads a tile of rows once, applies every factor to it on chip, and writes it once. Its plan, in PyTorch, is
-``butterfly_structure.butterfly_apply_reshaped``.
+The PyTorch factored form (``boftlab.butterfly_structure.butterfly_apply_reshaped``, which is also this kernel's
+plan) runs m rounds of reshape + batched b × b matmul, each reading and writing all activations (several passes over
+memory per factor, plus m saved intermediates for backward). Here one Triton program loads a tile of rows once,
+applies every factor to it on chip, and writes it once. The assembled form (R's diagonal blocks, then one batched
+matmul) needs no kernel of its own: it is a batched matmul; this kernel serves the factored form, which stays the
+cheaper one when L = b·2^(m−1) is wide, and is priced against the assembled form by ``BOFTLayer.rotation_costs``.
 
 Why no gathers are needed. Factor i (0-based, s = 2^i) is P · blockdiag(Q_i) · Pᵀ, and conjugating by the
 butterfly permutation only changes *which* coordinates a block mixes: in the natural layout, a row viewed as
@@ -35,6 +37,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from . import KERNEL_ENV, FusedKernelError
 
 try:
     import triton
@@ -221,17 +225,46 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _forward_constants(dim: int, block_size: int, n_factors: int, transpose: bool,
+                       dtype: torch.dtype) -> dict[str, object]:
+    """The constexpr arguments of ``_forward_kernel`` for this shape and dtype (a launch and ``compile_ahead``)."""
+    rows, cols, dot = tile_shape(dim, block_size, n_factors)
+    return dict(B=block_size, M=n_factors, TRANSPOSE=transpose, ROWS=rows, COLS=cols, DOT=dot,
+                PRECISION=_precision(dtype))
+
+
+def _backward_constants(dim: int, block_size: int, n_factors: int, transpose: bool, dtype: torch.dtype,
+                        write_dx: bool) -> dict[str, object]:
+    """The constexpr arguments of ``_backward_kernel``: the forward's tile, halved in rows on the broadcast path (the
+    backward holds x, the gradient and m accumulators in registers)."""
+    rows, cols, dot = tile_shape(dim, block_size, n_factors)
+    return dict(B=block_size, M=n_factors, M_POW2=1 << (n_factors - 1).bit_length(), TRANSPOSE=transpose,
+                ROWS=rows if dot else max(1, rows // 2), COLS=cols, DOT=dot, PRECISION=_precision(dtype),
+                WRITE_DX=write_dx)
+
+
+def _run(kernel, grid: tuple[int, ...], *args, **constants) -> None:
+    """Launch ``kernel`` on ``grid``; a compile, launch or driver failure becomes a ``FusedKernelError`` that names the
+    switch to the PyTorch path — never a silent fallback."""
+    try:
+        kernel[grid](*args, **constants)
+    except Exception as error:
+        raise FusedKernelError(
+            f"the fused Triton butterfly kernel failed ({type(error).__name__}: {error}). To use the PyTorch path "
+            f"instead, build the layers with BOFTConfig(kernel='torch') or with the environment variable "
+            f"{KERNEL_ENV}=torch set."
+        ) from error
+
+
 def _launch_forward(x: torch.Tensor, blocks: torch.Tensor, transpose: bool) -> torch.Tensor:
     n_factors, n_blocks, block_size, _ = blocks.shape
     n_rows, dim = x.shape
     y = torch.empty_like(x)
     if n_rows == 0:
         return y
-    rows, cols, dot = tile_shape(dim, block_size, n_factors)
-    grid = (triton.cdiv(n_rows, rows), dim // cols)
-    _forward_kernel[grid](
-        x, blocks, y, n_rows, dim, n_blocks, block_size, n_factors, transpose, rows, cols, dot, _precision(x.dtype)
-    )
+    constants = _forward_constants(dim, block_size, n_factors, transpose, x.dtype)
+    grid = (triton.cdiv(n_rows, constants["ROWS"]), dim // constants["COLS"])
+    _run(_forward_kernel, grid, x, blocks, y, n_rows, dim, n_blocks, **constants)
     return y
 
 
@@ -240,10 +273,8 @@ def _launch_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     n_factors, n_blocks, block_size, _ = blocks.shape
     n_rows, dim = x.shape
-    rows, cols, dot = tile_shape(dim, block_size, n_factors)
-    if not dot:  # the backward holds more in registers (x, the gradient, m accumulators): halve the tile
-        rows = max(1, rows // 2)
-    n_col_tiles, n_row_tiles = dim // cols, max(1, triton.cdiv(n_rows, rows))
+    constants = _backward_constants(dim, block_size, n_factors, transpose, x.dtype, write_dx)
+    n_col_tiles, n_row_tiles = dim // constants["COLS"], max(1, triton.cdiv(n_rows, constants["ROWS"]))
     # enough programs to fill the GPU; each loops over its row tiles and keeps one partial sum per block
     target = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
     n_programs = max(1, min(n_row_tiles, target // n_col_tiles))
@@ -252,10 +283,8 @@ def _launch_backward(
     dx = torch.empty_like(x) if write_dx else x  # x as a placeholder pointer, never written
     partial = torch.empty(n_programs, n_factors, n_blocks, block_size, block_size, device=x.device,
                           dtype=torch.float32)
-    _backward_kernel[(n_programs, n_col_tiles)](
-        x, grad, blocks, dx, partial, n_rows, dim, n_blocks, tiles_per_program, block_size, n_factors,
-        triton.next_power_of_2(n_factors), transpose, rows, cols, dot, _precision(x.dtype), write_dx,
-    )
+    _run(_backward_kernel, (n_programs, n_col_tiles),
+         x, grad, blocks, dx, partial, n_rows, dim, n_blocks, tiles_per_program, **constants)
     return (dx if write_dx else None), partial.sum(0).to(blocks.dtype)
 
 
@@ -285,12 +314,12 @@ class _FusedButterfly(torch.autograd.Function):
 def butterfly_apply_fused(x: torch.Tensor, blocks: torch.Tensor, transpose: bool = False) -> torch.Tensor:
     """x: (..., d) -> x @ R, or x @ Rᵀ with ``transpose``; blocks: (m, k, b, b). O(d·b·m) per row, one pass.
 
-    The same result (to fp tolerance) as ``butterfly_structure.butterfly_apply`` with ``gather_schedule``'s gathers:
-    the kernel implements the butterfly permutations itself (``butterfly_apply_reshaped`` is its plan), so it takes
-    no gathers. Differentiable in x and blocks.
+    The same result (to fp tolerance) as ``butterfly_structure.butterfly_apply_reshaped``, its plan: the kernel
+    implements the butterfly permutations by reshapes, so it takes no gathers. Differentiable in x and blocks.
+    ``FusedKernelError`` if the kernel fails to compile or launch.
     """
     if triton is None:
-        raise RuntimeError("butterfly_apply_fused needs Triton (pip install triton); use butterfly_apply instead")
+        raise RuntimeError("butterfly_apply_fused needs Triton (pip install triton); use butterfly_apply_reshaped")
     if blocks.dim() != 4 or blocks.shape[-1] != blocks.shape[-2]:
         raise ValueError(f"blocks must have shape (n_factors, n_blocks, b, b), got {tuple(blocks.shape)}")
     n_factors, n_blocks, block_size, _ = blocks.shape
@@ -299,8 +328,50 @@ def butterfly_apply_fused(x: torch.Tensor, blocks: torch.Tensor, transpose: bool
         raise ValueError(f"x has d={dim} features but blocks cover n_blocks·b = {n_blocks}·{block_size}")
     reason = unsupported_reason(dim, block_size, n_factors, x.dtype)
     if reason is not None:
-        raise ValueError(f"the fused butterfly kernel cannot run this case: {reason}. Use butterfly_apply.")
+        raise ValueError(f"the fused butterfly kernel cannot run this case: {reason}. Use butterfly_apply_reshaped.")
     if x.device != blocks.device:
         raise ValueError(f"x is on {x.device} but blocks are on {blocks.device}")
     y = _FusedButterfly.apply(x.reshape(-1, dim), blocks, bool(transpose))
     return y.reshape(x.shape)
+
+
+# --- ahead-of-time compilation (no GPU needed) ---------------------------------------------------------------------
+TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def compile_ahead(capability: int, dim: int, block_size: int, n_factors: int, dtype: torch.dtype,
+                  transpose: bool = False, write_dx: tuple[bool, ...] = (True, False)) -> list:
+    """Compile the forward kernel and the backward kernel (with dx, without dx, or both: ``write_dx``) for an NVIDIA
+    GPU of compute capability ``capability`` (75: T4, 80: A100, 90: H100) on any machine, GPU or not.
+
+    ``triton.compile(ASTSource(kernel, signature, constants, attrs), target=GPUTarget("cuda", capability, 32))`` with
+    the constants a launch on that shape uses and the specialisation a launch sees for 16-byte aligned torch tensors
+    (and d divisible by 16, when it is). Raises what Triton raises on a compile error; returns the compiled kernels.
+    """
+    if triton is None:
+        raise RuntimeError("compile_ahead needs Triton (pip install triton)")
+    reason = unsupported_reason(dim, block_size, n_factors, dtype)
+    if reason is not None:
+        raise ValueError(f"the fused butterfly kernel does not support this case: {reason}")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    pointer = "*" + TRITON_TYPES[dtype]
+    divisible = [["tt.divisibility", 16]]
+
+    def build(kernel, types: dict[str, str], constants: dict[str, object]):
+        signature = {name: types.get(name, "constexpr") for name in kernel.arg_names}
+        aligned = [name for name, t in types.items() if t.startswith("*")] + (["dim"] if dim % 16 == 0 else [])
+        attrs = {(kernel.arg_names.index(name),): divisible for name in aligned}
+        source = ASTSource(kernel, signature, constants, attrs)
+        return triton.compile(source, target=GPUTarget("cuda", capability, 32))
+
+    sizes = {"n_rows": "i32", "dim": "i32", "n_blocks": "i32"}
+    compiled = [build(_forward_kernel, {"x_ptr": pointer, "q_ptr": pointer, "y_ptr": pointer, **sizes},
+                      _forward_constants(dim, block_size, n_factors, transpose, dtype))]
+    for dx in write_dx:
+        types = {"x_ptr": pointer, "dy_ptr": pointer, "q_ptr": pointer, "dx_ptr": pointer, "dq_ptr": "*fp32",
+                 **sizes, "tiles_per_program": "i32"}
+        compiled.append(build(_backward_kernel, types,
+                              _backward_constants(dim, block_size, n_factors, transpose, dtype, dx)))
+    return compiled
