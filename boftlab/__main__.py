@@ -1,6 +1,6 @@
 """``python -m boftlab reproduce {vit,llm,diffusion,all} --profile ci|colab --out DIR``
 
-Runs the fine-tuning comparisons of notebooks 04–06 headless, with progress bars, and writes DIR/results.md (one
+Runs the fine-tuning comparisons of notebooks 07–09 headless, with progress bars, and writes DIR/results.md (one
 table per domain, with the date and machine) and the PNG figures beside it.
 """
 

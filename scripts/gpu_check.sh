@@ -8,7 +8,7 @@
 # 2. CUDA tests: the fused kernel against the PyTorch path (tests/test_kernels.py, compiled on CUDA), every family
 #    forward/backward/merge on CUDA in fp32/bf16/fp16 against the CPU, BOFT on every path and kernel (tests/test_cuda.py)
 # 3. benchmarks: python -m boftlab.bench layers models llama (fused-kernel rows, kernel bandwidth, Llama 1.1B)
-# 4. notebooks 00 and 04, executed with the ci profile on CUDA (outputs kept)
+# 4. notebooks 00 and 07, executed with the ci profile on CUDA (outputs kept)
 # Each stage has its own time limit and the next one runs whatever happened; $OUT/summary.txt lists every stage's exit
 # status and wall time. Exit status: 0 if every stage passed, 2 without a CUDA device, 1 otherwise.
 set -uo pipefail
@@ -62,7 +62,7 @@ fi
 stage cuda-tests "$LIMIT_TESTS" python -m pytest -q -p no:cacheprovider -rs "${CUDA_TESTS[@]}" \
     -k "not compile_ahead" --junitxml="$OUT/cuda-tests.xml"
 stage bench "$LIMIT_BENCH" python -m boftlab.bench layers models llama --budget 4 --out "$OUT/bench-gpu.md"
-for notebook in 00_quickstart 04_vit_finetuning; do
+for notebook in 00_quickstart 07_vit_finetuning; do
     stage "notebook-${notebook%%_*}" "$LIMIT_NOTEBOOK" jupyter nbconvert --to notebook --execute \
         --ExecutePreprocessor.timeout="$LIMIT_NOTEBOOK" --output-dir "$OUT/notebooks" "notebooks/$notebook.ipynb"
 done

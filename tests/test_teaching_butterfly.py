@@ -1,4 +1,4 @@
-"""boftlab.teaching.butterfly: the functions under notebooks 01 and 02's widgets — patterns, reachability, figures,
+"""boftlab.teaching.butterfly: the functions under notebooks 02 and 03's widgets — patterns, reachability, figures,
 parameter budgets."""
 
 import math

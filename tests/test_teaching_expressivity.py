@@ -1,4 +1,4 @@
-"""boftlab.teaching.expressivity: fitting orthogonal targets with BOFT / OFT (the functions under notebook 03)."""
+"""boftlab.teaching.expressivity: fitting orthogonal targets with BOFT / OFT (the functions under notebook 04)."""
 
 import matplotlib
 

@@ -1,5 +1,5 @@
 """boftlab.teaching.surm: best structured approximations (exact projections, Van Loan–Pitsianis, alternating least
-squares for LDR) and the figures of notebook 07."""
+squares for LDR) and the figures of notebook 05."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""boftlab.teaching.tensor_core: notebook 08's figures, parameter counts against PEFT, and the digits transfer task
+"""boftlab.teaching.tensor_core: notebook 06's figures, parameter counts against PEFT, and the digits transfer task
 on the reproduction runner."""
 
 import copy

@@ -1,5 +1,5 @@
 """The papers' three domains — ViT, LLM, diffusion — as headless experiments (``python -m boftlab reproduce``) and
-as notebooks 04–06, which call the same functions.
+as notebooks 07–09, which call the same functions.
 
 Each domain module defines its ci and colab tasks and methods and one ``DOMAIN`` (a ``runner.Domain``) whose
 ``settings`` / ``make_task`` / ``profile_methods`` / ``report`` / ``run`` it re-exports; ``reproduce`` runs several

@@ -443,7 +443,7 @@ class Report:
 
 @dataclass(frozen=True)
 class Domain:
-    """One reproduction domain as ``python -m boftlab reproduce`` and notebooks 04–06 use it.
+    """One reproduction domain as ``python -m boftlab reproduce`` and notebooks 07–09 use it.
 
     settings_by_profile: profile -> the domain's settings object; tasks: profile -> (settings -> (Task, markdown
     description)); methods: profile -> () -> the methods compared; titles / metrics: profile -> report title / metric

@@ -4,9 +4,9 @@ adapters (the family files hold the structured matrix and its layer only).
 One module per subject, each loaded when imported (``from boftlab.teaching import surm``) or first touched
 (``boftlab.teaching.surm``):
 
-* ``butterfly``    — butterfly patterns, reachability, parameter budgets (notebooks 01, 02);
-* ``expressivity`` — fitting rotations with BOFT/OFT at equal budgets (notebook 03);
-* ``surm``         — best structured approximations and their figures (notebook 07);
+* ``butterfly``    — butterfly patterns, reachability, parameter budgets (notebooks 02, 03);
+* ``expressivity`` — fitting rotations with BOFT/OFT at equal budgets (notebook 04);
+* ``surm``         — best structured approximations and their figures (notebook 05);
 * ``tensor_core``  — flattening and mode-product figures, parameter counts vs PEFT, the digits transfer task (08);
 * ``widgets``      — ``interact``: sliders on any of the figure functions above.
 

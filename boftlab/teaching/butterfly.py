@@ -1,4 +1,4 @@
-"""Butterfly patterns, reachability and parameter budgets, for notebooks 01 and 02 — the plain functions under their
+"""Butterfly patterns, reachability and parameter budgets, for notebooks 02 and 03 — the plain functions under their
 widgets.
 
 Each function takes plain numbers, returns a matplotlib ``Figure`` (and prints what a widget should print), and is
@@ -177,7 +177,7 @@ def explore_butterfly(dim: int = 16, block_size: int = 2, n_factors: int = 4) ->
     return fig
 
 
-# --- parameter counts (notebook 02) ----------------------------------------------------------------------------------
+# --- parameter counts (notebook 03) ----------------------------------------------------------------------------------
 def plot_parameter_budget(
     model: str = "deberta-v3-base",
     method: str = "boft",

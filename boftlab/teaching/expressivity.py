@@ -6,7 +6,7 @@ R = B_m ⋯ B_1 of a ``BOFTLayer`` (``boftlab.butterfly``, Cayley-parameterised 
 m·(d/b)·b(b−1)/2. Zero is a perfect fit; the identity (no adaptation) scores √(2 − 2·tr(T)/d) ≈ √2 for a random T.
 
 Targets live in SO(d), not O(d): every Cayley block has determinant +1, so no BOFT/OFT matrix can reach det −1.
-For notebook 03; tested in ``tests/test_teaching_expressivity.py``.
+For notebook 04; tested in ``tests/test_teaching_expressivity.py``.
 """
 
 from __future__ import annotations

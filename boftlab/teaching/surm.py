@@ -1,4 +1,4 @@
-"""Best structured approximations and their figures, for notebook 07: how close circulant, Toeplitz, Kronecker, LDR
+"""Best structured approximations and their figures, for notebook 05: how close circulant, Toeplitz, Kronecker, LDR
 and low-rank matrices come to a given weight, at how many stored numbers.
 
 The structured matrices themselves (and the SURM layer) are in ``boftlab.surm``; this module only fits them to a

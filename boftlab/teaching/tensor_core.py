@@ -1,10 +1,10 @@
-"""Notebook 08's figures and experiment for the tensor-core (FLoRA) adapter: what flattening a kernel does, the mode
+"""Notebook 06's figures and experiment for the tensor-core (FLoRA) adapter: what flattening a kernel does, the mode
 products step by step, adapter parameters per layer kind against PEFT, and a small transfer task.
 
 The adapter itself is ``boftlab.tensor_core``. The transfer task runs on the reproduction runner
 (``boftlab.reproduce.runner``): its digits data and stratified splits, its pretraining loop (``train_digit_model``)
 and its fine-tuning loop (``run_methods``: AdamW, warm-up then cosine decay, the same seed and batches for every
-method), so notebook 08 measures the way ``python -m boftlab reproduce`` does. Tested in
+method), so notebook 06 measures the way ``python -m boftlab reproduce`` does. Tested in
 ``tests/test_teaching_tensor_core.py``.
 """
 
