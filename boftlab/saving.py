@@ -42,7 +42,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__
+from . import __version__, base_layers
 from .contract import AdapterConfig, AdapterLayer
 from .model import TRAINABLE_ATTR, adapter_layers, build_layers, insert_layers, strip_wrappers
 
@@ -174,6 +174,7 @@ def adapter_config(model: nn.Module) -> dict[str, Any]:
         group["targets"][name] = {
             "type": type(layer.base_layer).__name__,
             "weight_shape": list(layer.base_layer.weight.shape) if hasattr(layer.base_layer, "weight") else None,
+            "layer_shape": list(base_layers.weight_shape(layer.base_layer)),  # (out, in) even when stored packed
         }
     return {
         "format_version": FORMAT_VERSION,
@@ -323,6 +324,8 @@ def _check_targets(model: nn.Module, group: dict[str, Any]) -> None:
         if isinstance(module, AdapterLayer):
             raise ValueError(f"module {name!r} already carries an adapter; load into a freshly built base model")
         if type(module).__name__ != info["type"]:
+            if _packing_differs(name, module, info):
+                continue
             raise ValueError(f"module {name!r} is a {type(module).__name__}, but the adapter was saved for a {info['type']}")
         shape = list(module.weight.shape) if hasattr(module, "weight") else None
         if shape != info["weight_shape"]:
@@ -330,6 +333,32 @@ def _check_targets(model: nn.Module, group: dict[str, Any]) -> None:
                 f"shape mismatch at {name!r}: the adapter was saved for a base weight of shape {info['weight_shape']}, "
                 f"this model's is {shape} — another architecture or size?"
             )
+
+
+def _packing_differs(name: str, module: nn.Module, info: dict[str, Any]) -> bool:
+    """Whether ``module`` is the layer the adapter was saved for, stored another way: an nn.Linear where it was a
+    bitsandbytes quantized Linear of the same (out, in) sizes, or the other way round — the QLoRA route (train on a
+    4-bit base, load onto the 16-bit model to merge and serve). The adapter's tensors mean the same map on both; what
+    differs is the base weight itself (its quantization error), which is the base the user chose. ValueError when the
+    types are such a pair but the sizes are not."""
+    linear_names = {"Linear", *base_layers.QUANTIZED_LINEARS}
+    if not (info["type"] in linear_names and base_layers.kind(module) in ("linear", "quantized")
+            and type(module).__name__ in linear_names and {info["type"], type(module).__name__} != {"Linear"}):
+        return False
+    saved = info.get("layer_shape") or (info["weight_shape"] if info["type"] == "Linear" else None)
+    here = list(base_layers.weight_shape(module))
+    if saved is None:
+        raise ValueError(
+            f"module {name!r} is a {type(module).__name__}, not the {info['type']} the adapter was saved for, and this "
+            "file (written before boftlab recorded layer sizes) does not say that layer's (out, in) sizes, so it "
+            f"cannot be checked against this one's {here}. Load it onto a {info['type']} base, then save it again"
+        )
+    if saved != here:
+        raise ValueError(
+            f"shape mismatch at {name!r}: the adapter was saved for a {info['type']} of (out, in) = {saved}, this "
+            f"{type(module).__name__} is {here} — another architecture or size?"
+        )
+    return True
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:

@@ -249,3 +249,53 @@ def test_dequantize_bases_without_quantized_layers_is_refused():
     with pytest.raises(ValueError, match=r"no adapter of this model wraps a quantized \(bitsandbytes\) layer"):
         boftlab.dequantize_bases(model, torch.float32)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+class PlainNet(QuantizedNet):
+    """QuantizedNet's layers unquantized: the 16/32-bit model a QLoRA adapter is loaded onto to merge and serve."""
+
+    def __init__(self, query_out: int = 32) -> None:
+        nn.Module.__init__(self)
+        torch.manual_seed(0)
+        self.query = nn.Linear(32, query_out)
+        self.value = nn.Linear(query_out, 16, bias=False)
+        self.head = nn.Linear(16, 3)
+
+
+def with_adapter_values(model: nn.Module, name: str, values: dict[str, torch.Tensor]) -> nn.Module:
+    """``model`` adapted with CONFIGS[name], its adapter tensors set to ``values`` (same names)."""
+    boftlab.adapt(model, CONFIGS[name], targets=["query", "value"])
+    missing, unexpected = model.load_state_dict(values, strict=False)
+    assert not unexpected
+    return model
+
+
+@pytest.mark.parametrize("name,bits", CASES)
+def test_an_adapter_trained_on_a_quantized_base_loads_onto_the_unquantized_model_and_back(name, bits, tmp_path):
+    """The QLoRA route: train on the 4/8-bit base, load the file onto the plain model (to merge and serve), and the
+    other way round. The adapter is the same map on both bases: each loaded model equals that base adapted with the
+    file's values, bit for bit; only the base weights differ (by their quantization error)."""
+    x = torch.randn(5, 32)
+    trained_on_quantized = adapted(name, bits)
+    train(trained_on_quantized, x)
+    values = boftlab.saving.adapter_state(trained_on_quantized)
+    boftlab.save_adapter(trained_on_quantized, tmp_path / "q")
+    loaded = boftlab.load_adapter(PlainNet(), tmp_path / "q")
+    assert type(loaded.query.base_layer) is nn.Linear
+    assert torch.equal(loaded(x), with_adapter_values(PlainNet(), name, values)(x))
+
+    boftlab.save_adapter(loaded, tmp_path / "plain")
+    back = boftlab.load_adapter(QuantizedNet(bits), tmp_path / "plain")
+    assert base_layers.kind(back.query.base_layer) == "quantized"
+    assert torch.equal(back(x), trained_on_quantized(x))
+
+
+def test_a_quantized_adapter_is_refused_on_a_plain_layer_of_other_sizes(tmp_path):
+    boftlab.save_adapter(adapted("tensor_core", 4), tmp_path)
+    model = PlainNet(query_out=48)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"shape mismatch at 'query': the adapter was saved for a Linear4bit of "
+                                         r"\(out, in\) = \[32, 32\], this Linear is \[48, 32\]"):
+        boftlab.load_adapter(model, tmp_path)
+    assert not any(isinstance(m, boftlab.AdapterLayer) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
