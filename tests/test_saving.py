@@ -72,7 +72,7 @@ def test_saved_files(tmp_path):
     assert config["format_version"] == FORMAT_VERSION == 3 and config["boftlab_version"] == boftlab.__version__
     groups = {g["config"]["family"]: g for g in config["groups"]}
     assert groups["boft"]["config"]["block_size"] == 4 and groups["boft"]["config"]["n_factors"] == 2
-    assert groups["boft"]["targets"]["encoder.0"] == {"type": "Linear", "weight_shape": [16, 16]}
+    assert groups["boft"]["targets"]["encoder.0"] == {"type": "Linear", "weight_shape": [16, 16], "layer_shape": [16, 16]}
     assert config["trainable"] == ["head"]
     tensors = load_file(tmp_path / WEIGHTS_NAME)
     assert set(tensors) == {
