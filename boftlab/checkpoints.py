@@ -250,6 +250,13 @@ def load_checkpoint(
             f"the checkpoint's adapters {saved} (configs {[g['config'] for g in meta['adapter']['groups']]}) differ "
             "from this model's; adapt the model exactly as in the checkpointed run"
         )
+    merged = [name for name, layer in adapter_layers(model).items() if layer.merged]
+    if merged:
+        raise ValueError(
+            f"load_checkpoint: {len(merged)} adapter(s) of this model are merged into their base weights (e.g. "
+            f"{merged[0]!r}); copying the checkpoint's adapter values in would leave those weights holding the old "
+            "ones. Call boftlab.unmerge(model) first, then resume"
+        )
     saved_model = decode(meta["model"], tensors)
     live = adapter_state(model)
     missing, unexpected = sorted(set(live) - set(saved_model)), sorted(set(saved_model) - set(live))

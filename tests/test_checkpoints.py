@@ -162,6 +162,26 @@ def test_mismatched_resume_is_refused_and_changes_nothing(tmp_path):
     assert_same(before, snapshot(fresh, fresh_opt, fresh_sched))
 
 
+def test_resume_into_a_merged_model_is_refused_and_changes_nothing(tmp_path):
+    """Copying a checkpoint's adapter values into merged adapters would leave the base weights holding the old ones."""
+    model, optimizer, scheduler = build()
+    train(model, optimizer, scheduler, 1)
+    save_checkpoint(tmp_path, model, optimizer, scheduler, step=1)
+    saved = {k: v.clone() for k, v in boftlab.saving.adapter_state(model).items()}
+
+    other, other_opt, other_sched = build()
+    train(other, other_opt, other_sched, 2)
+    boftlab.merge(other)
+    before = snapshot(other, other_opt, other_sched)
+    with pytest.raises(ValueError, match=r"2 adapter\(s\) of this model are merged .* boftlab.unmerge\(model\) first"):
+        load_checkpoint(tmp_path, other, other_opt, other_sched)
+    assert_same(before, snapshot(other, other_opt, other_sched))
+
+    boftlab.unmerge(other)
+    assert load_checkpoint(tmp_path, other, other_opt, other_sched).step == 1
+    assert all(torch.equal(v, saved[k]) for k, v in boftlab.saving.adapter_state(other).items())
+
+
 def test_checkpoint_with_format_1_adapter_names_resumes(tmp_path):
     """A checkpoint embeds its adapter config; one written with format 1's tensor-core names still resumes."""
     import json
