@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .model import adapter_layers, strip_wrappers
+from .model import adapter_layers, check_unmerged, strip_wrappers
 from .saving import (
     adapter_config, adapter_state, atomic_write, check_finite, read_safetensors, safetensors_writer, upgrade_config,
 )
@@ -250,13 +250,8 @@ def load_checkpoint(
             f"the checkpoint's adapters {saved} (configs {[g['config'] for g in meta['adapter']['groups']]}) differ "
             "from this model's; adapt the model exactly as in the checkpointed run"
         )
-    merged = [name for name, layer in adapter_layers(model).items() if layer.merged]
-    if merged:
-        raise ValueError(
-            f"load_checkpoint: {len(merged)} adapter(s) of this model are merged into their base weights (e.g. "
-            f"{merged[0]!r}); copying the checkpoint's adapter values in would leave those weights holding the old "
-            "ones. Call boftlab.unmerge(model) first, then resume"
-        )
+    check_unmerged(model, "load_checkpoint", "copying the checkpoint's adapter values in would leave those weights "
+                   "holding the old ones", "resume")
     saved_model = decode(meta["model"], tensors)
     live = adapter_state(model)
     missing, unexpected = sorted(set(live) - set(saved_model)), sorted(set(saved_model) - set(live))

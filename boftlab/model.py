@@ -63,6 +63,17 @@ def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
 
 
+def check_unmerged(model: nn.Module, action: str, why: str, then: str) -> None:
+    """ValueError when any adapter of ``model`` is merged into its base weight: ``action`` (e.g. "load_adapter") would
+    need the unmerged state, ``why`` says what would go wrong, ``then`` what to call after ``boftlab.unmerge``."""
+    merged = [name for name, layer in adapter_layers(model).items() if layer.merged]
+    if merged:
+        raise ValueError(
+            f"{action}: {len(merged)} adapter(s) of this model are merged into their base weights (e.g. "
+            f"{merged[0]!r}); {why}. Call boftlab.unmerge(model) first, then {then}"
+        )
+
+
 def _plain_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Named modules of the base model, not counting adapter internals (``….base_layer`` and the adapter's own)."""
     found = {}

@@ -44,7 +44,7 @@ from torch import nn
 
 from . import __version__, base_layers
 from .contract import AdapterConfig, AdapterLayer
-from .model import TRAINABLE_ATTR, adapter_layers, build_layers, insert_layers, strip_wrappers
+from .model import TRAINABLE_ATTR, adapter_layers, build_layers, check_unmerged, insert_layers, strip_wrappers
 
 FORMAT_VERSION = 3
 CHECKSUMMED_SINCE = 3  # the first adapter format version whose files carry CHECKSUM_KEY
@@ -463,13 +463,8 @@ def _swap(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Ten
             f"cannot be swapped in place ({'; '.join(differences[:5])}). Load it into a freshly built base model, or "
             "boftlab.unwrap(model) first to fold the current adapters in."
         )
-    merged = [name for name, layer in adapter_layers(model).items() if layer.merged]
-    if merged:
-        raise ValueError(
-            f"load_adapter: {len(merged)} adapter(s) of this model are merged into their base weights (e.g. "
-            f"{merged[0]!r}); swapping would need unmerge, swap, merge, each rounding the base weights. Call "
-            "boftlab.unmerge(model), load_adapter, then boftlab.merge(model) if you mean it."
-        )
+    check_unmerged(model, "load_adapter", "swapping would need unmerge, swap, merge, each rounding the base weights",
+                   "load_adapter, then boftlab.merge(model) if you mean it")
     expected = adapter_state(model)
     _check_tensors(expected, tensors, expected)  # a swap copies into the model's tensors: their dtype must hold it
     with torch.no_grad():

@@ -263,7 +263,7 @@ MODEL_CASES = [
          r"\(adapted here only: \['value'\]; kept trainable: here \['head'\], "
          r"in the file \[\]\)"),
     case("load_into_merged_model", merged, lambda m, t: boftlab.load_adapter(m, saved(t)),
-         r"load_adapter: 2 adapter\(s\) of this model are merged .*boftlab.unmerge\(model\), load_adapter"),
+         r"load_adapter: 2 adapter\(s\) of this model are merged .*boftlab.unmerge\(model\) first, then load_adapter"),
     case("load_other_width", lambda: Net(width=32), lambda m, t: boftlab.load_adapter(m, saved(t)),
          r"shape mismatch at 'query'.*\[16, 16\].*\[32, 32\]"),
     case("load_into_meta_model", lambda: Net().to("meta"), lambda m, t: boftlab.load_adapter(m, saved(t)),
