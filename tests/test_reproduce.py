@@ -49,7 +49,7 @@ def test_cli_errors_name_valid_choices(argv, choices, capsys):
 
 
 def test_missing_checkpoint_says_where_they_come_from(tmp_path, monkeypatch):
-    monkeypatch.setenv("BOFTLAB_DATA", str(tmp_path))
+    monkeypatch.setattr(runner, "PRETRAINED_DIR", tmp_path)
     with pytest.raises(FileNotFoundError, match="data/scripts"):
         vit.load_ci_vit()
 

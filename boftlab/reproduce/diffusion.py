@@ -183,11 +183,11 @@ def ci_task(s: Settings) -> tuple[Task, str]:
     task = Task(unet, [], loss, evaluate, s.steps, s.eval_every, device, s.seed, after)
     description = (
         f"Pretrained model: a {sum(p.numel() for p in unet.parameters()):,}-parameter diffusers `UNet2DModel` with "
-        f"a {SCHEDULER['num_train_timesteps']}-step `DDPMScheduler` (`data/checkpoints/{CHECKPOINT}`), trained by "
+        f"a {SCHEDULER['num_train_timesteps']}-step `DDPMScheduler` (`boftlab/pretrained/{CHECKPOINT}`), trained by "
         f"`data/scripts/pretrain_unet.py` on scikit-learn digits {SOURCE_CLASSES}. Downstream: generate digits "
         f"{TARGET_CLASSES}, from {len(train)} training images. Metric: target-digit rate — the fraction of "
         f"{s.n_samples} samples (same noise for every method) that a digit classifier trained on all ten classes "
-        f"(`data/checkpoints/{CLASSIFIER}`, test accuracy {classifier_config['test_accuracy']:.3f}) labels 5–9. "
+        f"(`boftlab/pretrained/{CLASSIFIER}`, test accuracy {classifier_config['test_accuracy']:.3f}) labels 5–9. "
         f"Before adaptation, {config['target_rate_of_pretrained']:.2f} of the pretrained model's samples got such a "
         f"label in the pretraining script's check. {s.steps} steps of batch {s.batch_size}."
     )

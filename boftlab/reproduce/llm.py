@@ -141,7 +141,7 @@ def ci_task(s: Settings) -> tuple[Task, str]:
     task = Task(model, [], loss, lambda m: perplexity(m, held_out, device), s.steps, s.eval_every, device, s.seed)
     description = (
         f"Pretrained model: a {sum(p.numel() for p in model.parameters()):,}-parameter Llama-architecture LM "
-        f"(`data/checkpoints/{CHECKPOINT}`) trained by `data/scripts/pretrain_lm.py` on CPython's reference "
+        f"(`boftlab/pretrained/{CHECKPOINT}`) trained by `data/scripts/pretrain_lm.py` on CPython's reference "
         f"documentation (`pydoc_data.topics`; source held-out perplexity {config['source_heldout_perplexity']:.1f}). "
         f"Downstream: scikit-learn's dataset descriptions (`sklearn/datasets/descr/*.rst`), {cut:,} training / "
         f"{len(tokens) - cut:,} held-out tokens (first 80 % / last 20 %). {s.steps} steps of {s.batch_size} × "

@@ -114,34 +114,33 @@ def count_parameters(model: nn.Module, trainable: list[str]) -> tuple[int, int]:
     return total, total - kept
 
 
-# --- data and checkpoints ---------------------------------------------------------------------------------------------
-def data_dir() -> Path:
-    """The project's ``data/`` directory (``$BOFTLAB_DATA`` overrides it)."""
-    import os
-
-    return Path(os.environ.get("BOFTLAB_DATA", Path(__file__).resolve().parents[2] / "data"))
+# --- the ci profile's pretrained models ------------------------------------------------------------------------------
+#: the ci profile's pretrained models, one directory each: package data (``boftlab/pretrained/<name>/``), so a pip
+#: install and a checkout read the same files; ``data/scripts/`` in the repository makes them
+PRETRAINED_DIR = Path(__file__).resolve().parents[1] / "pretrained"
 
 
 def pretrained_dir(name: str) -> Path:
-    """``data/checkpoints/<name>``: a pretrained model the ci profile starts from (not a resumable training state)."""
-    path = data_dir() / "checkpoints" / name
-    if not (path / "model.safetensors").exists():
+    """``boftlab/pretrained/<name>``: a pretrained model the ci profile starts from (not a resumable training state)."""
+    path = PRETRAINED_DIR / name
+    if not (path / "model.safetensors").is_file():
+        shipped = sorted(p.parent.name for p in PRETRAINED_DIR.glob("*/model.safetensors"))
         raise FileNotFoundError(
-            f"no checkpoint {name!r} at {path}: the ci profile's pretrained models ship in the repository's data/ "
-            "directory (run from a checkout, or point $BOFTLAB_DATA at it); data/scripts/ has the scripts that "
-            "make them"
+            f"no pretrained model {name!r} at {path}; this installation ships {shipped or 'none'}. The ci profile's "
+            "models are package data of boftlab (a pip install and a checkout both have them); the repository's "
+            "data/scripts/ has the scripts that make them"
         )
     return path
 
 
 def save_pretrained(name: str, state: dict[str, torch.Tensor], config: dict[str, Any], dtype=torch.float32) -> Path:
-    """Write a pretrained model to ``data/checkpoints/<name>/model.safetensors`` (tensors cast to ``dtype``) and
+    """Write a pretrained model to ``boftlab/pretrained/<name>/model.safetensors`` (tensors cast to ``dtype``) and
     ``config.json`` (``data/scripts/`` make the ci profile's)."""
     import json
 
     from safetensors.torch import save_file
 
-    path = data_dir() / "checkpoints" / name
+    path = PRETRAINED_DIR / name
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().to(dtype).contiguous() for k, v in state.items()}, path / "model.safetensors")
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")

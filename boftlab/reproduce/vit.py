@@ -115,7 +115,7 @@ def ci_task(s: Settings) -> tuple[Task, str]:
                                torch.device("cpu"))
     description = (
         f"Pretrained model: a {sum(p.numel() for p in model.parameters()):,}-parameter timm ViT "
-        f"(`data/checkpoints/{CHECKPOINT}`), trained by `data/scripts/pretrain_vit.py` on scikit-learn digits "
+        f"(`boftlab/pretrained/{CHECKPOINT}`), trained by `data/scripts/pretrain_vit.py` on scikit-learn digits "
         f"{SOURCE_CLASSES} (source test accuracy {config['source_test_accuracy']:.3f}). Downstream: digits "
         f"{TARGET_CLASSES}, a new 5-way head; {len(train)} training / {len(test)} test images (stratified halves). "
         f"{s.steps} steps of batch {s.batch_size}, AdamW, warm-up + cosine; metric: test accuracy."
