@@ -18,7 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .runner import Domain, Method, Task, adapter_methods, batch_indices, pretrained_dir, load_pretrained
+from .runner import (
+    Domain,
+    Method,
+    Task,
+    adapter_methods,
+    batch_indices,
+    fitting,
+    hide_weight_loading_bars,
+    load_pretrained,
+    pretrained_dir,
+    transformer_activation_bytes,
+)
 
 CHECKPOINT = "lm_pydoc"
 
@@ -32,11 +43,14 @@ class Settings:
     seed: int = 0
     train_examples: int | None = None  # colab: Alpaca examples used for training / held out
     test_examples: int | None = None
+    mixed_precision: bool = False  # autocast: bf16 where the GPU has it, else fp16 (runner.autocast_dtype)
+    gradient_checkpointing: bool = False
 
 
 SETTINGS = {
     "ci": Settings(steps=150, batch_size=8, context=64, eval_every=15),
-    "colab": Settings(steps=300, batch_size=8, context=256, eval_every=50, train_examples=4000, test_examples=300),
+    "colab": Settings(steps=300, batch_size=8, context=256, eval_every=50, train_examples=4000, test_examples=300,
+                      mixed_precision=True, gradient_checkpointing=True),
 }
 
 
@@ -138,7 +152,8 @@ def ci_task(s: Settings) -> tuple[Task, str]:
     def loss(m: nn.Module, step: int) -> torch.Tensor:
         return mean_nll(m, train[batch_indices(len(train), s.batch_size, step, s.seed)].to(device))
 
-    task = Task(model, [], loss, lambda m: perplexity(m, held_out, device), s.steps, s.eval_every, device, s.seed)
+    task = Task(model, [], loss, lambda m: perplexity(m, held_out, device), s.steps, s.eval_every, device, s.seed,
+                setting=f"batch {s.batch_size} × {s.context} tokens")
     description = (
         f"Pretrained model: a {sum(p.numel() for p in model.parameters()):,}-parameter Llama-architecture LM "
         f"(`boftlab/pretrained/{CHECKPOINT}`) trained by `data/scripts/pretrain_lm.py` on CPython's reference "
@@ -175,10 +190,13 @@ def colab_task(s: Settings) -> tuple[Task, str]:
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    hide_weight_loading_bars()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = "Qwen/Qwen2.5-0.5B"
     tokenizer = AutoTokenizer.from_pretrained(name)
-    model = AutoModelForCausalLM.from_pretrained(name).float()  # fp32 training (transformers 5 loads bf16 by default)
+    # fp32 weights (transformers 5 loads bf16 by default): the optimizer updates fp32, autocast computes in 16 bits
+    model = AutoModelForCausalLM.from_pretrained(name).float()
+    model.config.use_cache = False  # no key/value cache while training (it conflicts with gradient checkpointing)
     rows = load_dataset("tatsu-lab/alpaca", split="train").shuffle(seed=s.seed)
     rows = rows.select(range(s.train_examples + s.test_examples))
     examples = [alpaca_example(row, tokenizer, s.context) for row in rows]
@@ -200,7 +218,12 @@ def colab_task(s: Settings) -> tuple[Task, str]:
         sums = [response_nll(m, test[i:i + s.batch_size]) for i in range(0, len(test), s.batch_size)]
         return math.exp(sum(t.item() for t, _ in sums) / sum(c for _, c in sums))
 
-    task = Task(model, [], loss, evaluate, s.steps, s.eval_every, device, s.seed)
+    c = model.config
+    activations = transformer_activation_bytes(s.batch_size, s.context, c.hidden_size, c.num_hidden_layers,
+                                               c.intermediate_size, c.num_attention_heads, vocab=c.vocab_size,
+                                               checkpointed=s.gradient_checkpointing)
+    task = Task(model, [], loss, evaluate, s.steps, s.eval_every, device, s.seed, **fitting(s, device),
+                activation_bytes=activations, setting=f"batch {s.batch_size} × up to {s.context} tokens")
     description = (
         f"Pretrained model: {name}. Downstream: Alpaca (tatsu-lab/alpaca), {s.train_examples} training / "
         f"{s.test_examples} held-out instructions, up to {s.context} tokens; loss on the responses only. "
