@@ -235,7 +235,7 @@ class Run:
     evals: list[float] = field(default_factory=list)  # held-out metric at eval_steps (the first at step 0)
     ms_per_step: float | None = None  # median wall time of one optimizer step
     peak_mib: float | None = None  # peak CUDA memory allocated while training; None on CPU
-    skipped: str | None = None  # why the method did not run or finish: "skipped: …" or "out of memory at step …"
+    skipped: str | None = None  # why the method did not run or finish: "skipped: …" or "out of memory after …"
     extra: dict[str, Any] = field(default_factory=dict)  # domain-specific artefacts (e.g. sample grids)
 
     @property
@@ -277,7 +277,7 @@ class Task:
     setting: str = ""
 
     def describe_setting(self) -> str:
-        """What one training step processes and how: "batch 8 × 256 tokens, fp16 autocast, gradient checkpointing"."""
+        """What a training step processes, and how: "batch 8 × 256 tokens, float16 autocast, gradient checkpointing"."""
         precision = f"{str(self.precision).removeprefix('torch.')} autocast" if self.precision else "fp32"
         parts = [self.setting, precision, "gradient checkpointing" if self.gradient_checkpointing else ""]
         return ", ".join(part for part in parts if part)
