@@ -116,7 +116,7 @@ def test_the_core_dependencies_run_the_library_and_the_rest_asks_for_the_noteboo
         assert 'pip install "boftlab[notebooks]"' in message
 
 
-# --- package data ------------------------------------------------------------------------------------------------------
+# --- package data -----------------------------------------------------------------------------------------------------
 def test_what_the_package_reads_ships_in_the_wheel():
     """The ci profile's pretrained models and notebook 09's benchmark reports live inside the package, and every
     one of their files matches pyproject's package-data (so a wheel carries it)."""
@@ -132,5 +132,6 @@ def test_what_the_package_reads_ships_in_the_wheel():
     assert result_files()
     patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["boftlab"]
     read = [*(p for p in runner.PRETRAINED_DIR.rglob("*") if p.is_file()), *result_files()]
-    undeclared = [p for p in read if not any(fnmatch(p.relative_to(package).as_posix(), g) for g in patterns)]
+    undeclared = [p for p in read
+                  if not any(fnmatch(p.relative_to(package).as_posix(), g) for g in patterns)]
     assert not undeclared, f"files boftlab reads that pyproject's package-data leaves out of a wheel: {undeclared}"
