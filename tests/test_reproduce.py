@@ -204,6 +204,58 @@ def test_colab_profiles_fit_a_gpu_and_ci_profiles_do_not_change():
         assert not ci.mixed_precision and not ci.gradient_checkpointing
 
 
+def test_four_bit_option_is_the_papers_llm_in_4_bits_for_the_colab_profile_only():
+    s = llm.four_bit(llm.settings("colab"))
+    assert (s.model, s.load_in_4bit) == ("meta-llama/Llama-2-7b-hf", True)
+    assert s.mixed_precision and s.gradient_checkpointing and s.steps < llm.settings("colab").steps
+    with pytest.raises(ValueError, match=r"ci profile's settings.*llm\.settings\('colab'\)"):
+        llm.four_bit(llm.settings("ci"))
+
+
+@pytest.fixture(scope="module")
+def tiny_4bit_lm(tmp_path_factory):
+    """A 2-layer Llama saved like a hub model and loaded as the 4-bit option loads one (bitsandbytes nf4, on CPU)."""
+    pytest.importorskip("bitsandbytes")
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    torch.manual_seed(0)
+    llm.build_ci_lm(num_hidden_layers=2).save_pretrained(folder)
+    return llm.load_causal_lm(str(folder), load_in_4bit=True, device=torch.device("cpu"))
+
+
+def test_4bit_llm_adapters_train_on_frozen_weights_and_full_fine_tuning_is_a_row(tiny_4bit_lm):
+    """Every adapter trains on the 4-bit model (fp16 autocast with loss scaling and checkpointing, as on a T4) and
+    leaves its packed weights as they were; full fine-tuning, which would train them, is a skipped row that says so."""
+    assert len(runner.quantized_layers(tiny_4bit_lm)) == 2 * 7
+    packed = {name: p.detach().clone() for name, p in tiny_4bit_lm.named_parameters() if p.dtype == torch.uint8}
+    tokens = torch.randint(0, llm.ARCH["vocab_size"], (4, 17), generator=torch.Generator().manual_seed(0))
+    task = Task(tiny_4bit_lm, [], lambda m, step: llm.mean_nll(m, tokens[step % 3:step % 3 + 2]),
+                lambda m: llm.perplexity(m, tokens, torch.device("cpu")), 3, 3, torch.device("cpu"),
+                precision=torch.float16, gradient_checkpointing=True)
+    methods = [Method("full fine-tuning", "full"), *runner.adapter_methods(llm.COLAB_LINEARS, 1e-3, 4, 16, 4)]
+    full, *adapters = runner.run_methods(task, methods, progress=False)
+    assert full.skipped == ("skipped: full fine-tuning trains every weight, and 14 layers of this model store theirs "
+                            "quantized (bitsandbytes), which no optimizer can update; load the model in 16 bits to "
+                            "train it fully")
+    for run in adapters:
+        assert not run.skipped and len(run.losses) == 3 and all(math.isfinite(v) for v in run.losses), run.method
+        assert run.evals[-1] != run.evals[0]
+    assert all(torch.equal(p, packed[name]) for name, p in tiny_4bit_lm.named_parameters() if name in packed)
+
+
+def test_memory_gate_does_not_count_twice_what_is_already_on_the_gpu(vit_task, monkeypatch):
+    """A 4-bit model is quantized on the GPU as it loads: its copy is there before the gate asks what it needs."""
+    model = runner.prepare(copy.deepcopy(vit_task.base), BOFT, vit_task.trainable)
+    need = runner.training_bytes(model)
+    monkeypatch.setattr(runner, "free_memory", lambda device: need - 1)
+    assert runner.memory_gate(vit_task, model).startswith("skipped: needs ≈")
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: not t.requires_grad))  # the frozen weights
+    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    monkeypatch.setattr(runner, "free_memory", lambda device: need - frozen)
+    assert runner.memory_gate(vit_task, model) is None
+    monkeypatch.setattr(runner, "free_memory", lambda device: need - frozen - 1)
+    assert runner.memory_gate(vit_task, model) is not None
+
+
 def test_curves_and_sample_grids_are_figures_outside_pyplot():
     """Nothing is left open in pyplot (no leak, no second copy shown by an inline backend): a notebook shows them by
     displaying them."""

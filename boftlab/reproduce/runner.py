@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..base_layers import kind
 from ..contract import FAMILIES
 
 #: the references a method can name besides boftlab's families (``contract.FAMILIES``)
@@ -78,12 +79,18 @@ def adapter_methods(targets: Any, lr: float, lora_rank: int, oft_block_size: int
 
 
 class MethodUnavailable(RuntimeError):
-    """A method needs a package this installation lacks (PEFT, for LoRA); the run lists it as skipped."""
+    """A method this run cannot apply — it needs a package this installation lacks (PEFT, for LoRA), or it would train
+    weights the model stores quantized (full fine-tuning of a 4-bit model); the run lists it as skipped."""
 
 
 def prepare(model: nn.Module, method: Method, trainable: list[str]) -> nn.Module:
     """Put ``method`` on ``model`` (in place, or PEFT's wrapper around it); only the method's parameters and the
     ``trainable`` modules (e.g. a new head) require gradients afterwards."""
+    if method.family == "full" and quantized_layers(model):
+        raise MethodUnavailable(
+            f"full fine-tuning trains every weight, and {len(quantized_layers(model))} layers of this model store "
+            "theirs quantized (bitsandbytes), which no optimizer can update; load the model in 16 bits to train it "
+            "fully")
     if method.family in ("head", "full"):
         for name, p in model.named_parameters():
             p.requires_grad_(method.family == "full" or any(_in_module(name, t) for t in trainable))
@@ -101,6 +108,11 @@ def prepare(model: nn.Module, method: Method, trainable: list[str]) -> nn.Module
     from ..model import adapt
 
     return adapt(model, FAMILIES[method.family](**method.options), targets=method.targets, trainable=trainable)
+
+
+def quantized_layers(model: nn.Module) -> list[str]:
+    """Names of ``model``'s bitsandbytes quantized linear layers (Linear4bit / Linear8bitLt)."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and kind(m) == "quantized"]
 
 
 def _in_module(param_name: str, module_name: str) -> bool:
@@ -400,7 +412,9 @@ def memory_gate(task: Task, model: nn.Module) -> str | None:
     """Why ``model`` cannot train on ``task.device`` by the estimate ``training_bytes`` (a skipped row's text), or None
     if it fits — or if the device reports no free memory (a CPU)."""
     free = free_memory(task.device)
-    need = training_bytes(model, task.activation_bytes)
+    # what is already on the GPU (a 4-bit model is quantized there as it loads) is not needed a second time
+    resident = sum(p.numel() * p.element_size() for p in model.parameters() if p.is_cuda)
+    need = training_bytes(model, task.activation_bytes) - resident
     if free is None or need <= free:
         return None
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
