@@ -114,3 +114,24 @@ def test_the_core_dependencies_run_the_library_and_the_rest_asks_for_the_noteboo
     for attempt in ("boftlab.SaveAdapterCallback", "import boftlab.teaching"):
         message = next(line for line in lines if line.startswith(attempt + " ->"))
         assert 'pip install "boftlab[notebooks]"' in message
+
+
+# --- package data -----------------------------------------------------------------------------------------------------
+def test_what_the_package_reads_ships_in_the_wheel():
+    """The ci profile's pretrained models and notebook 09's benchmark reports live inside the package, and every
+    one of their files matches pyproject's package-data (so a wheel carries it)."""
+    from fnmatch import fnmatch
+
+    from boftlab.bench import RESULTS_DIR, result_files
+    from boftlab.reproduce import diffusion, llm, runner, vit
+
+    package = Path(boftlab.__file__).resolve().parent
+    assert runner.PRETRAINED_DIR.parent == package and RESULTS_DIR.is_relative_to(package)
+    for name in (vit.CHECKPOINT, llm.CHECKPOINT, diffusion.CHECKPOINT, diffusion.CLASSIFIER):
+        assert (runner.pretrained_dir(name) / "model.safetensors").is_file()
+    assert result_files()
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["boftlab"]
+    read = [*(p for p in runner.PRETRAINED_DIR.rglob("*") if p.is_file()), *result_files()]
+    undeclared = [p for p in read
+                  if not any(fnmatch(p.relative_to(package).as_posix(), g) for g in patterns)]
+    assert not undeclared, f"files boftlab reads that pyproject's package-data leaves out of a wheel: {undeclared}"

@@ -1,8 +1,11 @@
 """The reproduction runner on tiny settings: it runs, measures, and writes results.md and PNGs from the run."""
 
+import copy
+import dataclasses
 import math
 import re
 import sys
+import weakref
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ from boftlab.reproduce.runner import Method, Task, lr_factor, run_method, strati
 TINY_VIT = vit.Settings(steps=4, batch_size=16, eval_every=2)
 BOFT = Method("BOFT b=8 m=2", "boft", {"block_size": 8, "n_factors": 2}, vit.CI_LINEARS, lr=3e-3)
 LORA = Method("LoRA r=4 (PEFT)", "lora", {"r": 4, "lora_alpha": 8}, vit.CI_LINEARS, lr=3e-3)
+BOFT_COLAB = next(m for m in vit.colab_methods() if m.family == "boft")
 
 
 # --- inputs are checked ------------------------------------------------------------------------------------------------
@@ -49,7 +53,7 @@ def test_cli_errors_name_valid_choices(argv, choices, capsys):
 
 
 def test_missing_checkpoint_says_where_they_come_from(tmp_path, monkeypatch):
-    monkeypatch.setenv("BOFTLAB_DATA", str(tmp_path))
+    monkeypatch.setattr(runner, "PRETRAINED_DIR", tmp_path)
     with pytest.raises(FileNotFoundError, match="data/scripts"):
         vit.load_ci_vit()
 
@@ -123,6 +127,147 @@ def test_method_without_its_package_is_skipped_with_its_reason(vit_task, monkeyp
     assert f"| {LORA.name} | skipped: " in runner.results_table([run], "accuracy")
 
 
+# --- fitting one GPU: out-of-memory rows, the memory gate, one model at a time, autocast, checkpointing --------------
+def test_out_of_memory_in_one_method_is_its_row_the_model_is_freed_and_the_next_method_runs(vit_task):
+    """A simulated CUDA out-of-memory error at BOFT's second step: BOFT's row says so, with the setting; its model
+    and optimizer are gone when run_methods moves on; LoRA then runs all its steps."""
+    seen = []  # (method's first trainable parameter, model) of every step, held weakly
+
+    def loss(model, step):
+        seen.append((weakref.ref(next(p for p in model.parameters() if p.requires_grad)), weakref.ref(model)))
+        if len(seen) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return vit_task.loss(model, step)
+
+    task = dataclasses.replace(vit_task, loss=loss, precision=torch.bfloat16, setting="batch 16 images")
+    boft_run, lora_run = runner.run_methods(task, [BOFT, LORA], progress=False)
+    assert boft_run.skipped == ("out of memory after 1 of 4 steps (batch 16 images, bfloat16 autocast): CUDA out of "
+                                "memory. Tried to allocate 2.00 GiB (simulated)")
+    assert seen[0][0]() is None and seen[0][1]() is None  # BOFT's model and parameters were freed
+    assert not lora_run.skipped and lora_run.steps == [1, 2, 3, 4]
+    table = runner.results_table([boft_run, lora_run], "accuracy")
+    assert f"| {BOFT.name} | out of memory after 1 of 4 steps (batch 16 images" in table
+    assert runner.ranking([boft_run, lora_run], "accuracy").endswith(f"Skipped: {BOFT.name}.")
+
+
+def test_memory_gate_skips_a_method_its_estimate_does_not_fit(vit_task, monkeypatch):
+    full = Method("full fine-tuning", "full", lr=1e-3)
+    need = runner.training_bytes(runner.prepare(copy.deepcopy(vit_task.base), full, vit_task.trainable))
+    monkeypatch.setattr(runner, "free_memory", lambda device: need - 1)  # one byte short
+    run = run_method(dataclasses.replace(vit_task, setting="batch 16 images"), full, progress=False)
+    assert run.skipped.startswith(f"skipped: needs ≈ {need / 2**30:.1f} GiB (weights; gradients and AdamW states of "
+                                  "135,813 trainable parameters; ≈ 0.0 GiB activations for batch 16 images, fp32)")
+    assert not run.losses
+    monkeypatch.setattr(runner, "free_memory", lambda device: need)  # exactly enough
+    assert not run_method(vit_task, full, progress=False).skipped
+
+
+def test_training_bytes_counts_weights_and_adamw_states_of_the_trainable():
+    model = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.Linear(10, 2))  # 110 + 22 parameters
+    model[0].requires_grad_(False)
+    assert runner.training_bytes(model) == 4 * 110 + 4 * 4 * 22  # frozen: weights; trainable: + grad + 2 moments
+    assert runner.training_bytes(model.half(), activation_bytes=7) == 2 * 110 + 2 * 4 * 22 + 7
+
+
+def test_autocast_is_bf16_only_where_the_gpu_has_it(monkeypatch):
+    assert runner.autocast_dtype(torch.device("cpu")) is None
+    for capability, dtype in [((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+        assert runner.autocast_dtype(torch.device("cuda")) == dtype  # a T4 is sm_75: fp16
+
+
+@pytest.mark.parametrize("precision", [torch.float16, torch.bfloat16])
+def test_training_under_autocast_runs_and_learns(vit_task, precision):
+    """fp16 (with loss scaling) and bf16 autocast, on the CPU: every step is finite, the metric is a metric."""
+    run = run_method(dataclasses.replace(vit_task, precision=precision), BOFT, progress=False)
+    assert not run.skipped and len(run.losses) == 4 and all(math.isfinite(v) for v in run.losses)
+    assert 0.0 <= run.final <= 1.0
+
+
+def test_gradient_checkpointing_changes_memory_not_numbers(colab_vit_task):
+    """transformers' non-reentrant checkpointing passes gradients to the adapters of a frozen model: the same losses."""
+    plain = run_method(colab_vit_task, BOFT_COLAB, progress=False)
+    checkpointed = run_method(dataclasses.replace(colab_vit_task, gradient_checkpointing=True), BOFT_COLAB,
+                              progress=False)
+    assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-5) and checkpointed.evals == plain.evals
+
+
+def test_gradient_checkpointing_refuses_a_model_without_a_switch():
+    with pytest.raises(ValueError, match="Sequential has no gradient-checkpointing switch.*checkpointing=False"):
+        runner.enable_gradient_checkpointing(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_colab_profiles_fit_a_gpu_and_ci_profiles_do_not_change():
+    for module in (vit, llm, diffusion):
+        colab, ci = module.settings("colab"), module.settings("ci")
+        assert colab.mixed_precision and colab.gradient_checkpointing
+        assert not ci.mixed_precision and not ci.gradient_checkpointing
+
+
+def test_four_bit_option_is_the_papers_llm_in_4_bits_for_the_colab_profile_only():
+    s = llm.four_bit(llm.settings("colab"))
+    assert (s.model, s.load_in_4bit) == ("meta-llama/Llama-2-7b-hf", True)
+    assert s.mixed_precision and s.gradient_checkpointing and s.steps < llm.settings("colab").steps
+    with pytest.raises(ValueError, match=r"ci profile's settings.*llm\.settings\('colab'\)"):
+        llm.four_bit(llm.settings("ci"))
+
+
+@pytest.fixture(scope="module")
+def tiny_4bit_lm(tmp_path_factory):
+    """A 2-layer Llama saved like a hub model and loaded as the 4-bit option loads one (bitsandbytes nf4, on CPU)."""
+    pytest.importorskip("bitsandbytes")
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    torch.manual_seed(0)
+    llm.build_ci_lm(num_hidden_layers=2).save_pretrained(folder)
+    return llm.load_causal_lm(str(folder), load_in_4bit=True, device=torch.device("cpu"))
+
+
+def test_4bit_llm_adapters_train_on_frozen_weights_and_full_fine_tuning_is_a_row(tiny_4bit_lm):
+    """Every adapter trains on the 4-bit model (fp16 autocast with loss scaling and checkpointing, as on a T4) and
+    leaves its packed weights as they were; full fine-tuning, which would train them, is a skipped row that says so."""
+    assert len(runner.quantized_layers(tiny_4bit_lm)) == 2 * 7
+    packed = {name: p.detach().clone() for name, p in tiny_4bit_lm.named_parameters() if p.dtype == torch.uint8}
+    tokens = torch.randint(0, llm.ARCH["vocab_size"], (4, 17), generator=torch.Generator().manual_seed(0))
+    task = Task(tiny_4bit_lm, [], lambda m, step: llm.mean_nll(m, tokens[step % 3:step % 3 + 2]),
+                lambda m: llm.perplexity(m, tokens, torch.device("cpu")), 3, 3, torch.device("cpu"),
+                precision=torch.float16, gradient_checkpointing=True)
+    methods = [Method("full fine-tuning", "full"), *runner.adapter_methods(llm.COLAB_LINEARS, 1e-3, 4, 16, 4)]
+    full, *adapters = runner.run_methods(task, methods, progress=False)
+    assert full.skipped == ("skipped: full fine-tuning trains every weight, and 14 layers of this model store theirs "
+                            "quantized (bitsandbytes), which no optimizer can update; load the model in 16 bits to "
+                            "train it fully")
+    for run in adapters:
+        assert not run.skipped and len(run.losses) == 3 and all(math.isfinite(v) for v in run.losses), run.method
+        assert run.evals[-1] != run.evals[0]
+    assert all(torch.equal(p, packed[name]) for name, p in tiny_4bit_lm.named_parameters() if name in packed)
+
+
+def test_memory_gate_does_not_count_twice_what_is_already_on_the_gpu(vit_task, monkeypatch):
+    """A 4-bit model is quantized on the GPU as it loads: its copy is there before the gate asks what it needs."""
+    model = runner.prepare(copy.deepcopy(vit_task.base), BOFT, vit_task.trainable)
+    need = runner.training_bytes(model)
+    monkeypatch.setattr(runner, "free_memory", lambda device: need - 1)
+    assert runner.memory_gate(vit_task, model).startswith("skipped: needs ≈")
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: not t.requires_grad))  # the frozen weights
+    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    monkeypatch.setattr(runner, "free_memory", lambda device: need - frozen)
+    assert runner.memory_gate(vit_task, model) is None
+    monkeypatch.setattr(runner, "free_memory", lambda device: need - frozen - 1)
+    assert runner.memory_gate(vit_task, model) is not None
+
+
+def test_curves_and_sample_grids_are_figures_outside_pyplot():
+    """Nothing is left open in pyplot (no leak, no second copy shown by an inline backend): a notebook shows them by
+    displaying them."""
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    run = runner.Run(BOFT, steps=[1, 2, 3], losses=[3.0, 2.0, 1.0], eval_steps=[0, 3], evals=[0.2, 0.8])
+    open_before = plt.get_fignums()
+    figures = [runner.plot_curves([run], "accuracy", "ViT"), diffusion.plot_samples({"before": torch.rand(4, 1, 8, 8)})]
+    assert all(isinstance(f, Figure) for f in figures) and plt.get_fignums() == open_before
+
+
 def test_every_boftlab_family_is_a_method_family():
     """The runner names families as the contract does: one registry (contract.FAMILIES)."""
     from boftlab.contract import FAMILIES
@@ -169,8 +314,7 @@ def test_diffusion_run_samples_before_and_after(monkeypatch):
 
 @pytest.mark.parametrize("profile", ["ci", "colab"])
 @pytest.mark.parametrize("module", [vit, llm, diffusion])
-def test_every_domain_compares_the_issue_families(module, profile, monkeypatch):
-    monkeypatch.setattr(diffusion, "_gpu_gib", lambda: 80.0)  # colab diffusion lists full fine-tuning on big GPUs
+def test_every_domain_compares_the_issue_families(module, profile):
     methods = module.profile_methods(profile)
     families = [m.family for m in methods]
     assert {"full", "lora", "oft", "tensor_core"} <= set(families)

@@ -276,3 +276,12 @@ def read_results(path: str | Path) -> list[ResultTable]:
         elif not all(set(c) <= {"-"} for c in cells):
             table.rows.append([value(c) for c in cells])
     return tables
+
+
+#: the committed reports, one ``--out`` file of ``python -m boftlab.bench`` each (package data: installed with boftlab)
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def result_files() -> list[Path]:
+    """The reports in ``RESULTS_DIR`` (``boftlab/bench/results/*.md``), in name order; ``read_results`` reads one."""
+    return sorted(RESULTS_DIR.glob("*.md"))

@@ -25,6 +25,8 @@ from .runner import (
     Task,
     batch_indices,
     digits,
+    fitting,
+    hide_weight_loading_bars,
     load_pretrained,
     stratified_split,
 )
@@ -43,11 +45,14 @@ class Settings:
     n_samples: int  # samples generated per evaluation (fixed noise)
     seed: int = 0
     inference_steps: int | None = None  # colab: sampler steps per image
+    mixed_precision: bool = False  # autocast: bf16 where the GPU has it, else fp16 (runner.autocast_dtype)
+    gradient_checkpointing: bool = False
 
 
 SETTINGS = {
     "ci": Settings(steps=150, batch_size=64, eval_every=75, n_samples=64),
-    "colab": Settings(steps=400, batch_size=1, eval_every=100, n_samples=4, inference_steps=25),
+    "colab": Settings(steps=400, batch_size=1, eval_every=100, n_samples=4, inference_steps=25, mixed_precision=True,
+                      gradient_checkpointing=True),
 }
 
 
@@ -148,14 +153,16 @@ SD_ATTENTION = r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)"
 
 def colab_methods() -> list[Method]:
     """BOFT on the attention projections, as in the BOFT paper's subject-driven experiments. Full fine-tuning of the
-    860 M-parameter UNet needs ~14 GB for AdamW state alone, so it runs only on GPUs with ≥ 40 GB."""
-    full = [Method("full fine-tuning", "full", lr=5e-6)] if _gpu_gib() >= 40 else []
-    return full + adapter_methods(SD_ATTENTION, 1e-4, lora_rank=4, lora_alpha=4, oft_block_size=32, flora_ranks=4,
-                                  orthogonal_lr=3e-5)
+    860 M-parameter UNet needs ≈ 14 GB for its weights, gradients and AdamW states alone: the runner's memory gate
+    skips it on a GPU where that does not fit (a free T4), with the estimate in its row."""
+    return [Method("full fine-tuning", "full", lr=5e-6),
+            *adapter_methods(SD_ATTENTION, 1e-4, lora_rank=4, lora_alpha=4, oft_block_size=32, flora_ranks=4,
+                             orthogonal_lr=3e-5)]
 
 
-def _gpu_gib() -> float:
-    return torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0.0
+#: activation memory of one 512×512 training image through the SD v1.5 UNet under fp16 autocast with gradient
+#: checkpointing: a rough estimate for the memory gate (an out-of-memory error is still caught)
+SD_ACTIVATION_BYTES = 2 * 2**30
 
 
 # --- tasks ------------------------------------------------------------------------------------------------------------
@@ -180,14 +187,15 @@ def ci_task(s: Settings) -> tuple[Task, str]:
         run.extra["samples_before"], run.extra["samples_after"] = samples[0], samples[-1]
         samples.clear()
 
-    task = Task(unet, [], loss, evaluate, s.steps, s.eval_every, device, s.seed, after)
+    task = Task(unet, [], loss, evaluate, s.steps, s.eval_every, device, s.seed, after,
+                setting=f"batch {s.batch_size} images")
     description = (
         f"Pretrained model: a {sum(p.numel() for p in unet.parameters()):,}-parameter diffusers `UNet2DModel` with "
-        f"a {SCHEDULER['num_train_timesteps']}-step `DDPMScheduler` (`data/checkpoints/{CHECKPOINT}`), trained by "
+        f"a {SCHEDULER['num_train_timesteps']}-step `DDPMScheduler` (`boftlab/pretrained/{CHECKPOINT}`), trained by "
         f"`data/scripts/pretrain_unet.py` on scikit-learn digits {SOURCE_CLASSES}. Downstream: generate digits "
         f"{TARGET_CLASSES}, from {len(train)} training images. Metric: target-digit rate — the fraction of "
         f"{s.n_samples} samples (same noise for every method) that a digit classifier trained on all ten classes "
-        f"(`data/checkpoints/{CLASSIFIER}`, test accuracy {classifier_config['test_accuracy']:.3f}) labels 5–9. "
+        f"(`boftlab/pretrained/{CLASSIFIER}`, test accuracy {classifier_config['test_accuracy']:.3f}) labels 5–9. "
         f"Before adaptation, {config['target_rate_of_pretrained']:.2f} of the pretrained model's samples got such a "
         f"label in the pretraining script's check. {s.steps} steps of batch {s.batch_size}."
     )
@@ -195,17 +203,23 @@ def ci_task(s: Settings) -> tuple[Task, str]:
 
 
 def colab_task(s: Settings) -> tuple[Task, str]:
-    """DreamBooth-style subject-driven generation with Stable Diffusion v1.5 (fp32 weights, fp16 autocast sampling)."""
+    """DreamBooth-style subject-driven generation with Stable Diffusion v1.5: fp32 weights, training and sampling
+    under autocast. The frozen VAE and text encoder live on the GPU; the pretrained UNet stays on the CPU, and each
+    method's copy is the only UNet on the GPU (the pipeline samples with it, then lets it go)."""
     import numpy as np
     from datasets import load_dataset
     from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
     from transformers import CLIPModel, CLIPProcessor
 
+    hide_weight_loading_bars()
+    diffusers_logging.disable_progress_bar()  # and diffusers' "Loading pipeline components" bar
     device = torch.device("cuda")
     pipe = StableDiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5",
-                                                   safety_checker=None).to(device)
-    pipe.vae.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
+                                                   safety_checker=None, requires_safety_checker=False)
+    base = pipe.unet  # (CPU) copied by every method
+    pipe.vae.to(device).requires_grad_(False)
+    pipe.text_encoder.to(device).requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
     clip = CLIPModel.from_pretrained("openai/clip-vit-base-patch32").to(device).eval()
     clip_processor = CLIPProcessor.from_pretrained("openai/clip-vit-base-patch32")
@@ -235,13 +249,16 @@ def colab_task(s: Settings) -> tuple[Task, str]:
         return F.mse_loss(m(noisy, t, encoder_hidden_states=text.expand(len(x0), -1, -1)).sample, noise)
 
     def evaluate(m: nn.Module) -> float:
-        pipe.unet = m  # the pipeline samples with the adapted UNet, in half precision to fit a T4
-        with torch.autocast("cuda", dtype=torch.float16):
+        pipe.unet = m  # the pipeline samples with the adapted UNet (under the runner's autocast) ...
+        try:
             images = pipe(eval_prompt, num_images_per_prompt=s.n_samples, num_inference_steps=s.inference_steps,
                           generator=torch.Generator(device).manual_seed(s.seed)).images
+        finally:
+            pipe.unet = base  # ... and keeps no reference to it, so it leaves the GPU with its method
         return (clip_embed(images) @ reference.T).mean().item()
 
-    task = Task(pipe.unet, [], loss, evaluate, s.steps, s.eval_every, device, s.seed)
+    task = Task(base, [], loss, evaluate, s.steps, s.eval_every, device, s.seed, **fitting(s, device),
+                activation_bytes=SD_ACTIVATION_BYTES * s.batch_size, setting=f"batch {s.batch_size} images at 512×512")
     description = (
         "Pretrained model: Stable Diffusion v1.5. Downstream: the five photos of `diffusers/dog-example` with the "
         f"prompt {prompt!r} (DreamBooth-style, no prior preservation); {s.steps} steps of batch {s.batch_size}. "
@@ -253,10 +270,12 @@ def colab_task(s: Settings) -> tuple[Task, str]:
 
 # --- figures ----------------------------------------------------------------------------------------------------------
 def plot_samples(rows: dict[str, torch.Tensor], per_row: int = 16):
-    """One row of ``per_row`` samples (each (1, 8, 8) in [0, 1]) per label: before / after grids."""
-    import matplotlib.pyplot as plt
+    """One row of ``per_row`` samples (each (1, 8, 8) in [0, 1]) per label: before / after grids (a matplotlib
+    ``Figure``, outside pyplot, like ``runner.plot_curves``)."""
+    from matplotlib.figure import Figure
 
-    fig, axes = plt.subplots(len(rows), 1, figsize=(per_row * 0.45, len(rows) * 0.6), squeeze=False)
+    fig = Figure(figsize=(per_row * 0.45, len(rows) * 0.6))
+    axes = fig.subplots(len(rows), 1, squeeze=False)
     for ax, (label, images) in zip(axes[:, 0], rows.items()):
         strip = F.pad(images[:per_row, 0], (1, 1, 1, 1), value=1.0)  # (n, 10, 10) with white borders
         ax.imshow(torch.cat(list(strip), dim=1).numpy(), cmap="gray_r", vmin=0, vmax=1)

@@ -5,20 +5,33 @@ ci:    a 4-layer Llama-architecture model (width 128, byte-level BPE of 1 024 to
        shipped with CPython), adapted to scikit-learn's dataset descriptions (``sklearn/datasets/descr/*.rst``,
        shipped with scikit-learn): the first 80 % of that text trains, the last 20 % is held out. CPU, minutes.
 colab: ``Qwen/Qwen2.5-0.5B`` adapted to Alpaca instructions (``tatsu-lab/alpaca``), perplexity of held-out
-       responses, on a GPU.
+       responses, on a GPU; ``four_bit`` turns these settings into the BOFT paper's Llama-2-7B with its weights in
+       4 bits (bitsandbytes nf4, QLoRA-style), which a free T4 holds.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .runner import Domain, Method, Task, adapter_methods, batch_indices, pretrained_dir, load_pretrained
+from .runner import (
+    Domain,
+    Method,
+    Task,
+    adapter_methods,
+    autocast_dtype,
+    batch_indices,
+    fitting,
+    hide_weight_loading_bars,
+    load_pretrained,
+    pretrained_dir,
+    transformer_activation_bytes,
+)
 
 CHECKPOINT = "lm_pydoc"
 
@@ -32,13 +45,32 @@ class Settings:
     seed: int = 0
     train_examples: int | None = None  # colab: Alpaca examples used for training / held out
     test_examples: int | None = None
+    mixed_precision: bool = False  # autocast: bf16 where the GPU has it, else fp16 (runner.autocast_dtype)
+    gradient_checkpointing: bool = False
+    model: str = "Qwen/Qwen2.5-0.5B"  # colab: the hub model adapted
+    load_in_4bit: bool = False  # colab: its linear layers' weights in 4 bits (bitsandbytes nf4), frozen
 
 
 SETTINGS = {
     "ci": Settings(steps=150, batch_size=8, context=64, eval_every=15),
-    "colab": Settings(steps=300, batch_size=8, context=256, eval_every=50, train_examples=4000, test_examples=300),
+    "colab": Settings(steps=300, batch_size=8, context=256, eval_every=50, train_examples=4000, test_examples=300,
+                      mixed_precision=True, gradient_checkpointing=True),
 }
 
+#: the 4-bit option's model: the LLM the BOFT paper fine-tunes (gated on the hub: accept Meta's licence there first)
+FOUR_BIT_MODEL = "meta-llama/Llama-2-7b-hf"
+
+
+def four_bit(s: Settings, model: str = FOUR_BIT_MODEL) -> Settings:
+    """The colab settings ``s`` for a larger LLM loaded with its linear layers' weights in 4 bits (bitsandbytes nf4,
+    QLoRA-style): ``model`` (default the BOFT paper's Llama-2-7B, ≈ 3.9 GB in 4 bits), 100 steps of batch 4 and 100
+    held-out instructions, so that each method takes minutes, not an hour, on a T4. The adapters train on the frozen
+    4-bit weights; full fine-tuning, which would train those weights, is a skipped row."""
+    if s.train_examples is None:
+        raise ValueError(
+            "four_bit: these are the ci profile's settings (a local 0.8 M-parameter model on the CPU); the 4-bit "
+            "option loads a hub model onto a GPU: pass the colab profile's settings, llm.settings('colab')")
+    return replace(s, model=model, load_in_4bit=True, steps=100, batch_size=4, eval_every=25, test_examples=100)
 
 
 # --- text that ships offline --------------------------------------------------------------------------------------------
@@ -138,10 +170,11 @@ def ci_task(s: Settings) -> tuple[Task, str]:
     def loss(m: nn.Module, step: int) -> torch.Tensor:
         return mean_nll(m, train[batch_indices(len(train), s.batch_size, step, s.seed)].to(device))
 
-    task = Task(model, [], loss, lambda m: perplexity(m, held_out, device), s.steps, s.eval_every, device, s.seed)
+    task = Task(model, [], loss, lambda m: perplexity(m, held_out, device), s.steps, s.eval_every, device, s.seed,
+                setting=f"batch {s.batch_size} × {s.context} tokens")
     description = (
         f"Pretrained model: a {sum(p.numel() for p in model.parameters()):,}-parameter Llama-architecture LM "
-        f"(`data/checkpoints/{CHECKPOINT}`) trained by `data/scripts/pretrain_lm.py` on CPython's reference "
+        f"(`boftlab/pretrained/{CHECKPOINT}`) trained by `data/scripts/pretrain_lm.py` on CPython's reference "
         f"documentation (`pydoc_data.topics`; source held-out perplexity {config['source_heldout_perplexity']:.1f}). "
         f"Downstream: scikit-learn's dataset descriptions (`sklearn/datasets/descr/*.rst`), {cut:,} training / "
         f"{len(tokens) - cut:,} held-out tokens (first 80 % / last 20 %). {s.steps} steps of {s.batch_size} × "
@@ -171,14 +204,35 @@ def pad(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch
     return ids, mask, labels
 
 
+def load_causal_lm(name: str, load_in_4bit: bool, device: torch.device) -> nn.Module:
+    """The hub (or local) causal LM ``name`` ready to train: fp32 weights on the CPU (transformers 5 loads bf16 by
+    default; the optimizer updates fp32, autocast computes in 16 bits) — or, with ``load_in_4bit``, every linear
+    layer's weight in 4 bits (bitsandbytes nf4, quantized as it loads onto ``device``, computing in
+    ``autocast_dtype(device)``) and the rest in that dtype, all frozen. That model stays on ``device``: a 4-bit
+    weight is quantized where it is placed."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if load_in_4bit:
+        compute = autocast_dtype(device) or torch.float32
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_compute_dtype=compute)
+        model = AutoModelForCausalLM.from_pretrained(name, quantization_config=quantization, dtype=compute,
+                                                     device_map={"": device})
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name).float()
+    model.config.use_cache = False  # no key/value cache while training (it conflicts with gradient checkpointing)
+    return model
+
+
 def colab_task(s: Settings) -> tuple[Task, str]:
     from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    hide_weight_loading_bars()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    name = "Qwen/Qwen2.5-0.5B"
+    name = s.model
     tokenizer = AutoTokenizer.from_pretrained(name)
-    model = AutoModelForCausalLM.from_pretrained(name).float()  # fp32 training (transformers 5 loads bf16 by default)
+    model = load_causal_lm(name, s.load_in_4bit, device)
     rows = load_dataset("tatsu-lab/alpaca", split="train").shuffle(seed=s.seed)
     rows = rows.select(range(s.train_examples + s.test_examples))
     examples = [alpaca_example(row, tokenizer, s.context) for row in rows]
@@ -200,9 +254,15 @@ def colab_task(s: Settings) -> tuple[Task, str]:
         sums = [response_nll(m, test[i:i + s.batch_size]) for i in range(0, len(test), s.batch_size)]
         return math.exp(sum(t.item() for t, _ in sums) / sum(c for _, c in sums))
 
-    task = Task(model, [], loss, evaluate, s.steps, s.eval_every, device, s.seed)
+    c = model.config
+    activations = transformer_activation_bytes(s.batch_size, s.context, c.hidden_size, c.num_hidden_layers,
+                                               c.intermediate_size, c.num_attention_heads, vocab=c.vocab_size,
+                                               checkpointed=s.gradient_checkpointing)
+    task = Task(model, [], loss, evaluate, s.steps, s.eval_every, device, s.seed, **fitting(s, device),
+                activation_bytes=activations, setting=f"batch {s.batch_size} × up to {s.context} tokens")
+    weights = " (linear layers' weights in 4 bits, bitsandbytes nf4)" if s.load_in_4bit else ""
     description = (
-        f"Pretrained model: {name}. Downstream: Alpaca (tatsu-lab/alpaca), {s.train_examples} training / "
+        f"Pretrained model: {name}{weights}. Downstream: Alpaca (tatsu-lab/alpaca), {s.train_examples} training / "
         f"{s.test_examples} held-out instructions, up to {s.context} tokens; loss on the responses only. "
         f"{s.steps} steps of batch {s.batch_size}; metric: held-out response perplexity (lower is better)."
     )
@@ -212,7 +272,7 @@ def colab_task(s: Settings) -> tuple[Task, str]:
 DOMAIN = Domain(
     name="llm", label="LLM", settings_by_profile=SETTINGS,
     tasks={"ci": ci_task, "colab": colab_task}, methods={"ci": ci_methods, "colab": colab_methods},
-    titles={"ci": "LLM: Python docs → scikit-learn dataset docs", "colab": "Qwen2.5-0.5B → Alpaca"},
+    titles={"ci": "LLM: Python docs → scikit-learn dataset docs", "colab": "Hub LLM → Alpaca instructions"},
     metrics={"ci": "held-out perplexity", "colab": "held-out perplexity"}, higher_is_better=False,
 )
 settings, make_task, profile_methods, report, run = (

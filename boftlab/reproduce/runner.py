@@ -9,9 +9,11 @@ before and after, milliseconds per optimizer step and peak accelerator memory. N
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import statistics
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -19,6 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..base_layers import kind
 from ..contract import FAMILIES
 
 #: the references a method can name besides boftlab's families (``contract.FAMILIES``)
@@ -76,12 +79,18 @@ def adapter_methods(targets: Any, lr: float, lora_rank: int, oft_block_size: int
 
 
 class MethodUnavailable(RuntimeError):
-    """A method needs a package this installation lacks (PEFT, for LoRA); the run lists it as skipped."""
+    """A method this run cannot apply — it needs a package this installation lacks (PEFT, for LoRA), or it would train
+    weights the model stores quantized (full fine-tuning of a 4-bit model); the run lists it as skipped."""
 
 
 def prepare(model: nn.Module, method: Method, trainable: list[str]) -> nn.Module:
     """Put ``method`` on ``model`` (in place, or PEFT's wrapper around it); only the method's parameters and the
     ``trainable`` modules (e.g. a new head) require gradients afterwards."""
+    if method.family == "full" and quantized_layers(model):
+        raise MethodUnavailable(
+            f"full fine-tuning trains every weight, and {len(quantized_layers(model))} layers of this model store "
+            "theirs quantized (bitsandbytes), which no optimizer can update; load the model in 16 bits to train it "
+            "fully")
     if method.family in ("head", "full"):
         for name, p in model.named_parameters():
             p.requires_grad_(method.family == "full" or any(_in_module(name, t) for t in trainable))
@@ -93,10 +102,17 @@ def prepare(model: nn.Module, method: Method, trainable: list[str]) -> nn.Module
             raise MethodUnavailable(f"PEFT is not importable here ({err}); pip install peft") from err
 
         config = LoraConfig(target_modules=method.targets, modules_to_save=list(trainable) or None, **method.options)
-        return get_peft_model(model, config)
+        with warnings.catch_warnings():  # PEFT reads an attribute transformers ≥ 5.24 deprecates: not ours to fix
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            return get_peft_model(model, config)
     from ..model import adapt
 
     return adapt(model, FAMILIES[method.family](**method.options), targets=method.targets, trainable=trainable)
+
+
+def quantized_layers(model: nn.Module) -> list[str]:
+    """Names of ``model``'s bitsandbytes quantized linear layers (Linear4bit / Linear8bitLt)."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and kind(m) == "quantized"]
 
 
 def _in_module(param_name: str, module_name: str) -> bool:
@@ -114,34 +130,33 @@ def count_parameters(model: nn.Module, trainable: list[str]) -> tuple[int, int]:
     return total, total - kept
 
 
-# --- data and checkpoints ---------------------------------------------------------------------------------------------
-def data_dir() -> Path:
-    """The project's ``data/`` directory (``$BOFTLAB_DATA`` overrides it)."""
-    import os
-
-    return Path(os.environ.get("BOFTLAB_DATA", Path(__file__).resolve().parents[2] / "data"))
+# --- the ci profile's pretrained models -------------------------------------------------------------------------------
+#: the ci profile's pretrained models, one directory each: package data (``boftlab/pretrained/<name>/``), so a pip
+#: install and a checkout read the same files; ``data/scripts/`` in the repository makes them
+PRETRAINED_DIR = Path(__file__).resolve().parents[1] / "pretrained"
 
 
 def pretrained_dir(name: str) -> Path:
-    """``data/checkpoints/<name>``: a pretrained model the ci profile starts from (not a resumable training state)."""
-    path = data_dir() / "checkpoints" / name
-    if not (path / "model.safetensors").exists():
+    """``boftlab/pretrained/<name>``: a pretrained model the ci profile starts from (not a resumable training state)."""
+    path = PRETRAINED_DIR / name
+    if not (path / "model.safetensors").is_file():
+        shipped = sorted(p.parent.name for p in PRETRAINED_DIR.glob("*/model.safetensors"))
         raise FileNotFoundError(
-            f"no checkpoint {name!r} at {path}: the ci profile's pretrained models ship in the repository's data/ "
-            "directory (run from a checkout, or point $BOFTLAB_DATA at it); data/scripts/ has the scripts that "
-            "make them"
+            f"no pretrained model {name!r} at {path}; this installation ships {shipped or 'none'}. The ci profile's "
+            "models are package data of boftlab (a pip install and a checkout both have them); the repository's "
+            "data/scripts/ has the scripts that make them"
         )
     return path
 
 
 def save_pretrained(name: str, state: dict[str, torch.Tensor], config: dict[str, Any], dtype=torch.float32) -> Path:
-    """Write a pretrained model to ``data/checkpoints/<name>/model.safetensors`` (tensors cast to ``dtype``) and
+    """Write a pretrained model to ``boftlab/pretrained/<name>/model.safetensors`` (tensors cast to ``dtype``) and
     ``config.json`` (``data/scripts/`` make the ci profile's)."""
     import json
 
     from safetensors.torch import save_file
 
-    path = data_dir() / "checkpoints" / name
+    path = PRETRAINED_DIR / name
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().to(dtype).contiguous() for k, v in state.items()}, path / "model.safetensors")
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -232,7 +247,7 @@ class Run:
     evals: list[float] = field(default_factory=list)  # held-out metric at eval_steps (the first at step 0)
     ms_per_step: float | None = None  # median wall time of one optimizer step
     peak_mib: float | None = None  # peak CUDA memory allocated while training; None on CPU
-    skipped: str | None = None  # why the method did not run
+    skipped: str | None = None  # why the method did not run or finish: "skipped: …" or "out of memory after …"
     extra: dict[str, Any] = field(default_factory=dict)  # domain-specific artefacts (e.g. sample grids)
 
     @property
@@ -248,9 +263,15 @@ class Run:
 class Task:
     """A domain's experiment, as the runner needs it.
 
-    base: the pretrained model (copied for every method); trainable: modules trained by every method (a new head);
-    loss(model, step) -> scalar training loss of that step's batch (same batches for every method);
-    evaluate(model) -> held-out metric; after(model, run): optional hook run on the trained model (e.g. sampling).
+    base: the pretrained model (copied for every method; keep it off the accelerator, so that one model is there at a
+    time); trainable: modules trained by every method (a new head); loss(model, step) -> scalar training loss of that
+    step's batch (same batches for every method); evaluate(model) -> held-out metric; after(model, run): optional
+    hook run on the trained model (e.g. sampling).
+
+    Fitting a GPU: precision: the autocast dtype of every forward pass (``autocast_dtype``; None: fp32);
+    gradient_checkpointing: recompute activations in the backward pass (``enable_gradient_checkpointing``);
+    activation_bytes: an estimate of one training step's activations, for the memory gate (``training_bytes``);
+    setting: what one step processes ("batch 8 × 256 tokens"), for the messages of a skipped method.
     """
 
     base: nn.Module
@@ -262,6 +283,16 @@ class Task:
     device: torch.device
     seed: int = 0
     after: Callable[[nn.Module, Run], None] | None = None
+    precision: torch.dtype | None = None
+    gradient_checkpointing: bool = False
+    activation_bytes: int = 0
+    setting: str = ""
+
+    def describe_setting(self) -> str:
+        """What a training step processes, and how: "batch 8 × 256 tokens, float16 autocast, gradient checkpointing"."""
+        precision = f"{str(self.precision).removeprefix('torch.')} autocast" if self.precision else "fp32"
+        parts = [self.setting, precision, "gradient checkpointing" if self.gradient_checkpointing else ""]
+        return ", ".join(part for part in parts if part)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -269,10 +300,12 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(-1) == labels).float().mean().item()
 
 
-def classification_task(model, forward, train_x, train_y, test_x, test_y, head, s: Any, device: torch.device) -> Task:
+def classification_task(model, forward, train_x, train_y, test_x, test_y, head, s: Any, device: torch.device,
+                        **options: Any) -> Task:
     """Cross-entropy on seeded batches of (train_x, train_y); held-out metric = accuracy on (test_x, test_y).
     ``forward(model, images) -> logits`` hides the model family's calling convention; ``head`` is the module every
-    method trains; ``s`` holds steps, batch_size, eval_every and seed (a domain's settings)."""
+    method trains; ``s`` holds steps, batch_size, eval_every and seed (a domain's settings); ``options``: the
+    other ``Task`` fields (precision, setting, …)."""
 
     def loss(m: nn.Module, step: int) -> torch.Tensor:
         idx = batch_indices(len(train_x), s.batch_size, step, s.seed)
@@ -282,7 +315,7 @@ def classification_task(model, forward, train_x, train_y, test_x, test_y, head, 
         logits = torch.cat([forward(m, x.to(device)).cpu() for x in test_x.split(256)])
         return accuracy(logits, test_y)
 
-    return Task(model, [head], loss, evaluate, s.steps, s.eval_every, device, s.seed)
+    return Task(model, [head], loss, evaluate, s.steps, s.eval_every, device, s.seed, **options)
 
 
 def lr_factor(step: int, steps: int, warmup: int) -> float:
@@ -297,28 +330,159 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_method(task: Task, method: Method, progress: bool = True) -> Run:
-    """Adapt a fresh copy of ``task.base`` with ``method``, train it, and measure. A family that cannot be imported
-    gives a skipped ``Run`` with the reason."""
-    from tqdm.auto import tqdm
+# --- fitting one accelerator ------------------------------------------------------------------------------------------
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for training on ``device``: bf16 on a GPU that computes in it natively (compute capability
+    ≥ 8.0: A100, L4, H100 — ``torch.cuda.is_bf16_supported(including_emulation=False)``), fp16 with loss scaling on
+    older ones (a free Colab T4 is sm_75), None (fp32) on a CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
 
+
+def fitting(s: Any, device: torch.device) -> dict[str, Any]:
+    """The ``Task`` fields a domain's settings ``s`` ask for: autocast in ``autocast_dtype(device)`` if
+    ``s.mixed_precision``, gradient checkpointing if ``s.gradient_checkpointing``."""
+    return {"precision": autocast_dtype(device) if s.mixed_precision else None,
+            "gradient_checkpointing": s.gradient_checkpointing}
+
+
+def transformer_activation_bytes(batch: int, tokens: int, hidden: int, layers: int, mlp: int, heads: int,
+                                 vocab: int = 0, checkpointed: bool = True) -> int:
+    """A rough estimate of a transformer's activation memory in one training step under fp16/bf16 autocast, for the
+    memory gate. Per token, a block keeps ≈ (16·hidden + 6·mlp)·2 bytes (autocast copies, attention and MLP
+    intermediates) and 4·heads·tokens bytes of attention weights; with gradient checkpointing only each block's
+    fp32 input stays (4·hidden bytes) and one block is recomputed at a time. ``vocab`` adds the logits: fp16, their
+    fp32 copy, the log-softmax and its gradient, 14 bytes each. An estimate: an out-of-memory error is still caught."""
+    block = (16 * hidden + 6 * mlp) * 2 + 4 * heads * tokens
+    kept = 4 * hidden * layers + block if checkpointed else block * layers
+    return batch * tokens * (kept + 14 * vocab)
+
+
+def hide_weight_loading_bars() -> None:
+    """Hide transformers' "Loading weights" bars (one per model built) and keep huggingface_hub's download bars,
+    which tell a first run how long it waits. For the colab tasks, which load models from the hub."""
+    import huggingface_hub
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # this also hides the hub's bars ...
+    huggingface_hub.utils.enable_progress_bars()  # ... so they come back
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in the backward pass instead of storing them, through the model's own switch:
+    transformers (``activation_checkpointing_enable``, before transformers 5.24 ``gradient_checkpointing_enable``;
+    non-reentrant, so a frozen base passes gradients to adapters), diffusers (``enable_gradient_checkpointing``) or
+    timm (``set_grad_checkpointing``). Any other model raises: a switch that silently did nothing would leave the
+    memory estimate wrong."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(model, "enable_gradient_checkpointing"):
+        model.enable_gradient_checkpointing()
+    elif hasattr(model, "set_grad_checkpointing"):
+        model.set_grad_checkpointing(True)
+    else:
+        raise ValueError(
+            f"a {type(model).__name__} has no gradient-checkpointing switch (transformers' "
+            "gradient_checkpointing_enable, diffusers' enable_gradient_checkpointing, timm's set_grad_checkpointing); "
+            "run it with gradient_checkpointing=False"
+        )
+
+
+def training_bytes(model: nn.Module, activation_bytes: int = 0) -> int:
+    """Estimated accelerator memory to train ``model`` with AdamW: every parameter's weights, plus a gradient and
+    AdamW's two moments for each trainable one (all in the parameter's dtype), plus ``activation_bytes``.
+    O(number of parameter tensors)."""
+    return activation_bytes + sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1)
+                                  for p in model.parameters())
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on ``device`` for the next model (``torch.cuda.mem_get_info``, after emptying the cache); None on a
+    CPU, where no memory gate applies."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info(device)[0]
+
+
+def memory_gate(task: Task, model: nn.Module) -> str | None:
+    """Why ``model`` cannot train on ``task.device`` by the estimate ``training_bytes`` (a skipped row's text), or None
+    if it fits — or if the device reports no free memory (a CPU)."""
+    free = free_memory(task.device)
+    # what is already on the GPU (a 4-bit model is quantized there as it loads) is not needed a second time
+    resident = sum(p.numel() * p.element_size() for p in model.parameters() if p.is_cuda)
+    need = training_bytes(model, task.activation_bytes) - resident
+    if free is None or need <= free:
+        return None
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return (f"skipped: needs ≈ {need / 2**30:.1f} GiB (weights; gradients and AdamW states of {trainable:,} "
+            f"trainable parameters; ≈ {task.activation_bytes / 2**30:.1f} GiB activations for "
+            f"{task.describe_setting()}), {free / 2**30:.1f} GiB free on {task.device}")
+
+
+def release_memory(device: torch.device) -> None:
+    """Collect what the last method left (its model, optimizer states and, after an error, the frames that held
+    its activations) and hand the cached blocks back, so the next method starts from an empty accelerator."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --- running the methods ----------------------------------------------------------------------------------------------
+def run_method(task: Task, method: Method, progress: bool = True) -> Run:
+    """Adapt a fresh copy of ``task.base`` with ``method``, train it, and measure.
+
+    A method that cannot run is a row, not an error: a family that cannot be imported, a model that the memory
+    estimate says does not fit (``memory_gate``), and an out-of-memory error while training (the row says at which
+    point, with the setting) give a skipped ``Run`` with the reason. The method's model and optimizer are freed
+    before this returns, so the next method has the accelerator to itself."""
     run = Run(method)
     torch.manual_seed(task.seed)  # same adapter initialisation stream and data order for every method
+    base = copy.deepcopy(task.base)
+    if task.gradient_checkpointing:
+        enable_gradient_checkpointing(base)
     try:
-        model = prepare(copy.deepcopy(task.base), method, task.trainable)
+        model = prepare(base, method, task.trainable)
     except MethodUnavailable as err:
-        run.skipped = str(err)
+        run.skipped = f"skipped: {err}"
         return run
-    model.to(task.device)
+    del base
     run.trainable, run.method_params = count_parameters(model, task.trainable)
+    run.skipped = memory_gate(task, model)
+    if run.skipped is None:
+        try:
+            train(task, model, run, progress)
+        except torch.cuda.OutOfMemoryError as err:  # = torch.OutOfMemoryError
+            reason = str(err).split("\n")[0]
+            run.skipped = (f"out of memory after {len(run.steps)} of {task.steps} steps "
+                           f"({task.describe_setting()}): {reason}")
+    del model
+    release_memory(task.device)
+    return run
+
+
+def train(task: Task, model: nn.Module, run: Run, progress: bool) -> None:
+    """Move ``model`` to ``task.device``, train its trainable parameters with AdamW (warm-up + cosine, under
+    ``task.precision`` autocast, with loss scaling for fp16) and record into ``run`` what ``Run`` holds."""
+    from tqdm.auto import tqdm
+
+    model.to(task.device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=method.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=run.method.lr, weight_decay=0.0)
     warmup = max(1, task.steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, task.steps, warmup))
+    # fp16 needs loss scaling (its range is narrow); bf16 and fp32 do not
+    scaler = torch.amp.GradScaler(task.device.type) if task.precision == torch.float16 else None
+
+    def autocast():
+        return torch.autocast(task.device.type, dtype=task.precision, enabled=task.precision is not None)
 
     def evaluate(step: int) -> None:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             run.evals.append(float(task.evaluate(model)))
         run.eval_steps.append(step)
         model.train()
@@ -327,15 +491,24 @@ def run_method(task: Task, method: Method, progress: bool = True) -> Run:
     if task.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(task.device)
     times = []
-    bar = tqdm(range(task.steps), desc=method.name, disable=not progress, leave=False)
+    bar = tqdm(range(task.steps), desc=run.method.name, disable=not progress, leave=False)
     for step in bar:
         _synchronize(task.device)
         start = time.perf_counter()
-        loss = task.loss(model, step)
+        with autocast():
+            loss = task.loss(model, step)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        else:
+            scale = scaler.get_scale()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)  # skipped, and the scale lowered, if the gradients overflowed
+            scaler.update()
+            if scaler.get_scale() >= scale:  # the schedule counts the optimizer steps taken
+                schedule.step()
         _synchronize(task.device)
         times.append((time.perf_counter() - start) * 1e3)
         run.steps.append(step + 1)
@@ -348,18 +521,18 @@ def run_method(task: Task, method: Method, progress: bool = True) -> Run:
     run.ms_per_step = statistics.median(times[min(5, len(times) - 1):])  # skip the first (allocation) steps
     if task.after is not None:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             task.after(model, run)
-    return run
 
 
 def run_methods(task: Task, methods: list[Method], progress: bool = True) -> list[Run]:
-    """``run_method`` for each method, in order; skipped families are reported, not raised."""
+    """``run_method`` for each method, in order, one model on the accelerator at a time; a method that cannot run or
+    runs out of memory is reported (printed, and a row of the table), not raised."""
     runs = []
     for method in methods:
         run = run_method(task, method, progress)
         if run.skipped and progress:
-            print(f"skipped {method.name}: {run.skipped}")
+            print(f"{method.name}: {run.skipped}")
         runs.append(run)
     return runs
 
@@ -374,7 +547,7 @@ def results_table(runs: list[Run], metric: str) -> str:
     rows = []
     for r in runs:
         if r.skipped:
-            rows.append([r.method.name, f"skipped: {r.skipped}", None, None, None, None, None])
+            rows.append([r.method.name, r.skipped, None, None, None, None, None])
             continue
         rows.append([r.method.name, f"{r.trainable:,}", f"{r.method_params:,}", r.before, r.final,
                      r.ms_per_step, r.peak_mib])
@@ -394,10 +567,14 @@ def ranking(runs: list[Run], metric: str, higher_is_better: bool = True) -> str:
 
 
 def plot_curves(runs: list[Run], metric: str, title: str, smooth: int = 10):
-    """Figure with two panels: training loss (running mean over ``smooth`` steps) and the held-out metric."""
-    import matplotlib.pyplot as plt
+    """Figure with two panels: training loss (running mean over ``smooth`` steps) and the held-out metric.
 
-    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 3.6))
+    A ``matplotlib.figure.Figure``, not a pyplot figure: nothing is left open, and a notebook shows it where it
+    displays it (``display(fig)``, or the cell's last expression) — once."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 3.6))
+    ax_loss, ax_metric = fig.subplots(1, 2)
     for r in runs:
         if r.skipped:
             continue
@@ -491,8 +668,6 @@ class Domain:
 
 def write_results(reports: list[Report], out: Path, profile: str, command: str) -> Path:
     """Write ``out/results.md`` and every report's figures as ``out/<stem>.png``; return the markdown's path."""
-    import matplotlib.pyplot as plt
-
     from boftlab.bench import machine
 
     out.mkdir(parents=True, exist_ok=True)
@@ -507,7 +682,6 @@ def write_results(reports: list[Report], out: Path, profile: str, command: str) 
         parts.append(report.markdown())
         for stem, fig in report.figures.items():
             fig.savefig(out / f"{stem}.png", dpi=90)
-            plt.close(fig)
     path = out / "results.md"
     path.write_text("\n".join(parts))
     return path

@@ -21,8 +21,11 @@ from .runner import (
     adapter_methods,
     classification_task,
     digits,
+    fitting,
+    hide_weight_loading_bars,
     load_pretrained,
     stratified_split,
+    transformer_activation_bytes,
 )
 
 CHECKPOINT = "vit_digits04"
@@ -38,11 +41,14 @@ class Settings:
     seed: int = 0
     train_size: int | None = None  # colab: training images drawn from CIFAR-10's train split
     test_size: int | None = None
+    mixed_precision: bool = False  # autocast: bf16 where the GPU has it, else fp16 (runner.autocast_dtype)
+    gradient_checkpointing: bool = False
 
 
 SETTINGS = {
     "ci": Settings(steps=150, batch_size=64, eval_every=15),
-    "colab": Settings(steps=300, batch_size=32, eval_every=50, train_size=5000, test_size=2000),
+    "colab": Settings(steps=300, batch_size=32, eval_every=50, train_size=5000, test_size=2000, mixed_precision=True,
+                      gradient_checkpointing=True),
 }
 
 
@@ -112,10 +118,10 @@ def ci_task(s: Settings) -> tuple[Task, str]:
     train, test = stratified_split(labels, 0.5, s.seed)
     x, y = normalize(images), labels - TARGET_CLASSES[0]
     task = classification_task(model, lambda m, b: m(b), x[train], y[train], x[test], y[test], "head", s,
-                               torch.device("cpu"))
+                               torch.device("cpu"), setting=f"batch {s.batch_size} images")
     description = (
         f"Pretrained model: a {sum(p.numel() for p in model.parameters()):,}-parameter timm ViT "
-        f"(`data/checkpoints/{CHECKPOINT}`), trained by `data/scripts/pretrain_vit.py` on scikit-learn digits "
+        f"(`boftlab/pretrained/{CHECKPOINT}`), trained by `data/scripts/pretrain_vit.py` on scikit-learn digits "
         f"{SOURCE_CLASSES} (source test accuracy {config['source_test_accuracy']:.3f}). Downstream: digits "
         f"{TARGET_CLASSES}, a new 5-way head; {len(train)} training / {len(test)} test images (stratified halves). "
         f"{s.steps} steps of batch {s.batch_size}, AdamW, warm-up + cosine; metric: test accuracy."
@@ -130,6 +136,7 @@ def colab_task(s: Settings) -> tuple[Task, str]:
     from datasets import load_dataset
     from transformers import ViTForImageClassification
 
+    hide_weight_loading_bars()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = load_dataset("uoft-cs/cifar10")
 
@@ -146,7 +153,14 @@ def colab_task(s: Settings) -> tuple[Task, str]:
         x = F.interpolate(images.float() / 255, size=224, mode="bilinear", align_corners=False)
         return m(pixel_values=(x - 0.5) / 0.5).logits  # the checkpoint's processor: mean = std = 0.5
 
-    task = classification_task(model, forward, train_x, train_y, test_x, test_y, "classifier", s, device)
+    c = model.config
+    tokens = (c.image_size // c.patch_size) ** 2 + 1  # patches + the class token
+    activations = transformer_activation_bytes(s.batch_size, tokens, c.hidden_size, c.num_hidden_layers,
+                                               c.intermediate_size, c.num_attention_heads,
+                                               checkpointed=s.gradient_checkpointing)
+    task = classification_task(model, forward, train_x, train_y, test_x, test_y, "classifier", s, device,
+                               **fitting(s, device), activation_bytes=activations,
+                               setting=f"batch {s.batch_size} images at {c.image_size}×{c.image_size}")
     description = (
         "Pretrained model: google/vit-base-patch16-224-in21k (ImageNet-21k). Downstream: CIFAR-10, "
         f"{s.train_size} training / {s.test_size} test images; {s.steps} steps of batch {s.batch_size}; "

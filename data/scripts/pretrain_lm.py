@@ -1,7 +1,7 @@
 """Pretrain the ci profile's language model (and its tokenizer) on the *source* text: CPython's reference
 documentation, ``pydoc_data.topics`` (it ships with every CPython).
 
-    python data/scripts/pretrain_lm.py     # ~12 min on a shared 2-core CPU; writes data/checkpoints/lm_pydoc/
+    python data/scripts/pretrain_lm.py     # ~12 min on a shared 2-core CPU; writes boftlab/pretrained/lm_pydoc/
 
 1. a byte-level BPE tokenizer with 1 024 tokens is trained on the source text only;
 2. a 4-layer Llama-architecture model (``boftlab.reproduce.llm.build_ci_lm``) is trained on 95 % of the source
@@ -26,7 +26,7 @@ from boftlab.reproduce.llm import (
     target_text,
     windows,
 )
-from boftlab.reproduce.runner import batch_indices, data_dir, save_pretrained
+from boftlab.reproduce.runner import batch_indices, save_pretrained
 
 STEPS, BATCH, CONTEXT, LR, SEED = 600, 16, 64, 3e-3, 0
 
@@ -86,7 +86,7 @@ def main() -> None:
     }
     state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied to the embedding
     path = save_pretrained(CHECKPOINT, state, config, dtype=torch.float16)
-    tokenizer.save(str(data_dir() / "checkpoints" / CHECKPOINT / "tokenizer.json"))
+    tokenizer.save(str(path / "tokenizer.json"))
     print(f"wrote {path}")
 
 

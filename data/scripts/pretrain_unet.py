@@ -1,7 +1,7 @@
 """Pretrain the ci profile's diffusion model on the *source* task: generating scikit-learn digits 0–4.
 
     python data/scripts/train_digit_classifier.py   # first: the classifier that judges samples
-    python data/scripts/pretrain_unet.py            # ~21 min on a shared 2-core CPU; writes data/checkpoints/unet_digits04/
+    python data/scripts/pretrain_unet.py            # ~21 min on a shared 2-core CPU; writes boftlab/pretrained/unet_digits04/
 
 A diffusers UNet2DModel (``boftlab.reproduce.diffusion.build_ci_unet``) learns the DDPM objective on every image of
 digits 0–4 (the downstream task, digits 5–9, is never seen); the saved weights are an exponential moving average

@@ -1,6 +1,6 @@
 """Pretrain the ci profile's ViT on the *source* task: scikit-learn digits 0–4 (bundled with scikit-learn).
 
-    python data/scripts/pretrain_vit.py        # ~7 min on a shared 2-core CPU; writes data/checkpoints/vit_digits04/
+    python data/scripts/pretrain_vit.py        # ~7 min on a shared 2-core CPU; writes boftlab/pretrained/vit_digits04/
 
 The downstream task in ``boftlab.reproduce.vit`` is digits 5–9, which this script never sees. 20 % of the source
 images are held out to report the source accuracy recorded in config.json. Training uses random ±1-pixel shifts.

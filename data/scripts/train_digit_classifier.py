@@ -1,7 +1,7 @@
 """Train the digit classifier that judges the diffusion domain's samples, on all ten classes of scikit-learn's
 bundled 8×8 digits.
 
-    python data/scripts/train_digit_classifier.py     # ~4 min on a shared 2-core CPU; writes data/checkpoints/digit_classifier/
+    python data/scripts/train_digit_classifier.py     # ~4 min on a shared 2-core CPU; writes boftlab/pretrained/digit_classifier/
 
 It is an evaluator, never fine-tuned: 80 % of every class trains it (with random ±1-pixel shifts), 20 % give the
 test accuracy recorded in config.json.
