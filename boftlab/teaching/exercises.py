@@ -125,22 +125,7 @@ def check_lora_delta(lora_delta: Callable) -> str:
     return "Your ΔW equals PEFT's LoRA update (get_delta_weight) for r=4, α=8 and r=2, α=2."
 
 
-@_checker("1.2", "The Cayley transform", "01_primer", "cayley")
-def check_cayley(cayley: Callable) -> str:
-    """Against ``boftlab.butterfly.cayley`` on a batch of random skew-symmetric blocks; then orthogonality and det."""
-    from ..butterfly import cayley as boft_cayley, skew_symmetric
-
-    skew = skew_symmetric(torch.randn(3, 10, generator=torch.Generator().manual_seed(12), dtype=torch.float64), 5)
-    got = cayley(skew)
-    _compare(got, boft_cayley(skew), "cayley(S) for a (3, 5, 5) batch",
-             "Q = (I − S)(I + S)⁻¹; torch.linalg.solve(I + S, I − S, left=False) solves X·(I + S) = I − S. "
-             "Keep the batch dimensions (torch.eye(b).expand_as(S)).")
-    gram = got.transpose(-1, -2) @ got
-    return (f"Your Q equals boftlab.butterfly.cayley: max |QᵀQ − I| = {(gram - torch.eye(5)).abs().max().item():.1e}, "
-            f"det Q = {[round(d, 6) for d in torch.linalg.det(got).tolist()]} (all +1: a rotation, never a reflection).")
-
-
-@_checker("1.3", "Angles between neurons", "01_primer", "neuron_cosines")
+@_checker("1.2", "Angles between neurons", "01_primer", "neuron_cosines")
 def check_neuron_cosines(neuron_cosines: Callable) -> str:
     """Against ``primer.neuron_cosines``; then the student's function measures OFT against LoRA on one weight."""
     from . import primer
@@ -154,6 +139,21 @@ def check_neuron_cosines(neuron_cosines: Callable) -> str:
     change = {name: (neuron_cosines(new) - neuron_cosines(weight)).abs().max().item() for name, new in (("OFT", oft), ("LoRA", lora))}
     return (f"Your cosines equal boftlab's. With them, on a random 24 × 16 weight and updates of the same size: OFT "
             f"changes no cosine by more than {change['OFT']:.1e}, LoRA by up to {change['LoRA']:.2f}.")
+
+
+@_checker("1.3", "The Cayley transform", "01_primer", "cayley")
+def check_cayley(cayley: Callable) -> str:
+    """Against ``boftlab.butterfly.cayley`` on a batch of random skew-symmetric blocks; then orthogonality and det."""
+    from ..butterfly import cayley as boft_cayley, skew_symmetric
+
+    skew = skew_symmetric(torch.randn(3, 10, generator=torch.Generator().manual_seed(12), dtype=torch.float64), 5)
+    got = cayley(skew)
+    _compare(got, boft_cayley(skew), "cayley(S) for a (3, 5, 5) batch",
+             "Q = (I − S)(I + S)⁻¹; torch.linalg.solve(I + S, I − S, left=False) solves X·(I + S) = I − S. "
+             "Keep the batch dimensions (torch.eye(b).expand_as(S)).")
+    gram = got.transpose(-1, -2) @ got
+    return (f"Your Q equals boftlab.butterfly.cayley: max |QᵀQ − I| = {(gram - torch.eye(5)).abs().max().item():.1e}, "
+            f"det Q = {[round(d, 6) for d in torch.linalg.det(got).tolist()]} (all +1: a rotation, never a reflection).")
 
 
 @_checker("1.4", "How many Neumann terms?", "01_primer", "neumann_terms", "value")
@@ -315,22 +315,7 @@ def check_frontier(frontier: Callable) -> str:
 
 
 # --- notebook 05: structured matrices -------------------------------------------------------------------------------
-@_checker("5.1", "A circulant product by FFT", "05_structured_matrices", "circulant_matvec")
-def check_circulant_matvec(circulant_matvec: Callable) -> str:
-    """Against ``surm.circulant`` (the dense matrix) and ``surm.circulant_matvec`` for even and odd n, batched x."""
-    from .. import surm
-
-    generator = torch.Generator().manual_seed(51)
-    for n in (8, 15):
-        c = torch.randn(n, generator=generator, dtype=torch.float64)
-        x = torch.randn(4, n, generator=generator, dtype=torch.float64)
-        _compare(circulant_matvec(c, x), x @ surm.circulant(c).T, f"circulant_matvec(c, x) with n={n}, x: (4, {n})",
-                 "C·x is a cyclic convolution: torch.fft.irfft(torch.fft.rfft(c) * torch.fft.rfft(x), n=n) — pass n, "
-                 "or odd n loses a sample.")
-    return "Your FFT product equals the dense circulant matrix (and surm.circulant_matvec) for n = 8 and 15."
-
-
-@_checker("5.2", "The displacement operator", "05_structured_matrices", "displacement")
+@_checker("5.1", "The displacement operator", "05_structured_matrices", "displacement")
 def check_displacement(displacement: Callable) -> str:
     """Against ``surm.displacement``; then the displacement ranks of a circulant and a Toeplitz through it."""
     from .. import surm
@@ -343,6 +328,21 @@ def check_displacement(displacement: Callable) -> str:
     toeplitz = surm.toeplitz(torch.randn(13, generator=generator, dtype=torch.float64), 7, 7)
     ranks = [int(torch.linalg.matrix_rank(displacement(m))) for m in (circulant, toeplitz)]
     return f"Your ∇ equals boftlab's; through it a circulant has displacement rank {ranks[0]}, a Toeplitz {ranks[1]}."
+
+
+@_checker("5.2", "A circulant product by FFT", "05_structured_matrices", "circulant_matvec")
+def check_circulant_matvec(circulant_matvec: Callable) -> str:
+    """Against ``surm.circulant`` (the dense matrix) and ``surm.circulant_matvec`` for even and odd n, batched x."""
+    from .. import surm
+
+    generator = torch.Generator().manual_seed(51)
+    for n in (8, 15):
+        c = torch.randn(n, generator=generator, dtype=torch.float64)
+        x = torch.randn(4, n, generator=generator, dtype=torch.float64)
+        _compare(circulant_matvec(c, x), x @ surm.circulant(c).T, f"circulant_matvec(c, x) with n={n}, x: (4, {n})",
+                 "C·x is a cyclic convolution: torch.fft.irfft(torch.fft.rfft(c) * torch.fft.rfft(x), n=n) — pass n, "
+                 "or odd n loses a sample.")
+    return "Your FFT product equals the dense circulant matrix (and surm.circulant_matvec) for n = 8 and 15."
 
 
 # --- notebook 06: tensor cores --------------------------------------------------------------------------------------

@@ -20,19 +20,19 @@ def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, alpha: float) -> torc
     return (alpha / rank) * lora_B @ lora_A
 
 
+def neuron_cosines(weight: torch.Tensor) -> torch.Tensor:
+    """Exercise 1.2. (n, d) -> (n, n): normalise each row to unit length, then all inner products at once."""
+    unit = weight / weight.norm(dim=1, keepdim=True)
+    return unit @ unit.T
+
+
 def cayley(skew: torch.Tensor) -> torch.Tensor:
-    """Exercise 1.2. (..., b, b) skew-symmetric S -> Q = (I − S)(I + S)⁻¹.
+    """Exercise 1.3. (..., b, b) skew-symmetric S -> Q = (I − S)(I + S)⁻¹.
 
     Q·(I + S) = I − S, so Q solves X·(I + S) = I − S (a solve is cheaper and more accurate than an inverse).
     """
     eye = torch.eye(skew.shape[-1], dtype=skew.dtype).expand_as(skew)
     return torch.linalg.solve(eye + skew, eye - skew, left=False)
-
-
-def neuron_cosines(weight: torch.Tensor) -> torch.Tensor:
-    """Exercise 1.3. (n, d) -> (n, n): normalise each row to unit length, then all inner products at once."""
-    unit = weight / weight.norm(dim=1, keepdim=True)
-    return unit @ unit.T
 
 
 def neumann_terms() -> int:
@@ -114,19 +114,19 @@ def frontier(rows: list[dict]) -> list[dict]:
 
 
 # --- notebook 05: structured matrices -------------------------------------------------------------------------------
-def circulant_matvec(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Exercise 5.1. C·x = c ⊛ x = F⁻¹(F(c) ⊙ F(x)); real inputs, so the real FFT and its inverse at length n."""
-    n = c.shape[-1]
-    return torch.fft.irfft(torch.fft.rfft(c) * torch.fft.rfft(x), n=n)
-
-
 def displacement(matrix: torch.Tensor) -> torch.Tensor:
-    """Exercise 5.2. ∇(M) = Z_1·M − M·Z_{−1}, with the shift matrices written out (O(n³), fine for a check)."""
+    """Exercise 5.1. ∇(M) = Z_1·M − M·Z_{−1}, with the shift matrices written out (O(n³), fine for a check)."""
     n = matrix.shape[0]
     z_plus = torch.diag(torch.ones(n - 1, dtype=matrix.dtype), -1)
     z_minus = z_plus.clone()
     z_plus[0, -1], z_minus[0, -1] = 1.0, -1.0
     return z_plus @ matrix - matrix @ z_minus
+
+
+def circulant_matvec(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Exercise 5.2. C·x = c ⊛ x = F⁻¹(F(c) ⊙ F(x)); real inputs, so the real FFT and its inverse at length n."""
+    n = c.shape[-1]
+    return torch.fft.irfft(torch.fft.rfft(c) * torch.fft.rfft(x), n=n)
 
 
 # --- notebook 06: tensor cores --------------------------------------------------------------------------------------
