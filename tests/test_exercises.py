@@ -79,3 +79,10 @@ def test_a_wrong_answer_fails_with_a_message_and_crashing_code_is_reported(exerc
 def test_an_unknown_exercise_is_named_not_raised():
     result = exercises.check("9.9", 1)
     assert not result.passed and "1.1" in result.message
+
+
+def test_the_readme_course_lists_every_exercise_with_its_checker_and_solution():
+    section = (NOTEBOOKS.parent / "README.md").read_text().split("## Course")[1].split("\n## ")[0]
+    for e in exercises.EXERCISES.values():
+        assert f"| {e.id} | {e.title} | [`{e.notebook}`]" in section
+        assert f"`{e.checker.__name__}` | `{e.solution}` |" in section

@@ -8,7 +8,7 @@ One module per subject, each loaded when imported (``from boftlab.teaching impor
 * ``butterfly``    — butterfly patterns, reachability, parameter budgets (notebooks 02, 03);
 * ``expressivity`` — fitting rotations with BOFT/OFT at equal budgets (notebook 04);
 * ``surm``         — best structured approximations and their figures (notebook 05);
-* ``tensor_core``  — flattening and mode-product figures, parameter counts vs PEFT, the digits transfer task (08);
+* ``tensor_core``  — flattening and mode-product figures, parameter counts vs PEFT, the digits transfer task (notebook 06);
 * ``widgets``      — ``interact``: sliders on any of the figure functions above;
 * ``exercises``    — the checkers of the exercises in notebooks 01–06 (``check("N.k", answer)``);
 * ``solutions``    — their solutions, one function per exercise.
