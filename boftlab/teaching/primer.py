@@ -55,28 +55,32 @@ def lora_layer(weight: torch.Tensor, rank: int, alpha: float) -> nn.Module:
 
 
 def lora_weight(weight: torch.Tensor, rank: int, update_norm: float, generator: torch.Generator) -> torch.Tensor:
-    """(n, d) W -> W + (α/r)·B·A with PEFT's LoRA layer, B drawn at random (as if trained) and rescaled so that
-    ‖(α/r)·B·A‖_F = ``update_norm`` — an update of the same size as an OFT one, for a fair comparison. O(n·d·r)."""
+    """(n, d) W -> W + (α/r)·B·A with PEFT's LoRA layer, A and B drawn from ``generator`` (as if trained) and B rescaled
+    so that ‖(α/r)·B·A‖_F = ``update_norm`` — an update of the same size as an OFT one, for a fair comparison.
+    O(n·d·r)."""
     layer = lora_layer(weight, rank, alpha=rank)
     with torch.no_grad():
-        b = layer.lora_B["default"].weight
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        a.copy_(torch.randn(a.shape, generator=generator))
         b.copy_(torch.randn(b.shape, generator=generator))
         b.mul_(update_norm / layer.get_delta_weight("default").norm())
         return weight + layer.get_delta_weight("default")
 
 
 def plot_cosine_changes(weight: torch.Tensor, adapted: dict[str, torch.Tensor]) -> Figure:
-    """One panel per adapted weight: the cosine between every pair of neurons after against before."""
+    """One panel per adapted weight: how much the cosine between every pair of neurons changed, against its value
+    before (one point per pair; a shared y-axis, so a flat line at 0 means every angle was kept)."""
     before = neuron_cosines(weight)
     pairs = torch.triu_indices(*before.shape, 1)
-    fig = Figure(figsize=(4.2 * len(adapted), 3.8), layout="tight")
-    for ax, (name, new) in zip(fig.subplots(1, len(adapted), squeeze=False)[0], adapted.items()):
-        after = neuron_cosines(new)
-        ax.scatter(before[pairs[0], pairs[1]], after[pairs[0], pairs[1]], s=1, alpha=0.3)
-        ax.plot([-1, 1], [-1, 1], color="grey", lw=0.8)
+    fig = Figure(figsize=(4.2 * len(adapted), 3.6), layout="tight")
+    axes = fig.subplots(1, len(adapted), squeeze=False, sharey=True)[0]
+    for ax, (name, new) in zip(axes, adapted.items()):
+        change = neuron_cosines(new) - before
+        ax.scatter(before[pairs[0], pairs[1]], change[pairs[0], pairs[1]], s=1, alpha=0.3)
+        ax.axhline(0, color="grey", lw=0.8)
         ax.set_xlabel("cos(w_i, w_j) before")
-        ax.set_ylabel("after")
-        ax.set_title(f"{name}: max |change| {(after - before).abs().max():.2g}", fontsize=9)
+        ax.set_title(f"{name}: max |change| {change.abs().max():.2g}", fontsize=9)
+    axes[0].set_ylabel("cos after − cos before")
     return fig
 
 

@@ -104,13 +104,9 @@ def identity_error(rotation: torch.Tensor) -> float:
 
 
 def frontier(rows: list[dict]) -> list[dict]:
-    """Exercise 4.2. Sort by budget (ties: lower error first) and keep each row that beats every row before it."""
-    best, front = math.inf, []
-    for row in sorted(rows, key=lambda r: (r["n_params"], r["error"])):
-        if row["error"] < best:
-            best = row["error"]
-            front.append(row)
-    return front
+    """Exercise 4.2. Sort by budget (ties: lower error first); a row is on the front if it beats every row before it."""
+    ordered = sorted(rows, key=lambda r: (r["n_params"], r["error"]))
+    return [row for i, row in enumerate(ordered) if all(row["error"] < other["error"] for other in ordered[:i])]
 
 
 # --- notebook 05: structured matrices -------------------------------------------------------------------------------
