@@ -109,3 +109,16 @@ def test_explore_expressivity(capsys):
     assert "free parameters" in capsys.readouterr().out
     assert ex.explore_expressivity(16, 3, 2, steps=10) is None
     assert "Valid block_size" in capsys.readouterr().out
+
+
+def test_expressivity_axis_labels_only_plain_major_ticks():
+    rows = [{"structure": f"s{p}", "block_size": 2, "n_factors": m, "n_params": p, "error": 1 / m}
+            for m, p in enumerate([16, 48, 80, 240, 480], 1)]
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = ex.plot_expressivity(rows)
+    FigureCanvasAgg(fig).draw()
+    axis = fig.axes[0].xaxis
+    assert all(t.get_text() == "" for t in axis.get_minorticklabels())
+    labels = [t.get_text() for t in axis.get_majorticklabels() if t.get_text()]
+    assert labels and all(label.isdigit() for label in labels)  # "20", "50", "100", … — no 2×10¹ next to 3×10¹

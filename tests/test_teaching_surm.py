@@ -78,3 +78,10 @@ def test_error_curves_and_figures():
     assert len(fig.axes) == 3
     error = approximation_error(target, "ldr", displacement_rank=2, sweeps=3)
     assert f"{2 * 2 * 12} numbers, relative error {error:.3f}" in fig._suptitle.get_text()
+
+
+def test_plot_structure_clips_its_colour_scale_so_a_strong_diagonal_does_not_blank_the_rest():
+    target = torch.eye(200, dtype=F64) * 100 + torch.randn(200, 200, generator=torch.Generator().manual_seed(0), dtype=F64)
+    fig = plot_structure(target, "toeplitz")
+    low, high = fig.axes[0].images[0].get_clim()
+    assert high < 10 and low == -high  # the off-diagonal noise (|x| ≲ 3) gets the colours, the diagonal saturates

@@ -4,11 +4,14 @@ adapters (the family files hold the structured matrix and its layer only).
 One module per subject, each loaded when imported (``from boftlab.teaching import surm``) or first touched
 (``boftlab.teaching.surm``):
 
+* ``primer``       — LoRA and OFT on a real weight, angles between neurons, the Cayley transform (notebook 01);
 * ``butterfly``    — butterfly patterns, reachability, parameter budgets (notebooks 02, 03);
 * ``expressivity`` — fitting rotations with BOFT/OFT at equal budgets (notebook 04);
 * ``surm``         — best structured approximations and their figures (notebook 05);
-* ``tensor_core``  — flattening and mode-product figures, parameter counts vs PEFT, the digits transfer task (08);
-* ``widgets``      — ``interact``: sliders on any of the figure functions above.
+* ``tensor_core``  — flattening and mode-product figures, parameter counts vs PEFT, the digits transfer task (notebook 06);
+* ``widgets``      — ``interact``: sliders on any of the figure functions above;
+* ``exercises``    — the checkers of the exercises in notebooks 01–06 (``check("N.k", answer)``);
+* ``solutions``    — their solutions, one function per exercise.
 
 They need the ``notebooks`` extra (matplotlib, ipywidgets, scikit-learn, peft, …): ``pip install "boftlab[notebooks]"``.
 """
@@ -23,7 +26,7 @@ if importlib.util.find_spec("matplotlib") is None:
         'pip install "boftlab[notebooks]"'
     )
 
-MODULES = ("butterfly", "expressivity", "surm", "tensor_core", "widgets")
+MODULES = ("primer", "butterfly", "expressivity", "surm", "tensor_core", "widgets", "exercises", "solutions")
 
 
 def __getattr__(name: str) -> Any:

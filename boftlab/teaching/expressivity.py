@@ -16,6 +16,7 @@ import math
 
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 from torch import nn
 
 from ..butterfly import BOFTConfig, BOFTLayer, valid_n_factors
@@ -165,6 +166,12 @@ def plot_expressivity(rows: list[dict], title: str = "") -> Figure:
         ax.scatter([r["n_params"] for r in oft], [r["error"] for r in oft], s=90, facecolors="none",
                    edgecolors=line.get_color(), zorder=3)
     ax.set_xscale("log")
+    budgets = [r["n_params"] for r in rows]
+    decades = math.log10(max(budgets) / min(budgets))
+    # plain labels at 1, 2, 5 × 10^k (1 × 10^k only over a wide range) and none on the minor ticks, which would overlap
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if decades <= 2 else (1.0,)))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("free parameters m·(d/b)·b(b−1)/2  (circles: OFT, m = 1)")
     ax.set_ylabel("relative error ‖R − T‖ / ‖T‖")
     ax.set_title(title, fontsize=9)

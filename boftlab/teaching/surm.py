@@ -180,7 +180,10 @@ def plot_structure(target: torch.Tensor, structure: str, displacement_rank: int 
     n_params = parameter_count(structure, d_out, d_in, **count_options)
     fig = Figure(figsize=(11, 3.6), layout="tight")
     axes = fig.subplots(1, 3)
-    limit = float(target.abs().max())
+    # one colour scale for the three panels, clipped at the 99th percentile of |target| so that a strong diagonal does
+    # not wash out everything else
+    magnitudes = target.detach().abs().flatten()
+    limit = float(magnitudes.kthvalue(max(1, int(0.99 * magnitudes.numel()))).values)
     for ax, matrix, name in zip(axes, (target, best, target.double() - best), ("target", structure, "residual")):
         ax.imshow(matrix.detach().cpu().numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit)
         ax.set_title(name)

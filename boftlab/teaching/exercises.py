@@ -1,0 +1,379 @@
+"""Checkers for the exercises of notebooks 01–06: each compares a student's answer with boftlab and explains.
+
+Every exercise is a markdown heading "Exercise N.k — …" in its notebook, a template cell (a function whose body
+raises ``NotImplementedError``, or a value left as ``...``) and a checking cell ``check("N.k", answer)``. A checker
+returns a ``Result`` (``.passed``, ``.message``) and never raises: an unfilled template reads "not attempted yet",
+an exception in the student's code is reported with its type and message, a wrong answer with what was expected, what
+differs and a hint. Solutions: ``boftlab.teaching.solutions`` (one function per exercise, named in ``EXERCISES``).
+``tests/test_exercises.py`` proves that every solution passes and every notebook's blank template does not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """What a checker found: ``passed``, and a message for the student (what was expected, what differs, a hint)."""
+
+    exercise: str
+    passed: bool
+    message: str
+
+    def __repr__(self) -> str:
+        status = "passed" if self.passed else "not passed yet"
+        return f"Exercise {self.exercise} — {status}. {self.message}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Exercise:
+    """One exercise: its id "N.k", title, notebook, checker, the name of its solution in ``solutions`` and whether the
+    answer is a function or a value (a value exercise's solution function computes the value)."""
+
+    id: str
+    title: str
+    notebook: str
+    checker: Callable[[Any], Result]
+    solution: str
+    answer: str  # "function" | "value"
+
+
+EXERCISES: dict[str, Exercise] = {}
+
+
+class _Wrong(Exception):
+    """Raised inside a checker body: the answer is wrong; the text is the message."""
+
+
+def _checker(exercise: str, title: str, notebook: str, solution: str, answer: str = "function"):
+    """Register a checker body ``(answer) -> success message`` that raises ``_Wrong`` with the failure message; the
+    wrapper turns an unfilled template, a student's exception or a wrong answer into a failed ``Result``."""
+
+    def register(body: Callable[[Any], str]) -> Callable[[Any], Result]:
+        @functools.wraps(body)
+        def check_answer(student: Any) -> Result:
+            if student is ...:
+                return Result(exercise, False, "Not attempted yet: replace the `...` in the template cell with your answer.")
+            try:
+                return Result(exercise, True, body(student))
+            except NotImplementedError:
+                return Result(exercise, False, "Not attempted yet: the template still raises NotImplementedError; write "
+                                               "the function body and run the template cell again.")
+            except _Wrong as wrong:
+                return Result(exercise, False, str(wrong))
+            except Exception as err:  # the student's code failed: report it, never raise in the notebook
+                return Result(exercise, False, f"Your code raised {type(err).__name__}: {err}")
+
+        EXERCISES[exercise] = Exercise(exercise, title, notebook, check_answer, solution, answer)
+        return check_answer
+
+    return register
+
+
+def check(exercise: str, answer: Any) -> Result:
+    """The notebooks' checking cell: run exercise ``exercise``'s checker on ``answer``."""
+    if exercise not in EXERCISES:
+        return Result(exercise, False, f"There is no exercise {exercise!r}; the exercises are {list(EXERCISES)}.")
+    return EXERCISES[exercise].checker(answer)
+
+
+def _as_tensor(value: Any, what: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise _Wrong(f"{what} should return a torch.Tensor, got {type(value).__name__}.")
+    return value
+
+
+def _compare(got: Any, expected: torch.Tensor, what: str, hint: str, atol: float = 1e-8, rtol: float = 1e-6) -> None:
+    """Raise ``_Wrong`` unless ``got`` is a tensor of ``expected``'s shape with the same values."""
+    got = _as_tensor(got, what)
+    if tuple(got.shape) != tuple(expected.shape):
+        raise _Wrong(f"{what} has shape {tuple(got.shape)}; expected {tuple(expected.shape)}. Hint: {hint}")
+    difference = (got.double() - expected.double()).abs()
+    if not torch.allclose(got.double(), expected.double(), atol=atol, rtol=rtol):
+        index = tuple(int(i) for i in torch.nonzero(difference == difference.max())[0])
+        raise _Wrong(f"{what} differs from boftlab's by up to {difference.max().item():.3g} (at index {index}: yours "
+                     f"{got.double()[index].item():.6g}, expected {expected.double()[index].item():.6g}). Hint: {hint}")
+
+
+def _compare_value(got: Any, expected: Any, what: str, hint: str) -> None:
+    if got != expected:
+        raise _Wrong(f"{what}: you answered {got!r}; that is not it. Hint: {hint}")
+
+
+# --- notebook 01: the primer ----------------------------------------------------------------------------------------
+@_checker("1.1", "LoRA's update", "01_primer", "lora_delta")
+def check_lora_delta(lora_delta: Callable) -> str:
+    """Against PEFT's own LoRA layer (``get_delta_weight``) for two ranks and two α."""
+    from .primer import lora_layer
+
+    generator = torch.Generator().manual_seed(11)
+    for rank, alpha in ((4, 8.0), (2, 2.0)):
+        layer = lora_layer(torch.randn(6, 5, generator=generator), rank, alpha)
+        a, b = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+        b = torch.randn(b.shape, generator=generator)
+        with torch.no_grad():
+            layer.lora_B["default"].weight.copy_(b)
+            expected = layer.get_delta_weight("default")
+        _compare(lora_delta(a, b, alpha), expected, f"lora_delta(A, B, alpha={alpha}) with r={rank}",
+                 "ΔW = (α/r)·B·A, with r = A.shape[0]; B is (n, r) and A is (r, d).", atol=1e-6)
+    return "Your ΔW equals PEFT's LoRA update (get_delta_weight) for r=4, α=8 and r=2, α=2."
+
+
+@_checker("1.2", "Angles between neurons", "01_primer", "neuron_cosines")
+def check_neuron_cosines(neuron_cosines: Callable) -> str:
+    """Against ``primer.neuron_cosines``; then the student's function measures OFT against LoRA on one weight."""
+    from . import primer
+
+    generator = torch.Generator().manual_seed(13)
+    weight = torch.randn(24, 16, generator=generator, dtype=torch.float64)
+    _compare(neuron_cosines(weight), primer.neuron_cosines(weight), "neuron_cosines(W) for a 24 × 16 W",
+             "the neurons are W's rows: divide each row by its norm (W.norm(dim=1, keepdim=True)), then unit @ unit.T.")
+    oft = primer.oft_weight(weight.float(), 4, 0.3, generator).double()
+    lora = primer.lora_weight(weight.float(), 2, (oft - weight).norm().item(), generator).double()
+    change = {name: (neuron_cosines(new) - neuron_cosines(weight)).abs().max().item() for name, new in (("OFT", oft), ("LoRA", lora))}
+    return (f"Your cosines equal boftlab's. With them, on a random 24 × 16 weight and updates of the same size: OFT "
+            f"changes no cosine by more than {change['OFT']:.1e}, LoRA by up to {change['LoRA']:.2f}.")
+
+
+@_checker("1.3", "The Cayley transform", "01_primer", "cayley")
+def check_cayley(cayley: Callable) -> str:
+    """Against ``boftlab.butterfly.cayley`` on a batch of random skew-symmetric blocks; then orthogonality and det."""
+    from ..butterfly import cayley as boft_cayley, skew_symmetric
+
+    skew = skew_symmetric(torch.randn(3, 10, generator=torch.Generator().manual_seed(12), dtype=torch.float64), 5)
+    got = cayley(skew)
+    _compare(got, boft_cayley(skew), "cayley(S) for a (3, 5, 5) batch",
+             "Q = (I − S)(I + S)⁻¹; torch.linalg.solve(I + S, I − S, left=False) solves X·(I + S) = I − S. "
+             "Keep the batch dimensions (torch.eye(b).expand_as(S)).")
+    gram = got.transpose(-1, -2) @ got
+    return (f"Your Q equals boftlab.butterfly.cayley: max |QᵀQ − I| = {(gram - torch.eye(5)).abs().max().item():.1e}, "
+            f"det Q = {[round(d, 6) for d in torch.linalg.det(got).tolist()]} (all +1: a rotation, never a reflection).")
+
+
+@_checker("1.4", "How many Neumann terms?", "01_primer", "neumann_terms", "value")
+def check_neumann_terms(answer: Any) -> str:
+    """Against a search with ``cayley(S, neumann_terms=n)`` on ``primer.example_skew(8, 0.5)``."""
+    from ..butterfly import cayley
+    from .primer import example_skew, orthogonality_error
+
+    skew = example_skew(8, 0.5)
+    errors = {n: orthogonality_error(cayley(skew, n)) for n in range(2, 12)}
+    expected = next(n for n, e in errors.items() if e < 1e-6)
+    if not isinstance(answer, int):
+        raise _Wrong(f"The answer is a whole number of terms, got {answer!r}.")
+    if answer != expected:
+        got = errors.get(answer, orthogonality_error(cayley(skew, answer)) if answer >= 2 else math.nan)
+        raise _Wrong(f"With {answer} terms max |QᵀQ − I| = {got:.2e}"
+                     + (" ≥ 1e-6: not enough." if got >= 1e-6 else " < 1e-6, but fewer terms also suffice.")
+                     + " Hint: loop n = 2, 3, … and compute primer.orthogonality_error(cayley(S, neumann_terms=n)).")
+    return f"{expected} terms: max |QᵀQ − I| = {errors[expected]:.1e} < 1e-6, while {expected - 1} give {errors[expected - 1]:.1e}."
+
+
+# --- notebook 02: information transmission ------------------------------------------------------------------------
+@_checker("2.1", "The butterfly permutation", "02_information_transmission", "butterfly_permutation")
+def check_butterfly_permutation(butterfly_permutation: Callable) -> str:
+    """Against ``boftlab.butterfly_structure.butterfly_permutation`` on every factor of five (d, b)."""
+    from ..butterfly_structure import butterfly_permutation as reference, valid_n_factors
+
+    cases = [(d, b, i) for d, b in ((8, 2), (16, 4), (32, 2), (64, 8), (384, 6)) for i in range(max(valid_n_factors(d, b)))]
+    for d, b, i in cases:
+        got = butterfly_permutation(d, b, i)
+        expected = reference(d, b, i)
+        if not isinstance(got, torch.Tensor) or got.tolist() != expected.tolist():
+            shown = got.tolist() if isinstance(got, torch.Tensor) else got
+            raise _Wrong(f"butterfly_permutation({d}, {b}, {i}) gave {str(shown)[:120]}; expected "
+                         f"{str(expected.tolist())[:120]}. Hint: factor 0 is the identity; for factor i cut every chunk "
+                         f"of b·2^i coordinates into pieces of b/2 and list the even-numbered pieces first.")
+    return f"Your permutations equal boftlab's on all {len(cases)} factors of d ∈ {{8, 16, 32, 64, 384}}."
+
+
+@_checker("2.2", "How many outputs does one input reach?", "02_information_transmission", "outputs_reached")
+def check_outputs_reached(outputs_reached: Callable) -> str:
+    """Against the reachability pattern (``teaching.butterfly.reachability``), including notebook 00's BOFT."""
+    from ..butterfly_structure import valid_n_factors
+    from .butterfly import reachability
+
+    cases = [(d, b, m) for d, b in ((16, 4), (32, 2), (64, 8), (96, 6), (384, 8)) for m in valid_n_factors(d, b)]
+    for d, b, m in cases:
+        expected = int(reachability(d, b, m)[:, 0].sum())
+        got = outputs_reached(d, b, m)
+        if got != expected:
+            raise _Wrong(f"outputs_reached({d}, {b}, {m}) = {got!r}; the pattern of R = B_m⋯B_1 has {expected} non-zeros "
+                         f"in every column. Hint: B_1 reaches one block; each later factor doubles the set, up to d.")
+    reach = outputs_reached(384, 8, 2)
+    return (f"Right on all {len(cases)} cases. Notebook 00's BOFT(b=8, m=2) at d=384 connects each input to {reach} of 384 "
+            f"outputs ({reach / 384:.1%}): far from the dense R of this notebook's argument; at b=8 even the largest "
+            f"butterfly (m={max(valid_n_factors(384, 8))}) reaches only {outputs_reached(384, 8, max(valid_n_factors(384, 8)))}.")
+
+
+@_checker("2.3", "A dense butterfly for d = 384", "02_information_transmission", "dense_butterfly_384", "value")
+def check_dense_butterfly_384(answer: Any) -> str:
+    """Against every valid (b, m) at d = 384 (``valid_n_factors``), counted with ``boftlab.counts``."""
+    from .. import counts
+    from ..butterfly_structure import valid_n_factors
+
+    dim = 384
+    dense = {(b, m): counts.boft_params(dim, dim, b, m, scale=False) for b in range(2, dim + 1)
+             for m in valid_n_factors(dim, b) if b * 2 ** (m - 1) == dim}
+    best = min(dense, key=dense.get)
+    if not (isinstance(answer, tuple) and len(answer) == 2):
+        raise _Wrong(f"Answer a tuple (block_size, n_factors), got {answer!r}.")
+    if answer not in dense:
+        raise _Wrong(f"{answer} is not a dense butterfly at d = 384 (valid n_factors for b={answer[0]}: "
+                     f"{valid_n_factors(dim, answer[0]) if answer[0] >= 1 else []}). Hint: dense needs b·2^(m−1) = 384 "
+                     f"= 3·2^7, so b = 3·2^j.")
+    _compare_value(answer, best, f"{answer} is dense with {dense[answer]} free parameters",
+                   "fewer parameters means smaller blocks: m·d·(b−1)/2 grows with b faster than m shrinks.")
+    return f"{best}: {dense[best]} free parameters; the dense choices are {dict(sorted(dense.items()))}."
+
+
+# --- notebook 03: parameter counts ----------------------------------------------------------------------------------
+@_checker("3.1", "One layer by hand", "03_parameter_counts", "boft_layer_count")
+def check_boft_layer_count(boft_layer_count: Callable) -> str:
+    """Against ``counts.boft_params`` (a meta-device BOFTLayer's parameters) for several layers."""
+    from .. import counts
+
+    cases = [(768, 768, 8, 2, True), (768, 768, 8, 2, False), (384, 1536, 4, 3, True), (1024, 4096, 16, 1, False)]
+    for case in cases:
+        expected = counts.boft_params(*case[:4], scale=case[4])
+        got = boft_layer_count(*case)
+        if got != expected:
+            raise _Wrong(f"boft_layer_count{case} = {got!r}; a BOFTLayer stores {expected}. Hint: m factors × (d/b) "
+                         f"blocks × b(b−1)/2 skew entries (d = fan_in), plus fan_out for the scale.")
+    return f"Right on all {len(cases)} layers, e.g. BOFT(b=8, m=2) + scale on 768 × 768: {counts.boft_params(768, 768, 8, 2)}."
+
+
+@_checker("3.2", "A whole model by hand", "03_parameter_counts", "vit_lora_count", "value")
+def check_vit_lora_count(answer: Any) -> str:
+    """Against ``counts.count("vit-b/16", "lora", "query, value", rank=8)`` (the model built on the meta device)."""
+    from .. import counts
+
+    expected = counts.count("vit-b/16", "lora", "query, value", rank=8)
+    _compare_value(answer, expected, "LoRA r=8 on ViT-B/16's query and value",
+                   "count the layers (blocks × 2 projections) and use r·(d + n) per 768 × 768 layer.")
+    return f"{expected:,} trainable numbers, {expected / counts.n_base_params('vit-b/16'):.2%} of ViT-B/16."
+
+
+@_checker("3.3", "Choose (b, m) for a budget", "03_parameter_counts", "budget_choice", "value")
+def check_budget_choice(answer: Any) -> str:
+    """Against a search over every valid (b, m) at d = 1024 with ``counts.boft_params``."""
+    from .. import counts
+    from ..butterfly_structure import valid_n_factors
+
+    dim, budget = 1024, counts.lora_params(1024, 1024, 4)
+    fits = {(b, m): counts.boft_params(dim, dim, b, m, scale=False) for b in range(2, dim + 1)
+            for m in valid_n_factors(dim, b) if counts.boft_params(dim, dim, b, m, scale=False) <= budget}
+    reach = {bm: min(dim, bm[0] * 2 ** (bm[1] - 1)) for bm in fits}
+    best = max(fits, key=lambda bm: (reach[bm], -fits[bm]))
+    if not (isinstance(answer, tuple) and len(answer) == 2):
+        raise _Wrong(f"Answer a tuple (block_size, n_factors), got {answer!r}.")
+    if answer not in fits:
+        raise _Wrong(f"{answer} is not a butterfly within LoRA r=4's budget of {budget} (m·d·(b−1)/2 must be ≤ {budget}"
+                     " and b·2^(m−1) must divide 1024). Hint: small blocks leave room for many factors.")
+    _compare_value(answer, best, f"{answer} reaches {reach[answer]} of 1024 outputs with {fits[answer]} parameters",
+                   "maximise the outputs each input reaches, b·2^(m−1), then take the fewer parameters.")
+    return f"{best}: dense ({reach[best]} of 1024) with {fits[best]} free parameters, within LoRA r=4's {budget}."
+
+
+# --- notebook 04: expressivity --------------------------------------------------------------------------------------
+@_checker("4.1", "The identity's error", "04_expressivity", "identity_error")
+def check_identity_error(identity_error: Callable) -> str:
+    """Against ``expressivity.relative_error(I, T)`` on random rotations of three sizes."""
+    from .expressivity import random_rotation, relative_error
+
+    generator = torch.Generator().manual_seed(41)
+    for dim in (4, 16, 64):
+        target = random_rotation(dim, generator)
+        expected = relative_error(torch.eye(dim), target)
+        got = identity_error(target)
+        if not isinstance(got, (int, float)) or abs(got - expected) > 1e-4:
+            raise _Wrong(f"identity_error(T) for a rotation in SO({dim}) = {got!r}; ‖I − T‖_F/‖T‖_F = {expected:.6f}. "
+                         f"Hint: expand ‖I − T‖_F² = tr((I − T)ᵀ(I − T)) and use TᵀT = I.")
+    return "Right: √(2 − 2·tr(T)/d), ≈ √2 for a random rotation, whose trace is near 0."
+
+
+@_checker("4.2", "The Pareto front", "04_expressivity", "frontier")
+def check_frontier(frontier: Callable) -> str:
+    """Against ``expressivity.frontier`` on a table with ties and dominated rows."""
+    from .expressivity import frontier as reference
+
+    rows = [{"structure": s, "n_params": p, "error": e} for s, p, e in
+            [("a", 10, 0.9), ("b", 10, 0.8), ("c", 20, 0.85), ("d", 30, 0.5), ("e", 40, 0.5), ("f", 50, 0.1), ("g", 5, 1.2)]]
+    expected = [r["structure"] for r in reference(rows)]
+    got = frontier([dict(r) for r in rows])
+    names = [r["structure"] for r in got] if isinstance(got, list) and all(isinstance(r, dict) for r in got) else got
+    _compare_value(names, expected, "the front of the test table (as structure names)",
+                   "sort by n_params (ties: smaller error first) and keep a row only if its error is below every "
+                   "error kept so far.")
+    return f"Right: the front is {expected}; a row with more parameters must be strictly better to be on it."
+
+
+# --- notebook 05: structured matrices -------------------------------------------------------------------------------
+@_checker("5.1", "The displacement operator", "05_structured_matrices", "displacement")
+def check_displacement(displacement: Callable) -> str:
+    """Against ``surm.displacement``; then the displacement ranks of a circulant and a Toeplitz through it."""
+    from .. import surm
+
+    generator = torch.Generator().manual_seed(52)
+    matrix = torch.randn(7, 7, generator=generator, dtype=torch.float64)
+    _compare(displacement(matrix), surm.displacement(matrix), "displacement(M) for a 7 × 7 M",
+             "∇(M) = Z_1·M − M·Z_{−1}; Z_f has ones below the diagonal and f in the top-right corner (surm.shift_matrix).")
+    circulant = surm.circulant(torch.randn(7, generator=generator, dtype=torch.float64))
+    toeplitz = surm.toeplitz(torch.randn(13, generator=generator, dtype=torch.float64), 7, 7)
+    ranks = [int(torch.linalg.matrix_rank(displacement(m))) for m in (circulant, toeplitz)]
+    return f"Your ∇ equals boftlab's; through it a circulant has displacement rank {ranks[0]}, a Toeplitz {ranks[1]}."
+
+
+@_checker("5.2", "A circulant product by FFT", "05_structured_matrices", "circulant_matvec")
+def check_circulant_matvec(circulant_matvec: Callable) -> str:
+    """Against ``surm.circulant`` (the dense matrix) and ``surm.circulant_matvec`` for even and odd n, batched x."""
+    from .. import surm
+
+    generator = torch.Generator().manual_seed(51)
+    for n in (8, 15):
+        c = torch.randn(n, generator=generator, dtype=torch.float64)
+        x = torch.randn(4, n, generator=generator, dtype=torch.float64)
+        _compare(circulant_matvec(c, x), x @ surm.circulant(c).T, f"circulant_matvec(c, x) with n={n}, x: (4, {n})",
+                 "C·x is a cyclic convolution: torch.fft.irfft(torch.fft.rfft(c) * torch.fft.rfft(x), n=n) — pass n, "
+                 "or odd n loses a sample.")
+    return "Your FFT product equals the dense circulant matrix (and surm.circulant_matvec) for n = 8 and 15."
+
+
+# --- notebook 06: tensor cores --------------------------------------------------------------------------------------
+@_checker("6.1", "The mode product", "06_tensor_core", "mode_product")
+def check_mode_product(mode_product: Callable) -> str:
+    """Against ``tensor_core.mode_product`` on every mode of a 4-mode tensor."""
+    from ..tensor_core import mode_product as reference
+
+    generator = torch.Generator().manual_seed(61)
+    core = torch.randn(2, 3, 4, 5, generator=generator, dtype=torch.float64)
+    for mode in range(4):
+        matrix = torch.randn(6 + mode, core.shape[mode], generator=generator, dtype=torch.float64)
+        _compare(mode_product(core, matrix, mode), reference(core, matrix, mode), f"mode_product(G, U, mode={mode})",
+                 "every fibre along the mode is multiplied by U (d_n × r_n): move the mode last (torch.movedim), "
+                 "multiply by Uᵀ, move it back.")
+    return "Your mode products equal boftlab's on all four modes of a (2, 3, 4, 5) core."
+
+
+@_checker("6.2", "A Tucker adapter's size", "06_tensor_core", "tucker_count")
+def check_tucker_count(tucker_count: Callable) -> str:
+    """Against the parameters a ``TensorCoreLayer`` stores on a Linear, a conv and a depthwise conv."""
+    from torch import nn
+
+    from ..tensor_core import TensorCoreConfig
+
+    for base, ranks in ((nn.Linear(32, 16), (4, 4)), (nn.Conv2d(8, 16, 3), (4, 2, 3, 3)),
+                        (nn.Conv2d(12, 12, 5, groups=12), (6, 1, 2, 2))):
+        shape = tuple(base.weight.shape)
+        expected = TensorCoreConfig(ranks=ranks).make_layer(base).n_trainable()
+        got = tucker_count(shape, ranks)
+        if got != expected:
+            raise _Wrong(f"tucker_count({shape}, {ranks}) = {got!r}; the layer stores {expected}. Hint: the core has "
+                         f"Π r_n entries and mode n's factor d_n × r_n.")
+    return "Right on a Linear, a conv and a depthwise conv: Π r_n + Σ d_n·r_n, what TensorCoreLayer stores."
