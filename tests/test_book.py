@@ -228,3 +228,9 @@ def test_the_real_pages_build_around_the_repositorys_notebooks(tmp_path):
     for path in build_book.NOTEBOOKS.glob("*.ipynb"):
         assert f'href="notebooks/{path.stem}.html"' in index
 
+
+def test_the_workflow_runs_ci_and_publishes_what_the_build_writes():
+    workflow = (ROOT / ".github" / "workflows" / "book.yml").read_text()
+    assert "run: .ci/run" in workflow and "python docs/book/build_book.py" in (ROOT / ".ci" / "run").read_text()
+    assert f"path: {(build_book.OUT / 'html').relative_to(ROOT).as_posix()}\n" in workflow
+    assert "actions/upload-pages-artifact@" in workflow and "actions/deploy-pages@" in workflow
