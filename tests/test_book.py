@@ -137,16 +137,17 @@ def test_a_new_notebook_appears_in_the_table_of_contents_without_editing_it(cour
     assert 'href="notebooks/c_new.html"' in (course / "book" / "html" / "index.html").read_text()
 
 
-def test_a_link_to_a_missing_notebook_fails_the_build(course):
-    edit(course, "a_draws", lambda nb: nb["cells"][0].update(source="# A\n\nNext: [c](c_missing.ipynb)."))
+@pytest.mark.parametrize("name, text, named", [
+    ("a_draws", "Next: [c](c_missing.ipynb).", "c_missing.ipynb"),  # a notebook not in the book
+    ("a_draws", "See [b](b_prints.ipynb#no-such-part).", "no-such-part"),  # a heading b does not have
+    ("b_prints", "![the plot](plot.png)", "plot.png"),  # an image that is not there
+    ("b_prints", "See [it](../boftlab/gone.py).", "gone.py"),  # a repository file that does not exist
+], ids=["notebook", "heading", "image", "repository-file"])
+def test_a_broken_link_or_image_in_a_notebook_fails_the_build(course, name, text, named):
+    title = {"a_draws": "# A draws", "b_prints": "# B prints"}[name]
+    edit(course, name, lambda nb: nb["cells"][0].update(source=f"{title}\n\n{text}"))
     problems = build(course)
-    assert any("c_missing.ipynb" in line and "a_draws" in line for line in problems), problems
-
-
-def test_a_link_to_a_missing_heading_fails_the_build(course):
-    edit(course, "a_draws", lambda nb: nb["cells"][0].update(source="# A\n\nSee [b](b_prints.ipynb#no-such-part)."))
-    problems = build(course)
-    assert any("no-such-part" in line for line in problems), problems
+    assert any(named in line and f"{name}.ipynb" in line for line in problems), problems
 
 
 def test_a_link_in_the_landing_page_to_a_notebook_not_in_the_book_fails_the_build(course):
@@ -155,12 +156,6 @@ def test_a_link_in_the_landing_page_to_a_notebook_not_in_the_book_fails_the_buil
     edit(course, "a_draws", lambda nb: nb["cells"][0].update(source="# A draws"))
     problems = build(course)
     assert any("README.md" in line and "b_prints.ipynb" in line for line in problems), problems
-
-
-def test_a_markdown_image_that_is_not_there_fails_the_build(course):
-    edit(course, "b_prints", lambda nb: nb["cells"][0].update(source="# B prints\n\n![the plot](plot.png)"))
-    problems = build(course)
-    assert any("plot.png" in line for line in problems), problems
 
 
 def test_a_figure_the_run_drew_but_the_page_does_not_show_fails_the_build(course):
@@ -187,12 +182,6 @@ def test_links_to_repository_files_point_to_github_and_their_images_are_copied(c
     page = course / "book" / "html" / "notebooks" / "b_prints.html"
     assert f'href="{build_book.REPOSITORY}boftlab/solutions.py#L1"' in page.read_text()
     assert (course / "docs" / "curves.png").read_bytes() in build_book.page_images(page)
-
-
-def test_a_link_to_a_repository_file_that_does_not_exist_fails_the_build(course):
-    edit(course, "b_prints", lambda nb: nb["cells"][0].update(source="# B prints\n\nSee [it](../boftlab/gone.py)."))
-    problems = build(course)
-    assert any("gone.py" in line for line in problems), problems
 
 
 def test_a_notebook_without_an_executed_copy_is_not_built(course):

@@ -13,6 +13,8 @@ copyright = "boftlab contributors"
 extensions = ["myst_nb"]
 # the notebooks were executed by the test run (notebooks/conftest.py saves each one); the book only renders them
 nb_execution_mode = "off"
+# a cell's printed lines as one block, as Jupyter shows them
+nb_merge_streams = True
 # README.md is included into the landing page, not a page of its own
 exclude_patterns = ["README.md"]
 # "#section" links inside a page and across pages resolve to headings down to level 3 (a missing one is a warning)
