@@ -1,5 +1,6 @@
 """nbmake executes each notebook; this checks what the executed copy shows (tests/notebook_outputs.py: every figure
-as an image, no warning) as part of the same test, so no notebook is executed twice."""
+as an image, no warning) as part of the same test, and saves a notebook that passes as executed in build/executed/,
+from which docs/book/build_book.py renders the book — so no notebook is executed twice."""
 
 import sys
 from pathlib import Path
@@ -8,6 +9,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from notebook_outputs import problems  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "docs" / "book"))
+from build_book import discard_executed, save_executed  # noqa: E402
 
 try:
     from nbmake.nb_result import NotebookError, NotebookResult
@@ -32,6 +36,7 @@ if NotebookRun is not None:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item):
+    discard_executed(item.path)  # a notebook that fails now leaves no older copy for the book
     try:
         outcome = yield  # nbmake executes the notebook (and raises if a cell fails)
     finally:
@@ -42,4 +47,5 @@ def pytest_runtest_call(item):
             summary = f"{item.path.name} ran, but its outputs are not what a student should see"
             error = NotebookError(summary=summary, trace="\n".join([summary, *found]), failing_cell_index=0)
             raise NotebookFailedException(NotebookResult(nb=nb, error=error))
+        save_executed(nb, item.path)
     return outcome
