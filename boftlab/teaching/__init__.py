@@ -7,8 +7,9 @@ One module per subject, each loaded when imported (``from boftlab.teaching impor
 * ``butterfly``    — butterfly patterns, reachability, parameter budgets (notebooks 02, 03);
 * ``expressivity`` — fitting rotations with BOFT/OFT at equal budgets (notebook 04);
 * ``surm``         — best structured approximations and their figures (notebook 05);
-* ``tensor_core``  — flattening and mode-product figures, parameter counts vs PEFT, the digits transfer task (08);
-* ``widgets``      — ``interact``: sliders on any of the figure functions above.
+* ``tensor_core``  — flattening and mode-product figures, parameter counts vs PEFT, the digits transfer task (06);
+* ``live``         — live BOFT tuning on the ci ViT against stored baselines, and a leaderboard (07);
+* ``widgets``      — ``interact``: sliders on any of the figure functions above; ``live_tuning``: the panel of 07.
 
 They need the ``notebooks`` extra (matplotlib, ipywidgets, scikit-learn, peft, …): ``pip install "boftlab[notebooks]"``.
 """
@@ -23,7 +24,7 @@ if importlib.util.find_spec("matplotlib") is None:
         'pip install "boftlab[notebooks]"'
     )
 
-MODULES = ("butterfly", "expressivity", "surm", "tensor_core", "widgets")
+MODULES = ("butterfly", "expressivity", "live", "surm", "tensor_core", "widgets")
 
 
 def __getattr__(name: str) -> Any:
