@@ -309,6 +309,8 @@ def test_diffusion_run_samples_before_and_after(monkeypatch):
     report = diffusion.run("ci", progress=False)
     (run,) = report.runs
     assert run.extra["samples_before"].shape == (6, 1, 8, 8) and 0.0 <= run.final <= 1.0
+    assert sum(run.extra["labels"]) == 6 and run.final == pytest.approx(run.extra["target_rate"] * run.extra["coverage"])
+    assert diffusion.diversity_table(report.runs).splitlines()[2].startswith("| BOFT |")
     assert set(report.figures) == {"diffusion_curves", "diffusion_samples"}
 
 
@@ -379,3 +381,70 @@ def test_colab_llm_path_runs_on_a_tiny_stand_in(monkeypatch):
         run = run_method(task, method, progress=False)
         assert not run.skipped and run.method_params > 0, method.name
         assert math.isfinite(run.final) and run.final > 1.0
+
+
+# --- seeds and the diffusion metric ---------------------------------------------------------------------------------------
+def finished(name, final, params=100):
+    run = runner.Run(Method(name, "head"), method_params=params)
+    run.evals = [0.1, final]
+    return run
+
+
+def test_seed_table_reports_mean_and_std_and_names_the_rankings_within_noise():
+    by_seed = {0: [finished("a", 0.80), finished("b", 0.70), finished("c", 0.69)],
+               1: [finished("a", 0.82), finished("b", 0.74), finished("c", 0.71)],
+               2: [finished("a", 0.84), finished("b", 0.72), finished("c", 0.73)]}
+    table = runner.seed_table(by_seed, "accuracy")
+    lines = table.splitlines()
+    assert lines[0] == "| method | params of the method | seed 0 | seed 1 | seed 2 | accuracy: mean ± std |"
+    assert lines[2] == "| a | 100 | 0.8 | 0.82 | 0.84 | 0.82 ± 0.02 |"  # best mean first; std with n − 1
+    assert lines[3].startswith("| b |") and lines[4].startswith("| c |")
+    assert "not separated by 3 seeds): b / c." in table  # 0.72 vs 0.71, std 0.02: within noise; a / b is not
+
+
+def test_seed_table_refuses_seeds_that_ran_different_methods():
+    with pytest.raises(ValueError, match="same methods in the same order"):
+        runner.seed_table({0: [finished("a", 0.8)], 1: [finished("b", 0.8)]}, "accuracy")
+
+
+def test_run_seeds_remakes_the_task_with_each_seed(monkeypatch):
+    monkeypatch.setitem(vit.SETTINGS, "ci", TINY_VIT)
+    by_seed = vit.run_seeds("ci", (0, 1), [Method("head only", "head")], progress=False)
+    assert sorted(by_seed) == [0, 1] and by_seed[0][0].losses != by_seed[1][0].losses  # another split and batches
+    assert by_seed[0][0].losses == vit.run("ci", False, [Method("head only", "head")]).runs[0].losses
+
+
+class LabelsAre(torch.nn.Module):
+    """A stand-in classifier that labels the i-th image ``labels[i]``."""
+
+    def __init__(self, labels):
+        super().__init__()
+        self.labels = torch.tensor(labels)
+
+    def forward(self, images):
+        return torch.nn.functional.one_hot(self.labels[:len(images)], 10).float()
+
+
+@pytest.mark.parametrize("labels, rate, cover", [
+    ([5] * 10, 1.0, 0.2),  # only 5s: every sample a target digit, one of five drawn
+    ([5, 6, 7, 8, 9] * 2, 1.0, 1.0),
+    ([0, 1, 5, 6, 0, 1, 5, 6, 2, 3], 0.4, 0.4),  # two target digits, equally often
+    ([0] * 10, 0.0, 0.0),
+])
+def test_the_diffusion_metric_counts_diversity(labels, rate, cover):
+    images = torch.zeros(len(labels), 1, 8, 8)
+    classifier = LabelsAre(labels)
+    assert diffusion.target_rate(classifier, images, diffusion.TARGET_CLASSES) == pytest.approx(rate)
+    assert diffusion.coverage(classifier, images, diffusion.TARGET_CLASSES) == pytest.approx(cover)
+    assert diffusion.covered_target_rate(classifier, images, diffusion.TARGET_CLASSES) == pytest.approx(rate * cover)
+
+
+def test_sample_grid_borders_are_white():
+    fig = diffusion.plot_samples({"x": torch.ones(2, 1, 8, 8)}, per_row=2)  # black digits
+    strip = fig.axes[0].images[0].get_array()
+    assert strip[0, 0] == 0.0 and strip[1, 1] == 1.0  # gray_r: 0 is white (border), 1 black (ink)
+
+
+def test_seed_table_needs_two_seeds():
+    with pytest.raises(ValueError, match="at least two seeds, got \\[0\\]"):
+        runner.seed_table({0: [finished("a", 0.8)]}, "accuracy")

@@ -2,8 +2,8 @@
 as notebooks 07–09, which call the same functions.
 
 Each domain module defines its ci and colab tasks and methods and one ``DOMAIN`` (a ``runner.Domain``) whose
-``settings`` / ``make_task`` / ``profile_methods`` / ``report`` / ``run`` it re-exports; ``reproduce`` runs several
-and writes ``results.md`` with the PNG figures.
+``settings`` / ``make_task`` / ``profile_methods`` / ``report`` / ``run`` / ``run_seeds`` it re-exports;
+``reproduce`` runs several and writes ``results.md`` with the PNG figures.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from pathlib import Path
 
 from ..profiles import PROFILES
 from . import diffusion, llm, vit
-from .runner import Domain, Method, Report, Run, plot_curves, ranking, results_table, run_methods, write_results
+from .runner import (Domain, Method, Report, Run, plot_curves, ranking, results_table, run_methods, seed_table,
+                     write_results)
 
 DOMAINS = {"vit": vit, "llm": llm, "diffusion": diffusion}
 
@@ -32,4 +33,4 @@ def reproduce(domains: list[str], profile: str, out: str | Path, progress: bool 
 
 
 __all__ = ["DOMAINS", "Domain", "Method", "Report", "Run", "plot_curves", "ranking", "reproduce", "results_table",
-           "run_methods", "write_results"]
+           "run_methods", "seed_table", "write_results"]

@@ -3,7 +3,9 @@
 ci:    a small diffusers ``UNet2DModel`` + ``DDPMScheduler`` (50 steps) that ``data/scripts/pretrain_unet.py``
        pretrained on scikit-learn's 8×8 digits 0–4, adapted to the training half of digits 5–9. Sample quality is
        judged by a digit classifier trained on all ten classes (``data/scripts/train_digit_classifier.py``): the
-       *target-digit rate* is the fraction of 64 samples (fixed noise) it labels 5–9. CPU, minutes.
+       *target-digit rate* is the fraction of 64 samples (fixed noise) it labels 5–9, the *coverage* the effective
+       number of distinct target digits among those, over five; the metric is their product, so a model that draws
+       only 5s scores 0.2, not 1. CPU, minutes.
 colab: Stable Diffusion v1.5, subject-driven (DreamBooth-style) on the five ``diffusers/dog-example`` photos with
        the prompt "a photo of sks dog"; metric: CLIP image similarity of generated and reference photos (CLIP-I).
 """
@@ -133,6 +135,29 @@ def target_rate(classifier: nn.Module, images: torch.Tensor, classes: list[int])
     return torch.isin(predicted, torch.tensor(classes)).float().mean().item()
 
 
+def coverage(classifier: nn.Module, images: torch.Tensor, classes: list[int]) -> float:
+    """How evenly the ``images`` labelled as one of ``classes`` spread over them: exp(entropy of their label
+    histogram) — the effective number of distinct classes drawn — divided by len(classes). 1 when every class is
+    equally frequent, 1/len(classes) when one class is all there is, 0 when no image is labelled as any of them."""
+    predicted = classifier(images).argmax(-1)
+    counts = torch.stack([(predicted == c).sum() for c in classes]).float()  # (len(classes),)
+    if counts.sum() == 0:
+        return 0.0
+    p = counts[counts > 0] / counts.sum()
+    return torch.exp(-(p * p.log()).sum()).item() / len(classes)
+
+
+def covered_target_rate(classifier: nn.Module, images: torch.Tensor, classes: list[int]) -> float:
+    """The ci metric: ``target_rate × coverage``. Drawing only one of five target digits scores at most 0.2; 1 needs
+    every sample to be a target digit and the five to be equally frequent. O(N) classifier calls."""
+    return target_rate(classifier, images, classes) * coverage(classifier, images, classes)
+
+
+def sample_labels(classifier: nn.Module, images: torch.Tensor) -> list[int]:
+    """How many of ``images`` ``classifier`` labels 0, 1, …, 9."""
+    return torch.bincount(classifier(images).argmax(-1), minlength=10).tolist()
+
+
 # --- methods ----------------------------------------------------------------------------------------------------------
 CI_ATTENTION = r".*attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)"
 CI_LAYERS = rf".*resnets\.\d+\.conv[12]|{CI_ATTENTION}"
@@ -181,10 +206,14 @@ def ci_task(s: Settings) -> tuple[Task, str]:
 
     def evaluate(m: nn.Module) -> float:
         samples.append(sample(m, scheduler, s.n_samples, s.seed, device))
-        return target_rate(classifier, samples[-1], TARGET_CLASSES)
+        return covered_target_rate(classifier, samples[-1], TARGET_CLASSES)
 
     def after(m: nn.Module, run: Run) -> None:
         run.extra["samples_before"], run.extra["samples_after"] = samples[0], samples[-1]
+        with torch.no_grad():
+            run.extra["target_rate"] = target_rate(classifier, samples[-1], TARGET_CLASSES)
+            run.extra["coverage"] = coverage(classifier, samples[-1], TARGET_CLASSES)
+            run.extra["labels"] = sample_labels(classifier, samples[-1])
         samples.clear()
 
     task = Task(unet, [], loss, evaluate, s.steps, s.eval_every, device, s.seed, after,
@@ -193,9 +222,11 @@ def ci_task(s: Settings) -> tuple[Task, str]:
         f"Pretrained model: a {sum(p.numel() for p in unet.parameters()):,}-parameter diffusers `UNet2DModel` with "
         f"a {SCHEDULER['num_train_timesteps']}-step `DDPMScheduler` (`boftlab/pretrained/{CHECKPOINT}`), trained by "
         f"`data/scripts/pretrain_unet.py` on scikit-learn digits {SOURCE_CLASSES}. Downstream: generate digits "
-        f"{TARGET_CLASSES}, from {len(train)} training images. Metric: target-digit rate — the fraction of "
+        f"{TARGET_CLASSES}, from {len(train)} training images. Metric: target rate × coverage — the fraction of "
         f"{s.n_samples} samples (same noise for every method) that a digit classifier trained on all ten classes "
-        f"(`boftlab/pretrained/{CLASSIFIER}`, test accuracy {classifier_config['test_accuracy']:.3f}) labels 5–9. "
+        f"(`boftlab/pretrained/{CLASSIFIER}`, test accuracy {classifier_config['test_accuracy']:.3f}) labels 5–9, "
+        "times the effective number of distinct digits among those (exp of their label entropy) over 5: samples "
+        "that are all one digit score at most 0.2. "
         f"Before adaptation, {config['target_rate_of_pretrained']:.2f} of the pretrained model's samples got such a "
         f"label in the pretraining script's check. {s.steps} steps of batch {s.batch_size}."
     )
@@ -277,13 +308,24 @@ def plot_samples(rows: dict[str, torch.Tensor], per_row: int = 16):
     fig = Figure(figsize=(per_row * 0.45, len(rows) * 0.6))
     axes = fig.subplots(len(rows), 1, squeeze=False)
     for ax, (label, images) in zip(axes[:, 0], rows.items()):
-        strip = F.pad(images[:per_row, 0], (1, 1, 1, 1), value=1.0)  # (n, 10, 10) with white borders
+        strip = F.pad(images[:per_row, 0], (1, 1, 1, 1), value=0.0)  # (n, 10, 10); gray_r draws 0 white
         ax.imshow(torch.cat(list(strip), dim=1).numpy(), cmap="gray_r", vmin=0, vmax=1)
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def diversity_table(runs: list[Run]) -> str:
+    """Markdown: per method, what its final samples were labelled — the target-digit rate, the coverage, their
+    product (the table's metric) and how many samples got each label 0–9."""
+    from boftlab.bench import markdown_table
+
+    done = [r for r in runs if not r.skipped and "labels" in r.extra]
+    header = ["method", "target-digit rate", "coverage", "rate × coverage", *(f"# {d}" for d in range(10))]
+    rows = [[r.method.name, r.extra["target_rate"], r.extra["coverage"], r.final, *r.extra["labels"]] for r in done]
+    return markdown_table(header, rows)
 
 
 def sample_grids(runs: list[Run]) -> dict:
@@ -300,7 +342,7 @@ DOMAIN = Domain(
     name="diffusion", label="Diffusion", settings_by_profile=SETTINGS,
     tasks={"ci": ci_task, "colab": colab_task}, methods={"ci": ci_methods, "colab": colab_methods},
     titles={"ci": "Diffusion: digits 0–4 → 5–9", "colab": "Stable Diffusion v1.5, subject-driven (sks dog)"},
-    metrics={"ci": "target-digit rate", "colab": "CLIP-I"}, higher_is_better=True, extra_figures=sample_grids,
+    metrics={"ci": "target rate × coverage", "colab": "CLIP-I"}, higher_is_better=True, extra_figures=sample_grids,
 )
-settings, make_task, profile_methods, report, run = (
-    DOMAIN.settings, DOMAIN.make_task, DOMAIN.profile_methods, DOMAIN.report, DOMAIN.run)
+settings, make_task, profile_methods, report, run, run_seeds = (
+    DOMAIN.settings, DOMAIN.make_task, DOMAIN.profile_methods, DOMAIN.report, DOMAIN.run, DOMAIN.run_seeds)

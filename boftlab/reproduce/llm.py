@@ -275,5 +275,5 @@ DOMAIN = Domain(
     titles={"ci": "LLM: Python docs → scikit-learn dataset docs", "colab": "Hub LLM → Alpaca instructions"},
     metrics={"ci": "held-out perplexity", "colab": "held-out perplexity"}, higher_is_better=False,
 )
-settings, make_task, profile_methods, report, run = (
-    DOMAIN.settings, DOMAIN.make_task, DOMAIN.profile_methods, DOMAIN.report, DOMAIN.run)
+settings, make_task, profile_methods, report, run, run_seeds = (
+    DOMAIN.settings, DOMAIN.make_task, DOMAIN.profile_methods, DOMAIN.report, DOMAIN.run, DOMAIN.run_seeds)

@@ -659,6 +659,17 @@ class Domain:
         figures |= self.extra_figures(runs) if self.extra_figures else {}
         return Report(self.name, self.titles[profile], description, runs, metric, self.higher_is_better, figures)
 
+    def run_seeds(self, profile: str, seeds: tuple[int, ...], methods: list[Method] | None = None, s: Any = None,
+                  progress: bool = True) -> dict[int, list[Run]]:
+        """seed -> ``run_methods`` on the task of ``profile`` made with that seed (its split, initialisations and
+        batch order); ``seed_table`` summarises them."""
+        import dataclasses
+
+        s = s or self.settings(profile)
+        methods = methods if methods is not None else self.profile_methods(profile)
+        return {seed: run_methods(self.make_task(profile, dataclasses.replace(s, seed=seed))[0], methods, progress)
+                for seed in seeds}
+
     def run(self, profile: str, progress: bool = True, methods: list[Method] | None = None, s: Any = None) -> Report:
         """Run the comparison under ``profile``; ``methods`` / ``s`` override the profile's defaults."""
         task, description = self.make_task(profile, s)
@@ -685,3 +696,37 @@ def write_results(reports: list[Report], out: Path, profile: str, command: str) 
     path = out / "results.md"
     path.write_text("\n".join(parts))
     return path
+
+
+# --- seeds ------------------------------------------------------------------------------------------------------------
+def seed_table(runs_by_seed: dict[int, list[Run]], metric: str, higher_is_better: bool = True) -> str:
+    """Markdown table of each method's final metric on every seed and its mean ± standard deviation (n − 1), best
+    mean first, then one sentence naming the neighbours in that order whose means differ by less than the larger of
+    their two standard deviations — rankings the seeds cannot tell apart. ``runs_by_seed``: seed -> the runs of the
+    same methods in the same order (``run_methods``)."""
+    from boftlab.bench import markdown_table
+
+    seeds = sorted(runs_by_seed)
+    if len(seeds) < 2:
+        raise ValueError(f"a spread needs at least two seeds, got {seeds}")
+    names = [r.method.name for r in runs_by_seed[seeds[0]]]
+    if any([r.method.name for r in runs_by_seed[s]] != names for s in seeds):
+        raise ValueError(f"every seed must run the same methods in the same order; seed {seeds[0]} ran {names}")
+    rows = []
+    for i, name in enumerate(names):
+        runs = [runs_by_seed[s][i] for s in seeds]
+        if any(r.skipped for r in runs):
+            rows.append((name, None, None, [r.final for r in runs], runs[0].method_params))
+            continue
+        finals = [r.final for r in runs]
+        std = statistics.stdev(finals) if len(finals) > 1 else 0.0
+        rows.append((name, statistics.fmean(finals), std, finals, runs[0].method_params))
+    done = sorted((r for r in rows if r[1] is not None), key=lambda r: r[1], reverse=higher_is_better)
+    header = ["method", "params of the method", *(f"seed {s}" for s in seeds), f"{metric}: mean ± std"]
+    table = [[name, f"{params:,}", *finals, f"{mean:.3g} ± {std:.2g}"] for name, mean, std, finals, params in done]
+    table += [[name, f"{params:,}", *finals, "skipped"] for name, mean, _, finals, params in rows if mean is None]
+    ties = [f"{a[0]} / {b[0]}" for a, b in zip(done, done[1:]) if abs(a[1] - b[1]) < max(a[2], b[2])]
+    note = (f"Within one standard deviation of the next in this order (not separated by {len(seeds)} seeds): "
+            f"{'; '.join(ties)}." if ties else f"Every neighbour in this order is separated by more than one standard "
+            f"deviation over {len(seeds)} seeds.")
+    return markdown_table(header, table) + "\n\n" + note + "\n"

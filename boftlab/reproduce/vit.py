@@ -175,5 +175,5 @@ DOMAIN = Domain(
     titles={"ci": "ViT: digits 0–4 → 5–9", "colab": "ViT-B/16 (in21k) → CIFAR-10"},
     metrics={"ci": "test accuracy", "colab": "test accuracy"}, higher_is_better=True,
 )
-settings, make_task, profile_methods, report, run = (
-    DOMAIN.settings, DOMAIN.make_task, DOMAIN.profile_methods, DOMAIN.report, DOMAIN.run)
+settings, make_task, profile_methods, report, run, run_seeds = (
+    DOMAIN.settings, DOMAIN.make_task, DOMAIN.profile_methods, DOMAIN.report, DOMAIN.run, DOMAIN.run_seeds)

@@ -9,7 +9,8 @@ One module per subject, each loaded when imported (``from boftlab.teaching impor
 * ``expressivity`` — fitting rotations with BOFT/OFT at equal budgets (notebook 04);
 * ``surm``         — best structured approximations and their figures (notebook 05);
 * ``tensor_core``  — flattening and mode-product figures, parameter counts vs PEFT, the digits transfer task (notebook 06);
-* ``widgets``      — ``interact``: sliders on any of the figure functions above;
+* ``live``         — live BOFT tuning on the ci ViT against stored baselines, and a leaderboard (notebook 07);
+* ``widgets``      — ``interact``: sliders on any of the figure functions above; ``live_tuning``: the panel of notebook 07;
 * ``exercises``    — the checkers of the exercises in notebooks 01–06 (``check("N.k", answer)``);
 * ``solutions``    — their solutions, one function per exercise.
 
@@ -26,7 +27,7 @@ if importlib.util.find_spec("matplotlib") is None:
         'pip install "boftlab[notebooks]"'
     )
 
-MODULES = ("primer", "butterfly", "expressivity", "surm", "tensor_core", "widgets", "exercises", "solutions")
+MODULES = ("primer", "butterfly", "expressivity", "live", "surm", "tensor_core", "widgets", "exercises", "solutions")
 
 
 def __getattr__(name: str) -> Any:

@@ -49,3 +49,54 @@ def interact(function: Callable[..., Figure | None], **controls: Any) -> Any:  #
     box = widgets.VBox([*panel.children, text, image])
     display(box)
     return box
+
+
+def live_tuning(leaderboard: Any = None, block_size: int = 8, n_factors: int = 2) -> Any:  # -> widgets.VBox
+    """Notebook 07's live tuning panel: a menu of the valid (block_size, n_factors) pairs (each with its parameter
+    count and the density of R), learning rate, steps and a Train button. A click calls ``live.tune`` and adds the
+    run to ``leaderboard`` (a ``live.Leaderboard``; a new one if None); the figure (``live.plot_runs``: the runs over
+    the stored baselines) and the leaderboard are rendered into an Image and an HTML widget, as ``interact`` does.
+    Only the training's tqdm bar goes through an Output widget, and only on a click — something a headless runner
+    never does, so the nbclient deadlock (see ``interact``) cannot happen. Displays and returns the ``VBox``."""
+    import html
+    import io
+
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    from . import live
+
+    board = live.Leaderboard() if leaderboard is None else leaderboard
+    baselines = live.load_baselines()
+    pairs = widgets.Dropdown(options=[(live.pair_info(b, m).label(), (b, m)) for b, m in live.valid_pairs()],
+                             value=(block_size, n_factors), description="(b, m)", layout={"width": "620px"})
+    lr = widgets.FloatLogSlider(value=live.LR, base=10, min=-4, max=-1.5, step=0.25, description="lr",
+                                readout_format=".1e")
+    steps = widgets.IntSlider(value=live.STEPS, min=30, max=300, step=30, description="steps")
+    button = widgets.Button(description="Train", button_style="primary", icon="play")
+    bar, text, image = widgets.Output(), widgets.HTML(), widgets.Image(format="png")
+
+    def render(message: str = "") -> None:
+        table = board.markdown(baselines)
+        text.value = f"<pre>{html.escape(message + table)}</pre>"
+        png = io.BytesIO()
+        live.plot_runs(board.runs, baselines).savefig(png, format="png", dpi=80)
+        image.value = png.getvalue()
+
+    def train(_: Any) -> None:
+        button.disabled = True
+        try:
+            bar.clear_output()
+            with bar:
+                run = live.tune(*pairs.value, lr=lr.value, steps=steps.value)
+            rank = board.add(run)
+            render(f"{run.name}, lr {run.lr:.1e}, {run.steps} steps: test accuracy {run.final:.3f} "
+                   f"in {run.seconds:.1f} s — rank {rank} of {len(board.runs)}\n\n")
+        finally:
+            button.disabled = False
+
+    button.on_click(train)
+    render()
+    box = widgets.VBox([pairs, widgets.HBox([lr, steps, button]), bar, text, image])
+    display(box)
+    return box

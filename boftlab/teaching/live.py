@@ -1,0 +1,252 @@
+"""Live tuning (notebook 07): fine-tune the ViT ci task with BOFT at a student's (block_size, n_factors), learning
+rate and steps, and compare the run with stored baselines — head only, LoRA, OFT — that the same function computed
+on the same task.
+
+The task is ``boftlab.reproduce.vit``'s ci task (a pretrained 4-layer timm ViT, digits 0–4 → 5–9, a new head) and
+the loop is the runner's (``run_method``: AdamW, warm-up then cosine decay, seeded batches), so a run here is a row
+of notebook 07's comparison with other settings. ``widgets.live_tuning`` puts controls on these functions; the
+baselines are package data (``live_baselines.json``) written by ``python -m boftlab.teaching.live``.
+Tested in ``tests/test_teaching_live.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+from torch import nn
+
+from ..butterfly_structure import valid_n_factors
+from ..reproduce import vit
+from ..reproduce.runner import Method, count_parameters, prepare, run_method
+from .butterfly import density, reachability
+
+#: the layers every live run adapts: each block's attention (qkv, proj) and MLP (fc1, fc2) projections
+TARGETS = vit.CI_LINEARS
+STEPS = vit.SETTINGS["ci"].steps  # the ci comparison's budget; the baselines are trained for it
+LR = 3e-3  # the ci comparison's learning rate for every adapter family
+BASELINES_PATH = Path(__file__).with_name("live_baselines.json")
+
+
+def baseline_methods() -> list[Method]:
+    """What a live run is compared with, as notebook 07's ci comparison trains them: the new head alone, PEFT's LoRA
+    (rank 4, 12 288 parameters) and OFT (one factor of 16 × 16 blocks, 9 600)."""
+    return [
+        Method("head only", "head", lr=LR),
+        Method("LoRA r=4 (PEFT)", "lora", {"r": 4, "lora_alpha": 8}, TARGETS, LR),
+        Method("OFT b=16", "oft", {"block_size": 16}, TARGETS, LR),
+    ]
+
+
+# --- the valid settings -----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _base() -> nn.Module:
+    """The pretrained ci ViT with the new 5-way head, as the task builds it (read-only: callers copy it)."""
+    return vit.make_task("ci")[0].base
+
+
+def fan_ins() -> tuple[int, ...]:
+    """The distinct fan-ins d of the adapted layers (R is d × d): (64, 128) — qkv, proj and fc1 read 64 features,
+    fc2 reads 128."""
+    import re
+
+    return tuple(sorted({m.in_features for name, m in _base().named_modules()
+                         if isinstance(m, nn.Linear) and re.fullmatch(TARGETS, name)}))
+
+
+def valid_pairs() -> list[tuple[int, int]]:
+    """Every (block_size, n_factors) that is a butterfly in each adapted layer: b·2^(m−1) divides every fan-in (and
+    b is even when m > 1). O(number of pairs)."""
+    dims = fan_ins()
+    pairs = []
+    for block_size in range(2, min(dims) + 1):
+        factors = set.intersection(*(set(valid_n_factors(d, block_size)) for d in dims))
+        pairs += [(block_size, m) for m in sorted(factors)]
+    return pairs
+
+
+def check_pair(block_size: int, n_factors: int) -> None:
+    """ValueError naming the valid pairs (and the nearest ones) unless (block_size, n_factors) is one."""
+    pairs = valid_pairs()
+    if (block_size, n_factors) not in pairs:
+        nearest = sorted(pairs, key=lambda p: (abs(p[0] - block_size) + abs(p[1] - n_factors), p))[:3]
+        raise ValueError(
+            f"block_size={block_size}, n_factors={n_factors} is not a butterfly in every adapted layer of the ci ViT "
+            f"(fan-ins {fan_ins()}: b·2^(m−1) must divide each, b even when m > 1); nearest valid pairs: {nearest}; "
+            f"all valid pairs: {pairs}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class PairInfo:
+    """What a (block_size, n_factors) costs and reaches: the BOFT parameters it trains on the ViT (without the head)
+    and the density of R — the fraction of its entries that can be non-zero — at each fan-in."""
+
+    block_size: int
+    n_factors: int
+    params: int
+    densities: dict[int, float]
+
+    def label(self) -> str:
+        """"b=8, m=2 · 10,752 params · R 25 % dense (d=64), 12.5 % (d=128)"."""
+        dense = ", ".join(f"{100 * v:.3g} %{' dense' if i == 0 else ''} (d={d})"
+                          for i, (d, v) in enumerate(self.densities.items()))
+        return f"b={self.block_size}, m={self.n_factors} · {self.params:,} params · R {dense}"
+
+
+@functools.lru_cache(maxsize=None)
+def pair_info(block_size: int, n_factors: int) -> PairInfo:
+    """The parameter count (by adapting a copy of the ViT) and R's density per fan-in of one valid pair.
+    O(m·d²·b) per fan-in for the density."""
+    check_pair(block_size, n_factors)
+    method = boft_method(block_size, n_factors, LR)
+    _, params = count_parameters(prepare(_copy_base(), method, ["head"]), ["head"])
+    densities = {d: density(reachability(d, block_size, n_factors)) for d in fan_ins()}
+    return PairInfo(block_size, n_factors, params, densities)
+
+
+def _copy_base() -> nn.Module:
+    import copy
+
+    return copy.deepcopy(_base())
+
+
+def boft_method(block_size: int, n_factors: int, lr: float) -> Method:
+    return Method(f"BOFT b={block_size} m={n_factors}", "boft", {"block_size": block_size, "n_factors": n_factors},
+                  TARGETS, lr)
+
+
+# --- one run ----------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class TuneRun:
+    """One live (or baseline) run: its settings, the method's own trainable parameters (the head's 325 are not
+    counted), test accuracy at ``eval_steps`` (the first at step 0), the training loss of every step, wall time."""
+
+    name: str
+    family: str
+    options: dict[str, Any]
+    lr: float
+    steps: int
+    seed: int
+    params: int
+    eval_steps: list[int]
+    accuracies: list[float]
+    losses: list[float]
+    seconds: float
+
+    @property
+    def final(self) -> float:
+        return self.accuracies[-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TuneRun":
+        return cls(**data)
+
+
+def train(method: Method, steps: int = STEPS, seed: int = 0, progress: bool = True) -> TuneRun:
+    """Fine-tune the pretrained ci ViT with ``method`` for ``steps`` AdamW steps on the ci task of ``seed`` (its
+    train/test split, head initialisation and batch order), evaluating test accuracy 10 times. O(steps) forward and
+    backward passes of batch 64; about 5–10 s for 150 steps on an idle 2-core CPU."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    settings = dataclasses.replace(vit.SETTINGS["ci"], steps=steps, eval_every=max(1, steps // 10), seed=seed)
+    task, _ = vit.make_task("ci", settings)
+    start = time.perf_counter()
+    run = run_method(task, method, progress)
+    if run.skipped:
+        raise RuntimeError(f"{method.name} could not run: {run.skipped}")
+    return TuneRun(method.name, method.family, dict(method.options), method.lr, steps, seed, run.method_params,
+                   run.eval_steps, run.evals, run.losses, time.perf_counter() - start)
+
+
+def tune(block_size: int, n_factors: int, lr: float = LR, steps: int = STEPS, seed: int = 0,
+         progress: bool = True) -> TuneRun:
+    """One live BOFT run on the ci ViT: ``train(BOFT(block_size, n_factors), …)``. ValueError for a pair that is not
+    a butterfly in every adapted layer (``valid_pairs``) or a learning rate that is not positive."""
+    check_pair(block_size, n_factors)
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    return train(boft_method(block_size, n_factors, lr), steps, seed, progress)
+
+
+# --- baselines --------------------------------------------------------------------------------------------------------
+def compute_baselines(steps: int = STEPS, seed: int = 0, progress: bool = True) -> list[TuneRun]:
+    """``train`` for each of ``baseline_methods()``."""
+    return [train(method, steps, seed, progress) for method in baseline_methods()]
+
+
+def write_baselines(path: Path = BASELINES_PATH, progress: bool = True) -> Path:
+    """Compute the baselines and write them as JSON (atomically): {"steps", "seed", "runs": [TuneRun, …]}."""
+    import os
+
+    runs = compute_baselines(progress=progress)
+    data = {"task": "boftlab.reproduce.vit ci", "steps": STEPS, "seed": 0, "runs": [r.to_dict() for r in runs]}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_baselines(path: Path = BASELINES_PATH) -> list[TuneRun]:
+    """The stored baselines (``write_baselines``), in ``baseline_methods()`` order."""
+    return [TuneRun.from_dict(r) for r in json.loads(path.read_text())["runs"]]
+
+
+# --- the leaderboard and the figure -----------------------------------------------------------------------------------
+class Leaderboard:
+    """A student's runs, best first: higher final test accuracy, then fewer parameters, then the earlier run."""
+
+    def __init__(self) -> None:
+        self.runs: list[TuneRun] = []
+
+    def add(self, run: TuneRun) -> int:
+        """Record ``run``; return its rank (1 = best)."""
+        self.runs.append(run)
+        return self.ranked().index(run) + 1
+
+    def ranked(self) -> list[TuneRun]:
+        order = {id(r): i for i, r in enumerate(self.runs)}
+        return sorted(self.runs, key=lambda r: (-r.final, r.params, order[id(r)]))
+
+    def markdown(self, baselines: list[TuneRun] = ()) -> str:
+        """The ranked runs as a markdown table, then the baselines' rows for reference (their seconds are not
+        shown: they were measured when the file was written, on whatever machine that was)."""
+        from ..bench import markdown_table
+
+        header = ["rank", "run", "lr", "steps", "params", "final accuracy", "best accuracy", "seconds"]
+        rows = [[i, r.name, f"{r.lr:.1e}", r.steps, f"{r.params:,}", f"{r.final:.3f}", f"{max(r.accuracies):.3f}",
+                 f"{r.seconds:.1f}"] for i, r in enumerate(self.ranked(), 1)]
+        rows += [["baseline", r.name, f"{r.lr:.1e}", r.steps, f"{r.params:,}", f"{r.final:.3f}",
+                  f"{max(r.accuracies):.3f}", None] for r in baselines]  # stored: their time was another machine's
+        return markdown_table(header, rows)
+
+
+def plot_runs(runs: list[TuneRun], baselines: list[TuneRun]) -> Figure:
+    """Test accuracy against step: the baselines dashed, the student's runs solid (the last one thick)."""
+    fig = Figure(figsize=(7, 3.6), layout="constrained")
+    ax = fig.subplots()
+    for r in baselines:
+        ax.plot(r.eval_steps, r.accuracies, "--", color="0.55", lw=1)
+        ax.annotate(r.name, (r.eval_steps[-1], r.final), fontsize=7, color="0.35", xytext=(3, 0),
+                    textcoords="offset points", va="center")
+    for i, r in enumerate(runs):
+        last = i == len(runs) - 1
+        ax.plot(r.eval_steps, r.accuracies, marker=".", lw=2.2 if last else 1, alpha=1 if last else 0.5,
+                label=f"{r.name}, lr {r.lr:.1e}: {r.final:.3f}")
+    ax.set(xlabel="step", ylabel="test accuracy", title="ViT, digits 0–4 → 5–9: your runs against the baselines")
+    if runs:
+        ax.legend(fontsize=7, loc="lower right")
+    return fig
+
+
+if __name__ == "__main__":
+    print(f"wrote {write_baselines()}")

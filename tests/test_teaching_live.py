@@ -1,0 +1,107 @@
+"""boftlab.teaching.live and its widget: valid pairs only, a short real run, the leaderboard's order, the stored
+baselines' schema and that recomputing one gives the stored numbers."""
+
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from boftlab.butterfly_structure import valid_block_sizes
+from boftlab.teaching import live
+
+
+def test_valid_pairs_are_butterflies_in_every_adapted_layer():
+    assert live.fan_ins() == (64, 128)  # qkv, proj, fc1 read 64 features, fc2 reads 128
+    pairs = live.valid_pairs()
+    assert (8, 2) in pairs and (4, 4) in pairs and (64, 1) in pairs
+    assert (128, 1) not in pairs and (8, 5) not in pairs and (3, 1) not in pairs  # > 64; b·2^4 = 128 ∤ 64; 3 ∤ 64
+    for b, m in pairs:
+        assert all(b in valid_block_sizes(d, m) for d in live.fan_ins())
+
+
+@pytest.mark.parametrize("pair", [(3, 2), (8, 5), (128, 1)])
+def test_a_pair_that_is_not_a_butterfly_is_refused_with_the_valid_ones(pair):
+    with pytest.raises(ValueError, match=r"nearest valid pairs: \[.*all valid pairs: \[\(2, 1\)"):
+        live.tune(*pair, steps=1)
+
+
+def test_pair_info_counts_the_adapted_parameters_and_the_density_of_r():
+    info = live.pair_info(8, 2)
+    # per layer: m·(d/b)·b(b−1)/2 skew entries + an n-vector of scales; qkv 64→192, proj 64→64, fc1 64→128, fc2 128→64
+    per_block = 2 * 8 * 28 + 192 + 2 * 8 * 28 + 64 + 2 * 8 * 28 + 128 + 2 * 16 * 28 + 64
+    assert info.params == 4 * per_block == 10_752
+    assert info.densities == {64: 16 / 64, 128: 16 / 128}  # R mixes chunks of L = b·2^(m−1) = 16 coordinates
+    assert info.label() == "b=8, m=2 · 10,752 params · R 25 % dense (d=64), 12.5 % (d=128)"
+
+
+def test_a_short_live_run_trains_the_real_pretrained_model():
+    run = live.tune(8, 2, lr=3e-3, steps=4, seed=0, progress=False)
+    assert run.name == "BOFT b=8 m=2" and run.params == 10_752 and run.steps == 4
+    assert run.eval_steps == [0, 1, 2, 3, 4] and len(run.losses) == 4
+    assert run.accuracies[0] == pytest.approx(0.2008928, abs=1e-6)  # the new head's chance-level start (90 / 448)
+    assert run.final > run.accuracies[0] and run.seconds > 0
+
+
+def leaderboard_run(name, final, params):
+    return live.TuneRun(name, "boft", {}, 3e-3, 10, 0, params, [0, 10], [0.2, final], [1.0] * 10, 1.0)
+
+
+def test_leaderboard_ranks_by_accuracy_then_fewer_parameters_then_the_earlier_run():
+    board = live.Leaderboard()
+    assert board.add(leaderboard_run("a", 0.80, 9_000)) == 1
+    assert board.add(leaderboard_run("b", 0.85, 12_000)) == 1
+    assert board.add(leaderboard_run("c", 0.80, 5_000)) == 2  # ties with a on accuracy, fewer parameters
+    assert board.add(leaderboard_run("d", 0.80, 5_000)) == 3  # same as c: the earlier run stays ahead
+    assert [r.name for r in board.ranked()] == ["b", "c", "d", "a"]
+    table = board.markdown(live.load_baselines())
+    assert table.splitlines()[2].startswith("| 1 | b |") and "| baseline | head only |" in table
+
+
+def test_stored_baselines_have_the_schema_and_the_methods():
+    data = json.loads(live.BASELINES_PATH.read_text())
+    assert data["steps"] == live.STEPS and data["seed"] == 0
+    runs = live.load_baselines()
+    assert [r.name for r in runs] == [m.name for m in live.baseline_methods()]
+    for run, method in zip(runs, live.baseline_methods()):
+        assert (run.family, run.options, run.lr, run.steps) == (method.family, method.options, method.lr, live.STEPS)
+        assert run.eval_steps == list(range(0, live.STEPS + 1, live.STEPS // 10))
+        assert len(run.accuracies) == len(run.eval_steps) and len(run.losses) == live.STEPS
+    assert [r.params for r in runs] == [0, 12_288, 9_600]
+
+
+def test_a_recomputed_baseline_equals_the_stored_one():
+    """The stored head-only baseline is what ``live.train`` computes now (accuracies exactly: they count test
+    images; the losses to float32 rounding, which a different thread count can change)."""
+    stored = live.load_baselines()[0]
+    method = live.baseline_methods()[0]
+    run = live.train(method, stored.steps, stored.seed, progress=False)
+    assert run.accuracies == stored.accuracies and run.params == stored.params
+    torch.testing.assert_close(torch.tensor(run.losses), torch.tensor(stored.losses), rtol=1e-5, atol=1e-6)
+
+
+def test_the_figure_overlays_the_runs_on_the_baselines():
+    baselines = live.load_baselines()
+    fig = live.plot_runs([leaderboard_run("mine", 0.9, 10_000)], baselines)
+    assert isinstance(fig, Figure) and len(fig.axes[0].lines) == len(baselines) + 1
+
+
+def test_the_widget_trains_on_a_click_and_renders_without_an_output_widget_at_display():
+    import ipywidgets as widgets
+
+    from boftlab.teaching.widgets import live_tuning
+
+    board = live.Leaderboard()
+    box = live_tuning(board)
+    pairs, (lr, steps, button), bar, text, image = box.children[0], box.children[1].children, *box.children[2:]
+    assert [value for _, value in pairs.options] == live.valid_pairs() and pairs.value == (8, 2)
+    assert "10,752 params" in pairs.label and isinstance(bar, widgets.Output) and not bar.outputs
+    assert image.value[:8] == b"\x89PNG\r\n\x1a\n" and "baseline" in text.value  # the baselines before any run
+    pairs.value, steps.min, steps.value = (4, 4), 1, 2
+    button.click()
+    (run,) = board.runs
+    assert run.name == "BOFT b=4 m=4" and run.steps == 2 and "rank 1 of 1" in text.value
