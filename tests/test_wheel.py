@@ -1,7 +1,7 @@
 """A pip install runs the notebooks as a checkout does (what the Colab cell's ``%pip install`` amounts to).
 
 Build the wheel, install it with the notebooks extra into a fresh virtual environment outside the checkout, and
-execute notebook 00 and the fine-tuning notebook 08 (the fastest: 126 s against 07's 228 s, 2026-11-29) from a temporary folder, the environment's ``bin``
+execute notebook 00 and the fine-tuning notebook 08 (the fastest: 131 s against 07's 222 s in .ci/run, 2026-11-29) from a temporary folder, the environment's ``bin``
 first on PATH, so that the kernel is the environment's Python. A cell appended to each notebook reports what the
 kernel imported; the test asserts it was the wheel: boftlab and every one of its modules from the environment's
 site-packages, the ci profile's pretrained models read from there, the checkout nowhere on ``sys.path``.
