@@ -186,13 +186,11 @@ def compute_baselines(steps: int = STEPS, seed: int = 0, progress: bool = True) 
 
 def write_baselines(path: Path = BASELINES_PATH, progress: bool = True) -> Path:
     """Compute the baselines and write them as JSON (atomically): {"steps", "seed", "runs": [TuneRun, …]}."""
-    import os
+    from ..saving import atomic_write
 
     runs = compute_baselines(progress=progress)
     data = {"task": "boftlab.reproduce.vit ci", "steps": STEPS, "seed": 0, "runs": [r.to_dict() for r in runs]}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1) + "\n"))
     return path
 
 

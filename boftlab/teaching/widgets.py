@@ -39,10 +39,8 @@ def interact(function: Callable[..., Figure | None], **controls: Any) -> Any:  #
         if figure is None:
             image.layout.display = "none"
             return
-        png = io.BytesIO()
-        figure.savefig(png, format="png", dpi=80)
+        image.value, image.layout.display = _png(figure), None
         plt.close(figure)  # a pyplot figure would otherwise also be shown through the Output widget
-        image.value, image.layout.display = png.getvalue(), None
 
     show.__signature__ = inspect.signature(function)  # the controls come from the figure function's parameters
     panel = widgets.interactive(show, **controls)
@@ -59,7 +57,6 @@ def live_tuning(leaderboard: Any = None, block_size: int = 8, n_factors: int = 2
     Only the training's tqdm bar goes through an Output widget, and only on a click — something a headless runner
     never does, so the nbclient deadlock (see ``interact``) cannot happen. Displays and returns the ``VBox``."""
     import html
-    import io
 
     import ipywidgets as widgets
     from IPython.display import display
@@ -79,9 +76,7 @@ def live_tuning(leaderboard: Any = None, block_size: int = 8, n_factors: int = 2
     def render(message: str = "") -> None:
         table = board.markdown(baselines)
         text.value = f"<pre>{html.escape(message + table)}</pre>"
-        png = io.BytesIO()
-        live.plot_runs(board.runs, baselines).savefig(png, format="png", dpi=80)
-        image.value = png.getvalue()
+        image.value = _png(live.plot_runs(board.runs, baselines))
 
     def train(_: Any) -> None:
         button.disabled = True
@@ -100,3 +95,12 @@ def live_tuning(leaderboard: Any = None, block_size: int = 8, n_factors: int = 2
     box = widgets.VBox([pairs, widgets.HBox([lr, steps, button]), bar, text, image])
     display(box)
     return box
+
+
+def _png(figure: Any) -> bytes:
+    """The figure as PNG bytes, for a ``widgets.Image`` (how both panels show figures without an Output widget)."""
+    import io
+
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=80)
+    return png.getvalue()
