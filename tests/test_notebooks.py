@@ -20,8 +20,9 @@ VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["versi
 INSTALL_CELL = (
     f'BOFTLAB_REF = "v{VERSION}"  # the release these notebooks belong to: pyproject.toml\'s version, as a git tag\n'
     'import sys\n'
-    'if "google.colab" in sys.modules:  # Colab: install that release with everything the notebooks import\n'
-    '    %pip install -q "boftlab[notebooks] @ git+https://github.com/boftlab/boftlab@{BOFTLAB_REF}"'
+    'if "google.colab" in sys.modules:  # Colab: that release, everything the notebooks import, at its pinned versions\n'
+    '    %pip install -q "boftlab[notebooks] @ git+https://github.com/boftlab/boftlab@{BOFTLAB_REF}" \\\n'
+    '        -c "https://raw.githubusercontent.com/boftlab/boftlab/{BOFTLAB_REF}/constraints-colab.txt"'
 )
 
 
