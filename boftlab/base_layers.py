@@ -31,7 +31,7 @@ QUANTIZED_LINEARS = ("Linear4bit", "Linear8bitLt")
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def _derives_from(layer_class: type, package: str, names: tuple[str, ...]) -> bool:
+def derives_from(layer_class: type, package: str, names: tuple[str, ...]) -> bool:
     """Whether ``layer_class`` or a base class of it is one of ``names`` defined in ``package`` (or a submodule).
     Remembered per class (a plain dict, which torch.compile reads as a constant): families ask on every call."""
     key = (layer_class, package, names)
@@ -52,7 +52,7 @@ class _MatchedByName(type):
     package: str
 
     def __instancecheck__(cls, instance: object) -> bool:
-        return isinstance(instance, nn.Module) and _derives_from(type(instance), cls.package, (cls.__name__,))
+        return isinstance(instance, nn.Module) and derives_from(type(instance), cls.package, (cls.__name__,))
 
 
 class Conv1D(metaclass=_MatchedByName):
@@ -86,13 +86,13 @@ _KIND_OF_CLASS: dict[type, str] = {}
 
 
 def _class_kind(layer_class: type) -> str:
-    if issubclass(layer_class, nn.Linear) and _derives_from(layer_class, "bitsandbytes", QUANTIZED_LINEARS):
+    if issubclass(layer_class, nn.Linear) and derives_from(layer_class, "bitsandbytes", QUANTIZED_LINEARS):
         return "quantized"
     if issubclass(layer_class, CONVOLUTIONS):
         return "conv"
     if issubclass(layer_class, nn.Embedding):
         return "embedding"
-    if issubclass(layer_class, nn.Linear) or _derives_from(layer_class, Conv1D.package, ("Conv1D",)):
+    if issubclass(layer_class, nn.Linear) or derives_from(layer_class, Conv1D.package, ("Conv1D",)):
         return "linear"
     raise ValueError(f"boftlab has no view of a {layer_class.__name__} (known kinds: {KINDS})")
 
@@ -108,6 +108,31 @@ def check_readable(layer: nn.Module) -> None:
                 f"as a float ({layer.out_features}, {layer.in_features}) matrix: a quantized layer boftlab cannot read. "
                 f"Quantized layers boftlab adapts: bitsandbytes {', '.join(QUANTIZED_LINEARS)}."
             )
+
+
+def check_plain_weight(layer: nn.Module) -> None:
+    """ValueError for a layer whose weight is recomputed on every call — a parametrization (``torch.nn.utils.
+    parametrizations.weight_norm``, ``orthogonal``, …: ``torch.nn.utils.parametrize``) or a forward pre-hook (the
+    legacy ``weight_norm`` and ``spectral_norm``, ``torch.nn.utils.prune``, any other): an adapter reads the weight
+    without calling the layer and merges into it, so the pre-hook would not run on its forward, and a merge would be
+    overwritten by the next recomputation (the merged model would compute the base model)."""
+    from torch.nn.utils import parametrize
+
+    recomputed = []
+    if parametrize.is_parametrized(layer):
+        recomputed += [f"parametrization {type(p).__name__} of {name!r}"
+                       for name, plist in layer.parametrizations.items() for p in plist]
+    recomputed += [f"forward pre-hook {type(hook).__name__}" for hook in layer._forward_pre_hooks.values()]
+    if recomputed:
+        raise ValueError(
+            f"this {type(layer).__name__} recomputes its weight or input on every call ({', '.join(recomputed)}): "
+            "an adapter reads the weight directly and merges into it, so the hook would not run in its forward, and "
+            "the next call would overwrite a merged weight (the merged model would compute the base model). Make the "
+            "weight a plain tensor first, then adapt: torch.nn.utils.parametrize.remove_parametrizations(layer, "
+            "'weight'), or for the legacy hooks torch.nn.utils.remove_weight_norm(layer) / "
+            "remove_spectral_norm(layer), for pruning torch.nn.utils.prune.remove(layer, 'weight') (each keeps the "
+            "current weight)."
+        )
 
 
 def is_linear(layer: nn.Module) -> bool:

@@ -41,6 +41,7 @@ representative config there.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import numbers
@@ -49,7 +50,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import nn
 
-from .base_layers import check_readable, type_name
+from .base_layers import check_plain_weight, check_readable, type_name
 
 #: family name -> config class; filled by ``AdapterConfig.__init_subclass__``.
 FAMILIES: dict[str, type["AdapterConfig"]] = {}
@@ -83,6 +84,12 @@ def merge_dtype(weight: torch.Tensor) -> torch.dtype:
     """The dtype merges and unmerges compute in: fp64 (fp32 on Apple's MPS, which has no fp64), so that the only
     rounding a merge adds is the final one to the weight's own dtype."""
     return torch.float32 if weight.device.type == "mps" else torch.float64
+
+
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context in which autocast is off on ``device`` — for the small products families keep in their own precision
+    under AMP. The meta device has no autocast (a layer on it computes shapes only), so nothing there."""
+    return contextlib.nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
 
 
 def conv_output_size(conv: nn.Module, spatial: Sequence[int]) -> tuple[int, ...]:
@@ -179,6 +186,7 @@ class AdapterLayer(nn.Module):
     def __init__(self, base_layer: nn.Module, config: AdapterConfig) -> None:
         super().__init__()
         check_readable(base_layer)  # e.g. a packed weight of a quantization library boftlab does not know
+        check_plain_weight(base_layer)  # e.g. weight_norm, pruning: a weight recomputed on every call
         self.base_layer = base_layer
         self.config = config
         self.merged = False

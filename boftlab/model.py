@@ -176,11 +176,74 @@ def _describe_ties(ties: dict[str, list[str]]) -> str:
     return "; ".join(shown[:5]) + (f"; … ({len(shown) - 5} more)" if len(shown) > 5 else "")
 
 
+# --- models and layers an adapter cannot be put on ----------------------------------------------------------------
+#: torch.nn modules that read a child layer's ``.weight`` themselves instead of calling the child — always, or on a
+#: fast path — so an adapter on that child would be bypassed: never trained, never in the forward, yet folded in by
+#: ``merge``. Type -> what it does.
+WEIGHT_READERS: dict[type, str] = {
+    nn.MultiheadAttention: "passes out_proj.weight to F.multi_head_attention_forward and never calls out_proj",
+    nn.TransformerEncoderLayer: (
+        "in eval mode without autograd runs a fused fast path (torch._transformer_encoder_layer_fwd) that reads "
+        "linear1.weight, linear2.weight and its attention's weights directly, bypassing those layers' forward"
+    ),
+    **({nn.LinearCrossEntropyLoss: "passes linear.weight to F.linear_cross_entropy and never calls linear"}
+       if hasattr(nn, "LinearCrossEntropyLoss") else {}),
+}
+
+
+def check_model(model: nn.Module) -> None:
+    """ValueError for a model boftlab must not adapt as a whole: one wrapped by Hugging Face PEFT (boftlab would wrap
+    PEFT's own lora_A / lora_B layers and freeze them). O(number of modules)."""
+    peft_layers = [(n, m) for n, m in model.named_modules()
+                   if base_layers.derives_from(type(m), "peft", ("PeftModel", "BaseTuner", "BaseTunerLayer"))]
+    if peft_layers:
+        name, module = next(((n, m) for n, m in peft_layers if n), peft_layers[0])
+        raise ValueError(
+            f"this model is wrapped by PEFT or holds its layers ({name or 'the model'!r} is a peft "
+            f"{type(module).__name__}): boftlab "
+            "would adapt PEFT's own layers (lora_A, lora_B, …) and freeze them. Give boftlab the plain base model: "
+            "peft_model.merge_and_unload() (PEFT's adapters folded in) or peft_model.unload() (dropped) returns it — "
+            "peft_model.get_base_model() alone still holds PEFT's layers, which PEFT inserts in place. PEFT BOFT/OFT "
+            "adapters saved with save_pretrained import as boftlab adapters: boftlab.from_peft(base_model, directory)."
+        )
+
+
+def check_targets(model: nn.Module, names: list[str]) -> None:
+    """ValueError, before anything changes, for a named module that an adapter would not really replace: one on the
+    meta device (no values: after ``to_empty`` its adapter would hold uninitialised memory), or one inside a
+    ``WEIGHT_READERS`` module (its parent reads the weight without calling it). O(targets · depth)."""
+    meta = [n for n in names if any(t.is_meta for t in model.get_submodule(n).state_dict().values())]
+    if meta:
+        raise ValueError(
+            f"module {meta[0]!r} ({len(meta)} targeted module(s)) is on the meta device: it has shapes but no values, "
+            "so its adapter would be created without values too, and after model.to_empty(...) it would hold "
+            "uninitialised memory that nothing sets. Materialise the model first — model.to_empty(device=...) and "
+            "load the base weights, or from_pretrained(...) — then adapt (or load_adapter)."
+        )
+    for name in names:
+        parts = name.split(".")
+        for depth in range(len(parts) - 1, -1, -1):
+            parent_name = ".".join(parts[:depth])
+            parent = model.get_submodule(parent_name)
+            reader = next((t for t in WEIGHT_READERS if isinstance(parent, t)), None)
+            if reader is not None:
+                where = repr(parent_name) if parent_name else "(the model itself)"
+                raise ValueError(
+                    f"cannot adapt module {name!r}: its parent {where} is an nn.{reader.__name__}, which "
+                    f"{WEIGHT_READERS[reader]}, so an adapter there would not be in the "
+                    "forward: it would get no gradient, and merge would fold it in anyway. Leave the layers inside "
+                    f"nn.{reader.__name__} out of targets (e.g. a narrower pattern), or build the block from layers "
+                    "that call their nn.Linear children (transformers' attention layers do)."
+                )
+
+
 def build_layers(
     model: nn.Module, config: AdapterConfig, names: list[str], bases: dict[str, nn.Module] | None = None
 ) -> dict[str, AdapterLayer]:
     """Adapter layers for the named modules (or for ``bases[name]`` in their place), built without touching the
-    model (errors leave it unchanged)."""
+    model (errors leave it unchanged); ``check_model`` and ``check_targets`` first."""
+    check_model(model)
+    check_targets(model, names)
     layers = {}
     for name in names:
         module = bases[name] if bases and name in bases else model.get_submodule(name)
@@ -230,6 +293,7 @@ def adapt(
         raise ValueError(
             f"config must be an adapter config (e.g. boftlab.BOFTConfig(...)), got {type(config).__name__}"
         )
+    check_model(model)  # before matching: a PEFT model's targets would be PEFT's own layers
     names = match_targets(model, targets)
     if not names:
         raise ValueError(
@@ -264,8 +328,9 @@ def adapt(
             )
         names = supported
     keep = resolve_trainable(model, trainable)
+    _check_trainable_holds_no_adapter(model, keep)
     kept = set(keep) | set(getattr(model, TRAINABLE_ATTR, []))
-    names = [n for n in names if not any(n == k or n.startswith(k + ".") for k in kept)]  # heads stay plain
+    names = _outside_trainable(model, targets, names, sorted(kept))  # heads stay plain
     tied = _tied_targets(model, names)
     if tied and not untie:
         modules = sorted({name for name, _ in tied.values()})
@@ -280,6 +345,46 @@ def adapt(
     setattr(model, TRAINABLE_ATTR, sorted(set(getattr(model, TRAINABLE_ATTR, [])) | set(keep)))
     insert_layers(model, layers)
     return model
+
+
+def _check_trainable_holds_no_adapter(model: nn.Module, keep: list[str]) -> None:
+    """ValueError if a module to keep trainable is, or holds, an adapter layer (from an earlier ``adapt``): training
+    it whole would train that adapter's frozen base weights too, which no adapter file can hold."""
+    for name in keep:
+        inside = list(adapter_layers(model.get_submodule(name)))
+        if inside:
+            where = f"carries a {model.get_submodule(name).family!r} adapter" if inside == [""] else (
+                f"holds {len(inside)} adapted layer(s) ({', '.join(repr(f'{name}.{n}') for n in inside[:3])}"
+                f"{', …' if len(inside) > 3 else ''})")
+            raise ValueError(
+                f"trainable names module {name!r}, which {where} from an earlier adapt: keeping it trainable would "
+                "train the adapted layers' frozen base weights too, and save_adapter would write them into a file "
+                "that no fresh model loads. An adapter's own parameters are trainable already; to train a module "
+                "whole, keep it plain (boftlab.unwrap(model) and adapt again without it in targets)."
+            )
+
+
+def _outside_trainable(model: nn.Module, targets: Target | Sequence[Target], names: list[str],
+                       kept: list[str]) -> list[str]:
+    """``names`` without the modules inside one kept trainable (a type or pattern sweeps up the head: it stays
+    plain). ValueError if that leaves nothing to adapt, or drops a module that ``targets`` names explicitly."""
+    def covering(name: str) -> str | None:
+        return next((k for k in kept if name == k or name.startswith(k + ".")), None)
+
+    named = [t for t in _as_list(targets) if isinstance(t, str)] if not isinstance(targets, (str, re.Pattern)) else []
+    explicit = [n for n in (match_targets(model, named) if named else []) if covering(n)]
+    outside = [n for n in names if not covering(n)]
+    if explicit or not outside:
+        clash = explicit or names
+        shown = ", ".join(f"{n!r} (inside {covering(n)!r})" for n in clash[:5]) + (", …" if len(clash) > 5 else "")
+        what = (f"names {len(explicit)} module(s) that are also kept trainable" if explicit
+                else f"selects {len(names)} module(s), all of them inside modules kept trainable, so adapt would wrap "
+                "nothing and train those modules whole")
+        raise ValueError(
+            f"targets={_describe(targets)} {what}: {shown}; trainable (this call and earlier ones): {kept}. A module "
+            "is either adapted or trained whole: leave it out of trainable, or out of targets."
+        )
+    return outside
 
 
 def _tied_targets(model: nn.Module, names: list[str]) -> dict[str, tuple[str, list[str]]]:
