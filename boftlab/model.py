@@ -58,6 +58,34 @@ def strip_wrappers(model: nn.Module, sharded: bool = True) -> nn.Module:
             return model
 
 
+def canonical_name(name: str) -> str:
+    """``name`` without the ``_orig_mod`` steps that a ``torch.compile``d submodule adds (``encoder._orig_mod.0`` ->
+    ``encoder.0``): the module's name in the uncompiled model, the one every file records. O(len(name))."""
+    return ".".join(part for part in name.split(".") if part != "_orig_mod") if "_orig_mod" in name else name
+
+
+def find_module(model: nn.Module, name: str) -> nn.Module:
+    """The module that ``name`` (canonical or not) names in ``model``, stepping into compiled submodules'
+    ``_orig_mod`` where the name does not; AttributeError, as ``get_submodule``, if there is none."""
+    module = model
+    for part in name.split(".") if name else []:
+        while part not in module._modules and "_orig_mod" in module._modules:
+            module = module._modules["_orig_mod"]
+        if part not in module._modules:
+            raise AttributeError(f"{type(module).__name__} has no submodule {part!r} (looking up {name!r})")
+        module = module._modules[part]
+    return module
+
+
+def canonical_modules(model: nn.Module) -> dict[str, str]:
+    """Canonical name -> name in ``model`` for every module; a compiled wrapper and the module it wraps share one
+    canonical name, and the wrapper (listed first) keeps it."""
+    names: dict[str, str] = {}
+    for name, _ in model.named_modules():
+        names.setdefault(canonical_name(name), name)
+    return names
+
+
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
     """Every adapter in ``model`` by its module name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
@@ -95,7 +123,8 @@ def match_targets(model: nn.Module, targets: Target | Sequence[Target]) -> list[
     """Names of the modules ``targets`` selects.
 
     - a ``str`` or compiled regex: module names that the pattern ``fullmatch``-es;
-    - a list/tuple whose items are names (exact name or dotted suffix: ``"query"`` matches ``"…attention.query"``),
+    - a list/tuple whose items are names (exact name or dotted suffix: ``"query"`` matches ``"…attention.query"``;
+      inside a ``torch.compile``d submodule, with or without its ``_orig_mod``),
       regexes (``re.compile``), or module types (``nn.Linear``): the union of their matches.
     """
     if isinstance(targets, (str, re.Pattern)):
@@ -121,8 +150,8 @@ def match_targets(model: nn.Module, targets: Target | Sequence[Target]) -> list[
                 hit = isinstance(module, item)
             elif isinstance(item, re.Pattern):
                 hit = item.fullmatch(name) is not None
-            elif isinstance(item, str):
-                hit = name == item or name.endswith("." + item)
+            elif isinstance(item, str):  # a compiled submodule's modules also answer to their uncompiled names
+                hit = any(n == item or n.endswith("." + item) for n in {name, canonical_name(name)})
             else:
                 raise ValueError(
                     f"targets item {item!r} is not a module name, suffix, compiled regex or module type"
@@ -269,7 +298,7 @@ def freeze_base(model: nn.Module) -> None:
         for p in layer.adapter_parameters().values():
             p.requires_grad_(True)
     for name in keep:
-        for p in model.get_submodule(name).parameters():
+        for p in find_module(model, name).parameters():
             p.requires_grad_(True)
 
 
@@ -351,9 +380,9 @@ def _check_trainable_holds_no_adapter(model: nn.Module, keep: list[str]) -> None
     """ValueError if a module to keep trainable is, or holds, an adapter layer (from an earlier ``adapt``): training
     it whole would train that adapter's frozen base weights too, which no adapter file can hold."""
     for name in keep:
-        inside = list(adapter_layers(model.get_submodule(name)))
+        inside = list(adapter_layers(find_module(model, name)))
         if inside:
-            where = f"carries a {model.get_submodule(name).family!r} adapter" if inside == [""] else (
+            where = f"carries a {find_module(model, name).family!r} adapter" if inside == [""] else (
                 f"holds {len(inside)} adapted layer(s) ({', '.join(repr(f'{name}.{n}') for n in inside[:3])}"
                 f"{', …' if len(inside) > 3 else ''})")
             raise ValueError(
@@ -369,6 +398,7 @@ def _outside_trainable(model: nn.Module, targets: Target | Sequence[Target], nam
     """``names`` without the modules inside one kept trainable (a type or pattern sweeps up the head: it stays
     plain). ValueError if that leaves nothing to adapt, or drops a module that ``targets`` names explicitly."""
     def covering(name: str) -> str | None:
+        name = canonical_name(name)
         return next((k for k in kept if name == k or name.startswith(k + ".")), None)
 
     named = [t for t in _as_list(targets) if isinstance(t, str)] if not isinstance(targets, (str, re.Pattern)) else []
@@ -401,16 +431,17 @@ def _as_list(targets: object) -> list:
 
 
 def resolve_trainable(model: nn.Module, trainable: Sequence[str]) -> list[str]:
+    """The canonical names (``canonical_name``) of the modules that ``trainable``'s names or dotted suffixes select."""
     if isinstance(trainable, str):
         trainable = [trainable]
-    names = []
+    names: list[str] = []
     for item in trainable:
-        hits = [n for n in _plain_modules(model) if n and (n == item or n.endswith("." + item))]
+        hits = [c for c in map(canonical_name, _plain_modules(model)) if c and (c == item or c.endswith("." + item))]
         if not hits:
             raise ValueError(
                 f"trainable={item!r} matched no module. Modules in this model: {_module_list_hint(model)}"
             )
-        names += hits
+        names += [n for n in dict.fromkeys(hits) if n not in names]
     return names
 
 
