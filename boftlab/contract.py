@@ -315,6 +315,10 @@ class AdapterLayer(nn.Module):
         """The base tensors ``merge()`` (or ``unmerge()``, ``merge=False``) would write, computed without writing
         anything: a ValueError if the family cannot do it or if any result holds NaN or ±inf."""
         action = "merge" if merge else "unmerge"
+        try:  # a parametrization or pre-hook added after adapt would overwrite what is written
+            check_plain_weight(self.base_layer)
+        except ValueError as err:
+            raise ValueError(f"cannot {action} into the base layer: {err}") from None
         tensors = self.merged_weights() if merge else self.unmerged_weights()
         broken = {name: int((~torch.isfinite(t)).sum()) for name, t in tensors.items() if not torch.isfinite(t).all()}
         if broken:
@@ -331,6 +335,24 @@ class AdapterLayer(nn.Module):
                 f"cannot {action}: the new base tensor(s) would hold NaN/inf ({counts}) — {cause}. Nothing was changed."
             )
         return tensors
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "AdapterLayer":
+        """``nn.Module._apply`` (``.to``, ``.half``, ``to_empty``, …), refused when it would take this adapter's tensors
+        off the meta device: there they have no values, so only uninitialised memory can come out (``to_empty``),
+        which nothing would set. Checked on an empty probe before anything moves."""
+        if any(t.is_meta for t in self.adapter_state().values()):
+            try:
+                leaves_meta = not fn(torch.empty(0, device="meta")).is_meta
+            except (NotImplementedError, RuntimeError):  # e.g. .to("cpu"): torch's own "Cannot copy out of meta tensor"
+                leaves_meta = False
+            if leaves_meta:
+                raise ValueError(
+                    f"this {self.config.display_name()} adapter is on the meta device: it has no values, so "
+                    "materialising it (model.to_empty(...)) would give it uninitialised memory that nothing sets. "
+                    "Materialise and load the base model without adapters, then adapt (or load_adapter) on it; or "
+                    "give the adapted model its values with model.load_state_dict(state, assign=True)."
+                )
+        return super()._apply(fn, recurse)
 
     def _write_base(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, value in tensors.items():
@@ -404,7 +426,7 @@ class AdapterLayer(nn.Module):
         try:
             merged = self.base_after(merge=True)
         except (ValueError, NotImplementedError):
-            return {"weight": base["weight"].new_empty(0)}
+            return {"weight": next(iter(base.values())).new_empty(0)}  # base has no "weight" if parametrized
         return {k: merged[k] if k in merged else v.clone() for k, v in base.items()}
 
     def extra_repr(self) -> str:

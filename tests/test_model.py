@@ -407,3 +407,30 @@ def test_a_target_named_explicitly_and_kept_trainable_is_refused():
     # a sweep by type or pattern still leaves the head plain, as documented
     boftlab.adapt(model, BOFTConfig(block_size=4), targets=[nn.Linear], trainable=["head"])
     assert type(model.head) is nn.Linear and len(boftlab.adapter_layers(model)) == 4
+
+
+def test_to_empty_on_an_adapted_model_moved_to_meta_is_refused():
+    """The other way to a meta adapter: adapt, .to("meta"), to_empty gave the adapters uninitialised memory."""
+    model = perturb(boftlab.adapt(Net(), BOFTConfig(block_size=4), targets=["query"]))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, 16)
+    expected = model(x)
+    model.to("meta")
+    with pytest.raises(ValueError, match=r"this BOFTConfig adapter is on the meta device: it has no values, so "
+                                         r"materialising it \(model.to_empty\(\.\.\.\)\) would give it uninitialised"):
+        model.to_empty(device="cpu")
+    assert all(p.is_meta for p in model.blocks[0].query.parameters())
+    model.load_state_dict(state, assign=True)  # the way to give it values
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+def test_merge_refuses_a_base_weight_recomputed_since_adapt():
+    """A parametrization added to the base layer after adapt would overwrite the merged weight on the next call."""
+    model = perturb(boftlab.adapt(Net(), BOFTConfig(block_size=4), targets=["query"]))
+    nn.utils.parametrizations.weight_norm(model.blocks[1].query.base_layer)
+    state = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("query.weight")}
+    with pytest.raises(ValueError, match=r"merge: layer 'blocks.1.query': cannot merge into the base layer: "
+                                         r"this ParametrizedLinear recomputes its weight"):
+        boftlab.merge(model)
+    assert not any(layer.merged for layer in boftlab.adapter_layers(model).values())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
