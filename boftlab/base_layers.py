@@ -31,7 +31,7 @@ QUANTIZED_LINEARS = ("Linear4bit", "Linear8bitLt")
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def derives_from(layer_class: type, package: str, names: tuple[str, ...]) -> bool:
+def _derives_from(layer_class: type, package: str, names: tuple[str, ...]) -> bool:
     """Whether ``layer_class`` or a base class of it is one of ``names`` defined in ``package`` (or a submodule).
     Remembered per class (a plain dict, which torch.compile reads as a constant): families ask on every call."""
     key = (layer_class, package, names)
@@ -52,7 +52,7 @@ class _MatchedByName(type):
     package: str
 
     def __instancecheck__(cls, instance: object) -> bool:
-        return isinstance(instance, nn.Module) and derives_from(type(instance), cls.package, (cls.__name__,))
+        return isinstance(instance, nn.Module) and _derives_from(type(instance), cls.package, (cls.__name__,))
 
 
 class Conv1D(metaclass=_MatchedByName):
@@ -86,13 +86,13 @@ _KIND_OF_CLASS: dict[type, str] = {}
 
 
 def _class_kind(layer_class: type) -> str:
-    if issubclass(layer_class, nn.Linear) and derives_from(layer_class, "bitsandbytes", QUANTIZED_LINEARS):
+    if issubclass(layer_class, nn.Linear) and _derives_from(layer_class, "bitsandbytes", QUANTIZED_LINEARS):
         return "quantized"
     if issubclass(layer_class, CONVOLUTIONS):
         return "conv"
     if issubclass(layer_class, nn.Embedding):
         return "embedding"
-    if issubclass(layer_class, nn.Linear) or derives_from(layer_class, Conv1D.package, ("Conv1D",)):
+    if issubclass(layer_class, nn.Linear) or _derives_from(layer_class, Conv1D.package, ("Conv1D",)):
         return "linear"
     raise ValueError(f"boftlab has no view of a {layer_class.__name__} (known kinds: {KINDS})")
 

@@ -224,7 +224,7 @@ def check_model(model: nn.Module) -> None:
     """ValueError for a model boftlab must not adapt as a whole: one wrapped by Hugging Face PEFT (boftlab would wrap
     PEFT's own lora_A / lora_B layers and freeze them). O(number of modules)."""
     peft_layers = [(n, m) for n, m in model.named_modules()
-                   if base_layers.derives_from(type(m), "peft", ("PeftModel", "BaseTuner", "BaseTunerLayer"))]
+                   if base_layers._derives_from(type(m), "peft", ("PeftModel", "BaseTuner", "BaseTunerLayer"))]
     if peft_layers:
         name, module = next(((n, m) for n, m in peft_layers if n), peft_layers[0])
         raise ValueError(
@@ -317,6 +317,13 @@ def adapt(
     with tensors of its own instead (the partner keeps the original; the two then train and merge independently,
     and a transformers config that says ``tie_word_embeddings=True`` no longer describes the model).
     Call again with another config and other targets to mix families on one model. Returns ``model``.
+
+    Refused, with the model unchanged (ValueError naming the module and the way out), wherever an adapter would not
+    really take the layer's place: a PEFT-wrapped model (``check_model``); a target on the meta device, or inside a
+    module that reads its weight without calling it (``WEIGHT_READERS``: ``check_targets``); a layer whose weight is
+    recomputed on every call (weight_norm, spectral_norm, pruning, any parametrization or forward pre-hook:
+    ``base_layers.check_plain_weight``); a trainable module that is or holds an adapter; targets that trainable
+    swallows whole, or that name a trainable module.
     """
     if not isinstance(config, AdapterConfig):
         raise ValueError(
