@@ -344,7 +344,11 @@ def adapt(
         )
     supported = [n for n in names if isinstance(model.get_submodule(n), config.supported_layers())]
     if not supported:
-        kinds = sorted({type(model.get_submodule(n)).__name__ for n in names})
+        # a class that only shares a supported type's name (PEFT's lora "Linear") is named in full, lest the message
+        # say that a Linear is not an nn.Linear
+        short = {t.__name__ for t in config.supported_layers()}
+        kinds = sorted({cls.__name__ if cls.__name__ not in short else f"{cls.__module__}.{cls.__qualname__}"
+                        for cls in (type(model.get_submodule(n)) for n in names)})
         ok = ", ".join(type_name(t) for t in config.supported_layers())
         raise ValueError(
             f"targets={_describe(targets)} matched {len(names)} module(s) of type(s) {kinds}, none of which "

@@ -434,3 +434,18 @@ def test_merge_refuses_a_base_weight_recomputed_since_adapt():
         boftlab.merge(model)
     assert not any(layer.merged for layer in boftlab.adapter_layers(model).values())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_an_unsupported_class_named_like_a_supported_one_is_named_in_full():
+    """PEFT's lora Linear was refused as "type(s) ['Linear'], none of which BOFTConfig supports; supported types:
+    nn.Linear" — a message that contradicts itself."""
+    class Linear(nn.Module):  # not an nn.Linear
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(16, 16))
+
+    model = Net()
+    model.head = Linear()
+    with pytest.raises(ValueError, match=r"of type\(s\) \['(tests\.)?test_model\.test_an_unsupported_class_named_"
+                                         r"like_a_supported_one_is_named_in_full\.<locals>\.Linear'\], none of which"):
+        boftlab.adapt(model, BOFTConfig(block_size=4), targets=["head"])
