@@ -111,11 +111,11 @@ def check_readable(layer: nn.Module) -> None:
 
 
 def check_plain_weight(layer: nn.Module) -> None:
-    """ValueError for a layer whose weight is recomputed on every call — a parametrization (``torch.nn.utils.
-    parametrizations.weight_norm``, ``orthogonal``, …: ``torch.nn.utils.parametrize``) or a forward pre-hook (the
-    legacy ``weight_norm`` and ``spectral_norm``, ``torch.nn.utils.prune``, any other): an adapter reads the weight
-    without calling the layer and merges into it, so the pre-hook would not run on its forward, and a merge would be
-    overwritten by the next recomputation (the merged model would compute the base model)."""
+    """ValueError for a layer whose weight is recomputed on every call: a parametrization (``torch.nn.utils.parametrize``:
+    ``parametrizations.weight_norm``, ``orthogonal``, …) or a forward pre-hook (the legacy ``weight_norm`` and
+    ``spectral_norm``, ``torch.nn.utils.prune``, any other). An adapter reads the weight without calling the layer and
+    merges into it, so the pre-hook would not run in its forward, and the next recomputation would overwrite a merge
+    (the merged model would compute the base model)."""
     from torch.nn.utils import parametrize
 
     recomputed = []

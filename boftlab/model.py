@@ -229,8 +229,8 @@ def check_model(model: nn.Module) -> None:
         name, module = next(((n, m) for n, m in peft_layers if n), peft_layers[0])
         raise ValueError(
             f"this model is wrapped by PEFT or holds its layers ({name or 'the model'!r} is a peft "
-            f"{type(module).__name__}): boftlab "
-            "would adapt PEFT's own layers (lora_A, lora_B, …) and freeze them. Give boftlab the plain base model: "
+            f"{type(module).__name__}): boftlab would adapt PEFT's own layers (lora_A, lora_B, …) and freeze them. "
+            "Give boftlab the plain base model: "
             "peft_model.merge_and_unload() (PEFT's adapters folded in) or peft_model.unload() (dropped) returns it — "
             "peft_model.get_base_model() alone still holds PEFT's layers, which PEFT inserts in place. PEFT BOFT/OFT "
             "adapters saved with save_pretrained import as boftlab adapters: boftlab.from_peft(base_model, directory)."
@@ -259,8 +259,8 @@ def check_targets(model: nn.Module, names: list[str]) -> None:
                 where = repr(parent_name) if parent_name else "(the model itself)"
                 raise ValueError(
                     f"cannot adapt module {name!r}: its parent {where} is an nn.{reader.__name__}, which "
-                    f"{WEIGHT_READERS[reader]}, so an adapter there would not be in the "
-                    "forward: it would get no gradient, and merge would fold it in anyway. Leave the layers inside "
+                    f"{WEIGHT_READERS[reader]}, so an adapter there would not be in the forward: it would get no "
+                    "gradient, and merge would fold it in anyway. Leave the layers inside "
                     f"nn.{reader.__name__} out of targets (e.g. a narrower pattern), or build the block from layers "
                     "that call their nn.Linear children (transformers' attention layers do)."
                 )
