@@ -115,6 +115,31 @@ def check_readable(layer: nn.Module) -> None:
             )
 
 
+def check_plain_weight(layer: nn.Module) -> None:
+    """ValueError for a layer whose weight is recomputed on every call: a parametrization (``torch.nn.utils.parametrize``:
+    ``parametrizations.weight_norm``, ``orthogonal``, …) or a forward pre-hook (the legacy ``weight_norm`` and
+    ``spectral_norm``, ``torch.nn.utils.prune``, any other). An adapter reads the weight without calling the layer and
+    merges into it, so the pre-hook would not run in its forward, and the next recomputation would overwrite a merge
+    (the merged model would compute the base model)."""
+    from torch.nn.utils import parametrize
+
+    recomputed = []
+    if parametrize.is_parametrized(layer):
+        recomputed += [f"parametrization {type(p).__name__} of {name!r}"
+                       for name, plist in layer.parametrizations.items() for p in plist]
+    recomputed += [f"forward pre-hook {type(hook).__name__}" for hook in layer._forward_pre_hooks.values()]
+    if recomputed:
+        raise ValueError(
+            f"this {type(layer).__name__} recomputes its weight or input on every call ({', '.join(recomputed)}): "
+            "an adapter reads the weight directly and merges into it, so the hook would not run in its forward, and "
+            "the next call would overwrite a merged weight (the merged model would compute the base model). Make the "
+            "weight a plain tensor first, then adapt: torch.nn.utils.parametrize.remove_parametrizations(layer, "
+            "'weight'), or for the legacy hooks torch.nn.utils.remove_weight_norm(layer) / "
+            "remove_spectral_norm(layer), for pruning torch.nn.utils.prune.remove(layer, 'weight') (each keeps the "
+            "current weight)."
+        )
+
+
 def is_linear(layer: nn.Module) -> bool:
     """Whether ``layer`` computes y = x Wᵀ + b (nn.Linear, transformers Conv1D, a quantized linear layer)."""
     return kind(layer) in ("linear", "quantized")

@@ -59,7 +59,9 @@ from .butterfly_structure import (
     valid_block_sizes,
     valid_n_factors,
 )
-from .contract import AdapterConfig, AdapterLayer, check_integer, check_number, conv_output_size, merge_dtype, nearest
+from .contract import (
+    AdapterConfig, AdapterLayer, autocast_off, check_integer, check_number, conv_output_size, merge_dtype, nearest,
+)
 from .kernels import KERNELS, butterfly_apply_fused, fused_available, fused_supported, kernel_in_force
 
 #: Per row element, in multiply-adds of a dense fp32 matmul: one factor of the PyTorch factored form (its batched
@@ -288,7 +290,7 @@ class BOFTLayer(AdapterLayer):
     def cayley_blocks(self) -> torch.Tensor:
         """(m, k, b, b) blocks in fp32 (or fp64) with COFT applied and no dropout: the eval-mode R, which merge folds
         in whatever the mode (dropout perturbs training steps only)."""
-        with torch.autocast(self.skew.device.type, enabled=False):  # Cayley (solve or series) in fp32 under AMP
+        with autocast_off(self.skew.device):  # Cayley (solve or series) in fp32 under AMP
             skew = skew_symmetric(self.skew.to(torch.promote_types(self.skew.dtype, torch.float32)), self.block_size)
             if self.config.coft:
                 # constrained OFT: pull each block's S back onto the ball ‖S‖_F ≤ eps/√k (eps as in PEFT)

@@ -41,6 +41,7 @@ representative config there.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import numbers
@@ -49,7 +50,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import nn
 
-from .base_layers import check_readable, check_unpacked, is_repacked, keep_unpacked, kind, type_name
+from .base_layers import check_plain_weight, check_readable, check_unpacked, is_repacked, keep_unpacked, kind, type_name
 
 #: family name -> config class; filled by ``AdapterConfig.__init_subclass__``.
 FAMILIES: dict[str, type["AdapterConfig"]] = {}
@@ -83,6 +84,12 @@ def merge_dtype(weight: torch.Tensor) -> torch.dtype:
     """The dtype merges and unmerges compute in: fp64 (fp32 on Apple's MPS, which has no fp64), so that the only
     rounding a merge adds is the final one to the weight's own dtype."""
     return torch.float32 if weight.device.type == "mps" else torch.float64
+
+
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context in which autocast is off on ``device`` — for the small products families keep in their own precision
+    under AMP. The meta device has no autocast (a layer on it computes shapes only), so nothing there."""
+    return contextlib.nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
 
 
 def conv_output_size(conv: nn.Module, spatial: Sequence[int]) -> tuple[int, ...]:
@@ -179,6 +186,7 @@ class AdapterLayer(nn.Module):
     def __init__(self, base_layer: nn.Module, config: AdapterConfig) -> None:
         super().__init__()
         check_readable(base_layer)  # e.g. a packed weight of a quantization library boftlab does not know
+        check_plain_weight(base_layer)  # e.g. weight_norm, pruning: a weight recomputed on every call
         self.quantized_base = kind(base_layer) == "quantized"
         if self.quantized_base:
             keep_unpacked(base_layer)  # bitsandbytes' CPU repacking would drop the gradient of the layer's input
@@ -312,6 +320,10 @@ class AdapterLayer(nn.Module):
         """The base tensors ``merge()`` (or ``unmerge()``, ``merge=False``) would write, computed without writing
         anything: a ValueError if the family cannot do it or if any result holds NaN or ±inf."""
         action = "merge" if merge else "unmerge"
+        try:  # a parametrization or pre-hook added after adapt would overwrite what is written
+            check_plain_weight(self.base_layer)
+        except ValueError as err:
+            raise ValueError(f"cannot {action} into the base layer: {err}") from None
         tensors = self.merged_weights() if merge else self.unmerged_weights()
         broken = {name: int((~torch.isfinite(t)).sum()) for name, t in tensors.items() if not torch.isfinite(t).all()}
         if broken:
@@ -328,6 +340,24 @@ class AdapterLayer(nn.Module):
                 f"cannot {action}: the new base tensor(s) would hold NaN/inf ({counts}) — {cause}. Nothing was changed."
             )
         return tensors
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "AdapterLayer":
+        """``nn.Module._apply`` (``.to``, ``.half``, ``to_empty``, …), refused when it would take this adapter's tensors
+        off the meta device: there they have no values, so only uninitialised memory can come out (``to_empty``),
+        which nothing would set. Checked on an empty probe before anything moves."""
+        if any(t.is_meta for t in self.adapter_state().values()):
+            try:
+                leaves_meta = not fn(torch.empty(0, device="meta")).is_meta
+            except (NotImplementedError, RuntimeError):  # e.g. .to("cpu"): torch's own "Cannot copy out of meta tensor"
+                leaves_meta = False
+            if leaves_meta:
+                raise ValueError(
+                    f"this {self.config.display_name()} adapter is on the meta device: it has no values, so "
+                    "materialising it (model.to_empty(...)) would give it uninitialised memory that nothing sets. "
+                    "Materialise and load the base model without adapters, then adapt (or load_adapter) on it; or "
+                    "give the adapted model its values with model.load_state_dict(state, assign=True)."
+                )
+        return super()._apply(fn, recurse)
 
     def _write_base(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, value in tensors.items():
@@ -401,7 +431,7 @@ class AdapterLayer(nn.Module):
         try:
             merged = self.base_after(merge=True)
         except (ValueError, NotImplementedError):
-            return {"weight": base["weight"].new_empty(0)}
+            return {"weight": next(iter(base.values())).new_empty(0)}  # base has no "weight" if parametrized
         return {k: merged[k] if k in merged else v.clone() for k, v in base.items()}
 
     def extra_repr(self) -> str:

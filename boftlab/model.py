@@ -58,6 +58,34 @@ def strip_wrappers(model: nn.Module, sharded: bool = True) -> nn.Module:
             return model
 
 
+def canonical_name(name: str) -> str:
+    """``name`` without the ``_orig_mod`` steps that a ``torch.compile``d submodule adds (``encoder._orig_mod.0`` ->
+    ``encoder.0``): the module's name in the uncompiled model, the one every file records. O(len(name))."""
+    return ".".join(part for part in name.split(".") if part != "_orig_mod") if "_orig_mod" in name else name
+
+
+def find_module(model: nn.Module, name: str) -> nn.Module:
+    """The module that ``name`` (canonical or not) names in ``model``, stepping into compiled submodules'
+    ``_orig_mod`` where the name does not; AttributeError, as ``get_submodule``, if there is none."""
+    module = model
+    for part in name.split(".") if name else []:
+        while part not in module._modules and "_orig_mod" in module._modules:
+            module = module._modules["_orig_mod"]
+        if part not in module._modules:
+            raise AttributeError(f"{type(module).__name__} has no submodule {part!r} (looking up {name!r})")
+        module = module._modules[part]
+    return module
+
+
+def canonical_modules(model: nn.Module) -> dict[str, str]:
+    """Canonical name -> name in ``model`` for every module; a compiled wrapper and the module it wraps share one
+    canonical name, and the wrapper (listed first) keeps it."""
+    names: dict[str, str] = {}
+    for name, _ in model.named_modules():
+        names.setdefault(canonical_name(name), name)
+    return names
+
+
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
     """Every adapter in ``model`` by its module name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
@@ -95,7 +123,8 @@ def match_targets(model: nn.Module, targets: Target | Sequence[Target]) -> list[
     """Names of the modules ``targets`` selects.
 
     - a ``str`` or compiled regex: module names that the pattern ``fullmatch``-es;
-    - a list/tuple whose items are names (exact name or dotted suffix: ``"query"`` matches ``"…attention.query"``),
+    - a list/tuple whose items are names (exact name or dotted suffix: ``"query"`` matches ``"…attention.query"``;
+      inside a ``torch.compile``d submodule, with or without its ``_orig_mod``),
       regexes (``re.compile``), or module types (``nn.Linear``): the union of their matches.
     """
     if isinstance(targets, (str, re.Pattern)):
@@ -121,8 +150,8 @@ def match_targets(model: nn.Module, targets: Target | Sequence[Target]) -> list[
                 hit = isinstance(module, item)
             elif isinstance(item, re.Pattern):
                 hit = item.fullmatch(name) is not None
-            elif isinstance(item, str):
-                hit = name == item or name.endswith("." + item)
+            elif isinstance(item, str):  # a compiled submodule's modules also answer to their uncompiled names
+                hit = any(n == item or n.endswith("." + item) for n in {name, canonical_name(name)})
             else:
                 raise ValueError(
                     f"targets item {item!r} is not a module name, suffix, compiled regex or module type"
@@ -176,11 +205,75 @@ def _describe_ties(ties: dict[str, list[str]]) -> str:
     return "; ".join(shown[:5]) + (f"; … ({len(shown) - 5} more)" if len(shown) > 5 else "")
 
 
+# --- models and layers an adapter cannot be put on ----------------------------------------------------------------
+#: torch.nn modules that read a child layer's ``.weight`` themselves instead of calling the child — always, or on a
+#: fast path — so an adapter on that child would be bypassed: never trained, never in the forward, yet folded in by
+#: ``merge``. Type -> what it does.
+WEIGHT_READERS: dict[type, str] = {
+    nn.MultiheadAttention: "passes out_proj.weight to F.multi_head_attention_forward and never calls out_proj",
+    nn.TransformerEncoderLayer: (
+        "in eval mode without autograd runs a fused fast path (torch._transformer_encoder_layer_fwd) that reads "
+        "linear1.weight, linear2.weight and its attention's weights directly, bypassing those layers' forward"
+    ),
+    **({nn.LinearCrossEntropyLoss: "passes linear.weight to F.linear_cross_entropy and never calls linear"}
+       if hasattr(nn, "LinearCrossEntropyLoss") else {}),
+}
+
+
+def check_model(model: nn.Module) -> None:
+    """ValueError for a model boftlab must not adapt as a whole: one wrapped by Hugging Face PEFT (boftlab would wrap
+    PEFT's own lora_A / lora_B layers and freeze them). O(number of modules)."""
+    peft_layers = [(n, m) for n, m in model.named_modules()
+                   if base_layers._derives_from(type(m), "peft", ("PeftModel", "BaseTuner", "BaseTunerLayer"))]
+    if peft_layers:
+        name, module = next(((n, m) for n, m in peft_layers if n), peft_layers[0])
+        raise ValueError(
+            f"this model is wrapped by PEFT or holds its layers ({name or 'the model'!r} is a peft "
+            f"{type(module).__name__}): boftlab would adapt PEFT's own layers (lora_A, lora_B, …) and freeze them. "
+            "Give boftlab the plain base model: "
+            "peft_model.merge_and_unload() (PEFT's adapters folded in) or peft_model.unload() (dropped) returns it — "
+            "peft_model.get_base_model() alone still holds PEFT's layers, which PEFT inserts in place. PEFT BOFT/OFT "
+            "adapters saved with save_pretrained import as boftlab adapters: boftlab.from_peft(base_model, directory)."
+        )
+
+
+def check_targets(model: nn.Module, names: list[str]) -> None:
+    """ValueError, before anything changes, for a named module that an adapter would not really replace: one on the
+    meta device (no values: after ``to_empty`` its adapter would hold uninitialised memory), or one inside a
+    ``WEIGHT_READERS`` module (its parent reads the weight without calling it). O(targets · depth)."""
+    meta = [n for n in names if any(t.is_meta for t in model.get_submodule(n).state_dict().values())]
+    if meta:
+        raise ValueError(
+            f"module {meta[0]!r} ({len(meta)} targeted module(s)) is on the meta device: it has shapes but no values, "
+            "so its adapter would be created without values too, and after model.to_empty(...) it would hold "
+            "uninitialised memory that nothing sets. Materialise the model first — model.to_empty(device=...) and "
+            "load the base weights, or from_pretrained(...) — then adapt (or load_adapter)."
+        )
+    for name in names:
+        parts = name.split(".")
+        for depth in range(len(parts) - 1, -1, -1):
+            parent_name = ".".join(parts[:depth])
+            parent = model.get_submodule(parent_name)
+            reader = next((t for t in WEIGHT_READERS if isinstance(parent, t)), None)
+            if reader is not None:
+                where = repr(parent_name) if parent_name else "(the model itself)"
+                raise ValueError(
+                    f"cannot adapt module {name!r}: its parent {where} is an nn.{reader.__name__}, which "
+                    f"{WEIGHT_READERS[reader]}, so an adapter there would not be in the forward: it would get no "
+                    "gradient, and merge would fold it in anyway. Leave the layers inside "
+                    f"nn.{reader.__name__} out of targets (e.g. a narrower pattern), or build the block from layers "
+                    "that call their nn.Linear children (transformers' attention layers do)."
+                )
+
+
 def build_layers(
     model: nn.Module, config: AdapterConfig, names: list[str], bases: dict[str, nn.Module] | None = None
 ) -> dict[str, AdapterLayer]:
     """Adapter layers for the named modules (or for ``bases[name]`` in their place), built without touching the
-    model (errors leave it unchanged): a ValueError if any 4-bit layer of it was repacked for CPU inference."""
+    model (errors leave it unchanged); ``check_model`` and ``check_targets`` first, and a ValueError if any 4-bit layer
+    of the model was repacked for CPU inference."""
+    check_model(model)
+    check_targets(model, names)
     for module in model.modules():
         base_layers.check_unpacked(module)
     layers = {}
@@ -209,7 +302,7 @@ def freeze_base(model: nn.Module) -> None:
         for p in layer.adapter_parameters().values():
             p.requires_grad_(True)
     for name in keep:
-        for p in model.get_submodule(name).parameters():
+        for p in find_module(model, name).parameters():
             p.requires_grad_(True)
 
 
@@ -228,11 +321,19 @@ def adapt(
     with tensors of its own instead (the partner keeps the original; the two then train and merge independently,
     and a transformers config that says ``tie_word_embeddings=True`` no longer describes the model).
     Call again with another config and other targets to mix families on one model. Returns ``model``.
+
+    Refused, with the model unchanged (ValueError naming the module and the way out), wherever an adapter would not
+    really take the layer's place: a PEFT-wrapped model (``check_model``); a target on the meta device, or inside a
+    module that reads its weight without calling it (``WEIGHT_READERS``: ``check_targets``); a layer whose weight is
+    recomputed on every call (weight_norm, spectral_norm, pruning, any parametrization or forward pre-hook:
+    ``base_layers.check_plain_weight``); a trainable module that is or holds an adapter; targets that trainable
+    swallows whole, or that name a trainable module.
     """
     if not isinstance(config, AdapterConfig):
         raise ValueError(
             f"config must be an adapter config (e.g. boftlab.BOFTConfig(...)), got {type(config).__name__}"
         )
+    check_model(model)  # before matching: a PEFT model's targets would be PEFT's own layers
     names = match_targets(model, targets)
     if not names:
         raise ValueError(
@@ -247,7 +348,11 @@ def adapt(
         )
     supported = [n for n in names if isinstance(model.get_submodule(n), config.supported_layers())]
     if not supported:
-        kinds = sorted({type(model.get_submodule(n)).__name__ for n in names})
+        # a class that only shares a supported type's name (PEFT's lora "Linear") is named in full, lest the message
+        # say that a Linear is not an nn.Linear
+        short = {t.__name__ for t in config.supported_layers()}
+        kinds = sorted({cls.__name__ if cls.__name__ not in short else f"{cls.__module__}.{cls.__qualname__}"
+                        for cls in (type(model.get_submodule(n)) for n in names)})
         ok = ", ".join(type_name(t) for t in config.supported_layers())
         raise ValueError(
             f"targets={_describe(targets)} matched {len(names)} module(s) of type(s) {kinds}, none of which "
@@ -267,8 +372,9 @@ def adapt(
             )
         names = supported
     keep = resolve_trainable(model, trainable)
+    _check_trainable_holds_no_adapter(model, keep)
     kept = set(keep) | set(getattr(model, TRAINABLE_ATTR, []))
-    names = [n for n in names if not any(n == k or n.startswith(k + ".") for k in kept)]  # heads stay plain
+    names = _outside_trainable(model, targets, names, sorted(kept))  # heads stay plain
     tied = _tied_targets(model, names)
     if tied and not untie:
         modules = sorted({name for name, _ in tied.values()})
@@ -285,6 +391,47 @@ def adapt(
     return model
 
 
+def _check_trainable_holds_no_adapter(model: nn.Module, keep: list[str]) -> None:
+    """ValueError if a module to keep trainable is, or holds, an adapter layer (from an earlier ``adapt``): training
+    it whole would train that adapter's frozen base weights too, which no adapter file can hold."""
+    for name in keep:
+        inside = list(adapter_layers(find_module(model, name)))
+        if inside:
+            where = f"carries a {find_module(model, name).family!r} adapter" if inside == [""] else (
+                f"holds {len(inside)} adapted layer(s) ({', '.join(repr(f'{name}.{n}') for n in inside[:3])}"
+                f"{', …' if len(inside) > 3 else ''})")
+            raise ValueError(
+                f"trainable names module {name!r}, which {where} from an earlier adapt: keeping it trainable would "
+                "train the adapted layers' frozen base weights too, and save_adapter would write them into a file "
+                "that no fresh model loads. An adapter's own parameters are trainable already; to train a module "
+                "whole, keep it plain (boftlab.unwrap(model) and adapt again without it in targets)."
+            )
+
+
+def _outside_trainable(model: nn.Module, targets: Target | Sequence[Target], names: list[str],
+                       kept: list[str]) -> list[str]:
+    """``names`` without the modules inside one kept trainable (a type or pattern sweeps up the head: it stays
+    plain). ValueError if that leaves nothing to adapt, or drops a module that ``targets`` names explicitly."""
+    def covering(name: str) -> str | None:
+        name = canonical_name(name)
+        return next((k for k in kept if name == k or name.startswith(k + ".")), None)
+
+    named = [t for t in _as_list(targets) if isinstance(t, str)] if not isinstance(targets, (str, re.Pattern)) else []
+    explicit = [n for n in (match_targets(model, named) if named else []) if covering(n)]
+    outside = [n for n in names if not covering(n)]
+    if explicit or not outside:
+        clash = explicit or names
+        shown = ", ".join(f"{n!r} (inside {covering(n)!r})" for n in clash[:5]) + (", …" if len(clash) > 5 else "")
+        what = (f"names {len(explicit)} module(s) that are also kept trainable" if explicit
+                else f"selects {len(names)} module(s), all of them inside modules kept trainable, so adapt would wrap "
+                "nothing and train those modules whole")
+        raise ValueError(
+            f"targets={_describe(targets)} {what}: {shown}; trainable (this call and earlier ones): {kept}. A module "
+            "is either adapted or trained whole: leave it out of trainable, or out of targets."
+        )
+    return outside
+
+
 def _tied_targets(model: nn.Module, names: list[str]) -> dict[str, tuple[str, list[str]]]:
     """"module.attr" -> (module, the other holders) for the direct parameters of the named modules that another
     module shares."""
@@ -299,16 +446,17 @@ def _as_list(targets: object) -> list:
 
 
 def resolve_trainable(model: nn.Module, trainable: Sequence[str]) -> list[str]:
+    """The canonical names (``canonical_name``) of the modules that ``trainable``'s names or dotted suffixes select."""
     if isinstance(trainable, str):
         trainable = [trainable]
-    names = []
+    names: list[str] = []
     for item in trainable:
-        hits = [n for n in _plain_modules(model) if n and (n == item or n.endswith("." + item))]
+        hits = [c for c in map(canonical_name, _plain_modules(model)) if c and (c == item or c.endswith("." + item))]
         if not hits:
             raise ValueError(
                 f"trainable={item!r} matched no module. Modules in this model: {_module_list_hint(model)}"
             )
-        names += hits
+        names += [n for n in dict.fromkeys(hits) if n not in names]
     return names
 
 

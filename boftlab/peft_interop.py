@@ -51,7 +51,10 @@ from torch import nn
 
 from . import base_layers
 from .butterfly import BOFTConfig, BOFTLayer, OFTConfig, resolve_block_size, skew_entries, skew_symmetric
-from .model import TRAINABLE_ATTR, adapter_layers, build_layers, insert_layers, resolve_trainable
+from .model import (
+    TRAINABLE_ATTR, adapter_layers, build_layers, canonical_modules, canonical_name, find_module, insert_layers,
+    resolve_trainable,
+)
 from .saving import atomic_write_files, check_finite, read_checked, safetensors_writer
 
 PEFT_PREFIX = "base_model.model."
@@ -174,7 +177,7 @@ def to_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     _check_neumann_export(config, as_peft_oft)
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
-        base, key = layer.base_layer, PEFT_PREFIX + name
+        base, key = layer.base_layer, PEFT_PREFIX + canonical_name(name)
         _check_exchangeable(name, base, as_peft_oft)
         if isinstance(base, nn.Conv2d):
             if as_peft_oft:
@@ -193,8 +196,8 @@ def to_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
             tensors[f"{key}.boft_s"] = scale[:, None] if isinstance(base, nn.Linear) else scale[None, :]
     trainable = list(getattr(model, TRAINABLE_ATTR, []))
     for name in trainable:
-        tensors |= {f"{PEFT_PREFIX}{name}.{k}": v for k, v in model.get_submodule(name).state_dict().items()}
-    common = dict(target_modules=sorted(layers), modules_to_save=trainable or None)
+        tensors |= {canonical_name(f"{PEFT_PREFIX}{name}.{k}"): v for k, v in find_module(model, name).state_dict().items()}
+    common = dict(target_modules=sorted(map(canonical_name, layers)), modules_to_save=trainable or None)
     if as_peft_oft:
         peft_config = peft.OFTConfig(
             r=config.n_blocks or 0, oft_block_size=config.block_size or 0, module_dropout=config.dropout,
@@ -326,7 +329,8 @@ def from_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     _, tensors = read_checked(weights_file, "PEFT adapter")
     rotations = {k[len(PEFT_PREFIX) : -len(m)]: k for k in tensors for m in markers if k.endswith(m)}  # name -> key
     names = sorted(rotations)
-    modules = dict(model.named_modules())
+    here = canonical_modules(model)  # PEFT's names are canonical; a compiled submodule's differ here
+    modules = {canonical: model.get_submodule(name) for canonical, name in here.items()}
     unknown = [n for n in names if n not in modules]
     if unknown:
         raise ValueError(f"the PEFT adapter targets module(s) {unknown[:5]} that this model does not have")
@@ -338,7 +342,7 @@ def from_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     trainable = resolve_trainable(model, list(peft_config.get("modules_to_save") or []))  # suffixes -> names
     needed = ([PEFT_PREFIX + n + s for n in names for s in (".boft_R", ".boft_s")] if kind == "BOFT"
               else [rotations[n] for n in names])
-    needed += [f"{PEFT_PREFIX}{n}.{k}" for n in trainable for k in model.get_submodule(n).state_dict()]
+    needed += [canonical_name(f"{PEFT_PREFIX}{n}.{k}") for n in trainable for k in find_module(model, n).state_dict()]
     missing = [k for k in needed if k not in tensors]
     if not names or missing:
         raise ValueError(f"the PEFT adapter at {str(directory)!r} is incomplete: missing tensors {missing[:10]}")
@@ -347,10 +351,10 @@ def from_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     layers: dict[str, BOFTLayer] = {}
     for name in names:
         layer_config = _layer_config(config, name, modules[name], tensors[rotations[name]])
-        layers |= build_layers(model, layer_config, [name])
+        layers |= build_layers(model, layer_config, [here[name]])
     values = {}  # every value checked against its target's shape before anything changes
     for name, layer in layers.items():
-        key = PEFT_PREFIX + name
+        key = PEFT_PREFIX + canonical_name(name)
         if kind == "BOFT":
             a = tensors[f"{key}.boft_R"].float()
             values[layer.skew] = skew_entries(0.5 * (a - a.transpose(-1, -2)))
@@ -359,7 +363,8 @@ def from_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             sign = -1.0 if config.neumann_terms is not None else 1.0
             values[layer.skew] = sign * tensors[rotations[name]][None]
     for name in trainable:
-        values |= {v: tensors[f"{PEFT_PREFIX}{name}.{k}"] for k, v in model.get_submodule(name).state_dict().items()}
+        values |= {v: tensors[canonical_name(f"{PEFT_PREFIX}{name}.{k}")]
+                   for k, v in find_module(model, name).state_dict().items()}
     wrong = [(list(v.shape), list(target.shape)) for target, v in values.items() if v.shape != target.shape]
     if wrong:
         raise ValueError(f"the PEFT adapter's tensors do not fit this model (stored, expected): {wrong[:5]}")

@@ -44,7 +44,10 @@ from torch import nn
 
 from . import __version__, base_layers
 from .contract import AdapterConfig, AdapterLayer
-from .model import TRAINABLE_ATTR, adapter_layers, build_layers, check_unmerged, insert_layers, strip_wrappers
+from .model import (
+    TRAINABLE_ATTR, adapter_layers, build_layers, canonical_modules, canonical_name, check_unmerged, find_module,
+    insert_layers, strip_wrappers,
+)
 
 FORMAT_VERSION = 3
 CHECKSUMMED_SINCE = 3  # the first adapter format version whose files carry CHECKSUM_KEY
@@ -171,7 +174,7 @@ def adapter_config(model: nn.Module) -> dict[str, Any]:
     for name, layer in layers.items():
         config = layer.config.to_dict()
         group = groups.setdefault(json.dumps(config, sort_keys=True), {"config": config, "targets": {}})
-        group["targets"][name] = {
+        group["targets"][canonical_name(name)] = {
             "type": type(layer.base_layer).__name__,
             "weight_shape": list(layer.base_layer.weight.shape) if hasattr(layer.base_layer, "weight") else None,
             "layer_shape": list(base_layers.weight_shape(layer.base_layer)),  # (out, in) even when stored packed
@@ -180,24 +183,25 @@ def adapter_config(model: nn.Module) -> dict[str, Any]:
         "format_version": FORMAT_VERSION,
         "boftlab_version": __version__,
         "groups": list(groups.values()),
-        "trainable": list(getattr(model, TRAINABLE_ATTR, [])),
+        "trainable": [canonical_name(n) for n in getattr(model, TRAINABLE_ATTR, [])],
     }
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """``{module_name.key: tensor}``, sharing storage with ``model``: every adapter's ``adapter_state`` and the state of
-    every module kept trainable — what an adapter file (and a training checkpoint's model part) holds."""
+    every module kept trainable — what an adapter file (and a training checkpoint's model part) holds. Names are
+    canonical (``canonical_name``): a submodule compiled with torch.compile saves as it would uncompiled."""
     model = strip_wrappers(model)
-    trainable = {name: model.get_submodule(name) for name in getattr(model, TRAINABLE_ATTR, [])}
+    trainable = {name: find_module(model, name) for name in getattr(model, TRAINABLE_ATTR, [])}
     return _named_state(adapter_layers(model), trainable)
 
 
 def _named_state(layers: dict[str, AdapterLayer], trainable: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     state = {}
     for name, layer in layers.items():
-        state |= {f"{name}.{k}": v for k, v in layer.adapter_state().items()}
+        state |= {canonical_name(f"{name}.{k}"): v for k, v in layer.adapter_state().items()}
     for name, module in trainable.items():
-        state |= {f"{name}.{k}": v for k, v in module.state_dict().items()}
+        state |= {canonical_name(f"{name}.{k}"): v for k, v in module.state_dict().items()}
     return state
 
 
@@ -312,7 +316,7 @@ def _differences(embedded: Any, copy: Any, where: str) -> list[str]:
 
 
 def _check_targets(model: nn.Module, group: dict[str, Any]) -> None:
-    names = dict(model.named_modules())
+    names = {canonical: model.get_submodule(name) for canonical, name in canonical_modules(model).items()}
     missing = [n for n in group["targets"] if n not in names]
     if missing:
         raise ValueError(
@@ -389,12 +393,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     for group in config["groups"]:
         adapter_config_ = AdapterConfig.from_dict(group["config"])
         _check_targets(model, group)
-        layers |= build_layers(model, adapter_config_, list(group["targets"]))
+        here = canonical_modules(model)  # the file's canonical names -> this model's (a compiled submodule's differ)
+        layers |= build_layers(model, adapter_config_, [here[name] for name in group["targets"]])
     trainable = list(config.get("trainable", []))
     modules = {}
     for name in trainable:
         try:
-            modules[name] = model.get_submodule(name)
+            modules[name] = find_module(model, name)
         except AttributeError:
             raise ValueError(f"the adapter keeps module {name!r} trainable, but this model has no such module") from None
     expected, kept = _named_state(layers, modules), _named_state({}, modules)
@@ -402,7 +407,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     with torch.no_grad():
         for name, layer in layers.items():  # boftlab built these: they take the dtype they were saved in
             for key, target in layer.adapter_state().items():
-                _restore(layer, key, target, tensors[f"{name}.{key}"])
+                _restore(layer, key, target, tensors[canonical_name(f"{name}.{key}")])
         for key, target in kept.items():
             target.copy_(tensors[key])  # state_dict() tensors share storage with the parameters
     setattr(model, TRAINABLE_ATTR, trainable)

@@ -59,7 +59,7 @@ from torch import nn
 
 from . import base_layers
 from .base_layers import Conv1D
-from .contract import AdapterConfig, AdapterLayer, check_number, conv_output_size, merge_dtype
+from .contract import AdapterConfig, AdapterLayer, autocast_off, check_number, conv_output_size, merge_dtype
 
 _CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -233,7 +233,7 @@ class TensorCoreLayer(AdapterLayer):
         Assembled outside autocast: the small products stay in the adapter's precision (under autocast each
         tensordot would round to half precision and the next one would mix dtypes).
         """
-        with torch.autocast(self.core.device.type, enabled=False):
+        with autocast_off(self.core.device):
             return tucker_delta(self.core, list(self.factors), self.config.alpha)
 
     def n_effective(self) -> int:
@@ -313,7 +313,7 @@ class TensorCoreLayer(AdapterLayer):
         conv, ones = _CONV_FUNCTIONS[n_spatial], (1,) * n_spatial
         r_out, r_in = self.ranks[:2]
         kernel = core
-        with torch.autocast(core.device.type, enabled=False):  # as in delta_weight
+        with autocast_off(core.device):  # as in delta_weight
             for mode in range(2, core.dim()):
                 kernel = mode_product(kernel, factors[mode], mode)  # (r_out, r_in, k…): the core in pixel space
         project = u_in.T.reshape(r_in, -1, *ones).repeat(groups, 1, *ones)  # (groups·r_in, in/groups, 1…)

@@ -179,6 +179,12 @@ def boft_then_unmergeable_surm():
     return boftlab.adapt(model, surm(mode="adapter", activation="gelu"), targets=["value"])
 
 
+def with_weight_norm():
+    model = plain()
+    nn.utils.parametrizations.weight_norm(model.value)
+    return model
+
+
 def write_pickle(tmp_path):
     (tmp_path / "p").mkdir()
     (tmp_path / "p" / WEIGHTS_NAME).write_bytes(pickle.dumps({"query.skew": [0.0] * 4}))
@@ -214,6 +220,23 @@ MODEL_CASES = [
          r"trainable='classifier' matched no module"),
     case("adapt_adapted_layer", adapted, lambda m, t: boftlab.adapt(m, OFTConfig(block_size=4), ["query"]),
          "module 'query' already carries a 'boft' adapter"),
+    case("adapt_weight_norm_layer", with_weight_norm, lambda m, t: boftlab.adapt(m, BOFTConfig(block_size=4), ["value"]),
+         r"cannot adapt module 'value': this ParametrizedLinear recomputes its weight or input on every call "
+         r"\(parametrization _WeightNorm of 'weight'\)"),
+    case("adapt_inside_multihead_attention", lambda: nn.TransformerEncoderLayer(16, 2, 32),
+         lambda m, t: boftlab.adapt(m, BOFTConfig(block_size=4), [nn.Linear]),
+         r"'self_attn.out_proj': its parent 'self_attn' is an nn.MultiheadAttention, which passes out_proj.weight"),
+    case("adapt_meta_model", lambda: Net().to("meta"), lambda m, t: boftlab.adapt(m, BOFTConfig(block_size=4), ["query"]),
+         r"module 'query' \(1 targeted module\(s\)\) is on the meta device"),
+    case("trainable_holds_an_adapter", adapted,
+         lambda m, t: boftlab.adapt(m, surm(), ["conv"], trainable=["query"]),
+         r"trainable names module 'query', which carries a 'boft' adapter from an earlier adapt"),
+    case("targets_all_inside_trainable", plain,
+         lambda m, t: boftlab.adapt(m, BOFTConfig(block_size=4), nn.Linear, trainable=["query", "value", "head"]),
+         r"targets=Linear selects 3 module\(s\), all of them inside modules kept trainable, so adapt would wrap nothing"),
+    case("target_kept_trainable_by_an_earlier_call", adapted,
+         lambda m, t: boftlab.adapt(m, surm(), ["head"]),
+         r"targets=\['head'\] names 1 module\(s\) that are also kept trainable: 'head' \(inside 'head'\)"),
     # merge / unmerge
     case("merge_twice", merged, lambda m, t: boftlab.merge(m), r"merge: already merged \(2 layers"),
     case("unmerge_unmerged", adapted, lambda m, t: boftlab.unmerge(m), "unmerge: 2 layers are not merged"),

@@ -138,6 +138,20 @@ def test_path_protocol(config, kind):
             type(config).from_dict({**config.to_dict(), "path": path}).make_layer(base)
 
 
+@pytest.mark.parametrize("config,kind", list(cases_by_layer()))
+def test_forward_on_the_meta_device_gives_the_shape(config, kind):
+    """A layer on the meta device (a model analysed without memory, as boftlab.counts does) computes shapes only, on
+    every path, in train and eval mode; BOFT/OFT raised "unsupported scalarType" (autocast has no meta device)."""
+    layer, base, x = build(config, kind)
+    for path in layer.paths():
+        forced = type(config).from_dict({**config.to_dict(), "path": path}).make_layer(copy.deepcopy(base))
+        expected = forced(x).shape
+        forced.to("meta")
+        for training in (True, False):
+            y = forced.train(training)(x.to("meta"))
+            assert y.is_meta and y.shape == expected
+
+
 class Net(nn.Module):
     def __init__(self, kind: type[nn.Module]) -> None:
         super().__init__()

@@ -286,3 +286,166 @@ def test_disabled_refuses_a_merged_model_and_a_merge_inside_it():
         boftlab.merge(model)
         with pytest.raises(RuntimeError, match="was merged inside boftlab.disabled"):
             model(x)
+
+
+# --- layers an adapter would not really replace --------------------------------------------------------------------
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model, state):
+    return not boftlab.adapter_layers(model) and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+RECOMPUTED_WEIGHTS = {
+    "weight_norm": lambda layer: nn.utils.parametrizations.weight_norm(layer),
+    "orthogonal": lambda layer: nn.utils.parametrizations.orthogonal(layer),
+    "legacy_weight_norm": lambda layer: nn.utils.weight_norm(layer),
+    "spectral_norm": lambda layer: nn.utils.spectral_norm(layer),
+    "prune": lambda layer: nn.utils.prune.l1_unstructured(layer, "weight", amount=0.3),
+    "any_pre_hook": lambda layer: layer.register_forward_pre_hook(lambda module, args: (2 * args[0],)),
+}
+
+
+@pytest.mark.parametrize("recompute", RECOMPUTED_WEIGHTS.values(), ids=RECOMPUTED_WEIGHTS.keys())
+def test_a_weight_recomputed_on_every_call_is_refused(recompute):
+    """weight_norm, spectral_norm, pruning, any parametrization or pre-hook: the layer recomputes its weight (or input)
+    on every call, which the adapter's forward and merge would bypass — the merged model computed the base model."""
+    import torch.nn.utils.prune  # noqa: F401  (torch.nn.utils does not import it)
+
+    model = Net()
+    recompute(model.blocks[0].query)
+    state = _state(model)
+    with pytest.raises(ValueError, match=r"cannot adapt module 'blocks.0.query': this \w*Linear recomputes its weight "
+                                         r"or input on every call .*remove_parametrizations.*prune.remove"):
+        boftlab.adapt(model, BOFTConfig(block_size=4), targets=nn.Linear)
+    assert _unchanged(model, state)
+
+
+def test_a_weight_made_plain_again_adapts_and_merges_exactly():
+    model = Net()
+    nn.utils.parametrizations.weight_norm(model.blocks[0].query)
+    nn.utils.parametrize.remove_parametrizations(model.blocks[0].query, "weight")
+    perturb(boftlab.adapt(model, BOFTConfig(block_size=4), targets=["query"]))
+    x = torch.randn(4, 16)
+    adapted = model(x)
+    torch.testing.assert_close(boftlab.unwrap(model)(x), adapted, rtol=1e-5, atol=1e-5)
+
+
+def encoder_layer():
+    torch.manual_seed(0)
+    return nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+
+
+class Scorer(nn.Module):
+    """A hidden layer into torch's LinearCrossEntropyLoss, which reads ``loss.linear.weight`` itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.Linear(16, 16)
+        self.loss = nn.LinearCrossEntropyLoss(16, 5)
+
+
+@pytest.mark.parametrize("build,targets,message", [
+    (encoder_layer, nn.Linear, r"'self_attn.out_proj': its parent 'self_attn' is an nn.MultiheadAttention, which "
+                               r"passes out_proj.weight to F.multi_head_attention_forward and never calls out_proj"),
+    (encoder_layer, ["linear1", "linear2"], r"'linear1': its parent \(the model itself\) is an nn.TransformerEncoderLayer, "
+                                            r"which in eval mode without autograd runs a fused fast path"),
+    (lambda: nn.MultiheadAttention(16, 2), ["out_proj"], "nn.MultiheadAttention"),
+    (lambda: nn.TransformerDecoderLayer(16, 2, 32), r".*\.out_proj", "nn.MultiheadAttention"),
+    (lambda: nn.Transformer(16, 2, 1, 1, 32), ["linear1"], "nn.TransformerEncoderLayer"),
+    (Scorer, nn.Linear, r"'loss.linear': its parent 'loss' is an nn.LinearCrossEntropyLoss"),
+], ids=["encoder_layer_out_proj", "encoder_layer_fast_path", "attention", "decoder_layer", "transformer", "loss"])
+def test_a_layer_whose_parent_reads_its_weight_directly_is_refused(build, targets, message):
+    """MultiheadAttention never calls out_proj, TransformerEncoderLayer's fast path never calls linear1/linear2: an
+    adapter there got no gradient, the eval forward bypassed it, and merge folded it in anyway."""
+    model = build()
+    state = _state(model)
+    with pytest.raises(ValueError, match=r"cannot adapt module .*" + message + r".*Leave the layers inside"):
+        boftlab.adapt(model, BOFTConfig(block_size=4), targets=targets)
+    assert _unchanged(model, state)
+
+
+def test_a_meta_model_is_refused_at_adapt():
+    with torch.device("meta"):
+        model = Net()
+    with pytest.raises(ValueError, match=r"module 'blocks.0.query' \(2 targeted module\(s\)\) is on the meta device.*"
+                                         r"to_empty\(device=\.\.\.\) and load the base weights.*then adapt"):
+        boftlab.adapt(model, BOFTConfig(block_size=4), targets=["query"])
+    assert not boftlab.adapter_layers(model) and all(p.is_meta for p in model.parameters())
+
+
+def test_keeping_an_adapted_module_trainable_is_refused():
+    """A second adapt with trainable=[an adapted layer] trained its frozen base weights; save_adapter wrote them and no
+    fresh model loaded the file."""
+    model = boftlab.adapt(Net(), BOFTConfig(block_size=4), targets=["query"])
+    with pytest.raises(ValueError, match=r"trainable names module 'blocks.0.query', which carries a 'boft' adapter"):
+        boftlab.adapt(model, OFTConfig(block_size=4), targets=["value"], trainable=["blocks.0.query"])
+    with pytest.raises(ValueError, match=r"trainable names module 'blocks', which holds 2 adapted layer\(s\) "
+                                         r"\('blocks.0.query', 'blocks.1.query'\)"):
+        boftlab.adapt(model, OFTConfig(block_size=4), targets=["head"], trainable=["blocks"])
+    assert sorted(boftlab.adapter_layers(model)) == ["blocks.0.query", "blocks.1.query"]
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"blocks.{i}.query.{p}" for i in (0, 1) for p in ("skew", "scale")}
+
+
+def test_trainable_swallowing_every_target_is_refused():
+    """targets=nn.Linear with every Linear inside a trainable module returned 0 adapters and trained everything."""
+    model = Net()
+    with pytest.raises(ValueError, match=r"targets=Linear selects 5 module\(s\), all of them inside modules kept "
+                                         r"trainable, so adapt would wrap nothing.*'blocks.0.query' \(inside 'blocks'\)"):
+        boftlab.adapt(model, BOFTConfig(block_size=4), targets=nn.Linear, trainable=["blocks", "head"])
+    assert not boftlab.adapter_layers(model) and not hasattr(model, boftlab.model.TRAINABLE_ATTR)
+
+
+def test_a_target_named_explicitly_and_kept_trainable_is_refused():
+    model = Net()
+    with pytest.raises(ValueError, match=r"targets=\['query', 'head'\] names 1 module\(s\) that are also kept "
+                                         r"trainable: 'head' \(inside 'head'\)"):
+        boftlab.adapt(model, BOFTConfig(block_size=4), targets=["query", "head"], trainable=["head"])
+    assert not boftlab.adapter_layers(model)
+    # a sweep by type or pattern still leaves the head plain, as documented
+    boftlab.adapt(model, BOFTConfig(block_size=4), targets=[nn.Linear], trainable=["head"])
+    assert type(model.head) is nn.Linear and len(boftlab.adapter_layers(model)) == 4
+
+
+def test_to_empty_on_an_adapted_model_moved_to_meta_is_refused():
+    """The other way to a meta adapter: adapt, .to("meta"), to_empty gave the adapters uninitialised memory."""
+    model = perturb(boftlab.adapt(Net(), BOFTConfig(block_size=4), targets=["query"]))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, 16)
+    expected = model(x)
+    model.to("meta")
+    with pytest.raises(ValueError, match=r"this BOFTConfig adapter is on the meta device: it has no values, so "
+                                         r"materialising it \(model.to_empty\(\.\.\.\)\) would give it uninitialised"):
+        model.to_empty(device="cpu")
+    assert all(p.is_meta for p in model.blocks[0].query.parameters())
+    model.load_state_dict(state, assign=True)  # the way to give it values
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+def test_merge_refuses_a_base_weight_recomputed_since_adapt():
+    """A parametrization added to the base layer after adapt would overwrite the merged weight on the next call."""
+    model = perturb(boftlab.adapt(Net(), BOFTConfig(block_size=4), targets=["query"]))
+    nn.utils.parametrizations.weight_norm(model.blocks[1].query.base_layer)
+    state = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("query.weight")}
+    with pytest.raises(ValueError, match=r"merge: layer 'blocks.1.query': cannot merge into the base layer: "
+                                         r"this ParametrizedLinear recomputes its weight"):
+        boftlab.merge(model)
+    assert not any(layer.merged for layer in boftlab.adapter_layers(model).values())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_an_unsupported_class_named_like_a_supported_one_is_named_in_full():
+    """PEFT's lora Linear was refused as "type(s) ['Linear'], none of which BOFTConfig supports; supported types:
+    nn.Linear" — a message that contradicts itself."""
+    class Linear(nn.Module):  # not an nn.Linear
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(16, 16))
+
+    model = Net()
+    model.head = Linear()
+    with pytest.raises(ValueError, match=r"of type\(s\) \['(tests\.)?test_model\.test_an_unsupported_class_named_"
+                                         r"like_a_supported_one_is_named_in_full\.<locals>\.Linear'\], none of which"):
+        boftlab.adapt(model, BOFTConfig(block_size=4), targets=["head"])

@@ -380,3 +380,23 @@ def test_dev_and_local_peft_versions_are_read_by_their_release():
 
     assert _release("0.21.2") == _release("0.21.2.dev0@abc123") == _release("0.21.2+local") == (0, 21, 2)
     assert _release("0.22.0rc1") == (0, 22, 0) and _release("garbage") == ()
+
+
+# --- a PEFT-wrapped model is not a base model ---------------------------------------------------------------------
+@pytest.mark.parametrize("targets", [nn.Linear, ["fc1"], ["fc2"]], ids=["Linear", "fc1", "fc2"])
+def test_adapt_refuses_a_peft_wrapped_model_naming_the_way_out(targets):
+    """adapt on a PEFT LoRA model wrapped PEFT's lora_A / lora_B (and froze them); targets=['fc1'] got a refusal
+    that contradicted itself (a 'Linear' said not to be a supported nn.Linear)."""
+    theirs = peft.get_peft_model(base(), peft.LoraConfig(target_modules=["fc1"], r=2))
+    before = {k: v.clone() for k, v in theirs.state_dict().items()}
+    trainable = {n for n, p in theirs.named_parameters() if p.requires_grad}
+    with pytest.raises(ValueError, match=r"this model is wrapped by PEFT or holds its layers \('base_model' is a peft LoraModel\).*"
+                                         r"merge_and_unload\(\).*unload\(\).*get_base_model\(\) alone still holds.*"
+                                         r"boftlab.from_peft"):
+        boftlab.adapt(theirs, BOFTConfig(block_size=4), targets=targets)
+    untouched(theirs, before)
+    assert {n for n, p in theirs.named_parameters() if p.requires_grad} == trainable
+    with pytest.raises(ValueError, match=r"holds its layers \('fc1' is a peft Linear\)"):
+        boftlab.adapt(theirs.get_base_model(), BOFTConfig(block_size=4), targets=targets)
+    plain = theirs.merge_and_unload()  # the way out the message names
+    assert sorted(boftlab.adapter_layers(boftlab.adapt(plain, BOFTConfig(block_size=4), targets=["fc1"]))) == ["fc1"]

@@ -452,3 +452,74 @@ def test_kept_module_the_model_dtype_would_round_is_refused(tmp_path):
     boftlab.save_adapter(adapted_net(), tmp_path / "fp32")  # float32 values fit a float64 model exactly
     loaded = boftlab.load_adapter(fresh_net().double(), tmp_path / "fp32")
     assert loaded.head.weight.dtype == torch.float64 and torch.equal(loaded.head.weight, adapted_net().head.weight)
+
+
+# --- a torch.compile'd submodule: files hold the uncompiled names -----------------------------------------------
+class Encoded(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+
+def encoded(compiled):
+    torch.manual_seed(0)
+    model = Encoded()
+    if compiled:
+        model.encoder = torch.compile(model.encoder)  # names inside become encoder._orig_mod.*
+    return model
+
+
+def perturbed(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:  # the adapters and the module kept trainable
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def uncompiled(model):
+    """The same modules (and tensors) with the compile wrapper taken off, to compute outputs without compiling."""
+    model.encoder = getattr(model.encoder, "_orig_mod", model.encoder)
+    return model
+
+
+@pytest.mark.parametrize("saved_compiled", [True, False], ids=["saved_compiled", "saved_plain"])
+def test_a_compiled_submodule_saves_and_loads_under_its_uncompiled_names(tmp_path, saved_compiled):
+    """Names carried '_orig_mod.' (encoder._orig_mod.0.skew), which no uncompiled model loaded — nor the other way."""
+    model = perturbed(boftlab.adapt(encoded(saved_compiled), BOFTConfig(block_size=4), targets=nn.Linear,
+                                    trainable=["2"]))  # encoder's last Linear, found by suffix inside the compiled part
+    assert getattr(model, boftlab.model.TRAINABLE_ATTR) == ["encoder.2"]  # canonical, as files record it
+    boftlab.save_adapter(model, tmp_path / "a")
+    names = set(load_file(tmp_path / "a" / WEIGHTS_NAME))
+    assert names == {"encoder.0.skew", "encoder.0.scale", "head.skew", "head.scale", "encoder.2.weight", "encoder.2.bias"}
+    assert set(json.loads((tmp_path / "a" / CONFIG_NAME).read_text())["groups"][0]["targets"]) == {"encoder.0", "head"}
+    loaded = boftlab.load_adapter(encoded(not saved_compiled), tmp_path / "a")
+    assert sorted(map(boftlab.model.canonical_name, boftlab.adapter_layers(loaded))) == ["encoder.0", "head"]
+    assert {boftlab.model.canonical_name(n) for n, p in loaded.named_parameters() if p.requires_grad} == (
+        names | {"encoder.2.weight", "encoder.2.bias"})
+    x = torch.randn(4, 16)
+    expected = uncompiled(model)(x)
+    torch.testing.assert_close(uncompiled(loaded)(x), expected, rtol=0, atol=0)
+
+
+def test_hot_swap_checkpoint_and_peft_export_use_the_uncompiled_names(tmp_path):
+    from boftlab.checkpoints import load_checkpoint, save_checkpoint
+
+    model = perturbed(boftlab.adapt(encoded(True), BOFTConfig(block_size=4), targets=["encoder.0", "head"]))
+    boftlab.save_adapter(model, tmp_path / "a")
+    plain = boftlab.adapt(encoded(False), BOFTConfig(block_size=4), targets=["encoder.0", "head"])
+    boftlab.load_adapter(plain, tmp_path / "a")  # hot swap into adapters of the same structure, uncompiled
+    save_checkpoint(tmp_path / "c", model, step=3)
+    again = boftlab.adapt(encoded(False), BOFTConfig(block_size=4), targets=["encoder.0", "head"])
+    assert load_checkpoint(tmp_path / "c", again).step == 3
+    x = torch.randn(4, 16)
+    expected = uncompiled(model)(x)
+    torch.testing.assert_close(plain(x), expected, rtol=0, atol=0)
+    torch.testing.assert_close(again(x), expected, rtol=0, atol=0)
+    boftlab.to_peft(model, tmp_path / "p")
+    assert {k.split(".boft_")[0] for k in load_file(tmp_path / "p" / "adapter_model.safetensors")} == {
+        "base_model.model.encoder.0", "base_model.model.head"}
