@@ -299,3 +299,31 @@ def test_a_quantized_adapter_is_refused_on_a_plain_layer_of_other_sizes(tmp_path
         boftlab.load_adapter(model, tmp_path)
     assert not any(isinstance(m, boftlab.AdapterLayer) for m in model.modules())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_4bit_adapter_is_refused_on_a_4bit_layer_of_transposed_sizes(tmp_path):
+    """A 64 -> 32 and a 32 -> 64 Linear4bit store the same packed (1024, 1) tensor: the sizes are compared by
+    ``base_layers.weight_shape``, as between plain nn.Linear layers, never by the packed shape."""
+    def net(d_in: int, d_out: int) -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(quantized(nn.Linear(d_in, d_out), 4))
+
+    for config in (CONFIGS["surm_lora"], CONFIGS["tensor_core"]):  # a circulant's tensors fit both (n = 64)
+        boftlab.save_adapter(boftlab.adapt(net(64, 32), config, targets=["0"]), tmp_path / config.family)
+        model = net(32, 64)
+        assert model[0].weight.shape == net(64, 32)[0].weight.shape  # packed: the same
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match=r"shape mismatch at '0': the adapter was saved for a base weight of "
+                                             r"shape \[32, 64\], this model's is \[64, 32\]"):
+            boftlab.load_adapter(model, tmp_path / config.family)
+        assert not boftlab.adapter_layers(model)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        swap = boftlab.adapt(net(32, 64), config, targets=["0"])
+        with pytest.raises(ValueError, match=r"another structure.*'0': here .*\[64, 32\]\), in the file .*\[32, 64\]"):
+            boftlab.load_adapter(swap, tmp_path / config.family)
+
+
+def test_layer_shapes_reads_a_4bit_layer_by_its_sizes():
+    model = nn.Sequential(quantized(nn.Linear(64, 32), 4))
+    (shape,) = boftlab.counts.layer_shapes(model, ["0"])
+    assert (shape.fan_in, shape.fan_out, shape.weight_shape) == (64, 32, (32, 64))
