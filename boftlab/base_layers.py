@@ -21,6 +21,8 @@ a layer's type derives from, so ``import boftlab`` stays light and works where n
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -164,6 +166,15 @@ def run(layer: nn.Module, x: torch.Tensor, new_weight: torch.Tensor) -> torch.Te
 
 
 # --- quantized layers ------------------------------------------------------------------------------------------------
+def n_parameters(module: nn.Module, trainable: bool = False) -> int:
+    """Numbers ``module``'s parameters stand for (only those that require a gradient with ``trainable``): a
+    bitsandbytes layer's weight counts its out·in logical weights, not the bytes it is packed into (two 4-bit
+    weights per byte), as PEFT counts them — so a 4-bit model reports the sizes of the same model in fp32."""
+    logical = {id(m.weight): math.prod(weight_shape(m)) for m in module.modules()
+               if isinstance(m, nn.Linear) and kind(m) == "quantized"}
+    return sum(logical.get(id(p), p.numel()) for p in module.parameters() if p.requires_grad or not trainable)
+
+
 def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     """(out, in) float weight of a bitsandbytes Linear4bit / Linear8bitLt: the values its kernel multiplies by.
 

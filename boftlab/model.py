@@ -350,8 +350,8 @@ def summary(model: nn.Module, print_it: bool = False) -> Summary:
     """Trainable vs total parameters, per family and per adapted layer type (like PEFT's
     ``print_trainable_parameters``, plus the paper-style effective count)."""
     params = list(model.parameters())
-    total = sum(p.numel() for p in params)
-    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total = base_layers.n_parameters(model)  # a quantized weight counts out·in, not its packed bytes
+    trainable = base_layers.n_parameters(model, trainable=True)
     by_family: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     by_type: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     adapter_ids = set()
@@ -360,7 +360,7 @@ def summary(model: nn.Module, print_it: bool = False) -> Summary:
             "layers": 1,
             "trainable": layer.n_trainable(),
             "effective": layer.n_effective(),
-            "base": sum(p.numel() for p in layer.base_layer.parameters()),
+            "base": base_layers.n_parameters(layer.base_layer),
         }
         for table, key in ((by_family, layer.family), (by_type, f"{layer.family}/{type(layer.base_layer).__name__}")):
             for k, v in row.items():

@@ -327,3 +327,16 @@ def test_layer_shapes_reads_a_4bit_layer_by_its_sizes():
     model = nn.Sequential(quantized(nn.Linear(64, 32), 4))
     (shape,) = boftlab.counts.layer_shapes(model, ["0"])
     assert (shape.fan_in, shape.fan_out, shape.weight_shape) == (64, 32, (32, 64))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_summary_counts_the_logical_weights_of_a_quantized_layer(bits):
+    """bitsandbytes packs two 4-bit weights per byte; summary counts out·in per quantized weight (as PEFT does), so a
+    quantized model reports what the same model in fp32 does."""
+    quantized_summary = boftlab.summary(adapted("tensor_core", bits))
+    plain_summary = boftlab.summary(boftlab.adapt(PlainNet(), CONFIGS["tensor_core"], targets=["query", "value"]))
+    assert quantized_summary.total == plain_summary.total == sum(p.numel() for p in PlainNet().parameters()) + \
+        plain_summary.adapter
+    assert quantized_summary.percent == plain_summary.percent
+    assert quantized_summary.by_layer_type["tensor_core/" + ("Linear4bit" if bits == 4 else "Linear8bitLt")]["base"] \
+        == plain_summary.by_layer_type["tensor_core/Linear"]["base"] == 32 * 32 + 32 + 16 * 32
