@@ -285,11 +285,13 @@ class BOFTLayer(AdapterLayer):
             blocks = torch.where(drop[..., None, None], torch.eye(self.block_size, device=blocks.device), blocks)
         return blocks
 
-    def cayley_blocks(self) -> torch.Tensor:
-        """(m, k, b, b) blocks in fp32 (or fp64) with COFT applied and no dropout: the eval-mode R, which merge folds
-        in whatever the mode (dropout perturbs training steps only)."""
+    def cayley_blocks(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """(m, k, b, b) blocks computed in ``dtype`` (default fp32, or fp64 for fp64 parameters; merges pass fp64)
+        with COFT applied and no dropout: the eval-mode R, which merge folds in whatever the mode (dropout perturbs
+        training steps only)."""
+        dtype = dtype or torch.promote_types(self.skew.dtype, torch.float32)
         with torch.autocast(self.skew.device.type, enabled=False):  # Cayley (solve or series) in fp32 under AMP
-            skew = skew_symmetric(self.skew.to(torch.promote_types(self.skew.dtype, torch.float32)), self.block_size)
+            skew = skew_symmetric(self.skew.to(dtype), self.block_size)
             if self.config.coft:
                 # constrained OFT: pull each block's S back onto the ball ‖S‖_F ≤ eps/√k (eps as in PEFT)
                 radius = self.config.coft_eps / math.sqrt(self.n_blocks)
@@ -483,9 +485,10 @@ class BOFTLayer(AdapterLayer):
         (``base_layers.weight`` says why).
         """
         self._check_scale_invertible("merge")
-        base, weight, blocks = self.base_layer, base_layers.weight(self.base_layer), self.cayley_blocks()
+        base, weight = self.base_layer, base_layers.weight(self.base_layer)
+        blocks = self.cayley_blocks(merge_dtype(weight))
         if torch.isfinite(blocks).all():  # (NaN/inf blocks: the merged weight is not finite, which merge refuses)
-            inverse_transposed_blocks(blocks.to(merge_dtype(weight)))  # raises for a singular block
+            inverse_transposed_blocks(blocks)  # raises for a singular block
         embedding = base_layers.kind(base) == "embedding"
         rows = weight.reshape(-1, self.fan_in).to(merge_dtype(weight))
         # a Linear's or conv's rows become W Rᵀ; an Embedding's rows e become e R, as its lookups do; by the weight
@@ -508,7 +511,7 @@ class BOFTLayer(AdapterLayer):
         merged = rows
         if self.scale is not None:
             merged = rows / (self.scale.to(rows.dtype) if embedding else self.scale.to(rows.dtype)[:, None])
-        inverse = inverse_transposed_blocks(self.cayley_blocks().to(rows.dtype))
+        inverse = inverse_transposed_blocks(self.cayley_blocks(rows.dtype))
         # rows @ R⁻ᵀ for a Linear's or conv's W'; an Embedding's rows times R⁻¹ = (R⁻ᵀ)ᵀ, the blocks applied transposed
         restored = self.rotate(merged, transpose=embedding, blocks=inverse)
         if embedding:

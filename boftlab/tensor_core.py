@@ -227,14 +227,17 @@ class TensorCoreLayer(AdapterLayer):
                 self.factors[0][base_layer.padding_idx].zero_()
 
     # --- the update ---
-    def delta_weight(self) -> torch.Tensor:
-        """ΔW = α · G ×₁ U₁ ⋯ ×_N U_N in the adapter's dtype, shape of the base weight. O(tucker_flops).
+    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """ΔW = α · G ×₁ U₁ ⋯ ×_N U_N computed in ``dtype`` (default: the adapter's), shape of the base weight.
+        O(tucker_flops).
 
-        Assembled outside autocast: the small products stay in the adapter's precision (under autocast each
-        tensordot would round to half precision and the next one would mix dtypes).
+        Assembled outside autocast: the small products stay in that precision (under autocast each tensordot would
+        round to half precision and the next one would mix dtypes). Merges pass fp64, so a bf16 adapter is not
+        rounded to bf16 on its way into an fp32 weight.
         """
+        dtype = dtype or self.core.dtype
         with torch.autocast(self.core.device.type, enabled=False):
-            return tucker_delta(self.core, list(self.factors), self.config.alpha)
+            return tucker_delta(self.core.to(dtype), [f.to(dtype) for f in self.factors], self.config.alpha)
 
     def n_effective(self) -> int:
         """Free parameters of the Tucker form (stored minus the per-mode gauge): ``tucker_dimension``."""
@@ -331,11 +334,11 @@ class TensorCoreLayer(AdapterLayer):
         return base_layers.stored(self.base_layer, self._shifted_weight(-1, merge_dtype(self.base_layer.weight)))
 
     def _shifted_weight(self, sign: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """W ± ΔW summed in ``dtype`` (default W's own), in ``base_layers.weight``'s layout and W's dtype; ValueError
-        for a quantized base."""
+        """W ± ΔW, ΔW computed and summed in ``dtype`` (default: the wider of W's and the adapter's), rounded once to
+        W's dtype, in ``base_layers.weight``'s layout; ValueError for a quantized base."""
         weight = base_layers.weight(self.base_layer)
-        dtype = dtype or weight.dtype
-        return (weight.to(dtype) + sign * self.delta_weight().to(dtype)).to(weight.dtype)
+        dtype = dtype or torch.promote_types(weight.dtype, self.core.dtype)
+        return (weight.to(dtype) + sign * self.delta_weight(dtype)).to(weight.dtype)
 
     def extra_repr(self) -> str:
         shapes = f"weight_shape={self.weight_shape}, ranks={self.ranks}, alpha={self.config.alpha}, "
