@@ -371,7 +371,7 @@ class BOFTLayer(AdapterLayer):
                      "weight": passes * min(on_table.values()) + (n * d if training else 0)}
             return {path: costs[path] for path in self.paths()}
         if kind == "conv":
-            n = x_shape[0] * math.prod(conv_output_size(base, x_shape[-2:]))
+            n = math.prod(x_shape[:-3]) * math.prod(conv_output_size(base, x_shape[-2:]))  # (B,) or () unbatched
         else:
             n = math.prod(x_shape) // d
         on_rows = self.rotation_costs(n, dtype)
@@ -417,7 +417,7 @@ class BOFTLayer(AdapterLayer):
         expected = self.fan_in if linear else base.in_channels
         channels = x.shape[-1] if linear else x.shape[-3] if x.dim() >= 3 else None
         if channels != expected:
-            shape = f"(..., {expected})" if linear else f"(batch, {expected}, height, width)"
+            shape = f"(..., {expected})" if linear else f"(batch, {expected}, height, width) or unbatched ({expected}, …)"
             raise ValueError(
                 f"this adapted {type(base).__name__} expects inputs of shape {shape}, got {tuple(x.shape)}"
             )
@@ -466,6 +466,8 @@ class BOFTLayer(AdapterLayer):
         return h + (self.scale.to(h.dtype) - 1) * (h if bias is None else h - bias.to(h.dtype))
 
     def _conv_input_path(self, x: torch.Tensor, blocks: torch.Tensor, form: str) -> torch.Tensor:
+        if x.dim() == 3:  # unbatched (C, H, W), which nn.Conv2d accepts: as a batch of one
+            return self._conv_input_path(x[None], blocks, form)[0]
         base, groups = self.base_layer, self.base_layer.groups
         patches = F.unfold(x, base.kernel_size, base.dilation, base.padding, base.stride)  # (B, C·kh·kw, L)
         batch, _, length = patches.shape

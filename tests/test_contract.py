@@ -138,6 +138,32 @@ def test_path_protocol(config, kind):
             type(config).from_dict({**config.to_dict(), "path": path}).make_layer(base)
 
 
+def other_shapes(kind: type[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+    """Inputs the base layer accepts besides a batch: unbatched (one row, one id, a conv input without its batch dim)
+    and more leading dims."""
+    if kind in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        return [x[0]]
+    if kind is nn.Embedding:
+        return [x[0, 0], x[1, 1], torch.stack([x, x.flip(0)])]  # a padding id, another id, (2, 3, 5)
+    return [x[0], torch.stack([x, x.flip(0)]).unsqueeze(0)]  # (d,), (1, 2, 3, d)
+
+
+@pytest.mark.parametrize("config,kind", list(cases_by_layer()))
+def test_every_path_accepts_every_input_shape_the_base_layer_accepts(config, kind):
+    """Unbatched inputs (a conv's (C, H, W), a Linear's (d,), one id) and any leading dims reach every path and give,
+    on each, the base's output shape and the batched result."""
+    layer, base, x = build(config, kind)
+    perturb(layer)
+    for path in layer.paths():
+        forced = type(config).from_dict({**config.to_dict(), "path": path}).make_layer(base).double()
+        forced.load_state_dict(layer.state_dict())
+        for other in other_shapes(kind, x):
+            out = forced(other)
+            assert out.shape == base(other).shape
+            torch.testing.assert_close(out, forced(other[None])[0], rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(out, layer(other), rtol=1e-9, atol=1e-9)
+
+
 class Net(nn.Module):
     def __init__(self, kind: type[nn.Module]) -> None:
         super().__init__()
