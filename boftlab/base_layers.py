@@ -165,6 +165,36 @@ def run(layer: nn.Module, x: torch.Tensor, new_weight: torch.Tensor) -> torch.Te
     raise ValueError(f"a quantized {type(layer).__name__} runs only its own kernel; its weight cannot be replaced")
 
 
+# --- embeddings ------------------------------------------------------------------------------------------------------
+def with_table_gradient(layer: nn.Embedding, ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` (..., d) computed for the ids ``ids`` (...), unchanged forward; backward, each row's gradient as
+    F.embedding passes it to the table: zero at ``padding_idx``, and divided by how often its id occurs in ``ids``
+    with ``scale_grad_by_freq``. A path that adapts the looked-up rows (not the table) calls it, so that its adapter
+    gradients are the weight path's, which looks the adapted table up with those flags. O(numel(ids) + num)."""
+    if (layer.padding_idx is None and not layer.scale_grad_by_freq) or not rows.requires_grad:
+        return rows
+    scale = torch.ones(ids.shape, dtype=rows.dtype, device=rows.device)
+    if layer.scale_grad_by_freq:
+        scale = scale / torch.bincount(ids.reshape(-1), minlength=layer.num_embeddings)[ids]  # 1 / count of each id
+    if layer.padding_idx is not None:
+        scale = scale.masked_fill(ids == layer.padding_idx, 0)
+    return _ScaleGradient.apply(rows, scale[..., None])
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """y = x; ∂L/∂x = scale ⊙ ∂L/∂y (scale broadcast to x)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(scale)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (scale,) = ctx.saved_tensors
+        return grad * scale, None
+
+
 # --- quantized layers ------------------------------------------------------------------------------------------------
 def n_parameters(module: nn.Module, trainable: bool = False) -> int:
     """Numbers ``module``'s parameters stand for (only those that require a gradient with ``trainable``): a

@@ -455,6 +455,7 @@ class BOFTLayer(AdapterLayer):
         rotated = self.rotate(rows, blocks=blocks, form="factored" if path == "input" else "assembled")
         if self.scale is not None:
             rotated = rotated * self.scale.to(rotated.dtype)
+        rotated = base_layers.with_table_gradient(self.base_layer, ids, rotated)  # as the table's (weight path)
         return self._keep_padding(ids, rows, rotated)
 
     def _quantized_input_path(self, x: torch.Tensor, blocks: torch.Tensor, form: str) -> torch.Tensor:

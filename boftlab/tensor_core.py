@@ -306,8 +306,9 @@ class TensorCoreLayer(AdapterLayer):
         factors = [f.to(core.dtype) for f in self.factors]
         u_out, u_in = factors[:2]
         if isinstance(base, nn.Embedding):
-            rows = F.embedding(x, u_out, base.padding_idx, None, 2.0, base.scale_grad_by_freq)  # (..., r_num)
-            delta = rows @ core @ u_in.T  # (..., embedding_dim)
+            rows = F.embedding(x, u_out, base.padding_idx)  # (..., r_num)
+            # each row's gradient as the table's on the weight path (padding_idx, scale_grad_by_freq)
+            delta = base_layers.with_table_gradient(base, x, rows @ core @ u_in.T)  # (..., embedding_dim)
             return base(x) + (self.config.alpha * delta).to(base.weight.dtype)
         if base_layers.is_linear(base):
             delta = x @ u_in @ core.T @ u_out.T  # (..., in) -> (..., r_in) -> (..., r_out) -> (..., out)
