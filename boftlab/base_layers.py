@@ -166,6 +166,20 @@ def run(layer: nn.Module, x: torch.Tensor, new_weight: torch.Tensor) -> torch.Te
 
 
 # --- embeddings ------------------------------------------------------------------------------------------------------
+def renormalises_in_place(layer: nn.Module) -> bool:
+    """Whether calling ``layer`` writes into its own weight: an Embedding with ``max_norm`` rescales every looked-up row
+    whose norm exceeds it, in place."""
+    return kind(layer) == "embedding" and layer.max_norm is not None
+
+
+def call_frozen(layer: nn.Module, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+    """``layer(x)``, except that an Embedding with ``max_norm`` renormalises the looked-up rows of a copy of its
+    weight, never the frozen weight itself (the same output). O(num·dim) extra for such an Embedding."""
+    if renormalises_in_place(layer):
+        return run(layer, x, layer.weight.clone())
+    return layer(x, *args, **kwargs)
+
+
 def with_table_gradient(layer: nn.Embedding, ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``rows`` (..., d) computed for the ids ``ids`` (...), unchanged forward; backward, each row's gradient as
     F.embedding passes it to the table: zero at ``padding_idx``, and divided by how often its id occurs in ``ids``

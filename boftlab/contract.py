@@ -49,6 +49,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import nn
 
+from . import base_layers
 from .base_layers import check_readable, type_name
 
 #: family name -> config class; filled by ``AdapterConfig.__init_subclass__``.
@@ -280,9 +281,24 @@ class AdapterLayer(nn.Module):
                 f"this {type(self).__name__} was merged inside boftlab.disabled(...): its base weights now hold the "
                 "adapted ones, so it cannot compute the base layer's output; unmerge it, or merge outside the context"
             )
-        if self.merged or self.disabled_count:
+        if self.merged:
             return self.base_layer(x, *args, **kwargs)
+        if self.disabled_count:  # the base's output, its frozen weight never written (an Embedding's max_norm)
+            return base_layers.call_frozen(self.base_layer, x, *args, **kwargs)
         return self.adapted_forward(x, *args, **kwargs)
+
+    def check_mergeable_in_place(self) -> None:
+        """ValueError where a merged base layer would write into its own weights when called, so that unmerge could no
+        longer give W back: an Embedding with max_norm renormalises the looked-up rows of W' in place. ``unwrap``
+        (which never unmerges) and the plain copies in ``state_dict`` are exact there, and stay allowed."""
+        base = self.base_layer
+        if base_layers.renormalises_in_place(base):
+            raise ValueError(
+                f"cannot merge into this Embedding with max_norm={base.max_norm}: once merged, every forward would "
+                "renormalise the looked-up rows of the merged table in place (as nn.Embedding does), so unmerge could "
+                "no longer recover W. Keep the adapter unmerged (its weight path renormalises a temporary W', never "
+                "the frozen W), or boftlab.unwrap(model) to fold it in for good."
+            )
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -291,6 +307,7 @@ class AdapterLayer(nn.Module):
         ``boftlab.merge``, which also refuses to write into a tensor another module shares."""
         if self.merged:
             raise RuntimeError(f"this {type(self).__name__} is already merged; call unmerge() first")
+        self.check_mergeable_in_place()
         self._write_base(self.base_after(merge=True))
         self.merged = True
 

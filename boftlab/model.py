@@ -389,6 +389,11 @@ def merge(model: nn.Module) -> nn.Module:
     already = [n for n, layer in layers.items() if layer.merged]
     if already:
         raise ValueError(f"merge: already merged ({len(already)} layers, e.g. {already[0]!r}); call unmerge first")
+    for name, layer in layers.items():
+        try:
+            layer.check_mergeable_in_place()
+        except ValueError as err:
+            raise ValueError(f"merge: layer {name!r}: {err}") from err
     _write_all(model, _plan(model, layers, merge=True), merged=True)
     return model
 
