@@ -416,8 +416,8 @@ def test_autocast_bfloat16_output_is_close_to_float32(name, path):
 
 def test_merge_into_an_embedding_with_max_norm_is_refused_unwrap_is_exact_and_disabled_leaves_the_table():
     """A merged Embedding(max_norm) would renormalise rows of W + ΔW in place at every forward, and unmerge could not
-    give W back (merge, forward, unmerge left W changed for good): merge is refused; unwrap (never unmerged) folds it in exactly;
-    the base's output inside disabled() renormalises a copy, never the frozen table."""
+    give W back (merge, forward, unmerge left W changed for good): merge is refused; unwrap (never unmerged) folds
+    it in exactly; the base's output inside disabled() renormalises a copy, never the frozen table."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(10, 4, max_norm=0.5))
     boftlab.adapt(model, TensorCoreConfig(ranks=2), targets=["0"])
