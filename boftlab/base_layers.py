@@ -156,6 +156,10 @@ def run(layer: nn.Module, x: torch.Tensor, new_weight: torch.Tensor) -> torch.Te
     (applied to this temporary weight, never the frozen one), norm_type and scale_grad_by_freq. Dense gradients: sparse
     only concerns a frozen base weight."""
     layer_kind = kind(layer)
+    if isinstance(layer, DequantizedLinear):  # as the quantized layer computed: in its compute dtype
+        dtype = layer.compute_dtype or x.dtype
+        bias = None if layer.bias is None else layer.bias.to(dtype)
+        return F.linear(x.to(dtype), new_weight.to(dtype), bias).to(x.dtype)
     if layer_kind == "linear":
         return F.linear(x, new_weight, layer.bias)
     if layer_kind == "conv":
@@ -244,13 +248,55 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     )
 
 
-def dequantized_linear(layer: nn.Module, dtype: torch.dtype) -> nn.Linear:
-    """A frozen nn.Linear in ``dtype`` holding ``dequantized_weight(layer)`` and the layer's bias. O(out·in)."""
+class DequantizedLinear(nn.Linear):
+    """An nn.Linear holding a bitsandbytes layer's dequantized weight that computes as that layer did: the input cast
+    to ``compute_dtype`` (a Linear4bit's; None: the input's own dtype, as Linear8bitLt computes), x Wᵀ + b there, the
+    output cast back to the input's dtype. A plain nn.Linear in the compute dtype would refuse activations of another
+    dtype, and one in the activations' dtype would compute at another precision."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, compute_dtype: torch.dtype | None,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.compute_dtype = compute_dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run(self, x, self.weight)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", compute_dtype={self.compute_dtype}"
+
+
+def computes_in_own_dtype(layer: nn.Module) -> bool:
+    """Whether ``layer`` casts its input to a compute dtype of its own (a bitsandbytes layer, a ``DequantizedLinear``):
+    a family then calls it on (transformed) activations rather than multiplying by its weight itself."""
+    return kind(layer) == "quantized" or isinstance(layer, DequantizedLinear)
+
+
+def dequantized_linear(layer: nn.Module, dtype: torch.dtype) -> DequantizedLinear:
+    """A frozen ``DequantizedLinear`` holding ``dequantized_weight(layer)`` and the layer's bias in ``dtype``, computing
+    in the layer's compute dtype: the same outputs. ValueError (nothing built) for a ``dtype`` that is not a floating
+    torch.dtype, or that would round the values the layer computes with. O(out·in)."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            f"dtype must be a floating torch.dtype (torch.float32, torch.bfloat16, torch.float16, torch.float64), got "
+            f"{dtype!r} ({type(dtype).__name__}): the dequantized weight is stored in it"
+        )
     out_features, in_features = weight_shape(layer)
-    device = layer.weight.device
-    plain = nn.Linear(in_features, out_features, bias=layer.bias is not None, device=device, dtype=dtype)
+    compute = getattr(layer, "compute_dtype", None)  # a Linear4bit's; Linear8bitLt computes in its input's dtype
+    weight = dequantized_weight(layer).reshape(out_features, in_features)
+    for name, value in (("weight", weight), ("bias", layer.bias)):
+        used = None if value is None else value.to(compute or value.dtype)  # what the layer computes with
+        if used is not None and not torch.equal(value.to(dtype).to(used.dtype), used):
+            change = (value.to(dtype).to(used.dtype) - used).abs().max().item()
+            raise ValueError(
+                f"this {type(layer).__name__} ({in_features} -> {out_features}) computes with "
+                f"{used.dtype} values of its dequantized {name}, which {dtype} cannot hold exactly (they would move by "
+                f"up to {change:.3g}), so the outputs would change. Use dtype={used.dtype}, or a wider float dtype "
+                "(torch.float64 holds every one exactly)."
+            )
+    plain = DequantizedLinear(in_features, out_features, layer.bias is not None, compute, layer.weight.device, dtype)
     with torch.no_grad():
-        plain.weight.copy_(dequantized_weight(layer).reshape(out_features, in_features))
+        plain.weight.copy_(weight)
         if layer.bias is not None:
             plain.bias.copy_(layer.bias)
     return plain.requires_grad_(False)

@@ -426,7 +426,7 @@ class BOFTLayer(AdapterLayer):
         if path == "weight":
             return base_layers.run(base, x, self.rotated_weight(blocks))
         form = "factored" if path == "input" else "assembled"
-        if kind == "quantized":
+        if base_layers.computes_in_own_dtype(base):  # bitsandbytes, or dequantized from it: call it on Rᵀx
             return self._quantized_input_path(x, blocks, form)
         if linear:
             rotated = self.rotate(x, blocks=blocks, form=form)  # Rᵀx for every row

@@ -497,18 +497,27 @@ def disabled(model: nn.Module, targets: Target | Sequence[Target] | None = None)
 # --- quantized base layers ---------------------------------------------------------------------------------------------
 def dequantize_bases(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Replace the quantized base layer (bitsandbytes Linear4bit / Linear8bitLt) of every adapter by a frozen
-    nn.Linear in ``dtype`` holding its dequantized weight and its bias, in place; returns ``model``.
+    ``base_layers.DequantizedLinear`` (an nn.Linear) holding its dequantized weight and its bias in ``dtype``, in
+    place; returns ``model``.
 
-    ``dtype`` is that of the activations reaching these layers (the model's compute dtype, e.g. torch.bfloat16).
-    Afterwards ``merge`` and ``unwrap`` are exact, as on any nn.Linear. The forward changes by what the quantized
-    kernel computes beyond x·dequantize(W)ᵀ: for 4-bit, nothing; for 8-bit on a GPU, the int8 rounding of the
-    activations. O(out·in) per layer; memory grows to ``dtype``'s size per weight.
+    The new layer computes as the quantized one did: its input cast to the Linear4bit's compute dtype (Linear8bitLt:
+    the input's own dtype), the output cast back — so a bf16-compute 4-bit layer fed fp32 activations still computes
+    in bf16 and returns fp32. ``dtype`` is what the weight is stored (and merged) in: a floating dtype that holds the
+    values the layer computes with exactly (the compute dtype or a wider one), else a ValueError before anything
+    changes. Afterwards ``merge`` and ``unwrap`` are exact, as on any nn.Linear. The forward changes by what the
+    quantized kernel computes beyond x·dequantize(W)ᵀ: for 4-bit, nothing; for 8-bit on a GPU, the int8 rounding of
+    the activations. O(out·in) per layer; memory grows to ``dtype``'s size per weight.
     """
     layers = {n: layer for n, layer in adapter_layers(strip_wrappers(model)).items()
               if base_layers.kind(layer.base_layer) == "quantized"}
     if not layers:
         raise ValueError("dequantize_bases: no adapter of this model wraps a quantized (bitsandbytes) layer")
-    plain = {name: base_layers.dequantized_linear(layer.base_layer, dtype) for name, layer in layers.items()}
+    plain = {}
+    for name, layer in layers.items():  # every layer built before any is replaced
+        try:
+            plain[name] = base_layers.dequantized_linear(layer.base_layer, dtype)
+        except ValueError as err:
+            raise ValueError(f"dequantize_bases: layer {name!r}: {err}. Nothing was changed.") from err
     for name, layer in layers.items():
         layer.base_layer = plain[name]
     return model

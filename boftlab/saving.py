@@ -358,7 +358,7 @@ def _packing_differs(name: str, module: nn.Module, info: dict[str, Any]) -> bool
     4-bit base, load onto the 16-bit model to merge and serve). The adapter's tensors mean the same map on both; what
     differs is the base weight itself (its quantization error), which is the base the user chose. ValueError when the
     types are such a pair but the sizes are not."""
-    linear_names = {"Linear", *base_layers.QUANTIZED_LINEARS}
+    linear_names = {"Linear", "DequantizedLinear", *base_layers.QUANTIZED_LINEARS}
     if not (info["type"] in linear_names and base_layers.kind(module) in ("linear", "quantized")
             and type(module).__name__ in linear_names and {info["type"], type(module).__name__} != {"Linear"}):
         return False

@@ -2,6 +2,7 @@
 Embedding, and bitsandbytes' quantized Linear4bit / Linear8bitLt (on CPU), with every family on top of them."""
 
 import copy
+import re
 
 import bitsandbytes as bnb
 import pytest
@@ -180,12 +181,14 @@ def test_dequantize_bases_then_merge_is_exact(name, bits):
     train(model, x)
     quantized_output = model(x)
     boftlab.dequantize_bases(model, torch.float32)
-    assert all(type(layer.base_layer) is nn.Linear for layer in boftlab.adapter_layers(model).values())
+    # an nn.Linear that computes in the quantized layer's compute dtype (here float32, as the activations)
+    assert all(type(layer.base_layer) is base_layers.DequantizedLinear and isinstance(layer.base_layer, nn.Linear)
+               for layer in boftlab.adapter_layers(model).values())
     # 4-bit: bitsandbytes multiplies by exactly the dequantized weight; 8-bit on CPU too, up to summation order
     dequantized_output = model(x)
     torch.testing.assert_close(dequantized_output, quantized_output, rtol=1e-5, atol=1e-5)
     plain = boftlab.unwrap(model)
-    assert not boftlab.adapter_layers(plain) and type(plain.query) is nn.Linear
+    assert not boftlab.adapter_layers(plain) and type(plain.query) is base_layers.DequantizedLinear
     torch.testing.assert_close(plain(x), dequantized_output, rtol=1e-5, atol=1e-5)
 
 
@@ -340,3 +343,43 @@ def test_summary_counts_the_logical_weights_of_a_quantized_layer(bits):
     assert quantized_summary.percent == plain_summary.percent
     assert quantized_summary.by_layer_type["tensor_core/" + ("Linear4bit" if bits == 4 else "Linear8bitLt")]["base"] \
         == plain_summary.by_layer_type["tensor_core/Linear"]["base"] == 32 * 32 + 32 + 16 * 32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_dequantize_bases_computes_as_the_bf16_compute_4bit_layer_did_on_fp32_activations(name, dtype):
+    """A Linear4bit with compute_dtype=bf16 fed fp32 activations computes in bf16 and returns fp32. The dequantized
+    layer does the same, whatever dtype stores its weight (bf16 used to raise a raw dtype error at the next forward,
+    fp32 to compute in fp32 and move the outputs by 7e-4): the base layer's outputs are bit for bit the same, and
+    the adapted model's on the same paths too."""
+    torch.manual_seed(0)
+    model = QuantizedNet(4)
+    model.query = quantized(nn.Linear(32, 32), 4, compute_dtype=torch.bfloat16)
+    model.value = quantized(nn.Linear(32, 16, bias=False), 4, compute_dtype=torch.bfloat16)
+    config = CONFIGS[name]
+    boftlab.adapt(model, type(config).from_dict({**config.to_dict(), "path": "input"}), targets=["query", "value"])
+    train(model, torch.randn(5, 32))
+    x = torch.randn(5, 32)
+    base_before, before = model.query.base_layer(x), model(x)
+    boftlab.dequantize_bases(model, dtype)
+    base = model.query.base_layer
+    assert isinstance(base, nn.Linear) and base.weight.dtype == dtype and base.compute_dtype == torch.bfloat16
+    assert torch.equal(base(x), base_before) and base(x).dtype == torch.float32
+    assert torch.equal(model(x), before)
+
+
+def test_dequantize_bases_refuses_what_is_not_a_float_dtype_and_a_dtype_that_rounds_the_weight():
+    model = adapted("tensor_core", 4)  # compute_dtype=float32
+    x = torch.randn(5, 32)
+    before, state = model(x), {k: v.clone() for k, v in model.state_dict().items()}
+    for dtype in ("float32", torch.int8, None):
+        with pytest.raises(ValueError, match=r"dtype must be a floating torch.dtype \(torch.float32, .*\), got "
+                                             + re.escape(repr(dtype))):
+            boftlab.dequantize_bases(model, dtype)
+    with pytest.raises(ValueError, match=r"layer 'query': this Linear4bit \(32 -> 32\) computes with torch.float32 "
+                                         r"values of its dequantized weight, which torch.bfloat16 cannot hold exactly "
+                                         r"\(they would move by up to .*\), so the outputs would change. Use "
+                                         r"dtype=torch.float32.*Nothing was changed"):
+        boftlab.dequantize_bases(model, torch.bfloat16)
+    assert all(base_layers.kind(layer.base_layer) == "quantized" for layer in boftlab.adapter_layers(model).values())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()) and torch.equal(model(x), before)
