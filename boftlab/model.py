@@ -464,7 +464,9 @@ def disabled(model: nn.Module, targets: Target | Sequence[Target] | None = None)
     one exits, however it exits. Not thread-safe: the switch lives on the layers, so another thread running the same
     model meanwhile sees the adapters off too. A merged adapter is refused (ValueError, nothing changed): its base
     weights hold the adapted ones, and unmerging behind your back would round-trip them through floating point on
-    every call — ``boftlab.unmerge(model)`` first, if that is what you want.
+    every call — ``boftlab.unmerge(model)`` first, if that is what you want. Under gradient checkpointing, a region
+    that ran inside the block is recomputed by the backward with the same adapters bypassed, even after the block has
+    ended (``contract.checkpoint_region``): a loss computed inside and back-propagated outside is exact.
     """
     model = strip_wrappers(model)
     layers = adapter_layers(model)
