@@ -383,3 +383,17 @@ def test_dequantize_bases_refuses_what_is_not_a_float_dtype_and_a_dtype_that_rou
         boftlab.dequantize_bases(model, torch.bfloat16)
     assert all(base_layers.kind(layer.base_layer) == "quantized" for layer in boftlab.adapter_layers(model).values())
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()) and torch.equal(model(x), before)
+
+
+def test_an_adapter_on_a_dequantized_base_loads_onto_the_plain_and_the_quantized_model(tmp_path):
+    """After dequantize_bases the adapter is still the QLoRA route's: its file loads onto the plain nn.Linear model and
+    onto the 4-bit one, the same map on each."""
+    model = adapted("tensor_core", 4)
+    train(model, torch.randn(5, 32))
+    values = boftlab.saving.adapter_state(model)
+    boftlab.save_adapter(boftlab.dequantize_bases(model, torch.float32), tmp_path)
+    x = torch.randn(5, 32)
+    plain = boftlab.load_adapter(PlainNet(), tmp_path)
+    assert torch.equal(plain(x), with_adapter_values(PlainNet(), "tensor_core", values)(x))
+    quantized_again = boftlab.load_adapter(QuantizedNet(4), tmp_path)
+    assert torch.equal(quantized_again(x), with_adapter_values(QuantizedNet(4), "tensor_core", values)(x))
