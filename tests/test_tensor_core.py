@@ -440,3 +440,22 @@ def test_merge_into_an_embedding_with_max_norm_is_refused_unwrap_is_exact_and_di
     plain = boftlab.unwrap(model)
     assert type(plain[0]) is nn.Embedding
     torch.testing.assert_close(plain(x), adapted)
+
+
+def test_a_bf16_adapter_on_an_fp32_layer_is_not_rounded_to_bf16_on_the_weight_path():
+    """ΔW of a bf16 adapter is formed in the wider of the two dtypes: the weight path agrees with the input path (which
+    computes in the activations' fp32) to fp32 rounding, not to bf16's."""
+    torch.manual_seed(0)
+    base = nn.Linear(64, 32)
+    layers = {path: TensorCoreConfig(ranks=8, path=path).make_layer(base) for path in ("input", "weight")}
+    core = torch.randn_like(layers["input"].core)
+    for layer in layers.values():
+        layer.core.data = core.clone()
+        for mine, theirs in zip(layer.factors, layers["input"].factors):
+            mine.data = theirs.data.clone()
+        for p in layer.adapter_parameters().values():
+            p.data = p.data.to(torch.bfloat16)  # the adapter alone in bf16, the base stays fp32
+    x = torch.randn(8, 64)
+    delta = {path: layer(x) - base(x) for path, layer in layers.items()}
+    assert layers["weight"].core.dtype == torch.bfloat16 and delta["weight"].dtype == torch.float32
+    assert (delta["weight"] - delta["input"]).abs().max() <= 1e-5 * delta["input"].abs().max()
