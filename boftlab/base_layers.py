@@ -13,7 +13,13 @@ another weight. The functions here answer both for each kind of base layer:
 A quantized layer is only ever *called*: y ≈ x Wᵀ + b through bitsandbytes' own kernel. Families adapt it on their
 input path (BOFT rotates x before it, SURM and the tensor core add their product beside it) and refuse to merge into
 it: re-quantizing a merged W' would round it to the quantization grid again, so the merged model would no longer
-compute what the adapted one does. ``dequantize_bases`` turns such bases into plain nn.Linear layers first.
+compute what the adapted one does. ``dequantize_bases`` turns such bases into nn.Linear layers first
+(``DequantizedLinear``: the dequantized weight, computing in the quantized layer's compute dtype).
+
+bitsandbytes repacks a 4-bit weight for its CPU inference kernel (on CPUs with AVX512-BF16, at an eval-mode forward
+whose input needs no gradient): in place and for good, with its absmax rounded to bf16, activations rounded to bf16,
+and no backward for the layer's input. ``keep_unpacked`` turns that off on every 4-bit layer of an adapted model, so a
+training step after an evaluation still gives every adapter its gradient, and refuses a layer already repacked.
 
 Neither transformers nor bitsandbytes is imported: their layers are recognised by the module and name of the classes
 a layer's type derives from, so ``import boftlab`` stays light and works where neither is installed.
@@ -232,6 +238,7 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     """
     import bitsandbytes as bnb
 
+    check_unpacked(layer)
     packed = layer.weight
     if getattr(packed, "quant_state", None) is not None:  # Params4bit, quantized
         return bnb.functional.dequantize_4bit(packed.data, packed.quant_state)
@@ -300,3 +307,42 @@ def dequantized_linear(layer: nn.Module, dtype: torch.dtype) -> DequantizedLinea
         if layer.bias is not None:
             plain.bias.copy_(layer.bias)
     return plain.requires_grad_(False)
+
+
+def is_repacked(layer: nn.Module) -> bool:
+    """Whether ``layer`` is a bitsandbytes 4-bit layer whose weight was ever repacked for its CPU inference kernel —
+    packed now, or unpacked again by bitsandbytes (its ``state_dict()`` does that), which does not restore it: the
+    absmax stays rounded to bf16 and, without nested quantization, in a transposed layout (measured with 0.50.2: a
+    256 -> 64 layer's weight off by 2.05, its outputs by 17)."""
+    if not (isinstance(layer, nn.Linear) and _derives_from(type(layer), "bitsandbytes", QUANTIZED_LINEARS)):
+        return False
+    quant_state = getattr(layer.weight, "quant_state", None)
+    return bool(getattr(quant_state, "packing_format_for_cpu", False)) or hasattr(quant_state, "original_qshape")
+
+
+def check_unpacked(layer: nn.Module) -> None:
+    """ValueError for a 4-bit layer that bitsandbytes repacked for CPU inference (``is_repacked``)."""
+    if is_repacked(layer):
+        out_features, in_features = weight_shape(layer)
+        raise ValueError(
+            f"this {type(layer).__name__} ({in_features} -> {out_features}) was repacked by bitsandbytes for CPU "
+            "inference: an eval-mode forward without gradients, on a CPU with AVX512-BF16, rewrites a 4-bit weight in "
+            "place, rounds its absmax to bf16 and runs a kernel with no gradient for the layer's input (adapters "
+            "before it would silently get a wrong gradient); bitsandbytes' own unpacking (at state_dict()) does not "
+            "restore the weight. Load the model again and adapt it before evaluating it: boftlab.adapt turns this "
+            "repacking off on every 4-bit layer of the model (boftlab.base_layers.keep_unpacked)."
+        )
+
+
+def keep_unpacked(model: nn.Module) -> nn.Module:
+    """Turn bitsandbytes' CPU inference repacking off on every 4-bit layer of ``model`` (its
+    ``support_avx512bf16_for_cpu`` flag), so eval-mode forwards compute exactly what training forwards do and no
+    layer loses its input gradient afterwards; ValueError, changing nothing, if any layer is already repacked. O(layers).
+    """
+    four_bit = [m for m in model.modules() if isinstance(m, nn.Linear)
+                and _derives_from(type(m), "bitsandbytes", QUANTIZED_LINEARS) and hasattr(m, "support_avx512bf16_for_cpu")]
+    for layer in four_bit:
+        check_unpacked(layer)
+    for layer in four_bit:
+        layer.support_avx512bf16_for_cpu = False
+    return model

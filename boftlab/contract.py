@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from . import base_layers
-from .base_layers import check_readable, type_name
+from .base_layers import check_readable, check_unpacked, is_repacked, keep_unpacked, kind, type_name
 
 #: family name -> config class; filled by ``AdapterConfig.__init_subclass__``.
 FAMILIES: dict[str, type["AdapterConfig"]] = {}
@@ -226,6 +226,9 @@ class AdapterLayer(nn.Module):
     def __init__(self, base_layer: nn.Module, config: AdapterConfig) -> None:
         super().__init__()
         check_readable(base_layer)  # e.g. a packed weight of a quantization library boftlab does not know
+        self.quantized_base = kind(base_layer) == "quantized"
+        if self.quantized_base:
+            keep_unpacked(base_layer)  # bitsandbytes' CPU repacking would drop the gradient of the layer's input
         self.base_layer = base_layer
         self.config = config
         self.merged = False
@@ -327,6 +330,8 @@ class AdapterLayer(nn.Module):
                 f"this {type(self).__name__} was merged inside boftlab.disabled(...): its base weights now hold the "
                 "adapted ones, so it cannot compute the base layer's output; unmerge it, or merge outside the context"
             )
+        if self.quantized_base and is_repacked(self.base_layer):
+            check_unpacked(self.base_layer)  # repacked behind boftlab's back: its input gradient would be lost
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         if self.disabled_count:

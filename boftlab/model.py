@@ -180,7 +180,9 @@ def build_layers(
     model: nn.Module, config: AdapterConfig, names: list[str], bases: dict[str, nn.Module] | None = None
 ) -> dict[str, AdapterLayer]:
     """Adapter layers for the named modules (or for ``bases[name]`` in their place), built without touching the
-    model (errors leave it unchanged)."""
+    model (errors leave it unchanged): a ValueError if any 4-bit layer of it was repacked for CPU inference."""
+    for module in model.modules():
+        base_layers.check_unpacked(module)
     layers = {}
     for name in names:
         module = bases[name] if bases and name in bases else model.get_submodule(name)
@@ -192,6 +194,7 @@ def build_layers(
 
 
 def insert_layers(model: nn.Module, layers: dict[str, AdapterLayer]) -> None:
+    base_layers.keep_unpacked(model)  # every 4-bit layer, adapted or not: gradients pass through them all
     for name, layer in layers.items():
         _replace(model, name, layer)
     freeze_base(model)

@@ -27,6 +27,10 @@ Refused, because the other side computes something else (a ``ValueError`` says w
 * base layers whose exchange is not verified against PEFT, both ways (``_check_exchangeable``): transformers'
   Conv1D, quantized layers, and an Embedding except under PEFT OFT.
 
+* a PEFT version outside ``PEFT_VERSIONS``, both ways (``check_peft_version``): PEFT's OFT changed its computation in
+  0.16 and 0.18, and a file exchanged with another version loads without error and computes something else (measured:
+  a BOFT export loaded into PEFT 0.13 was 2.01 off, 154 relative). The range is what boftlab's tests run against.
+
 An ``oft_block_size`` (or ``r``) that PEFT adjusted to fit a layer is read from that layer's stored tensor, as PEFT
 itself recomputes it when loading.
 """
@@ -38,6 +42,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -50,6 +55,9 @@ from .model import TRAINABLE_ATTR, adapter_layers, build_layers, insert_layers, 
 from .saving import atomic_write_files, check_finite, read_checked, safetensors_writer
 
 PEFT_PREFIX = "base_model.model."
+#: the PEFT releases whose BOFT and OFT boftlab's exchange is verified against (tests/test_peft_interop.py runs them):
+#: from the first, up to but excluding the second
+PEFT_VERSIONS = ("0.21.0", "0.22.0")
 PEFT_WEIGHTS_NAME, PEFT_CONFIG_NAME = "adapter_model.safetensors", "adapter_config.json"
 
 
@@ -157,6 +165,7 @@ def to_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     with boftlab's checksum in their metadata (PEFT ignores it)."""
     import peft
 
+    check_peft_version(peft.__version__, "the installed PEFT, which would read this export,")
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"to_peft writes a directory, but {str(directory)!r} is an existing file")
@@ -206,6 +215,23 @@ def to_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
         directory / PEFT_CONFIG_NAME: lambda tmp: Path(tmp).write_text(text),
     })
     return directory
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(0, 21, 2) for "0.21.2", "0.21.2.dev0@abc", "0.21.2+local" or "0.21.2rc1": the numeric release part."""
+    return tuple(int(n) for n in re.match(r"\d+(?:\.\d+)*", version).group().split(".")) if version[:1].isdigit() else ()
+
+
+def check_peft_version(version: str | None, what: str) -> None:
+    """ValueError unless ``version`` lies in ``PEFT_VERSIONS``; ``what`` says whose version it is."""
+    low, high = PEFT_VERSIONS
+    if version is None or not (_release(low) <= _release(str(version)) < _release(high)):
+        raise ValueError(
+            f"{what} is PEFT {version or '(unrecorded: older than PEFT records)'}; boftlab's exchange with PEFT is "
+            f"verified for PEFT >= {low}, < {high} only — PEFT's OFT changed its computation in 0.16 and 0.18, so an "
+            f"adapter exchanged with another version would load and compute something else. Use "
+            f"pip install 'peft>={low},<{high}' (the version in boftlab's constraints.txt)."
+        )
 
 
 # --- PEFT -> boftlab -------------------------------------------------------------------------------------------------
@@ -295,6 +321,7 @@ def from_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     markers = {"BOFT": (".boft_R",), "OFT": (".oft_R.weight", ".oft_embedding_R.weight")}.get(kind)
     if markers is None:
         raise ValueError(f"from_peft reads PEFT BOFT and OFT adapters; this one is {kind!r}")
+    check_peft_version(peft_config.get("peft_version"), f"the PEFT that wrote {str(config_file)!r}")
     config = _config_from_peft(peft_config, kind)
     _, tensors = read_checked(weights_file, "PEFT adapter")
     rotations = {k[len(PEFT_PREFIX) : -len(m)]: k for k in tensors for m in markers if k.endswith(m)}  # name -> key

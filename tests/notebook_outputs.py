@@ -1,4 +1,5 @@
-"""What an executed notebook shows a student: every figure as an image, each once, widgets that drew, no warnings.
+"""What an executed notebook shows a student: every figure as an image, each once, widgets that drew, no warnings and
+nothing on stderr that the notebook does not expect by name.
 
 ``problems(nb, name)`` lists what is wrong with an executed notebook's outputs. notebooks/conftest.py applies it to
 every notebook nbmake executes (inside the same test, so CI executes each notebook once), tests/test_wheel.py to
@@ -25,6 +26,10 @@ FIGURES = {
     "10_speed_and_memory": (1, 0),
 }
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+
+#: notebook -> (regex, why) of each stderr text it expects; any other stderr stream is a problem. Empty: no notebook
+#: writes to stderr (bitsandbytes' hub-kernel lookup is silenced at its loggers, boftlab.profiles.offline_kernels)
+EXPECTED_STDERR: dict[str, tuple[tuple[str, str], ...]] = {}
 
 #: what a warning looks like in an output stream: "FutureWarning: …", "UserWarning: …", "WARNING:root:…"
 WARNING = re.compile(r"\w*Warning\b|^WARNING\b", re.MULTILINE)
@@ -60,9 +65,19 @@ def warning_in(outputs: list[dict]) -> str | None:
     return None
 
 
+def unexpected_stderr(outputs: list[dict], name: str) -> str | None:
+    """The first stderr stream's text among ``outputs`` that notebook ``name`` does not expect (``EXPECTED_STDERR``)."""
+    for out in outputs:
+        text = out.get("text", "")
+        if out.get("output_type") == "stream" and out.get("name") == "stderr" and not any(
+                re.search(pattern, text) for pattern, _ in EXPECTED_STDERR.get(name, ())):
+            return text.strip()
+    return None
+
+
 def problems(nb: dict, name: str) -> list[str]:
     """What a student would see wrong in the executed notebook ``nb`` (``name``: its file stem): a warning in an
-    output stream; an image shown twice by one cell (a pyplot figure displayed and then flushed again); fewer
+    output stream; any other stderr text the notebook does not expect by name; an image shown twice by one cell (a pyplot figure displayed and then flushed again); fewer
     images than the notebook's figures (``FIGURES``, or one if it ``draws``: a figure drawn but never displayed, e.g. under
     ``MPLBACKEND=Agg``); a widget that drew no image, or whose Output area holds an error or a warning (a widget's
     callback fails there, out of the runner's sight). Empty if none."""
@@ -70,8 +85,11 @@ def problems(nb: dict, name: str) -> list[str]:
     shown = 0
     for index, cell in enumerate(nb["cells"]):
         warning = warning_in([out for out in cell.get("outputs", []) if out.get("output_type") == "stream"])
+        stderr = unexpected_stderr(cell.get("outputs", []), name)
         if warning:
             found.append(f"cell {index} prints a warning: {warning[:300]}")
+        elif stderr:
+            found.append(f"cell {index} writes to stderr: {stderr[:300]}")
         pictures = images(cell)
         shown += len(pictures)
         if len(set(pictures)) < len(pictures):

@@ -397,3 +397,84 @@ def test_an_adapter_on_a_dequantized_base_loads_onto_the_plain_and_the_quantized
     assert torch.equal(plain(x), with_adapter_values(PlainNet(), "tensor_core", values)(x))
     quantized_again = boftlab.load_adapter(QuantizedNet(4), tmp_path)
     assert torch.equal(quantized_again(x), with_adapter_values(QuantizedNet(4), "tensor_core", values)(x))
+
+
+# --- bitsandbytes' CPU repacking (on AVX512-BF16 CPUs, at an eval-mode forward without gradients) ----------------------
+def as_on_an_avx512_bf16_cpu(model: nn.Module) -> nn.Module:
+    """Every 4-bit layer of ``model`` set to repack as bitsandbytes does on a CPU with AVX512-BF16, whatever this CPU
+    is (bitsandbytes reads the flag at each forward)."""
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = True
+    return model
+
+
+class Wide4bitNet(QuantizedNet):
+    """QuantizedNet at the sizes bitsandbytes' CPU repacking handles (in ≥ its 64-value blocks, out a multiple of 32)."""
+
+    def __init__(self) -> None:
+        nn.Module.__init__(self)
+        torch.manual_seed(0)
+        self.query = quantized(nn.Linear(64, 64), 4)
+        self.value = quantized(nn.Linear(64, 32, bias=False), 4)
+        self.head = nn.Linear(32, 3)
+
+
+def repack(layer: nn.Module) -> None:
+    """What bitsandbytes' eval-mode forward does to a 4-bit weight on such a CPU, done with its own function."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu(layer.weight.data,
+                                                                                 layer.weight.quant_state)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_an_evaluation_never_costs_a_gradient_through_4bit_layers(name):
+    """Eval mode + a forward without gradients, then a training step: every trainable tensor gets the gradient it
+    gets without the evaluation — also through ``value``, a 4-bit layer no adapter wraps (bitsandbytes' repacked
+    kernel has no backward for its input, so the adapter on ``query`` before it would silently lose its gradient)."""
+    x = torch.randn(5, 64)
+    grads = {}
+    for evaluate_first in (False, True):
+        model = as_on_an_avx512_bf16_cpu(Wide4bitNet())
+        boftlab.adapt(model, CONFIGS[name], targets=["query"], trainable=["head"])
+        with torch.no_grad():
+            for p in model.query.adapter_parameters().values():
+                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+        if evaluate_first:
+            model.eval()
+            with torch.no_grad():
+                evaluated = model(x)
+            model.train()
+            assert torch.equal(evaluated, model(x))  # eval computes what training computes (no bf16 kernel)
+        model(x).square().mean().backward()
+        grads[evaluate_first] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        assert not any(base_layers.is_repacked(m) for m in model.modules())
+    assert all(g is not None and g.abs().sum() > 0 for g in grads[True].values())
+    for n, g in grads[False].items():
+        assert torch.equal(grads[True][n], g), n
+
+
+def test_a_4bit_layer_already_repacked_is_refused_before_anything_changes(tmp_path):
+    boftlab.save_adapter(boftlab.adapt(Wide4bitNet(), CONFIGS["oft"], targets=["value"]), tmp_path)
+    message = r"was repacked by bitsandbytes for CPU inference.*adapt it before evaluating it"
+    for call in (lambda m: boftlab.adapt(m, CONFIGS["oft"], targets=["value"]),  # query, not a target, is repacked
+                 lambda m: boftlab.load_adapter(m, tmp_path)):
+        model = Wide4bitNet()
+        repack(model.query)
+        before = {k: v.clone() for k, v in model.state_dict().items()}  # bitsandbytes unpacks it here, inexactly
+        assert not model.query.weight.quant_state.packing_format_for_cpu
+        with pytest.raises(ValueError, match=message):
+            call(model)
+        assert not boftlab.adapter_layers(model)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_layer_repacked_behind_boftlab_is_refused_at_the_next_call():
+    model = boftlab.adapt(Wide4bitNet(), CONFIGS["boft"], targets=["query", "value"])
+    repack(model.query.base_layer)
+    with pytest.raises(ValueError, match=r"Linear4bit \(64 -> 64\) was repacked by bitsandbytes for CPU inference"):
+        model(torch.randn(5, 64))
+    with pytest.raises(ValueError, match=r"was repacked by bitsandbytes"):  # its packed weight would be misread
+        boftlab.dequantize_bases(model, torch.float32)
+    assert base_layers.kind(model.query.base_layer) == "quantized"

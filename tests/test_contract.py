@@ -228,6 +228,50 @@ def test_save_load_and_summary(config, kind, tmp_path):
     assert f"| {key} | 1 | {layer.n_trainable():,} |" in str(report)
 
 
+def quantized_base(bits: int):
+    """A bitsandbytes 4-bit (set to repack as on an AVX512-BF16 CPU, whatever this CPU is) or 8-bit Linear 64 -> 64."""
+    from test_base_layers import as_on_an_avx512_bf16_cpu, quantized
+
+    return as_on_an_avx512_bf16_cpu(quantized(nn.Linear(64, 64), bits))
+
+
+#: every base kind: the float layer types of LAYERS, and the quantized ones (a family that adapts nn.Linear adapts them)
+BASES = {kind.__name__: (kind, *LAYERS[kind]) for kind in LAYERS} | {
+    f"{bits}bit": (nn.Linear, lambda bits=bits: quantized_base(bits), lambda: torch.randn(3, 64)) for bits in (4, 8)}
+
+
+def cases_by_base():
+    for family, config in CASES:
+        for name, (kind, _, _) in BASES.items():
+            if kind in config.supported_layers():
+                yield pytest.param(config, name, id=f"{family}-{name}-{_options(config)}")
+
+
+@pytest.mark.parametrize("config,base", list(cases_by_base()))
+def test_a_training_step_after_an_evaluation_gives_every_trainable_tensor_its_gradient(config, base):
+    """eval() and a forward without gradients (a validation pass), then a training step: every trainable tensor gets a
+    non-zero gradient, the same as without the evaluation (bitsandbytes' CPU repacking once dropped it)."""
+    grads = {}
+    for evaluate_first in (False, True):
+        torch.manual_seed(0)
+        _, make_base, make_input = BASES[base]
+        model = nn.Sequential(make_base(), nn.Flatten(1), nn.LazyLinear(2))
+        x = make_input()
+        model(x)  # materialise the head
+        boftlab.adapt(model, config, targets=["0"], trainable=["2"])
+        perturb(model[0])
+        if evaluate_first:
+            model.eval()
+            with torch.no_grad():
+                model(x)
+            model.train()
+        model(x).square().sum().backward()
+        grads[evaluate_first] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads[True] and all(g is not None and g.abs().sum() > 0 for g in grads[True].values()), grads[True]
+    for n, g in grads[False].items():
+        torch.testing.assert_close(grads[True][n], g, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("family,config", CASES, ids=[f"{f}-{_options(c)}" for f, c in CASES])
 def test_unsupported_layer_is_refused_naming_the_supported_types(family, config):
     names = ", ".join(type_name(t) for t in config.supported_layers())

@@ -42,9 +42,10 @@ def test_environment_yml_matches_pyproject():
     extras = project["optional-dependencies"]
     assert "boftlab[notebooks]" in extras["dev"]  # dev is a superset of notebooks
     declared = project["dependencies"] + expand(extras["dev"], extras)
-    listed = [i for i in pip_section((ROOT / "environment.yml").read_text()) if not i.startswith("-e")]
+    listed = [i for i in pip_section((ROOT / "environment.yml").read_text()) if not i.startswith(("-e", "-c"))]
     assert sorted(listed) == sorted(declared)  # same names and the same version bounds
     assert "-e .[dev]" in pip_section((ROOT / "environment.yml").read_text())  # and it installs boftlab itself
+    assert "-c constraints.txt" in pip_section((ROOT / "environment.yml").read_text())  # at the lock's versions
 
 
 def test_readme_commands_are_what_ci_runs():
@@ -135,3 +136,52 @@ def test_what_the_package_reads_ships_in_the_wheel():
     undeclared = [p for p in read
                   if not any(fnmatch(p.relative_to(package).as_posix(), g) for g in patterns)]
     assert not undeclared, f"files boftlab reads that pyproject's package-data leaves out of a wheel: {undeclared}"
+
+
+# --- the pinned environment -------------------------------------------------------------------------------------------
+def lock_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lock", ROOT / "scripts" / "lock.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_lock_pins_every_requirement_within_its_declared_bounds():
+    from packaging.requirements import Requirement
+
+    lock = lock_module()
+    pins = lock.pinned((ROOT / "constraints.txt").read_text())
+    for text in lock.requirements():
+        requirement = Requirement(text)
+        name = re.sub(r"[-_.]+", "-", requirement.name).lower()
+        assert name in pins, f"constraints.txt does not pin {name}"
+        version = pins[name].split("==")[1]
+        assert requirement.specifier.contains(version, prereleases=True), (text, version)
+
+
+def test_the_minimums_are_the_declared_lower_bounds():
+    minimums = dict(line.split("==") for line in lock_module().minimums())
+    assert minimums["torch"] == "2.9.1" and minimums["peft"] == "0.21.2" and minimums["transformers"] == "5.25"
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert len(minimums) == sum(">=" in r for r in lock_module().requirements())
+    assert project["requires-python"] == ">=3.11"
+
+
+def test_colab_pins_are_the_locks_versions_and_spare_the_runtime():
+    lock = lock_module()
+    pins, colab = lock.pinned((ROOT / "constraints.txt").read_text()), lock.pinned(
+        (ROOT / "constraints-colab.txt").read_text())
+    assert set(colab) == set(lock.COLAB_PINS) and all(pins[name] == line for name, line in colab.items())
+    assert not {"torch", "torchvision", "numpy", "ipykernel", "jupyter"} & set(colab)
+
+
+def test_the_drift_workflow_tests_the_minimums_and_the_newest_releases_weekly():
+    workflow = (ROOT / ".github" / "workflows" / "drift.yml").read_text()
+    readme = (ROOT / "README.md").read_text()
+    test = re.findall(r"```bash\n(.*?)```", readme.split("## Set up")[1], re.S)[1].strip()
+    assert "schedule:" in workflow and "cron:" in workflow
+    assert "python scripts/lock.py minimums minimums.txt" in workflow and "pip install -c minimums.txt" in workflow
+    assert 'pip install --upgrade -e ".[dev]"' in workflow and "constraints.txt" not in workflow.split("steps:")[1]
+    assert f"run: {test}" in workflow

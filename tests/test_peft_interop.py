@@ -1,6 +1,8 @@
 """to_peft / from_peft: PEFT loads boftlab's BOFT and OFT adapters with identical outputs, and back."""
 
 
+import json
+
 import peft
 import pytest
 import torch
@@ -341,3 +343,40 @@ def test_coft_both_ways(tmp_path, neumann_terms, coft_eps):
     ))
     theirs.save_pretrained(tmp_path / "in")
     assert_same(boftlab.from_peft(base(), tmp_path / "in")(*x), theirs(*x))
+
+
+# --- the PEFT versions the exchange is verified against --------------------------------------------------------------
+@pytest.mark.parametrize("version", ["0.13.0", "0.17.1", "0.20.0", "0.22.0", "1.0.0"])
+def test_export_refuses_a_peft_version_it_was_not_verified_against(tmp_path, monkeypatch, version):
+    """PEFT 0.13 loads a BOFT export without error and computes outputs 2.01 away (154 relative): refused, naming
+    the range, and nothing is written."""
+    model = perturb(boftlab.adapt(base(), BOFTConfig(block_size=4, n_factors=2), targets=["fc1", "conv"]))
+    monkeypatch.setattr(peft, "__version__", version)
+    with pytest.raises(ValueError, match=rf"the installed PEFT, which would read this export, is PEFT {version}; "
+                                         r"boftlab's exchange with PEFT is verified for PEFT >= 0\.21\.0, < 0\.22\.0"):
+        boftlab.to_peft(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("version", ["0.15.2", "0.20.0", "0.22.0", None])
+def test_import_refuses_a_file_from_a_peft_version_it_was_not_verified_against(tmp_path, version):
+    model = perturb(boftlab.adapt(base(), OFTConfig(block_size=4), targets=["fc1"]))
+    boftlab.to_peft(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_version"] == peft.__version__  # what PEFT itself records
+    config["peft_version"] = version
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    fresh = base()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    recorded = version or r"\(unrecorded: older than PEFT records\)"
+    with pytest.raises(ValueError, match=rf"the PEFT that wrote .*adapter_config.json' is PEFT {recorded}; .*pip "
+                                         r"install 'peft>=0\.21\.0,<0\.22\.0'"):
+        boftlab.from_peft(fresh, tmp_path)
+    untouched(fresh, before)
+
+
+def test_dev_and_local_peft_versions_are_read_by_their_release():
+    from boftlab.peft_interop import _release
+
+    assert _release("0.21.2") == _release("0.21.2.dev0@abc123") == _release("0.21.2+local") == (0, 21, 2)
+    assert _release("0.22.0rc1") == (0, 22, 0) and _release("garbage") == ()

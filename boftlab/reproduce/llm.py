@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..base_layers import keep_unpacked
 from .runner import (
     Domain,
     Method,
@@ -209,7 +210,7 @@ def load_causal_lm(name: str, load_in_4bit: bool, device: torch.device) -> nn.Mo
     default; the optimizer updates fp32, autocast computes in 16 bits) — or, with ``load_in_4bit``, every linear
     layer's weight in 4 bits (bitsandbytes nf4, quantized as it loads onto ``device``, computing in
     ``autocast_dtype(device)``) and the rest in that dtype, all frozen. That model stays on ``device``: a 4-bit
-    weight is quantized where it is placed."""
+    weight is quantized where it is placed, and never repacked for CPU inference (``base_layers.keep_unpacked``)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     if load_in_4bit:
@@ -218,6 +219,7 @@ def load_causal_lm(name: str, load_in_4bit: bool, device: torch.device) -> nn.Mo
                                           bnb_4bit_compute_dtype=compute)
         model = AutoModelForCausalLM.from_pretrained(name, quantization_config=quantization, dtype=compute,
                                                      device_map={"": device})
+        keep_unpacked(model)  # a baseline evaluation on a CPU must not repack the weights (no input gradient after)
     else:
         model = AutoModelForCausalLM.from_pretrained(name).float()
     model.config.use_cache = False  # no key/value cache while training (it conflicts with gradient checkpointing)

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..base_layers import kind
+from ..base_layers import keep_unpacked, kind
 from ..contract import FAMILIES
 
 #: the references a method can name besides boftlab's families (``contract.FAMILIES``)
@@ -91,6 +91,7 @@ def prepare(model: nn.Module, method: Method, trainable: list[str]) -> nn.Module
             f"full fine-tuning trains every weight, and {len(quantized_layers(model))} layers of this model store "
             "theirs quantized (bitsandbytes), which no optimizer can update; load the model in 16 bits to train it "
             "fully")
+    keep_unpacked(model)  # every method: a 4-bit layer repacked at an evaluation would drop its input gradient
     if method.family in ("head", "full"):
         for name, p in model.named_parameters():
             p.requires_grad_(method.family == "full" or any(_in_module(name, t) for t in trainable))
