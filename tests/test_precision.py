@@ -220,3 +220,22 @@ def test_merge_and_unmerge_compute_in_fp64_for_any_adapter_and_base_dtype(case, 
     restored, exact = layer.unmerged_weights(), twin.unmerged_weights()
     for name, tensor in restored.items():
         one_rounding(tensor, exact[name])
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_a_reference_pass_inside_disabled_under_gradient_checkpointing_gives_the_uncheckpointed_gradients(reentrant):
+    """The DPO pattern on a transformers model with gradient_checkpointing_enable(): the reference loss inside
+    boftlab.disabled, the policy loss outside, one backward after the block. Its recomputation of the reference pass
+    bypasses the adapters as the pass did, so every gradient is the one without checkpointing (before: the adapters
+    got the reference pass's gradient too, or non-reentrant checkpointing raised a CheckpointError)."""
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(5))
+    grads = {}
+    for checkpointing in (False, True):
+        model = tiny_llama(checkpointing, reentrant)
+        with boftlab.disabled(model):
+            reference = model(input_ids=ids, labels=ids).loss
+        (model(input_ids=ids, labels=ids).loss - reference).backward()
+        grads[checkpointing] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None for g in grads[True].values()) and grads[True].keys() == grads[False].keys()
+    for name, grad in grads[True].items():
+        torch.testing.assert_close(grad, grads[False][name], rtol=0, atol=1e-6)
