@@ -330,3 +330,7 @@ def test_disabled_under_gradient_checkpointing_recomputes_the_bypassed_pass_bypa
     for name, p in grads.items():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, expected[name].grad, rtol=1e-6, atol=1e-7)
+    kept = len(boftlab.contract.BYPASSED_REGIONS)
+    with boftlab.disabled(model), torch.no_grad():  # no graph: nothing to recompute, nothing kept
+        torch.testing.assert_close(model(x), base(x), rtol=0, atol=0)
+    assert len(boftlab.contract.BYPASSED_REGIONS) == kept
