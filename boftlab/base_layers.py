@@ -13,7 +13,8 @@ another weight. The functions here answer both for each kind of base layer:
 A quantized layer is only ever *called*: y ≈ x Wᵀ + b through bitsandbytes' own kernel. Families adapt it on their
 input path (BOFT rotates x before it, SURM and the tensor core add their product beside it) and refuse to merge into
 it: re-quantizing a merged W' would round it to the quantization grid again, so the merged model would no longer
-compute what the adapted one does. ``dequantize_bases`` turns such bases into plain nn.Linear layers first.
+compute what the adapted one does. ``dequantize_bases`` turns such bases into nn.Linear layers first
+(``DequantizedLinear``: the dequantized weight, computing in the quantized layer's compute dtype).
 
 bitsandbytes repacks a 4-bit weight for its CPU inference kernel (on CPUs with AVX512-BF16, at an eval-mode forward
 whose input needs no gradient): in place and for good, with its absmax rounded to bf16, activations rounded to bf16,
@@ -25,6 +26,8 @@ a layer's type derives from, so ``import boftlab`` stays light and works where n
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -184,6 +187,10 @@ def run(layer: nn.Module, x: torch.Tensor, new_weight: torch.Tensor) -> torch.Te
     (applied to this temporary weight, never the frozen one), norm_type and scale_grad_by_freq. Dense gradients: sparse
     only concerns a frozen base weight."""
     layer_kind = kind(layer)
+    if isinstance(layer, DequantizedLinear):  # as the quantized layer computed: in its compute dtype
+        dtype = layer.compute_dtype or x.dtype
+        bias = None if layer.bias is None else layer.bias.to(dtype)
+        return F.linear(x.to(dtype), new_weight.to(dtype), bias).to(x.dtype)
     if layer_kind == "linear":
         return F.linear(x, new_weight, layer.bias)
     if layer_kind == "conv":
@@ -193,7 +200,60 @@ def run(layer: nn.Module, x: torch.Tensor, new_weight: torch.Tensor) -> torch.Te
     raise ValueError(f"a quantized {type(layer).__name__} runs only its own kernel; its weight cannot be replaced")
 
 
+# --- embeddings ------------------------------------------------------------------------------------------------------
+def renormalises_in_place(layer: nn.Module) -> bool:
+    """Whether calling ``layer`` writes into its own weight: an Embedding with ``max_norm`` rescales every looked-up row
+    whose norm exceeds it, in place."""
+    return kind(layer) == "embedding" and layer.max_norm is not None
+
+
+def call_frozen(layer: nn.Module, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+    """``layer(x)``, except that an Embedding with ``max_norm`` renormalises the looked-up rows of a copy of its
+    weight, never the frozen weight itself (the same output). O(num·dim) extra for such an Embedding."""
+    if renormalises_in_place(layer):
+        return run(layer, x, layer.weight.clone())
+    return layer(x, *args, **kwargs)
+
+
+def with_table_gradient(layer: nn.Embedding, ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` (..., d) computed for the ids ``ids`` (...), unchanged forward; backward, each row's gradient as
+    F.embedding passes it to the table: zero at ``padding_idx``, and divided by how often its id occurs in ``ids``
+    with ``scale_grad_by_freq``. A path that adapts the looked-up rows (not the table) calls it, so that its adapter
+    gradients are the weight path's, which looks the adapted table up with those flags. O(numel(ids) + num)."""
+    if (layer.padding_idx is None and not layer.scale_grad_by_freq) or not rows.requires_grad:
+        return rows
+    scale = torch.ones(ids.shape, dtype=rows.dtype, device=rows.device)
+    if layer.scale_grad_by_freq:
+        scale = scale / torch.bincount(ids.reshape(-1), minlength=layer.num_embeddings)[ids]  # 1 / count of each id
+    if layer.padding_idx is not None:
+        scale = scale.masked_fill(ids == layer.padding_idx, 0)
+    return _ScaleGradient.apply(rows, scale[..., None])
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """y = x; ∂L/∂x = scale ⊙ ∂L/∂y (scale broadcast to x)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(scale)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (scale,) = ctx.saved_tensors
+        return grad * scale, None
+
+
 # --- quantized layers ------------------------------------------------------------------------------------------------
+def n_parameters(module: nn.Module, trainable: bool = False) -> int:
+    """Numbers ``module``'s parameters stand for (only those that require a gradient with ``trainable``): a
+    bitsandbytes layer's weight counts its out·in logical weights, not the bytes it is packed into (two 4-bit
+    weights per byte), as PEFT counts them — so a 4-bit model reports the sizes of the same model in fp32."""
+    logical = {id(m.weight): math.prod(weight_shape(m)) for m in module.modules()
+               if isinstance(m, nn.Linear) and kind(m) == "quantized"}
+    return sum(logical.get(id(p), p.numel()) for p in module.parameters() if p.requires_grad or not trainable)
+
+
 def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     """(out, in) float weight of a bitsandbytes Linear4bit / Linear8bitLt: the values its kernel multiplies by.
 
@@ -220,13 +280,55 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     )
 
 
-def dequantized_linear(layer: nn.Module, dtype: torch.dtype) -> nn.Linear:
-    """A frozen nn.Linear in ``dtype`` holding ``dequantized_weight(layer)`` and the layer's bias. O(out·in)."""
+class DequantizedLinear(nn.Linear):
+    """An nn.Linear holding a bitsandbytes layer's dequantized weight that computes as that layer did: the input cast
+    to ``compute_dtype`` (a Linear4bit's; None: the input's own dtype, as Linear8bitLt computes), x Wᵀ + b there, the
+    output cast back to the input's dtype. A plain nn.Linear in the compute dtype would refuse activations of another
+    dtype, and one in the activations' dtype would compute at another precision."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, compute_dtype: torch.dtype | None,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.compute_dtype = compute_dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run(self, x, self.weight)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", compute_dtype={self.compute_dtype}"
+
+
+def computes_in_own_dtype(layer: nn.Module) -> bool:
+    """Whether ``layer`` casts its input to a compute dtype of its own (a bitsandbytes layer, a ``DequantizedLinear``):
+    a family then calls it on (transformed) activations rather than multiplying by its weight itself."""
+    return kind(layer) == "quantized" or isinstance(layer, DequantizedLinear)
+
+
+def dequantized_linear(layer: nn.Module, dtype: torch.dtype) -> DequantizedLinear:
+    """A frozen ``DequantizedLinear`` holding ``dequantized_weight(layer)`` and the layer's bias in ``dtype``, computing
+    in the layer's compute dtype: the same outputs. ValueError (nothing built) for a ``dtype`` that is not a floating
+    torch.dtype, or that would round the values the layer computes with. O(out·in)."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            f"dtype must be a floating torch.dtype (torch.float32, torch.bfloat16, torch.float16, torch.float64), got "
+            f"{dtype!r} ({type(dtype).__name__}): the dequantized weight is stored in it"
+        )
     out_features, in_features = weight_shape(layer)
-    device = layer.weight.device
-    plain = nn.Linear(in_features, out_features, bias=layer.bias is not None, device=device, dtype=dtype)
+    compute = getattr(layer, "compute_dtype", None)  # a Linear4bit's; Linear8bitLt computes in its input's dtype
+    weight = dequantized_weight(layer).reshape(out_features, in_features)
+    for name, value in (("weight", weight), ("bias", layer.bias)):
+        used = None if value is None else value.to(compute or value.dtype)  # what the layer computes with
+        if used is not None and not torch.equal(value.to(dtype).to(used.dtype), used):
+            change = (value.to(dtype).to(used.dtype) - used).abs().max().item()
+            raise ValueError(
+                f"this {type(layer).__name__} ({in_features} -> {out_features}) computes with "
+                f"{used.dtype} values of its dequantized {name}, which {dtype} cannot hold exactly (they would move by "
+                f"up to {change:.3g}), so the outputs would change. Use dtype={used.dtype}, or a wider float dtype "
+                "(torch.float64 holds every one exactly)."
+            )
+    plain = DequantizedLinear(in_features, out_features, layer.bias is not None, compute, layer.weight.device, dtype)
     with torch.no_grad():
-        plain.weight.copy_(dequantized_weight(layer).reshape(out_features, in_features))
+        plain.weight.copy_(weight)
         if layer.bias is not None:
             plain.bias.copy_(layer.bias)
     return plain.requires_grad_(False)

@@ -287,11 +287,13 @@ class BOFTLayer(AdapterLayer):
             blocks = torch.where(drop[..., None, None], torch.eye(self.block_size, device=blocks.device), blocks)
         return blocks
 
-    def cayley_blocks(self) -> torch.Tensor:
-        """(m, k, b, b) blocks in fp32 (or fp64) with COFT applied and no dropout: the eval-mode R, which merge folds
-        in whatever the mode (dropout perturbs training steps only)."""
+    def cayley_blocks(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """(m, k, b, b) blocks computed in ``dtype`` (default fp32, or fp64 for fp64 parameters; merges pass fp64)
+        with COFT applied and no dropout: the eval-mode R, which merge folds in whatever the mode (dropout perturbs
+        training steps only)."""
+        dtype = dtype or torch.promote_types(self.skew.dtype, torch.float32)
         with autocast_off(self.skew.device):  # Cayley (solve or series) in fp32 under AMP
-            skew = skew_symmetric(self.skew.to(torch.promote_types(self.skew.dtype, torch.float32)), self.block_size)
+            skew = skew_symmetric(self.skew.to(dtype), self.block_size)
             if self.config.coft:
                 # constrained OFT: pull each block's S back onto the ball ‖S‖_F ≤ eps/√k (eps as in PEFT)
                 radius = self.config.coft_eps / math.sqrt(self.n_blocks)
@@ -371,7 +373,7 @@ class BOFTLayer(AdapterLayer):
                      "weight": passes * min(on_table.values()) + (n * d if training else 0)}
             return {path: costs[path] for path in self.paths()}
         if kind == "conv":
-            n = x_shape[0] * math.prod(conv_output_size(base, x_shape[-2:]))
+            n = math.prod(x_shape[:-3]) * math.prod(conv_output_size(base, x_shape[-2:]))  # (B,) or () unbatched
         else:
             n = math.prod(x_shape) // d
         on_rows = self.rotation_costs(n, dtype)
@@ -417,7 +419,7 @@ class BOFTLayer(AdapterLayer):
         expected = self.fan_in if linear else base.in_channels
         channels = x.shape[-1] if linear else x.shape[-3] if x.dim() >= 3 else None
         if channels != expected:
-            shape = f"(..., {expected})" if linear else f"(batch, {expected}, height, width)"
+            shape = f"(..., {expected})" if linear else f"(batch, {expected}, height, width) or unbatched ({expected}, …)"
             raise ValueError(
                 f"this adapted {type(base).__name__} expects inputs of shape {shape}, got {tuple(x.shape)}"
             )
@@ -426,7 +428,7 @@ class BOFTLayer(AdapterLayer):
         if path == "weight":
             return base_layers.run(base, x, self.rotated_weight(blocks))
         form = "factored" if path == "input" else "assembled"
-        if kind == "quantized":
+        if base_layers.computes_in_own_dtype(base):  # bitsandbytes, or dequantized from it: call it on Rᵀx
             return self._quantized_input_path(x, blocks, form)
         if linear:
             rotated = self.rotate(x, blocks=blocks, form=form)  # Rᵀx for every row
@@ -455,6 +457,7 @@ class BOFTLayer(AdapterLayer):
         rotated = self.rotate(rows, blocks=blocks, form="factored" if path == "input" else "assembled")
         if self.scale is not None:
             rotated = rotated * self.scale.to(rotated.dtype)
+        rotated = base_layers.with_table_gradient(self.base_layer, ids, rotated)  # as the table's (weight path)
         return self._keep_padding(ids, rows, rotated)
 
     def _quantized_input_path(self, x: torch.Tensor, blocks: torch.Tensor, form: str) -> torch.Tensor:
@@ -466,6 +469,8 @@ class BOFTLayer(AdapterLayer):
         return h + (self.scale.to(h.dtype) - 1) * (h if bias is None else h - bias.to(h.dtype))
 
     def _conv_input_path(self, x: torch.Tensor, blocks: torch.Tensor, form: str) -> torch.Tensor:
+        if x.dim() == 3:  # unbatched (C, H, W), which nn.Conv2d accepts: as a batch of one
+            return self._conv_input_path(x[None], blocks, form)[0]
         base, groups = self.base_layer, self.base_layer.groups
         patches = F.unfold(x, base.kernel_size, base.dilation, base.padding, base.stride)  # (B, C·kh·kw, L)
         batch, _, length = patches.shape
@@ -485,9 +490,10 @@ class BOFTLayer(AdapterLayer):
         (``base_layers.weight`` says why).
         """
         self._check_scale_invertible("merge")
-        base, weight, blocks = self.base_layer, base_layers.weight(self.base_layer), self.cayley_blocks()
+        base, weight = self.base_layer, base_layers.weight(self.base_layer)
+        blocks = self.cayley_blocks(merge_dtype(weight))
         if torch.isfinite(blocks).all():  # (NaN/inf blocks: the merged weight is not finite, which merge refuses)
-            inverse_transposed_blocks(blocks.to(merge_dtype(weight)))  # raises for a singular block
+            inverse_transposed_blocks(blocks)  # raises for a singular block
         embedding = base_layers.kind(base) == "embedding"
         rows = weight.reshape(-1, self.fan_in).to(merge_dtype(weight))
         # a Linear's or conv's rows become W Rᵀ; an Embedding's rows e become e R, as its lookups do; by the weight
@@ -510,7 +516,7 @@ class BOFTLayer(AdapterLayer):
         merged = rows
         if self.scale is not None:
             merged = rows / (self.scale.to(rows.dtype) if embedding else self.scale.to(rows.dtype)[:, None])
-        inverse = inverse_transposed_blocks(self.cayley_blocks().to(rows.dtype))
+        inverse = inverse_transposed_blocks(self.cayley_blocks(rows.dtype))
         # rows @ R⁻ᵀ for a Linear's or conv's W'; an Embedding's rows times R⁻¹ = (R⁻ᵀ)ᵀ, the blocks applied transposed
         restored = self.rotate(merged, transpose=embedding, blocks=inverse)
         if embedding:

@@ -45,11 +45,14 @@ import contextlib
 import dataclasses
 import math
 import numbers
+import sys
+import weakref
 from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import nn
 
+from . import base_layers
 from .base_layers import check_plain_weight, check_readable, check_unpacked, is_repacked, keep_unpacked, kind, type_name
 
 #: family name -> config class; filled by ``AdapterConfig.__init_subclass__``.
@@ -58,6 +61,50 @@ FAMILIES: dict[str, type["AdapterConfig"]] = {}
 PATHS = ("input", "assembled", "weight")
 #: the key under each adapter layer's prefix in a ``state_dict()`` that records whether its base tensors are merged
 MERGED_KEY = "merged"
+#: checkpointed regions that ran while ``boftlab.disabled`` bypassed some adapter layers: id(region) -> the ids of those
+#: layers (``checkpoint_region``); an entry goes when torch frees the region with its graph
+BYPASSED_REGIONS: dict[int, set[int]] = {}
+_CHECKPOINT_FILE = sys.modules["torch.utils.checkpoint"].__file__
+#: (frame of torch/utils/checkpoint.py, its local holding the region): the region's first run, then its recomputation
+_FIRST_RUN = {"forward": "ctx", "_checkpoint_impl": "gen"}  # reentrant Function's ctx; the non-reentrant generator's
+_RECOMPUTE = {"backward": "ctx", "unpack_hook": "frame"}  # ... and, in the backward, the same objects
+
+
+def checkpoint_region() -> tuple[str, object] | None:
+    """("first run" | "recompute", region) while torch.utils.checkpoint runs a checkpointed region, or re-runs it during
+    a backward; None outside one. ``region`` is torch's own object for it — the reentrant Function's ctx, the
+    non-reentrant _CheckpointFrame — the same in both runs, and freed with the graph (at once where no graph is built,
+    under torch.no_grad()). Read from the call stack, i.e. from torch's internals: a ValueError names the torch
+    version if a frame of torch/utils/checkpoint.py holds none of them. O(stack depth)."""
+    seen = []  # the frames of torch/utils/checkpoint.py on the stack, innermost first
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_filename == _CHECKPOINT_FILE:
+            name, local = frame.f_code.co_name, frame.f_locals
+            seen.append(name)
+            if name in _RECOMPUTE and _RECOMPUTE[name] in local:
+                return "recompute", local[_RECOMPUTE[name]]
+            if name in _FIRST_RUN and _FIRST_RUN[name] in local:
+                region = local["ctx"] if name == "forward" else local["gen"].gi_frame.f_locals.get("new_frame")
+                if region is not None:
+                    return "first run", region
+        frame = frame.f_back
+    if not seen:
+        return None
+    raise ValueError(
+        f"an adapter layer runs inside a gradient-checkpointed region inside boftlab.disabled(...), but boftlab cannot "
+        f"tell that region in this torch {torch.__version__} (frames {seen} of torch/utils/checkpoint.py), so a "
+        "backward after the block could not recompute it bypassed, as it ran. Run the bypassed pass under "
+        "torch.no_grad() (a reference pass needs no graph), or without gradient checkpointing."
+    )
+
+
+def _record_bypass(region: object, layer_id: int) -> None:
+    """Remember that ``region`` ran with the layer ``layer_id`` bypassed, until torch frees the region."""
+    if id(region) not in BYPASSED_REGIONS:
+        BYPASSED_REGIONS[id(region)] = set()
+        weakref.finalize(region, BYPASSED_REGIONS.pop, id(region), None)
+    BYPASSED_REGIONS[id(region)].add(layer_id)
 
 
 def nearest(value: int, choices: list[int]) -> int:
@@ -293,9 +340,43 @@ class AdapterLayer(nn.Module):
             )
         if self.quantized_base and is_repacked(self.base_layer):
             check_unpacked(self.base_layer)  # repacked behind boftlab's back: its input gradient would be lost
-        if self.merged or self.disabled_count:
+        if self.merged:
             return self.base_layer(x, *args, **kwargs)
+        if self.disabled_count:
+            self._remember_a_checkpointed_bypass()
+        if self.disabled_count or (BYPASSED_REGIONS and self._recomputes_a_bypassed_pass()):
+            # the base's output, its frozen weight never written (an Embedding's max_norm)
+            return base_layers.call_frozen(self.base_layer, x, *args, **kwargs)
         return self.adapted_forward(x, *args, **kwargs)
+
+    def _remember_a_checkpointed_bypass(self) -> None:
+        """In a gradient-checkpointed region's first run, record that this layer is bypassed there: the backward
+        re-runs the region, maybe after the ``disabled`` block has ended, and ``_recomputes_a_bypassed_pass`` then
+        bypasses it again. (Not while torch.compile traces: it cannot read the call stack.)"""
+        if not torch.compiler.is_compiling():
+            region = checkpoint_region()
+            if region and region[0] == "first run":
+                _record_bypass(region[1], id(self))
+
+    def _recomputes_a_bypassed_pass(self) -> bool:
+        """Whether this call re-runs, during a backward, a checkpointed region that ran with this layer bypassed."""
+        if torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1:
+            return False
+        region = checkpoint_region()
+        return bool(region) and region[0] == "recompute" and id(self) in BYPASSED_REGIONS.get(id(region[1]), ())
+
+    def check_mergeable_in_place(self) -> None:
+        """ValueError where a merged base layer would write into its own weights when called, so that unmerge could no
+        longer give W back: an Embedding with max_norm renormalises the looked-up rows of W' in place. ``unwrap``
+        (which never unmerges) and the plain copies in ``state_dict`` are exact there, and stay allowed."""
+        base = self.base_layer
+        if base_layers.renormalises_in_place(base):
+            raise ValueError(
+                f"cannot merge into this Embedding with max_norm={base.max_norm}: once merged, every forward would "
+                "renormalise the looked-up rows of the merged table in place (as nn.Embedding does), so unmerge could "
+                "no longer recover W. Keep the adapter unmerged (its weight path renormalises a temporary W', never "
+                "the frozen W), or boftlab.unwrap(model) to fold it in for good."
+            )
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -304,6 +385,7 @@ class AdapterLayer(nn.Module):
         ``boftlab.merge``, which also refuses to write into a tensor another module shares."""
         if self.merged:
             raise RuntimeError(f"this {type(self).__name__} is already merged; call unmerge() first")
+        self.check_mergeable_in_place()
         self._write_base(self.base_after(merge=True))
         self.merged = True
 

@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from . import base_layers
 from .butterfly import BOFTLayer
 from .contract import FAMILIES
 
@@ -123,8 +125,8 @@ def layer_shapes(model: nn.Module, targets: list[str] | str) -> list[LayerShape]
             hit = any(name == t or name.endswith("." + t) for t in targets)
         if hit:
             kind = "linear" if isinstance(module, nn.Linear) else "conv2d"
-            found.append(LayerShape(name, module.weight[0].numel(), module.weight.shape[0], module.bias is not None, kind,
-                                    tuple(module.weight.shape)))
+            shape = base_layers.weight_shape(module)  # (out, in) of a 4-bit layer too, never its packed shape
+            found.append(LayerShape(name, math.prod(shape[1:]), shape[0], module.bias is not None, kind, shape))
     if not found:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))})
         raise ValueError(f"no nn.Linear/nn.Conv2d matches targets={targets!r}; layer names end with: {suffixes}")

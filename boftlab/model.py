@@ -501,8 +501,8 @@ def summary(model: nn.Module, print_it: bool = False) -> Summary:
     """Trainable vs total parameters, per family and per adapted layer type (like PEFT's
     ``print_trainable_parameters``, plus the paper-style effective count)."""
     params = list(model.parameters())
-    total = sum(p.numel() for p in params)
-    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total = base_layers.n_parameters(model)  # a quantized weight counts out·in, not its packed bytes
+    trainable = base_layers.n_parameters(model, trainable=True)
     by_family: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     by_type: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     adapter_ids = set()
@@ -511,7 +511,7 @@ def summary(model: nn.Module, print_it: bool = False) -> Summary:
             "layers": 1,
             "trainable": layer.n_trainable(),
             "effective": layer.n_effective(),
-            "base": sum(p.numel() for p in layer.base_layer.parameters()),
+            "base": base_layers.n_parameters(layer.base_layer),
         }
         for table, key in ((by_family, layer.family), (by_type, f"{layer.family}/{type(layer.base_layer).__name__}")):
             for k, v in row.items():
@@ -540,6 +540,11 @@ def merge(model: nn.Module) -> nn.Module:
     already = [n for n, layer in layers.items() if layer.merged]
     if already:
         raise ValueError(f"merge: already merged ({len(already)} layers, e.g. {already[0]!r}); call unmerge first")
+    for name, layer in layers.items():
+        try:
+            layer.check_mergeable_in_place()
+        except ValueError as err:
+            raise ValueError(f"merge: layer {name!r}: {err}") from err
     _write_all(model, _plan(model, layers, merge=True), merged=True)
     return model
 
@@ -610,7 +615,9 @@ def disabled(model: nn.Module, targets: Target | Sequence[Target] | None = None)
     one exits, however it exits. Not thread-safe: the switch lives on the layers, so another thread running the same
     model meanwhile sees the adapters off too. A merged adapter is refused (ValueError, nothing changed): its base
     weights hold the adapted ones, and unmerging behind your back would round-trip them through floating point on
-    every call — ``boftlab.unmerge(model)`` first, if that is what you want.
+    every call — ``boftlab.unmerge(model)`` first, if that is what you want. Under gradient checkpointing, a region
+    that ran inside the block is recomputed by the backward with the same adapters bypassed, even after the block has
+    ended (``contract.checkpoint_region``): a loss computed inside and back-propagated outside is exact.
     """
     model = strip_wrappers(model)
     layers = adapter_layers(model)
@@ -643,18 +650,27 @@ def disabled(model: nn.Module, targets: Target | Sequence[Target] | None = None)
 # --- quantized base layers ---------------------------------------------------------------------------------------------
 def dequantize_bases(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Replace the quantized base layer (bitsandbytes Linear4bit / Linear8bitLt) of every adapter by a frozen
-    nn.Linear in ``dtype`` holding its dequantized weight and its bias, in place; returns ``model``.
+    ``base_layers.DequantizedLinear`` (an nn.Linear) holding its dequantized weight and its bias in ``dtype``, in
+    place; returns ``model``.
 
-    ``dtype`` is that of the activations reaching these layers (the model's compute dtype, e.g. torch.bfloat16).
-    Afterwards ``merge`` and ``unwrap`` are exact, as on any nn.Linear. The forward changes by what the quantized
-    kernel computes beyond x·dequantize(W)ᵀ: for 4-bit, nothing; for 8-bit on a GPU, the int8 rounding of the
-    activations. O(out·in) per layer; memory grows to ``dtype``'s size per weight.
+    The new layer computes as the quantized one did: its input cast to the Linear4bit's compute dtype (Linear8bitLt:
+    the input's own dtype), the output cast back — so a bf16-compute 4-bit layer fed fp32 activations still computes
+    in bf16 and returns fp32. ``dtype`` is what the weight is stored (and merged) in: a floating dtype that holds the
+    values the layer computes with exactly (the compute dtype or a wider one), else a ValueError before anything
+    changes. Afterwards ``merge`` and ``unwrap`` are exact, as on any nn.Linear. The forward changes by what the
+    quantized kernel computes beyond x·dequantize(W)ᵀ: for 4-bit, nothing; for 8-bit on a GPU, the int8 rounding of
+    the activations. O(out·in) per layer; memory grows to ``dtype``'s size per weight.
     """
     layers = {n: layer for n, layer in adapter_layers(strip_wrappers(model)).items()
               if base_layers.kind(layer.base_layer) == "quantized"}
     if not layers:
         raise ValueError("dequantize_bases: no adapter of this model wraps a quantized (bitsandbytes) layer")
-    plain = {name: base_layers.dequantized_linear(layer.base_layer, dtype) for name, layer in layers.items()}
+    plain = {}
+    for name, layer in layers.items():  # every layer built before any is replaced
+        try:
+            plain[name] = base_layers.dequantized_linear(layer.base_layer, dtype)
+        except ValueError as err:
+            raise ValueError(f"dequantize_bases: layer {name!r}: {err}. Nothing was changed.") from err
     for name, layer in layers.items():
         layer.base_layer = plain[name]
     return model

@@ -272,7 +272,7 @@ def _config_from_peft(peft_config: dict[str, Any], kind: str) -> BOFTConfig:
 
 def _layer_config(config: BOFTConfig, name: str, module: nn.Module, stored: torch.Tensor) -> BOFTConfig:
     """The config for one layer given its stored ``boft_R`` (m, k, b, b) or ``oft_R.weight`` (k, b(b−1)/2)."""
-    fan_in = module.weight[0].numel()
+    fan_in = math.prod(base_layers.weight_shape(module)[1:])  # by the layer's sizes: a 4-bit weight is packed
     if config.family == "boft":
         m, k, b = (stored.shape[:3] if stored.dim() == 4 else (None, None, None))
     else:

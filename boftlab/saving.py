@@ -331,12 +331,29 @@ def _check_targets(model: nn.Module, group: dict[str, Any]) -> None:
             if _packing_differs(name, module, info):
                 continue
             raise ValueError(f"module {name!r} is a {type(module).__name__}, but the adapter was saved for a {info['type']}")
-        shape = list(module.weight.shape) if hasattr(module, "weight") else None
-        if shape != info["weight_shape"]:
+        saved, here = _saved_shape(info), _layer_shape(module, info)
+        if here != saved:
             raise ValueError(
-                f"shape mismatch at {name!r}: the adapter was saved for a base weight of shape {info['weight_shape']}, "
-                f"this model's is {shape} — another architecture or size?"
+                f"shape mismatch at {name!r}: the adapter was saved for a base weight of shape {saved}, "
+                f"this model's is {here} — another architecture or size?"
             )
+
+
+def _saved_shape(info: dict[str, Any]) -> list[int] | None:
+    """The saved target's weight shape in PyTorch's layout (``base_layers.weight_shape``: (out, in) even when stored
+    packed); files written before boftlab recorded it give the stored shape."""
+    return info.get("layer_shape") or info["weight_shape"]
+
+
+def _layer_shape(module: nn.Module, info: dict[str, Any]) -> list[int] | None:
+    """``module``'s weight shape as ``_saved_shape`` reads the file's: by ``base_layers.weight_shape``, never from a
+    packed tensor (a 4-bit layer's packed shape is the same for 64 -> 32 and 32 -> 64)."""
+    if "layer_shape" not in info:
+        return list(module.weight.shape) if hasattr(module, "weight") else None
+    try:
+        return list(base_layers.weight_shape(module))
+    except (AttributeError, ValueError):
+        return None
 
 
 def _packing_differs(name: str, module: nn.Module, info: dict[str, Any]) -> bool:
@@ -345,7 +362,7 @@ def _packing_differs(name: str, module: nn.Module, info: dict[str, Any]) -> bool
     4-bit base, load onto the 16-bit model to merge and serve). The adapter's tensors mean the same map on both; what
     differs is the base weight itself (its quantization error), which is the base the user chose. ValueError when the
     types are such a pair but the sizes are not."""
-    linear_names = {"Linear", *base_layers.QUANTIZED_LINEARS}
+    linear_names = {"Linear", "DequantizedLinear", *base_layers.QUANTIZED_LINEARS}
     if not (info["type"] in linear_names and base_layers.kind(module) in ("linear", "quantized")
             and type(module).__name__ in linear_names and {info["type"], type(module).__name__} != {"Linear"}):
         return False
@@ -440,10 +457,12 @@ def _check_tensors(expected: dict[str, torch.Tensor], tensors: dict[str, torch.T
         )
 
 
-def _structure(config: dict[str, Any]) -> dict[str, Any]:
-    """Module name -> (config, base type, base weight shape) of an ``adapter_config``, plus the kept-trainable list."""
+def _structure(config: dict[str, Any], shape_key: str) -> dict[str, Any]:
+    """Module name -> (config, base type, base weight shape) of an ``adapter_config``, plus the kept-trainable list.
+    ``shape_key``: "layer_shape" (``base_layers.weight_shape``, never a packed shape), or "weight_shape" (as stored) to
+    compare with a file written before boftlab recorded layer shapes."""
     targets = {
-        name: (group["config"], info["type"], info["weight_shape"])
+        name: (group["config"], info["type"], info[shape_key])
         for group in config["groups"] for name, info in group["targets"].items()
     }
     return {"targets": targets, "trainable": sorted(config.get("trainable", []))}
@@ -451,7 +470,9 @@ def _structure(config: dict[str, Any]) -> dict[str, Any]:
 
 def _swap(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> nn.Module:
     """Hot swap: the file's tensors into adapters of the same structure (``load_adapter``). O(adapter size)."""
-    here, there = _structure(adapter_config(model)), _structure(config)
+    recorded = all("layer_shape" in info for group in config["groups"] for info in group["targets"].values())
+    shape_key = "layer_shape" if recorded else "weight_shape"
+    here, there = _structure(adapter_config(model), shape_key), _structure(config, shape_key)
     mine, theirs = here["targets"], there["targets"]
     differences = [
         f"adapted here only: {sorted(set(mine) - set(theirs))[:5]}" if set(mine) - set(theirs) else "",

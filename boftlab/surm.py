@@ -392,13 +392,14 @@ class StructuredMatrix(nn.Module):
             return self.displacement_rank * entries * max(1, math.ceil(math.log2(self.size)))
         return entries
 
-    def dense(self) -> torch.Tensor:
-        """S as a dense d_out × d_in matrix, in fp32 (fp64 for fp64 parameters), in O(r·d_out·d_in) memory, never via
-        a larger square (circulant, Toeplitz: gathers; Kronecker: torch.kron; LDR: ``ldr_block``).
+    def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """S as a dense d_out × d_in matrix computed in ``dtype`` (default fp32, fp64 for fp64 parameters; merges pass
+        fp64), in O(r·d_out·d_in) memory, never via a larger square (circulant, Toeplitz: gathers; Kronecker:
+        torch.kron; LDR: ``ldr_block``).
 
         For merging, and for convolutions, whose forward uses S in the kernel's shape (module docstring).
         """
-        dtype = _compute_dtype(next(self.parameters()).dtype)
+        dtype = dtype or _compute_dtype(next(self.parameters()).dtype)
         if self.structure == "toeplitz":
             return toeplitz(self.diagonals.to(dtype), self.d_out, self.d_in)
         if self.structure == "kronecker":
@@ -553,9 +554,10 @@ class SURMLayer(AdapterLayer):
         base_cost, assembly = positions * math.prod(shape), self.matrix.dense_cost()
         return {"weight": (2 + g) * base_cost + 3 * assembly if training else base_cost + assembly}
 
-    def delta_weight(self) -> torch.Tensor:
-        """α·S, dense, in ``base_layers.weight_shape``: (d_out, d_in), or (out, in/groups, *kernel_size) for a conv."""
-        return (self.config.alpha * self.matrix.dense()).reshape(base_layers.weight_shape(self.base_layer))
+    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """α·S, dense, computed in ``dtype`` (``StructuredMatrix.dense``), in ``base_layers.weight_shape``: (d_out,
+        d_in), or (out, in/groups, *kernel_size) for a conv."""
+        return (self.config.alpha * self.matrix.dense(dtype)).reshape(base_layers.weight_shape(self.base_layer))
 
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         base = self.base_layer
@@ -568,7 +570,7 @@ class SURMLayer(AdapterLayer):
         """W ± α·S computed in ``dtype``, in ``base_layers.weight``'s layout and W's dtype (one rounding); ValueError
         for a quantized base."""
         weight = base_layers.weight(self.base_layer)
-        return (weight.to(dtype) + sign * self.delta_weight().to(dtype)).to(weight.dtype)
+        return (weight.to(dtype) + sign * self.delta_weight(dtype)).to(weight.dtype)
 
     def merged_weights(self) -> dict[str, torch.Tensor]:
         return base_layers.stored(self.base_layer, self._shifted_weight(merge_dtype(self.base_layer.weight), +1))
@@ -630,7 +632,7 @@ class SURMAdapterLayer(AdapterLayer):
                 "cannot merge: the adapter has a bias but the base Linear has none to absorb it "
                 "(use SURMConfig(..., bias=False) or a base layer with bias=True)."
             )
-        s = self.matrix.dense().to(dtype)
+        s = self.matrix.dense(dtype)
         return torch.eye(s.shape[0], dtype=dtype, device=s.device) + self.config.alpha * s
 
     def merged_weights(self) -> dict[str, torch.Tensor]:

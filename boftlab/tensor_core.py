@@ -227,14 +227,17 @@ class TensorCoreLayer(AdapterLayer):
                 self.factors[0][base_layer.padding_idx].zero_()
 
     # --- the update ---
-    def delta_weight(self) -> torch.Tensor:
-        """ΔW = α · G ×₁ U₁ ⋯ ×_N U_N in the adapter's dtype, shape of the base weight. O(tucker_flops).
+    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """ΔW = α · G ×₁ U₁ ⋯ ×_N U_N computed in ``dtype`` (default: the adapter's), shape of the base weight.
+        O(tucker_flops).
 
-        Assembled outside autocast: the small products stay in the adapter's precision (under autocast each
-        tensordot would round to half precision and the next one would mix dtypes).
+        Assembled outside autocast: the small products stay in that precision (under autocast each tensordot would
+        round to half precision and the next one would mix dtypes). Merges pass fp64, so a bf16 adapter is not
+        rounded to bf16 on its way into an fp32 weight.
         """
+        dtype = dtype or self.core.dtype
         with autocast_off(self.core.device):
-            return tucker_delta(self.core, list(self.factors), self.config.alpha)
+            return tucker_delta(self.core.to(dtype), [f.to(dtype) for f in self.factors], self.config.alpha)
 
     def n_effective(self) -> int:
         """Free parameters of the Tucker form (stored minus the per-mode gauge): ``tucker_dimension``."""
@@ -303,8 +306,9 @@ class TensorCoreLayer(AdapterLayer):
         factors = [f.to(core.dtype) for f in self.factors]
         u_out, u_in = factors[:2]
         if isinstance(base, nn.Embedding):
-            rows = F.embedding(x, u_out, base.padding_idx, None, 2.0, base.scale_grad_by_freq)  # (..., r_num)
-            delta = rows @ core @ u_in.T  # (..., embedding_dim)
+            rows = F.embedding(x, u_out, base.padding_idx)  # (..., r_num)
+            # each row's gradient as the table's on the weight path (padding_idx, scale_grad_by_freq)
+            delta = base_layers.with_table_gradient(base, x, rows @ core @ u_in.T)  # (..., embedding_dim)
             return base(x) + (self.config.alpha * delta).to(base.weight.dtype)
         if base_layers.is_linear(base):
             delta = x @ u_in @ core.T @ u_out.T  # (..., in) -> (..., r_in) -> (..., r_out) -> (..., out)
@@ -331,11 +335,11 @@ class TensorCoreLayer(AdapterLayer):
         return base_layers.stored(self.base_layer, self._shifted_weight(-1, merge_dtype(self.base_layer.weight)))
 
     def _shifted_weight(self, sign: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """W ± ΔW summed in ``dtype`` (default W's own), in ``base_layers.weight``'s layout and W's dtype; ValueError
-        for a quantized base."""
+        """W ± ΔW, ΔW computed and summed in ``dtype`` (default: the wider of W's and the adapter's), rounded once to
+        W's dtype, in ``base_layers.weight``'s layout; ValueError for a quantized base."""
         weight = base_layers.weight(self.base_layer)
-        dtype = dtype or weight.dtype
-        return (weight.to(dtype) + sign * self.delta_weight().to(dtype)).to(weight.dtype)
+        dtype = dtype or torch.promote_types(weight.dtype, self.core.dtype)
+        return (weight.to(dtype) + sign * self.delta_weight(dtype)).to(weight.dtype)
 
     def extra_repr(self) -> str:
         shapes = f"weight_shape={self.weight_shape}, ranks={self.ranks}, alpha={self.config.alpha}, "

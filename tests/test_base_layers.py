@@ -2,6 +2,7 @@
 Embedding, and bitsandbytes' quantized Linear4bit / Linear8bitLt (on CPU), with every family on top of them."""
 
 import copy
+import re
 
 import bitsandbytes as bnb
 import pytest
@@ -180,12 +181,14 @@ def test_dequantize_bases_then_merge_is_exact(name, bits):
     train(model, x)
     quantized_output = model(x)
     boftlab.dequantize_bases(model, torch.float32)
-    assert all(type(layer.base_layer) is nn.Linear for layer in boftlab.adapter_layers(model).values())
+    # an nn.Linear that computes in the quantized layer's compute dtype (here float32, as the activations)
+    assert all(type(layer.base_layer) is base_layers.DequantizedLinear and isinstance(layer.base_layer, nn.Linear)
+               for layer in boftlab.adapter_layers(model).values())
     # 4-bit: bitsandbytes multiplies by exactly the dequantized weight; 8-bit on CPU too, up to summation order
     dequantized_output = model(x)
     torch.testing.assert_close(dequantized_output, quantized_output, rtol=1e-5, atol=1e-5)
     plain = boftlab.unwrap(model)
-    assert not boftlab.adapter_layers(plain) and type(plain.query) is nn.Linear
+    assert not boftlab.adapter_layers(plain) and type(plain.query) is base_layers.DequantizedLinear
     torch.testing.assert_close(plain(x), dequantized_output, rtol=1e-5, atol=1e-5)
 
 
@@ -299,6 +302,101 @@ def test_a_quantized_adapter_is_refused_on_a_plain_layer_of_other_sizes(tmp_path
         boftlab.load_adapter(model, tmp_path)
     assert not any(isinstance(m, boftlab.AdapterLayer) for m in model.modules())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_4bit_adapter_is_refused_on_a_4bit_layer_of_transposed_sizes(tmp_path):
+    """A 64 -> 32 and a 32 -> 64 Linear4bit store the same packed (1024, 1) tensor: the sizes are compared by
+    ``base_layers.weight_shape``, as between plain nn.Linear layers, never by the packed shape."""
+    def net(d_in: int, d_out: int) -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(quantized(nn.Linear(d_in, d_out), 4))
+
+    for config in (CONFIGS["surm_lora"], CONFIGS["tensor_core"]):  # a circulant's tensors fit both (n = 64)
+        boftlab.save_adapter(boftlab.adapt(net(64, 32), config, targets=["0"]), tmp_path / config.family)
+        model = net(32, 64)
+        assert model[0].weight.shape == net(64, 32)[0].weight.shape  # packed: the same
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match=r"shape mismatch at '0': the adapter was saved for a base weight of "
+                                             r"shape \[32, 64\], this model's is \[64, 32\]"):
+            boftlab.load_adapter(model, tmp_path / config.family)
+        assert not boftlab.adapter_layers(model)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        swap = boftlab.adapt(net(32, 64), config, targets=["0"])
+        with pytest.raises(ValueError, match=r"another structure.*'0': here .*\[64, 32\]\), in the file .*\[32, 64\]"):
+            boftlab.load_adapter(swap, tmp_path / config.family)
+
+
+def test_layer_shapes_reads_a_4bit_layer_by_its_sizes():
+    model = nn.Sequential(quantized(nn.Linear(64, 32), 4))
+    (shape,) = boftlab.counts.layer_shapes(model, ["0"])
+    assert (shape.fan_in, shape.fan_out, shape.weight_shape) == (64, 32, (32, 64))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_summary_counts_the_logical_weights_of_a_quantized_layer(bits):
+    """bitsandbytes packs two 4-bit weights per byte; summary counts out·in per quantized weight (as PEFT does), so a
+    quantized model reports what the same model in fp32 does."""
+    quantized_summary = boftlab.summary(adapted("tensor_core", bits))
+    plain_summary = boftlab.summary(boftlab.adapt(PlainNet(), CONFIGS["tensor_core"], targets=["query", "value"]))
+    assert quantized_summary.total == plain_summary.total == sum(p.numel() for p in PlainNet().parameters()) + \
+        plain_summary.adapter
+    assert quantized_summary.percent == plain_summary.percent
+    assert quantized_summary.by_layer_type["tensor_core/" + ("Linear4bit" if bits == 4 else "Linear8bitLt")]["base"] \
+        == plain_summary.by_layer_type["tensor_core/Linear"]["base"] == 32 * 32 + 32 + 16 * 32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_dequantize_bases_computes_as_the_bf16_compute_4bit_layer_did_on_fp32_activations(name, dtype):
+    """A Linear4bit with compute_dtype=bf16 fed fp32 activations computes in bf16 and returns fp32. The dequantized
+    layer does the same, whatever dtype stores its weight (bf16 used to raise a raw dtype error at the next forward,
+    fp32 to compute in fp32 and move the outputs by 7e-4): the base layer's outputs are bit for bit the same, and
+    the adapted model's on the same paths too."""
+    torch.manual_seed(0)
+    model = QuantizedNet(4)
+    model.query = quantized(nn.Linear(32, 32), 4, compute_dtype=torch.bfloat16)
+    model.value = quantized(nn.Linear(32, 16, bias=False), 4, compute_dtype=torch.bfloat16)
+    config = CONFIGS[name]
+    boftlab.adapt(model, type(config).from_dict({**config.to_dict(), "path": "input"}), targets=["query", "value"])
+    train(model, torch.randn(5, 32))
+    x = torch.randn(5, 32)
+    base_before, before = model.query.base_layer(x), model(x)
+    boftlab.dequantize_bases(model, dtype)
+    base = model.query.base_layer
+    assert isinstance(base, nn.Linear) and base.weight.dtype == dtype and base.compute_dtype == torch.bfloat16
+    assert torch.equal(base(x), base_before) and base(x).dtype == torch.float32
+    assert torch.equal(model(x), before)
+
+
+def test_dequantize_bases_refuses_what_is_not_a_float_dtype_and_a_dtype_that_rounds_the_weight():
+    model = adapted("tensor_core", 4)  # compute_dtype=float32
+    x = torch.randn(5, 32)
+    before, state = model(x), {k: v.clone() for k, v in model.state_dict().items()}
+    for dtype in ("float32", torch.int8, None):
+        with pytest.raises(ValueError, match=r"dtype must be a floating torch.dtype \(torch.float32, .*\), got "
+                                             + re.escape(repr(dtype))):
+            boftlab.dequantize_bases(model, dtype)
+    with pytest.raises(ValueError, match=r"layer 'query': this Linear4bit \(32 -> 32\) computes with torch.float32 "
+                                         r"values of its dequantized weight, which torch.bfloat16 cannot hold exactly "
+                                         r"\(they would move by up to .*\), so the outputs would change. Use "
+                                         r"dtype=torch.float32.*Nothing was changed"):
+        boftlab.dequantize_bases(model, torch.bfloat16)
+    assert all(base_layers.kind(layer.base_layer) == "quantized" for layer in boftlab.adapter_layers(model).values())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()) and torch.equal(model(x), before)
+
+
+def test_an_adapter_on_a_dequantized_base_loads_onto_the_plain_and_the_quantized_model(tmp_path):
+    """After dequantize_bases the adapter is still the QLoRA route's: its file loads onto the plain nn.Linear model and
+    onto the 4-bit one, the same map on each."""
+    model = adapted("tensor_core", 4)
+    train(model, torch.randn(5, 32))
+    values = boftlab.saving.adapter_state(model)
+    boftlab.save_adapter(boftlab.dequantize_bases(model, torch.float32), tmp_path)
+    x = torch.randn(5, 32)
+    plain = boftlab.load_adapter(PlainNet(), tmp_path)
+    assert torch.equal(plain(x), with_adapter_values(PlainNet(), "tensor_core", values)(x))
+    quantized_again = boftlab.load_adapter(QuantizedNet(4), tmp_path)
+    assert torch.equal(quantized_again(x), with_adapter_values(QuantizedNet(4), "tensor_core", values)(x))
 
 
 # --- bitsandbytes' CPU repacking (on AVX512-BF16 CPUs, at an eval-mode forward without gradients) ----------------------

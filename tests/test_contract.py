@@ -152,6 +152,55 @@ def test_forward_on_the_meta_device_gives_the_shape(config, kind):
             assert y.is_meta and y.shape == expected
 
 
+def other_shapes(kind: type[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+    """Inputs the base layer accepts besides a batch: unbatched (one row, one id, a conv input without its batch dim)
+    and more leading dims."""
+    if kind in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        return [x[0]]
+    if kind is nn.Embedding:
+        return [x[0, 0], x[1, 1], torch.stack([x, x.flip(0)])]  # a padding id, another id, (2, 3, 5)
+    return [x[0], torch.stack([x, x.flip(0)]).unsqueeze(0)]  # (d,), (1, 2, 3, d)
+
+
+@pytest.mark.parametrize("config,kind", list(cases_by_layer()))
+def test_every_path_accepts_every_input_shape_the_base_layer_accepts(config, kind):
+    """Unbatched inputs (a conv's (C, H, W), a Linear's (d,), one id) and any leading dims reach every path and give,
+    on each, the base's output shape and the batched result."""
+    layer, base, x = build(config, kind)
+    perturb(layer)
+    for path in layer.paths():
+        forced = type(config).from_dict({**config.to_dict(), "path": path}).make_layer(base).double()
+        forced.load_state_dict(layer.state_dict())
+        for other in other_shapes(kind, x):
+            out = forced(other)
+            assert out.shape == base(other).shape
+            torch.testing.assert_close(out, forced(other[None])[0], rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(out, layer(other), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("config,kind", [c for c in cases_by_layer() if c.values[1] is nn.Embedding])
+def test_scale_grad_by_freq_gives_every_path_the_weight_paths_gradients(config, kind):
+    """An Embedding with scale_grad_by_freq divides the gradient of a looked-up row by its id's count in the batch.
+    The weight path looks the adapted table up with that flag (a plain Embedding holding the merged table); every
+    other path gives the same adapter gradients, so the automatic path choice never changes them."""
+    torch.manual_seed(0)
+    base = nn.Embedding(20, 16, padding_idx=3, scale_grad_by_freq=True).double()
+    ids = torch.tensor([[1, 1, 1, 2, 3], [2, 5, 3, 1, 7]])
+    reference = config.make_layer(base).double()
+    perturb(reference)
+    upstream = torch.randn(2, 5, 16, dtype=torch.float64)
+    grads = {}
+    for path in reference.paths():
+        layer = type(config).from_dict({**config.to_dict(), "path": path}).make_layer(base).double()
+        layer.load_state_dict(reference.state_dict())
+        (layer(ids) * upstream).sum().backward()
+        grads[path] = {n: p.grad for n, p in layer.adapter_parameters().items()}
+    assert len(grads) > 1
+    for path, found in grads.items():
+        for name, grad in found.items():
+            torch.testing.assert_close(grad, grads["weight"][name], rtol=1e-9, atol=1e-12, msg=f"{path}: {name}")
+
+
 class Net(nn.Module):
     def __init__(self, kind: type[nn.Module]) -> None:
         super().__init__()

@@ -449,3 +449,51 @@ def test_an_unsupported_class_named_like_a_supported_one_is_named_in_full():
     with pytest.raises(ValueError, match=r"of type\(s\) \['(tests\.)?test_model\.test_an_unsupported_class_named_"
                                          r"like_a_supported_one_is_named_in_full\.<locals>\.Linear'\], none of which"):
         boftlab.adapt(model, BOFTConfig(block_size=4), targets=["head"])
+
+
+class Checkpointed(nn.Module):
+    """``inner`` run under torch.utils.checkpoint: its forward is recomputed during the backward."""
+
+    def __init__(self, inner: nn.Module, reentrant: bool) -> None:
+        super().__init__()
+        self.inner, self.reentrant = inner, reentrant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=self.reentrant)
+
+
+@pytest.mark.parametrize("after_the_block", [False, True], ids=["backward_inside", "backward_after"])
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_disabled_under_gradient_checkpointing_recomputes_the_bypassed_pass_bypassed(reentrant, after_the_block):
+    """A checkpointed region re-runs its forward during the backward, maybe after the disabled block has switched the
+    adapters back on: that recomputation bypasses them too, as the pass it recomputes did. Before, a backward after
+    the block gave the adapters gradients from a pass they took no part in (reentrant) or a CheckpointError
+    (non-reentrant). The same model's adapted pass in the same backward still trains them, exactly."""
+    adapted, base = mixed_model()
+    model = Checkpointed(adapted, reentrant)
+    x = torch.randn(5, 16, requires_grad=True)
+    with boftlab.disabled(model):
+        reference = model(x).square().sum()
+        if not after_the_block:
+            reference.backward()
+    if after_the_block:
+        reference.backward()
+    assert all(p.grad is None for p in model.parameters())  # not one adapter took part
+    y = x.detach().requires_grad_()
+    Checkpointed(base, reentrant)(y).square().sum().backward()
+    torch.testing.assert_close(x.grad, y.grad, rtol=0, atol=0)  # the base model's own gradient
+
+    policy, plain = Checkpointed(mixed_model()[0], reentrant), mixed_model()[0]  # equal adapters
+    with boftlab.disabled(policy):  # the DPO pattern: a bypassed pass, an adapted pass, one backward after the block
+        reference = policy(x).sum()
+    (policy(x).sum() - reference).backward()
+    plain(x).sum().backward()  # the adapted pass alone, not checkpointed: the bypassed pass adds nothing
+    grads, expected = (dict(m.named_parameters()) for m in (policy.inner, plain))
+    assert all(p.grad is not None for n, p in grads.items() if p.requires_grad)
+    for name, p in grads.items():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, expected[name].grad, rtol=1e-6, atol=1e-7)
+    kept = len(boftlab.contract.BYPASSED_REGIONS)
+    with boftlab.disabled(model), torch.no_grad():  # no graph: nothing to recompute, nothing kept
+        torch.testing.assert_close(model(x), base(x), rtol=0, atol=0)
+    assert len(boftlab.contract.BYPASSED_REGIONS) == kept

@@ -158,3 +158,84 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients(reentrant, refe
         assert sum(g.abs().sum() for n, g in grads.items() if family in n) > 0
     for name, grad in grads.items():
         torch.testing.assert_close(grad, reference_grads[name], rtol=0, atol=1e-6)
+
+
+# --- merges compute in fp64 whatever the adapter's and the base's dtypes ------------------------------------------------
+MERGE_CASES = {  # family config, base layer
+    "boft": (lambda: BOFTConfig(block_size=4, n_factors=2), lambda: nn.Linear(16, 8)),
+    "boft_neumann": (lambda: BOFTConfig(block_size=4, n_factors=2, neumann_terms=3), lambda: nn.Linear(16, 8)),
+    "boft_conv": (lambda: BOFTConfig(block_size=6, n_factors=1), lambda: nn.Conv2d(4, 6, 3)),
+    "oft_embedding": (lambda: OFTConfig(block_size=4), lambda: nn.Embedding(10, 8)),
+    "surm_kronecker": (lambda: boftlab.SURMConfig(structure="kronecker"), lambda: nn.Linear(16, 8)),
+    "surm_ldr_conv": (lambda: boftlab.SURMConfig(structure="ldr", displacement_rank=2), lambda: nn.Conv2d(4, 6, 3)),
+    "surm_adapter": (lambda: boftlab.SURMConfig(structure="kronecker", mode="adapter", activation="identity"),
+                     lambda: nn.Linear(16, 8)),
+    "tensor_core": (lambda: boftlab.TensorCoreConfig(ranks=4), lambda: nn.Linear(16, 8)),
+    "tensor_core_conv": (lambda: boftlab.TensorCoreConfig(ranks=3), lambda: nn.Conv2d(4, 6, 3)),
+    "tensor_core_embedding": (lambda: boftlab.TensorCoreConfig(ranks=4), lambda: nn.Embedding(10, 8)),
+}
+MERGE_DTYPES = [torch.float32, torch.bfloat16, torch.float64]
+
+
+def trained_layer(case: str, adapter_dtype: torch.dtype, base_dtype: torch.dtype) -> boftlab.AdapterLayer:
+    torch.manual_seed(0)
+    config, base = MERGE_CASES[case]
+    layer = config().make_layer(base().to(base_dtype))
+    with torch.no_grad():
+        for name, p in layer.adapter_parameters().items():
+            p.data = (p.detach().double() + 0.3 * torch.randn_like(p, dtype=torch.float64)).to(adapter_dtype)
+    return layer
+
+
+def fp64_twin(layer: boftlab.AdapterLayer) -> boftlab.AdapterLayer:
+    """The same layer with every tensor (base and adapter) in fp64: exact copies of the values."""
+    import copy
+    return copy.deepcopy(layer).to(torch.float64)
+
+
+def one_rounding(result: torch.Tensor, exact: torch.Tensor) -> None:
+    """``result`` is ``exact`` (fp64) rounded once to result's dtype: within half an ulp of it, plus a tie's slack."""
+    eps = torch.finfo(result.dtype).eps
+    bound = eps * exact.abs() + torch.finfo(result.dtype).tiny
+    assert ((result.double() - exact).abs() <= bound).all(), (result.double() - exact).abs().max().item()
+
+
+@pytest.mark.parametrize("base_dtype", MERGE_DTYPES, ids=str)
+@pytest.mark.parametrize("adapter_dtype", MERGE_DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(MERGE_CASES))
+def test_merge_and_unmerge_compute_in_fp64_for_any_adapter_and_base_dtype(case, adapter_dtype, base_dtype):
+    """merged_weights (merge, unwrap, the plain copies in state_dict) and unmerged_weights give the fp64 result of the
+    adapter's own values, rounded once to the base dtype — never computed in a bf16 adapter's or an fp32 Cayley
+    transform's precision."""
+    layer = trained_layer(case, adapter_dtype, base_dtype)
+    twin = fp64_twin(layer)
+    merged, exact = layer.merged_weights(), twin.merged_weights()
+    for name, tensor in merged.items():
+        assert tensor.dtype == base_dtype
+        one_rounding(tensor, exact[name])
+    layer.merge()
+    with torch.no_grad():
+        for name in merged:
+            getattr(twin.base_layer, name).copy_(getattr(layer.base_layer, name))  # the same W', exactly
+    restored, exact = layer.unmerged_weights(), twin.unmerged_weights()
+    for name, tensor in restored.items():
+        one_rounding(tensor, exact[name])
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_a_reference_pass_inside_disabled_under_gradient_checkpointing_gives_the_uncheckpointed_gradients(reentrant):
+    """The DPO pattern on a transformers model with gradient_checkpointing_enable(): the reference loss inside
+    boftlab.disabled, the policy loss outside, one backward after the block. Its recomputation of the reference pass
+    bypasses the adapters as the pass did, so every gradient is the one without checkpointing (before: the adapters
+    got the reference pass's gradient too, or non-reentrant checkpointing raised a CheckpointError)."""
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(5))
+    grads = {}
+    for checkpointing in (False, True):
+        model = tiny_llama(checkpointing, reentrant)
+        with boftlab.disabled(model):
+            reference = model(input_ids=ids, labels=ids).loss
+        (model(input_ids=ids, labels=ids).loss - reference).backward()
+        grads[checkpointing] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None for g in grads[True].values()) and grads[True].keys() == grads[False].keys()
+    for name, grad in grads[True].items():
+        torch.testing.assert_close(grad, grads[False][name], rtol=0, atol=1e-6)

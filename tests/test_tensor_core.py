@@ -412,3 +412,50 @@ def test_autocast_bfloat16_output_is_close_to_float32(name, path):
         half = layer(x)
         assert layer.delta_weight().dtype == torch.float32  # assembled outside autocast
     assert (half.float() - full).abs().max() <= 0.05 * full.abs().max()
+
+
+def test_merge_into_an_embedding_with_max_norm_is_refused_unwrap_is_exact_and_disabled_leaves_the_table():
+    """A merged Embedding(max_norm) would renormalise rows of W + ΔW in place at every forward, and unmerge could not
+    give W back (merge, forward, unmerge left W changed for good): merge is refused; unwrap (never unmerged) folds
+    it in exactly; the base's output inside disabled() renormalises a copy, never the frozen table."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4, max_norm=0.5))
+    boftlab.adapt(model, TensorCoreConfig(ranks=2), targets=["0"])
+    layer = model[0]
+    with torch.no_grad():
+        layer.base_layer.weight.mul_(3)  # rows longer than max_norm
+        layer.core.normal_()
+    x = torch.tensor([1, 2, 2, 9])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    adapted = model(x)
+    for merge in (boftlab.merge, lambda m: m[0].merge()):
+        with pytest.raises(ValueError, match=r"cannot merge into this Embedding with max_norm=0.5: once merged, every "
+                                             r"forward would renormalise .*in place.*boftlab.unwrap\(model\)"):
+            merge(model)
+        assert not layer.merged and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with boftlab.disabled(model):
+        base_output = model(x)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # the frozen table untouched
+    torch.testing.assert_close(base_output, F.embedding(x, state["0.base_layer.weight"].clone(), max_norm=0.5))
+    plain = boftlab.unwrap(model)
+    assert type(plain[0]) is nn.Embedding
+    torch.testing.assert_close(plain(x), adapted)
+
+
+def test_a_bf16_adapter_on_an_fp32_layer_is_not_rounded_to_bf16_on_the_weight_path():
+    """ΔW of a bf16 adapter is formed in the wider of the two dtypes: the weight path agrees with the input path (which
+    computes in the activations' fp32) to fp32 rounding, not to bf16's."""
+    torch.manual_seed(0)
+    base = nn.Linear(64, 32)
+    layers = {path: TensorCoreConfig(ranks=8, path=path).make_layer(base) for path in ("input", "weight")}
+    core = torch.randn_like(layers["input"].core)
+    for layer in layers.values():
+        layer.core.data = core.clone()
+        for mine, theirs in zip(layer.factors, layers["input"].factors):
+            mine.data = theirs.data.clone()
+        for p in layer.adapter_parameters().values():
+            p.data = p.data.to(torch.bfloat16)  # the adapter alone in bf16, the base stays fp32
+    x = torch.randn(8, 64)
+    delta = {path: layer(x) - base(x) for path, layer in layers.items()}
+    assert layers["weight"].core.dtype == torch.bfloat16 and delta["weight"].dtype == torch.float32
+    assert (delta["weight"] - delta["input"]).abs().max() <= 1e-5 * delta["input"].abs().max()
