@@ -341,3 +341,52 @@ def test_coft_both_ways(tmp_path, neumann_terms, coft_eps):
     ))
     theirs.save_pretrained(tmp_path / "in")
     assert_same(boftlab.from_peft(base(), tmp_path / "in")(*x), theirs(*x))
+
+
+def test_oft_with_a_scale_and_coft_is_refused_because_peft_boft_has_no_coft(tmp_path):
+    """OFTConfig(scale=True) exports as PEFT BOFT, which has no COFT: PEFT's output differed by 1.26 before."""
+    model = perturb(boftlab.adapt(base(), OFTConfig(block_size=8, scale=True, coft=True), targets=["fc1"]))
+    with pytest.raises(ValueError, match=r"OFTConfig\(scale=True, coft=True\) exports as PEFT BOFT .* no COFT"):
+        boftlab.to_peft(model, tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("config", [BOFTConfig(block_size=4, dropout=0.1), OFTConfig(block_size=8, dropout=0.1)],
+                         ids=["boft", "oft"])
+def test_export_refuses_dropout_peft_computes_differently(tmp_path, config):
+    model = boftlab.adapt(base(), config, targets=["fc1"])
+    with pytest.raises(ValueError, match=r"dropout=0.1: PEFT's (boft_dropout|module_dropout) is another dropout"):
+        boftlab.to_peft(model, tmp_path)
+    assert not any(tmp_path.iterdir())
+    for layer in boftlab.adapter_layers(model).values():  # what the message says to do
+        layer.config.dropout = 0.0
+    boftlab.to_peft(model, tmp_path)
+
+
+class PaddedTokenNet(TokenNet):
+    def __init__(self):
+        super().__init__()
+        self.embed.padding_idx = 0  # a trained padding row is not zero (the real MiniLM's has norm 0.77)
+
+
+def test_oft_on_an_embedding_with_a_nonzero_padding_row_is_refused_both_ways(tmp_path):
+    """boftlab keeps the padding row, PEFT rotates it: they differed by 0.058 at [PAD] on MiniLM."""
+    ids = torch.tensor([[0, 3, 5]])
+    model = perturb(boftlab.adapt(PaddedTokenNet(), OFTConfig(block_size=8), ["embed"]))
+    with pytest.raises(ValueError, match=r"padding row \(padding_idx=0\) is not zero .* PEFT's OFT rotates it"):
+        boftlab.to_peft(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    theirs = peft.get_peft_model(PaddedTokenNet(), peft.OFTConfig(target_modules=["embed"], oft_block_size=8, r=0,
+                                                                   init_weights=False))
+    theirs.save_pretrained(tmp_path / "in")
+    plain = PaddedTokenNet()
+    with pytest.raises(ValueError, match=r"cannot import OFT on Embedding 'embed': its padding row"):
+        boftlab.from_peft(plain, tmp_path / "in")
+    assert not boftlab.adapter_layers(plain)
+    # a zero padding row (as nn.Embedding initialises it) exchanges exactly, padding token included
+    zeroed = PaddedTokenNet()
+    with torch.no_grad():
+        zeroed.embed.weight[0] = 0
+        theirs.base_model.model.embed.base_layer.weight[0] = 0
+    ours = boftlab.from_peft(zeroed, tmp_path / "in")
+    torch.testing.assert_close(ours(ids), theirs(ids), rtol=1e-5, atol=1e-5)
