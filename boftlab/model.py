@@ -180,7 +180,8 @@ def build_layers(
     model: nn.Module, config: AdapterConfig, names: list[str], bases: dict[str, nn.Module] | None = None
 ) -> dict[str, AdapterLayer]:
     """Adapter layers for the named modules (or for ``bases[name]`` in their place), built without touching the
-    model (errors leave it unchanged)."""
+    model (errors leave it unchanged). Each new layer takes the train / eval mode of the module it wraps
+    (``make_layer``)."""
     layers = {}
     for name in names:
         module = bases[name] if bases and name in bases else model.get_submodule(name)

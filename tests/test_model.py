@@ -286,3 +286,17 @@ def test_disabled_refuses_a_merged_model_and_a_merge_inside_it():
         boftlab.merge(model)
         with pytest.raises(RuntimeError, match="was merged inside boftlab.disabled"):
             model(x)
+
+
+@pytest.mark.parametrize("mode", [False, True], ids=["eval", "train"])
+def test_new_adapter_layers_follow_the_mode_of_the_module_they_wrap(mode):
+    """adapt on a model in eval mode builds layers in eval mode: dropout stays off at inference."""
+    model = Net().train(mode)
+    boftlab.adapt(model, BOFTConfig(block_size=4, dropout=0.5), targets=["query"])
+    layers = boftlab.adapter_layers(model)
+    assert {layer.training for layer in layers.values()} == {mode}
+    assert all(m.training == mode for m in model.modules())
+    if not mode:
+        perturb(model)
+        x = torch.randn(4, 16)
+        assert torch.equal(model(x), model(x))  # no dropout: the same output twice

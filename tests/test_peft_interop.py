@@ -390,3 +390,13 @@ def test_oft_on_an_embedding_with_a_nonzero_padding_row_is_refused_both_ways(tmp
         theirs.base_model.model.embed.base_layer.weight[0] = 0
     ours = boftlab.from_peft(zeroed, tmp_path / "in")
     torch.testing.assert_close(ours(ids), theirs(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_from_peft_onto_a_model_in_eval_mode_builds_its_layers_in_eval_mode(tmp_path):
+    theirs = peft.get_peft_model(base(), peft.OFTConfig(target_modules=["fc1"], oft_block_size=8, r=0,
+                                                         module_dropout=0.5, init_weights=False))
+    theirs.save_pretrained(tmp_path)
+    ours = boftlab.from_peft(base().eval(), tmp_path)
+    assert not any(m.training for m in ours.modules())
+    x = inputs()
+    assert_same(ours(*x), ours(*x), atol=0)

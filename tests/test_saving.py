@@ -452,3 +452,16 @@ def test_kept_module_the_model_dtype_would_round_is_refused(tmp_path):
     boftlab.save_adapter(adapted_net(), tmp_path / "fp32")  # float32 values fit a float64 model exactly
     loaded = boftlab.load_adapter(fresh_net().double(), tmp_path / "fp32")
     assert loaded.head.weight.dtype == torch.float64 and torch.equal(loaded.head.weight, adapted_net().head.weight)
+
+
+def test_load_adapter_onto_a_model_in_eval_mode_builds_its_layers_in_eval_mode(tmp_path):
+    torch.manual_seed(1)
+    model = boftlab.adapt(Net(), BOFTConfig(block_size=4, dropout=0.5), targets=["encoder.0", "encoder.2"])
+    boftlab.save_adapter(trained(model), tmp_path)
+    plain = fresh_net().eval()
+    boftlab.load_adapter(plain, tmp_path)
+    assert not any(m.training for m in plain.modules())
+    x = torch.randn(5, 16)
+    assert torch.equal(plain(x), plain(x))  # dropout off, as the model's mode says
+    training = boftlab.load_adapter(fresh_net().train(), tmp_path)
+    assert all(m.training for m in training.modules())
