@@ -58,10 +58,16 @@ def encode(obj: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
 
     Tuples, dicts with non-string keys (optimizer states are keyed by int), NumPy arrays and non-finite floats are
     tagged so that ``decode`` rebuilds them exactly. Anything else (a function, an arbitrary object) is refused.
+    A tensor's name is its dotted path, made unique: ``{"a.b": x, "a": {"b": y}}`` or ``{1: x, "1": y}`` give two
+    paths ``a.b`` (or ``1``), so the later one is stored as ``a.b#2``; the JSON records each tensor's own name.
     """
     if isinstance(obj, torch.Tensor):
-        tensors[key] = obj.detach().to("cpu").contiguous().clone()
-        return {"__tensor__": key}
+        name, n = key, 1
+        while name in tensors:  # another path flattened to the same name: keep both tensors, never one for two
+            n += 1
+            name = f"{key}#{n}"
+        tensors[name] = obj.detach().to("cpu").contiguous().clone()
+        return {"__tensor__": name}
     if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
         return obj
     if isinstance(obj, float):

@@ -260,3 +260,23 @@ def test_resume_into_a_model_of_another_dtype_is_refused(tmp_path):
     with pytest.raises(ValueError, match=message):
         load_checkpoint(tmp_path, fresh[0], rng=False)
     assert_same(before, snapshot(*fresh))
+
+
+@pytest.mark.parametrize("extra", [
+    {"ema.loss": torch.tensor(1.0), "ema": {"loss": torch.tensor(2.0)}},
+    {1: torch.tensor(1.0), "1": torch.tensor(2.0)},
+    {"a": [torch.tensor(1.0)], "a.0": torch.tensor(2.0), "a.0#2": torch.tensor(3.0)},
+], ids=["dotted-vs-nested", "int-vs-str", "list-vs-suffix"])
+def test_extra_keys_that_flatten_to_one_name_keep_their_own_tensors(tmp_path, extra):
+    """Every tensor's dotted path is its name in the file; two paths that read the same once flattened (both reloaded
+    as the later value before) each keep their own tensor."""
+    model, optimizer, scheduler = build()
+    save_checkpoint(tmp_path, model, optimizer, scheduler, step=1, extra=extra)
+    back = load_checkpoint(tmp_path, model, optimizer, scheduler).extra
+
+    def leaves(tree, path=()):  # [(path of (key, key type) pairs, value)], in order
+        items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+        return [leaf for k, v in items for leaf in (leaves(v, (*path, (k, type(k)))) if isinstance(v, (dict, list))
+                                                   else [((*path, (k, type(k))), v.item())])]
+
+    assert leaves(back) == leaves(extra)
