@@ -35,7 +35,8 @@ from torch import nn
 from . import __version__
 from .model import adapter_layers, check_unmerged, strip_wrappers
 from .saving import (
-    adapter_config, adapter_state, atomic_write, check_finite, read_safetensors, safetensors_writer, upgrade_config,
+    adapter_config, adapter_state, atomic_write, check_finite, check_layout, read_safetensors, safetensors_writer,
+    upgrade_config,
 )
 
 FORMAT_VERSION = 2
@@ -217,11 +218,13 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     if not file.is_file():
         raise ValueError(f"no training checkpoint at {str(path)!r}: expected {str(file)!r}")
     meta, tensors = read_safetensors(file, METADATA_KEY, "training checkpoint", CHECKSUMMED_SINCE)
-    if meta.get("format_version") not in range(1, FORMAT_VERSION + 1):
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if isinstance(version, bool) or version not in range(1, FORMAT_VERSION + 1):
         raise ValueError(
-            f"{str(file)!r} has checkpoint format version {meta.get('format_version')!r}; this boftlab "
-            f"({__version__}) reads versions 1..{FORMAT_VERSION}"
+            f"{str(file)!r} has checkpoint format version {version!r}; this boftlab ({__version__}) reads versions "
+            f"1..{FORMAT_VERSION}"
         )
+    check_layout(file, meta.get("adapter"), "the adapter config in the training checkpoint")
     check_finite({k: v for k, v in tensors.items() if k.startswith("model.")}, f"the checkpoint {str(file)!r} holds")
     return {**meta, "adapter": upgrade_config(meta["adapter"])}, tensors
 

@@ -269,16 +269,75 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
             f"no adapter at {str(path)!r}: expected a directory containing {WEIGHTS_NAME}, or a .safetensors file"
         )
     config, tensors = read_safetensors(file, METADATA_KEY, "adapter", CHECKSUMMED_SINCE)
-    version = config.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(
-            f"{str(file)!r} has adapter format version {version!r}, but this boftlab ({__version__}) reads versions "
-            f"1..{FORMAT_VERSION}; upgrade boftlab to load it"
-        )
+    check_layout(file, config)
     if file.name == WEIGHTS_NAME and (file.parent / CONFIG_NAME).is_file():
         _check_config_copy(file, config)
     check_finite(tensors, f"the adapter file {str(file)!r} holds")
-    return upgrade_config(config), tensors
+    config = upgrade_config(config)
+    for i, group in enumerate(config["groups"]):
+        try:
+            AdapterConfig.from_dict(group["config"])
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"the adapter file {str(file)!r} holds an invalid config in groups[{i}]: {err}") from err
+    return config, tensors
+
+
+def check_layout(file: Path, config: Any, what: str = "the adapter file") -> None:
+    """ValueError naming ``file`` and the first thing wrong, unless its embedded config is laid out as
+    ``adapter_config`` writes it (every format version has this layout) with a format version 1..FORMAT_VERSION:
+    ``{"format_version": int, "groups": [{"config": {"family": str, ...}, "targets": {name: {"type": str,
+    "weight_shape": [int, ...] | None, "layer_shape": [int, ...] | None (optional)}}}, ...], "trainable": [str, ...]}``
+    with every target in one group only. Files that break it were not written by boftlab, or were edited by hand
+    (format ≤ 2 files carry no checksum)."""
+    where = f"{what} {str(file)!r}"
+    if not isinstance(config, dict):
+        raise ValueError(f"{where} is malformed: its embedded config is a {type(config).__name__}, not a JSON object")
+    version = config.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        newer = isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION
+        raise ValueError(
+            f"{where} has adapter format version {version!r}, but this boftlab ({__version__}) reads versions "
+            f"1..{FORMAT_VERSION}; "
+            + ("upgrade boftlab to load it" if newer else "no boftlab writes that version: the file is damaged or "
+               "was not written by boftlab")
+        )
+
+    def shape(value: Any) -> bool:
+        return value is None or (isinstance(value, list) and all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in value))
+
+    problems = []
+    groups = config.get("groups")
+    if not isinstance(groups, list) or not groups:
+        problems.append(f"'groups' must be a non-empty list of adapter groups, got {groups!r}")
+        groups = []
+    seen: dict[str, int] = {}
+    for i, group in enumerate(groups):
+        if not isinstance(group, dict) or not isinstance(group.get("config"), dict) or not isinstance(
+                group.get("config", {}).get("family"), str):
+            problems.append(f"groups[{i}] must be a dict with a 'config' dict naming its 'family', got {group!r}")
+            continue
+        targets = group.get("targets")
+        if not isinstance(targets, dict) or not targets:
+            problems.append(f"groups[{i}]['targets'] must be a non-empty dict of module name -> layer info, got "
+                            f"{targets!r}")
+            continue
+        for name, info in targets.items():
+            if not (isinstance(info, dict) and isinstance(info.get("type"), str) and "weight_shape" in info
+                    and shape(info["weight_shape"]) and shape(info.get("layer_shape"))):
+                problems.append(
+                    f"groups[{i}]['targets'][{name!r}] must be {{'type': str, 'weight_shape': [int, ...] or None, "
+                    f"optionally 'layer_shape': [int, ...] or None}}, got {info!r}"
+                )
+            elif name in seen:
+                problems.append(f"module {name!r} is a target of groups[{seen[name]}] and groups[{i}] (one adapter "
+                                "per layer)")
+            seen.setdefault(name, i)
+    trainable = config.get("trainable", [])
+    if not isinstance(trainable, list) or not all(isinstance(n, str) for n in trainable):
+        problems.append(f"'trainable' must be a list of module names, got {trainable!r}")
+    if problems:
+        raise ValueError(f"{where} is malformed: {'; '.join(problems[:3])}{' …' if len(problems) > 3 else ''}")
 
 
 def _check_config_copy(file: Path, config: dict[str, Any]) -> None:

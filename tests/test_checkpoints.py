@@ -280,3 +280,31 @@ def test_extra_keys_that_flatten_to_one_name_keep_their_own_tensors(tmp_path, ex
                                                    else [((*path, (k, type(k))), v.item())])]
 
     assert leaves(back) == leaves(extra)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m.update(format_version=True), r"checkpoint format version True; this boftlab .* reads versions 1..2"),
+    (lambda m: m.update(format_version=0), r"checkpoint format version 0; this boftlab .* reads versions 1..2"),
+    (lambda m: m["adapter"].pop("groups"), r"the adapter config in the training checkpoint '.*' is malformed: 'groups'"),
+    (lambda m: m["adapter"]["groups"][0].update(targets=["0"]), r"malformed: groups\[0\]\['targets'\] must be"),
+], ids=["version True", "version 0", "no groups", "targets list"])
+def test_malformed_format_1_checkpoint_is_refused_naming_the_file(tmp_path, change, message):
+    """A format-1 checkpoint carries no checksum: a malformed one gave a raw KeyError / AttributeError."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from boftlab.checkpoints import METADATA_KEY
+
+    file = save_checkpoint(tmp_path, *build(), step=4)
+    with safe_open(str(file), framework="pt") as f:
+        meta, tensors = json.loads(f.metadata()[METADATA_KEY]), {k: f.get_tensor(k) for k in f.keys()}
+    meta["format_version"] = 1
+    change(meta)
+    save_file(tensors, file, metadata={METADATA_KEY: json.dumps(meta)})
+    fresh = build()
+    before = snapshot(*fresh)
+    with pytest.raises(ValueError, match=message):
+        load_checkpoint(tmp_path, *fresh)
+    assert_same(before, snapshot(*fresh))

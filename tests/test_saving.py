@@ -465,3 +465,42 @@ def test_load_adapter_onto_a_model_in_eval_mode_builds_its_layers_in_eval_mode(t
     assert torch.equal(plain(x), plain(x))  # dropout off, as the model's mode says
     training = boftlab.load_adapter(fresh_net().train(), tmp_path)
     assert all(m.training for m in training.modules())
+
+
+MALFORMED = {  # name: (change to the embedded config, what the error says)
+    "version 0": (lambda c: c.update(format_version=0), r"format version 0, .* reads versions 1..3; no boftlab writes"),
+    "version -1": (lambda c: c.update(format_version=-1), r"format version -1, .* no boftlab writes"),
+    "version True": (lambda c: c.update(format_version=True), r"format version True, .* no boftlab writes"),
+    "version 4": (lambda c: c.update(format_version=4), r"format version 4, (.* upgrade|whose files carry)"),
+    "no groups": (lambda c: c.pop("groups"), r"'groups' must be a non-empty list of adapter groups, got None"),
+    "no config": (lambda c: c["groups"][0].pop("config"), r"groups\[0\] must be a dict with a 'config' dict"),
+    "no family": (lambda c: c["groups"][0]["config"].pop("family"), r"'config' dict naming its 'family'"),
+    "targets list": (lambda c: c["groups"][0].update(targets=["conv"]), r"groups\[0\]\['targets'\] must be a non-emp"),
+    "info str": (lambda c: c["groups"][1]["targets"].update(conv="Conv2d"), r"\['conv'\] must be \{'type'"),
+    "no type": (lambda c: c["groups"][1]["targets"]["conv"].pop("type"), r"\['conv'\] must be \{'type'"),
+    "no shape": (lambda c: c["groups"][1]["targets"]["conv"].pop("weight_shape"), r"\['conv'\] must be \{'type'"),
+    "twice": (lambda c: c["groups"].append(c["groups"][0]), r"is a target of groups\[0\] and groups\[2\]"),
+    "trainable str": (lambda c: c.update(trainable="head"), r"'trainable' must be a list of module names, got 'head'"),
+    "bad option": (lambda c: c["groups"][0]["config"].update(block_size="4"), r"invalid config in groups\[0\]: block_"),
+}
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_adapter_files_of_every_format_version_are_refused_naming_the_file(tmp_path, case, version):
+    """Format ≤ 2 files (no checksum) with a malformed config gave a raw KeyError / AttributeError / TypeError, and
+    format_version 0 loaded."""
+    change, message = MALFORMED[case]
+    boftlab.save_adapter(adapted_net(), tmp_path)
+    (tmp_path / CONFIG_NAME).unlink()
+
+    def malform(config):
+        config["format_version"] = version
+        change(config)
+
+    rewrite(tmp_path, change_config=malform, checksum=version >= 3)
+    model = fresh_net()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf"the adapter file '.*{WEIGHTS_NAME}' .*{message}"):
+        boftlab.load_adapter(model, tmp_path)
+    assert_untouched(model, before)
