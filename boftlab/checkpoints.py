@@ -36,7 +36,7 @@ from . import __version__
 from .model import adapter_layers, check_unmerged, strip_wrappers
 from .saving import (
     adapter_config, adapter_state, atomic_write, check_finite, check_layout, read_safetensors, safetensors_writer,
-    upgrade_config,
+    structure, upgrade_config,
 )
 
 FORMAT_VERSION = 2
@@ -230,8 +230,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
 
 
 def _same_adapters(saved: dict[str, Any], current: dict[str, Any]) -> bool:
-    strip = lambda c: {"groups": c["groups"], "trainable": sorted(c["trainable"])}  # noqa: E731
-    return json.dumps(strip(saved), sort_keys=True) == json.dumps(strip(current), sort_keys=True)
+    """The same configs (runtime options aside, ``saving.structure``), targets and kept-trainable modules."""
+    return json.dumps(structure(saved), sort_keys=True) == json.dumps(structure(current), sort_keys=True)
 
 
 def load_checkpoint(

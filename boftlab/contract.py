@@ -57,6 +57,9 @@ FAMILIES: dict[str, type["AdapterConfig"]] = {}
 PATHS = ("input", "assembled", "weight")
 #: the key under each adapter layer's prefix in a ``state_dict()`` that records whether its base tensors are merged
 MERGED_KEY = "merged"
+#: config options that choose how a layer computes, never what: every path and kernel gives the same result (to
+#: rounding), the same tensors are trained. They are no part of an adapter's structure (hot swap, resuming).
+RUNTIME_OPTIONS = ("path", "kernel")
 
 
 def nearest(value: int, choices: list[int]) -> int:

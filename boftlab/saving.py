@@ -43,7 +43,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__, base_layers
-from .contract import AdapterConfig, AdapterLayer
+from .contract import RUNTIME_OPTIONS, AdapterConfig, AdapterLayer
 from .model import TRAINABLE_ATTR, adapter_layers, build_layers, check_unmerged, insert_layers, strip_wrappers
 
 FORMAT_VERSION = 3
@@ -494,10 +494,14 @@ def _check_tensors(expected: dict[str, torch.Tensor], tensors: dict[str, torch.T
         )
 
 
-def _structure(config: dict[str, Any]) -> dict[str, Any]:
-    """Module name -> (config, base type, base weight shape) of an ``adapter_config``, plus the kept-trainable list."""
+def structure(config: dict[str, Any]) -> dict[str, Any]:
+    """Module name -> (config, base type, base weight shape) of an ``adapter_config``, plus the kept-trainable list:
+    what must agree for a file's tensors to mean the same in another model. The configs leave out
+    ``RUNTIME_OPTIONS`` (how a layer computes, not what), so a file saved with path="input" swaps into layers running
+    path="auto", which keep their own."""
     targets = {
-        name: (group["config"], info["type"], info["weight_shape"])
+        name: ({k: v for k, v in group["config"].items() if k not in RUNTIME_OPTIONS}, info["type"],
+               info["weight_shape"])
         for group in config["groups"] for name, info in group["targets"].items()
     }
     return {"targets": targets, "trainable": sorted(config.get("trainable", []))}
@@ -505,7 +509,7 @@ def _structure(config: dict[str, Any]) -> dict[str, Any]:
 
 def _swap(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> nn.Module:
     """Hot swap: the file's tensors into adapters of the same structure (``load_adapter``). O(adapter size)."""
-    here, there = _structure(adapter_config(model)), _structure(config)
+    here, there = structure(adapter_config(model)), structure(config)
     mine, theirs = here["targets"], there["targets"]
     differences = [
         f"adapted here only: {sorted(set(mine) - set(theirs))[:5]}" if set(mine) - set(theirs) else "",

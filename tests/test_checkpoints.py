@@ -1,5 +1,6 @@
 """boftlab.checkpoints: a run resumed from a checkpoint reproduces the uninterrupted run exactly (fixed seeds, CPU)."""
 
+import dataclasses
 import random
 
 import numpy as np
@@ -308,3 +309,13 @@ def test_malformed_format_1_checkpoint_is_refused_naming_the_file(tmp_path, chan
     with pytest.raises(ValueError, match=message):
         load_checkpoint(tmp_path, *fresh)
     assert_same(before, snapshot(*fresh))
+
+
+def test_resume_ignores_runtime_options(tmp_path):
+    """path and kernel choose how a layer computes, not what: a checkpoint resumes into layers with other ones."""
+    model, optimizer, scheduler = build()
+    save_checkpoint(tmp_path, model, optimizer, scheduler, step=2)
+    fresh = build()
+    for layer in boftlab.adapter_layers(fresh[0]).values():
+        layer.config = dataclasses.replace(layer.config, path="weight")
+    assert load_checkpoint(tmp_path, *fresh).step == 2

@@ -504,3 +504,19 @@ def test_malformed_adapter_files_of_every_format_version_are_refused_naming_the_
     with pytest.raises(ValueError, match=rf"the adapter file '.*{WEIGHTS_NAME}' .*{message}"):
         boftlab.load_adapter(model, tmp_path)
     assert_untouched(model, before)
+
+
+def test_hot_swap_ignores_runtime_options_which_are_no_part_of_the_structure(tmp_path):
+    """A file saved with path="input" (or kernel="torch") was refused as "another structure"; the swap keeps the
+    model's own runtime options, which compute the same."""
+    other = boftlab.adapt(fresh_net(), BOFTConfig(block_size=4, n_factors=2, path="input", kernel="torch"),
+                          ["encoder.0", "encoder.2"], trainable=["head"])
+    other = trained(boftlab.adapt(other, OFTConfig(block_size=4, path="weight"), ["conv"]))
+    boftlab.save_adapter(other, tmp_path)
+    model = adapted_net()
+    skew = model.encoder[0].skew
+    boftlab.load_adapter(model, tmp_path)
+    assert model.encoder[0].skew is skew and torch.equal(skew, other.encoder[0].skew)
+    assert model.encoder[0].config.path == "auto"  # the model's own
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(model(x), other(x), rtol=1e-6, atol=1e-6)
