@@ -332,11 +332,22 @@ def from_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             f"{str(directory)!r} has no adapter_model.safetensors; boftlab never unpickles adapter_model.bin — "
             "re-save the PEFT adapter with safe_serialization=True"
         )
-    peft_config = json.loads(config_file.read_text())
-    kind = peft_config.get("peft_type")
+    try:
+        peft_config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{str(config_file)!r} is not valid JSON ({err}), so it is no PEFT adapter config") from err
+    kind = peft_config.get("peft_type") if isinstance(peft_config, dict) else None
     markers = {"BOFT": (".boft_R",), "OFT": (".oft_R.weight", ".oft_embedding_R.weight")}.get(kind)
+    if markers is None and kind is None and isinstance(peft_config, dict) and "groups" in peft_config:
+        raise ValueError(
+            f"{str(directory)!r} holds a boftlab adapter (written by boftlab.save_adapter), not a PEFT one: load it "
+            "with boftlab.load_adapter(model, path)"
+        )
     if markers is None:
-        raise ValueError(f"from_peft reads PEFT BOFT and OFT adapters; this one is {kind!r}")
+        raise ValueError(
+            f"from_peft reads PEFT BOFT and OFT adapters; this one is {kind!r}"
+            + ("" if kind is not None else " (its adapter_config.json names no peft_type)")
+        )
     config = _config_from_peft(peft_config, kind)
     _, tensors = read_checked(weights_file, "PEFT adapter")
     rotations = {k[len(PEFT_PREFIX) : -len(m)]: k for k in tensors for m in markers if k.endswith(m)}  # name -> key

@@ -268,6 +268,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
         raise ValueError(
             f"no adapter at {str(path)!r}: expected a directory containing {WEIGHTS_NAME}, or a .safetensors file"
         )
+    _check_not_peft(file)
     config, tensors = read_safetensors(file, METADATA_KEY, "adapter", CHECKSUMMED_SINCE)
     check_layout(file, config)
     if file.name == WEIGHTS_NAME and (file.parent / CONFIG_NAME).is_file():
@@ -280,6 +281,23 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
         except (TypeError, ValueError) as err:
             raise ValueError(f"the adapter file {str(file)!r} holds an invalid config in groups[{i}]: {err}") from err
     return config, tensors
+
+
+def _check_not_peft(file: Path) -> None:
+    """ValueError pointing to ``from_peft`` if ``file`` is the weights of a PEFT adapter directory (its
+    ``adapter_config.json`` names a ``peft_type``; boftlab's never does)."""
+    copy_file = file.parent / CONFIG_NAME
+    if file.name != WEIGHTS_NAME or not copy_file.is_file():
+        return
+    try:
+        copy = json.loads(copy_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return  # _check_config_copy names that problem
+    if isinstance(copy, dict) and "peft_type" in copy:
+        raise ValueError(
+            f"{str(file.parent)!r} holds a Hugging Face PEFT adapter (peft_type={copy['peft_type']!r}), not a boftlab "
+            "one: import it with boftlab.from_peft(model, path) (BOFT and OFT adapters)"
+        )
 
 
 def check_layout(file: Path, config: Any, what: str = "the adapter file") -> None:

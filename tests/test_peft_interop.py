@@ -400,3 +400,17 @@ def test_from_peft_onto_a_model_in_eval_mode_builds_its_layers_in_eval_mode(tmp_
     assert not any(m.training for m in ours.modules())
     x = inputs()
     assert_same(ours(*x), ours(*x), atol=0)
+
+
+def test_from_peft_and_load_adapter_each_name_the_other_for_the_others_files(tmp_path):
+    """from_peft on a boftlab directory said "this one is None"; load_adapter on a PEFT directory did not point to
+    from_peft."""
+    boftlab.save_adapter(perturb(boftlab.adapt(base(), OFTConfig(block_size=8), targets=["fc1"])), tmp_path / "ours")
+    with pytest.raises(ValueError, match=r"holds a boftlab adapter .* boftlab.load_adapter\(model, path\)"):
+        boftlab.from_peft(base(), tmp_path / "ours")
+    peft.get_peft_model(base(), peft.OFTConfig(target_modules=["fc1"], oft_block_size=8, r=0)).save_pretrained(
+        tmp_path / "theirs")
+    plain = base()
+    with pytest.raises(ValueError, match=r"holds a Hugging Face PEFT adapter \(peft_type='OFT'\).* boftlab.from_peft"):
+        boftlab.load_adapter(plain, tmp_path / "theirs")
+    assert not boftlab.adapter_layers(plain)
