@@ -15,7 +15,8 @@ What a file promises. The checksum is a SHA-256 over the embedded config and eve
 bytes (``payload_checksum``): a flipped bit anywhere in the payload or the config makes loading raise, naming the file.
 Non-finite tensors (NaN/inf, e.g. after a diverged step) are refused when saving and when loading. Each file is
 written to a temporary name and renamed over the old one, so a crash leaves the previous save intact; the two files
-of a directory are renamed one right after the other, and if they ever disagree (a save interrupted between the two
+of a directory are renamed one right after the other (a path that is a symbolic link is written through: the
+link's target gets the new file, the link stays), and if they ever disagree (a save interrupted between the two
 renames, or a hand-edited ``adapter_config.json``) loading refuses: the embedded config is the one written with the
 tensors and covered by the checksum, the JSON is a copy, and which one the user meant is not knowable.
 Loading validates everything against the model before changing it: on any error the model is left untouched.
@@ -102,8 +103,11 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
 
 def atomic_write_files(writes: dict[Path, Callable[[str], None]]) -> None:
     """``atomic_write`` for several files: every ``write`` runs on its temporary file first, then the renames follow
-    one another — an error in any write leaves every old file intact and no temporary file behind."""
+    one another — an error in any write leaves every old file intact and no temporary file behind. A path that is a
+    symbolic link is written through: its target is replaced (the temporary file beside the target), the link kept."""
     temporary: dict[Path, str] = {}
+    writes = {Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path): write
+              for path, write in writes.items()}
     try:
         for path, write in writes.items():
             path.parent.mkdir(parents=True, exist_ok=True)

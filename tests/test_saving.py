@@ -520,3 +520,28 @@ def test_hot_swap_ignores_runtime_options_which_are_no_part_of_the_structure(tmp
     assert model.encoder[0].config.path == "auto"  # the model's own
     x = torch.randn(5, 16)
     torch.testing.assert_close(model(x), other(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["file", "directory"])
+def test_saving_onto_a_symlink_writes_through_it_and_keeps_the_link(tmp_path, layout):
+    """save_adapter onto a symlink replaced the link by a file, leaving its target with the old adapter."""
+    target_dir, link_dir = tmp_path / "store", tmp_path / "links"
+    target_dir.mkdir(), link_dir.mkdir()
+    first = adapted_net()
+    if layout == "file":
+        target, link = target_dir / "a.safetensors", link_dir / "a.safetensors"
+        boftlab.save_adapter(first, target)
+        link.symlink_to(target)
+        save_to = link
+    else:
+        boftlab.save_adapter(first, target_dir)
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            (link_dir / name).symlink_to(target_dir / name)
+        target, link, save_to = target_dir / WEIGHTS_NAME, link_dir / WEIGHTS_NAME, link_dir
+    second = trained(adapted_net())
+    boftlab.save_adapter(second, save_to)
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert not [p for p in target.parent.iterdir() if p.name.endswith(".tmp")]
+    for path in (save_to, target if layout == "file" else target_dir):
+        loaded = boftlab.load_adapter(fresh_net(), path)
+        assert all(torch.equal(v, second.state_dict()[k]) for k, v in boftlab.saving.adapter_state(loaded).items())
