@@ -506,5 +506,5 @@ def dequantize_bases(model: nn.Module, dtype: torch.dtype) -> nn.Module:
         raise ValueError("dequantize_bases: no adapter of this model wraps a quantized (bitsandbytes) layer")
     plain = {name: base_layers.dequantized_linear(layer.base_layer, dtype) for name, layer in layers.items()}
     for name, layer in layers.items():
-        layer.base_layer = plain[name]
+        layer.base_layer = plain[name].train(layer.base_layer.training)  # in the mode of the layer it replaces
     return model

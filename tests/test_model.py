@@ -300,3 +300,12 @@ def test_new_adapter_layers_follow_the_mode_of_the_module_they_wrap(mode):
         perturb(model)
         x = torch.randn(4, 16)
         assert torch.equal(model(x), model(x))  # no dropout: the same output twice
+
+
+def test_dequantize_bases_keeps_the_models_eval_mode():
+    pytest.importorskip("bitsandbytes")
+    from test_base_layers import QuantizedNet
+
+    model = boftlab.adapt(QuantizedNet(4), BOFTConfig(block_size=4), targets=["query", "value"]).eval()
+    boftlab.dequantize_bases(model, torch.float32)
+    assert not any(m.training for m in model.modules())
