@@ -465,7 +465,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             "dropped; materialise the base model (load its weights) before load_adapter"
         )
     if adapter_layers(model):
-        return _swap(model, config, tensors)
+        return _swap(model, config, tensors, str(path))
     layers: dict[str, AdapterLayer] = {}
     for group in config["groups"]:
         adapter_config_ = AdapterConfig.from_dict(group["config"])
@@ -479,7 +479,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         except AttributeError:
             raise ValueError(f"the adapter keeps module {name!r} trainable, but this model has no such module") from None
     expected, kept = _named_state(layers, modules), _named_state({}, modules)
-    _check_tensors(expected, tensors, kept)
+    _check_tensors(expected, tensors, kept, str(path))
     with torch.no_grad():
         for name, layer in layers.items():  # boftlab built these: they take the dtype they were saved in
             for key, target in layer.adapter_state().items():
@@ -492,18 +492,27 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
 
 def _check_tensors(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
-                   kept: dict[str, torch.Tensor]) -> None:
+                   kept: dict[str, torch.Tensor], path: str) -> None:
     """ValueError unless the file's ``tensors`` have exactly the names and shapes of the model's ``expected`` ones,
     and every value of those in ``kept`` (tensors that keep the model's dtype) fits that dtype exactly."""
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or extra:
         raise ValueError(
-            f"the adapter file does not fit this model: missing tensors {missing[:10]}"
+            f"the adapter file {path!r} does not fit this model: missing tensors {missing[:10]}"
             f"{' …' if len(missing) > 10 else ''}; unexpected tensors {extra[:10]}{' …' if len(extra) > 10 else ''}"
         )
     wrong = [(k, list(tensors[k].shape), list(v.shape)) for k, v in expected.items() if tensors[k].shape != v.shape]
     if wrong:
-        raise ValueError(f"tensor shape mismatch (name, in file, expected): {wrong[:10]}")
+        raise ValueError(f"the adapter file {path!r} does not fit this model: tensor shape mismatch (name, in file, "
+                         f"expected): {wrong[:10]}")
+    kind = lambda t: "complex" if t.is_complex() else "floating" if t.is_floating_point() else str(t.dtype)  # noqa: E731
+    wrong = [(k, str(tensors[k].dtype), str(v.dtype)) for k, v in expected.items() if kind(tensors[k]) != kind(v)]
+    if wrong:
+        raise ValueError(
+            f"the adapter file {path!r} holds tensors of another kind of dtype than the model's (name, in file, expected): "
+            f"{wrong[:10]}: a floating-point tensor loads from any floating-point dtype, an integer or bool one only "
+            "from its own; the file is damaged or was not written by boftlab"
+        )
     rounded = [  # the model's own modules keep their dtype, so a value they cannot hold exactly is refused
         f"{k!r} ({tensors[k].dtype} in the file, {v.dtype} in the model)"
         for k, v in kept.items()
@@ -511,8 +520,8 @@ def _check_tensors(expected: dict[str, torch.Tensor], tensors: dict[str, torch.T
     ]
     if rounded:
         raise ValueError(
-            f"loading would round {', '.join(rounded[:5])}: the adapter was saved from a model of another dtype. "
-            "Cast the model to the file's dtype (e.g. model.to(torch.float64)) before load_adapter"
+            f"loading would round {', '.join(rounded[:5])}: the adapter {path!r} was saved from a model of another "
+            "dtype. Cast the model to the file's dtype (e.g. model.to(torch.float64)) before load_adapter"
         )
 
 
@@ -529,7 +538,7 @@ def structure(config: dict[str, Any]) -> dict[str, Any]:
     return {"targets": targets, "trainable": sorted(config.get("trainable", []))}
 
 
-def _swap(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> nn.Module:
+def _swap(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor], path: str) -> nn.Module:
     """Hot swap: the file's tensors into adapters of the same structure (``load_adapter``). O(adapter size)."""
     here, there = structure(adapter_config(model)), structure(config)
     mine, theirs = here["targets"], there["targets"]
@@ -551,7 +560,7 @@ def _swap(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Ten
     check_unmerged(model, "load_adapter", "swapping would need unmerge, swap, merge, each rounding the base weights",
                    "load_adapter, then boftlab.merge(model) if you mean it")
     expected = adapter_state(model)
-    _check_tensors(expected, tensors, expected)  # a swap copies into the model's tensors: their dtype must hold it
+    _check_tensors(expected, tensors, expected, path)  # a swap copies into the model's tensors: their dtype must hold it
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(tensors[key])  # shares storage with the parameter: the same objects, new values

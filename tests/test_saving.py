@@ -545,3 +545,22 @@ def test_saving_onto_a_symlink_writes_through_it_and_keeps_the_link(tmp_path, la
     for path in (save_to, target if layout == "file" else target_dir):
         loaded = boftlab.load_adapter(fresh_net(), path)
         assert all(torch.equal(v, second.state_dict()[k]) for k, v in boftlab.saving.adapter_state(loaded).items())
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+def test_adapter_tensors_of_a_non_float_dtype_are_refused_naming_the_file(tmp_path, dtype):
+    """A format-2 file (no checksum) with integer, bool or complex adapter tensors: a raw RuntimeError while loading
+    (int, bool), or a silently dropped imaginary part (complex)."""
+    boftlab.save_adapter(adapted_net(), tmp_path)
+    (tmp_path / CONFIG_NAME).unlink()
+
+    def cast(tensors):
+        tensors["encoder.0.skew"] = tensors["encoder.0.skew"].to(dtype)
+
+    rewrite(tmp_path, cast, lambda c: c.update(format_version=2), checksum=False)
+    model = fresh_net()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf"the adapter file '.*' holds tensors of another kind of dtype .*"
+                                         rf"\('encoder.0.skew', '{dtype}', 'torch.float32'\)"):
+        boftlab.load_adapter(model, tmp_path)
+    assert_untouched(model, before)
