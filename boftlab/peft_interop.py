@@ -371,6 +371,13 @@ def from_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     if not names or missing:
         raise ValueError(f"the PEFT adapter at {str(directory)!r} is incomplete: missing tensors {missing[:10]}")
     check_finite({k: tensors[k] for k in needed}, f"the PEFT adapter {str(weights_file)!r} holds")
+    not_real = [(k, str(tensors[k].dtype)) for k in needed
+                if tensors[k].is_complex() or not tensors[k].is_floating_point()]
+    if not_real:
+        raise ValueError(
+            f"the PEFT adapter {str(weights_file)!r} holds tensors that are not real floating-point (name, dtype): "
+            f"{not_real[:5]}; PEFT writes its BOFT/OFT parameters as floats — the file is damaged or not PEFT's"
+        )
 
     layers: dict[str, BOFTLayer] = {}
     for name in names:

@@ -414,3 +414,17 @@ def test_from_peft_and_load_adapter_each_name_the_other_for_the_others_files(tmp
     with pytest.raises(ValueError, match=r"holds a Hugging Face PEFT adapter \(peft_type='OFT'\).* boftlab.from_peft"):
         boftlab.load_adapter(plain, tmp_path / "theirs")
     assert not boftlab.adapter_layers(plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex64])
+def test_import_refuses_tensors_that_are_not_real_floats(tmp_path, dtype):
+    from safetensors.torch import load_file, save_file
+
+    theirs = peft.get_peft_model(base(), peft.OFTConfig(target_modules=["fc1"], oft_block_size=8, r=0, init_weights=False))
+    theirs.save_pretrained(tmp_path)
+    file = tmp_path / "adapter_model.safetensors"
+    save_file({k: v.to(dtype) for k, v in load_file(file).items()}, file)
+    plain = base()
+    with pytest.raises(ValueError, match=rf"not real floating-point .*'{dtype}'"):
+        boftlab.from_peft(plain, tmp_path)
+    assert not boftlab.adapter_layers(plain)
