@@ -128,7 +128,8 @@ def layer_shapes(model: nn.Module, targets: list[str] | str) -> list[LayerShape]
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module (e.g. counts.build('vit-b/16')), got {type(model).__name__}")
-    if not (isinstance(targets, str) or (isinstance(targets, (list, tuple)) and all(isinstance(t, str) for t in targets))):
+    suffixes = isinstance(targets, (list, tuple)) and all(isinstance(t, str) for t in targets)
+    if not (isinstance(targets, str) or suffixes):
         raise ValueError(f"targets must be a regex string or a list of module-name suffixes, got {targets!r}")
     found = []
     for name, module in model.named_modules():

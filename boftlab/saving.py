@@ -505,13 +505,15 @@ def _check_tensors(expected: dict[str, torch.Tensor], tensors: dict[str, torch.T
     if wrong:
         raise ValueError(f"the adapter file {path!r} does not fit this model: tensor shape mismatch (name, in file, "
                          f"expected): {wrong[:10]}")
-    kind = lambda t: "complex" if t.is_complex() else "floating" if t.is_floating_point() else str(t.dtype)  # noqa: E731
+    def kind(t: torch.Tensor) -> str:
+        return "complex" if t.is_complex() else "floating" if t.is_floating_point() else str(t.dtype)
+
     wrong = [(k, str(tensors[k].dtype), str(v.dtype)) for k, v in expected.items() if kind(tensors[k]) != kind(v)]
     if wrong:
         raise ValueError(
-            f"the adapter file {path!r} holds tensors of another kind of dtype than the model's (name, in file, expected): "
-            f"{wrong[:10]}: a floating-point tensor loads from any floating-point dtype, an integer or bool one only "
-            "from its own; the file is damaged or was not written by boftlab"
+            f"the adapter file {path!r} holds tensors of another kind of dtype than the model's (name, in file, "
+            f"expected): {wrong[:10]}: a floating-point tensor loads from any floating-point dtype, an integer or "
+            "bool one only from its own; the file is damaged or was not written by boftlab"
         )
     rounded = [  # the model's own modules keep their dtype, so a value they cannot hold exactly is refused
         f"{k!r} ({tensors[k].dtype} in the file, {v.dtype} in the model)"
@@ -560,7 +562,7 @@ def _swap(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Ten
     check_unmerged(model, "load_adapter", "swapping would need unmerge, swap, merge, each rounding the base weights",
                    "load_adapter, then boftlab.merge(model) if you mean it")
     expected = adapter_state(model)
-    _check_tensors(expected, tensors, expected, path)  # a swap copies into the model's tensors: their dtype must hold it
+    _check_tensors(expected, tensors, expected, path)  # a swap copies into the model's tensors: their dtype holds it
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(tensors[key])  # shares storage with the parameter: the same objects, new values

@@ -286,7 +286,7 @@ def test_extra_keys_that_flatten_to_one_name_keep_their_own_tensors(tmp_path, ex
 @pytest.mark.parametrize("change, message", [
     (lambda m: m.update(format_version=True), r"checkpoint format version True; this boftlab .* reads versions 1..2"),
     (lambda m: m.update(format_version=0), r"checkpoint format version 0; this boftlab .* reads versions 1..2"),
-    (lambda m: m["adapter"].pop("groups"), r"the adapter config in the training checkpoint '.*' is malformed: 'groups'"),
+    (lambda m: m["adapter"].pop("groups"), r"adapter config in the training checkpoint '.*' is malformed: 'groups'"),
     (lambda m: m["adapter"]["groups"][0].update(targets=["0"]), r"malformed: groups\[0\]\['targets'\] must be"),
 ], ids=["version True", "version 0", "no groups", "targets list"])
 def test_malformed_format_1_checkpoint_is_refused_naming_the_file(tmp_path, change, message):

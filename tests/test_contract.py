@@ -296,7 +296,9 @@ def test_every_config_accepts_numpy_integer_and_float_scalars_as_python_numbers(
     import json
 
     config = config_class(**options)
-    python = lambda v: tuple(map(python, v)) if isinstance(v, tuple) else v.item() if hasattr(v, "item") else v  # noqa: E731
+    def python(v):
+        return tuple(map(python, v)) if isinstance(v, tuple) else v.item() if hasattr(v, "item") else v
+
     plain = config_class(**{k: python(v) for k, v in options.items()})
     assert config == plain
     assert json.loads(json.dumps(config.to_dict())) == plain.to_dict()  # saved as plain JSON numbers

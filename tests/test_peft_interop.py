@@ -420,8 +420,8 @@ def test_from_peft_and_load_adapter_each_name_the_other_for_the_others_files(tmp
 def test_import_refuses_tensors_that_are_not_real_floats(tmp_path, dtype):
     from safetensors.torch import load_file, save_file
 
-    theirs = peft.get_peft_model(base(), peft.OFTConfig(target_modules=["fc1"], oft_block_size=8, r=0, init_weights=False))
-    theirs.save_pretrained(tmp_path)
+    config = peft.OFTConfig(target_modules=["fc1"], oft_block_size=8, r=0, init_weights=False)
+    peft.get_peft_model(base(), config).save_pretrained(tmp_path)
     file = tmp_path / "adapter_model.safetensors"
     save_file({k: v.to(dtype) for k, v in load_file(file).items()}, file)
     plain = base()

@@ -5,8 +5,9 @@ raises ``NotImplementedError``, or a value left as ``...``) and a checking cell 
 returns a ``Result`` (``.passed``, ``.message``) and never raises: an unfilled template reads "not attempted yet",
 an exception in the student's code is reported with its type and message, a wrong answer with what was expected, what
 differs and a hint. A number may come as a NumPy scalar, a one-element tensor or list, a tensor as a list or NumPy
-array: it is converted, and the verdict says so; NaN, ±inf and complex values are wrong answers. Solutions: ``boftlab.teaching.solutions`` (one function per exercise, named in ``EXERCISES``).
-``tests/test_exercises.py`` proves that every solution passes and every notebook's blank template does not.
+array: it is converted, and the verdict says so; NaN, ±inf and complex values are wrong answers. Solutions:
+``boftlab.teaching.solutions`` (one function per exercise, named in ``EXERCISES``). ``tests/test_exercises.py``
+proves that every solution passes and every notebook's blank template does not.
 """
 
 from __future__ import annotations
@@ -115,13 +116,14 @@ def _as_number(value: Any, what: str, integer: bool = False) -> int | float:
     number = value
     if isinstance(number, (list, tuple)) and len(number) == 1:
         number = number[0]
-    if isinstance(number, torch.Tensor) and number.numel() == 1 and not number.is_complex() and number.dtype != torch.bool:
+    real = isinstance(number, torch.Tensor) and not number.is_complex() and number.dtype != torch.bool
+    if real and number.numel() == 1:
         number = number.item()
     elif type(number).__module__ == "numpy" and getattr(number, "size", None) == 1 and hasattr(number, "item"):
         number = number.item()
     if isinstance(number, complex) or (isinstance(number, torch.Tensor) and number.is_complex()):
-        raise _Wrong(f"{what} should be {kind}, got the complex {value!r}: the answer is real (if the imaginary part is "
-                     "rounding error, your method takes a detour through complex numbers; return the real part).")
+        raise _Wrong(f"{what} should be {kind}, got the complex {value!r}: the answer is real (if the imaginary part "
+                     "is rounding error, your method takes a detour through complex numbers; return the real part).")
     if isinstance(number, bool) or not isinstance(number, (int, float)):
         raise _Wrong(f"{what} should be {kind}, got {str(value)[:80]} ({_describe(value)}).")
     if not math.isfinite(number):
@@ -154,7 +156,8 @@ def _as_tensor(value: Any, what: str) -> torch.Tensor:
         except (TypeError, ValueError, RuntimeError):
             converted = None
         if converted is not None:
-            _NOTES.append((_describe(value), f"{what}, {_describe(value)}, as a tensor of shape {tuple(converted.shape)}"))
+            shape = tuple(converted.shape)
+            _NOTES.append((_describe(value), f"{what}, {_describe(value)}, as a tensor of shape {shape}"))
             value = converted
     if not isinstance(value, torch.Tensor):
         raise _Wrong(f"{what} should return a torch.Tensor, got {type(value).__name__}.")
