@@ -13,7 +13,7 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     from .profiles import PROFILES
-    from .reproduce import DOMAINS, reproduce
+    from .reproduce import DOMAINS, check_output_dir, reproduce
 
     parser = argparse.ArgumentParser(prog="python -m boftlab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -27,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     domains = list(DOMAINS) if args.domain == "all" else [args.domain]
     out = args.out if args.out is not None else Path("out") / args.profile
+    try:
+        check_output_dir(out)  # before minutes of training
+    except ValueError as err:
+        parser.error(str(err))
     command = f"python -m boftlab reproduce {args.domain} --profile {args.profile} --out {out}"
     path = reproduce(domains, args.profile, out, progress=not args.quiet, command=command)
     print(path.read_text())

@@ -35,7 +35,8 @@ from torch import nn
 from . import __version__
 from .model import adapter_layers, check_unmerged, strip_wrappers
 from .saving import (
-    adapter_config, adapter_state, atomic_write, check_finite, read_safetensors, safetensors_writer, upgrade_config,
+    adapter_config, adapter_state, atomic_write, check_finite, check_layout, common_shape_key, read_safetensors, safetensors_writer,
+    structure, upgrade_config,
 )
 
 FORMAT_VERSION = 2
@@ -58,10 +59,16 @@ def encode(obj: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
 
     Tuples, dicts with non-string keys (optimizer states are keyed by int), NumPy arrays and non-finite floats are
     tagged so that ``decode`` rebuilds them exactly. Anything else (a function, an arbitrary object) is refused.
+    A tensor's name is its dotted path, made unique: ``{"a.b": x, "a": {"b": y}}`` or ``{1: x, "1": y}`` give two
+    paths ``a.b`` (or ``1``), so the later one is stored as ``a.b#2``; the JSON records each tensor's own name.
     """
     if isinstance(obj, torch.Tensor):
-        tensors[key] = obj.detach().to("cpu").contiguous().clone()
-        return {"__tensor__": key}
+        name, n = key, 1
+        while name in tensors:  # another path flattened to the same name: keep both tensors, never one for two
+            n += 1
+            name = f"{key}#{n}"
+        tensors[name] = obj.detach().to("cpu").contiguous().clone()
+        return {"__tensor__": name}
     if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
         return obj
     if isinstance(obj, float):
@@ -211,18 +218,21 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     if not file.is_file():
         raise ValueError(f"no training checkpoint at {str(path)!r}: expected {str(file)!r}")
     meta, tensors = read_safetensors(file, METADATA_KEY, "training checkpoint", CHECKSUMMED_SINCE)
-    if meta.get("format_version") not in range(1, FORMAT_VERSION + 1):
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if isinstance(version, bool) or version not in range(1, FORMAT_VERSION + 1):
         raise ValueError(
-            f"{str(file)!r} has checkpoint format version {meta.get('format_version')!r}; this boftlab "
-            f"({__version__}) reads versions 1..{FORMAT_VERSION}"
+            f"{str(file)!r} has checkpoint format version {version!r}; this boftlab ({__version__}) reads versions "
+            f"1..{FORMAT_VERSION}"
         )
+    check_layout(file, meta.get("adapter"), "the adapter config in the training checkpoint")
     check_finite({k: v for k, v in tensors.items() if k.startswith("model.")}, f"the checkpoint {str(file)!r} holds")
     return {**meta, "adapter": upgrade_config(meta["adapter"])}, tensors
 
 
 def _same_adapters(saved: dict[str, Any], current: dict[str, Any]) -> bool:
-    strip = lambda c: {"groups": c["groups"], "trainable": sorted(c["trainable"])}  # noqa: E731
-    return json.dumps(strip(saved), sort_keys=True) == json.dumps(strip(current), sort_keys=True)
+    """The same configs (runtime options aside, ``saving.structure``), targets and kept-trainable modules."""
+    key = common_shape_key(saved, current)
+    return json.dumps(structure(saved, key), sort_keys=True) == json.dumps(structure(current, key), sort_keys=True)
 
 
 def load_checkpoint(

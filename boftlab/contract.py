@@ -107,6 +107,11 @@ def _record_bypass(region: object, layer_id: int) -> None:
     BYPASSED_REGIONS[id(region)].add(layer_id)
 
 
+#: config options that choose how a layer computes, never what: every path and kernel gives the same result (to
+#: rounding), the same tensors are trained. They are no part of an adapter's structure (hot swap, resuming).
+RUNTIME_OPTIONS = ("path", "kernel")
+
+
 def nearest(value: int, choices: list[int]) -> int:
     """The choice closest to ``value`` (ties go to the smaller one) — for error messages that suggest a fix."""
     return min(choices, key=lambda c: (abs(c - value), c))
@@ -175,9 +180,15 @@ class AdapterConfig:
         raise NotImplementedError
 
     def make_layer(self, base_layer: nn.Module) -> "AdapterLayer":
-        """Wrap ``base_layer``; ValueError if its type is not supported or the family cannot fit its shape."""
+        """Wrap ``base_layer``; ValueError if its type is not supported or the family cannot fit its shape. The new
+        layer takes ``base_layer``'s train / eval mode, so an adapter put on a model in eval mode (``adapt``,
+        ``load_adapter``, ``from_peft``) runs without dropout, as the model's mode says."""
         self.check_supported(base_layer)
-        return self.layer_class()(base_layer, self)
+        layer = self.layer_class()(base_layer, self)
+        for name, module in layer.named_modules():  # the adapter's own modules; the base keeps its (mixed) modes
+            if name != "base_layer" and not name.startswith("base_layer."):
+                module.training = base_layer.training
+        return layer
 
     def display_name(self) -> str:
         """How errors name this config: the class name, plus any option that decides ``supported_layers``."""

@@ -39,21 +39,34 @@ from torch import nn
 
 from . import base_layers
 from .butterfly import BOFTLayer
-from .contract import FAMILIES
+from .contract import FAMILIES, check_integer
 
 CONVENTIONS = ("effective", "peft")
 
 
 # --- closed forms per layer ------------------------------------------------------------------------------------------
+def _size(name: str, value: Any) -> int:
+    """``value`` as an int ≥ 1 (a NumPy integer is one), or a ValueError saying what was given."""
+    value = check_integer(name, value)
+    if value < 1:
+        raise ValueError(f"{name} must be an integer ≥ 1 (a layer's size or a rank), got {value}")
+    return value
+
+
+def _switch(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def lora_params(fan_in: int, fan_out: int, rank: int) -> int:
-    """LoRA's A (r × d) and B (n × r): r·(d + n)."""
-    if rank < 1:
-        raise ValueError(f"rank must be ≥ 1, got {rank}")
-    return rank * (fan_in + fan_out)
+    """LoRA's A (r × d) and B (n × r): r·(d + n). ValueError unless every argument is an integer ≥ 1."""
+    return _size("rank", rank) * (_size("fan_in", fan_in) + _size("fan_out", fan_out))
 
 
 def orthogonal_group_dim(dim: int) -> int:
     """d(d−1)/2: the free parameters of a dense d × d orthogonal matrix (one skew-symmetric matrix)."""
+    dim = _size("dim", dim)
     return dim * (dim - 1) // 2
 
 
@@ -75,7 +88,7 @@ def boft_params(
     """
     if block_size is None and n_blocks is None:
         raise ValueError("give block_size or n_blocks")
-    shape = LayerShape("layer", fan_in, fan_out, trained_bias, "linear")
+    shape = LayerShape("layer", _size("fan_in", fan_in), _size("fan_out", fan_out), trained_bias, "linear")
     return layer_count(shape, "boft", convention, trained_bias, block_size=block_size, n_blocks=n_blocks,
                        n_factors=n_factors, scale=scale)
 
@@ -115,6 +128,11 @@ def layer_shapes(model: nn.Module, targets: list[str] | str) -> list[LayerShape]
 
     O(number of modules); works on meta tensors. Raises ValueError when nothing matches, listing the suffixes there are.
     """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module (e.g. counts.build('vit-b/16')), got {type(model).__name__}")
+    suffixes = isinstance(targets, (list, tuple)) and all(isinstance(t, str) for t in targets)
+    if not (isinstance(targets, str) or suffixes):
+        raise ValueError(f"targets must be a regex string or a list of module-name suffixes, got {targets!r}")
     found = []
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -149,6 +167,11 @@ def layer_count(shape: LayerShape, method: str, convention: str = "effective", t
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    if not isinstance(shape, LayerShape):
+        raise ValueError(f"shape must be a LayerShape (e.g. from layer_shapes(model, targets)), got {shape!r}")
+    _switch("trained_bias", trained_bias)
+    for i, size in enumerate(shape.modes):
+        _size(f"the layer's weight shape {shape.modes}[{i}]", size)
     if method == "lora":
         if set(options) != {"rank"}:
             raise ValueError(f"method 'lora' takes one option, rank; got {sorted(options)}")

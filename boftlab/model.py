@@ -271,7 +271,8 @@ def build_layers(
 ) -> dict[str, AdapterLayer]:
     """Adapter layers for the named modules (or for ``bases[name]`` in their place), built without touching the
     model (errors leave it unchanged); ``check_model`` and ``check_targets`` first, and a ValueError if any 4-bit layer
-    of the model was repacked for CPU inference."""
+    of the model was repacked for CPU inference. Each new layer takes the train / eval mode of the module it wraps
+    (``make_layer``)."""
     check_model(model)
     check_targets(model, names)
     for module in model.modules():
@@ -672,5 +673,5 @@ def dequantize_bases(model: nn.Module, dtype: torch.dtype) -> nn.Module:
         except ValueError as err:
             raise ValueError(f"dequantize_bases: layer {name!r}: {err}. Nothing was changed.") from err
     for name, layer in layers.items():
-        layer.base_layer = plain[name]
+        layer.base_layer = plain[name].train(layer.base_layer.training)  # in the mode of the layer it replaces
     return model

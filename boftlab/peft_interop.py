@@ -23,7 +23,11 @@ Refused, because the other side computes something else (a ``ValueError`` says w
 * ``bias`` other than "none": PEFT trained and saved the biases; boftlab adapters keep the base bias frozen.
 * a BOFT file with fewer factors than its config's ``boft_n_butterfly_factor``: PEFT trains one factor whenever its
   CUDA extension is missing, whatever the config says; set the config to what the file holds to import that.
-* ``block_share``; BOFT with COFT or a Cayley–Neumann series; convolutions PEFT computes inexactly (``_check_conv``).
+* ``block_share``; COFT or a Cayley–Neumann series on anything exported as PEFT BOFT (BOFT, and OFT with a scale);
+  convolutions PEFT computes inexactly (``_check_conv``).
+* ``dropout`` > 0 on export: PEFT's multiplicative dropout replaces exactly int(p·k) blocks (BOFT: of one random
+  factor), boftlab each block independently with probability p — the same eval-mode outputs, another training.
+* OFT on an Embedding whose padding row is not zero, both ways: boftlab keeps that row, PEFT rotates it.
 * base layers whose exchange is not verified against PEFT, both ways (``_check_exchangeable``): transformers'
   Conv1D, quantized layers, and an Embedding except under PEFT OFT.
 
@@ -115,9 +119,31 @@ def _single_config(model: nn.Module) -> tuple[BOFTConfig, dict[str, BOFTLayer]]:
             f"{len(configs)} different configs; export them one group at a time"
         )
     config = next(iter(layers.values())).config
-    if config.coft and config.family == "boft":
-        raise ValueError("PEFT BOFT has no COFT constraint; export a coft=True adapter as OFTConfig(scale=False)")
+    _check_options_export(config)
     return config, layers
+
+
+def _check_options_export(config: BOFTConfig) -> None:
+    """ValueError for every option of ``config`` PEFT cannot represent exactly (``_check_neumann_export`` checks
+    ``neumann_terms``). block_size, n_blocks, n_factors and scale map onto PEFT's own options; path and kernel only
+    choose how boftlab computes the same result, so PEFT needs no counterpart."""
+    as_peft_oft = config.family == "oft" and not config.scale
+    if config.coft and not as_peft_oft:
+        raise ValueError(
+            f"{type(config).__name__}(scale={config.scale}, coft=True) exports as PEFT BOFT (PEFT OFT has no output "
+            "scale), and PEFT BOFT has no COFT constraint, so PEFT would compute the unconstrained rotation. Only "
+            "OFTConfig(scale=False, coft=True) exports with COFT (as PEFT OFT's coft)"
+        )
+    if config.dropout:
+        peft_option = "module_dropout" if as_peft_oft else "boft_dropout"
+        raise ValueError(
+            f"dropout={config.dropout}: PEFT's {peft_option} is another dropout (it replaces exactly "
+            f"int(p·k) of the k blocks by the identity{'' if as_peft_oft else ', in one random factor'}, where "
+            "boftlab drops each block of each factor independently with probability p), so training the exported "
+            "adapter in PEFT would not continue this training. The outputs in eval mode are the same: to export for "
+            "inference or for training without dropout, set `layer.config.dropout = 0.0` on every layer of "
+            "boftlab.adapter_layers(model) first"
+        )
 
 
 def _check_exchangeable(name: str, base: nn.Module, peft_oft: bool) -> None:
@@ -145,6 +171,20 @@ def _check_conv(name: str, conv: nn.Conv2d) -> None:
             f"{conv.padding_mode!r}); PEFT supports square kernels, equal stride/padding, no dilation, groups=1, "
             "zero padding. boftlab itself handles this layer; only the export is refused."
         )
+
+
+def _check_padding_row(name: str, embedding: nn.Embedding, action: str) -> None:
+    """ValueError if ``embedding``'s padding row is not zero: boftlab keeps that row the base's, PEFT's OFT rotates
+    it (``F.embedding`` of the rotated table), so the two agree at the padding token only while the row is zero."""
+    if embedding.padding_idx is None or not embedding.weight[embedding.padding_idx].any():
+        return
+    row = embedding.weight[embedding.padding_idx]
+    raise ValueError(
+        f"cannot {action} OFT on Embedding {name!r}: its padding row (padding_idx={embedding.padding_idx}) is not "
+        f"zero (norm {float(row.detach().float().norm()):.3g}). boftlab keeps the padding row the base's, PEFT's OFT rotates "
+        "it, so the two differ at every padding token. Exchange adapters of this embedding through "
+        "boftlab.save_adapter / load_adapter, or leave the embedding out of the targets"
+    )
 
 
 def _check_neumann_export(config: BOFTConfig, as_peft_oft: bool) -> None:
@@ -186,6 +226,8 @@ def to_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
                     "with OFTConfig(scale=True), which maps to PEFT BOFT (exact)"
                 )
             _check_conv(name, base)
+        if isinstance(base, nn.Embedding):
+            _check_padding_row(name, base, "export")
         if as_peft_oft:
             sign = -1.0 if config.neumann_terms is not None else 1.0
             rotation = "oft_embedding_R" if isinstance(base, nn.Embedding) else "oft_R"
@@ -319,11 +361,22 @@ def from_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             f"{str(directory)!r} has no adapter_model.safetensors; boftlab never unpickles adapter_model.bin — "
             "re-save the PEFT adapter with safe_serialization=True"
         )
-    peft_config = json.loads(config_file.read_text())
-    kind = peft_config.get("peft_type")
+    try:
+        peft_config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{str(config_file)!r} is not valid JSON ({err}), so it is no PEFT adapter config") from err
+    kind = peft_config.get("peft_type") if isinstance(peft_config, dict) else None
     markers = {"BOFT": (".boft_R",), "OFT": (".oft_R.weight", ".oft_embedding_R.weight")}.get(kind)
+    if markers is None and kind is None and isinstance(peft_config, dict) and "groups" in peft_config:
+        raise ValueError(
+            f"{str(directory)!r} holds a boftlab adapter (written by boftlab.save_adapter), not a PEFT one: load it "
+            "with boftlab.load_adapter(model, path)"
+        )
     if markers is None:
-        raise ValueError(f"from_peft reads PEFT BOFT and OFT adapters; this one is {kind!r}")
+        raise ValueError(
+            f"from_peft reads PEFT BOFT and OFT adapters; this one is {kind!r}"
+            + ("" if kind is not None else " (its adapter_config.json names no peft_type)")
+        )
     check_peft_version(peft_config.get("peft_version"), f"the PEFT that wrote {str(config_file)!r}")
     config = _config_from_peft(peft_config, kind)
     _, tensors = read_checked(weights_file, "PEFT adapter")
@@ -336,6 +389,8 @@ def from_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         raise ValueError(f"the PEFT adapter targets module(s) {unknown[:5]} that this model does not have")
     for name in names:
         _check_exchangeable(name, modules[name], kind == "OFT")
+        if isinstance(modules[name], nn.Embedding):
+            _check_padding_row(name, modules[name], "import")
     convs = [n for n in names if kind == "OFT" and isinstance(modules[n], nn.Conv2d)]
     if convs:
         raise ValueError(f"cannot import PEFT OFT on Conv2d {convs[:5]}. {CONV_OFT_REFUSAL}")
@@ -347,6 +402,13 @@ def from_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     if not names or missing:
         raise ValueError(f"the PEFT adapter at {str(directory)!r} is incomplete: missing tensors {missing[:10]}")
     check_finite({k: tensors[k] for k in needed}, f"the PEFT adapter {str(weights_file)!r} holds")
+    not_real = [(k, str(tensors[k].dtype)) for k in needed
+                if tensors[k].is_complex() or not tensors[k].is_floating_point()]
+    if not_real:
+        raise ValueError(
+            f"the PEFT adapter {str(weights_file)!r} holds tensors that are not real floating-point (name, dtype): "
+            f"{not_real[:5]}; PEFT writes its BOFT/OFT parameters as floats — the file is damaged or not PEFT's"
+        )
 
     layers: dict[str, BOFTLayer] = {}
     for name in names:

@@ -15,7 +15,8 @@ What a file promises. The checksum is a SHA-256 over the embedded config and eve
 bytes (``payload_checksum``): a flipped bit anywhere in the payload or the config makes loading raise, naming the file.
 Non-finite tensors (NaN/inf, e.g. after a diverged step) are refused when saving and when loading. Each file is
 written to a temporary name and renamed over the old one, so a crash leaves the previous save intact; the two files
-of a directory are renamed one right after the other, and if they ever disagree (a save interrupted between the two
+of a directory are renamed one right after the other (a path that is a symbolic link is written through: the
+link's target gets the new file, the link stays), and if they ever disagree (a save interrupted between the two
 renames, or a hand-edited ``adapter_config.json``) loading refuses: the embedded config is the one written with the
 tensors and covered by the checksum, the JSON is a copy, and which one the user meant is not knowable.
 Loading validates everything against the model before changing it: on any error the model is left untouched.
@@ -43,7 +44,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__, base_layers
-from .contract import AdapterConfig, AdapterLayer
+from .contract import RUNTIME_OPTIONS, AdapterConfig, AdapterLayer
 from .model import (
     TRAINABLE_ATTR, adapter_layers, build_layers, canonical_modules, canonical_name, check_unmerged, find_module,
     insert_layers, strip_wrappers,
@@ -105,8 +106,11 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
 
 def atomic_write_files(writes: dict[Path, Callable[[str], None]]) -> None:
     """``atomic_write`` for several files: every ``write`` runs on its temporary file first, then the renames follow
-    one another — an error in any write leaves every old file intact and no temporary file behind."""
+    one another — an error in any write leaves every old file intact and no temporary file behind. A path that is a
+    symbolic link is written through: its target is replaced (the temporary file beside the target), the link kept."""
     temporary: dict[Path, str] = {}
+    writes = {Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path): write
+              for path, write in writes.items()}
     try:
         for path, write in writes.items():
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -272,17 +276,94 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
         raise ValueError(
             f"no adapter at {str(path)!r}: expected a directory containing {WEIGHTS_NAME}, or a .safetensors file"
         )
+    _check_not_peft(file)
     config, tensors = read_safetensors(file, METADATA_KEY, "adapter", CHECKSUMMED_SINCE)
-    version = config.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(
-            f"{str(file)!r} has adapter format version {version!r}, but this boftlab ({__version__}) reads versions "
-            f"1..{FORMAT_VERSION}; upgrade boftlab to load it"
-        )
+    check_layout(file, config)
     if file.name == WEIGHTS_NAME and (file.parent / CONFIG_NAME).is_file():
         _check_config_copy(file, config)
     check_finite(tensors, f"the adapter file {str(file)!r} holds")
-    return upgrade_config(config), tensors
+    config = upgrade_config(config)
+    for i, group in enumerate(config["groups"]):
+        try:
+            AdapterConfig.from_dict(group["config"])
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"the adapter file {str(file)!r} holds an invalid config in groups[{i}]: {err}") from err
+    return config, tensors
+
+
+def _check_not_peft(file: Path) -> None:
+    """ValueError pointing to ``from_peft`` if ``file`` is the weights of a PEFT adapter directory (its
+    ``adapter_config.json`` names a ``peft_type``; boftlab's never does)."""
+    copy_file = file.parent / CONFIG_NAME
+    if file.name != WEIGHTS_NAME or not copy_file.is_file():
+        return
+    try:
+        copy = json.loads(copy_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return  # _check_config_copy names that problem
+    if isinstance(copy, dict) and "peft_type" in copy:
+        raise ValueError(
+            f"{str(file.parent)!r} holds a Hugging Face PEFT adapter (peft_type={copy['peft_type']!r}), not a boftlab "
+            "one: import it with boftlab.from_peft(model, path) (BOFT and OFT adapters)"
+        )
+
+
+def check_layout(file: Path, config: Any, what: str = "the adapter file") -> None:
+    """ValueError naming ``file`` and the first thing wrong, unless its embedded config is laid out as
+    ``adapter_config`` writes it (every format version has this layout) with a format version 1..FORMAT_VERSION:
+    ``{"format_version": int, "groups": [{"config": {"family": str, ...}, "targets": {name: {"type": str,
+    "weight_shape": [int, ...] | None, "layer_shape": [int, ...] | None (optional)}}}, ...], "trainable": [str, ...]}``
+    with every target in one group only. Files that break it were not written by boftlab, or were edited by hand
+    (format ≤ 2 files carry no checksum)."""
+    where = f"{what} {str(file)!r}"
+    if not isinstance(config, dict):
+        raise ValueError(f"{where} is malformed: its embedded config is a {type(config).__name__}, not a JSON object")
+    version = config.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        newer = isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION
+        raise ValueError(
+            f"{where} has adapter format version {version!r}, but this boftlab ({__version__}) reads versions "
+            f"1..{FORMAT_VERSION}; "
+            + ("upgrade boftlab to load it" if newer else "no boftlab writes that version: the file is damaged or "
+               "was not written by boftlab")
+        )
+
+    def shape(value: Any) -> bool:
+        return value is None or (isinstance(value, list) and all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in value))
+
+    problems = []
+    groups = config.get("groups")
+    if not isinstance(groups, list) or not groups:
+        problems.append(f"'groups' must be a non-empty list of adapter groups, got {groups!r}")
+        groups = []
+    seen: dict[str, int] = {}
+    for i, group in enumerate(groups):
+        if not isinstance(group, dict) or not isinstance(group.get("config"), dict) or not isinstance(
+                group.get("config", {}).get("family"), str):
+            problems.append(f"groups[{i}] must be a dict with a 'config' dict naming its 'family', got {group!r}")
+            continue
+        targets = group.get("targets")
+        if not isinstance(targets, dict) or not targets:
+            problems.append(f"groups[{i}]['targets'] must be a non-empty dict of module name -> layer info, got "
+                            f"{targets!r}")
+            continue
+        for name, info in targets.items():
+            if not (isinstance(info, dict) and isinstance(info.get("type"), str) and "weight_shape" in info
+                    and shape(info["weight_shape"]) and shape(info.get("layer_shape"))):
+                problems.append(
+                    f"groups[{i}]['targets'][{name!r}] must be {{'type': str, 'weight_shape': [int, ...] or None, "
+                    f"optionally 'layer_shape': [int, ...] or None}}, got {info!r}"
+                )
+            elif name in seen:
+                problems.append(f"module {name!r} is a target of groups[{seen[name]}] and groups[{i}] (one adapter "
+                                "per layer)")
+            seen.setdefault(name, i)
+    trainable = config.get("trainable", [])
+    if not isinstance(trainable, list) or not all(isinstance(n, str) for n in trainable):
+        problems.append(f"'trainable' must be a list of module names, got {trainable!r}")
+    if problems:
+        raise ValueError(f"{where} is malformed: {'; '.join(problems[:3])}{' …' if len(problems) > 3 else ''}")
 
 
 def _check_config_copy(file: Path, config: dict[str, Any]) -> None:
@@ -405,7 +486,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             "dropped; materialise the base model (load its weights) before load_adapter"
         )
     if adapter_layers(model):
-        return _swap(model, config, tensors)
+        return _swap(model, config, tensors, str(path))
     layers: dict[str, AdapterLayer] = {}
     for group in config["groups"]:
         adapter_config_ = AdapterConfig.from_dict(group["config"])
@@ -420,7 +501,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         except AttributeError:
             raise ValueError(f"the adapter keeps module {name!r} trainable, but this model has no such module") from None
     expected, kept = _named_state(layers, modules), _named_state({}, modules)
-    _check_tensors(expected, tensors, kept)
+    _check_tensors(expected, tensors, kept, str(path))
     with torch.no_grad():
         for name, layer in layers.items():  # boftlab built these: they take the dtype they were saved in
             for key, target in layer.adapter_state().items():
@@ -433,18 +514,29 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
 
 def _check_tensors(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
-                   kept: dict[str, torch.Tensor]) -> None:
+                   kept: dict[str, torch.Tensor], path: str) -> None:
     """ValueError unless the file's ``tensors`` have exactly the names and shapes of the model's ``expected`` ones,
     and every value of those in ``kept`` (tensors that keep the model's dtype) fits that dtype exactly."""
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or extra:
         raise ValueError(
-            f"the adapter file does not fit this model: missing tensors {missing[:10]}"
+            f"the adapter file {path!r} does not fit this model: missing tensors {missing[:10]}"
             f"{' …' if len(missing) > 10 else ''}; unexpected tensors {extra[:10]}{' …' if len(extra) > 10 else ''}"
         )
     wrong = [(k, list(tensors[k].shape), list(v.shape)) for k, v in expected.items() if tensors[k].shape != v.shape]
     if wrong:
-        raise ValueError(f"tensor shape mismatch (name, in file, expected): {wrong[:10]}")
+        raise ValueError(f"the adapter file {path!r} does not fit this model: tensor shape mismatch (name, in file, "
+                         f"expected): {wrong[:10]}")
+    def kind(t: torch.Tensor) -> str:
+        return "complex" if t.is_complex() else "floating" if t.is_floating_point() else str(t.dtype)
+
+    wrong = [(k, str(tensors[k].dtype), str(v.dtype)) for k, v in expected.items() if kind(tensors[k]) != kind(v)]
+    if wrong:
+        raise ValueError(
+            f"the adapter file {path!r} holds tensors of another kind of dtype than the model's (name, in file, "
+            f"expected): {wrong[:10]}: a floating-point tensor loads from any floating-point dtype, an integer or "
+            "bool one only from its own; the file is damaged or was not written by boftlab"
+        )
     rounded = [  # the model's own modules keep their dtype, so a value they cannot hold exactly is refused
         f"{k!r} ({tensors[k].dtype} in the file, {v.dtype} in the model)"
         for k, v in kept.items()
@@ -452,27 +544,37 @@ def _check_tensors(expected: dict[str, torch.Tensor], tensors: dict[str, torch.T
     ]
     if rounded:
         raise ValueError(
-            f"loading would round {', '.join(rounded[:5])}: the adapter was saved from a model of another dtype. "
-            "Cast the model to the file's dtype (e.g. model.to(torch.float64)) before load_adapter"
+            f"loading would round {', '.join(rounded[:5])}: the adapter {path!r} was saved from a model of another "
+            "dtype. Cast the model to the file's dtype (e.g. model.to(torch.float64)) before load_adapter"
         )
 
 
-def _structure(config: dict[str, Any], shape_key: str) -> dict[str, Any]:
-    """Module name -> (config, base type, base weight shape) of an ``adapter_config``, plus the kept-trainable list.
-    ``shape_key``: "layer_shape" (``base_layers.weight_shape``, never a packed shape), or "weight_shape" (as stored) to
-    compare with a file written before boftlab recorded layer shapes."""
+def common_shape_key(*configs: dict[str, Any]) -> str:
+    """"layer_shape" if every adapter_config records it, else "weight_shape" (a file written before boftlab did)."""
+    recorded = all("layer_shape" in info for config in configs for group in config["groups"]
+                   for info in group["targets"].values())
+    return "layer_shape" if recorded else "weight_shape"
+
+
+def structure(config: dict[str, Any], shape_key: str = "layer_shape") -> dict[str, Any]:
+    """Module name -> (config, base type, base weight shape) of an ``adapter_config``, plus the kept-trainable list:
+    what must agree for a file's tensors to mean the same in another model. The configs leave out
+    ``RUNTIME_OPTIONS`` (how a layer computes, not what), so a file saved with path="input" swaps into layers running
+    path="auto", which keep their own. ``shape_key``: "layer_shape" (``base_layers.weight_shape``, never a packed
+    shape), or "weight_shape" (as stored) to compare with a file written before boftlab recorded layer shapes."""
     targets = {
-        name: (group["config"], info["type"], info[shape_key])
+        name: ({k: v for k, v in group["config"].items() if k not in RUNTIME_OPTIONS}, info["type"],
+               info.get(shape_key))
         for group in config["groups"] for name, info in group["targets"].items()
     }
     return {"targets": targets, "trainable": sorted(config.get("trainable", []))}
 
 
-def _swap(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> nn.Module:
+def _swap(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor], path: str) -> nn.Module:
     """Hot swap: the file's tensors into adapters of the same structure (``load_adapter``). O(adapter size)."""
-    recorded = all("layer_shape" in info for group in config["groups"] for info in group["targets"].values())
-    shape_key = "layer_shape" if recorded else "weight_shape"
-    here, there = _structure(adapter_config(model), shape_key), _structure(config, shape_key)
+    here_config = adapter_config(model)
+    shape_key = common_shape_key(here_config, config)
+    here, there = structure(here_config, shape_key), structure(config, shape_key)
     mine, theirs = here["targets"], there["targets"]
     differences = [
         f"adapted here only: {sorted(set(mine) - set(theirs))[:5]}" if set(mine) - set(theirs) else "",
@@ -492,7 +594,7 @@ def _swap(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Ten
     check_unmerged(model, "load_adapter", "swapping would need unmerge, swap, merge, each rounding the base weights",
                    "load_adapter, then boftlab.merge(model) if you mean it")
     expected = adapter_state(model)
-    _check_tensors(expected, tensors, expected)  # a swap copies into the model's tensors: their dtype must hold it
+    _check_tensors(expected, tensors, expected, path)  # a swap copies into the model's tensors: their dtype holds it
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(tensors[key])  # shares storage with the parameter: the same objects, new values

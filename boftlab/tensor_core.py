@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, ClassVar, Sequence
 
 import torch
@@ -182,10 +183,11 @@ class TensorCoreConfig(AdapterConfig):
         if isinstance(self.ranks, list):
             self.ranks = tuple(self.ranks)
         entries = self.ranks if isinstance(self.ranks, tuple) else (self.ranks,)
-        if not entries or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in entries):
+        if not entries or any(isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1 for r in entries):
             raise ValueError(
                 f"ranks must be an int ≥ 1 (every mode) or a tuple of ints ≥ 1 (one per mode), got {self.ranks!r}"
             )
+        self.ranks = tuple(int(r) for r in self.ranks) if isinstance(self.ranks, tuple) else int(self.ranks)
         self.alpha = check_number("alpha", self.alpha)
         if self.alpha == 0:
             raise ValueError("alpha=0 makes ΔW and every adapter gradient zero; use a non-zero alpha, e.g. 1.0")

@@ -1,5 +1,6 @@
 """boftlab.checkpoints: a run resumed from a checkpoint reproduces the uninterrupted run exactly (fixed seeds, CPU)."""
 
+import dataclasses
 import random
 
 import numpy as np
@@ -260,3 +261,61 @@ def test_resume_into_a_model_of_another_dtype_is_refused(tmp_path):
     with pytest.raises(ValueError, match=message):
         load_checkpoint(tmp_path, fresh[0], rng=False)
     assert_same(before, snapshot(*fresh))
+
+
+@pytest.mark.parametrize("extra", [
+    {"ema.loss": torch.tensor(1.0), "ema": {"loss": torch.tensor(2.0)}},
+    {1: torch.tensor(1.0), "1": torch.tensor(2.0)},
+    {"a": [torch.tensor(1.0)], "a.0": torch.tensor(2.0), "a.0#2": torch.tensor(3.0)},
+], ids=["dotted-vs-nested", "int-vs-str", "list-vs-suffix"])
+def test_extra_keys_that_flatten_to_one_name_keep_their_own_tensors(tmp_path, extra):
+    """Every tensor's dotted path is its name in the file; two paths that read the same once flattened (both reloaded
+    as the later value before) each keep their own tensor."""
+    model, optimizer, scheduler = build()
+    save_checkpoint(tmp_path, model, optimizer, scheduler, step=1, extra=extra)
+    back = load_checkpoint(tmp_path, model, optimizer, scheduler).extra
+
+    def leaves(tree, path=()):  # [(path of (key, key type) pairs, value)], in order
+        items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+        return [leaf for k, v in items for leaf in (leaves(v, (*path, (k, type(k)))) if isinstance(v, (dict, list))
+                                                   else [((*path, (k, type(k))), v.item())])]
+
+    assert leaves(back) == leaves(extra)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m.update(format_version=True), r"checkpoint format version True; this boftlab .* reads versions 1..2"),
+    (lambda m: m.update(format_version=0), r"checkpoint format version 0; this boftlab .* reads versions 1..2"),
+    (lambda m: m["adapter"].pop("groups"), r"adapter config in the training checkpoint '.*' is malformed: 'groups'"),
+    (lambda m: m["adapter"]["groups"][0].update(targets=["0"]), r"malformed: groups\[0\]\['targets'\] must be"),
+], ids=["version True", "version 0", "no groups", "targets list"])
+def test_malformed_format_1_checkpoint_is_refused_naming_the_file(tmp_path, change, message):
+    """A format-1 checkpoint carries no checksum: a malformed one gave a raw KeyError / AttributeError."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from boftlab.checkpoints import METADATA_KEY
+
+    file = save_checkpoint(tmp_path, *build(), step=4)
+    with safe_open(str(file), framework="pt") as f:
+        meta, tensors = json.loads(f.metadata()[METADATA_KEY]), {k: f.get_tensor(k) for k in f.keys()}
+    meta["format_version"] = 1
+    change(meta)
+    save_file(tensors, file, metadata={METADATA_KEY: json.dumps(meta)})
+    fresh = build()
+    before = snapshot(*fresh)
+    with pytest.raises(ValueError, match=message):
+        load_checkpoint(tmp_path, *fresh)
+    assert_same(before, snapshot(*fresh))
+
+
+def test_resume_ignores_runtime_options(tmp_path):
+    """path and kernel choose how a layer computes, not what: a checkpoint resumes into layers with other ones."""
+    model, optimizer, scheduler = build()
+    save_checkpoint(tmp_path, model, optimizer, scheduler, step=2)
+    fresh = build()
+    for layer in boftlab.adapter_layers(fresh[0]).values():
+        layer.config = dataclasses.replace(layer.config, path="weight")
+    assert load_checkpoint(tmp_path, *fresh).step == 2

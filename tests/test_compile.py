@@ -84,6 +84,9 @@ def test_adapter_saved_from_compiled_model_loads_into_plain_model(tmp_path):
     plain = adapted_model()
     boftlab.unwrap(plain)
     boftlab.load_adapter(plain, tmp_path)
+    # the compiled model's own (trained, non-identity) values, bit for bit: a load that copied nothing fails
+    loaded, saved = boftlab.saving.adapter_state(plain), boftlab.saving.adapter_state(model)
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
 
 
 def test_disabled_under_compile_runs_the_base_and_then_the_adapters_again():

@@ -383,3 +383,29 @@ def test_plain_state_is_the_eval_mode_merge_even_while_training():
     assert model.layer.training
     model.eval()
     assert all(torch.equal(s, model.state_dict()["layer.weight"]) for s in states)
+
+
+def _numpy_options():
+    np = pytest.importorskip("numpy")
+    from boftlab import BOFTConfig, OFTConfig, SURMConfig, TensorCoreConfig
+
+    yield BOFTConfig, dict(block_size=np.int64(4), n_factors=np.int32(2), dropout=np.float64(0.1),
+                           coft_eps=np.float32(0.5), neumann_terms=np.int64(5))
+    yield OFTConfig, dict(n_blocks=np.int64(4), dropout=np.float32(0.25))
+    yield SURMConfig, dict(structure="ldr", displacement_rank=np.int64(2), alpha=np.float64(0.5))
+    yield SURMConfig, dict(structure="kronecker", kronecker_shape=(np.int64(2), np.int64(4)))
+    yield TensorCoreConfig, dict(ranks=np.int64(4), alpha=np.float32(2.0))  # ranks=np.int64(4) was refused
+    yield TensorCoreConfig, dict(ranks=(np.int64(4), np.int16(2)))
+
+
+@pytest.mark.parametrize("config_class, options", list(_numpy_options()))
+def test_every_config_accepts_numpy_integer_and_float_scalars_as_python_numbers(config_class, options):
+    import json
+
+    config = config_class(**options)
+    def python(v):
+        return tuple(map(python, v)) if isinstance(v, tuple) else v.item() if hasattr(v, "item") else v
+
+    plain = config_class(**{k: python(v) for k, v in options.items()})
+    assert config == plain
+    assert json.loads(json.dumps(config.to_dict())) == plain.to_dict()  # saved as plain JSON numbers

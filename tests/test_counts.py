@@ -174,3 +174,28 @@ def test_the_papers_table_in_the_readme_and_docs_is_generated():
     """README.md and docs/parameter_counts.md show ``paper_markdown()`` exactly (regenerate both if a count changes)."""
     table = counts.paper_markdown()
     assert table in (ROOT / "README.md").read_text() and table in (ROOT / "docs" / "parameter_counts.md").read_text()
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: counts.boft_params(0, 8, 4), r"fan_in must be an integer ≥ 1 .*got 0"),  # was "math domain error"
+    (lambda: counts.boft_params(-8, 8, 4), r"fan_in must be an integer ≥ 1 .*got -8"),  # was a raw RuntimeError
+    (lambda: counts.oft_params(8, -8, 4), r"fan_out must be an integer ≥ 1 .*got -8"),
+    (lambda: counts.oft_params(8.0, 8, 4), r"fan_in must be an integer, got 8.0 \(float\)"),
+    (lambda: counts.lora_params(8, 8, 2.5), r"rank must be an integer, got 2.5"),  # counted 40.0
+    (lambda: counts.lora_params(8, 8, float("nan")), r"rank must be an integer, got nan"),  # counted nan
+    (lambda: counts.lora_params(-8, 8, 2), r"fan_in must be an integer ≥ 1"),
+    (lambda: counts.orthogonal_group_dim(-3), r"dim must be an integer ≥ 1 .*got -3"),  # counted 6
+    (lambda: counts.boft_params(8, 8, 4, trained_bias="yes"), r"trained_bias must be True or False, got 'yes'"),
+    (lambda: counts.count("vit-b/16", "lora", rank=2.5), r"rank must be an integer, got 2.5"),
+    (lambda: counts.layer_count((8, 8), "lora", rank=2), r"shape must be a LayerShape"),
+    (lambda: counts.layer_shapes(counts.build("vit-b/16"), 7), r"targets must be a regex string or a list"),
+])
+def test_every_public_function_refuses_bad_arguments_with_what_was_given(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_numpy_integers_count_like_ints():
+    np = pytest.importorskip("numpy")
+    assert counts.boft_params(np.int64(64), np.int32(64), np.int64(8)) == counts.boft_params(64, 64, 8)
+    assert counts.lora_params(np.int64(64), 64, np.int16(4)) == counts.lora_params(64, 64, 4)

@@ -168,10 +168,16 @@ def test_rank0_adapter_reloads_into_plain_model(run, single_process, engine):
         torch.testing.assert_close(reloaded(x), reference(x), rtol=0, atol=1e-5)
 
 
-def test_adapter_saved_from_ddp_wrapper_loads_into_plain_model(run):
+def test_adapter_saved_from_ddp_wrapper_loads_into_plain_model(run, single_process):
+    """Saved from the DDP wrapper itself (no .module): the trained adapter, not the untrained one a load that copied
+    nothing would leave."""
     out_dir, _ = run
+    reference, _ = single_process
+    x, _ = batch()
     _, base_state = build()
-    boftlab.load_adapter(_fresh(base_state), out_dir / "ddp_wrapped")
+    reloaded = boftlab.load_adapter(_fresh(base_state), out_dir / "ddp_wrapped")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), reference(x), rtol=0, atol=1e-5)
 
 
 def test_accelerate_script_trains_and_saves_a_reloadable_adapter(tmp_path):

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from boftlab.teaching import exercises, solutions
 
@@ -86,3 +87,57 @@ def test_the_readme_course_lists_every_exercise_with_its_checker_and_solution():
     for e in exercises.EXERCISES.values():
         assert f"| {e.id} | {e.title} | [`{e.notebook}`]" in section
         assert f"`{e.checker.__name__}` | `{e.solution}` |" in section
+
+
+def _solution(exercise):
+    entry = exercises.EXERCISES[exercise]
+    solution = getattr(solutions, entry.solution)
+    return solution if entry.answer == "function" else solution()
+
+
+@pytest.mark.parametrize("exercise, answer", [
+    ("4.1", lambda rotation: float("nan")),
+    ("4.1", lambda rotation: torch.tensor(float("inf"))),
+    ("1.3", lambda skew: torch.full_like(skew, float("nan"))),
+    ("5.2", lambda c, x: solutions.circulant_matvec(c, x) + 1e3j),
+    ("5.2", lambda c, x: torch.fft.ifft(torch.fft.fft(c) * torch.fft.fft(x))),  # right up to rounding, but complex
+    ("5.1", lambda m: solutions.displacement(m).numpy() * float("nan")),
+    ("1.4", float("nan")),
+    ("1.4", 5 + 0j),
+    ("3.2", True),
+], ids=["4.1-nan", "4.1-inf-tensor", "1.3-nan", "5.2-garbage-imaginary", "5.2-complex", "5.1-nan-numpy",
+        "1.4-nan", "1.4-complex", "3.2-bool"])
+def test_non_finite_and_complex_answers_fail(exercise, answer):
+    """4.1 passed an answer returning NaN (|NaN − x| > tol is False); 5.2 passed a complex result whatever its
+    imaginary part (.double() drops it)."""
+    result = exercises.check(exercise, answer)
+    assert not result.passed, result.message
+    assert re.search(r"NaN|finite|complex|should be", result.message), result.message
+
+
+def _right_answers_in_other_types():
+    np = pytest.importorskip("numpy")
+    yield "1.4", np.int64(solutions.neumann_terms()), "NumPy int64"
+    yield "1.4", torch.tensor(solutions.neumann_terms()), "0-d tensor"
+    yield "1.4", [solutions.neumann_terms()], "a list"
+    yield "2.1", lambda d, b, i: solutions.butterfly_permutation(d, b, i).tolist(), "a list"
+    yield "2.1", lambda d, b, i: solutions.butterfly_permutation(d, b, i).numpy(), "NumPy ndarray"
+    yield "2.2", lambda d, b, m: np.int64(solutions.outputs_reached(d, b, m)), "NumPy int64"
+    yield "2.3", list(solutions.dense_butterfly_384()), "a list"
+    yield "3.1", lambda *case: torch.tensor(solutions.boft_layer_count(*case)), "0-d tensor"
+    yield "3.2", np.int64(solutions.vit_lora_count()), "NumPy int64"
+    yield "3.3", tuple(np.int64(v) for v in solutions.budget_choice()), "NumPy int64"
+    yield "4.1", lambda rotation: torch.tensor(solutions.identity_error(rotation)), "0-d tensor"
+    yield "4.1", lambda rotation: np.float64(solutions.identity_error(rotation)), "NumPy float64"
+    yield "5.2", lambda c, x: solutions.circulant_matvec(c, x).numpy(), "NumPy ndarray"
+    yield "6.2", lambda shape, ranks: [solutions.tucker_count(shape, ranks)], "a list"
+
+
+@pytest.mark.parametrize("exercise, answer, said", list(_right_answers_in_other_types()))
+def test_right_answers_as_numpy_scalars_tensors_or_lists_pass_and_say_they_were_converted(exercise, answer, said):
+    """1.4, 2.1 and 4.1 refused right answers given as a NumPy int, a list or a 0-d tensor, printing an "expected"
+    value identical to the answer."""
+    result = exercises.check(exercise, answer)
+    assert result.passed, result.message
+    assert "Read your answer as" in result.message and said in result.message, result.message
+    assert "Read your answer as" not in exercises.check(exercise, _solution(exercise)).message

@@ -497,3 +497,26 @@ def test_disabled_under_gradient_checkpointing_recomputes_the_bypassed_pass_bypa
     with boftlab.disabled(model), torch.no_grad():  # no graph: nothing to recompute, nothing kept
         torch.testing.assert_close(model(x), base(x), rtol=0, atol=0)
     assert len(boftlab.contract.BYPASSED_REGIONS) == kept
+
+
+@pytest.mark.parametrize("mode", [False, True], ids=["eval", "train"])
+def test_new_adapter_layers_follow_the_mode_of_the_module_they_wrap(mode):
+    """adapt on a model in eval mode builds layers in eval mode: dropout stays off at inference."""
+    model = Net().train(mode)
+    boftlab.adapt(model, BOFTConfig(block_size=4, dropout=0.5), targets=["query"])
+    layers = boftlab.adapter_layers(model)
+    assert {layer.training for layer in layers.values()} == {mode}
+    assert all(m.training == mode for m in model.modules())
+    if not mode:
+        perturb(model)
+        x = torch.randn(4, 16)
+        assert torch.equal(model(x), model(x))  # no dropout: the same output twice
+
+
+def test_dequantize_bases_keeps_the_models_eval_mode():
+    pytest.importorskip("bitsandbytes")
+    from test_base_layers import QuantizedNet
+
+    model = boftlab.adapt(QuantizedNet(4), BOFTConfig(block_size=4), targets=["query", "value"]).eval()
+    boftlab.dequantize_bases(model, torch.float32)
+    assert not any(m.training for m in model.modules())

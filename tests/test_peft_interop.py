@@ -400,3 +400,90 @@ def test_adapt_refuses_a_peft_wrapped_model_naming_the_way_out(targets):
         boftlab.adapt(theirs.get_base_model(), BOFTConfig(block_size=4), targets=targets)
     plain = theirs.merge_and_unload()  # the way out the message names
     assert sorted(boftlab.adapter_layers(boftlab.adapt(plain, BOFTConfig(block_size=4), targets=["fc1"]))) == ["fc1"]
+
+
+def test_oft_with_a_scale_and_coft_is_refused_because_peft_boft_has_no_coft(tmp_path):
+    """OFTConfig(scale=True) exports as PEFT BOFT, which has no COFT: PEFT's output differed by 1.26 before."""
+    model = perturb(boftlab.adapt(base(), OFTConfig(block_size=8, scale=True, coft=True), targets=["fc1"]))
+    with pytest.raises(ValueError, match=r"OFTConfig\(scale=True, coft=True\) exports as PEFT BOFT .* no COFT"):
+        boftlab.to_peft(model, tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("config", [BOFTConfig(block_size=4, dropout=0.1), OFTConfig(block_size=8, dropout=0.1)],
+                         ids=["boft", "oft"])
+def test_export_refuses_dropout_peft_computes_differently(tmp_path, config):
+    model = boftlab.adapt(base(), config, targets=["fc1"])
+    with pytest.raises(ValueError, match=r"dropout=0.1: PEFT's (boft_dropout|module_dropout) is another dropout"):
+        boftlab.to_peft(model, tmp_path)
+    assert not any(tmp_path.iterdir())
+    for layer in boftlab.adapter_layers(model).values():  # what the message says to do
+        layer.config.dropout = 0.0
+    boftlab.to_peft(model, tmp_path)
+
+
+class PaddedTokenNet(TokenNet):
+    def __init__(self):
+        super().__init__()
+        self.embed.padding_idx = 0  # a trained padding row is not zero (the real MiniLM's has norm 0.77)
+
+
+def test_oft_on_an_embedding_with_a_nonzero_padding_row_is_refused_both_ways(tmp_path):
+    """boftlab keeps the padding row, PEFT rotates it: they differed by 0.058 at [PAD] on MiniLM."""
+    ids = torch.tensor([[0, 3, 5]])
+    model = perturb(boftlab.adapt(PaddedTokenNet(), OFTConfig(block_size=8), ["embed"]))
+    with pytest.raises(ValueError, match=r"padding row \(padding_idx=0\) is not zero .* PEFT's OFT rotates it"):
+        boftlab.to_peft(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    theirs = peft.get_peft_model(PaddedTokenNet(), peft.OFTConfig(target_modules=["embed"], oft_block_size=8, r=0,
+                                                                   init_weights=False))
+    theirs.save_pretrained(tmp_path / "in")
+    plain = PaddedTokenNet()
+    with pytest.raises(ValueError, match=r"cannot import OFT on Embedding 'embed': its padding row"):
+        boftlab.from_peft(plain, tmp_path / "in")
+    assert not boftlab.adapter_layers(plain)
+    # a zero padding row (as nn.Embedding initialises it) exchanges exactly, padding token included
+    zeroed = PaddedTokenNet()
+    with torch.no_grad():
+        zeroed.embed.weight[0] = 0
+        theirs.base_model.model.embed.base_layer.weight[0] = 0
+    ours = boftlab.from_peft(zeroed, tmp_path / "in")
+    torch.testing.assert_close(ours(ids), theirs(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_from_peft_onto_a_model_in_eval_mode_builds_its_layers_in_eval_mode(tmp_path):
+    theirs = peft.get_peft_model(base(), peft.OFTConfig(target_modules=["fc1"], oft_block_size=8, r=0,
+                                                         module_dropout=0.5, init_weights=False))
+    theirs.save_pretrained(tmp_path)
+    ours = boftlab.from_peft(base().eval(), tmp_path)
+    assert not any(m.training for m in ours.modules())
+    x = inputs()
+    assert_same(ours(*x), ours(*x), atol=0)
+
+
+def test_from_peft_and_load_adapter_each_name_the_other_for_the_others_files(tmp_path):
+    """from_peft on a boftlab directory said "this one is None"; load_adapter on a PEFT directory did not point to
+    from_peft."""
+    boftlab.save_adapter(perturb(boftlab.adapt(base(), OFTConfig(block_size=8), targets=["fc1"])), tmp_path / "ours")
+    with pytest.raises(ValueError, match=r"holds a boftlab adapter .* boftlab.load_adapter\(model, path\)"):
+        boftlab.from_peft(base(), tmp_path / "ours")
+    peft.get_peft_model(base(), peft.OFTConfig(target_modules=["fc1"], oft_block_size=8, r=0)).save_pretrained(
+        tmp_path / "theirs")
+    plain = base()
+    with pytest.raises(ValueError, match=r"holds a Hugging Face PEFT adapter \(peft_type='OFT'\).* boftlab.from_peft"):
+        boftlab.load_adapter(plain, tmp_path / "theirs")
+    assert not boftlab.adapter_layers(plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex64])
+def test_import_refuses_tensors_that_are_not_real_floats(tmp_path, dtype):
+    from safetensors.torch import load_file, save_file
+
+    config = peft.OFTConfig(target_modules=["fc1"], oft_block_size=8, r=0, init_weights=False)
+    peft.get_peft_model(base(), config).save_pretrained(tmp_path)
+    file = tmp_path / "adapter_model.safetensors"
+    save_file({k: v.to(dtype) for k, v in load_file(file).items()}, file)
+    plain = base()
+    with pytest.raises(ValueError, match=rf"not real floating-point .*'{dtype}'"):
+        boftlab.from_peft(plain, tmp_path)
+    assert not boftlab.adapter_layers(plain)

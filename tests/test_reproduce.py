@@ -448,3 +448,38 @@ def test_sample_grid_borders_are_white():
 def test_seed_table_needs_two_seeds():
     with pytest.raises(ValueError, match="at least two seeds, got \\[0\\]"):
         runner.seed_table({0: [finished("a", 0.8)]}, "accuracy")
+
+
+def _bad_outs(tmp_path):
+    (tmp_path / "file").write_text("keep me")
+    (tmp_path / "taken" / "results.md").mkdir(parents=True)
+    return [
+        (tmp_path / "file", r"--out '.*file' is an existing file; the results are a directory"),
+        (tmp_path / "file" / "sub", r"cannot be created: '.*file' is a file, not a directory"),
+        (tmp_path / "taken", r"results.md' is a directory"),
+    ]
+
+
+def test_cli_checks_out_before_any_training(tmp_path, monkeypatch, capsys):
+    """--out an existing file used to train for minutes, then die with a raw FileExistsError, the results lost."""
+    monkeypatch.setattr(vit, "run", lambda *a, **k: pytest.fail("trained before checking --out"))
+    for out, message in _bad_outs(tmp_path):
+        with pytest.raises(SystemExit) as exit_:
+            cli(["reproduce", "vit", "--out", str(out), "--quiet"])
+        assert exit_.value.code == 2 and re.search(message, capsys.readouterr().err)
+        with pytest.raises(ValueError, match=message):
+            reproduce(["vit"], "ci", out)
+    assert (tmp_path / "file").read_text() == "keep me"
+
+
+def test_unwritable_out_is_refused_before_training(tmp_path, monkeypatch):
+    """A read-only directory (simulated: this suite may run as root, who writes anywhere)."""
+    monkeypatch.setattr(vit, "run", lambda *a, **k: pytest.fail("trained before checking --out"))
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(runner.tempfile, "TemporaryFile", read_only)
+    with pytest.raises(ValueError, match=r"--out '.*new' is not writable: creating a file in '.*' fails \(Permission"):
+        reproduce(["vit"], "ci", tmp_path / "new")
+    assert not (tmp_path / "new").exists()

@@ -523,3 +523,115 @@ def test_hot_swap_checkpoint_and_peft_export_use_the_uncompiled_names(tmp_path):
     boftlab.to_peft(model, tmp_path / "p")
     assert {k.split(".boft_")[0] for k in load_file(tmp_path / "p" / "adapter_model.safetensors")} == {
         "base_model.model.encoder.0", "base_model.model.head"}
+
+
+def test_load_adapter_onto_a_model_in_eval_mode_builds_its_layers_in_eval_mode(tmp_path):
+    torch.manual_seed(1)
+    model = boftlab.adapt(Net(), BOFTConfig(block_size=4, dropout=0.5), targets=["encoder.0", "encoder.2"])
+    boftlab.save_adapter(trained(model), tmp_path)
+    plain = fresh_net().eval()
+    boftlab.load_adapter(plain, tmp_path)
+    assert not any(m.training for m in plain.modules())
+    x = torch.randn(5, 16)
+    assert torch.equal(plain(x), plain(x))  # dropout off, as the model's mode says
+    training = boftlab.load_adapter(fresh_net().train(), tmp_path)
+    assert all(m.training for m in training.modules())
+
+
+MALFORMED = {  # name: (change to the embedded config, what the error says)
+    "version 0": (lambda c: c.update(format_version=0), r"format version 0, .* reads versions 1..3; no boftlab writes"),
+    "version -1": (lambda c: c.update(format_version=-1), r"format version -1, .* no boftlab writes"),
+    "version True": (lambda c: c.update(format_version=True), r"format version True, .* no boftlab writes"),
+    "version 4": (lambda c: c.update(format_version=4), r"format version 4, (.* upgrade|whose files carry)"),
+    "no groups": (lambda c: c.pop("groups"), r"'groups' must be a non-empty list of adapter groups, got None"),
+    "no config": (lambda c: c["groups"][0].pop("config"), r"groups\[0\] must be a dict with a 'config' dict"),
+    "no family": (lambda c: c["groups"][0]["config"].pop("family"), r"'config' dict naming its 'family'"),
+    "targets list": (lambda c: c["groups"][0].update(targets=["conv"]), r"groups\[0\]\['targets'\] must be a non-emp"),
+    "info str": (lambda c: c["groups"][1]["targets"].update(conv="Conv2d"), r"\['conv'\] must be \{'type'"),
+    "no type": (lambda c: c["groups"][1]["targets"]["conv"].pop("type"), r"\['conv'\] must be \{'type'"),
+    "no shape": (lambda c: c["groups"][1]["targets"]["conv"].pop("weight_shape"), r"\['conv'\] must be \{'type'"),
+    "twice": (lambda c: c["groups"].append(c["groups"][0]), r"is a target of groups\[0\] and groups\[2\]"),
+    "trainable str": (lambda c: c.update(trainable="head"), r"'trainable' must be a list of module names, got 'head'"),
+    "bad option": (lambda c: c["groups"][0]["config"].update(block_size="4"), r"invalid config in groups\[0\]: block_"),
+}
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_adapter_files_of_every_format_version_are_refused_naming_the_file(tmp_path, case, version):
+    """Format ≤ 2 files (no checksum) with a malformed config gave a raw KeyError / AttributeError / TypeError, and
+    format_version 0 loaded."""
+    change, message = MALFORMED[case]
+    boftlab.save_adapter(adapted_net(), tmp_path)
+    (tmp_path / CONFIG_NAME).unlink()
+
+    def malform(config):
+        config["format_version"] = version
+        change(config)
+
+    rewrite(tmp_path, change_config=malform, checksum=version >= 3)
+    model = fresh_net()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf"the adapter file '.*{WEIGHTS_NAME}' .*{message}"):
+        boftlab.load_adapter(model, tmp_path)
+    assert_untouched(model, before)
+
+
+def test_hot_swap_ignores_runtime_options_which_are_no_part_of_the_structure(tmp_path):
+    """A file saved with path="input" (or kernel="torch") was refused as "another structure"; the swap keeps the
+    model's own runtime options, which compute the same."""
+    other = boftlab.adapt(fresh_net(), BOFTConfig(block_size=4, n_factors=2, path="input", kernel="torch"),
+                          ["encoder.0", "encoder.2"], trainable=["head"])
+    other = trained(boftlab.adapt(other, OFTConfig(block_size=4, path="weight"), ["conv"]))
+    boftlab.save_adapter(other, tmp_path)
+    model = adapted_net()
+    skew = model.encoder[0].skew
+    boftlab.load_adapter(model, tmp_path)
+    assert model.encoder[0].skew is skew and torch.equal(skew, other.encoder[0].skew)
+    assert model.encoder[0].config.path == "auto"  # the model's own
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(model(x), other(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["file", "directory"])
+def test_saving_onto_a_symlink_writes_through_it_and_keeps_the_link(tmp_path, layout):
+    """save_adapter onto a symlink replaced the link by a file, leaving its target with the old adapter."""
+    target_dir, link_dir = tmp_path / "store", tmp_path / "links"
+    target_dir.mkdir(), link_dir.mkdir()
+    first = adapted_net()
+    if layout == "file":
+        target, link = target_dir / "a.safetensors", link_dir / "a.safetensors"
+        boftlab.save_adapter(first, target)
+        link.symlink_to(target)
+        save_to = link
+    else:
+        boftlab.save_adapter(first, target_dir)
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            (link_dir / name).symlink_to(target_dir / name)
+        target, link, save_to = target_dir / WEIGHTS_NAME, link_dir / WEIGHTS_NAME, link_dir
+    second = trained(adapted_net())
+    boftlab.save_adapter(second, save_to)
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert not [p for p in target.parent.iterdir() if p.name.endswith(".tmp")]
+    for path in (save_to, target if layout == "file" else target_dir):
+        loaded = boftlab.load_adapter(fresh_net(), path)
+        assert all(torch.equal(v, second.state_dict()[k]) for k, v in boftlab.saving.adapter_state(loaded).items())
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+def test_adapter_tensors_of_a_non_float_dtype_are_refused_naming_the_file(tmp_path, dtype):
+    """A format-2 file (no checksum) with integer, bool or complex adapter tensors: a raw RuntimeError while loading
+    (int, bool), or a silently dropped imaginary part (complex)."""
+    boftlab.save_adapter(adapted_net(), tmp_path)
+    (tmp_path / CONFIG_NAME).unlink()
+
+    def cast(tensors):
+        tensors["encoder.0.skew"] = tensors["encoder.0.skew"].to(dtype)
+
+    rewrite(tmp_path, cast, lambda c: c.update(format_version=2), checksum=False)
+    model = fresh_net()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf"the adapter file '.*' holds tensors of another kind of dtype .*"
+                                         rf"\('encoder.0.skew', '{dtype}', 'torch.float32'\)"):
+        boftlab.load_adapter(model, tmp_path)
+    assert_untouched(model, before)

@@ -105,3 +105,22 @@ def test_the_widget_trains_on_a_click_and_renders_without_an_output_widget_at_di
     button.click()
     (run,) = board.runs
     assert run.name == "BOFT b=4 m=4" and run.steps == 2 and "rank 1 of 1" in text.value
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(lr="0.003"), r"lr must be a finite number, got '0.003' \(str\)"),  # was a raw TypeError
+    (dict(lr=float("inf")), r"lr must be a finite number, got inf"),
+    (dict(lr=float("nan")), r"lr must be a finite number, got nan"),
+    (dict(lr=-0.1), r"lr must be a finite number > 0, e.g. .*got -0.1"),
+    (dict(block_size=8.0), r"block_size must be an integer, got 8.0"),
+    (dict(n_factors=True), r"n_factors must be an integer, got True"),  # was the pair (8, 1)
+    (dict(steps=True), r"steps must be an integer, got True"),
+    (dict(steps=0), r"steps must be a positive integer, got 0"),
+    (dict(seed="0"), r"seed must be an integer, got '0'"),
+    (dict(progress="no"), r"progress must be True or False, got 'no'"),
+])
+def test_tune_refuses_bad_arguments_before_any_training(kwargs, message, monkeypatch):
+    monkeypatch.setattr(live, "run_method", lambda *a, **k: pytest.fail("trained before checking the arguments"))
+    arguments = dict(block_size=8, n_factors=2) | kwargs
+    with pytest.raises(ValueError, match=message):
+        live.tune(**arguments)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from ..profiles import PROFILES
 from . import diffusion, llm, vit
-from .runner import (Domain, Method, Report, Run, plot_curves, ranking, results_table, run_methods, seed_table,
-                     write_results)
+from .runner import (Domain, Method, Report, Run, check_output_dir, plot_curves, ranking, results_table, run_methods,
+                     seed_table, write_results)
 
 DOMAINS = {"vit": vit, "llm": llm, "diffusion": diffusion}
 
@@ -27,10 +27,11 @@ def reproduce(domains: list[str], profile: str, out: str | Path, progress: bool 
         raise ValueError(f"unknown domain(s) {unknown}; valid domains: {sorted(DOMAINS)}")
     if profile not in PROFILES:
         raise ValueError(f"profile={profile!r}; valid profiles: {PROFILES}")
+    check_output_dir(Path(out))  # before any training: a bad --out would otherwise lose the whole run
     reports = [DOMAINS[d].run(profile, progress) for d in domains]
     command = command or f"python -m boftlab reproduce {' '.join(domains)} --profile {profile} --out {out}"
     return write_results(reports, Path(out), profile, command)
 
 
-__all__ = ["DOMAINS", "Domain", "Method", "Report", "Run", "plot_curves", "ranking", "reproduce", "results_table",
-           "run_methods", "seed_table", "write_results"]
+__all__ = ["DOMAINS", "Domain", "Method", "Report", "Run", "check_output_dir", "plot_curves", "ranking", "reproduce",
+           "results_table", "run_methods", "seed_table", "write_results"]

@@ -12,6 +12,7 @@ import copy
 import gc
 import math
 import statistics
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -676,6 +677,34 @@ class Domain:
         task, description = self.make_task(profile, s)
         methods = methods if methods is not None else self.profile_methods(profile)
         return self.report(profile, run_methods(task, methods, progress), description)
+
+
+def check_output_dir(out: Path) -> None:
+    """ValueError unless ``write_results`` can write into ``out``: an existing directory, or a new one whose nearest
+    existing ancestor is a directory this process can write in (tried by creating and deleting a temporary file
+    there), and ``out/results.md`` not a directory. Changes nothing on disk; called before any training, so a bad
+    ``--out`` costs seconds, not a run."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(
+            f"--out {str(out)!r} is an existing file; the results are a directory (results.md and the PNG figures). "
+            "Give a new or existing directory, e.g. --out out/ci"
+        )
+    if (out / "results.md").is_dir():
+        raise ValueError(f"{str(out / 'results.md')!r} is a directory, so results.md cannot be written there; "
+                         "remove it or give another --out")
+    existing = out
+    while not existing.exists():  # the directory that creating ``out`` would write into
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--out {str(out)!r} cannot be created: {str(existing)!r} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise ValueError(
+            f"--out {str(out)!r} is not writable: creating a file in {str(existing)!r} fails ({err.strerror}). "
+            "Give a directory you can write to"
+        ) from err
 
 
 def write_results(reports: list[Report], out: Path, profile: str, command: str) -> Path:

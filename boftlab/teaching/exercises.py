@@ -4,8 +4,10 @@ Every exercise is a markdown heading "Exercise N.k — …" in its notebook, a t
 raises ``NotImplementedError``, or a value left as ``...``) and a checking cell ``check("N.k", answer)``. A checker
 returns a ``Result`` (``.passed``, ``.message``) and never raises: an unfilled template reads "not attempted yet",
 an exception in the student's code is reported with its type and message, a wrong answer with what was expected, what
-differs and a hint. Solutions: ``boftlab.teaching.solutions`` (one function per exercise, named in ``EXERCISES``).
-``tests/test_exercises.py`` proves that every solution passes and every notebook's blank template does not.
+differs and a hint. A number may come as a NumPy scalar, a one-element tensor or list, a tensor as a list or NumPy
+array: it is converted, and the verdict says so; NaN, ±inf and complex values are wrong answers. Solutions:
+``boftlab.teaching.solutions`` (one function per exercise, named in ``EXERCISES``). ``tests/test_exercises.py``
+proves that every solution passes and every notebook's blank template does not.
 """
 
 from __future__ import annotations
@@ -60,13 +62,14 @@ def _checker(exercise: str, title: str, notebook: str, solution: str, answer: st
         def check_answer(student: Any) -> Result:
             if student is ...:
                 return Result(exercise, False, "Not attempted yet: replace the `...` in the template cell with your answer.")
+            _NOTES.clear()
             try:
-                return Result(exercise, True, body(student))
+                return Result(exercise, True, body(student) + _noted())
             except NotImplementedError:
                 return Result(exercise, False, "Not attempted yet: the template still raises NotImplementedError; write "
                                                "the function body and run the template cell again.")
             except _Wrong as wrong:
-                return Result(exercise, False, str(wrong))
+                return Result(exercise, False, str(wrong) + _noted())
             except Exception as err:  # the student's code failed: report it, never raise in the notebook
                 return Result(exercise, False, f"Your code raised {type(err).__name__}: {err}")
 
@@ -83,14 +86,93 @@ def check(exercise: str, answer: Any) -> Result:
     return EXERCISES[exercise].checker(answer)
 
 
+#: what the checker running now converted in the answer (a NumPy int read as an int, …); said with its verdict
+_NOTES: list[tuple[str, str]] = []  # (what kind of value was converted, the note)
+
+
+def _noted() -> str:
+    """The conversions of this check, once per kind of value (a function's answer is converted on every call)."""
+    if not _NOTES:
+        return ""
+    first = {}
+    for kind, text in _NOTES:
+        first.setdefault(kind, text)
+    more = len(_NOTES) - len(first)
+    return (f" (Read your answer as Python/torch values: {'; '.join(first.values())}"
+            + (f"; and {more} more like {'it' if len(first) == 1 else 'them'}" if more else "") + ".)")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dim()}-d tensor ({value.dtype})"
+    return f"a {'NumPy ' if type(value).__module__ == 'numpy' else ''}{type(value).__name__}"
+
+
+def _as_number(value: Any, what: str, integer: bool = False) -> int | float:
+    """``value`` as a finite Python int (``integer``) or float, or ``_Wrong``. A NumPy scalar, a one-element tensor
+    or list, or a whole float for a count is converted, and the conversion noted (``_NOTES``); a bool, a complex
+    number, NaN and ±inf are wrong answers, never converted."""
+    kind = "a whole number" if integer else "a real number"
+    number = value
+    if isinstance(number, (list, tuple)) and len(number) == 1:
+        number = number[0]
+    real = isinstance(number, torch.Tensor) and not number.is_complex() and number.dtype != torch.bool
+    if real and number.numel() == 1:
+        number = number.item()
+    elif type(number).__module__ == "numpy" and getattr(number, "size", None) == 1 and hasattr(number, "item"):
+        number = number.item()
+    if isinstance(number, complex) or (isinstance(number, torch.Tensor) and number.is_complex()):
+        raise _Wrong(f"{what} should be {kind}, got the complex {value!r}: the answer is real (if the imaginary part "
+                     "is rounding error, your method takes a detour through complex numbers; return the real part).")
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        raise _Wrong(f"{what} should be {kind}, got {str(value)[:80]} ({_describe(value)}).")
+    if not math.isfinite(number):
+        raise _Wrong(f"{what} is {number!r}, not a finite number: the answer is finite (check for 0/0 or a sqrt of "
+                     "a negative number).")
+    if integer and isinstance(number, float):
+        if not number.is_integer():
+            raise _Wrong(f"{what} should be a whole number, got {number!r}.")
+        number = int(number)
+    if type(number) is not type(value):
+        _NOTES.append((_describe(value), f"{what}, {_describe(value)}, as the {type(number).__name__} {number!r}"))
+    return number
+
+
+def _as_pair(value: Any, what: str) -> tuple[int, int]:
+    """``value`` as a tuple of two ints (a list or NumPy ints converted and noted), or ``_Wrong``."""
+    if not (isinstance(value, (tuple, list)) and len(value) == 2):
+        raise _Wrong(f"Answer a tuple (block_size, n_factors), got {value!r}.")
+    pair = tuple(_as_number(v, f"{what}[{i}]", integer=True) for i, v in enumerate(value))
+    if isinstance(value, list):
+        _NOTES.append(("a list", f"{what}, a list, as the tuple {pair}"))
+    return pair  # type: ignore[return-value]
+
+
 def _as_tensor(value: Any, what: str) -> torch.Tensor:
+    """``value`` as a real, finite tensor (a list or NumPy array converted and noted), or ``_Wrong``."""
+    if type(value).__module__ == "numpy" or isinstance(value, (list, tuple)):
+        try:
+            converted = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError):
+            converted = None
+        if converted is not None:
+            shape = tuple(converted.shape)
+            _NOTES.append((_describe(value), f"{what}, {_describe(value)}, as a tensor of shape {shape}"))
+            value = converted
     if not isinstance(value, torch.Tensor):
         raise _Wrong(f"{what} should return a torch.Tensor, got {type(value).__name__}.")
+    if value.is_complex():
+        imaginary = value.imag.abs().max().item() if value.numel() else 0.0
+        raise _Wrong(f"{what} is complex (largest |imaginary part| {imaginary:.3g}), but the answer is real. Hint: "
+                     "torch.fft.irfft returns the real signal; if the imaginary part is only rounding, return .real.")
+    if value.is_floating_point() and not torch.isfinite(value).all():
+        bad = int((~torch.isfinite(value)).sum())
+        raise _Wrong(f"{what} holds {bad} NaN/inf value(s); the answer is finite (check for 0/0 or an overflow).")
     return value
 
 
 def _compare(got: Any, expected: torch.Tensor, what: str, hint: str, atol: float = 1e-8, rtol: float = 1e-6) -> None:
-    """Raise ``_Wrong`` unless ``got`` is a tensor of ``expected``'s shape with the same values."""
+    """Raise ``_Wrong`` unless ``got`` is a real, finite tensor of ``expected``'s shape with the same values."""
     got = _as_tensor(got, what)
     if tuple(got.shape) != tuple(expected.shape):
         raise _Wrong(f"{what} has shape {tuple(got.shape)}; expected {tuple(expected.shape)}. Hint: {hint}")
@@ -165,10 +247,13 @@ def check_neumann_terms(answer: Any) -> str:
     skew = example_skew(8, 0.5)
     errors = {n: orthogonality_error(cayley(skew, n)) for n in range(2, 12)}
     expected = next(n for n, e in errors.items() if e < 1e-6)
-    if not isinstance(answer, int):
-        raise _Wrong(f"The answer is a whole number of terms, got {answer!r}.")
+    answer = _as_number(answer, "the number of terms", integer=True)
+    if not 2 <= answer <= 11:
+        raise _Wrong((f"{answer} terms: the series has at least 2 (I − S)." if answer < 2 else
+                      f"{answer} terms: far more than needed, 11 give max |QᵀQ − I| = {errors[11]:.1e} already.")
+                     + " Hint: loop n = 2, 3, … and compute primer.orthogonality_error(cayley(S, neumann_terms=n)).")
     if answer != expected:
-        got = errors.get(answer, orthogonality_error(cayley(skew, answer)) if answer >= 2 else math.nan)
+        got = errors[answer]
         raise _Wrong(f"With {answer} terms max |QᵀQ − I| = {got:.2e}"
                      + (" ≥ 1e-6: not enough." if got >= 1e-6 else " < 1e-6, but fewer terms also suffice.")
                      + " Hint: loop n = 2, 3, … and compute primer.orthogonality_error(cayley(S, neumann_terms=n)).")
@@ -185,7 +270,8 @@ def check_butterfly_permutation(butterfly_permutation: Callable) -> str:
     for d, b, i in cases:
         got = butterfly_permutation(d, b, i)
         expected = reference(d, b, i)
-        if not isinstance(got, torch.Tensor) or got.tolist() != expected.tolist():
+        got = _as_tensor(got, f"butterfly_permutation({d}, {b}, {i})")
+        if got.tolist() != expected.tolist():
             shown = got.tolist() if isinstance(got, torch.Tensor) else got
             raise _Wrong(f"butterfly_permutation({d}, {b}, {i}) gave {str(shown)[:120]}; expected "
                          f"{str(expected.tolist())[:120]}. Hint: factor 0 is the identity; for factor i cut every chunk "
@@ -202,7 +288,7 @@ def check_outputs_reached(outputs_reached: Callable) -> str:
     cases = [(d, b, m) for d, b in ((16, 4), (32, 2), (64, 8), (96, 6), (384, 8)) for m in valid_n_factors(d, b)]
     for d, b, m in cases:
         expected = int(reachability(d, b, m)[:, 0].sum())
-        got = outputs_reached(d, b, m)
+        got = _as_number(outputs_reached(d, b, m), f"outputs_reached({d}, {b}, {m})", integer=True)
         if got != expected:
             raise _Wrong(f"outputs_reached({d}, {b}, {m}) = {got!r}; the pattern of R = B_m⋯B_1 has {expected} non-zeros "
                          f"in every column. Hint: B_1 reaches one block; each later factor doubles the set, up to d.")
@@ -222,8 +308,7 @@ def check_dense_butterfly_384(answer: Any) -> str:
     dense = {(b, m): counts.boft_params(dim, dim, b, m, scale=False) for b in range(2, dim + 1)
              for m in valid_n_factors(dim, b) if b * 2 ** (m - 1) == dim}
     best = min(dense, key=dense.get)
-    if not (isinstance(answer, tuple) and len(answer) == 2):
-        raise _Wrong(f"Answer a tuple (block_size, n_factors), got {answer!r}.")
+    answer = _as_pair(answer, "your answer")
     if answer not in dense:
         raise _Wrong(f"{answer} is not a dense butterfly at d = 384 (valid n_factors for b={answer[0]}: "
                      f"{valid_n_factors(dim, answer[0]) if answer[0] >= 1 else []}). Hint: dense needs b·2^(m−1) = 384 "
@@ -242,7 +327,7 @@ def check_boft_layer_count(boft_layer_count: Callable) -> str:
     cases = [(768, 768, 8, 2, True), (768, 768, 8, 2, False), (384, 1536, 4, 3, True), (1024, 4096, 16, 1, False)]
     for case in cases:
         expected = counts.boft_params(*case[:4], scale=case[4])
-        got = boft_layer_count(*case)
+        got = _as_number(boft_layer_count(*case), f"boft_layer_count{case}", integer=True)
         if got != expected:
             raise _Wrong(f"boft_layer_count{case} = {got!r}; a BOFTLayer stores {expected}. Hint: m factors × (d/b) "
                          f"blocks × b(b−1)/2 skew entries (d = fan_in), plus fan_out for the scale.")
@@ -255,6 +340,7 @@ def check_vit_lora_count(answer: Any) -> str:
     from .. import counts
 
     expected = counts.count("vit-b/16", "lora", "query, value", rank=8)
+    answer = _as_number(answer, "your count", integer=True)
     _compare_value(answer, expected, "LoRA r=8 on ViT-B/16's query and value",
                    "count the layers (blocks × 2 projections) and use r·(d + n) per 768 × 768 layer.")
     return f"{expected:,} trainable numbers, {expected / counts.n_base_params('vit-b/16'):.2%} of ViT-B/16."
@@ -271,8 +357,7 @@ def check_budget_choice(answer: Any) -> str:
             for m in valid_n_factors(dim, b) if counts.boft_params(dim, dim, b, m, scale=False) <= budget}
     reach = {bm: min(dim, bm[0] * 2 ** (bm[1] - 1)) for bm in fits}
     best = max(fits, key=lambda bm: (reach[bm], -fits[bm]))
-    if not (isinstance(answer, tuple) and len(answer) == 2):
-        raise _Wrong(f"Answer a tuple (block_size, n_factors), got {answer!r}.")
+    answer = _as_pair(answer, "your answer")
     if answer not in fits:
         raise _Wrong(f"{answer} is not a butterfly within LoRA r=4's budget of {budget} (m·d·(b−1)/2 must be ≤ {budget}"
                      " and b·2^(m−1) must divide 1024). Hint: small blocks leave room for many factors.")
@@ -291,8 +376,8 @@ def check_identity_error(identity_error: Callable) -> str:
     for dim in (4, 16, 64):
         target = random_rotation(dim, generator)
         expected = relative_error(torch.eye(dim), target)
-        got = identity_error(target)
-        if not isinstance(got, (int, float)) or abs(got - expected) > 1e-4:
+        got = _as_number(identity_error(target), f"identity_error(T) for a rotation in SO({dim})")
+        if abs(got - expected) > 1e-4:
             raise _Wrong(f"identity_error(T) for a rotation in SO({dim}) = {got!r}; ‖I − T‖_F/‖T‖_F = {expected:.6f}. "
                          f"Hint: expand ‖I − T‖_F² = tr((I − T)ᵀ(I − T)) and use TᵀT = I.")
     return "Right: √(2 − 2·tr(T)/d), ≈ √2 for a random rotation, whose trace is near 0."
@@ -372,7 +457,7 @@ def check_tucker_count(tucker_count: Callable) -> str:
                         (nn.Conv2d(12, 12, 5, groups=12), (6, 1, 2, 2))):
         shape = tuple(base.weight.shape)
         expected = TensorCoreConfig(ranks=ranks).make_layer(base).n_trainable()
-        got = tucker_count(shape, ranks)
+        got = _as_number(tucker_count(shape, ranks), f"tucker_count({shape}, {ranks})", integer=True)
         if got != expected:
             raise _Wrong(f"tucker_count({shape}, {ranks}) = {got!r}; the layer stores {expected}. Hint: the core has "
                          f"Π r_n entries and mode n's factor d_n × r_n.")

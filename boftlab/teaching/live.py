@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from ..butterfly_structure import valid_n_factors
+from ..contract import check_integer, check_number
 from ..reproduce import vit
 from ..reproduce.runner import Method, count_parameters, prepare, run_method
 from .butterfly import density, reachability
@@ -73,6 +74,7 @@ def valid_pairs() -> list[tuple[int, int]]:
 
 def check_pair(block_size: int, n_factors: int) -> None:
     """ValueError naming the valid pairs (and the nearest ones) unless (block_size, n_factors) is one."""
+    block_size, n_factors = check_integer("block_size", block_size), check_integer("n_factors", n_factors)
     pairs = valid_pairs()
     if (block_size, n_factors) not in pairs:
         nearest = sorted(pairs, key=lambda p: (abs(p[0] - block_size) + abs(p[1] - n_factors), p))[:3]
@@ -156,8 +158,13 @@ def train(method: Method, steps: int = STEPS, seed: int = 0, progress: bool = Tr
     """Fine-tune the pretrained ci ViT with ``method`` for ``steps`` AdamW steps on the ci task of ``seed`` (its
     train/test split, head initialisation and batch order), evaluating test accuracy 10 times. O(steps) forward and
     backward passes of batch 64; about 5–10 s for 150 steps on an idle 2-core CPU."""
-    if not isinstance(steps, int) or steps < 1:
+    if check_integer("steps", steps) < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if check_integer("seed", seed) < 0:
+        raise ValueError(f"seed must be an integer ≥ 0, got {seed!r}")
+    if not isinstance(progress, bool):
+        raise ValueError(f"progress must be True or False, got {progress!r}")
+    steps, seed = int(steps), int(seed)
     settings = dataclasses.replace(vit.SETTINGS["ci"], steps=steps, eval_every=max(1, steps // 10), seed=seed)
     task, _ = vit.make_task("ci", settings)
     start = time.perf_counter()
@@ -171,11 +178,12 @@ def train(method: Method, steps: int = STEPS, seed: int = 0, progress: bool = Tr
 def tune(block_size: int, n_factors: int, lr: float = LR, steps: int = STEPS, seed: int = 0,
          progress: bool = True) -> TuneRun:
     """One live BOFT run on the ci ViT: ``train(BOFT(block_size, n_factors), …)``. ValueError for a pair that is not
-    a butterfly in every adapted layer (``valid_pairs``) or a learning rate that is not positive."""
+    a butterfly in every adapted layer (``valid_pairs``), a learning rate that is not a finite number > 0 (a string
+    like '0.003' included), and steps, seed or progress of the wrong type — all before any training."""
     check_pair(block_size, n_factors)
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}")
-    return train(boft_method(block_size, n_factors, lr), steps, seed, progress)
+    if check_number("lr", lr) <= 0:
+        raise ValueError(f"lr must be a finite number > 0, e.g. {LR}, got {lr!r}")
+    return train(boft_method(int(block_size), int(n_factors), float(lr)), steps, seed, progress)
 
 
 # --- baselines --------------------------------------------------------------------------------------------------------
