@@ -478,3 +478,16 @@ def test_a_layer_repacked_behind_boftlab_is_refused_at_the_next_call():
     with pytest.raises(ValueError, match=r"was repacked by bitsandbytes"):  # its packed weight would be misread
         boftlab.dequantize_bases(model, torch.float32)
     assert base_layers.kind(model.query.base_layer) == "quantized"
+
+
+def test_the_repacking_guards_hold_on_a_cpu_without_avx512_bf16_too():
+    """The guards above run here as on a CPU with AVX512-BF16 (the repacking forced, or done with bitsandbytes' own
+    function); this runs them again as bitsandbytes runs where the CPU lacks it, so no CPU flag decides a pass."""
+    tests = Path(__file__).parent
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "bnb_without_avx512_bf16",
+               str(tests / "test_base_layers.py"), str(tests / "test_contract.py"),
+               "-k", "repacked or evaluation and not without_avx512"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(tests)})
+    summary = result.stdout.strip().splitlines()[-1]
+    assert result.returncode == 0 and " passed" in summary and "failed" not in summary, result.stdout[-3000:]
