@@ -2,7 +2,11 @@
 Embedding, and bitsandbytes' quantized Linear4bit / Linear8bitLt (on CPU), with every family on top of them."""
 
 import copy
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import bitsandbytes as bnb
 import pytest
