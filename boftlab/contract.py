@@ -27,7 +27,8 @@ Adding a family. Write ``myfamily.py`` with the structured matrix first (pure fu
 
 * ``MyConfig(AdapterConfig)``, a dataclass with ``family: ClassVar[str] = "myfamily"`` (this registers it in
   ``FAMILIES``), its hyper-parameters checked in ``__post_init__``, a field ``path: str = "auto"`` (checked by
-  ``check_path``), ``supported_layers()`` and ``layer_class()``;
+  ``check_path``), ``supported_layers()`` and ``layer_class()``, and ``option_space`` (the values each option
+  takes in the seeded random round trips of ``tests/test_round_trips.py``);
 * ``MyLayer(AdapterLayer)`` with its trainable tensors as parameters of its own (zero change at init),
   ``adapted_forward(x, *args, **kwargs)`` that runs ``self.choose_path(x)``, ``paths()``, ``path_costs(...)``
   (and ``check_forced_path`` at the end of ``__init__`` if some layers lack a path), ``merged_weights()`` /
