@@ -98,8 +98,16 @@ def _class_kind(layer_class: type) -> str:
 
 
 def check_readable(layer: nn.Module) -> None:
-    """ValueError for an nn.Linear (subclass) whose weight is not a float (out_features, in_features) matrix: some
+    """ValueError for a layer whose weight or bias is computed at every call from other tensors (weight_norm,
+    spectral_norm, pruning, any ``torch.nn.utils.parametrize``): a merge written into it would be overwritten at the
+    next call. And for an nn.Linear (subclass) whose weight is not a float (out_features, in_features) matrix: some
     quantization library boftlab does not know, whose packed weight it would misread."""
+    from torch.nn.utils import parametrize
+
+    for name in ("weight", "bias"):  # asked without computing it (a spectral_norm would take a power-iteration step)
+        stored_here = name in layer._parameters or name in layer._buffers
+        if not stored_here and (parametrize.is_parametrized(layer, name) or name in vars(layer)):
+            _refuse_computed(layer, name)
     if kind(layer) == "linear" and isinstance(layer, nn.Linear):
         weight = layer.weight
         if not weight.is_floating_point() or tuple(weight.shape) != (layer.out_features, layer.in_features):
@@ -108,6 +116,23 @@ def check_readable(layer: nn.Module) -> None:
                 f"as a float ({layer.out_features}, {layer.in_features}) matrix: a quantized layer boftlab cannot read. "
                 f"Quantized layers boftlab adapts: bitsandbytes {', '.join(QUANTIZED_LINEARS)}."
             )
+
+
+def _refuse_computed(layer: nn.Module, name: str) -> None:
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(layer, name):
+        how = f"torch.nn.utils.parametrize ({', '.join(type(p).__name__ for p in layer.parametrizations[name])})"
+        fix = f"torch.nn.utils.parametrize.remove_parametrizations(layer, {name!r})"
+    else:  # torch.nn.utils.weight_norm / spectral_norm / prune: a forward pre-hook recomputes it
+        how = f"a forward pre-hook ({', '.join(type(h).__name__ for h in layer._forward_pre_hooks.values())})"
+        fix = "torch.nn.utils.remove_weight_norm(layer), remove_spectral_norm(layer) or prune.remove(layer, " \
+              f"{name!r}), whichever made it"
+    raise ValueError(
+        f"this {type(layer).__name__}'s {name} is not stored but computed from other tensors at every call by {how}: "
+        f"a merged adapter written into it would be overwritten at the next call, silently dropping the adaptation. "
+        f"Fold it into a stored {name} first — {fix} — then adapt."
+    )
 
 
 def is_linear(layer: nn.Module) -> bool:

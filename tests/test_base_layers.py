@@ -7,6 +7,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrizations
 from transformers.pytorch_utils import Conv1D as TransformersConv1D
 
 import boftlab
@@ -69,6 +70,41 @@ def test_an_unknown_quantized_linear_is_refused_not_misread():
                                          r"\(4, 8\) matrix.*bitsandbytes Linear4bit, Linear8bitLt"):
         boftlab.BOFTConfig(block_size=4).make_layer(PackedLinear())
 
+
+
+def pruned(layer: nn.Module) -> nn.Module:
+    from torch.nn.utils import prune
+
+    prune.l1_unstructured(layer, "weight", 0.3)
+    return layer
+
+
+COMPUTED_WEIGHTS = {  # layers whose weight is recomputed from other tensors at every call
+    "weight_norm": (lambda: parametrizations.weight_norm(nn.Linear(16, 8)), r"parametrize \(_WeightNorm\)"),
+    "spectral_norm": (lambda: parametrizations.spectral_norm(nn.Linear(16, 8)), r"\(_SpectralNorm\)"),
+    "old weight_norm": (lambda: torch.nn.utils.weight_norm(nn.Conv2d(16, 8, 3)), r"pre-hook \(WeightNorm\)"),
+    "pruned": (lambda: pruned(nn.Linear(16, 8)), r"pre-hook \(L1Unstructured\).*prune.remove\(layer, 'weight'\)"),
+}
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+@pytest.mark.parametrize("family", ["boft", "surm", "tensor_core"])
+@pytest.mark.parametrize("name", COMPUTED_WEIGHTS)
+def test_a_weight_computed_at_every_call_is_refused_before_the_model_is_touched(name, family):
+    """weight_norm, spectral_norm, pruning: the layer's weight is recomputed before each call, so a merge written
+    into it was silently overwritten — the merged model computed the base layer's output (max |merged − adapted|
+    0.7 to 2.9 before this check, every family). adapt refuses, naming the cause and how to fold it first."""
+    make, cause = COMPUTED_WEIGHTS[name]
+    torch.manual_seed(0)
+    model = nn.Sequential(make())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = {"boft": boftlab.BOFTConfig(block_size=4), "surm": boftlab.SURMConfig(),
+              "tensor_core": boftlab.TensorCoreConfig(ranks=2)}[family]
+    with pytest.raises(ValueError, match=rf"weight is not stored but computed from other tensors at every call by .*"
+                                         rf"{cause}.*then adapt"):
+        boftlab.adapt(model, config, targets=[type(model[0])])
+    assert type(model[0]).__name__ in ("ParametrizedLinear", "Linear", "Conv2d")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 # --- bitsandbytes layers on CPU ---------------------------------------------------------------------------------------
 def quantized(linear: nn.Linear, bits: int, compute_dtype: torch.dtype = torch.float32) -> nn.Module:
