@@ -525,6 +525,33 @@ def test_colab_diffusion_path_trains_under_autocast(colab_diffusion, method, pre
     assert not run.skipped and all(math.isfinite(v) for v in run.losses)
     assert all(-1.0 <= v <= 1.0 for v in run.evals) and run.extra["changed"] == run.extra["trainable"]
 
+
+def diverging(task: Task, at_step: int) -> Task:
+    """``task`` whose training diverges: at ``at_step`` one trainable tensor becomes NaN, as after a step at too high
+    a learning rate."""
+
+    def loss(m, step):
+        if step == at_step:
+            with torch.no_grad():
+                next(p for p in m.parameters() if p.requires_grad).fill_(float("nan"))
+        return task.loss(m, step)
+
+    return dataclasses.replace(task, loss=loss)
+
+
+@pytest.mark.parametrize("domain", ["vit ci", "diffusion colab"])
+def test_a_run_whose_parameters_diverged_is_a_row_that_says_so_not_a_metric(domain, vit_task, colab_diffusion):
+    """A NaN model still got a metric — argmax of NaN logits is class 0 (ViT accuracy 0.20 of 5 classes), a NaN image
+    becomes a black one that CLIP scores like any other (CLIP-I 0.82 on the stand-in) — so a diverged method ranked
+    among the others. Its row now says that it diverged, when, and what to lower."""
+    task = vit_task if domain == "vit ci" else colab_diffusion[0]
+    method = BOFT if domain == "vit ci" else next(m for m in diffusion.colab_methods() if m.family == "boft")
+    run = run_method(diverging(task, 1), method, progress=False)
+    assert run.skipped is not None and run.skipped.startswith(f"diverged after 2 of {task.steps} steps: ")
+    assert "NaN or inf" in run.skipped and f"lr={method.lr:g}" in run.skipped
+    assert run.evals == run.evals[:1]  # the metric before training only
+    assert f"| {method.name} | diverged after 2 of" in runner.results_table([run], "metric")
+
 # --- seeds and the diffusion metric ---------------------------------------------------------------------------------------
 def finished(name, final, params=100):
     run = runner.Run(Method(name, "head"), method_params=params)
