@@ -285,6 +285,17 @@ class AdapterLayer(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         return self.adapted_forward(x, *args, **kwargs)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle and ``copy.deepcopy`` read the layer here: refused inside ``boftlab.disabled``, whose bypass the
+        copy would carry with no context left to end it."""
+        if self.disabled_count:
+            raise ValueError(
+                f"copying this {type(self).__name__} inside boftlab.disabled(...): the copy would compute the base "
+                "layer for good, with no context to switch its adapter back on. Make the copy outside the context "
+                "(it is then the adapted model, and boftlab.disabled works on it as on the original)."
+            )
+        return super().__getstate__()
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the adapter into the base weights: afterwards ``forward`` costs exactly the base layer's. Every new

@@ -1,6 +1,7 @@
 """adapt / summary / merge / unmerge / unwrap on plain PyTorch models."""
 
 import copy
+import pickle
 import re
 
 import pytest
@@ -270,6 +271,21 @@ def test_disabled_reference_pass_gives_the_adapters_no_gradient():
     (model(x) - reference).square().mean().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_made_inside_disabled_is_refused_not_left_switched_off(how):
+    """A copy made inside the context carried the bypass with it and had no context to end it: it computed the base
+    model for good while claiming to be the adapted one (max |copy − adapted| 0.57 after the context closed). The copy
+    is refused, naming where to make it; outside the context it is the adapted model."""
+    model, _ = mixed_model()
+    x = torch.randn(5, 16)
+    adapted = model(x)
+    copy_of = {"deepcopy": copy.deepcopy, "pickle": lambda m: pickle.loads(pickle.dumps(m))}[how]
+    with boftlab.disabled(model, targets=["blocks.0.value"]):
+        with pytest.raises(ValueError, match=r"copying this SURMLayer inside boftlab.disabled\(\.\.\.\): the copy would "
+                                             r"compute the base layer for good.*copy outside the context"):
+            copy_of(model)
+    assert torch.equal(copy_of(model)(x), adapted)
 
 def test_disabled_refuses_a_merged_model_and_a_merge_inside_it():
     model, _ = mixed_model()
