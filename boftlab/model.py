@@ -250,7 +250,8 @@ def adapt(
             f"targets={_describe(targets)} matched {len(names)} module(s) of type(s) {kinds}, none of which "
             f"{config.display_name()} supports; supported types: {ok}"
         )
-    if isinstance(targets, (str, re.Pattern)) or any(isinstance(t, type) for t in _as_list(targets)):
+    swept = isinstance(targets, (str, re.Pattern)) or any(isinstance(t, type) for t in _as_list(targets))
+    if swept:
         # a pattern or a type may sweep up containers (e.g. "encoder.layer.0"): keep the layers inside them. A
         # matched *leaf* layer of a type the family cannot adapt is an error, never silently left out.
         leaves = [n for n in names if n not in supported and next(model.get_submodule(n).children(), None) is None]
@@ -265,7 +266,13 @@ def adapt(
         names = supported
     keep = resolve_trainable(model, trainable)
     kept = set(keep) | set(getattr(model, TRAINABLE_ATTR, []))
-    names = [n for n in names if not any(n == k or n.startswith(k + ".") for k in kept)]  # heads stay plain
+    in_kept = [n for n in names if any(n == k or n.startswith(k + ".") for k in kept)]
+    if in_kept and (not swept or len(in_kept) == len(names)):  # only a head swept up by a pattern or type stays plain
+        raise ValueError(
+            f"{in_kept[0]!r} is both a target and kept fully trainable (trainable={sorted(kept)}): an adapter trains "
+            "its own tensors on a frozen base, a trainable module trains every weight of it; name it in one of them"
+        )
+    names = [n for n in names if n not in in_kept]
     tied = _tied_targets(model, names)
     if tied and not untie:
         modules = sorted({name for name, _ in tied.values()})

@@ -71,6 +71,24 @@ def test_type_targets_skip_trainable_head():
     assert isinstance(model.head, nn.Linear) and model.head.weight.requires_grad
 
 
+
+@pytest.mark.parametrize("targets, trainable, named", [
+    (["head", "query"], ["head"], "head"),  # the head named in both: it was silently left plain and fully trained
+    (["query"], ["blocks.0"], "blocks.0.query"),  # inside a module kept trainable
+    (r"blocks\.0\.(query|value)", ["blocks.0"], "blocks.0.query"),  # a pattern whose every match is kept trainable
+])
+def test_a_target_that_is_also_kept_trainable_is_refused_not_dropped(targets, trainable, named):
+    """A module named as a target and kept fully trainable was silently left out of the targets: adapt returned
+    without an adapter on it (with the last case, without any adapter). Only a pattern or a type that sweeps up a
+    head keeps it plain (test_type_targets_skip_trainable_head)."""
+    model = Net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"{re.escape(repr(named))} is both a target and kept fully trainable "
+                                         r"\(trainable=.*name it in one of them"):
+        boftlab.adapt(model, OFTConfig(block_size=4), targets=targets, trainable=trainable)
+    assert not boftlab.adapter_layers(model) and all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
 def test_two_families_on_one_model():
     model = Net()
     boftlab.adapt(model, BOFTConfig(block_size=4, n_factors=2), targets=["query"])
