@@ -17,6 +17,7 @@ plus what the fp64 arithmetic itself adds (``FP64_SLACK``, a few ulps of fp64 ti
 from __future__ import annotations
 
 import copy
+import functools
 import pickle
 import random
 
@@ -79,10 +80,16 @@ def option_space(family: str) -> dict[str, tuple]:
     return space
 
 
+@functools.cache
+def probe(layer_type: type[nn.Module]) -> nn.Module:
+    """One layer of ``layer_type`` to ask families about (wrapping it in a throwaway adapter changes nothing else)."""
+    return LAYERS[layer_type][0](True)
+
+
 def supported_kinds(family: str) -> list[type[nn.Module]]:
     """The layer types of ``LAYERS`` that ``family``'s default config adapts (asked of the family)."""
     supported = FAMILIES[family]().supported_layers()
-    return [t for t, (make_layer, _) in LAYERS.items() if isinstance(make_layer(True), supported)]
+    return [t for t in LAYERS if isinstance(probe(t), supported)]
 
 
 def random_config(rng: random.Random, family: str, layer_type: type[nn.Module]):
@@ -93,7 +100,7 @@ def random_config(rng: random.Random, family: str, layer_type: type[nn.Module]):
     for name, values in option_space(family).items():
         value = rng.choice(values)
         try:
-            cls(**options, **{name: value}).make_layer(LAYERS[layer_type][0](True))
+            cls(**options, **{name: value}).make_layer(probe(layer_type))
         except ValueError:
             continue
         options[name] = value
