@@ -334,6 +334,23 @@ def dequantized_linear(layer: nn.Module, dtype: torch.dtype) -> DequantizedLinea
     return plain.requires_grad_(False)
 
 
+def check_input_dtype(layer: nn.Module, dtype: torch.dtype) -> None:
+    """ValueError for activations of ``dtype`` that ``layer``'s own kernel computes wrongly: a bitsandbytes 4-bit
+    layer whose kernel would see float64 (its compute_dtype, or the input's where it has none, bitsandbytes' default).
+    Measured with 0.50.2 on CPU: fed fewer than 4 rows, its gemv kernel misreads float64 (a 64 -> 32 nf4 layer 0.15 to
+    3.5 off the output of its own dequantized weight), where float32 is exact and bf16 / fp16 round."""
+    if getattr(getattr(layer, "weight", None), "quant_state", None) is None:
+        return
+    if (getattr(layer, "compute_dtype", None) or dtype) == torch.float64:
+        out_features, in_features = weight_shape(layer)
+        raise ValueError(
+            f"this {type(layer).__name__} ({in_features} -> {out_features}) stores 4-bit weights and would compute "
+            "in float64, which bitsandbytes' 4-bit kernel computes wrongly (on CPU, for fewer than 4 rows, up to 3.5 off "
+            "the output of its own dequantized weight): feed it float32, bfloat16 or float16 activations, give it a compute_dtype "
+            "(bnb_4bit_compute_dtype), or call boftlab.dequantize_bases(model, torch.float64) first for a float64 model"
+        )
+
+
 def is_repacked(layer: nn.Module) -> bool:
     """Whether ``layer`` is a bitsandbytes 4-bit layer whose weight was ever repacked for its CPU inference kernel —
     packed now, or unpacked again by bitsandbytes (its ``state_dict()`` does that), which does not restore it: the

@@ -171,6 +171,11 @@ class BOFTConfig(AdapterConfig):
     """
 
     family: ClassVar[str] = "boft"
+    #: values each option takes in seeded random tests (tests/test_round_trips.py; a value listed twice is drawn twice
+    #: as often, and one that the config or the layer refuses leaves the option at its default)
+    option_space: ClassVar[dict[str, tuple]] = dict(
+        block_size=(2, 4, 8), n_factors=(1, 2, 3, 4), scale=(True, True, False), coft=(False, False, False, True),
+        neumann_terms=(None, None, 2, 3, 4, 5), dropout=(0.0, 0.0, 0.3))
 
     block_size: int | None = None
     n_blocks: int | None = None
@@ -227,6 +232,9 @@ class OFTConfig(BOFTConfig):
     """Orthogonal fine-tuning (Qiu et al., 2023): BOFT with one factor, no output scale by default."""
 
     family: ClassVar[str] = "oft"
+    option_space: ClassVar[dict[str, tuple]] = dict(  # as BOFT's, with one factor
+        block_size=(2, 4, 8, 16), scale=(True, False, False), coft=(False, False, False, True),
+        neumann_terms=(None, None, 2, 3, 4, 5), dropout=(0.0, 0.0, 0.3))
 
     n_factors: int = 1
     scale: bool = False

@@ -35,8 +35,8 @@ from torch import nn
 from . import __version__
 from .model import adapter_layers, check_unmerged, strip_wrappers
 from .saving import (
-    adapter_config, adapter_state, atomic_write, check_finite, check_layout, common_shape_key, read_safetensors, safetensors_writer,
-    structure, upgrade_config,
+    adapter_config, adapter_state, atomic_write, check_finite, check_layout, check_saved_if_trained, common_shape_key,
+    read_safetensors, safetensors_writer, structure, upgrade_config,
 )
 
 FORMAT_VERSION = 2
@@ -187,6 +187,7 @@ def save_checkpoint(
         raise ValueError(f"save_checkpoint writes the file {str(file)!r}, but a directory is there")
     tensors: dict[str, torch.Tensor] = {}
     check_finite(adapter_state(model), "save_checkpoint refuses to write a model with")
+    check_saved_if_trained(model, "save_checkpoint")
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "boftlab_version": __version__,

@@ -27,7 +27,8 @@ Adding a family. Write ``myfamily.py`` with the structured matrix first (pure fu
 
 * ``MyConfig(AdapterConfig)``, a dataclass with ``family: ClassVar[str] = "myfamily"`` (this registers it in
   ``FAMILIES``), its hyper-parameters checked in ``__post_init__``, a field ``path: str = "auto"`` (checked by
-  ``check_path``), ``supported_layers()`` and ``layer_class()``;
+  ``check_path``), ``supported_layers()`` and ``layer_class()``, and ``option_space`` (the values each option
+  takes in the seeded random round trips of ``tests/test_round_trips.py``);
 * ``MyLayer(AdapterLayer)`` with its trainable tensors as parameters of its own (zero change at init),
   ``adapted_forward(x, *args, **kwargs)`` that runs ``self.choose_path(x)``, ``paths()``, ``path_costs(...)``
   (and ``check_forced_path`` at the end of ``__init__`` if some layers lack a path), ``merged_weights()`` /
@@ -53,7 +54,9 @@ import torch
 from torch import nn
 
 from . import base_layers
-from .base_layers import check_plain_weight, check_readable, check_unpacked, is_repacked, keep_unpacked, kind, type_name
+from .base_layers import (
+    check_input_dtype, check_plain_weight, check_readable, check_unpacked, is_repacked, keep_unpacked, kind, type_name,
+)
 
 #: family name -> config class; filled by ``AdapterConfig.__init_subclass__``.
 FAMILIES: dict[str, type["AdapterConfig"]] = {}
@@ -243,8 +246,8 @@ class AdapterLayer(nn.Module):
 
     def __init__(self, base_layer: nn.Module, config: AdapterConfig) -> None:
         super().__init__()
+        check_plain_weight(base_layer)  # e.g. weight_norm, pruning: first, since reading such a weight recomputes it
         check_readable(base_layer)  # e.g. a packed weight of a quantization library boftlab does not know
-        check_plain_weight(base_layer)  # e.g. weight_norm, pruning: a weight recomputed on every call
         self.quantized_base = kind(base_layer) == "quantized"
         if self.quantized_base:
             keep_unpacked(base_layer)  # bitsandbytes' CPU repacking would drop the gradient of the layer's input
@@ -349,8 +352,10 @@ class AdapterLayer(nn.Module):
                 f"this {type(self).__name__} was merged inside boftlab.disabled(...): its base weights now hold the "
                 "adapted ones, so it cannot compute the base layer's output; unmerge it, or merge outside the context"
             )
-        if self.quantized_base and is_repacked(self.base_layer):
-            check_unpacked(self.base_layer)  # repacked behind boftlab's back: its input gradient would be lost
+        if self.quantized_base:
+            check_input_dtype(self.base_layer, x.dtype)  # float64 into a 4-bit kernel: wrong outputs
+            if is_repacked(self.base_layer):
+                check_unpacked(self.base_layer)  # repacked behind boftlab's back: its input gradient would be lost
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         if self.disabled_count:
@@ -388,6 +393,17 @@ class AdapterLayer(nn.Module):
                 "no longer recover W. Keep the adapter unmerged (its weight path renormalises a temporary W', never "
                 "the frozen W), or boftlab.unwrap(model) to fold it in for good."
             )
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle and ``copy.deepcopy`` read the layer here: refused inside ``boftlab.disabled``, whose bypass the
+        copy would carry with no context left to end it."""
+        if self.disabled_count:
+            raise ValueError(
+                f"copying this {type(self).__name__} inside boftlab.disabled(...): the copy would compute the base "
+                "layer for good, with no context to switch its adapter back on. Make the copy outside the context "
+                "(it is then the adapted model, and boftlab.disabled works on it as on the original)."
+            )
+        return super().__getstate__()
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -209,6 +209,25 @@ def _named_state(layers: dict[str, AdapterLayer], trainable: dict[str, nn.Module
     return state
 
 
+def check_saved_if_trained(model: nn.Module, action: str) -> None:
+    """ValueError naming every parameter that trains (requires_grad) but that ``adapter_state`` does not hold — a
+    base weight unfrozen after ``adapt``: a file without it would reload another model. O(number of parameters)."""
+    model = strip_wrappers(model)
+    held = [f"{name}." for name in getattr(model, TRAINABLE_ATTR, [])]  # canonical names, as files record them
+    layers = [canonical_name(name) for name in adapter_layers(model)]
+    held += [f"{name}." for name in layers]
+    frozen_bases = tuple(f"{name}.base_layer." for name in layers)
+    missed = [n for n, p in ((canonical_name(n), p) for n, p in model.named_parameters())
+              if p.requires_grad and (n.startswith(frozen_bases) or not n.startswith(tuple(held)))]
+    if missed:
+        raise ValueError(
+            f"{action}: {len(missed)} parameter(s) train (requires_grad) but the file holds only the adapters and the "
+            f"modules kept trainable at adapt, so they would be lost on reload: {missed[:8]}. Keep their modules "
+            "trainable with adapt(..., trainable=[...]) so that they are saved, or freeze them "
+            "(p.requires_grad_(False)); nothing was written."
+        )
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``model``'s adapters; returns the weights file's path. O(adapter size).
 
@@ -232,6 +251,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     else:
         file, copy = path / WEIGHTS_NAME, path / CONFIG_NAME
     config = adapter_config(model)
+    check_saved_if_trained(model, "save_adapter")
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state(model).items()}
     check_finite(tensors, "save_adapter refuses to write an adapter with")
     text = json.dumps(config, indent=2)

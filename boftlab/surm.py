@@ -438,6 +438,11 @@ class SURMConfig(AdapterConfig):
     """
 
     family: ClassVar[str] = "surm"
+    #: values each option takes in seeded random tests (tests/test_round_trips.py; a value listed twice is drawn twice
+    #: as often, and one that the config or the layer refuses leaves the option at its default)
+    option_space: ClassVar[dict[str, tuple]] = dict(
+        structure=STRUCTURES, mode=MODES, alpha=(-1.4, -0.8, -0.3, 0.3, 0.8, 1.4), displacement_rank=(None, 1, 2, 3),
+        activation=(*ACTIVATIONS, "identity"), bias=(True, False))
 
     structure: str = "circulant"
     displacement_rank: int | None = None

@@ -158,7 +158,9 @@ def orthonormal_columns(rows: int, cols: int, dtype: torch.dtype, device: torch.
     rows = cols a Haar-random orthogonal matrix. O(rows·cols²)."""
     q, r = torch.linalg.qr(torch.randn(rows, cols, generator=generator, dtype=torch.float64))
     q = q * torch.sign(torch.diagonal(r))  # Haar-distributed (fixes QR's sign convention; Mezzadri 2007)
-    return q.to(dtype=dtype, device=device)
+    # QR's Q is column-major; a saved adapter loads back row-major, and the same values in another layout round
+    # differently in a matmul: contiguous from the start, so a loaded adapter computes bit for bit what was saved
+    return q.to(dtype=dtype, device=device).contiguous()
 
 
 # --- config -----------------------------------------------------------------------------------------------------------
@@ -174,6 +176,9 @@ class TensorCoreConfig(AdapterConfig):
     """
 
     family: ClassVar[str] = "tensor_core"
+    #: values each option takes in seeded random tests (tests/test_round_trips.py; one that the config or the layer
+    #: refuses leaves the option at its default)
+    option_space: ClassVar[dict[str, tuple]] = dict(ranks=(1, 2, 3), alpha=(-1.4, -0.8, -0.3, 0.3, 0.8, 1.4))
 
     ranks: int | tuple[int, ...] = 8
     alpha: float = 1.0

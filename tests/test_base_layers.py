@@ -12,6 +12,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrizations
 from transformers.pytorch_utils import Conv1D as TransformersConv1D
 
 import boftlab
@@ -74,6 +75,41 @@ def test_an_unknown_quantized_linear_is_refused_not_misread():
                                          r"\(4, 8\) matrix.*bitsandbytes Linear4bit, Linear8bitLt"):
         boftlab.BOFTConfig(block_size=4).make_layer(PackedLinear())
 
+
+
+def pruned(layer: nn.Module) -> nn.Module:
+    from torch.nn.utils import prune
+
+    prune.l1_unstructured(layer, "weight", 0.3)
+    return layer
+
+
+COMPUTED_WEIGHTS = {  # layers whose weight is recomputed from other tensors at every call
+    "weight_norm": (lambda: parametrizations.weight_norm(nn.Linear(16, 8)), r"parametrization _WeightNorm of 'weight'"),
+    "spectral_norm": (lambda: parametrizations.spectral_norm(nn.Linear(16, 8)), r"parametrization _SpectralNorm"),
+    "old weight_norm": (lambda: torch.nn.utils.weight_norm(nn.Conv2d(16, 8, 3)), r"forward pre-hook WeightNorm"),
+    "pruned": (lambda: pruned(nn.Linear(16, 8)), r"forward pre-hook L1Unstructured"),
+}
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+@pytest.mark.parametrize("family", ["boft", "surm", "tensor_core"])
+@pytest.mark.parametrize("name", COMPUTED_WEIGHTS)
+def test_a_weight_computed_at_every_call_is_refused_before_the_model_is_touched(name, family):
+    """weight_norm, spectral_norm, pruning: the layer's weight is recomputed before each call, so a merge written
+    into it was silently overwritten — the merged model computed the base layer's output (max |merged − adapted|
+    0.7 to 2.9 before this check, every family). adapt refuses, naming the cause and how to fold it first."""
+    make, cause = COMPUTED_WEIGHTS[name]
+    torch.manual_seed(0)
+    model = nn.Sequential(make())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = {"boft": boftlab.BOFTConfig(block_size=4), "surm": boftlab.SURMConfig(),
+              "tensor_core": boftlab.TensorCoreConfig(ranks=2)}[family]
+    with pytest.raises(ValueError, match=rf"recomputes its weight or input on every call \(.*{cause}.*then adapt: "
+                                         r".*prune.remove\(layer, 'weight'\)"):
+        boftlab.adapt(model, config, targets=[type(model[0])])
+    assert type(model[0]).__name__ in ("ParametrizedLinear", "Linear", "Conv2d")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 # --- bitsandbytes layers on CPU ---------------------------------------------------------------------------------------
 def quantized(linear: nn.Linear, bits: int, compute_dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -495,3 +531,25 @@ def test_the_repacking_guards_hold_on_a_cpu_without_avx512_bf16_too():
                             env={**os.environ, "PYTHONPATH": str(tests)})
     summary = result.stdout.strip().splitlines()[-1]
     assert result.returncode == 0 and " passed" in summary and "failed" not in summary, result.stdout[-3000:]
+
+
+def test_float64_into_a_4bit_kernel_is_refused():
+    """bitsandbytes 0.50's 4-bit kernel computes float64 wrongly (on CPU, for fewer than 4 rows, up to 3.5 off the
+    output of its own dequantized weight; float32 is exact): a 4-bit base without a compute dtype (bitsandbytes' default) fed float64 activations is
+    refused; with a float32 compute dtype the kernel never sees float64, and the input is accepted."""
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(64, 32, quant_type="nf4")  # compute_dtype None: the kernel computes in the input's dtype
+    layer.weight = bnb.nn.Params4bit(torch.randn(32, 64), requires_grad=False, quant_type="nf4")
+    layer = layer.to("cpu")
+    x = torch.randn(3, 64, dtype=torch.float64)  # fewer than 4 rows: bitsandbytes' gemv kernel
+    reference = nn.functional.linear(x, base_layers.dequantized_weight(layer).double(), layer.bias.double())
+    with torch.no_grad():
+        assert (layer(x) - reference).abs().max() > 0.5  # bitsandbytes itself
+    adapter = boftlab.TensorCoreConfig(ranks=4).make_layer(layer)
+    with pytest.raises(ValueError, match=r"Linear4bit \(64 -> 32\) stores 4-bit weights and would compute in float64, "
+                                         r"which bitsandbytes' 4-bit kernel computes wrongly.*dequantize_bases"):
+        adapter(x)
+    torch.testing.assert_close(adapter(x.float()), layer(x.float()))  # float32: accepted, exact at init
+    layer.compute_dtype = torch.float32  # as bnb_4bit_compute_dtype sets it: the kernel sees float32
+    torch.testing.assert_close(adapter(x), nn.functional.linear(x.float(), base_layers.dequantized_weight(layer),
+                                                                layer.bias).double())

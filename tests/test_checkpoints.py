@@ -84,6 +84,16 @@ def test_resume_without_optimizer_state_differs(tmp_path):
     assert run_with_resume(tmp_path, restore_optimizer=False)[SPLIT:] != uninterrupted()[SPLIT:]
 
 
+
+def test_a_trained_parameter_the_checkpoint_would_not_hold_is_refused(tmp_path):
+    """Resume is exact only if the checkpoint holds every tensor the optimizer updates: a base weight unfrozen after
+    adapt is refused by name, and no file is written."""
+    model, optimizer, scheduler = build()
+    model[2].base_layer.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"save_checkpoint: 1 parameter\(s\) train .*\['2.base_layer.weight'\]"):
+        save_checkpoint(tmp_path, model, optimizer, scheduler, step=0)
+    assert not any(tmp_path.iterdir())
+
 def test_checkpoint_is_one_safetensors_file_and_never_pickles(tmp_path, monkeypatch):
     model, optimizer, scheduler = build()
     train(model, optimizer, scheduler, 1)

@@ -1,6 +1,7 @@
 """adapt / summary / merge / unmerge / unwrap on plain PyTorch models."""
 
 import copy
+import pickle
 import re
 
 import pytest
@@ -68,6 +69,24 @@ def test_adapt_is_identity_at_init():
 def test_type_targets_skip_trainable_head():
     model = boftlab.adapt(Net(), OFTConfig(block_size=4), targets=[nn.Linear], trainable=["head"])
     assert isinstance(model.head, nn.Linear) and model.head.weight.requires_grad
+
+
+@pytest.mark.parametrize("targets, trainable, named", [
+    (["head", "query"], ["head"], "head"),  # the head named in both: it was silently left plain and fully trained
+    (["query"], ["blocks.0"], "blocks.0.query"),  # inside a module kept trainable
+    (r"blocks\.0\.(query|value)", ["blocks.0"], "blocks.0.query"),  # a pattern whose every match is kept trainable
+])
+def test_a_target_that_is_also_kept_trainable_is_refused_not_dropped(targets, trainable, named):
+    """A module named as a target and kept fully trainable was silently left out of the targets: adapt returned
+    without an adapter on it (with the last case, without any adapter). Only a pattern or a type that sweeps up a
+    head keeps it plain (test_type_targets_skip_trainable_head)."""
+    model = Net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"kept trainable.*{re.escape(repr(named))} \(inside .*A module is either "
+                                         r"adapted or trained whole"):
+        boftlab.adapt(model, OFTConfig(block_size=4), targets=targets, trainable=trainable)
+    assert not boftlab.adapter_layers(model) and all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_two_families_on_one_model():
@@ -270,6 +289,21 @@ def test_disabled_reference_pass_gives_the_adapters_no_gradient():
     (model(x) - reference).square().mean().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_made_inside_disabled_is_refused_not_left_switched_off(how):
+    """A copy made inside the context carried the bypass with it and had no context to end it: it computed the base
+    model for good while claiming to be the adapted one (max |copy − adapted| 0.57 after the context closed). The copy
+    is refused, naming where to make it; outside the context it is the adapted model."""
+    model, _ = mixed_model()
+    x = torch.randn(5, 16)
+    adapted = model(x)
+    copy_of = {"deepcopy": copy.deepcopy, "pickle": lambda m: pickle.loads(pickle.dumps(m))}[how]
+    with boftlab.disabled(model, targets=["blocks.0.value"]):
+        with pytest.raises(ValueError, match=r"copying this SURMLayer inside boftlab.disabled\(\.\.\.\): the copy would "
+                                             r"compute the base layer for good.*copy outside the context"):
+            copy_of(model)
+    assert torch.equal(copy_of(model)(x), adapted)
 
 def test_disabled_refuses_a_merged_model_and_a_merge_inside_it():
     model, _ = mixed_model()

@@ -383,6 +383,175 @@ def test_colab_llm_path_runs_on_a_tiny_stand_in(monkeypatch):
         assert math.isfinite(run.final) and run.final > 1.0
 
 
+
+TINY_SD = diffusion.Settings(steps=2, batch_size=1, eval_every=2, n_samples=2, inference_steps=2,
+                             mixed_precision=True, gradient_checkpointing=True)
+
+
+def photo(width, height, seed):
+    """A random RGB photo: a red centre square as tall as the photo, blue on either side (the subject and its
+    surroundings: a centre crop keeps only red)."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.zeros((height, width, 3), dtype=np.uint8)
+    pixels[..., 2] = 255
+    side = (width - height) // 2
+    pixels[:, side:side + height] = (255, 0, 0)
+    noise = np.random.default_rng(seed).integers(0, 20, pixels.shape, dtype=np.uint8)
+    return Image.fromarray(np.where(pixels > 0, pixels - noise, noise))
+
+
+@pytest.fixture(scope="module")
+def colab_diffusion():
+    """diffusion.colab_task with a tiny random Stable Diffusion pipeline (UNet2DConditionModel with cross-attention
+    on 8×8 latents, AutoencoderKL 16×16 -> 8×8, CLIPTextModel, a CLIP tokenizer of the 26 letters), a tiny random
+    CLIP and five random 40×30 photos. (task, what the pipeline's VAE encoded, the images CLIP embedded, the frozen
+    models' tensors before any method ran.)"""
+    import datasets
+    import diffusers
+    import transformers
+
+    letters = list("abcdefghijklmnopqrstuvwxyz")
+    vocab = {t: i for i, t in enumerate(["<|startoftext|>", "<|endoftext|>", *letters, *(c + "</w>" for c in letters)])}
+    tokenizer = transformers.CLIPTokenizer(vocab=vocab, merges=[], model_max_length=24)
+    text_config = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, max_position_embeddings=24, projection_dim=16)
+    clip_config = transformers.CLIPConfig(text_config=text_config, projection_dim=16, vision_config=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8))
+    encoded, embedded, models = [], [], {}
+
+    def pipeline(name, **options):
+        torch.manual_seed(0)
+        vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                                      up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, sample_size=16)
+        encode = vae.encode
+        vae.encode = lambda pixels: encoded.append(pixels.clone()) or encode(pixels)
+        unet = diffusers.UNet2DConditionModel(
+            sample_size=8, layers_per_block=1, block_out_channels=(32, 64), norm_num_groups=8,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=8)
+        scheduler = diffusers.PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                            skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)  # SD v1.5's
+        text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(**text_config))
+        models.update(vae=vae, text_encoder=text_encoder, unet=unet)
+        return diffusers.StableDiffusionPipeline(vae, text_encoder, tokenizer, unet, scheduler, feature_extractor=None,
+                                                 **options)
+
+    def clip(name):
+        models["clip"] = transformers.CLIPModel(clip_config)
+        return models["clip"]
+
+    class Processor(transformers.CLIPProcessor):
+        def __call__(self, images, **options):
+            embedded.append(images)
+            return super().__call__(images=images, **options)
+
+    image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    photos = datasets.Dataset.from_dict({"image": [photo(40, 30, seed) for seed in range(5)]})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(diffusers.StableDiffusionPipeline, "from_pretrained", pipeline)
+        patch.setattr(transformers.CLIPModel, "from_pretrained", clip)
+        patch.setattr(transformers.CLIPProcessor, "from_pretrained",
+                      lambda name: Processor(image_processor=image_processor, tokenizer=tokenizer))
+        patch.setattr(datasets, "load_dataset", lambda name, split: photos)
+        task, _ = diffusion.make_task("colab", TINY_SD)
+    frozen = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in models.items()}
+    return task, encoded, embedded, models, frozen
+
+
+def trains_only_its_own(task: Task) -> Task:
+    """``task``, recording in ``run.extra`` which parameters the method trains and which changed in training."""
+    start = {}
+
+    def loss(m, step):
+        if step == 0:  # before the first optimizer step
+            start.update({name: p.detach().clone() for name, p in m.named_parameters()})
+        return task.loss(m, step)
+
+    def after(m, run):
+        params = dict(m.named_parameters())
+        run.extra["trainable"] = {name for name, p in params.items() if p.requires_grad}
+        run.extra["changed"] = {name for name, p in params.items() if not torch.equal(p, start[name])}
+        run.extra["frozen numbers"] = sum(p.numel() for p in params.values() if not p.requires_grad)
+
+    return dataclasses.replace(task, loss=loss, after=after)
+
+
+def test_colab_diffusion_trains_on_square_centre_crops_of_the_photos(colab_diffusion):
+    """The photos are cut to the centre square at the resolution the pipeline samples at (the UNet's 8×8 latents ×
+    the VAE's factor 2), not squashed: only the red centre of a 40×30 photo is left."""
+    _, encoded, *_ = colab_diffusion
+    (pixels,) = encoded
+    assert pixels.shape == (5, 3, 16, 16)
+    red, blue = pixels[:, 0], pixels[:, 2]
+    assert (red > 0.7).all() and (blue < -0.7).all(), "the blue sides of the photos were squashed in"
+
+
+@pytest.mark.parametrize("method", [pytest.param(m, id=m.name) for m in diffusion.colab_methods()])
+def test_colab_diffusion_path_runs_on_a_tiny_stand_in(colab_diffusion, method):
+    """Each method of the colab profile, two steps with gradient checkpointing: it trains exactly its own parameters
+    (every one of them changes; nothing else does — the adapted UNet's frozen weights, the pretrained UNet it was
+    copied from, the VAE, the text encoder, CLIP), CLIP-I is a cosine similarity, and every evaluation generates
+    n_samples RGB images at the pipeline's resolution."""
+    task, _, embedded, models, frozen = colab_diffusion
+    assert task.gradient_checkpointing and task.setting == "batch 1 images at 16×16"
+    embedded.clear()
+    run = run_method(trains_only_its_own(task), method, progress=False)
+    assert not run.skipped and run.eval_steps == [0, 2] and all(math.isfinite(v) for v in run.losses)
+    assert all(-1.0 <= v <= 1.0 for v in run.evals)
+    trained = run.extra["trainable"]
+    assert run.extra["changed"] == trained, f"trained but unchanged: {sorted(trained - run.extra['changed'])[:3]}"
+    unet_numbers = sum(p.numel() for p in models["unet"].parameters())
+    if method.family == "full":
+        assert run.method_params == unet_numbers and run.extra["frozen numbers"] == 0
+    else:
+        assert 0 < run.method_params < unet_numbers and run.extra["frozen numbers"] == unet_numbers
+    for name, model in models.items():
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, frozen[name][key]), f"{name}.{key} changed"
+    assert len(embedded) == 2  # step 0 and step 2
+    assert all(len(images) == TINY_SD.n_samples and {(i.mode, i.size) for i in images} == {("RGB", (16, 16))}
+               for images in embedded)
+
+
+@pytest.mark.parametrize("precision", [torch.float16, torch.bfloat16], ids=["fp16 (a T4)", "bf16"])
+@pytest.mark.parametrize("method", [pytest.param(m, id=m.name) for m in diffusion.colab_methods()
+                                    if m.family in ("lora", "boft")][:2])
+def test_colab_diffusion_path_trains_under_autocast(colab_diffusion, method, precision):
+    """What a GPU runs: the same steps under fp16 autocast with loss scaling, or bf16; finite losses and CLIP-I."""
+    task, *_ = colab_diffusion
+    run = run_method(trains_only_its_own(dataclasses.replace(task, precision=precision)), method, progress=False)
+    assert not run.skipped and all(math.isfinite(v) for v in run.losses)
+    assert all(-1.0 <= v <= 1.0 for v in run.evals) and run.extra["changed"] == run.extra["trainable"]
+
+
+def diverging(task: Task, at_step: int) -> Task:
+    """``task`` whose training diverges: at ``at_step`` one trainable tensor becomes NaN, as after a step at too high
+    a learning rate."""
+
+    def loss(m, step):
+        if step == at_step:
+            with torch.no_grad():
+                next(p for p in m.parameters() if p.requires_grad).fill_(float("nan"))
+        return task.loss(m, step)
+
+    return dataclasses.replace(task, loss=loss)
+
+
+@pytest.mark.parametrize("domain", ["vit ci", "diffusion colab"])
+def test_a_run_whose_parameters_diverged_is_a_row_that_says_so_not_a_metric(domain, vit_task, colab_diffusion):
+    """A NaN model still got a metric — argmax of NaN logits is class 0 (ViT accuracy 0.20 of 5 classes), a NaN image
+    becomes a black one that CLIP scores like any other (CLIP-I 0.82 on the stand-in) — so a diverged method ranked
+    among the others. Its row now says that it diverged, when, and what to lower."""
+    task = vit_task if domain == "vit ci" else colab_diffusion[0]
+    method = BOFT if domain == "vit ci" else next(m for m in diffusion.colab_methods() if m.family == "boft")
+    run = run_method(diverging(task, 1), method, progress=False)
+    assert run.skipped is not None and run.skipped.startswith(f"diverged after 2 of {task.steps} steps: ")
+    assert "NaN or inf" in run.skipped and f"lr={method.lr:g}" in run.skipped
+    assert run.evals == run.evals[:1]  # the metric before training only
+    assert f"| {method.name} | diverged after 2 of" in runner.results_table([run], "metric")
+
 # --- seeds and the diffusion metric ---------------------------------------------------------------------------------------
 def finished(name, final, params=100):
     run = runner.Run(Method(name, "head"), method_params=params)

@@ -66,6 +66,21 @@ def test_round_trip_reproduces_outputs(tmp_path):
     assert loaded.head.weight.requires_grad and not loaded.encoder[0].base_layer.weight.requires_grad
 
 
+
+@pytest.mark.parametrize("unfrozen", ["encoder.0.base_layer.weight", "conv.base_layer.bias"])
+def test_a_trained_parameter_the_file_would_not_hold_is_refused(tmp_path, unfrozen):
+    """A base weight the user unfroze after adapt trains, but an adapter file holds only the adapters and the
+    modules kept trainable: it was silently dropped (in a probe, reloaded vs trained 0.03 max abs). Refused, naming it and
+    what to do; nothing is written."""
+    model = adapted_net()
+    model.get_parameter(unfrozen).requires_grad_(True)
+    with pytest.raises(ValueError, match=rf"save_adapter: 1 parameter\(s\) train .* would be lost on reload: "
+                                         rf"\['{unfrozen}'\].*adapt\(\.\.\., trainable=.*requires_grad_\(False\)"):
+        boftlab.save_adapter(model, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    model.get_parameter(unfrozen).requires_grad_(False)
+    boftlab.save_adapter(model, tmp_path / "a")
+
 def test_saved_files(tmp_path):
     boftlab.save_adapter(adapted_net(), tmp_path)
     config = json.loads((tmp_path / CONFIG_NAME).read_text())

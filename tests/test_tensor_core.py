@@ -232,6 +232,26 @@ def test_orthonormal_columns_draw_from_the_given_generator_else_from_the_global_
     assert torch.equal(orthonormal_columns(7, 3, torch.float64, None), drawn)  # the same stream as a seeded generator
 
 
+
+def test_factors_are_stored_row_major_so_a_loaded_adapter_computes_bit_for_bit(tmp_path):
+    """QR returns Q column-major; a saved adapter loads back row-major, and the same values in the other layout round
+    differently in a matmul (1e-16 in fp64 on a Conv1D, found by test_round_trips): the factors start contiguous."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(7)
+    model = nn.Sequential(Conv1D(12, 16)).double()
+    boftlab.adapt(model, boftlab.TensorCoreConfig(ranks=2, alpha=-0.8), targets=["0"])
+    assert all(p.is_contiguous() for p in model[0].adapter_parameters().values())
+    with torch.no_grad():
+        for p in model[0].adapter_parameters().values():
+            p.add_(0.2 * torch.randn_like(p))
+    boftlab.save_adapter(model, tmp_path / "adapter")
+    torch.manual_seed(7)
+    loaded = boftlab.load_adapter(nn.Sequential(Conv1D(12, 16)).double(), tmp_path / "adapter")
+    x = torch.randn(64, 16, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
 # small shapes: gradcheck differentiates numerically in every input entry
 GRADCHECK = {
     "linear": (lambda: nn.Linear(5, 4), (2, 5), (3, 2)),

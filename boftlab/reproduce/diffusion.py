@@ -233,11 +233,22 @@ def ci_task(s: Settings) -> tuple[Task, str]:
     return task, description
 
 
+def square_pixels(photo, size: int) -> torch.Tensor:
+    """A PIL photo -> (3, size, size) in [-1, 1], as DreamBooth prepares its photos: the shorter side scaled to
+    ``size``, then the centre square cut out, so the subject keeps its proportions (a plain resize would squash a
+    3:4 photo into a square). O(size²)."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    square = ImageOps.fit(photo.convert("RGB"), (size, size), method=Image.Resampling.BICUBIC)
+    pixels = torch.from_numpy(np.array(square)).permute(2, 0, 1)  # (H, W, 3) uint8 -> (3, size, size)
+    return pixels.float() / 127.5 - 1
+
+
 def colab_task(s: Settings) -> tuple[Task, str]:
     """DreamBooth-style subject-driven generation with Stable Diffusion v1.5: fp32 weights, training and sampling
     under autocast. The frozen VAE and text encoder live on the GPU; the pretrained UNet stays on the CPU, and each
     method's copy is the only UNet on the GPU (the pipeline samples with it, then lets it go)."""
-    import numpy as np
     from datasets import load_dataset
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
@@ -245,7 +256,7 @@ def colab_task(s: Settings) -> tuple[Task, str]:
 
     hide_weight_loading_bars()
     diffusers_logging.disable_progress_bar()  # and diffusers' "Loading pipeline components" bar
-    device = torch.device("cuda")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipe = StableDiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5",
                                                    safety_checker=None, requires_safety_checker=False)
     base = pipe.unet  # (CPU) copied by every method
@@ -256,6 +267,7 @@ def colab_task(s: Settings) -> tuple[Task, str]:
     clip_processor = CLIPProcessor.from_pretrained("openai/clip-vit-base-patch32")
     photos = [row["image"].convert("RGB") for row in load_dataset("diffusers/dog-example", split="train")]
     prompt, eval_prompt = "a photo of sks dog", "a photo of sks dog on the beach"
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor  # 512: train at the resolution the pipeline samples
 
     def clip_embed(images) -> torch.Tensor:
         inputs = clip_processor(images=images, return_tensors="pt").to(device)
@@ -264,8 +276,7 @@ def colab_task(s: Settings) -> tuple[Task, str]:
 
     with torch.no_grad():
         reference = clip_embed(photos)
-        pixels = torch.stack([torch.from_numpy(np.asarray(p.resize((512, 512)))) for p in photos])
-        pixels = (pixels.permute(0, 3, 1, 2).float() / 127.5 - 1).to(device)  # (5, 3, 512, 512)
+        pixels = torch.stack([square_pixels(p, size) for p in photos]).to(device)  # (5, 3, 512, 512)
         latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor  # (5, 4, 64, 64)
         ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                              return_tensors="pt").input_ids.to(device)
@@ -289,7 +300,8 @@ def colab_task(s: Settings) -> tuple[Task, str]:
         return (clip_embed(images) @ reference.T).mean().item()
 
     task = Task(base, [], loss, evaluate, s.steps, s.eval_every, device, s.seed, **fitting(s, device),
-                activation_bytes=SD_ACTIVATION_BYTES * s.batch_size, setting=f"batch {s.batch_size} images at 512×512")
+                activation_bytes=SD_ACTIVATION_BYTES * s.batch_size,
+                setting=f"batch {s.batch_size} images at {size}×{size}")
     description = (
         "Pretrained model: Stable Diffusion v1.5. Downstream: the five photos of `diffusers/dog-example` with the "
         f"prompt {prompt!r} (DreamBooth-style, no prior preservation); {s.steps} steps of batch {s.batch_size}. "

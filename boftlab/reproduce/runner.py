@@ -84,6 +84,12 @@ class MethodUnavailable(RuntimeError):
     weights the model stores quantized (full fine-tuning of a 4-bit model); the run lists it as skipped."""
 
 
+class Diverged(RuntimeError):
+    """Training left NaN or inf in trainable parameters: every later metric would be the metric of a broken model
+    (argmax of NaN logits is class 0; a NaN image becomes a black one that CLIP still scores), so the run stops and
+    its row says so."""
+
+
 def prepare(model: nn.Module, method: Method, trainable: list[str]) -> nn.Module:
     """Put ``method`` on ``model`` (in place, or PEFT's wrapper around it); only the method's parameters and the
     ``trainable`` modules (e.g. a new head) require gradients afterwards."""
@@ -438,9 +444,10 @@ def run_method(task: Task, method: Method, progress: bool = True) -> Run:
     """Adapt a fresh copy of ``task.base`` with ``method``, train it, and measure.
 
     A method that cannot run is a row, not an error: a family that cannot be imported, a model that the memory
-    estimate says does not fit (``memory_gate``), and an out-of-memory error while training (the row says at which
-    point, with the setting) give a skipped ``Run`` with the reason. The method's model and optimizer are freed
-    before this returns, so the next method has the accelerator to itself."""
+    estimate says does not fit (``memory_gate``), an out-of-memory error while training (the row says at which
+    point, with the setting) and a run that left NaN/inf in its trainable parameters (``Diverged``, found at the next
+    evaluation, whose metric would be a broken model's) give a skipped ``Run`` with the reason. The method's model
+    and optimizer are freed before this returns, so the next method has the accelerator to itself."""
     run = Run(method)
     torch.manual_seed(task.seed)  # same adapter initialisation stream and data order for every method
     base = copy.deepcopy(task.base)
@@ -457,6 +464,8 @@ def run_method(task: Task, method: Method, progress: bool = True) -> Run:
     if run.skipped is None:
         try:
             train(task, model, run, progress)
+        except Diverged as err:
+            run.skipped = str(err)
         except torch.cuda.OutOfMemoryError as err:  # = torch.OutOfMemoryError
             reason = str(err).split("\n")[0]
             run.skipped = (f"out of memory after {len(run.steps)} of {task.steps} steps "
@@ -483,6 +492,10 @@ def train(task: Task, model: nn.Module, run: Run, progress: bool) -> None:
         return torch.autocast(task.device.type, dtype=task.precision, enabled=task.precision is not None)
 
     def evaluate(step: int) -> None:
+        broken = [name for name, p in model.named_parameters() if p.requires_grad and not p.isfinite().all()]
+        if broken:
+            raise Diverged(f"diverged after {step} of {task.steps} steps: {len(broken)} trainable tensors hold NaN or "
+                           f"inf (e.g. {broken[0]}); lower the learning rate (lr={run.method.lr:g})")
         model.eval()
         with torch.no_grad(), autocast():
             run.evals.append(float(task.evaluate(model)))
