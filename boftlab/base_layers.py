@@ -345,9 +345,10 @@ def check_input_dtype(layer: nn.Module, dtype: torch.dtype) -> None:
         out_features, in_features = weight_shape(layer)
         raise ValueError(
             f"this {type(layer).__name__} ({in_features} -> {out_features}) stores 4-bit weights and would compute "
-            "in float64, which bitsandbytes' 4-bit kernel computes wrongly (on CPU, for fewer than 4 rows, up to 3.5 off "
-            "the output of its own dequantized weight): feed it float32, bfloat16 or float16 activations, give it a compute_dtype "
-            "(bnb_4bit_compute_dtype), or call boftlab.dequantize_bases(model, torch.float64) first for a float64 model"
+            "in float64, which bitsandbytes' 4-bit kernel computes wrongly (on CPU, for fewer than 4 rows, up to 3.5 "
+            "off the output of its own dequantized weight): feed it float32, bfloat16 or float16 activations, give it "
+            "a compute_dtype (bnb_4bit_compute_dtype), or call boftlab.dequantize_bases(model, torch.float64) first "
+            "for a float64 model"
         )
 
 
@@ -379,10 +380,11 @@ def check_unpacked(layer: nn.Module) -> None:
 def keep_unpacked(model: nn.Module) -> nn.Module:
     """Turn bitsandbytes' CPU inference repacking off on every 4-bit layer of ``model`` (its
     ``support_avx512bf16_for_cpu`` flag), so eval-mode forwards compute exactly what training forwards do and no
-    layer loses its input gradient afterwards; ValueError, changing nothing, if any layer is already repacked. O(layers).
+    layer loses its input gradient afterwards; ValueError, changing nothing, if any layer is already repacked.
+    O(layers).
     """
-    four_bit = [m for m in model.modules() if isinstance(m, nn.Linear)
-                and _derives_from(type(m), "bitsandbytes", QUANTIZED_LINEARS) and hasattr(m, "support_avx512bf16_for_cpu")]
+    four_bit = [m for m in model.modules() if isinstance(m, nn.Linear) and hasattr(m, "support_avx512bf16_for_cpu")
+                and _derives_from(type(m), "bitsandbytes", QUANTIZED_LINEARS)]
     for layer in four_bit:
         check_unpacked(layer)
     for layer in four_bit:

@@ -181,8 +181,8 @@ def _check_padding_row(name: str, embedding: nn.Embedding, action: str) -> None:
     row = embedding.weight[embedding.padding_idx]
     raise ValueError(
         f"cannot {action} OFT on Embedding {name!r}: its padding row (padding_idx={embedding.padding_idx}) is not "
-        f"zero (norm {float(row.detach().float().norm()):.3g}). boftlab keeps the padding row the base's, PEFT's OFT rotates "
-        "it, so the two differ at every padding token. Exchange adapters of this embedding through "
+        f"zero (norm {float(row.detach().float().norm()):.3g}). boftlab keeps the padding row the base's, PEFT's OFT "
+        "rotates it, so the two differ at every padding token. Exchange adapters of this embedding through "
         "boftlab.save_adapter / load_adapter, or leave the embedding out of the targets"
     )
 
@@ -264,7 +264,9 @@ def to_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
 
 def _release(version: str) -> tuple[int, ...]:
     """(0, 21, 2) for "0.21.2", "0.21.2.dev0@abc", "0.21.2+local" or "0.21.2rc1": the numeric release part."""
-    return tuple(int(n) for n in re.match(r"\d+(?:\.\d+)*", version).group().split(".")) if version[:1].isdigit() else ()
+    if not version[:1].isdigit():
+        return ()
+    return tuple(int(n) for n in re.match(r"\d+(?:\.\d+)*", version).group().split("."))
 
 
 def check_peft_version(version: str | None, what: str) -> None:

@@ -77,10 +77,11 @@ def unexpected_stderr(outputs: list[dict], name: str) -> str | None:
 
 def problems(nb: dict, name: str) -> list[str]:
     """What a student would see wrong in the executed notebook ``nb`` (``name``: its file stem): a warning in an
-    output stream; any other stderr text the notebook does not expect by name; an image shown twice by one cell (a pyplot figure displayed and then flushed again); fewer
-    images than the notebook's figures (``FIGURES``, or one if it ``draws``: a figure drawn but never displayed, e.g. under
-    ``MPLBACKEND=Agg``); a widget that drew no image, or whose Output area holds an error or a warning (a widget's
-    callback fails there, out of the runner's sight). Empty if none."""
+    output stream; any other stderr text the notebook does not expect by name (``EXPECTED_STDERR``); an image shown
+    twice by one cell (a pyplot figure displayed and then flushed again); fewer images than the notebook's figures
+    (``FIGURES``, or one if it ``draws``: a figure drawn but never displayed, e.g. under ``MPLBACKEND=Agg``); a widget
+    that drew no image, or whose Output area holds an error or a warning (a widget's callback fails there, out of the
+    runner's sight). Empty if none."""
     found = []
     shown = 0
     for index, cell in enumerate(nb["cells"]):

@@ -535,8 +535,8 @@ def test_the_repacking_guards_hold_on_a_cpu_without_avx512_bf16_too():
 
 def test_float64_into_a_4bit_kernel_is_refused():
     """bitsandbytes 0.50's 4-bit kernel computes float64 wrongly (on CPU, for fewer than 4 rows, up to 3.5 off the
-    output of its own dequantized weight; float32 is exact): a 4-bit base without a compute dtype (bitsandbytes' default) fed float64 activations is
-    refused; with a float32 compute dtype the kernel never sees float64, and the input is accepted."""
+    output of its own dequantized weight; float32 is exact): a 4-bit base without a compute dtype (bitsandbytes'
+    default) fed float64 activations is refused; with a float32 compute dtype the kernel never sees float64, and the input is accepted."""
     torch.manual_seed(0)
     layer = bnb.nn.Linear4bit(64, 32, quant_type="nf4")  # compute_dtype None: the kernel computes in the input's dtype
     layer.weight = bnb.nn.Params4bit(torch.randn(32, 64), requires_grad=False, quant_type="nf4")
