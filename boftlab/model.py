@@ -241,7 +241,9 @@ def check_targets(model: nn.Module, names: list[str]) -> None:
     """ValueError, before anything changes, for a named module that an adapter would not really replace: one on the
     meta device (no values: after ``to_empty`` its adapter would hold uninitialised memory), or one inside a
     ``WEIGHT_READERS`` module (its parent reads the weight without calling it). O(targets · depth)."""
-    meta = [n for n in names if any(t.is_meta for t in model.get_submodule(n).state_dict().values())]
+    # parameters and buffers, not state_dict(): a bitsandbytes 4-bit layer's state_dict() rewrites its weight
+    meta = [n for n in names if any(t.is_meta for t in (*model.get_submodule(n).parameters(),
+                                                        *model.get_submodule(n).buffers()))]
     if meta:
         raise ValueError(
             f"module {meta[0]!r} ({len(meta)} targeted module(s)) is on the meta device: it has shapes but no values, "
@@ -274,9 +276,9 @@ def build_layers(
     of the model was repacked for CPU inference. Each new layer takes the train / eval mode of the module it wraps
     (``make_layer``)."""
     check_model(model)
-    check_targets(model, names)
     for module in model.modules():
         base_layers.check_unpacked(module)
+    check_targets(model, names)
     layers = {}
     for name in names:
         module = bases[name] if bases and name in bases else model.get_submodule(name)

@@ -500,14 +500,19 @@ def test_a_4bit_layer_already_repacked_is_refused_before_anything_changes(tmp_pa
     message = r"was repacked by bitsandbytes for CPU inference.*adapt it before evaluating it"
     for call in (lambda m: boftlab.adapt(m, CONFIGS["oft"], targets=["value"]),  # query, not a target, is repacked
                  lambda m: boftlab.load_adapter(m, tmp_path)):
-        model = Wide4bitNet()
-        repack(model.query)
-        before = {k: v.clone() for k, v in model.state_dict().items()}  # bitsandbytes unpacks it here, inexactly
-        assert not model.query.weight.quant_state.packing_format_for_cpu
-        with pytest.raises(ValueError, match=message):
-            call(model)
-        assert not boftlab.adapter_layers(model)
-        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        for unpacked_by_state_dict in (False, True):
+            model = Wide4bitNet()
+            repack(model.query)
+            packed = model.query.weight.data.clone()
+            if unpacked_by_state_dict:  # bitsandbytes' state_dict() unpacks it, inexactly: still refused
+                model.state_dict()
+                assert not model.query.weight.quant_state.packing_format_for_cpu
+                packed = model.query.weight.data.clone()
+            before = {k: v.clone() for k, v in model.named_parameters()}
+            with pytest.raises(ValueError, match=message):
+                call(model)
+            assert not boftlab.adapter_layers(model) and torch.equal(model.query.weight.data, packed)
+            assert all(torch.equal(v, before[k]) for k, v in model.named_parameters())
 
 
 def test_a_layer_repacked_behind_boftlab_is_refused_at_the_next_call():
