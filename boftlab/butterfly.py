@@ -176,6 +176,7 @@ class BOFTConfig(AdapterConfig):
     option_space: ClassVar[dict[str, tuple]] = dict(
         block_size=(2, 4, 8), n_factors=(1, 2, 3, 4), scale=(True, True, False), coft=(False, False, False, True),
         neumann_terms=(None, None, 2, 3, 4, 5), dropout=(0.0, 0.0, 0.3))
+    examples: ClassVar[tuple[dict, ...]] = (dict(block_size=4, n_factors=2),)
 
     block_size: int | None = None
     n_blocks: int | None = None
@@ -235,6 +236,7 @@ class OFTConfig(BOFTConfig):
     option_space: ClassVar[dict[str, tuple]] = dict(  # as BOFT's, with one factor
         block_size=(2, 4, 8, 16), scale=(True, False, False), coft=(False, False, False, True),
         neumann_terms=(None, None, 2, 3, 4, 5), dropout=(0.0, 0.0, 0.3))
+    examples: ClassVar[tuple[dict, ...]] = (dict(block_size=4),)
 
     n_factors: int = 1
     scale: bool = False

@@ -27,8 +27,9 @@ Adding a family. Write ``myfamily.py`` with the structured matrix first (pure fu
 
 * ``MyConfig(AdapterConfig)``, a dataclass with ``family: ClassVar[str] = "myfamily"`` (this registers it in
   ``FAMILIES``), its hyper-parameters checked in ``__post_init__``, a field ``path: str = "auto"`` (checked by
-  ``check_path``), ``supported_layers()`` and ``layer_class()``, and ``option_space`` (the values each option
-  takes in the seeded random round trips of ``tests/test_round_trips.py``);
+  ``check_path``), ``supported_layers()`` and ``layer_class()``, ``option_space`` (the values each option
+  takes in the seeded random round trips of ``tests/test_round_trips.py``) and ``examples`` (a few small configs,
+  the first one canonical, that the cross-cutting tests, the bench and the runner build from ``FAMILIES``);
 * ``MyLayer(AdapterLayer)`` with its trainable tensors as parameters of its own (zero change at init),
   ``adapted_forward(x, *args, **kwargs)`` that runs ``self.choose_path(x)``, ``paths()``, ``path_costs(...)``
   (and ``check_forced_path`` at the end of ``__init__`` if some layers lack a path), ``merged_weights()`` /
@@ -168,11 +169,25 @@ class AdapterConfig:
     ``layer_class``; ``make_layer`` is the same for every family."""
 
     family: ClassVar[str] = ""
+    #: small representative configs of this family as keyword arguments, the first one canonical: what the
+    #: cross-cutting tests, the bench and the runner build when they iterate ``FAMILIES`` (``example_configs``)
+    examples: ClassVar[tuple[dict[str, Any], ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls.__dict__.get("family"):
             FAMILIES[cls.family] = cls
+
+    @classmethod
+    def example_configs(cls) -> list["AdapterConfig"]:
+        """The family's ``examples`` as configs; ValueError if the family declares none of its own."""
+        examples = cls.__dict__.get("examples")
+        if not examples:
+            raise ValueError(
+                f"{cls.__name__} (family {cls.family!r}) declares no examples: give it a class attribute "
+                "examples = (dict(...), ...) of small valid configs, the first one canonical."
+            )
+        return [cls(**options) for options in examples]
 
     def supported_layers(self) -> tuple[type[nn.Module], ...]:
         """The module types this config adapts (``adapt`` selects targets by them; errors name them)."""

@@ -443,6 +443,9 @@ class SURMConfig(AdapterConfig):
     option_space: ClassVar[dict[str, tuple]] = dict(
         structure=STRUCTURES, mode=MODES, alpha=(-1.4, -0.8, -0.3, 0.3, 0.8, 1.4), displacement_rank=(None, 1, 2, 3),
         activation=(*ACTIVATIONS, "identity"), bias=(True, False))
+    examples: ClassVar[tuple[dict, ...]] = (
+        dict(structure="circulant", alpha=0.5), dict(structure="ldr", displacement_rank=2),
+        dict(structure="toeplitz", mode="adapter", activation="identity"))
 
     structure: str = "circulant"
     displacement_rank: int | None = None

@@ -179,6 +179,7 @@ class TensorCoreConfig(AdapterConfig):
     #: values each option takes in seeded random tests (tests/test_round_trips.py; one that the config or the layer
     #: refuses leaves the option at its default)
     option_space: ClassVar[dict[str, tuple]] = dict(ranks=(1, 2, 3), alpha=(-1.4, -0.8, -0.3, 0.3, 0.8, 1.4))
+    examples: ClassVar[tuple[dict, ...]] = (dict(ranks=3, alpha=0.5),)
 
     ranks: int | tuple[int, ...] = 8
     alpha: float = 1.0
