@@ -32,9 +32,10 @@ Adding a family. Write ``myfamily.py`` with the structured matrix first (pure fu
   the first one canonical, that the cross-cutting tests, the bench and the runner build from ``FAMILIES``);
 * ``MyLayer(AdapterLayer)`` with its trainable tensors as parameters of its own (zero change at init),
   ``adapted_forward(x, *args, **kwargs)`` that runs ``self.choose_path(x)``, ``paths()``, ``path_costs(...)``
-  (and ``check_forced_path`` at the end of ``__init__`` if some layers lack a path), ``merged_weights()`` /
-  ``unmerged_weights()`` if it can be folded into the base weight, and ``n_effective()`` if the paper counts
-  differently from what is stored.
+  (and ``check_forced_path`` at the end of ``__init__`` if some layers lack a path), ``delta_weight(dtype)`` if
+  W' = W + ΔW (merge and unmerge then come from the contract), or else ``merged_weights()`` / ``unmerged_weights()``
+  if it can be folded into the base weight, and ``n_effective()`` if the paper counts differently from what is
+  stored.
 
 Import it from ``boftlab/__init__.py``. ``adapt``, ``summary``, ``merge``, saving, loading, ``counts`` and the
 reproduction runner then handle it, and ``tests/test_contract.py`` runs it through the contract once it is given a
@@ -254,9 +255,9 @@ class AdapterConfig:
 class AdapterLayer(nn.Module):
     """A frozen ``base_layer`` plus a family's trainable tensors.
 
-    Subclasses implement ``adapted_forward`` and, if the adaptation can be folded into the weights,
-    ``merged_weights`` / ``unmerged_weights``; they register their trainable tensors as parameters of their own
-    (anything under ``base_layer`` belongs to the base model).
+    Subclasses implement ``adapted_forward`` and, if the adaptation can be folded into the weights, ``delta_weight``
+    (W' = W + ΔW) or ``merged_weights`` / ``unmerged_weights``; they register their trainable tensors as parameters
+    of their own (anything under ``base_layer`` belongs to the base model).
     """
 
     def __init__(self, base_layer: nn.Module, config: AdapterConfig) -> None:
@@ -285,16 +286,23 @@ class AdapterLayer(nn.Module):
         included when ``training``)."""
         raise NotImplementedError
 
+    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """ΔW of an *additive* family, whose adapted weight is W' = W + ΔW (SURM's LoRA mode, the tensor core): in
+        ``base_layers.weight_shape``'s layout, computed in ``dtype``. A family that defines it gets ``merged_weights``
+        and ``unmerged_weights`` from the contract (``shifted_weight``); one that folds in otherwise (BOFT's rotation,
+        SURM's adapter mode) overrides those two instead."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged into its base layer")
+
     def merged_weights(self) -> dict[str, torch.Tensor]:
         """The base layer's tensors (by attribute name, e.g. ``{"weight": W'}``) with the adaptation folded in, in
         their own dtypes (computed in ``merge_dtype``, rounded once); a ValueError if ``unmerged_weights`` could not
-        undo it (e.g. a zero scale), so that every merge can be taken back."""
-        raise NotImplementedError(f"{type(self).__name__} cannot be merged into its base layer")
+        undo it (e.g. a zero scale), so that every merge can be taken back. Here the additive merge, W + ΔW."""
+        return base_layers.stored(self.base_layer, self.shifted_weight(merge_dtype(self.base_layer.weight), +1))
 
     def unmerged_weights(self) -> dict[str, torch.Tensor]:
         """The inverse of ``merged_weights``: the base tensors recovered from merged ones, exact to the rounding of
-        the weight's dtype."""
-        raise NotImplementedError(f"{type(self).__name__} cannot be unmerged")
+        the weight's dtype. Here the additive unmerge, W' − ΔW."""
+        return base_layers.stored(self.base_layer, self.shifted_weight(merge_dtype(self.base_layer.weight), -1))
 
     def n_effective(self) -> int:
         """Paper-style free-parameter count; equals the stored count unless the family says otherwise."""
@@ -464,6 +472,14 @@ class AdapterLayer(nn.Module):
                 f"cannot {action}: the new base tensor(s) would hold NaN/inf ({counts}) — {cause}. Nothing was changed."
             )
         return tensors
+
+    def shifted_weight(self, dtype: torch.dtype, sign: int = +1) -> torch.Tensor:
+        """W + sign·ΔW of an additive family (``delta_weight``): ΔW computed and added in ``dtype``, rounded once to
+        W's dtype, in ``base_layers.weight``'s layout. The additive merge (+1, in ``merge_dtype``), unmerge (−1) and a
+        weight path's W' (+1, in its compute dtype) all use it. ValueError for a quantized base, whose W is packed.
+        O(numel(W)) plus forming ΔW."""
+        weight = base_layers.weight(self.base_layer)
+        return (weight.to(dtype) + sign * self.delta_weight(dtype)).to(weight.dtype)
 
     def _apply(self, fn: Any, recurse: bool = True) -> "AdapterLayer":
         """``nn.Module._apply`` (``.to``, ``.half``, ``to_empty``, …), refused when it would take this adapter's tensors

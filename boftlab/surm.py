@@ -572,19 +572,7 @@ class SURMLayer(AdapterLayer):
         if self.choose_path(x) == "input":  # a linear layer: S x by FFT products
             return base(x) + self.config.alpha * self.matrix(x)
         # a conv: the kernel W + α·S, through the base conv's own call
-        return base_layers.run(base, x, self._shifted_weight(_compute_dtype(base.weight.dtype), +1))
-
-    def _shifted_weight(self, dtype: torch.dtype, sign: int) -> torch.Tensor:
-        """W ± α·S computed in ``dtype``, in ``base_layers.weight``'s layout and W's dtype (one rounding); ValueError
-        for a quantized base."""
-        weight = base_layers.weight(self.base_layer)
-        return (weight.to(dtype) + sign * self.delta_weight(dtype)).to(weight.dtype)
-
-    def merged_weights(self) -> dict[str, torch.Tensor]:
-        return base_layers.stored(self.base_layer, self._shifted_weight(merge_dtype(self.base_layer.weight), +1))
-
-    def unmerged_weights(self) -> dict[str, torch.Tensor]:
-        return base_layers.stored(self.base_layer, self._shifted_weight(merge_dtype(self.base_layer.weight), -1))
+        return base_layers.run(base, x, self.shifted_weight(_compute_dtype(base.weight.dtype)))
 
     def extra_repr(self) -> str:
         return f"mode='lora', alpha={self.config.alpha}, " + super().extra_repr()

@@ -60,7 +60,7 @@ from torch import nn
 
 from . import base_layers
 from .base_layers import Conv1D
-from .contract import AdapterConfig, AdapterLayer, autocast_off, check_number, conv_output_size, merge_dtype
+from .contract import AdapterConfig, AdapterLayer, autocast_off, check_number, conv_output_size
 
 _CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -306,7 +306,8 @@ class TensorCoreLayer(AdapterLayer):
             return self._factorised_forward(x)
         # the base's own call with W + ΔW (stride, padding, padding_idx, … honoured; an Embedding's max_norm
         # renormalises rows of this temporary W', never of the frozen W)
-        return base_layers.run(self.base_layer, x, self._shifted_weight(+1))
+        dtype = torch.promote_types(self.base_layer.weight.dtype, self.core.dtype)  # the wider of W's and ΔW's
+        return base_layers.run(self.base_layer, x, self.shifted_weight(dtype))
 
     def _factorised_forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
@@ -333,21 +334,6 @@ class TensorCoreLayer(AdapterLayer):
         z = base._conv_forward(z, kernel.repeat(groups, *(1,) * (core.dim() - 1)), None)  # (B, groups·r_out, *out)
         delta = conv(z, u_out.reshape(*u_out.shape, *ones), groups=groups)  # (B, out, *out): r_out -> out/groups
         return base._conv_forward(x, base.weight, base.bias) + self.config.alpha * delta
-
-    # --- merging ---
-    def merged_weights(self) -> dict[str, torch.Tensor]:
-        """W + ΔW in fp64, rounded once to W's dtype."""
-        return base_layers.stored(self.base_layer, self._shifted_weight(+1, merge_dtype(self.base_layer.weight)))
-
-    def unmerged_weights(self) -> dict[str, torch.Tensor]:
-        return base_layers.stored(self.base_layer, self._shifted_weight(-1, merge_dtype(self.base_layer.weight)))
-
-    def _shifted_weight(self, sign: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """W ± ΔW, ΔW computed and summed in ``dtype`` (default: the wider of W's and the adapter's), rounded once to
-        W's dtype, in ``base_layers.weight``'s layout; ValueError for a quantized base."""
-        weight = base_layers.weight(self.base_layer)
-        dtype = dtype or torch.promote_types(weight.dtype, self.core.dtype)
-        return (weight.to(dtype) + sign * self.delta_weight(dtype)).to(weight.dtype)
 
     def extra_repr(self) -> str:
         shapes = f"weight_shape={self.weight_shape}, ranks={self.ranks}, alpha={self.config.alpha}, "
