@@ -5,7 +5,8 @@ An adapter *wraps* one frozen base layer and answers the same questions whatever
     forward(x)            the adapted layer's output (the base layer's alone once merged)
     merge() / unmerge()   fold the adaptation into the base weight and take it out again, exactly
     n_trainable()         how many numbers the adapter stores and trains
-    n_effective()         the paper-style count of free parameters (e.g. b(b-1)/2 per skew-symmetric block)
+    n_effective()         the effective parameter count: the numbers of the family's parametrisation (e.g. b(b−1)/2
+                          per skew-symmetric block, not PEFT's b²); one definition, at ``AdapterLayer.n_effective``
     paths()               the exact forward paths it has, in one vocabulary for every family (``PATHS``):
                             "input"     — the adapter acts on the activations in its factored form (BOFT's m
                                           butterfly factors; the tensor core's factorised chain; SURM's FFT
@@ -34,8 +35,8 @@ Adding a family. Write ``myfamily.py`` with the structured matrix first (pure fu
   ``adapted_forward(x, *args, **kwargs)`` that runs ``self.choose_path(x)``, ``paths()``, ``path_costs(...)``
   (and ``check_forced_path`` at the end of ``__init__`` if some layers lack a path), ``delta_weight(dtype)`` if
   W' = W + ΔW (merge and unmerge then come from the contract), or else ``merged_weights()`` / ``unmerged_weights()``
-  if it can be folded into the base weight, and ``n_effective()`` if the paper counts differently from what is
-  stored.
+  if it can be folded into the base weight, and ``n_effective()`` if it stores numbers outside its parametrisation
+  (see that method).
 
 Import it from ``boftlab/__init__.py``. ``adapt``, ``summary``, ``merge``, saving, loading, ``counts`` and the
 reproduction runner then handle it, and ``tests/test_contract.py`` runs it through the contract once it is given a
@@ -305,7 +306,15 @@ class AdapterLayer(nn.Module):
         return base_layers.stored(self.base_layer, self.shifted_weight(merge_dtype(self.base_layer.weight), -1))
 
     def n_effective(self) -> int:
-        """Paper-style free-parameter count; equals the stored count unless the family says otherwise."""
+        """The *effective* parameter count — the one meaning of the word in boftlab (``summary(model).effective``,
+        ``counts.layer_count(..., convention="effective")``, which calls this): the numbers of the method's own
+        parametrisation, as its paper counts them: OFT/BOFT's skew-symmetric blocks by their b(b−1)/2 free entries
+        (PEFT stores full b × b blocks, whose symmetric half never acts: ``counts``' convention "peft"), SURM's
+        structured numbers, the tensor core's core and factors, LoRA's r·(d + n). A gauge of the parametrisation is
+        not subtracted, in any family, so that counts compare across methods: LoRA's BA = (BM)(M⁻¹A) and the tensor
+        core's G ×_n M⁻¹, U_n M leave ΔW unchanged, and the dimension of the set of updates is smaller (for the
+        tensor core ``tensor_core.tucker_dimension``). boftlab stores exactly these numbers, so this is
+        ``n_trainable()``; a family overrides it only if it stores numbers outside its parametrisation."""
         return self.n_trainable()
 
     # --- shared by all families ---------------------------------------------------------------------------------

@@ -1,10 +1,14 @@
 """Parameter counts: per layer from the adapters themselves, then sums over real architectures built on the ``meta``
 device.
 
-A boftlab family's count for a layer is what ``config.make_layer`` stores on a meta-device layer of that shape
-(``n_trainable``; no memory, no download), so counts and layers cannot drift apart. Their closed forms, tested equal
-to those counts in tests/test_counts.py, per adapted layer with fan-in d (in_features, or in_channels/groups·kh·kw)
-and fan-out n:
+A boftlab family's count for a layer is the effective count of a meta-device layer of that shape built by
+``config.make_layer`` (``AdapterLayer.n_effective``; no memory, no download), so counts and layers cannot drift apart
+and ``layer_count`` agrees with ``summary(model).effective``. *Effective* has one meaning, defined at ``n_effective``: the numbers
+of the method's own parametrisation, as its paper counts them and boftlab stores them, with no gauge subtracted in
+any method (LoRA's r·(d + n) keeps its r² gauge, the tensor core its per-mode GL(r_n) gauge), so that methods compare.
+Convention "peft" counts what PEFT stores instead (OFT/BOFT: full b × b blocks). The closed forms, tested equal to
+those counts in tests/test_counts.py, per adapted layer with fan-in d (in_features, or in_channels/groups·kh·kw) and
+fan-out n:
 
     OFT / BOFT, m factors of k = d/b   m·k·b(b−1)/2   free entries of the skew-symmetric blocks ("effective")
       output scale s (BOFT, optional)  + n
@@ -194,7 +198,7 @@ def _family_count(modes: tuple[int, ...], family: str, convention: str, options:
     with torch.random.fork_rng(devices=[]):  # random initial factors (drawn on the CPU) leave the caller's RNG alone
         layer = config.make_layer(base)
     if convention == "effective":
-        return layer.n_trainable()
+        return layer.n_effective()  # the one definition of "effective", as summary(model).effective
     if not isinstance(layer, BOFTLayer):
         raise ValueError(f"convention='peft' counts OFT/BOFT's full b × b blocks; {family!r} has no such blocks")
     scale = 0 if layer.scale is None else layer.scale.numel()

@@ -471,7 +471,7 @@ class Summary:
     total: int
     trainable: int
     adapter: int  # stored in adapter layers
-    effective: int  # paper-style free parameters of the adapters
+    effective: int  # the adapters' effective parameter count (AdapterLayer.n_effective, the one definition)
     other_trainable: int  # e.g. a classifier head kept trainable
     by_family: dict[str, dict[str, int]] = field(default_factory=dict)  # family -> {"layers", "trainable", ...}
     by_layer_type: dict[str, dict[str, int]] = field(default_factory=dict)  # "boft/Linear" -> {...}
@@ -483,7 +483,7 @@ class Summary:
     def __str__(self) -> str:
         lines = [
             f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}",
-            f"adapter params: {self.adapter:,} (paper-style effective: {self.effective:,}); "
+            f"adapter params: {self.adapter:,} (effective: {self.effective:,}); "
             f"other trainable: {self.other_trainable:,}",
             "",
             "| family / layer type | layers | adapter params | effective | base params adapted |",
@@ -502,7 +502,7 @@ class Summary:
 
 def summary(model: nn.Module, print_it: bool = False) -> Summary:
     """Trainable vs total parameters, per family and per adapted layer type (like PEFT's
-    ``print_trainable_parameters``, plus the paper-style effective count)."""
+    ``print_trainable_parameters``, plus the effective count, ``AdapterLayer.n_effective``)."""
     params = list(model.parameters())
     total = base_layers.n_parameters(model)  # a quantized weight counts out·in, not its packed bytes
     trainable = base_layers.n_parameters(model, trainable=True)

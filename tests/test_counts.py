@@ -199,3 +199,48 @@ def test_numpy_integers_count_like_ints():
     np = pytest.importorskip("numpy")
     assert counts.boft_params(np.int64(64), np.int32(64), np.int64(8)) == counts.boft_params(64, 64, 8)
     assert counts.lora_params(np.int64(64), 64, np.int16(4)) == counts.lora_params(64, 64, 4)
+
+
+# --- one meaning of "effective": counts and summary agree for every family ------------------------------------------
+@pytest.mark.parametrize("family", sorted(counts.FAMILIES))
+@pytest.mark.parametrize("make_base", [lambda: nn.Linear(64, 32), lambda: nn.Linear(32, 64),
+                                       lambda: nn.Conv2d(8, 16, 3), lambda: nn.Conv2d(16, 8, 1)],
+                         ids=["linear 64->32", "linear 32->64", "conv 8->16 3x3", "conv 16->8 1x1"])
+def test_layer_count_is_what_summary_calls_effective(family, make_base):
+    """For each example config of each family: ``layer_count`` (convention "effective") equals ``summary(...).effective``
+    of a model holding that one adapted layer — or both refuse the shape."""
+    from boftlab import summary
+
+    for config in counts.FAMILIES[family].example_configs():
+        options = {k: v for k, v in config.to_dict().items() if k != "family"}
+        base = make_base()
+        shape = counts.layer_shapes(nn.Sequential(base), ["0"])[0]
+        try:
+            layer = config.make_layer(base)
+        except ValueError:
+            with pytest.raises(ValueError):
+                counts.layer_count(shape, family, **options)
+            continue
+        assert counts.layer_count(shape, family, **options) == summary(nn.Sequential(layer)).effective
+
+
+def test_every_family_example_is_counted_on_a_linear_layer():
+    """The canonical example of every family fits a 64 -> 32 Linear, so the test above compares numbers, not only
+    refusals."""
+    for cls in counts.FAMILIES.values():
+        config = cls.example_configs()[0]
+        options = {k: v for k, v in config.to_dict().items() if k != "family"}
+        shape = counts.LayerShape("x", 64, 32, True, "linear")
+        assert counts.layer_count(shape, cls.family, **options) == config.make_layer(nn.Linear(64, 32)).n_effective()
+
+
+def test_tensor_core_effective_count_is_its_stored_parameters():
+    """The issue's case: a 64 -> 32 tensor-core layer at ranks=4 stores 4·4 + 32·4 + 64·4 = 400 numbers, and both
+    counts and summary call that its effective count (the gauge-free dimension, 368, is ``tucker_dimension``)."""
+    from boftlab import summary
+    from boftlab.tensor_core import tucker_dimension
+
+    layer = counts.FAMILIES["tensor_core"](ranks=4).make_layer(nn.Linear(64, 32))
+    shape = counts.LayerShape("x", 64, 32, True, "linear")
+    assert counts.layer_count(shape, "tensor_core", ranks=4) == summary(nn.Sequential(layer)).effective == 400
+    assert layer.n_trainable() == 400 and tucker_dimension((32, 64), (4, 4)) == 368
