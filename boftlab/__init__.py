@@ -8,11 +8,10 @@ counts on real architectures), ``boftlab.reproduce``, ``boftlab.bench``, ``boftl
 ``boftlab.SaveAdapterCallback`` (needs transformers).
 """
 
-__version__ = "0.1.0"  # before the imports: saving.py and checkpoints.py write it into every file
-
 import importlib
 from typing import Any
 
+from ._version import __version__
 from .contract import FAMILIES, AdapterConfig, AdapterLayer
 from .butterfly import BOFTConfig, BOFTLayer, OFTConfig
 from .surm import SURMAdapterLayer, SURMConfig, SURMLayer

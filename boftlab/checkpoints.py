@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .model import adapter_layers, check_unmerged, strip_wrappers
 from .saving import (
     adapter_config, adapter_state, atomic_write, check_finite, check_layout, check_saved_if_trained, common_shape_key,

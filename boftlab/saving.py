@@ -43,7 +43,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__, base_layers
+from . import base_layers
+from ._version import __version__
 from .contract import RUNTIME_OPTIONS, AdapterConfig, AdapterLayer
 from .model import (
     TRAINABLE_ATTR, adapter_layers, build_layers, canonical_modules, canonical_name, check_unmerged, find_module,

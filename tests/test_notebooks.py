@@ -3,18 +3,18 @@ what was measured and what is an estimate) and the checks applied to their execu
 
 import base64
 import re
-import tomllib
 from pathlib import Path
 
 import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook, new_output
 
+from boftlab._version import __version__
 from notebook_outputs import FIGURES, problems
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+VERSION = __version__  # boftlab/_version.py, which pyproject.toml reads (tests/test_packaging.py)
 
 #: every notebook's first code cell: on Colab, install the release these notebooks belong to, with the notebooks extra
 INSTALL_CELL = (
@@ -66,12 +66,6 @@ def test_second_code_cell_reads_the_profile(path):
 
 def test_every_figure_count_names_a_notebook():
     assert set(FIGURES) <= {p.stem for p in NOTEBOOKS}
-
-
-def test_the_release_is_one_number():
-    import boftlab
-
-    assert boftlab.__version__ == VERSION
 
 
 # --- the checks on executed outputs (notebooks/conftest.py runs them on every notebook nbmake executes) ---------------

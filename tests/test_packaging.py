@@ -57,6 +57,23 @@ def test_readme_commands_are_what_ci_runs():
             assert line.strip() in ci, f"README command not run by .ci/run: {line}"
 
 
+# --- the version ------------------------------------------------------------------------------------------------------
+def test_the_version_is_written_once():
+    """boftlab/_version.py holds it and imports nothing; pyproject.toml reads it from there (no number of its own), and
+    the modules that write it into files import it from there, not upward from boftlab/__init__.py."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and project["project"]["dynamic"] == ["version"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "boftlab._version.__version__"}
+    source = (ROOT / "boftlab" / "_version.py").read_text()
+    assert re.findall(r'^__version__ = "([^"]+)"$', source, re.M) == [boftlab.__version__]
+    assert not re.search(r"^\s*(import|from) ", source, re.M)
+    written = [p.relative_to(ROOT).as_posix() for p in (ROOT / "boftlab").rglob("*.py")
+               if re.search(r"^__version__ =", p.read_text(), re.M)]
+    assert written == ["boftlab/_version.py"]
+    upward = [p.name for p in (ROOT / "boftlab").rglob("*.py") if "from . import __version__" in p.read_text()]
+    assert not upward
+
+
 # --- the core install ------------------------------------------------------------------------------------------------
 #: PyPI names whose import name differs by more than "-" -> "_"
 IMPORT_NAMES = {"scikit-learn": "sklearn"}
