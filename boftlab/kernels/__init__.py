@@ -18,27 +18,12 @@ message names both switches.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-KERNELS = ("auto", "torch")
-KERNEL_ENV = "BOFTLAB_KERNEL"
+from .switch import KERNEL_ENV, KERNELS, FusedKernelError, kernel_in_force
 
-
-def kernel_in_force(configured: str) -> str:
-    """``"torch"`` if ``$BOFTLAB_KERNEL`` is ``torch``, else ``configured``; ValueError for any other value. O(1)."""
-    forced = os.environ.get(KERNEL_ENV, "auto")
-    if forced not in KERNELS:
-        raise ValueError(
-            f"{KERNEL_ENV}={forced!r} is not a kernel setting; valid: {KERNELS} (torch forces the PyTorch path, "
-            "auto or unset leaves the choice to each config)"
-        )
-    return "torch" if forced == "torch" else configured
-
-
-class FusedKernelError(RuntimeError):
-    """The fused kernel failed to compile or launch (a Triton/driver/GPU problem, not a bad argument)."""
+__all__ = ["KERNELS", "KERNEL_ENV", "FusedKernelError", "kernel_in_force", "fused_available", "fused_supported",
+           "butterfly_apply_fused"]
 
 
 def fused_available(device: torch.device, dim: int, block_size: int, n_factors: int, dtype: torch.dtype) -> bool:

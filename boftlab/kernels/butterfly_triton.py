@@ -38,7 +38,7 @@ import math
 
 import torch
 
-from . import KERNEL_ENV, FusedKernelError
+from .switch import KERNEL_ENV, FusedKernelError
 
 try:
     import triton
