@@ -104,7 +104,7 @@ for family, config_class in boftlab.FAMILIES.items():
     torch.testing.assert_close(boftlab.merge(model)(x), expected)
     boftlab.unmerge(model)
     print(family, "ok")
-for attempt in ("boftlab.SaveAdapterCallback", "import boftlab.teaching"):
+for attempt in ("boftlab.SaveAdapterCallback", "import boftlab.teaching", "import boftlab.reproduce"):
     try:
         exec(attempt)
     except ImportError as err:
@@ -122,14 +122,14 @@ def optional_import_names() -> set[str]:
 
 def test_the_core_dependencies_run_the_library_and_the_rest_asks_for_the_notebooks_extra():
     blocked = sorted(optional_import_names())
-    assert {"matplotlib", "transformers", "sklearn", "peft"} <= set(blocked)
+    assert {"matplotlib", "transformers", "sklearn", "peft", "tqdm"} <= set(blocked)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-c", CORE_ONLY.format(blocked=blocked)], capture_output=True, text=True,
                             cwd=ROOT, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert {f"{family} ok" for family in boftlab.FAMILIES} <= set(lines)  # every family, on the core install
-    for attempt in ("boftlab.SaveAdapterCallback", "import boftlab.teaching"):
+    for attempt in ("boftlab.SaveAdapterCallback", "import boftlab.teaching", "import boftlab.reproduce"):
         message = next(line for line in lines if line.startswith(attempt + " ->"))
         assert 'pip install "boftlab[notebooks]"' in message
 

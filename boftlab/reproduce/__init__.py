@@ -8,7 +8,14 @@ Each domain module defines its ci and colab tasks and methods and one ``DOMAIN``
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+
+if importlib.util.find_spec("tqdm") is None:
+    raise ImportError(
+        "boftlab.reproduce shows its training progress with tqdm, which is not installed (nor are the models' "
+        'libraries, likely); install the notebooks extra: pip install "boftlab[notebooks]"'
+    )
 
 from ..profiles import PROFILES
 from . import diffusion, llm, vit

@@ -21,10 +21,11 @@ import importlib
 import importlib.util
 from typing import Any
 
-if importlib.util.find_spec("matplotlib") is None:
+_MISSING = [name for name in ("matplotlib", "tqdm") if importlib.util.find_spec(name) is None]
+if _MISSING:
     raise ImportError(
-        "boftlab.teaching draws with matplotlib, which is not installed; install the notebooks extra: "
-        'pip install "boftlab[notebooks]"'
+        f"boftlab.teaching draws with matplotlib and shows progress with tqdm; {' and '.join(_MISSING)} not "
+        'installed. Install the notebooks extra: pip install "boftlab[notebooks]"'
     )
 
 MODULES = ("primer", "butterfly", "expressivity", "live", "surm", "tensor_core", "widgets", "exercises", "solutions")
