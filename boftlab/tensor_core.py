@@ -16,10 +16,10 @@ A frozen weight W keeps its own N-dimensional shape (d₁ × ⋯ × d_N, PyTorch
 * LoRA on a conv flattens W to out × (in/groups·kh·kw) and factorises that matrix: the kh×kw neighbourhood of a
   kernel becomes unrelated columns. Here every mode keeps its own factor, so the kernel's spatial modes share one
   small spatial basis across all channels (the paper's point: the change keeps the weight's topology).
-* Parameters (stored, and the effective count, ``AdapterLayer.n_effective``): Π r_n + Σ d_n·r_n. The dimension of the
-  set of updates is smaller — that of the Tucker tensors of multilinear rank r, stored minus the GL(r_n) gauge
-  G ×_n M⁻¹, U_n M: Π r_n + Σ r_n(d_n − r_n) (``tucker_dimension``) — as LoRA's r(d + n) has an r² gauge; counts
-  subtract neither, so they compare across methods.
+* Parameters (stored, and the effective count, ``AdapterLayer.n_effective``): Π r_n + Σ d_n·r_n. The dimension of
+  the set of updates is smaller — that of the Tucker tensors of multilinear rank r, stored minus the GL(r_n) gauge
+  G ×_n M⁻¹, U_n M: Π r_n + Σ r_n(d_n − r_n) (``tucker_dimension``) — as LoRA's r(d + n) has an r² gauge;
+  counts subtract neither, so they compare across methods.
 
 Initialisation (ΔW = 0 at step 0, non-zero gradients). The core starts at zero and every factor with random
 orthonormal columns. ∂L/∂G = α · ∂L/∂W ×₁ U₁ᵀ ⋯ ×_N U_Nᵀ is the weight gradient projected onto the factors'

@@ -207,8 +207,8 @@ def test_numpy_integers_count_like_ints():
                                        lambda: nn.Conv2d(8, 16, 3), lambda: nn.Conv2d(16, 8, 1)],
                          ids=["linear 64->32", "linear 32->64", "conv 8->16 3x3", "conv 16->8 1x1"])
 def test_layer_count_is_what_summary_calls_effective(family, make_base):
-    """For each example config of each family: ``layer_count`` (convention "effective") equals ``summary(...).effective``
-    of a model holding that one adapted layer — or both refuse the shape."""
+    """For each example config of each family: ``layer_count`` (convention "effective") equals
+    ``summary(...).effective`` of a model holding that one adapted layer — or both refuse the shape."""
     from boftlab import summary
 
     for config in counts.FAMILIES[family].example_configs():
