@@ -41,14 +41,13 @@ itself recomputes it when loading.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,34 +65,6 @@ PEFT_PREFIX = "base_model.model."
 #: from the first, up to but excluding the second
 PEFT_VERSIONS = ("0.21.0", "0.22.0")
 PEFT_WEIGHTS_NAME, PEFT_CONFIG_NAME = "adapter_model.safetensors", "adapter_config.json"
-
-
-@contextlib.contextmanager
-def peft_boft_without_cuda() -> Iterator[None]:
-    """Let PEFT's BOFT run m > 1 factors on a machine without its CUDA extension.
-
-    PEFT silently falls back to one factor when ``fbd_cuda`` does not build (any CPU machine); inside this
-    context its block-diagonal assembly is done by ``torch.block_diag`` instead, so PEFT computes the real BOFT.
-    """
-
-    def block_diagonal(blocks: torch.Tensor) -> torch.Tensor:  # (m, k, b, b) -> (m, k·b, k·b)
-        return torch.stack([torch.block_diag(*factor) for factor in blocks])
-
-    from peft.tuners.boft import layer
-
-    block_diag_class = layer.FastBlockDiag
-    get_fbd_cuda = layer.get_fbd_cuda
-    own_apply = block_diag_class.__dict__.get("apply")  # None: ``apply`` is inherited from autograd.Function
-    layer.get_fbd_cuda = lambda: True
-    block_diag_class.apply = staticmethod(block_diagonal)
-    try:
-        yield
-    finally:
-        layer.get_fbd_cuda = get_fbd_cuda
-        if own_apply is None:
-            del block_diag_class.apply
-        else:
-            block_diag_class.apply = own_apply
 
 
 CONV_OFT_REFUSAL = (

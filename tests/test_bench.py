@@ -4,7 +4,8 @@ round-robin timing interleaves methods, its CPU memory peak counts live tensor b
 import pytest
 import torch
 
-from boftlab.bench import goals_table, markdown_table, peak_memory_mib, read_results, round_robin
+from boftlab.bench import peak_memory_mib, read_results, round_robin
+from boftlab.report import goals_table, markdown_table
 
 
 def test_read_results_inverts_markdown_table(tmp_path):

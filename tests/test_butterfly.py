@@ -9,7 +9,7 @@ from torch import nn
 from boftlab import BOFTConfig, OFTConfig
 from boftlab.butterfly import FACTOR_COST, PRODUCT_COST, cayley, skew_entries, skew_symmetric
 from boftlab.butterfly_structure import butterfly_permutation, valid_block_sizes, valid_n_factors
-from boftlab.peft_interop import peft_boft_without_cuda
+from boftlab.bench.peft_patch import peft_boft_without_cuda
 
 SHAPES = [(16, 2, 1), (16, 2, 4), (16, 4, 3), (24, 4, 2), (12, 3, 1), (32, 8, 3), (64, 8, 4), (48, 6, 2)]
 

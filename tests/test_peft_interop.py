@@ -10,7 +10,7 @@ from torch import nn
 
 import boftlab
 from boftlab import BOFTConfig, OFTConfig
-from boftlab.peft_interop import peft_boft_without_cuda
+from boftlab.bench.peft_patch import peft_boft_without_cuda
 
 
 class Net(nn.Module):

@@ -4,18 +4,16 @@ Every suite builds all its methods in one process and times them round-robin (``
 every method once, so a load change on a shared machine hits all of them alike), reports medians and ratios to
 references measured in the same run (PEFT LoRA, PEFT OFT, PEFT BOFT, ...), and the peak memory of one step
 (``peak_memory_mib``; ``MEMORY_METHOD`` says how it is measured). Suites live in this package, one module each, and
-register themselves in ``SUITES``.
+register themselves in ``SUITES``; their tables, goal verdicts and ratios come from ``boftlab.report``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import platform
 import statistics
 import time
 from dataclasses import dataclass
-from datetime import date
 from pathlib import Path
 from typing import Callable
 
@@ -188,54 +186,11 @@ def with_peft(config_name: str, module: nn.Module, targets: list[str] | None = N
     return peft.inject_adapter_in_model(getattr(peft, config_name)(target_modules=targets, **options), module)
 
 
-def cpu_name() -> str:
-    """The CPU's model name (Linux: /proc/cpuinfo), else what ``platform`` knows."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def machine() -> str:
-    """Where a table was measured: device name, thread count, torch version, date."""
-    if torch.cuda.is_available():
-        device = torch.cuda.get_device_name()
-    else:
-        device = f"CPU {cpu_name()} ({os.cpu_count()} cores), {torch.get_num_threads()} threads"
-    return f"{device}; torch {torch.__version__}; {date.today().isoformat()}"
-
-
 def load_average() -> str:
     """The 1, 5 and 15 minute load averages (Unix), for judging how busy a shared machine was."""
     with contextlib.suppress(OSError, AttributeError):
         return ", ".join(f"{v:.2f}" for v in os.getloadavg()) + f" (1, 5, 15 min; {os.cpu_count()} cores)"
     return "not available"
-
-
-def goals_table(goals: list[tuple[str, float | None, str, float]]) -> str:
-    """(goal, measured, "≤" or "≥", bound) rows -> a markdown table saying whether each is met, and by how much
-    each miss misses (measured ÷ bound)."""
-    rows = []
-    for goal, measured, sense, bound in goals:
-        if measured is None:
-            rows.append([goal, None, f"{sense} {bound:g}", "not measured"])
-            continue
-        met = measured <= bound if sense == "≤" else measured >= bound
-        miss = measured / bound if sense == "≤" else bound / measured
-        rows.append([goal, measured, f"{sense} {bound:g}", "met" if met else f"missed by {100 * (miss - 1):.0f} %"])
-    return markdown_table(["goal", "measured", "target", "result"], rows)
-
-
-def markdown_table(header: list[str], rows: list[list[object]]) -> str:
-    def cell(v: object) -> str:
-        if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
-        return "–" if v is None else str(v)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 @dataclass
@@ -250,7 +205,8 @@ class ResultTable:
 
 
 def read_results(path: str | Path) -> list[ResultTable]:
-    """The tables of a report written by ``python -m boftlab.bench ... --out path`` (inverse of ``markdown_table``)."""
+    """The tables of a report written by ``python -m boftlab.bench ... --out path`` (inverse of
+    ``report.markdown_table``)."""
 
     def value(cell: str) -> object:
         if cell == "–":

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from .. import bench
-from . import SUITES, load_average, machine
+from . import SUITES, load_average
+from ..report import machine
 
 
 def main(argv: list[str] | None = None) -> None:

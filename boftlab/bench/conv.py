@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import MEMORY_METHOD, fwd_bwd, machine, markdown_table, measure_methods, suite, with_peft
+from . import MEMORY_METHOD, fwd_bwd, measure_methods, suite, with_peft
+from ..report import machine, markdown_table
 from ..tensor_core import TensorCoreConfig, orthonormal_columns, resolve_ranks, mode_names, tucker_delta
 
 RANK = 8

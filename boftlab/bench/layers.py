@@ -7,7 +7,7 @@ built in one process and timed round-robin (``round_robin``). PEFT's BOFT multip
 picks, shown in brackets.
 
 On CPU PEFT's BOFT silently drops to one factor (its ``fbd_cuda`` extension cannot build), so m > 1 is timed with
-``boftlab.peft_interop.peft_boft_without_cuda`` (block-diagonal assembly by ``torch.block_diag``) and labelled so.
+``boftlab.bench.peft_patch.peft_boft_without_cuda`` (block-diagonal assembly by ``torch.block_diag``) and labelled so.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from . import (MEMORY_METHOD, Timing, fwd_bwd, goals_table, markdown_table, measure_methods, round_robin, suite,
-               with_peft)
+from . import MEMORY_METHOD, Timing, fwd_bwd, measure_methods, round_robin, suite, with_peft
 from ..butterfly import BOFTConfig, BOFTLayer, OFTConfig
 from ..butterfly_structure import butterfly_apply, butterfly_apply_reshaped, gather_schedule
-from ..kernels import butterfly_apply_fused
+from ..kernels import butterfly_apply_fused, triton_available
+from ..report import goals_table, markdown_table, ratio
 
 BLOCK_SIZE = 8
 LORA_RANK = 8
@@ -38,7 +38,7 @@ def peft_boft_context(device: torch.device) -> Iterator[str]:
     if device.type == "cuda" and layer.get_fbd_cuda() is not None:
         yield "fbd_cuda"
         return
-    from ..peft_interop import peft_boft_without_cuda
+    from .peft_patch import peft_boft_without_cuda
 
     with peft_boft_without_cuda():
         yield "block_diag patch"
@@ -83,7 +83,7 @@ def method_list(names: list[str], factors: tuple[int, ...] = (2,),
             methods.append(LayerMethod(name, f"boftlab OFT b={BLOCK_SIZE}", OFTConfig(block_size=BLOCK_SIZE).make_layer))
         elif name in ("boft", "boft_fused"):
             fused = name == "boft_fused"
-            if fused and not (device is not None and device.type == "cuda" and _triton_available()):
+            if fused and not (device is not None and device.type == "cuda" and triton_available()):
                 continue
             for m in factors:
                 label = f"boftlab BOFT m={m} b={BLOCK_SIZE}" + (" (fused kernel)" if fused else "")
@@ -107,14 +107,6 @@ def method_list(names: list[str], factors: tuple[int, ...] = (2,),
 
 
 METHODS = ("frozen", "lora", "peft_oft", "peft_boft", "oft", "boft", "boft_fused", "surm", "tensor_core")
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def chosen_path(module: nn.Module, x: torch.Tensor) -> str:
@@ -171,14 +163,10 @@ def layer_rows(dims: list[int], tokens_list: list[int], methods: list[LayerMetho
             for m in measured:
                 t = m.timing
                 results[(dim, tokens, m.key)] = t
-                rows.append([dim, tokens, m.label, t.ms, _ratio(t.ms, lora and lora.ms),
-                             _ratio(t.ms, peft_oft and peft_oft.ms), _ratio(peft_boft and peft_boft.ms, t.ms),
-                             t.peak_mib, _ratio(t.peak_mib, lora and lora.peak_mib)])
+                rows.append([dim, tokens, m.label, t.ms, ratio(t.ms, lora and lora.ms),
+                             ratio(t.ms, peft_oft and peft_oft.ms), ratio(peft_boft and peft_boft.ms, t.ms),
+                             t.peak_mib, ratio(t.peak_mib, lora and lora.peak_mib)])
     return rows, results
-
-
-def _ratio(numerator: float | None, denominator: float | None) -> float | None:
-    return None if not numerator or not denominator else numerator / denominator
 
 
 def _setting(device: torch.device) -> tuple[torch.dtype, str]:
@@ -192,7 +180,7 @@ def layer_goals(results: dict[tuple[int, int, str], Timing], dims: list[int], to
         mine, theirs = results.get((dim, tokens, key)), results.get((dim, tokens, reference))
         if mine is None or theirs is None:
             return None
-        return _ratio(mine.peak_mib, theirs.peak_mib) if memory else mine.ms / theirs.ms
+        return ratio(mine.peak_mib, theirs.peak_mib) if memory else mine.ms / theirs.ms
 
     goals = []
     for dim in dims:
@@ -237,7 +225,7 @@ def layers(argv: list[str]) -> str:
     rows, results = layer_rows(dims, tokens_list, methods, device, dtype)
     parts = [" ".join(notes), markdown_table(HEADER, rows),
              layer_goals(results, [d for d in dims if (d, 512, "lora") in results], 512)]
-    if device.type == "cuda" and _triton_available():
+    if device.type == "cuda" and triton_available():
         parts += ["BOFT's rotation alone, forward, bf16 activations (tokens × d), b=8: the fused kernel, the PyTorch "
                   "factored form and the assembled form:", kernel_bandwidth(dims, tokens_list)]
     return "\n\n".join(p for p in parts if p)

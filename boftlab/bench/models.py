@@ -17,10 +17,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import MEMORY_METHOD, Timing, goals_table, markdown_table, measure_methods, suite, with_peft
+from . import MEMORY_METHOD, Timing, measure_methods, suite, with_peft
 from .. import model as boftlab_model
 from ..butterfly import BOFTConfig, OFTConfig
-from .layers import BLOCK_SIZE, LORA_RANK, _ratio, _triton_available, kernel_bandwidth, peft_boft_context
+from ..kernels import triton_available
+from ..report import goals_table, markdown_table, ratio
+from .layers import BLOCK_SIZE, LORA_RANK, kernel_bandwidth, peft_boft_context
 
 MINILM_TARGETS = ["query", "key", "value", "dense"]  # attention q/k/v/output and both MLP layers
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -54,7 +56,7 @@ def adapters(device: torch.device) -> list[Adapter]:
         Adapter("boft-m2", f"boftlab BOFT m=2 b={BLOCK_SIZE}",
                 _boftlab(BOFTConfig(block_size=BLOCK_SIZE, n_factors=2, kernel="torch"))),
     ]
-    if device.type == "cuda" and _triton_available():
+    if device.type == "cuda" and triton_available():
         found.append(Adapter("boft_fused-m2", f"boftlab BOFT m=2 b={BLOCK_SIZE} (fused kernel)",
                              _boftlab(BOFTConfig(block_size=BLOCK_SIZE, n_factors=2))))
     with contextlib.suppress(ImportError):
@@ -90,8 +92,8 @@ def model_rows(build: Callable[[], nn.Module], loss: Callable[[nn.Module], torch
         torch.cuda.empty_cache()
     by_key = {keys[label]: t for label, t in timings.items()}
     lora, peft_oft, peft_boft = by_key.get("lora"), by_key.get("peft_oft"), by_key.get("peft_boft")
-    rows = [[label, trainable[label], t.ms, _ratio(t.ms, lora and lora.ms), _ratio(t.ms, peft_oft and peft_oft.ms),
-             _ratio(peft_boft and peft_boft.ms, t.ms), t.peak_mib, _ratio(t.peak_mib, lora and lora.peak_mib)]
+    rows = [[label, trainable[label], t.ms, ratio(t.ms, lora and lora.ms), ratio(t.ms, peft_oft and peft_oft.ms),
+             ratio(peft_boft and peft_boft.ms, t.ms), t.peak_mib, ratio(t.peak_mib, lora and lora.peak_mib)]
             for label, t in timings.items()]
     return rows, by_key
 
@@ -168,7 +170,7 @@ def models(argv: list[str]) -> str:
         parts += [f"Llama-config 1.1B (hidden 2048, MLP 5632, 22 layers; random weights), bf16, batch {batch} × {seq} "
                   f"tokens, adapters on {LLAMA_TARGETS}:",
                   markdown_table(HEADER, model_rows(build, loss, LLAMA_TARGETS, device)[0])]
-        if _triton_available():
+        if triton_available():
             parts += ["BOFT's rotation alone at the Llama layer widths (forward, bf16):",
                       kernel_bandwidth([2048, 5632], [batch * seq], factors=(2,))]
     else:
@@ -196,7 +198,7 @@ def llama_suite(argv: list[str]) -> str:
             mine, theirs = by_key.get(key), by_key.get(reference)
             if mine is None or theirs is None:
                 return None
-            return _ratio(mine.peak_mib, theirs.peak_mib) if memory else mine.ms / theirs.ms
+            return ratio(mine.peak_mib, theirs.peak_mib) if memory else mine.ms / theirs.ms
 
         goals += [(f"{name}: BOFT m=2 ÷ PEFT LoRA (time)", ratio("boft-m2", "lora"), "≤", 1.15),
                   (f"{name}: boftlab OFT ÷ PEFT OFT (time)", ratio("oft", "peft_oft"), "≤", 1.0),

@@ -23,7 +23,7 @@ import torch
 from .switch import KERNEL_ENV, KERNELS, FusedKernelError, kernel_in_force
 
 __all__ = ["KERNELS", "KERNEL_ENV", "FusedKernelError", "kernel_in_force", "fused_available", "fused_supported",
-           "butterfly_apply_fused"]
+           "butterfly_apply_fused", "triton_available"]
 
 
 def fused_available(device: torch.device, dim: int, block_size: int, n_factors: int, dtype: torch.dtype) -> bool:
@@ -49,3 +49,12 @@ def butterfly_apply_fused(x: torch.Tensor, blocks: torch.Tensor, transpose: bool
     from .butterfly_triton import butterfly_apply_fused as apply
 
     return apply(x, blocks, transpose)
+
+
+def triton_available() -> bool:
+    """Whether Triton imports here (it is imported to find out: ask only where a fused kernel may run). O(import)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -332,7 +332,7 @@ def plot_samples(rows: dict[str, torch.Tensor], per_row: int = 16):
 def diversity_table(runs: list[Run]) -> str:
     """Markdown: per method, what its final samples were labelled — the target-digit rate, the coverage, their
     product (the table's metric) and how many samples got each label 0–9."""
-    from boftlab.bench import markdown_table
+    from ..report import markdown_table
 
     done = [r for r in runs if not r.skipped and "labels" in r.extra]
     header = ["method", "target-digit rate", "coverage", "rate × coverage", *(f"# {d}" for d in range(10))]

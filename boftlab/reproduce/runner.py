@@ -555,7 +555,7 @@ def run_methods(task: Task, methods: list[Method], progress: bool = True) -> lis
 # --- reporting --------------------------------------------------------------------------------------------------------
 def results_table(runs: list[Run], metric: str) -> str:
     """Markdown table: method, trainable parameters, the metric before → after, ms per step, peak memory."""
-    from boftlab.bench import markdown_table
+    from ..report import markdown_table
 
     header = ["method", "trainable params", "of which method", f"{metric} before", f"{metric} after",
               "ms / step", "peak memory (MiB)"]
@@ -722,7 +722,7 @@ def check_output_dir(out: Path) -> None:
 
 def write_results(reports: list[Report], out: Path, profile: str, command: str) -> Path:
     """Write ``out/results.md`` and every report's figures as ``out/<stem>.png``; return the markdown's path."""
-    from boftlab.bench import machine
+    from ..report import machine
 
     out.mkdir(parents=True, exist_ok=True)
     parts = [
@@ -747,7 +747,7 @@ def seed_table(runs_by_seed: dict[int, list[Run]], metric: str, higher_is_better
     mean first, then one sentence naming the neighbours in that order whose means differ by less than the larger of
     their two standard deviations — rankings the seeds cannot tell apart. ``runs_by_seed``: seed -> the runs of the
     same methods in the same order (``run_methods``)."""
-    from boftlab.bench import markdown_table
+    from ..report import markdown_table
 
     seeds = sorted(runs_by_seed)
     if len(seeds) < 2:

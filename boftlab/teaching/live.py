@@ -226,7 +226,7 @@ class Leaderboard:
     def markdown(self, baselines: list[TuneRun] = ()) -> str:
         """The ranked runs as a markdown table, then the baselines' rows for reference (their seconds are not
         shown: they were measured when the file was written, on whatever machine that was)."""
-        from ..bench import markdown_table
+        from ..report import markdown_table
 
         header = ["rank", "run", "lr", "steps", "params", "final accuracy", "best accuracy", "seconds"]
         rows = [[i, r.name, f"{r.lr:.1e}", r.steps, f"{r.params:,}", f"{r.final:.3f}", f"{max(r.accuracies):.3f}",
