@@ -28,6 +28,7 @@ a layer's type derives from, so ``import boftlab`` stays light and works where n
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -156,6 +157,21 @@ def weight_shape(layer: nn.Module) -> tuple[int, ...]:
     if isinstance(layer, nn.Linear):
         return (layer.out_features, layer.in_features)
     return tuple(layer.weight.shape)
+
+
+def conv_output_size(conv: nn.Module, spatial: Sequence[int]) -> tuple[int, ...]:
+    """The spatial size of ``conv``'s output for an input of spatial size ``spatial`` (Conv1d/2d/3d). O(1).
+
+    padding="same" keeps the size (PyTorch allows it only with stride 1), "valid" is no padding; numbers follow
+    ⌊(size + 2·pad − dilation·(k − 1) − 1) / stride⌋ + 1 per spatial mode.
+    """
+    if conv.padding == "same":
+        return tuple(spatial)
+    pad = (0,) * len(spatial) if conv.padding == "valid" else conv.padding
+    return tuple(
+        (size + 2 * p - d * (k - 1) - 1) // s + 1
+        for size, p, d, k, s in zip(spatial, pad, conv.dilation, conv.kernel_size, conv.stride)
+    )
 
 
 def weight(layer: nn.Module) -> torch.Tensor:
@@ -390,3 +406,43 @@ def keep_unpacked(model: nn.Module) -> nn.Module:
     for layer in four_bit:
         layer.support_avx512bf16_for_cpu = False
     return model
+
+
+# --- what the base op costs, for the families that add beside it (SURM, the tensor core) ---------------------------
+# SURM and the tensor core add their product beside the base layer's own, or run the base op once with W + ΔW. Their
+# cost models need, per kind, how many vectors the base op reads and writes, what that op costs, and how the weight's
+# modes are named; these answer it, so that the families' methods hold no branch on the kind for it.
+def mode_names(layer: nn.Module) -> tuple[str, ...]:
+    """Names of ``weight_shape``'s modes, for messages: (out_features, in_features) for a linear layer,
+    (num_embeddings, embedding_dim) for an Embedding, (out_channels, in_channels/groups, kernel sizes…) for a conv."""
+    layer_kind = kind(layer)
+    if layer_kind == "embedding":
+        return ("num_embeddings", "embedding_dim")
+    if layer_kind == "conv":
+        spatial = {1: ("kernel_size",), 2: ("kernel_h", "kernel_w"), 3: ("kernel_d", "kernel_h", "kernel_w")}
+        return ("out_channels", "in_channels/groups") + spatial[len(layer.kernel_size)]
+    return ("out_features", "in_features")
+
+
+def vectors(layer: nn.Module, x_shape: Sequence[int]) -> tuple[int, int]:
+    """(n_in, n_out): how many vectors one call on an input of ``x_shape`` reads and writes — the rows of a linear
+    layer (both), a conv's input and output positions over the batch (Conv1d/2d/3d, batched or not), an Embedding's
+    looked-up ids (both). O(1)."""
+    layer_kind = kind(layer)
+    if layer_kind == "embedding":
+        return math.prod(x_shape), math.prod(x_shape)
+    if layer_kind == "conv":
+        n_spatial = len(layer.kernel_size)
+        batch, spatial = math.prod(x_shape[: -n_spatial - 1]), x_shape[-n_spatial:]
+        return batch * math.prod(spatial), batch * math.prod(conv_output_size(layer, spatial))
+    rows = math.prod(x_shape) // weight_shape(layer)[1]
+    return rows, rows
+
+
+def base_cost(layer: nn.Module, x_shape: Sequence[int]) -> int:
+    """Multiply-adds of one call of the base op on an input of ``x_shape``: each output vector costs the whole weight,
+    n_out · Π weight_shape (rows · out · in; a conv's positions · out · in/groups · Π k); 0 for an Embedding, which
+    only looks rows up. O(1)."""
+    if kind(layer) == "embedding":
+        return 0
+    return vectors(layer, x_shape)[1] * math.prod(weight_shape(layer))

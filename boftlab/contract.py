@@ -57,8 +57,9 @@ import torch
 from torch import nn
 
 from . import base_layers
-from .base_layers import (
-    check_input_dtype, check_plain_weight, check_readable, check_unpacked, is_repacked, keep_unpacked, kind, type_name,
+from .base_layers import (  # conv_output_size: families import it from here too
+    check_input_dtype, check_plain_weight, check_readable, check_unpacked, conv_output_size, is_repacked,  # noqa: F401
+    keep_unpacked, kind, type_name,
 )
 
 #: family name -> config class; filled by ``AdapterConfig.__init_subclass__``.
@@ -148,21 +149,6 @@ def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
     """A context in which autocast is off on ``device`` — for the small products families keep in their own precision
     under AMP. The meta device has no autocast (a layer on it computes shapes only), so nothing there."""
     return contextlib.nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
-
-
-def conv_output_size(conv: nn.Module, spatial: Sequence[int]) -> tuple[int, ...]:
-    """The spatial size of ``conv``'s output for an input of spatial size ``spatial`` (Conv1d/2d/3d). O(1).
-
-    padding="same" keeps the size (PyTorch allows it only with stride 1), "valid" is no padding; numbers follow
-    ⌊(size + 2·pad − dilation·(k − 1) − 1) / stride⌋ + 1 per spatial mode.
-    """
-    if conv.padding == "same":
-        return tuple(spatial)
-    pad = (0,) * len(spatial) if conv.padding == "valid" else conv.padding
-    return tuple(
-        (size + 2 * p - d * (k - 1) - 1) // s + 1
-        for size, p, d, k, s in zip(spatial, pad, conv.dilation, conv.kernel_size, conv.stride)
-    )
 
 
 @dataclasses.dataclass

@@ -65,7 +65,7 @@ from torch import nn
 
 from . import base_layers
 from .base_layers import CONVOLUTIONS, Conv1D
-from .contract import AdapterConfig, AdapterLayer, check_integer, check_number, conv_output_size, merge_dtype, nearest
+from .contract import AdapterConfig, AdapterLayer, check_integer, check_number, merge_dtype, nearest
 
 STRUCTURES = ("circulant", "toeplitz", "kronecker", "ldr")
 MODES = ("lora", "adapter")
@@ -552,14 +552,11 @@ class SURMLayer(AdapterLayer):
         products (``StructuredMatrix.product_cost`` per row), A forming S (``dense_cost``). Linear ("input"):
         C₀ + P, training (1 + g)·C₀ + 3P; conv ("weight"): C₀ + A, training (2 + g)·C₀ + 3A (g = 1 when the input
         needs a gradient)."""
-        base, shape, g = self.base_layer, base_layers.weight_shape(self.base_layer), int(input_requires_grad)
-        if base_layers.is_linear(base):
-            rows = math.prod(x_shape) // shape[1]
-            base_cost, products = rows * math.prod(shape), rows * self.matrix.product_cost()
+        base_cost, g = base_layers.base_cost(self.base_layer, x_shape), int(input_requires_grad)
+        if self.paths() == ("input",):  # S applied to each of the rows the Linear reads
+            products = base_layers.vectors(self.base_layer, x_shape)[0] * self.matrix.product_cost()
             return {"input": (1 + g) * base_cost + 3 * products if training else base_cost + products}
-        spatial = x_shape[-len(base.kernel_size):]
-        positions = math.prod(x_shape[:-len(base.kernel_size) - 1]) * math.prod(conv_output_size(base, spatial))
-        base_cost, assembly = positions * math.prod(shape), self.matrix.dense_cost()
+        assembly = self.matrix.dense_cost()
         return {"weight": (2 + g) * base_cost + 3 * assembly if training else base_cost + assembly}
 
     def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -605,9 +602,8 @@ class SURMAdapterLayer(AdapterLayer):
     def path_costs(self, x_shape: Sequence[int], training: bool, input_requires_grad: bool) -> dict[str, int]:
         """Multiply-adds of one call: the base product C₀ and the structured products P on its output rows;
         training (1 + g)·C₀ + 3P (g = 1 when the input needs a gradient), else C₀ + P."""
-        shape = base_layers.weight_shape(self.base_layer)
-        rows = math.prod(x_shape) // shape[1]
-        base_cost, products = rows * math.prod(shape), rows * self.matrix.product_cost()
+        base_cost = base_layers.base_cost(self.base_layer, x_shape)
+        products = base_layers.vectors(self.base_layer, x_shape)[1] * self.matrix.product_cost()  # on h's rows
         g = int(input_requires_grad)
         return {"input": (1 + g) * base_cost + 3 * products if training else base_cost + products}
 

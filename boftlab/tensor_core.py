@@ -62,7 +62,7 @@ from torch import nn
 
 from . import base_layers
 from .base_layers import Conv1D
-from .contract import AdapterConfig, AdapterLayer, autocast_off, check_number, conv_output_size
+from .contract import AdapterConfig, AdapterLayer, autocast_off, check_number
 
 _CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -114,16 +114,6 @@ def tucker_dimension(shape: Sequence[int], ranks: Sequence[int]) -> int:
             if reach[n] > cap:
                 reach[n], changed = cap, True
     return math.prod(reach) + sum(r * (d - r) for d, r in zip(shape, reach))
-
-
-def mode_names(layer: nn.Module) -> tuple[str, ...]:
-    """Names of the stored weight's modes, for messages: e.g. Conv2d -> (out_channels, in_channels/groups, …)."""
-    if base_layers.is_linear(layer):
-        return ("out_features", "in_features")
-    if isinstance(layer, nn.Embedding):
-        return ("num_embeddings", "embedding_dim")
-    spatial = {1: ("kernel_size",), 2: ("kernel_h", "kernel_w"), 3: ("kernel_d", "kernel_h", "kernel_w")}
-    return ("out_channels", "in_channels/groups") + spatial[len(layer.kernel_size)]
 
 
 def resolve_ranks(shape: Sequence[int], ranks: int | Sequence[int], names: Sequence[str], what: str) -> tuple[int, ...]:
@@ -216,7 +206,7 @@ class TensorCoreLayer(AdapterLayer):
     def __init__(self, base_layer: nn.Module, config: TensorCoreConfig) -> None:
         super().__init__(base_layer, config)
         self.weight_shape = base_layers.weight_shape(base_layer)
-        self.mode_names = mode_names(base_layer)
+        self.mode_names = base_layers.mode_names(base_layer)
         self.ranks = resolve_ranks(self.weight_shape, config.ranks, self.mode_names, type(base_layer).__name__)
         self.check_forced_path({
             "input": "cannot reproduce an Embedding with max_norm (it renormalises rows of W + ΔW, not of W and ΔW "
@@ -253,9 +243,9 @@ class TensorCoreLayer(AdapterLayer):
     def paths(self) -> tuple[str, ...]:
         """Both paths, except for an Embedding with max_norm (it renormalises rows of W + ΔW as one) and a quantized
         layer (its packed weight cannot take ΔW: only the base call plus the chain)."""
-        if isinstance(self.base_layer, nn.Embedding) and self.base_layer.max_norm is not None:
+        if base_layers.renormalises_in_place(self.base_layer):
             return ("weight",)
-        if base_layers.kind(self.base_layer) == "quantized":
+        if self.quantized_base:
             return ("input",)
         return ("input", "weight")
 
@@ -271,26 +261,18 @@ class TensorCoreLayer(AdapterLayer):
         base, (out, fan) = self.base_layer, self.weight_shape[:2]
         r_out, r_in = self.ranks[:2]
         assembly = tucker_flops(self.weight_shape, self.ranks)
-        if isinstance(base, nn.Embedding):
-            lookups = math.prod(x_shape)
-            base_cost = 0
-            chain = lookups * (r_out * r_in + r_in * fan)
+        base_cost, (n_in, n_out) = base_layers.base_cost(base, x_shape), base_layers.vectors(base, x_shape)
+        if isinstance(base, nn.Embedding):  # n_in = n_out = the looked-up ids
+            chain = n_out * (r_out * r_in + r_in * fan)
             if training:  # the weight path also scatters the rows' gradient into ∂L/∂W'
-                costs = {"input": 3 * chain, "weight": 3 * assembly + lookups * fan}
+                costs = {"input": 3 * chain, "weight": 3 * assembly + n_out * fan}
             else:
                 costs = {"input": chain, "weight": assembly}
             return {path: costs[path] for path in self.paths()}
-        if base_layers.is_linear(base):
-            rows = math.prod(x_shape) // fan
-            base_cost = rows * out * fan
-            chain = rows * (fan * r_in + r_in * r_out + r_out * out)
-        else:
-            batch, spatial = math.prod(x_shape[:-len(base.kernel_size) - 1]), x_shape[-len(base.kernel_size) :]
-            n_in, n_out = batch * math.prod(spatial), batch * math.prod(conv_output_size(base, spatial))
-            kernel, groups = math.prod(base.kernel_size), base.groups
-            base_cost = n_out * out * fan * kernel
-            # project in (= groups·fan) channels to groups·r_in, the small grouped conv, expand to out channels
-            chain = n_in * groups * fan * r_in + n_out * groups * r_out * r_in * kernel + n_out * out * r_out
+        # project the in (= groups·fan) channels to groups·r_in, the small grouped conv with the core's k… kernel,
+        # expand to out channels; a linear layer is the case groups = 1, no kernel modes, n_in = n_out = its rows
+        kernel, groups = math.prod(self.weight_shape[2:]), getattr(base, "groups", 1)
+        chain = n_in * groups * fan * r_in + n_out * groups * r_out * r_in * kernel + n_out * out * r_out
         if training:
             g = int(input_requires_grad)
             costs = {"input": (1 + g) * base_cost + 3 * chain, "weight": (2 + g) * base_cost + 3 * assembly}

@@ -558,3 +558,43 @@ def test_float64_into_a_4bit_kernel_is_refused():
     layer.compute_dtype = torch.float32  # as bnb_4bit_compute_dtype sets it: the kernel sees float32
     torch.testing.assert_close(adapter(x), nn.functional.linear(x.float(), base_layers.dequantized_weight(layer),
                                                                 layer.bias).double())
+
+
+# --- what the base op costs (the additive families' cost models) -------------------------------------------------------
+COSTED = {
+    "linear": (lambda: nn.Linear(6, 4), (2, 3, 6)),
+    "conv1d_transformers": (lambda: TransformersConv1D(4, 6), (2, 3, 6)),
+    "conv1d": (lambda: nn.Conv1d(4, 6, 3, stride=2), (2, 4, 11)),
+    "conv2d grouped, padded": (lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2), (2, 4, 5, 7)),
+    "conv2d unbatched, dilated": (lambda: nn.Conv2d(3, 4, 2, dilation=2), (3, 6, 6)),
+    "conv3d same": (lambda: nn.Conv3d(2, 3, 3, padding="same"), (1, 2, 4, 4, 4)),
+    "embedding": (lambda: nn.Embedding(7, 5), (2, 3)),
+}
+
+
+@pytest.mark.parametrize("name", COSTED)
+def test_base_cost_is_what_torch_counts_and_vectors_are_the_output_rows(name):
+    """``base_cost`` equals torch's own FLOP counter (multiply-adds = FLOPs / 2) for one call; ``vectors``' n_out is the
+    number of output vectors (output numel / out) and n_in the input's (input numel / its channels)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    make, x_shape = COSTED[name]
+    layer = make()
+    x = torch.randint(0, 7, x_shape) if name == "embedding" else torch.randn(x_shape)
+    with FlopCounterMode(display=False) as counter:
+        y = layer(x)
+    assert base_layers.base_cost(layer, x_shape) == counter.get_total_flops() // 2
+    n_in, n_out = base_layers.vectors(layer, x_shape)
+    if name == "embedding":  # one row read and written per id
+        assert (n_in, n_out) == (x.numel(), x.numel())
+    else:
+        in_channels = x_shape[-1] if base_layers.is_linear(layer) else x_shape[-len(layer.kernel_size) - 1]
+        assert (n_in, n_out) == (x.numel() // in_channels, y.numel() // base_layers.weight_shape(layer)[0])
+
+
+def test_mode_names_name_each_mode_of_the_weight():
+    assert base_layers.mode_names(nn.Linear(6, 4)) == ("out_features", "in_features")
+    assert base_layers.mode_names(TransformersConv1D(4, 6)) == ("out_features", "in_features")
+    assert base_layers.mode_names(nn.Embedding(7, 5)) == ("num_embeddings", "embedding_dim")
+    assert base_layers.mode_names(nn.Conv3d(2, 3, 3)) == (
+        "out_channels", "in_channels/groups", "kernel_d", "kernel_h", "kernel_w")

@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import MEMORY_METHOD, fwd_bwd, measure_methods, suite, with_peft
+from .. import base_layers
 from ..report import machine, markdown_table
-from ..tensor_core import TensorCoreConfig, orthonormal_columns, resolve_ranks, mode_names, tucker_delta
+from ..tensor_core import TensorCoreConfig, orthonormal_columns, resolve_ranks, tucker_delta
 
 RANK = 8
 
@@ -39,7 +40,7 @@ class TwoConvFLoRA(nn.Module):
         super().__init__()
         self.base, self.alpha = base, alpha
         shape = tuple(base.weight.shape)
-        ranks_per_mode = resolve_ranks(shape, ranks, mode_names(base), "Conv2d")
+        ranks_per_mode = resolve_ranks(shape, ranks, base_layers.mode_names(base), "Conv2d")
         factory = {"dtype": torch.float32, "device": base.weight.device}
         self.core = nn.Parameter(torch.zeros(ranks_per_mode, **factory))
         self.factors = nn.ParameterList(
