@@ -408,7 +408,7 @@ def keep_unpacked(model: nn.Module) -> nn.Module:
     return model
 
 
-# --- what the base op costs, for the families that add beside it (SURM, the tensor core) ---------------------------
+# --- what the base op costs, for the families that add beside it (SURM, the tensor core) ------------------------------
 # SURM and the tensor core add their product beside the base layer's own, or run the base op once with W + ΔW. Their
 # cost models need, per kind, how many vectors the base op reads and writes, what that op costs, and how the weight's
 # modes are named; these answer it, so that the families' methods hold no branch on the kind for it.

@@ -560,7 +560,7 @@ def test_float64_into_a_4bit_kernel_is_refused():
                                                                 layer.bias).double())
 
 
-# --- what the base op costs (the additive families' cost models) -------------------------------------------------------
+# --- what the base op costs (the additive families' cost models) ------------------------------------------------------
 COSTED = {
     "linear": (lambda: nn.Linear(6, 4), (2, 3, 6)),
     "conv1d_transformers": (lambda: TransformersConv1D(4, 6), (2, 3, 6)),
