@@ -409,3 +409,62 @@ def test_every_config_accepts_numpy_integer_and_float_scalars_as_python_numbers(
     plain = config_class(**{k: python(v) for k, v in options.items()})
     assert config == plain
     assert json.loads(json.dumps(config.to_dict())) == plain.to_dict()  # saved as plain JSON numbers
+
+
+# --- the additive merge: a family that defines delta_weight() gets merge and unmerge from the contract ---------------
+class DenseDeltaConfig(AdapterConfig):  # family stays "": not registered in FAMILIES, so no other test sees it
+    path = "auto"
+
+    def supported_layers(self) -> tuple[type[nn.Module], ...]:
+        return (nn.Linear, Conv1D, nn.Conv2d, nn.Embedding)
+
+    def layer_class(self) -> type[boftlab.AdapterLayer]:
+        return DenseDeltaLayer
+
+
+class DenseDeltaLayer(boftlab.AdapterLayer):
+    """W' = W + D with D a dense trainable tensor: the smallest additive family, defining no merge of its own."""
+
+    def __init__(self, base_layer: nn.Module, config: AdapterConfig) -> None:
+        super().__init__(base_layer, config)
+        self.delta = nn.Parameter(torch.zeros(boftlab.base_layers.weight_shape(base_layer), dtype=torch.float64))
+
+    def paths(self) -> tuple[str, ...]:
+        return ("weight",)
+
+    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.delta.to(dtype or self.delta.dtype)
+
+    def adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return boftlab.base_layers.run(self.base_layer, x, self.shifted_weight(self.delta.dtype))
+
+
+@pytest.mark.parametrize("kind", [nn.Linear, Conv1D, nn.Conv2d, nn.Embedding], ids=type_name)
+def test_an_additive_family_merges_and_unmerges_through_the_contract(kind):
+    make_base, make_input = LAYERS[kind]
+    torch.manual_seed(0)
+    base, x = make_base().double(), make_input()
+    x = x if kind is nn.Embedding else x.double()
+    weight = base.weight.detach().clone()
+    layer = DenseDeltaConfig().make_layer(base)
+    with torch.no_grad():
+        layer.delta.normal_()
+    expected = layer(x)
+    layer.merge()  # W + D in fp64, in the layer's own storage layout (a Conv1D's transposed)
+    stored_delta = layer.delta.detach().T if kind is Conv1D else layer.delta.detach()
+    assert torch.equal(base.weight, weight + stored_delta)
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-12)
+    layer.unmerge()
+    torch.testing.assert_close(base.weight, weight, rtol=0, atol=1e-15)
+
+
+def test_a_family_with_neither_delta_weight_nor_a_merge_of_its_own_refuses_to_merge_and_changes_nothing():
+    class NoMergeLayer(DenseDeltaLayer):
+        delta_weight = boftlab.AdapterLayer.delta_weight
+
+    base = nn.Linear(16, 12)
+    weight = base.weight.detach().clone()
+    layer = NoMergeLayer(base, DenseDeltaConfig())
+    with pytest.raises(NotImplementedError, match="NoMergeLayer cannot be merged into its base layer"):
+        layer.merge()
+    assert torch.equal(base.weight, weight) and not layer.merged
