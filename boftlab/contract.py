@@ -6,7 +6,7 @@ An adapter *wraps* one frozen base layer and answers the same questions whatever
     merge() / unmerge()   fold the adaptation into the base weight and take it out again, exactly
     n_trainable()         how many numbers the adapter stores and trains
     n_effective()         the effective parameter count: the numbers of the family's parametrisation (e.g. b(b−1)/2
-                          per skew-symmetric block, not PEFT's b²); one definition, at ``AdapterLayer.n_effective``
+                          per skew-symmetric block, not PEFT's b²), defined once at ``AdapterLayer.n_effective``
     paths()               the exact forward paths it has, in one vocabulary for every family (``PATHS``):
                             "input"     — the adapter acts on the activations in its factored form (BOFT's m
                                           butterfly factors; the tensor core's factorised chain; SURM's FFT
@@ -294,13 +294,14 @@ class AdapterLayer(nn.Module):
     def n_effective(self) -> int:
         """The *effective* parameter count — the one meaning of the word in boftlab (``summary(model).effective``,
         ``counts.layer_count(..., convention="effective")``, which calls this): the numbers of the method's own
-        parametrisation, as its paper counts them: OFT/BOFT's skew-symmetric blocks by their b(b−1)/2 free entries
-        (PEFT stores full b × b blocks, whose symmetric half never acts: ``counts``' convention "peft"), SURM's
-        structured numbers, the tensor core's core and factors, LoRA's r·(d + n). A gauge of the parametrisation is
-        not subtracted, in any family, so that counts compare across methods: LoRA's BA = (BM)(M⁻¹A) and the tensor
-        core's G ×_n M⁻¹, U_n M leave ΔW unchanged, and the dimension of the set of updates is smaller (for the
-        tensor core ``tensor_core.tucker_dimension``). boftlab stores exactly these numbers, so this is
-        ``n_trainable()``; a family overrides it only if it stores numbers outside its parametrisation."""
+        parametrisation. For OFT/BOFT that is each block's skew-symmetric S, b(b−1)/2 entries (the BOFT paper's
+        count; PEFT stores an arbitrary b × b A and uses S = (A − Aᵀ)/2: ``counts``' convention "peft"); for SURM
+        the structured matrix's numbers; for the tensor core its core and factors; for LoRA (in ``counts``)
+        r·(d + n). No gauge of a parametrisation is subtracted, in any method, so that counts compare: LoRA's
+        BA = (BM)(M⁻¹A) and the tensor core's G ×_n M⁻¹, U_n M leave ΔW unchanged, and the dimension of the set of
+        updates is smaller (the tensor core's: ``tensor_core.tucker_dimension``). boftlab stores exactly these
+        numbers, so this is ``n_trainable()``; a family overrides it only if it stores numbers outside its
+        parametrisation."""
         return self.n_trainable()
 
     # --- shared by all families ---------------------------------------------------------------------------------

@@ -4,11 +4,11 @@ device.
 A boftlab family's count for a layer is the effective count of a meta-device layer of that shape built by
 ``config.make_layer`` (``AdapterLayer.n_effective``; no memory, no download), so counts and layers cannot drift apart
 and ``layer_count`` agrees with ``summary(model).effective``. *Effective* has one meaning, defined at
-``AdapterLayer.n_effective``: the numbers of the method's own parametrisation, as its paper counts them and boftlab
-stores them, with no gauge subtracted in any method (LoRA's r·(d + n) keeps its r² gauge, the tensor core its
-per-mode GL(r_n) gauge), so that methods compare. Convention "peft" counts what PEFT stores instead (OFT/BOFT: full
-b × b blocks). The closed forms, tested equal to those counts in tests/test_counts.py, per adapted layer with fan-in
-d (in_features, or in_channels/groups·kh·kw) and fan-out n:
+``AdapterLayer.n_effective``: the numbers of the method's own parametrisation, as boftlab stores them, with no gauge
+subtracted in any method (LoRA's r·(d + n) keeps its r² gauge, the tensor core its per-mode GL(r_n) gauge), so that
+methods compare. Convention "peft" counts what PEFT stores instead (OFT/BOFT: full b × b blocks). The closed forms,
+tested equal to those counts in tests/test_counts.py, per adapted layer with fan-in d (in_features, or
+in_channels/groups·kh·kw) and fan-out n:
 
     OFT / BOFT, m factors of k = d/b   m·k·b(b−1)/2   free entries of the skew-symmetric blocks ("effective")
       output scale s (BOFT, optional)  + n
