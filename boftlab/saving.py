@@ -279,14 +279,16 @@ def merged_plan(model: nn.Module) -> dict[str, tuple[torch.Tensor, Callable[[], 
     """Plain name -> (the model's tensor, None or a function computing what replaces it): every tensor of the model as
     ``unwrap`` would leave it, in its ``state_dict()`` order, each adapter layer's base tensors under the plain layer's
     names, merged when the function is called (one layer's merge kept at a time; a merged layer's base tensors are
-    already the merged ones). The adapters' own tensors, merged flags and ``plain_guard`` are left out. ValueError, before anything is computed, for a layer that cannot be folded in exactly: a bitsandbytes base
-    (its packed weight cannot hold the merged one), a base weight another module shares (the plain model would tie
-    them again, to one value). O(number of tensors)."""
+    already the merged ones). The adapters' own tensors, merged flags and ``plain_guard`` are left out.
+
+    ValueError, before anything is computed, for a layer that cannot be folded in exactly: a bitsandbytes base (its
+    packed weight cannot hold the merged one), a base weight another module shares (the plain model would tie them
+    again, to one value). A family that cannot merge is refused when its layer's turn comes. O(number of tensors)."""
     model = strip_wrappers(model)
     layers = {f"{name}.": layer for name, layer in adapter_layers(model).items()}
     if not layers:
-        raise ValueError("save_merged: the model has no boftlab adapters; a plain model is saved by its own "
-                         "save_pretrained or torch's safetensors.torch.save_model")
+        raise ValueError("save_merged: the model has no boftlab adapters; save a plain model with its own "
+                         "save_pretrained, or safetensors.torch.save_model")
     for prefix, layer in layers.items():
         if layer.quantized_base:
             raise ValueError(
@@ -298,9 +300,10 @@ def merged_plan(model: nn.Module) -> dict[str, tuple[torch.Tensor, Callable[[], 
              for attr, tensor in layer.base_layer.named_parameters(recurse=False)}
     ties = shared_tensors(model, owned)
     if ties:
+        shared = "; ".join(f"{name!r} is the same tensor as {others}" for name, others in ties.items())
         raise ValueError(
-            f"save_merged: {'; '.join(f'{k!r} is the same tensor as {v}' for k, v in ties.items())}: the merged weight would differ from the one tied to it, and a plain "
-            "model loading the file ties them again to one value. Nothing was written; adapt a fresh model with "
+            f"save_merged: {shared}: the merged weight would differ from the one tied to it, and a plain model "
+            "loading the file ties them again to one value. Nothing was written; adapt a fresh model with "
             "adapt(..., untie=True) to export it merged."
         )
     current: dict[str, dict[str, torch.Tensor]] = {}  # the merged tensors of the one layer being written
