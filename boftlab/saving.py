@@ -168,6 +168,21 @@ def read_safetensors(
     return document, tensors
 
 
+def check_model_and_path(action: str, model: Any, path: Any) -> None:
+    """ValueError unless ``model`` is an nn.Module and ``path`` a str or os.PathLike: every file function takes
+    ``(model, path, …)``, and a call in the other order (the old order of ``save_checkpoint`` and ``load_checkpoint``)
+    is named as such rather than failing later on an attribute."""
+    if isinstance(model, (str, os.PathLike)) and isinstance(path, nn.Module):
+        raise ValueError(
+            f"{action} takes (model, path, ...), the order of every boftlab file function, but was given the path "
+            f"{str(model)!r} first and the {type(path).__name__} second; call {action}(model, {str(model)!r}, ...)"
+        )
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{action}(model, path, ...): model must be an nn.Module, got a {type(model).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"{action}(model, path, ...): path must be a str or os.PathLike, got a {type(path).__name__}")
+
+
 # --- writing adapters ------------------------------------------------------------------------------------------------
 def adapter_config(model: nn.Module) -> dict[str, Any]:
     """The JSON-able description of every adapter in ``model`` (what ``save_adapter`` writes)."""
@@ -236,6 +251,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     or a path ending in ``.safetensors``, written as that one file (its config is embedded). Refused, with nothing
     written: a model without adapters, and any adapter or kept-trainable tensor holding a NaN or an infinity.
     """
+    check_model_and_path("save_adapter", model, path)
     path = Path(path)
     if path.suffix == ".safetensors":
         if path.is_dir():
@@ -376,6 +392,7 @@ def save_merged(model: nn.Module, path: str | os.PathLike) -> Path:
     weight shared with another module. The file holds the tensors and ``{"format": "pt"}`` (what transformers checks),
     plus the adapter config under ``"boftlab_merged_from"``; it carries no checksum (its readers are plain loaders).
     """
+    check_model_and_path("save_merged", model, path)
     path = Path(path)
     if path.suffix == ".safetensors":
         file, config_file = path, None
@@ -634,6 +651,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     was. Adapter tensors come back exactly: built afresh, in the dtype they were saved in; swapped, in the model's
     dtype, and a value that dtype cannot hold exactly is refused — as is such a value for a kept-trainable module.
     """
+    check_model_and_path("load_adapter", model, path)
     config, tensors = read_adapter(path)
     model = strip_wrappers(model)
     meta = [n for n, p in model.named_parameters() if p.is_meta]

@@ -529,9 +529,9 @@ def test_hot_swap_checkpoint_and_peft_export_use_the_uncompiled_names(tmp_path):
     boftlab.save_adapter(model, tmp_path / "a")
     plain = boftlab.adapt(encoded(False), BOFTConfig(block_size=4), targets=["encoder.0", "head"])
     boftlab.load_adapter(plain, tmp_path / "a")  # hot swap into adapters of the same structure, uncompiled
-    save_checkpoint(tmp_path / "c", model, step=3)
+    save_checkpoint(model, tmp_path / "c", step=3)
     again = boftlab.adapt(encoded(False), BOFTConfig(block_size=4), targets=["encoder.0", "head"])
-    assert load_checkpoint(tmp_path / "c", again).step == 3
+    assert load_checkpoint(again, tmp_path / "c").step == 3
     x = torch.randn(4, 16)
     expected = uncompiled(model)(x)
     torch.testing.assert_close(plain(x), expected, rtol=0, atol=0)
