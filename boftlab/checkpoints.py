@@ -38,8 +38,8 @@ from torch import nn
 from . import __version__
 from .model import adapter_layers, check_unmerged, strip_wrappers
 from .saving import (
-    adapter_config, adapter_state, atomic_write, check_finite, check_layout, check_model_and_path, check_saved_if_trained,
-    common_shape_key, read_safetensors, safetensors_writer, structure, upgrade_config,
+    adapter_config, adapter_state, atomic_write, check_finite, check_layout, check_model_and_path,
+    check_saved_if_trained, common_shape_key, read_safetensors, safetensors_writer, structure, upgrade_config,
 )
 
 FORMAT_VERSION = 2

@@ -178,9 +178,9 @@ def check_model_and_path(action: str, model: Any, path: Any) -> None:
             f"{str(model)!r} first and the {type(path).__name__} second; call {action}(model, {str(model)!r}, ...)"
         )
     if not isinstance(model, nn.Module):
-        raise ValueError(f"{action}(model, path, ...): model must be an nn.Module, got a {type(model).__name__}")
+        raise ValueError(f"{action}(model, path, ...): model must be an nn.Module, not a {type(model).__name__}")
     if not isinstance(path, (str, os.PathLike)):
-        raise ValueError(f"{action}(model, path, ...): path must be a str or os.PathLike, got a {type(path).__name__}")
+        raise ValueError(f"{action}(model, path, ...): path must be a str or os.PathLike, got {path!r}")
 
 
 # --- writing adapters ------------------------------------------------------------------------------------------------

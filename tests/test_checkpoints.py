@@ -347,5 +347,7 @@ def test_every_file_function_takes_the_model_first_and_names_the_old_order(tmp_p
     with pytest.raises(ValueError, match=rf"{call} takes \(model, path, \.\.\.\).*given the path '.*c' first and the "
                                          rf"Sequential second; call {call}\(model, '.*c', \.\.\.\)"):
         function(str(tmp_path / "c"), model)
-    with pytest.raises(ValueError, match=rf"{call}\(model, path, \.\.\.\): path must be a str or os.PathLike, got a int"):
+    with pytest.raises(ValueError, match=rf"{call}\(model, path, \.\.\.\): path must be a str or os.PathLike, got 3"):
         function(model, 3)
+    with pytest.raises(ValueError, match=rf"{call}\(model, path, \.\.\.\): model must be an nn.Module, not a dict"):
+        function({}, tmp_path / "c")
