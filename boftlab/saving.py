@@ -375,6 +375,7 @@ def _streamed_safetensors(plan: dict[str, tuple[torch.Tensor, Callable[[], torch
                                      f"{value.dtype} {list(value.shape)} as the base tensor it replaces")
                 if tensor.numel():
                     f.write(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                del tensor  # not held while the next layer's merge is computed
 
     return write
 

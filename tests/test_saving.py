@@ -688,7 +688,7 @@ def test_save_merged_holds_one_layers_merge_at_a_time(tmp_path):
     from boftlab.bench import LiveTensorBytes
 
     torch.manual_seed(0)
-    model = boftlab.adapt(nn.Sequential(*[nn.Linear(64, 64) for _ in range(6)]), BOFTConfig(block_size=4),
+    model = boftlab.adapt(nn.Sequential(*[nn.Linear(64, 64, bias=False) for _ in range(6)]), BOFTConfig(block_size=4),
                           targets=[str(i) for i in range(6)])
     with LiveTensorBytes() as one_layer:
         model[0].base_after(merge=True)
