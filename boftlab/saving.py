@@ -306,7 +306,7 @@ def merged_plan(model: nn.Module) -> dict[str, tuple[torch.Tensor, Callable[[], 
         raise ValueError("save_merged: the model has no boftlab adapters; save a plain model with its own "
                          "save_pretrained, or safetensors.torch.save_model")
     for prefix, layer in layers.items():
-        if layer.quantized_base:
+        if base_layers.kind(layer.base_layer) == "quantized":  # not after dequantize_bases
             raise ValueError(
                 f"save_merged: layer {prefix[:-1]!r} has a quantized (bitsandbytes) base, whose packed weight cannot "
                 "hold the merged one. Load the adapter onto the 16-bit base model (load_adapter accepts it) and export "

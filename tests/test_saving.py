@@ -729,3 +729,21 @@ def test_a_failed_save_merged_keeps_the_previous_file(tmp_path):
     with pytest.raises(ValueError, match="save_merged: layer 'conv' cannot be folded .*NaN"):
         boftlab.save_merged(model, file)
     assert file.read_bytes() == previous and sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+def test_save_merged_refuses_a_quantized_base_and_exports_it_dequantized(tmp_path):
+    """A 4-bit base cannot hold a merged weight: refused with the way out, dequantize_bases, after which the export is
+    what unwrap leaves."""
+    pytest.importorskip("bitsandbytes")
+    from test_base_layers import adapted as quantized_adapted
+
+    model = quantized_adapted("boft", 4)
+    with pytest.raises(ValueError, match=r"save_merged: layer 'query' has a quantized \(bitsandbytes\) base.*"
+                                         r"dequantize_bases"):
+        boftlab.save_merged(model, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
+    boftlab.dequantize_bases(model, torch.float32)
+    boftlab.save_merged(model, tmp_path / "m.safetensors")
+    expected = boftlab.unwrap(model).state_dict()
+    assert load_file(tmp_path / "m.safetensors").keys() == expected.keys()
+    assert all(torch.equal(v, expected[k]) for k, v in load_file(tmp_path / "m.safetensors").items())
