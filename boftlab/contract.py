@@ -547,7 +547,7 @@ class AdapterLayer(nn.Module):
         behind a warning, and ``load_state_dict(strict=False)`` keeps whatever it held. With them both fail on the shape
         (``size mismatch for ….weight: copying a param with shape torch.Size([0])``). A plain, merged model comes from
         ``boftlab.save_merged`` (a file, streamed layer by layer) or ``boftlab.unwrap``. An adapted model reads
-        ``base_layer.*`` and the adapter and drops these. None for sharded tensors (FSDP's sharded state dicts), which
+        ``base_layer.*`` and the adapter and drops these. Nothing for sharded tensors (FSDP's sharded state dicts), which
         no plain model loads. O(1): no tensor is read.
         """
         params = dict(self.base_layer.named_parameters())

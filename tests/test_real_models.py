@@ -343,3 +343,8 @@ def test_trainer_checkpoint_resumes_exactly_and_reloads_into_the_plain_class_onl
     resumed = run(tmp_path / "resumed", resume=str(tmp_path / "run" / "checkpoint-2"))
     expected = boftlab.saving.adapter_state(model)
     assert all(torch.equal(v, expected[k]) for k, v in boftlab.saving.adapter_state(resumed).items())
+
+
+def test_save_adapter_callback_takes_merged_as_a_bool():
+    with pytest.raises(ValueError, match="merged must be True or False, got 'yes'"):
+        boftlab.SaveAdapterCallback(merged="yes")
