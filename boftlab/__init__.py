@@ -17,7 +17,7 @@ from .butterfly import BOFTConfig, BOFTLayer, OFTConfig
 from .surm import SURMAdapterLayer, SURMConfig, SURMLayer
 from .tensor_core import TensorCoreConfig, TensorCoreLayer
 from .model import adapt, adapter_layers, dequantize_bases, disabled, merge, summary, unmerge, unwrap
-from .saving import load_adapter, save_adapter
+from .saving import load_adapter, save_adapter, save_merged
 from .checkpoints import load_checkpoint, save_checkpoint
 from .peft_interop import from_peft, to_peft
 
@@ -31,7 +31,7 @@ __all__ = [
     # models
     "adapt", "adapter_layers", "summary", "merge", "unmerge", "unwrap", "disabled", "dequantize_bases",
     # files
-    "save_adapter", "load_adapter", "save_checkpoint", "load_checkpoint", "from_peft", "to_peft",
+    "save_adapter", "load_adapter", "save_merged", "save_checkpoint", "load_checkpoint", "from_peft", "to_peft",
 ]
 # also public, loaded on first use and left out of __all__ so that ``from boftlab import *`` never needs transformers:
 # boftlab.SaveAdapterCallback, the Hugging Face Trainer integration

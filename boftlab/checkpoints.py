@@ -1,7 +1,10 @@
 """Resumable training: checkpoint the adapters, optimizer, scheduler, step and random states; resume exactly.
 
-    save_checkpoint(path, model, optimizer, scheduler, step)    one file, written atomically
-    state = load_checkpoint(path, model, optimizer, scheduler)  -> Resumed(step, extra); continue from state.step
+    save_checkpoint(model, path, optimizer, scheduler, step)    one file, written atomically
+    state = load_checkpoint(model, path, optimizer, scheduler)  -> Resumed(step, extra); continue from state.step
+
+Every boftlab file function takes ``(model, path, …)``; a call in the old order of these two (``path`` first) is a
+ValueError that says so.
 
 A checkpoint is a single safetensors file: every tensor (adapter and trainable-module tensors, optimizer moments,
 RNG states) is a safetensors tensor, and everything else (step, scheduler counters, optimizer hyper-parameters,
@@ -35,8 +38,8 @@ from torch import nn
 from ._version import __version__
 from .model import adapter_layers, check_unmerged, strip_wrappers
 from .saving import (
-    adapter_config, adapter_state, atomic_write, check_finite, check_layout, check_saved_if_trained, common_shape_key,
-    read_safetensors, safetensors_writer, structure, upgrade_config,
+    adapter_config, adapter_state, atomic_write, check_finite, check_layout, check_model_and_path,
+    check_saved_if_trained, common_shape_key, read_safetensors, safetensors_writer, structure, upgrade_config,
 )
 
 FORMAT_VERSION = 2
@@ -166,8 +169,8 @@ def checkpoint_file(path: str | os.PathLike) -> Path:
 
 # --- saving and resuming ---------------------------------------------------------------------------------------------
 def save_checkpoint(
-    path: str | os.PathLike,
     model: nn.Module,
+    path: str | os.PathLike,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
     step: int = 0,
@@ -179,6 +182,7 @@ def save_checkpoint(
     ``path``: a directory (the file is ``training_checkpoint.safetensors`` inside) or a ``….safetensors`` file.
     Returns the file's path. O(size of the adapters and optimizer state).
     """
+    check_model_and_path("save_checkpoint", model, path)
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be an integer ≥ 0 (the number of optimizer steps done), got {step!r}")
     model = strip_wrappers(model, sharded=False)
@@ -237,8 +241,8 @@ def _same_adapters(saved: dict[str, Any], current: dict[str, Any]) -> bool:
 
 
 def load_checkpoint(
-    path: str | os.PathLike,
     model: nn.Module,
+    path: str | os.PathLike,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
     rng: bool = True,
@@ -248,6 +252,7 @@ def load_checkpoint(
     Everything is checked first (same adapters and targets, same tensor shapes, same optimizer class over the same
     parameters, scheduler given iff saved): on any mismatch a ``ValueError`` says what differs and nothing changes.
     """
+    check_model_and_path("load_checkpoint", model, path)
     meta, tensors = read_checkpoint(path)
     model = strip_wrappers(model, sharded=False)
     if not adapter_layers(model):

@@ -324,7 +324,7 @@ class AdapterLayer(nn.Module):
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """Everything that must be saved to rebuild this adapter: its parameters and persistent buffers (not the
-        base layer's tensors, nor the merged flag and the plain copies a whole-model ``state_dict`` carries)."""
+        base layer's tensors, nor the merged flag and the ``plain_guard`` a whole-model ``state_dict`` carries)."""
         state: dict[str, torch.Tensor] = {}
         nn.Module._save_to_state_dict(self, state, "", keep_vars=False)  # its own tensors, without this class's extras
         for name, child in self.named_children():
@@ -403,7 +403,7 @@ class AdapterLayer(nn.Module):
     def check_mergeable_in_place(self) -> None:
         """ValueError where a merged base layer would write into its own weights when called, so that unmerge could no
         longer give W back: an Embedding with max_norm renormalises the looked-up rows of W' in place. ``unwrap``
-        (which never unmerges) and the plain copies in ``state_dict`` are exact there, and stay allowed."""
+        (which never unmerges) and ``save_merged`` are exact there, and stay allowed."""
         base = self.base_layer
         if base_layers.renormalises_in_place(base):
             raise ValueError(
@@ -500,18 +500,21 @@ class AdapterLayer(nn.Module):
             target = getattr(self.base_layer, name)
             target.copy_(value.to(target.dtype))
 
-    # --- the merged flag in a whole-model state_dict ---------------------------------------------------------------
+    # --- a whole-model state_dict: the base tensors, the adapter, the merged flag, and a guard against plain loads ---
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        """What the module holds — its own tensors here, ``base_layer.*`` from the child — plus the merged flag and
+        ``plain_guard``: O(1) per layer, no merge and no copy."""
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + MERGED_KEY] = torch.tensor(self.merged)
-        destination.update({prefix + k: v for k, v in self.plain_state().items()})
+        destination.update({prefix + k: v for k, v in self.plain_guard().items()})
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
                               missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
         """Load a ``state_dict`` with its merged flag: base tensors saved merged load as merged, so the adapter is
         never applied twice. Refused (ValueError, before this layer changes) where the flag, the base tensors and the
-        adapter tensors cannot describe one consistent layer. The plain copies (``plain_state``) of tensors the state
-        also holds as ``base_layer.*`` are dropped."""
+        adapter tensors cannot describe one consistent layer. What the state holds under the plain names of tensors it
+        also holds as ``base_layer.*`` (``plain_guard``'s empty tensors; merged copies, in states written by
+        earlier versions) is dropped."""
         for name in self.base_layer.state_dict():
             if prefix + "base_layer." + name in state_dict:
                 state_dict.pop(prefix + name, None)
@@ -546,29 +549,24 @@ class AdapterLayer(nn.Module):
         elif len(error_msgs) == errors:
             self.merged = merged
 
-    # --- state_dict: what a plain model loads from an adapted model's state -----------------------------------------
-    def plain_state(self) -> dict[str, torch.Tensor]:
-        """The base layer's tensors under their own names (``weight``, ``bias``) with the adaptation folded in — what
-        ``unwrap`` would leave in the plain layer — or ``{"weight": <empty>}`` where ``merge`` would refuse (a family
-        that cannot merge, a zero scale, a NaN/inf result).
+    # --- state_dict: what a plain model finds under the plain layer's names -----------------------------------------
+    def plain_guard(self) -> dict[str, torch.Tensor]:
+        """A zero-size tensor under each of the base layer's parameter names (``weight``, ``bias``), in its dtype: the
+        names a plain model reads where an adapted model holds ``base_layer.*``.
 
-        ``state_dict`` writes them beside ``base_layer.*`` and the adapter's tensors, so a plain model loads an adapted
-        model's state merged (transformers ``from_pretrained`` on what ``save_pretrained`` or a ``Trainer`` checkpoint
-        wrote; ``load_state_dict(strict=False)``), and an empty ``weight`` makes that load fail on its shape instead of
-        re-initialising the layer. An adapted model reads ``base_layer.*`` and the adapter and ignores these copies.
-        Costs one ``merged_weights`` per call. Empty for sharded tensors (FSDP's sharded state dicts), which no plain
-        model loads.
+        Without them a plain model would load an adapted model's state as if the layer were missing: transformers'
+        ``from_pretrained`` on what ``save_pretrained`` or a ``Trainer`` checkpoint wrote re-initialises it at random
+        behind a warning, and ``load_state_dict(strict=False)`` keeps whatever it held. With them both fail on the shape
+        (``size mismatch for ….weight: copying a param with shape torch.Size([0])``). A plain, merged model comes from
+        ``boftlab.save_merged`` (a file, streamed layer by layer) or ``boftlab.unwrap``. An adapted model reads
+        ``base_layer.*`` and the adapter and drops these. Nothing for sharded tensors (FSDP's sharded state dicts), which
+        no plain model loads. O(1): no tensor is read.
         """
-        base = self.base_layer.state_dict()
-        if any(type(v) is not torch.Tensor for v in base.values()):
+        params = dict(self.base_layer.named_parameters())
+        dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", ())  # none exist until it is imported
+        if any(isinstance(v, dtensor) for v in params.values()):
             return {}
-        if self.merged or any(v.is_meta for v in base.values()):
-            return {k: v.clone() for k, v in base.items()}
-        try:
-            merged = self.base_after(merge=True)
-        except (ValueError, NotImplementedError):
-            return {"weight": next(iter(base.values())).new_empty(0)}  # base has no "weight" if parametrized
-        return {k: merged[k] if k in merged else v.clone() for k, v in base.items()}
+        return {name: torch.empty(0, dtype=v.dtype, device=v.device) for name, v in params.items()}
 
     def extra_repr(self) -> str:
         return f"family={self.family!r}, merged={self.merged}, n_trainable={self.n_trainable()}"

@@ -31,6 +31,7 @@ the two names translated (``upgrade_config``); any other unknown option is refus
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -48,7 +49,7 @@ from ._version import __version__
 from .contract import RUNTIME_OPTIONS, AdapterConfig, AdapterLayer
 from .model import (
     TRAINABLE_ATTR, adapter_layers, build_layers, canonical_modules, canonical_name, check_unmerged, find_module,
-    insert_layers, strip_wrappers,
+    insert_layers, shared_tensors, strip_wrappers,
 )
 
 FORMAT_VERSION = 3
@@ -168,6 +169,21 @@ def read_safetensors(
     return document, tensors
 
 
+def check_model_and_path(action: str, model: Any, path: Any) -> None:
+    """ValueError unless ``model`` is an nn.Module and ``path`` a str or os.PathLike: every file function takes
+    ``(model, path, …)``, and a call in the other order (the old order of ``save_checkpoint`` and ``load_checkpoint``)
+    is named as such rather than failing later on an attribute."""
+    if isinstance(model, (str, os.PathLike)) and isinstance(path, nn.Module):
+        raise ValueError(
+            f"{action} takes (model, path, ...), the order of every boftlab file function, but was given the path "
+            f"{str(model)!r} first and the {type(path).__name__} second; call {action}(model, {str(model)!r}, ...)"
+        )
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{action}(model, path, ...): model must be an nn.Module, not a {type(model).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"{action}(model, path, ...): path must be a str or os.PathLike, got {path!r}")
+
+
 # --- writing adapters ------------------------------------------------------------------------------------------------
 def adapter_config(model: nn.Module) -> dict[str, Any]:
     """The JSON-able description of every adapter in ``model`` (what ``save_adapter`` writes)."""
@@ -236,6 +252,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     or a path ending in ``.safetensors``, written as that one file (its config is embedded). Refused, with nothing
     written: a model without adapters, and any adapter or kept-trainable tensor holding a NaN or an infinity.
     """
+    check_model_and_path("save_adapter", model, path)
     path = Path(path)
     if path.suffix == ".safetensors":
         if path.is_dir():
@@ -259,6 +276,144 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     writes = {file: safetensors_writer(tensors, {METADATA_KEY: text})}
     if copy is not None:
         writes[copy] = lambda tmp: Path(tmp).write_text(text + "\n")
+    atomic_write_files(writes)
+    return file
+
+
+# --- the merged export: a plain model, streamed layer by layer --------------------------------------------------------
+MERGED_NAME = "model.safetensors"
+#: torch dtype -> its name in a safetensors header
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    **{getattr(torch, name): code for name, code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"),
+                                                     ("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"))
+       if hasattr(torch, name)},
+}
+
+
+def merged_plan(model: nn.Module) -> dict[str, tuple[torch.Tensor, Callable[[], torch.Tensor] | None]]:
+    """Plain name -> (the model's tensor, None or a function computing what replaces it): every tensor of the model as
+    ``unwrap`` would leave it, in its ``state_dict()`` order, each adapter layer's base tensors under the plain layer's
+    names, merged when the function is called (one layer's merge kept at a time; a merged layer's base tensors are
+    already the merged ones). The adapters' own tensors, merged flags and ``plain_guard`` are left out.
+
+    ValueError, before anything is computed, for a layer that cannot be folded in exactly: a bitsandbytes base (its
+    packed weight cannot hold the merged one), a base weight another module shares (the plain model would tie them
+    again, to one value). A family that cannot merge is refused when its layer's turn comes. O(number of tensors)."""
+    model = strip_wrappers(model)
+    layers = {f"{name}.": layer for name, layer in adapter_layers(model).items()}
+    if not layers:
+        raise ValueError("save_merged: the model has no boftlab adapters; save a plain model with its own "
+                         "save_pretrained, or safetensors.torch.save_model")
+    for prefix, layer in layers.items():
+        if base_layers.kind(layer.base_layer) == "quantized":  # not after dequantize_bases
+            raise ValueError(
+                f"save_merged: layer {prefix[:-1]!r} has a quantized (bitsandbytes) base, whose packed weight cannot "
+                "hold the merged one. Load the adapter onto the 16-bit base model (load_adapter accepts it) and export "
+                "that, or boftlab.dequantize_bases(model, torch.bfloat16) first"
+            )
+    owned = {f"{prefix}base_layer.{attr}": tensor for prefix, layer in layers.items()
+             for attr, tensor in layer.base_layer.named_parameters(recurse=False)}
+    ties = shared_tensors(model, owned)
+    if ties:
+        shared = "; ".join(f"{name!r} is the same tensor as {others}" for name, others in ties.items())
+        raise ValueError(
+            f"save_merged: {shared}: the merged weight would differ from the one tied to it, and a plain model "
+            "loading the file ties them again to one value. Nothing was written; adapt a fresh model with "
+            "adapt(..., untie=True) to export it merged."
+        )
+    current: dict[str, dict[str, torch.Tensor]] = {}  # the merged tensors of the one layer being written
+
+    def merged(prefix: str, attr: str, value: torch.Tensor) -> torch.Tensor:
+        if prefix not in current:
+            current.clear()  # the previous layer's merged tensors are written: free them first
+            try:
+                current[prefix] = layers[prefix].base_after(merge=True)
+            except (ValueError, NotImplementedError) as err:
+                raise ValueError(f"save_merged: layer {prefix[:-1]!r} cannot be folded into its base layer: {err}. "
+                                 "Nothing was written; save_adapter saves it as it is.") from err
+        return current[prefix].get(attr, value)  # a base tensor the merge leaves as it is (a bias) stays
+
+    plan: dict[str, tuple[torch.Tensor, Callable[[], torch.Tensor] | None]] = {}
+    for key, value in model.state_dict().items():
+        prefix = next((p for p in layers if key.startswith(p)), None)  # adapter layers never nest: at most one
+        if prefix is None:
+            plan[canonical_name(key)] = (value, None)
+        elif key.startswith(f"{prefix}base_layer."):  # the adapter's own tensors, flag and guard are left out
+            attr = key.removeprefix(f"{prefix}base_layer.")
+            compute = None if layers[prefix].merged else (lambda p=prefix, a=attr, v=value: merged(p, a, v))
+            plan[canonical_name(prefix + attr)] = (value, compute)
+    return plan
+
+
+def _streamed_safetensors(plan: dict[str, tuple[torch.Tensor, Callable[[], torch.Tensor] | None]],
+                          metadata: dict[str, str]) -> Callable[[str], None]:
+    """A ``write(path)`` for ``atomic_write`` that writes ``plan``'s tensors (``merged_plan``) as one safetensors file:
+    the header first (a merge keeps each tensor's dtype and shape, so every entry is known before any is computed),
+    then the data in header order, each merged tensor computed when its bytes are written and dropped after. Extra
+    memory: one layer's merge (and a device tensor's host copy)."""
+
+    def write(path: str) -> None:
+        header: dict[str, Any] = {"__metadata__": metadata}
+        offset = 0
+        for name, (value, _) in plan.items():
+            if value.dtype not in SAFETENSORS_DTYPES:
+                raise ValueError(f"save_merged: {name!r} is a {value.dtype} tensor, which safetensors cannot store")
+            size = value.numel() * value.element_size()
+            header[name] = {"dtype": SAFETENSORS_DTYPES[value.dtype], "shape": list(value.shape),
+                            "data_offsets": [offset, offset + size]}
+            offset += size
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # safetensors pads its header with spaces to a multiple of 8 bytes
+        with open(path, "wb") as f:
+            f.write(len(text).to_bytes(8, "little"))
+            f.write(text)
+            for name, (value, merge) in plan.items():
+                tensor = value if merge is None else merge()
+                if (tensor.dtype, tensor.shape) != (value.dtype, value.shape):
+                    raise ValueError(f"save_merged: the merged {name!r} is {tensor.dtype} {list(tensor.shape)}, not "
+                                     f"{value.dtype} {list(value.shape)} as the base tensor it replaces")
+                if tensor.numel():
+                    f.write(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                del tensor  # not held while the next layer's merge is computed
+
+    return write
+
+
+def save_merged(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``model`` as ``unwrap`` would leave it — every adapter folded into its base weights, under the plain
+    model's names — as one safetensors file, streamed layer by layer; returns the file's path. ``model`` is not changed.
+    O(model size) time; extra memory one layer's merge (its fp64 intermediates included) and one tensor's host copy.
+
+    ``path``: a directory (created if needed) that receives ``model.safetensors`` and, for a transformers model, its
+    ``config.json``, so that the plain class's ``from_pretrained(path)`` loads the fine-tuned model exactly; or a path
+    ending in ``.safetensors``, written as that one file (``safetensors.torch.load_model`` reads it into the plain
+    model). Written atomically: a refusal or a crash leaves any earlier file as it was. Refused (ValueError, nothing
+    written): a model without adapters, a layer that cannot be merged (``merge`` says why), a quantized base, a base
+    weight shared with another module. The file holds the tensors and ``{"format": "pt"}`` (what transformers checks),
+    plus the adapter config under ``"boftlab_merged_from"``; it carries no checksum (its readers are plain loaders).
+    """
+    check_model_and_path("save_merged", model, path)
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        file, config_file = path, None
+    elif path.exists() and not path.is_dir():
+        raise ValueError(f"save_merged writes a directory, but {str(path)!r} is an existing file; give a directory, "
+                         "or a path ending in .safetensors to write a single file")
+    else:
+        file, config_file = path / MERGED_NAME, path / "config.json"
+    if file.is_dir():
+        raise ValueError(f"save_merged writes the file {str(file)!r}, but a directory of that name is in the way")
+    plan = merged_plan(model)
+    metadata = {"format": "pt", "boftlab_merged_from": json.dumps(adapter_config(model))}
+    writes = {file: _streamed_safetensors(plan, metadata)}
+    config = getattr(strip_wrappers(model), "config", None)
+    if config_file is not None and hasattr(config, "to_json_string"):  # a transformers PretrainedConfig
+        config = copy.deepcopy(config)
+        config.architectures = [type(strip_wrappers(model)).__name__]  # as PreTrainedModel.save_pretrained records
+        text = config.to_json_string(use_diff=True)
+        writes[config_file] = lambda tmp: Path(tmp).write_text(text)
     atomic_write_files(writes)
     return file
 
@@ -498,6 +653,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     was. Adapter tensors come back exactly: built afresh, in the dtype they were saved in; swapped, in the model's
     dtype, and a value that dtype cannot hold exactly is refused — as is such a value for a kept-trainable module.
     """
+    check_model_and_path("load_adapter", model, path)
     config, tensors = read_adapter(path)
     model = strip_wrappers(model)
     meta = [n for n, p in model.named_parameters() if p.is_meta]

@@ -294,9 +294,9 @@ MODEL_CASES = [
     # forward
     case("input_wrong_width", adapted, lambda m, t: m(torch.randn(5, 15)), r"\(\.\.\., 16\).*\(5, 15\)"),
     # resumable training
-    case("checkpoint_into_plain_model", plain, lambda m, t: load_checkpoint(save_checkpoint(t, adapted()), m),
+    case("checkpoint_into_plain_model", plain, lambda m, t: load_checkpoint(m, save_checkpoint(adapted(), t)),
          "load_checkpoint resumes into an adapted model"),
-    case("checkpoint_negative_step", adapted, lambda m, t: save_checkpoint(t, m, step=-1), r"step must be an integer ≥ 0.*-1"),
+    case("checkpoint_negative_step", adapted, lambda m, t: save_checkpoint(m, t, step=-1), r"step must be an integer ≥ 0.*-1"),
     # PEFT export
     case("to_peft_other_family", lambda: adapted(surm()), lambda m, t: boftlab.to_peft(m, t / "peft"),
          r"PEFT export covers the 'boft' and 'oft' families only; this model also has \['surm'\]"),

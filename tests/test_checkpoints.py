@@ -16,6 +16,12 @@ from boftlab.checkpoints import CHECKPOINT_NAME, decode, encode, load_checkpoint
 N_STEPS, SPLIT = 6, 3
 
 
+def path_second(built, path):
+    """``load_checkpoint``'s (model, path, optimizer, scheduler) from ``build()``'s (model, optimizer, scheduler)."""
+    model, *rest = built
+    return (model, path, *rest)
+
+
 def build():
     """A tiny model with two families, a trainable head, BOFT dropout (so the torch RNG matters), Adam + LambdaLR."""
     torch.manual_seed(0)
@@ -57,11 +63,11 @@ def run_with_resume(tmp_path, restore_optimizer=True):
     model, optimizer, scheduler = build()
     seed_everything(1)
     first = train(model, optimizer, scheduler, SPLIT)
-    save_checkpoint(tmp_path, model, optimizer, scheduler, step=SPLIT, extra={"losses": first})
+    save_checkpoint(model, tmp_path, optimizer, scheduler, step=SPLIT, extra={"losses": first})
     del model, optimizer, scheduler  # "the job died"
     seed_everything(12345)  # a new process starts with other random states
     model, optimizer, scheduler = build()
-    state = load_checkpoint(tmp_path, model, optimizer, scheduler)
+    state = load_checkpoint(model, tmp_path, optimizer, scheduler)
     if not restore_optimizer:  # the control: keep the adapters and RNG, forget Adam's moments and the schedule
         optimizer, scheduler = make_optimizer(model)
     assert state.step == SPLIT
@@ -91,13 +97,13 @@ def test_a_trained_parameter_the_checkpoint_would_not_hold_is_refused(tmp_path):
     model, optimizer, scheduler = build()
     model[2].base_layer.weight.requires_grad_(True)
     with pytest.raises(ValueError, match=r"save_checkpoint: 1 parameter\(s\) train .*\['2.base_layer.weight'\]"):
-        save_checkpoint(tmp_path, model, optimizer, scheduler, step=0)
+        save_checkpoint(model, tmp_path, optimizer, scheduler, step=0)
     assert not any(tmp_path.iterdir())
 
 def test_checkpoint_is_one_safetensors_file_and_never_pickles(tmp_path, monkeypatch):
     model, optimizer, scheduler = build()
     train(model, optimizer, scheduler, 1)
-    file = save_checkpoint(tmp_path, model, optimizer, scheduler, step=1)
+    file = save_checkpoint(model, tmp_path, optimizer, scheduler, step=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_NAME] and file == tmp_path / CHECKPOINT_NAME
     tensors = load_file(file)
     assert {"model.0.skew", "model.4.weight", "rng.torch"} <= set(tensors)
@@ -107,7 +113,7 @@ def test_checkpoint_is_one_safetensors_file_and_never_pickles(tmp_path, monkeypa
         raise AssertionError("torch.load called")
 
     monkeypatch.setattr(torch, "load", no_pickle)
-    load_checkpoint(tmp_path, *build())
+    load_checkpoint(*path_second(build(), tmp_path))
 
 
 def test_encode_decode_round_trip():
@@ -124,7 +130,7 @@ def test_encode_decode_round_trip():
 
 def test_interrupted_checkpoint_keeps_previous(tmp_path, monkeypatch):
     model, optimizer, scheduler = build()
-    previous = save_checkpoint(tmp_path, model, optimizer, scheduler, step=0).read_bytes()
+    previous = save_checkpoint(model, tmp_path, optimizer, scheduler, step=0).read_bytes()
     import boftlab.saving as saving
 
     def crash_half_way(tensors, filename, metadata=None):
@@ -134,7 +140,7 @@ def test_interrupted_checkpoint_keeps_previous(tmp_path, monkeypatch):
     monkeypatch.setattr(saving, "save_file", crash_half_way)
     train(model, optimizer, scheduler, 1)
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(tmp_path, model, optimizer, scheduler, step=1)
+        save_checkpoint(model, tmp_path, optimizer, scheduler, step=1)
     assert (tmp_path / CHECKPOINT_NAME).read_bytes() == previous
     assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]
 
@@ -152,7 +158,7 @@ def assert_same(before, after):
 def test_mismatched_resume_is_refused_and_changes_nothing(tmp_path):
     model, optimizer, scheduler = build()
     train(model, optimizer, scheduler, 1)
-    save_checkpoint(tmp_path, model, optimizer, scheduler, step=1)
+    save_checkpoint(model, tmp_path, optimizer, scheduler, step=1)
 
     other, other_opt, other_sched = build()
     boftlab.unwrap(other)
@@ -160,16 +166,16 @@ def test_mismatched_resume_is_refused_and_changes_nothing(tmp_path):
     other_opt = torch.optim.AdamW([p for p in other.parameters() if p.requires_grad])
     before = snapshot(other, other_opt, other_sched)
     with pytest.raises(ValueError, match="differ from this model's"):
-        load_checkpoint(tmp_path, other, other_opt, other_sched)
+        load_checkpoint(other, tmp_path, other_opt, other_sched)
     assert_same(before, snapshot(other, other_opt, other_sched))
 
     fresh, fresh_opt, fresh_sched = build()
     sgd = torch.optim.SGD([p for p in fresh.parameters() if p.requires_grad], lr=0.1)
     before = snapshot(fresh, fresh_opt, fresh_sched)
     with pytest.raises(ValueError, match=r"optimizer is AdamW over parameters \[\['0.skew'.*this one is SGD"):
-        load_checkpoint(tmp_path, fresh, sgd, fresh_sched)
+        load_checkpoint(fresh, tmp_path, sgd, fresh_sched)
     with pytest.raises(ValueError, match="holds a LambdaLR scheduler state; pass the scheduler"):
-        load_checkpoint(tmp_path, fresh, fresh_opt, None)
+        load_checkpoint(fresh, tmp_path, fresh_opt, None)
     assert_same(before, snapshot(fresh, fresh_opt, fresh_sched))
 
 
@@ -177,7 +183,7 @@ def test_resume_into_a_merged_model_is_refused_and_changes_nothing(tmp_path):
     """Copying a checkpoint's adapter values into merged adapters would leave the base weights holding the old ones."""
     model, optimizer, scheduler = build()
     train(model, optimizer, scheduler, 1)
-    save_checkpoint(tmp_path, model, optimizer, scheduler, step=1)
+    save_checkpoint(model, tmp_path, optimizer, scheduler, step=1)
     saved = {k: v.clone() for k, v in boftlab.saving.adapter_state(model).items()}
 
     other, other_opt, other_sched = build()
@@ -185,11 +191,11 @@ def test_resume_into_a_merged_model_is_refused_and_changes_nothing(tmp_path):
     boftlab.merge(other)
     before = snapshot(other, other_opt, other_sched)
     with pytest.raises(ValueError, match=r"2 adapter\(s\) of this model are merged .* boftlab.unmerge\(model\) first"):
-        load_checkpoint(tmp_path, other, other_opt, other_sched)
+        load_checkpoint(other, tmp_path, other_opt, other_sched)
     assert_same(before, snapshot(other, other_opt, other_sched))
 
     boftlab.unmerge(other)
-    assert load_checkpoint(tmp_path, other, other_opt, other_sched).step == 1
+    assert load_checkpoint(other, tmp_path, other_opt, other_sched).step == 1
     assert all(torch.equal(v, saved[k]) for k, v in boftlab.saving.adapter_state(other).items())
 
 
@@ -206,24 +212,24 @@ def test_checkpoint_with_format_1_adapter_names_resumes(tmp_path):
         torch.manual_seed(0)
         return boftlab.adapt(nn.Sequential(nn.Linear(8, 8)), boftlab.TensorCoreConfig(ranks=2, alpha=0.5), ["0"])
 
-    file = save_checkpoint(tmp_path, adapted(), step=2)
+    file = save_checkpoint(adapted(), tmp_path, step=2)
     with safe_open(str(file), framework="pt") as f:
         meta, tensors = json.loads(f.metadata()[METADATA_KEY]), {k: f.get_tensor(k) for k in f.keys()}
     meta["adapter"]["format_version"] = 1
     options = meta["adapter"]["groups"][0]["config"]
     options["scale"] = options.pop("alpha")
     safetensors_writer(tensors, {METADATA_KEY: json.dumps(meta)})(file)
-    assert load_checkpoint(tmp_path, adapted(), rng=False).step == 2
+    assert load_checkpoint(adapted(), tmp_path, rng=False).step == 2
 
 
 def test_non_finite_model_is_not_checkpointed(tmp_path):
     model, optimizer, scheduler = build()
-    previous = save_checkpoint(tmp_path, model, optimizer, scheduler, step=0).read_bytes()
+    previous = save_checkpoint(model, tmp_path, optimizer, scheduler, step=0).read_bytes()
     with torch.no_grad():
         model[2].skew[0, 1, 2] = float("nan")
     message = r"save_checkpoint refuses .* non-finite values in 1 tensor\(s\): '2.skew' \(1 NaN"
     with pytest.raises(ValueError, match=message):
-        save_checkpoint(tmp_path, model, optimizer, scheduler, step=1)
+        save_checkpoint(model, tmp_path, optimizer, scheduler, step=1)
     assert (tmp_path / CHECKPOINT_NAME).read_bytes() == previous
 
 
@@ -232,12 +238,12 @@ def test_flipped_bit_in_a_checkpoint_is_refused_and_changes_nothing(tmp_path):
 
     model, optimizer, scheduler = build()
     train(model, optimizer, scheduler, 1)
-    file = save_checkpoint(tmp_path, model, optimizer, scheduler, step=1)
+    file = save_checkpoint(model, tmp_path, optimizer, scheduler, step=1)
     flip_bit(file, 12345)
     fresh = build()
     before = snapshot(*fresh)
     with pytest.raises(ValueError, match=rf"training checkpoint file '{file}' is corrupted"):
-        load_checkpoint(tmp_path, *fresh)
+        load_checkpoint(fresh[0], tmp_path, *fresh[1:])
     assert_same(before, snapshot(*fresh))
 
 
@@ -251,25 +257,25 @@ def test_checkpoint_without_a_checksum(tmp_path):
     from boftlab.checkpoints import METADATA_KEY
 
     model, optimizer, scheduler = build()
-    file = save_checkpoint(tmp_path, model, optimizer, scheduler, step=4)
+    file = save_checkpoint(model, tmp_path, optimizer, scheduler, step=4)
     with safe_open(str(file), framework="pt") as f:
         meta, tensors = json.loads(f.metadata()[METADATA_KEY]), {k: f.get_tensor(k) for k in f.keys()}
     save_file(tensors, file, metadata={METADATA_KEY: json.dumps({**meta, "format_version": 1})})
-    assert load_checkpoint(tmp_path, *build()).step == 4
+    assert load_checkpoint(*path_second(build(), tmp_path)).step == 4
     save_file(tensors, file, metadata={METADATA_KEY: json.dumps(meta)})
     with pytest.raises(ValueError, match="says format version 2, whose files carry a checksum"):
-        load_checkpoint(tmp_path, *build())
+        load_checkpoint(*path_second(build(), tmp_path))
 
 
 def test_resume_into_a_model_of_another_dtype_is_refused(tmp_path):
     model, optimizer, scheduler = build()
     model.double()
-    save_checkpoint(tmp_path, model, step=1, rng=False)
+    save_checkpoint(model, tmp_path, step=1, rng=False)
     fresh = build()
     before = snapshot(*fresh)
     message = r"dtype mismatch .*'0.skew', '\[2, 4, 6\] torch.float32', '\[2, 4, 6\] torch.float64'"
     with pytest.raises(ValueError, match=message):
-        load_checkpoint(tmp_path, fresh[0], rng=False)
+        load_checkpoint(fresh[0], tmp_path, rng=False)
     assert_same(before, snapshot(*fresh))
 
 
@@ -282,8 +288,8 @@ def test_extra_keys_that_flatten_to_one_name_keep_their_own_tensors(tmp_path, ex
     """Every tensor's dotted path is its name in the file; two paths that read the same once flattened (both reloaded
     as the later value before) each keep their own tensor."""
     model, optimizer, scheduler = build()
-    save_checkpoint(tmp_path, model, optimizer, scheduler, step=1, extra=extra)
-    back = load_checkpoint(tmp_path, model, optimizer, scheduler).extra
+    save_checkpoint(model, tmp_path, optimizer, scheduler, step=1, extra=extra)
+    back = load_checkpoint(model, tmp_path, optimizer, scheduler).extra
 
     def leaves(tree, path=()):  # [(path of (key, key type) pairs, value)], in order
         items = tree.items() if isinstance(tree, dict) else enumerate(tree)
@@ -308,7 +314,7 @@ def test_malformed_format_1_checkpoint_is_refused_naming_the_file(tmp_path, chan
 
     from boftlab.checkpoints import METADATA_KEY
 
-    file = save_checkpoint(tmp_path, *build(), step=4)
+    file = save_checkpoint(*path_second(build(), tmp_path), step=4)
     with safe_open(str(file), framework="pt") as f:
         meta, tensors = json.loads(f.metadata()[METADATA_KEY]), {k: f.get_tensor(k) for k in f.keys()}
     meta["format_version"] = 1
@@ -317,15 +323,31 @@ def test_malformed_format_1_checkpoint_is_refused_naming_the_file(tmp_path, chan
     fresh = build()
     before = snapshot(*fresh)
     with pytest.raises(ValueError, match=message):
-        load_checkpoint(tmp_path, *fresh)
+        load_checkpoint(fresh[0], tmp_path, *fresh[1:])
     assert_same(before, snapshot(*fresh))
 
 
 def test_resume_ignores_runtime_options(tmp_path):
     """path and kernel choose how a layer computes, not what: a checkpoint resumes into layers with other ones."""
     model, optimizer, scheduler = build()
-    save_checkpoint(tmp_path, model, optimizer, scheduler, step=2)
+    save_checkpoint(model, tmp_path, optimizer, scheduler, step=2)
     fresh = build()
     for layer in boftlab.adapter_layers(fresh[0]).values():
         layer.config = dataclasses.replace(layer.config, path="weight")
-    assert load_checkpoint(tmp_path, *fresh).step == 2
+    assert load_checkpoint(fresh[0], tmp_path, *fresh[1:]).step == 2
+
+
+@pytest.mark.parametrize("call", ["save_checkpoint", "load_checkpoint", "save_adapter", "load_adapter", "save_merged"])
+def test_every_file_function_takes_the_model_first_and_names_the_old_order(tmp_path, call):
+    """One argument order, (model, path, ...): the old save_checkpoint(path, model) is a ValueError that says so."""
+    model, optimizer, scheduler = build()
+    save_checkpoint(model, tmp_path / "c", optimizer, scheduler)
+    boftlab.save_adapter(model, tmp_path / "c")
+    function = getattr(boftlab, call)
+    with pytest.raises(ValueError, match=rf"{call} takes \(model, path, \.\.\.\).*given the path '.*c' first and the "
+                                         rf"Sequential second; call {call}\(model, '.*c', \.\.\.\)"):
+        function(str(tmp_path / "c"), model)
+    with pytest.raises(ValueError, match=rf"{call}\(model, path, \.\.\.\): path must be a str or os.PathLike, got 3"):
+        function(model, 3)
+    with pytest.raises(ValueError, match=rf"{call}\(model, path, \.\.\.\): model must be an nn.Module, not a dict"):
+        function({}, tmp_path / "c")

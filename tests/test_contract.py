@@ -340,49 +340,65 @@ def test_state_dict_without_merged_flags_is_missing_keys():
 
 
 @pytest.mark.parametrize("config,kind", list(cases_by_layer()))
-def test_plain_model_loads_the_adapted_state_merged(config, kind):
-    """state_dict() holds the base tensors merged under the plain names too: a plain model loads it exactly as
-    ``unwrap`` leaves the layer; an adapted model loads it back (strict) and ignores those copies."""
+def test_state_dict_holds_what_the_model_holds_and_a_plain_load_fails(config, kind, tmp_path):
+    """state_dict() is the base tensors, the adapter's and the merged flag, sharing storage with the model (no merge, no
+    copy), plus an empty tensor under each plain name: a plain model's load fails on its shape instead of keeping its
+    own weight or re-initialising it. An adapted model loads it back (strict) and drops the guard; save_merged gives
+    the plain model exactly what ``unwrap`` leaves."""
     model, x = net(kind)
     plain, again = copy.deepcopy(model), copy.deepcopy(model)
     boftlab.adapt(model, config, targets=["layer"], trainable=["head"])
     perturb(model.layer)
     state = model.state_dict()
-    loaded = plain.load_state_dict(state, strict=False)
-    assert loaded.missing_keys == [] and all(k.startswith("layer.") for k in loaded.unexpected_keys)
-    unwrapped = boftlab.unwrap(copy.deepcopy(model))
-    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in unwrapped.state_dict().items())
-    torch.testing.assert_close(plain(x), model(x), rtol=1e-5, atol=1e-6)
+    held = {f"layer.{k}": v for k, v in model.layer.named_parameters()}
+    assert all(state[k].data_ptr() == v.data_ptr() for k, v in held.items())  # the model's own storage
+    guard = {k: v for k, v in state.items() if k.startswith("layer.") and k not in held and k != f"layer.{MERGED_KEY}"}
+    assert guard.keys() == {f"layer.{k}" for k, _ in model.layer.base_layer.named_parameters()}
+    assert all(v.shape == (0,) for v in guard.values())
+    message = r"size mismatch for layer.weight: copying a param with shape torch.Size\(\[0\]\)"
+    with pytest.raises(RuntimeError, match=message):
+        plain.load_state_dict(state, strict=False)
     boftlab.adapt(again, config, targets=["layer"], trainable=["head"])
     again.load_state_dict(state)
     torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
     assert state.keys() == again.state_dict().keys()
+    try:
+        unwrapped = boftlab.unwrap(copy.deepcopy(model))
+    except ValueError:  # a family or config that cannot merge: the export refuses too
+        with pytest.raises(ValueError, match="save_merged: layer 'layer' cannot be folded into its base layer"):
+            boftlab.save_merged(model, tmp_path / "m.safetensors")
+        assert not (tmp_path / "m.safetensors").exists()
+        return
+    from safetensors.torch import load_model
+
+    boftlab.save_merged(model, tmp_path / "m.safetensors")
+    load_model(plain, tmp_path / "m.safetensors")  # strict: every name of the plain model, nothing else
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in unwrapped.state_dict().items())
 
 
-def test_unmergeable_layer_makes_a_plain_load_fail_not_reinitialise():
+def test_a_state_dict_with_merged_plain_copies_still_loads_into_an_adapted_model():
+    """States written before the guard held the merged base tensors under the plain names too: an adapted model
+    drops them, as it drops the guard."""
     model, x = net(nn.Linear)
-    plain = copy.deepcopy(model)
-    boftlab.adapt(model, boftlab.SURMConfig(mode="adapter", activation="gelu"), targets=["layer"])
-    state = model.state_dict()
-    assert state["layer.weight"].shape == (0,)
-    message = r"size mismatch for layer.weight: copying a param with shape torch.Size\(\[0\]\)"
-    with pytest.raises(RuntimeError, match=message):
-        plain.load_state_dict(state, strict=False)
+    boftlab.adapt(model, CONFIGS["boft"][0], targets=["layer"])
+    perturb(model.layer)
+    state = model.state_dict() | {"layer.weight": model.layer.merged_weights()["weight"], "layer.bias": model.layer.bias}
     again = copy.deepcopy(model)
+    perturb(again.layer)
     again.load_state_dict(state)
     torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
 
 
-def test_plain_state_is_the_eval_mode_merge_even_while_training():
-    """BOFT's multiplicative dropout is a training-time perturbation: the plain weights never include it."""
+def test_state_dict_merges_nothing():
+    """state_dict() never calls the family's merge: its cost is the module's, not d² per layer."""
     model, x = net(nn.Linear)
-    boftlab.adapt(model, boftlab.BOFTConfig(block_size=4, dropout=0.5), targets=["layer"])
-    perturb(model.layer)
-    model.train()
-    states = [model.state_dict()["layer.weight"] for _ in range(3)]
-    assert model.layer.training
-    model.eval()
-    assert all(torch.equal(s, model.state_dict()["layer.weight"]) for s in states)
+    boftlab.adapt(model, CONFIGS["boft"][0], targets=["layer"])
+
+    def refuse():
+        raise AssertionError("state_dict() merged a layer")
+
+    model.layer.merged_weights = refuse
+    model.state_dict()
 
 
 def _numpy_options():

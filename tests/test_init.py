@@ -44,7 +44,7 @@ def test_public_names_are_the_contract_the_families_the_model_api_and_the_files(
         "BOFTConfig", "OFTConfig", "BOFTLayer", "SURMConfig", "SURMLayer", "SURMAdapterLayer",
         "TensorCoreConfig", "TensorCoreLayer",
         "adapt", "adapter_layers", "summary", "merge", "unmerge", "unwrap", "disabled", "dequantize_bases",
-        "save_adapter", "load_adapter", "save_checkpoint", "load_checkpoint", "from_peft", "to_peft",
+        "save_adapter", "load_adapter", "save_merged", "save_checkpoint", "load_checkpoint", "from_peft", "to_peft",
     ])
     assert all(getattr(boftlab, name) is not None for name in boftlab.__all__)
     for helper in ("StructuredMatrix", "approximation_error", "displacement_rank", "mode_product", "tucker_delta"):

@@ -97,8 +97,8 @@ for family, config_class in boftlab.FAMILIES.items():
     optimizer.step()
     with tempfile.TemporaryDirectory() as directory:
         boftlab.save_adapter(model, directory + "/adapter")
-        boftlab.save_checkpoint(directory + "/checkpoint", model, optimizer, step=1)
-        boftlab.load_checkpoint(directory + "/checkpoint", model, optimizer)
+        boftlab.save_checkpoint(model, directory + "/checkpoint", optimizer, step=1)
+        boftlab.load_checkpoint(model, directory + "/checkpoint", optimizer)
         torch.testing.assert_close(boftlab.load_adapter(base, directory + "/adapter")(x), model(x))
     expected = model(x)
     torch.testing.assert_close(boftlab.merge(model)(x), expected)

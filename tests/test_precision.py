@@ -204,7 +204,7 @@ def one_rounding(result: torch.Tensor, exact: torch.Tensor) -> None:
 @pytest.mark.parametrize("adapter_dtype", MERGE_DTYPES, ids=str)
 @pytest.mark.parametrize("case", list(MERGE_CASES))
 def test_merge_and_unmerge_compute_in_fp64_for_any_adapter_and_base_dtype(case, adapter_dtype, base_dtype):
-    """merged_weights (merge, unwrap, the plain copies in state_dict) and unmerged_weights give the fp64 result of the
+    """merged_weights (merge, unwrap, save_merged) and unmerged_weights give the fp64 result of the
     adapter's own values, rounded once to the base dtype — never computed in a bf16 adapter's or an fp32 Cayley
     transform's precision."""
     layer = trained_layer(case, adapter_dtype, base_dtype)

@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 import boftlab
@@ -240,7 +241,7 @@ def test_trainer_trains_and_checkpoints_the_adapter(minilm_dir, tmp_path):
         torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, rtol=0, atol=1e-6)
 
 
-# --- transformers' own saving: save_pretrained and Trainer checkpoints reload into the plain class, merged ------------
+# --- transformers' own saving: the plain class refuses an adapted state; save_merged gives it the merged model ------
 def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -278,23 +279,37 @@ def assert_plain_reload_is_the_merged_model(model, directory):
         torch.testing.assert_close(plain.eval()(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+def assert_plain_reload_refused(plain_class, directory):
+    """The plain class's ``from_pretrained`` of an adapted model's state fails on the guard's empty weights instead of
+    loading the base model, or random weights behind a warning."""
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        plain_class.from_pretrained(directory)
+
+
 @pytest.mark.parametrize(
     "build,targets", [(tiny_llama, ["q_proj", "v_proj", "up_proj"]), (tiny_bert, ["query", "value"])],
     ids=["llama", "bert"],
 )
-def test_save_pretrained_reloads_into_the_plain_class_merged(tmp_path, build, targets):
+def test_save_pretrained_is_refused_by_the_plain_class_and_save_merged_reloads_exactly(tmp_path, build, targets):
     model = trained_adapters(boftlab.adapt(build(), BOFTConfig(block_size=4, n_factors=2), targets=targets))
-    model.save_pretrained(tmp_path)
-    assert_plain_reload_is_the_merged_model(model, tmp_path)
+    model.save_pretrained(tmp_path / "adapted")
+    assert_plain_reload_refused(type(model), tmp_path / "adapted")
+    again = boftlab.adapt(build(), BOFTConfig(block_size=4, n_factors=2), targets=targets)
+    again.load_state_dict(load_file(tmp_path / "adapted" / "model.safetensors"))  # what resuming reads: all of it
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in again.state_dict().items())
+    boftlab.save_merged(model, tmp_path / "merged")
+    assert_plain_reload_is_the_merged_model(model, tmp_path / "merged")
 
 
-def test_save_pretrained_of_an_unmergeable_adapter_fails_to_load_into_the_plain_class(tmp_path):
+def test_an_unmergeable_adapter_is_refused_by_the_plain_class_and_by_save_merged(tmp_path):
     from transformers import LlamaForCausalLM
 
     model = boftlab.adapt(tiny_llama(), boftlab.SURMConfig(mode="adapter", activation="gelu"), targets=["o_proj"])
     model.save_pretrained(tmp_path)
-    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
-        LlamaForCausalLM.from_pretrained(tmp_path)
+    assert_plain_reload_refused(LlamaForCausalLM, tmp_path)
+    with pytest.raises(ValueError, match="save_merged: layer 'model.layers.0.self_attn.o_proj' cannot be folded"):
+        boftlab.save_merged(model, tmp_path / "merged")
+    assert not (tmp_path / "merged" / "model.safetensors").exists()
 
 
 class RandomSentences(torch.utils.data.Dataset):
@@ -306,10 +321,11 @@ class RandomSentences(torch.utils.data.Dataset):
         return {"input_ids": ids, "attention_mask": torch.ones(9, dtype=torch.long), "labels": torch.tensor(i % 2)}
 
 
-def test_trainer_checkpoint_reloads_into_the_plain_class_and_resumes_exactly(tmp_path):
-    """A real Trainer run: checkpoint-4/model.safetensors loads into BertForSequenceClassification as the merged
-    model, and resuming from checkpoint-2 ends exactly where the uninterrupted run ended."""
-    from transformers import Trainer, TrainingArguments
+def test_trainer_checkpoint_resumes_exactly_and_reloads_into_the_plain_class_only_merged(tmp_path):
+    """A real Trainer run: checkpoint-4/model.safetensors (the adapted state) is refused by
+    BertForSequenceClassification, its boftlab_merged/ (SaveAdapterCallback(merged=True)) loads as the merged model,
+    and resuming from checkpoint-2 ends exactly where the uninterrupted run ended."""
+    from transformers import BertForSequenceClassification, Trainer, TrainingArguments
 
     def run(output_dir, resume=None):
         model = boftlab.adapt(tiny_bert(), BOFTConfig(block_size=4, n_factors=2), targets=["query", "value"],
@@ -317,11 +333,18 @@ def test_trainer_checkpoint_reloads_into_the_plain_class_and_resumes_exactly(tmp
         args = TrainingArguments(output_dir=str(output_dir), max_steps=4, per_device_train_batch_size=4,
                                  learning_rate=1e-2, save_steps=2, report_to=[], use_cpu=True, seed=0,
                                  disable_tqdm=True)
-        Trainer(model=model, args=args, train_dataset=RandomSentences()).train(resume_from_checkpoint=resume)
+        Trainer(model=model, args=args, train_dataset=RandomSentences(),
+                callbacks=[boftlab.SaveAdapterCallback(merged=True)]).train(resume_from_checkpoint=resume)
         return model.eval()
 
     model = run(tmp_path / "run")
-    assert_plain_reload_is_the_merged_model(model, tmp_path / "run" / "checkpoint-4")
+    assert_plain_reload_refused(BertForSequenceClassification, tmp_path / "run" / "checkpoint-4")
+    assert_plain_reload_is_the_merged_model(model, tmp_path / "run" / "checkpoint-4" / "boftlab_merged")
     resumed = run(tmp_path / "resumed", resume=str(tmp_path / "run" / "checkpoint-2"))
     expected = boftlab.saving.adapter_state(model)
     assert all(torch.equal(v, expected[k]) for k, v in boftlab.saving.adapter_state(resumed).items())
+
+
+def test_save_adapter_callback_takes_merged_as_a_bool():
+    with pytest.raises(ValueError, match="merged must be True or False, got 'yes'"):
+        boftlab.SaveAdapterCallback(merged="yes")

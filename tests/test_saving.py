@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -528,9 +529,9 @@ def test_hot_swap_checkpoint_and_peft_export_use_the_uncompiled_names(tmp_path):
     boftlab.save_adapter(model, tmp_path / "a")
     plain = boftlab.adapt(encoded(False), BOFTConfig(block_size=4), targets=["encoder.0", "head"])
     boftlab.load_adapter(plain, tmp_path / "a")  # hot swap into adapters of the same structure, uncompiled
-    save_checkpoint(tmp_path / "c", model, step=3)
+    save_checkpoint(model, tmp_path / "c", step=3)
     again = boftlab.adapt(encoded(False), BOFTConfig(block_size=4), targets=["encoder.0", "head"])
-    assert load_checkpoint(tmp_path / "c", again).step == 3
+    assert load_checkpoint(again, tmp_path / "c").step == 3
     x = torch.randn(4, 16)
     expected = uncompiled(model)(x)
     torch.testing.assert_close(plain(x), expected, rtol=0, atol=0)
@@ -650,3 +651,99 @@ def test_adapter_tensors_of_a_non_float_dtype_are_refused_naming_the_file(tmp_pa
                                          rf"\('encoder.0.skew', '{dtype}', 'torch.float32'\)"):
         boftlab.load_adapter(model, tmp_path)
     assert_untouched(model, before)
+
+
+# --- save_merged: the plain model, streamed layer by layer -----------------------------------------------------------
+def test_save_merged_writes_what_unwrap_leaves_and_changes_nothing(tmp_path):
+    from safetensors.torch import load_model
+
+    model = adapted_net()
+    before = snapshot(model)
+    file = boftlab.save_merged(model, tmp_path / "merged.safetensors")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and boftlab.adapter_layers(model)
+    plain = fresh_net()
+    load_model(plain, file)  # strict: exactly the plain model's names
+    unwrapped = boftlab.unwrap(adapted_net())
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in unwrapped.state_dict().items())
+    with safe_open(str(file), "pt") as f:
+        assert f.metadata()["format"] == "pt"
+        assert json.loads(f.metadata()["boftlab_merged_from"]) == boftlab.saving.adapter_config(model)
+
+
+def test_save_merged_of_a_merged_model_and_in_training_mode_is_the_same_file(tmp_path):
+    """A merged layer's base weights are the merged ones; the export of a model in training mode is the eval-mode
+    merge (BOFT's multiplicative dropout never enters it)."""
+    model = boftlab.adapt(fresh_net(), BOFTConfig(block_size=4, dropout=0.5), targets=["encoder.0"])
+    trained(model).eval()
+    boftlab.save_merged(model, tmp_path / "eval.safetensors")
+    boftlab.save_merged(model.train(), tmp_path / "train.safetensors")
+    boftlab.save_merged(boftlab.merge(model), tmp_path / "merged.safetensors")
+    files = [(tmp_path / f"{name}.safetensors").read_bytes() for name in ("eval", "train", "merged")]
+    assert files[0] == files[1] == files[2]
+
+
+def test_save_merged_holds_one_layers_merge_at_a_time(tmp_path):
+    """The peak memory of the export is that of one layer's merge, whatever the number of layers: each layer's merged
+    weight is computed when written and freed before the next one."""
+    from boftlab.bench import LiveTensorBytes
+
+    torch.manual_seed(0)
+    model = boftlab.adapt(nn.Sequential(*[nn.Linear(64, 64, bias=False) for _ in range(6)]), BOFTConfig(block_size=4),
+                          targets=[str(i) for i in range(6)])
+    with LiveTensorBytes() as one_layer:
+        model[0].base_after(merge=True)
+    with LiveTensorBytes() as export:
+        boftlab.save_merged(model, tmp_path / "m.safetensors")
+    assert 0 < export.peak <= one_layer.peak
+
+
+def test_save_merged_directory_and_refusals(tmp_path):
+    model = adapted_net()
+    assert boftlab.save_merged(model, tmp_path / "d") == tmp_path / "d" / "model.safetensors"
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["model.safetensors"]  # no transformers config here
+    with pytest.raises(ValueError, match="save_merged: the model has no boftlab adapters"):
+        boftlab.save_merged(fresh_net(), tmp_path / "e")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="save_merged writes a directory, but .* is an existing file"):
+        boftlab.save_merged(model, tmp_path / "file")
+    (tmp_path / "x.safetensors").mkdir()
+    with pytest.raises(ValueError, match="a directory of that name is in the way"):
+        boftlab.save_merged(model, tmp_path / "x.safetensors")
+
+
+def test_save_merged_refuses_a_base_weight_another_module_shares(tmp_path):
+    model = boftlab.adapt(fresh_net(), BOFTConfig(block_size=4), targets=["encoder.0"])
+    model.encoder[2].weight = model.encoder[0].base_layer.weight  # tied after adapt
+    with pytest.raises(ValueError, match=r"'encoder.0.base_layer.weight' is the same tensor as \['encoder.2.weight'\]"):
+        boftlab.save_merged(model, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_a_failed_save_merged_keeps_the_previous_file(tmp_path):
+    """Written atomically: a layer that cannot be merged half-way through leaves the earlier export as it was."""
+    model = adapted_net()
+    file = boftlab.save_merged(model, tmp_path / "m.safetensors")
+    previous = file.read_bytes()
+    with torch.no_grad():
+        model.conv.skew.fill_(float("nan"))  # the last layer written: the others are on disk by then
+    with pytest.raises(ValueError, match="save_merged: layer 'conv' cannot be folded .*NaN"):
+        boftlab.save_merged(model, file)
+    assert file.read_bytes() == previous and sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+def test_save_merged_refuses_a_quantized_base_and_exports_it_dequantized(tmp_path):
+    """A 4-bit base cannot hold a merged weight: refused with the way out, dequantize_bases, after which the export is
+    what unwrap leaves."""
+    pytest.importorskip("bitsandbytes")
+    from test_base_layers import adapted as quantized_adapted
+
+    model = quantized_adapted("boft", 4)
+    with pytest.raises(ValueError, match=r"save_merged: layer 'query' has a quantized \(bitsandbytes\) base.*"
+                                         r"dequantize_bases"):
+        boftlab.save_merged(model, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
+    boftlab.dequantize_bases(model, torch.float32)
+    boftlab.save_merged(model, tmp_path / "m.safetensors")
+    expected = boftlab.unwrap(model).state_dict()
+    assert load_file(tmp_path / "m.safetensors").keys() == expected.keys()
+    assert all(torch.equal(v, expected[k]) for k, v in load_file(tmp_path / "m.safetensors").items())
