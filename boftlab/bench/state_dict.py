@@ -16,9 +16,10 @@ import tempfile
 import torch
 from torch import nn
 
-from . import MEMORY_METHOD, markdown_table, measure_methods, peak_memory_mib, round_robin, suite, with_peft
-from .layers import BLOCK_SIZE, LORA_RANK, _ratio
+from . import MEMORY_METHOD, measure_methods, peak_memory_mib, round_robin, suite, with_peft
+from .layers import BLOCK_SIZE, LORA_RANK
 from .. import model as boftlab_model
+from ..report import markdown_table, ratio
 from ..butterfly import BOFTConfig
 
 ALL_SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -75,7 +76,7 @@ def run_state_dict(argv: list[str]) -> str:
     for label, (targets, model) in models.items():
         state = model.state_dict()
         rows.append([label, len(state), state_bytes(state) / 2**20, state_bytes(state) / plain_bytes,
-                     timings[label].ms, _ratio(timings[label].ms, lora.get(targets)), timings[label].peak_mib])
+                     timings[label].ms, ratio(timings[label].ms, lora.get(targets)), timings[label].peak_mib])
         del state
     header = ["model", "tensors", "state MiB", "× plain bytes", "ms / call", "× LoRA time (same targets)",
               "peak MiB of the call"]
