@@ -14,15 +14,17 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D as TransformersConv1D
 
 import boftlab
+from boftlab.base_layers import Conv1D
 from boftlab.contract import FAMILIES, AdapterConfig
 from boftlab.model import TRAINABLE_ATTR
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 
-# --- the families' own examples ----------------------------------------------------------------------------------------
+# --- the families' own examples ---------------------------------------------------------------------------------------
 def family_examples() -> list[tuple[str, AdapterConfig]]:
     """(family, config) for every example of every family registered in ``FAMILIES`` (``examples``, declared next to
     the family's config): a family that declares none raises its ValueError here — at collection, where it is
@@ -41,7 +43,19 @@ def config_id(config: AdapterConfig) -> str:
     return f"{config.display_name()}-{config.family}-{options}"
 
 
-# --- a trained-looking adapter -----------------------------------------------------------------------------------------
+#: one base layer and one input per layer type a family may adapt (the float kinds of ``boftlab.base_layers``), with
+#: fan-ins that every family's examples fit
+LAYERS = {
+    nn.Linear: (lambda: nn.Linear(16, 12), lambda: torch.randn(3, 16)),
+    Conv1D: (lambda: TransformersConv1D(12, 16), lambda: torch.randn(3, 16)),  # GPT-2's: nf=12 outputs, nx=16 inputs
+    nn.Conv1d: (lambda: nn.Conv1d(8, 6, 3, padding=1), lambda: torch.randn(2, 8, 9)),
+    nn.Conv2d: (lambda: nn.Conv2d(8, 6, 3, padding=1), lambda: torch.randn(2, 8, 5, 5)),
+    nn.Conv3d: (lambda: nn.Conv3d(4, 6, 2), lambda: torch.randn(2, 4, 3, 3, 3)),
+    nn.Embedding: (lambda: nn.Embedding(20, 16, padding_idx=3), lambda: torch.randint(0, 20, (3, 5)).fill_diagonal_(3)),
+}
+
+
+# --- a trained-looking adapter ----------------------------------------------------------------------------------------
 def perturb(module: nn.Module, scale: float = 0.1) -> nn.Module:
     """Move every adapter tensor of every adapter layer in ``module`` (a model, or one adapter layer) by
     scale · N(0, 1) away from its initial value, as training would; returns ``module``."""
@@ -52,7 +66,7 @@ def perturb(module: nn.Module, scale: float = 0.1) -> nn.Module:
     return module
 
 
-# --- a refused call changes nothing ------------------------------------------------------------------------------------
+# --- a refused call changes nothing -----------------------------------------------------------------------------------
 def snapshot(model: nn.Module, *others: Any) -> dict[str, Any]:
     """Everything a refused call must leave as it was: the module tree (names and types), every tensor of
     ``model.state_dict()``, which parameters train, each adapter's merged flag, the modules kept trainable — and the
@@ -86,13 +100,14 @@ def same(a: Any, b: Any) -> bool:
             return False
         if a.is_meta or b.is_meta:
             return a.is_meta and b.is_meta
-        if a.is_floating_point() or a.is_complex():
-            return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+        if a.is_floating_point() or a.is_complex():  # NaN where NaN was, every other value (±inf too) equal
+            nan = a.isnan()
+            return torch.equal(nan, b.isnan()) and torch.equal(a.masked_fill(nan, 0), b.masked_fill(nan, 0))
         return torch.equal(a, b)
     return a == b
 
 
-# --- notebooks by title ------------------------------------------------------------------------------------------------
+# --- notebooks by title -----------------------------------------------------------------------------------------------
 #: a notebook's title: its first Markdown heading, after the "NN · " the file name also carries
 TITLE = re.compile(r"^#\s+(?:\d+\s*·\s*)?(?P<title>.+)$", re.M)
 

@@ -13,26 +13,14 @@ import re
 import pytest
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D as TransformersConv1D
 
 import boftlab
-from boftlab.base_layers import Conv1D, type_name
+from boftlab.base_layers import type_name
 from boftlab.contract import FAMILIES, MERGED_KEY, PATHS, AdapterConfig
-from helpers import canonical_configs, config_id, family_examples, perturb
+from helpers import LAYERS, canonical_configs, config_id, family_examples, perturb
 
 #: (family, config): every example every registered family declares
 CASES = family_examples()
-
-#: one base layer and one input per supported layer type (fan-ins that every family's examples fit)
-LAYERS = {
-    nn.Linear: (lambda: nn.Linear(16, 12), lambda: torch.randn(3, 16)),
-    Conv1D: (lambda: TransformersConv1D(12, 16), lambda: torch.randn(3, 16)),  # GPT-2's: nf=12 outputs, nx=16 inputs
-    nn.Conv1d: (lambda: nn.Conv1d(8, 6, 3, padding=1), lambda: torch.randn(2, 8, 9)),
-    nn.Conv2d: (lambda: nn.Conv2d(8, 6, 3, padding=1), lambda: torch.randn(2, 8, 5, 5)),
-    nn.Conv3d: (lambda: nn.Conv3d(4, 6, 2), lambda: torch.randn(2, 4, 3, 3, 3)),
-    nn.Embedding: (lambda: nn.Embedding(20, 16, padding_idx=3), lambda: torch.randint(0, 20, (3, 5)).fill_diagonal_(3)),
-}
-
 
 def cases_by_layer(cases=None):
     for family, config in cases or CASES:
