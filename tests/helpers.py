@@ -32,6 +32,16 @@ def family_examples() -> list[tuple[str, AdapterConfig]]:
     return [(family, config) for family, cls in FAMILIES.items() for config in cls.example_configs()]
 
 
+def named_examples() -> dict[str, AdapterConfig]:
+    """Every example of every registered family by a short name: the family's for its canonical (first) example,
+    then ``family-2``, ``family-3``, … (e.g. "boft", "surm", "surm-2", "surm-3", "tensor_core")."""
+    named = {}
+    for family, cls in FAMILIES.items():
+        for i, config in enumerate(cls.example_configs(), 1):
+            named[family if i == 1 else f"{family}-{i}"] = config
+    return named
+
+
 def canonical_configs() -> dict[str, AdapterConfig]:
     """family -> its canonical (first) example config, for every registered family."""
     return {family: cls.example_configs()[0] for family, cls in FAMILIES.items()}
