@@ -16,18 +16,15 @@ from torch import nn
 
 import boftlab
 from boftlab.contract import FAMILIES
+from helpers import family_examples, perturb
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh)")
 
-#: representative configs: every family, and BOFT on a fused-kernel block size and on one the kernel lacks (b = 6)
-CONFIGS = [
-    boftlab.BOFTConfig(block_size=4, n_factors=2),
+#: every example of every registered family, and BOFT on another fused-kernel block size and on one the kernel lacks
+#: (b = 6): its CUDA kernel is the one thing here no other family has
+CONFIGS = [config for _, config in family_examples()] + [
     boftlab.BOFTConfig(block_size=8, n_factors=3),
     boftlab.BOFTConfig(block_size=6, n_factors=2),
-    boftlab.OFTConfig(block_size=4, scale=True),
-    boftlab.SURMConfig(structure="circulant", alpha=0.5),
-    boftlab.SURMConfig(structure="ldr", displacement_rank=2),
-    boftlab.TensorCoreConfig(ranks=3, alpha=0.5),
 ]
 LAYERS = {
     nn.Linear: (lambda: nn.Linear(96, 24), lambda: torch.randn(5, 96)),
@@ -41,7 +38,7 @@ CASES = [pytest.param(config, kind, id=f"{config.display_name()}-{config.family}
 
 
 def test_every_family_has_a_cuda_case():
-    """Runs everywhere: a new family fails here until it is added to CONFIGS."""
+    """Runs everywhere: every registered family is here through its own examples."""
     assert {config.family for config in CONFIGS} == set(FAMILIES)
 
 
@@ -59,10 +56,7 @@ def trained_pair(config, kind, dtype):
     torch.manual_seed(0)
     make_base, make_input = LAYERS[kind]
     base = make_base().to(dtype)  # 16-bit weights rounded once, shared by both sides
-    layer = config.make_layer(base)
-    with torch.no_grad():
-        for p in layer.adapter_parameters().values():
-            p.add_(0.1 * torch.randn_like(p))
+    layer = perturb(config.make_layer(base))
     reference = copy.deepcopy(layer).float()
     return layer.cuda(), reference, make_input().to(dtype).cuda()
 

@@ -9,6 +9,7 @@ from torch import nn
 
 import boftlab
 from boftlab import BOFTConfig, OFTConfig
+from helpers import named_examples
 
 
 def check_adapted(model, config, targets, inputs, tmp_path, build, trainable=(), extra=None):
@@ -119,13 +120,11 @@ def test_llama_with_tied_word_embeddings(tmp_path):
         torch.testing.assert_close(LlamaForCausalLM.from_pretrained(tmp_path)(ids).logits, adapted, rtol=1e-4, atol=1e-4)
 
 
-GPT2_CASES = {  # every family on GPT-2's Conv1D projections (weight stored in × out); BOFT on its position embedding too
-    "boft": (BOFTConfig(block_size=8, n_factors=2), ["c_attn", "c_proj", "c_fc", "wpe"]),
-    "oft": (OFTConfig(block_size=16), ["c_attn", "c_proj", "c_fc"]),
-    "surm_lora": (boftlab.SURMConfig(structure="circulant", alpha=0.5), ["c_attn", "c_proj", "c_fc"]),
-    "surm_adapter": (boftlab.SURMConfig(structure="toeplitz", mode="adapter", activation="identity"),
-                     ["c_attn", "c_proj", "c_fc"]),
-    "tensor_core": (boftlab.TensorCoreConfig(ranks=4), ["c_attn", "c_proj", "c_fc"]),
+#: every example of every registered family on GPT-2's Conv1D projections (weight stored in × out), and on its position
+#: embedding too where the family adapts an Embedding
+GPT2_CASES = {
+    name: (config, ["c_attn", "c_proj", "c_fc"] + (["wpe"] if nn.Embedding in config.supported_layers() else []))
+    for name, config in named_examples().items()
 }
 
 
