@@ -17,19 +17,17 @@ from torch import nn
 import boftlab
 from boftlab.contract import FAMILIES
 from boftlab.saving import WEIGHTS_NAME
+from helpers import canonical_configs
 
 WORLD, GLOBAL_BATCH, STEPS, WIDTH = 2, 8, 3, 16
 TOLERANCE = 1e-6
+#: DDP and FSDP on 2 spawned CPU processes (45 s before the first test, 2 loaded cores); the script 3-6 s a family
+pytestmark = pytest.mark.slow
 
 
 def configs():
-    """One layer per family: BOFT, OFT, SURM (circulant), tensor-core."""
-    return [
-        boftlab.BOFTConfig(block_size=4, n_factors=2),
-        boftlab.OFTConfig(block_size=8, scale=True),
-        boftlab.SURMConfig(structure="circulant"),
-        boftlab.TensorCoreConfig(ranks=4),
-    ]
+    """One layer per registered family: its canonical example."""
+    return list(canonical_configs().values())
 
 
 def build():

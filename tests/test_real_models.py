@@ -63,6 +63,7 @@ def minilm_dir():
     return str(MODEL_DIR)
 
 
+@pytest.mark.slow  # 21 s on a loaded 2-core CPU
 def test_pretrained_minilm(minilm_dir, tmp_path):
     from transformers import AutoModel, AutoTokenizer
 
@@ -186,6 +187,7 @@ def test_timm_convnext_depthwise(tmp_path):
     assert model.stages[0].blocks[0].conv_dw.base_layer.groups == 40
 
 
+@pytest.mark.slow  # 20 s on a loaded 2-core CPU
 def test_diffusers_unet2d(tmp_path):
     from diffusers import UNet2DModel
 
@@ -215,6 +217,7 @@ class Sentences(torch.utils.data.Dataset):
         return {k: torch.tensor(v) for k, v in self.items[i].items()}
 
 
+@pytest.mark.slow  # 17 s on a loaded 2-core CPU
 def test_trainer_trains_and_checkpoints_the_adapter(minilm_dir, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
 
@@ -305,6 +308,7 @@ class RandomSentences(torch.utils.data.Dataset):
         return {"input_ids": ids, "attention_mask": torch.ones(9, dtype=torch.long), "labels": torch.tensor(i % 2)}
 
 
+@pytest.mark.slow  # 8 s on a loaded 2-core CPU
 def test_trainer_checkpoint_reloads_into_the_plain_class_and_resumes_exactly(tmp_path):
     """A real Trainer run: checkpoint-4/model.safetensors loads into BertForSequenceClassification as the merged
     model, and resuming from checkpoint-2 ends exactly where the uninterrupted run ended."""
