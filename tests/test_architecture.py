@@ -1,6 +1,8 @@
-"""The test suite's own architecture: the core's tests load no plotting library, every marker is registered (and
-``--strict-markers`` refuses a misspelt one), the ``gpu`` tests skip without a GPU, and notebooks are found by title."""
+"""The package's layers and the test suite's own architecture: every import in boftlab/ points down the layers the
+README's Architecture section draws, the core's tests load no plotting library, every marker is registered (and
+``--strict-markers`` refuses a misspelt one), and notebooks are found by their titles."""
 
+import ast
 import json
 import os
 import subprocess
@@ -17,6 +19,57 @@ ROOT = Path(__file__).resolve().parents[1]
 CORE_TESTS = sorted(f"tests/test_{path.stem}.py" for path in (ROOT / "boftlab").glob("*.py")
                     if (ROOT / "tests" / f"test_{path.stem}.py").is_file())
 PLOTTING = ("matplotlib", "seaborn", "plotly", "bokeh", "ipywidgets")
+
+#: boftlab's layers, bottom up (the README's Architecture section): a module imports only from its own layer and the
+#: ones below. A subpackage counts as one module; "boftlab" is the package's __init__ (the public names).
+LAYERS = (
+    ("leaves", {"base_layers", "butterfly_structure", "kernels", "profiles"}),
+    ("contract", {"contract"}),
+    ("families", {"butterfly", "surm", "tensor_core"}),
+    ("api", {"model", "saving", "checkpoints", "hf_trainer", "peft_interop", "counts"}),
+    ("package", {"boftlab"}),
+    ("tools", {"bench", "reproduce", "teaching", "__main__"}),
+)
+#: the upward imports left today (issue 29 item 4 takes them out): emptied when they go, so none comes back unseen
+UPWARD = {("checkpoints", "boftlab"), ("saving", "boftlab"), ("counts", "bench")}
+
+
+def imports(path: Path) -> set[str]:
+    """The boftlab modules ``path`` imports (at the top or inside a function), each as its unit: the first name
+    under boftlab (a module or a subpackage), or "boftlab" for the package itself."""
+    module = path.relative_to(ROOT).with_suffix("").parts  # ("boftlab", "bench", "layers")
+    package = module[:-1]  # what a relative import starts from (for an __init__, its own package)
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package[: len(package) - node.level + 1]
+            targets = [(*base, *node.module.split("."))] if node.module else [(*base, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "boftlab":
+            targets = [tuple(node.module.split("."))]
+        elif isinstance(node, ast.Import):
+            targets = [tuple(a.name.split(".")) for a in node.names if a.name.split(".")[0] == "boftlab"]
+        else:
+            continue
+        for target in targets:
+            unit = target[1] if len(target) > 1 else "boftlab"
+            found.add("boftlab" if unit == "__version__" else unit)
+    return found
+
+
+def unit(path: Path) -> str:
+    parts = path.relative_to(ROOT / "boftlab").with_suffix("").parts
+    return "boftlab" if parts == ("__init__",) else parts[0]
+
+
+def test_every_import_in_the_package_points_down_its_layers():
+    layer_of = {name: i for i, (_, names) in enumerate(LAYERS) for name in names}
+    files = sorted((ROOT / "boftlab").rglob("*.py"))
+    units = {unit(path) for path in files}
+    assert units == set(layer_of), f"modules in no layer: {sorted(units - set(layer_of))} (add them to LAYERS)"
+    upward = {(unit(path), target) for path in files for target in imports(path)
+              if target in layer_of and layer_of[target] > layer_of[unit(path)]}
+    new, gone = sorted(upward - UPWARD), sorted(UPWARD - upward)
+    assert upward == UPWARD, f"new upward imports: {new}; gone (drop them from UPWARD): {gone}"
 
 #: runs pytest in this process with the arguments given, then reports which plotting libraries it loaded
 PROBE = f"""import json, sys
