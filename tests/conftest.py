@@ -4,7 +4,7 @@ import pytest
 import torch
 
 # figures render off-screen; matplotlib reads this when a teaching test first imports it (core tests never do:
-# tests/test_packaging.py checks that they run without loading it)
+# tests/test_architecture.py checks that they run without loading it)
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
