@@ -37,11 +37,11 @@ Adding a family (``tests/test_toy_family.py`` does exactly this, with a family d
   ``unmerged_weights()`` if it can be folded into the base weight (through ``base_layers.weight`` / ``stored`` /
   ``run``, so every base kind is handled), and ``n_effective()`` if the paper counts differently from what is stored.
 
-Import it from ``boftlab/__init__.py``: nothing else is edited for it to be adapted, saved, loaded, counted and tested.
-``adapt``, ``summary``, ``merge``, saving, loading and ``counts`` handle it, and the cross-cutting tests (``test_contract``, ``test_round_trips``, ``test_precision``,
-``test_compile``, ``test_base_layers``, ``test_real_models``, ``test_cuda``) and ``scripts/train_accelerate.py``
-iterate ``FAMILIES`` and build its configs from its ``examples`` and ``option_space``: a family that declares none
-fails there by name.
+Import it from ``boftlab/__init__.py``: nothing else is edited for it to be adapted, saved, loaded, counted and
+tested. ``adapt``, ``summary``, ``merge``, saving, loading and ``counts`` handle it, and the cross-cutting tests
+(``test_contract``, ``test_round_trips``, ``test_precision``, ``test_compile``, ``test_base_layers``,
+``test_real_models``, ``test_cuda``) and ``scripts/train_accelerate.py`` iterate ``FAMILIES`` and build its configs
+from its ``examples`` and ``option_space``: a family that declares none fails there by name.
 """
 
 from __future__ import annotations
