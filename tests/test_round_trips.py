@@ -222,7 +222,7 @@ def test_layers_hold_every_kind_and_every_layer_type_a_family_adapts():
     assert {t.__name__ for t in LAYERS if base_layers.kind(LAYERS[t][0](True)) == "quantized"} == set(
         base_layers.QUANTIZED_LINEARS)
     for family, cls in FAMILIES.items():
-        configs = [cls(mode=mode) for mode in ("lora", "adapter")] if family == "surm" else [cls()]
+        configs = [cls(), *cls.example_configs()]  # the examples cover the options that change supported_layers()
         assert {t for config in configs for t in config.supported_layers()} <= set(LAYERS), family
 
 
