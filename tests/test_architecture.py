@@ -95,6 +95,7 @@ def test_the_core_tests_load_no_plotting_library():
     assert report["loaded"] == [], f"core tests loaded {report['loaded']}"
 
 
+@pytest.mark.slow  # a pytest in a fresh interpreter: 5-15 s on a loaded 2-core CPU
 def test_the_markers_are_registered_and_strict(tmp_path):
     """slow, gpu and notebooks are declared in pyproject.toml; with --strict-markers a misspelt one fails the run at
     collection instead of silently selecting nothing."""

@@ -524,6 +524,7 @@ def test_a_layer_repacked_behind_boftlab_is_refused_at_the_next_call():
     assert base_layers.kind(model.query.base_layer) == "quantized"
 
 
+@pytest.mark.slow  # a fresh interpreter with bitsandbytes: 44 s on a loaded 2-core CPU
 def test_the_repacking_guards_hold_on_a_cpu_without_avx512_bf16_too():
     """The guards above run here as on a CPU with AVX512-BF16 (the repacking forced, or done with bitsandbytes' own
     function); this runs them again as bitsandbytes runs where the CPU lacks it, so no CPU flag decides a pass."""

@@ -116,6 +116,7 @@ def test_hot_swap_under_compile_needs_no_recompilation(tmp_path):
     assert counter.frame_count == frames == 1
 
 
+@pytest.mark.slow  # three dynamic-shape compilations: 4-19 s on a loaded 2-core CPU
 def test_dynamic_shapes_compile_in_one_graph():
     """Under dynamic shapes the auto path's costs are symbolic: choosing between them must not break the graph (it
     guards on the shape instead), whatever the batch size."""
