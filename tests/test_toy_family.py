@@ -234,4 +234,5 @@ def test_the_bench_times_a_layer_of_every_family(diagonal):
     methods = layers.method_list(sorted(FAMILIES))
     measured = layers.measure_layers(methods, dim=16, tokens=8, device=torch.device("cpu"), dtype=torch.float32,
                                      budget_s=0.0)
-    assert {m.key for m in measured} >= set(FAMILIES) and all(m.timing.ms > 0 for m in measured)
+    timed = {m.key.split("-")[0] for m in measured}  # a method's key: its family, and e.g. "-m2" for BOFT's factors
+    assert timed >= set(FAMILIES) and all(m.timing.ms > 0 for m in measured)
