@@ -24,23 +24,26 @@ layout, the call that runs the base with another weight), so one layer class cov
 Conv1D (W stored transposed) and bitsandbytes' quantized layers (W opaque) alike; ``forward`` here bypasses the
 adapter inside ``boftlab.disabled(model)``.
 
-Adding a family. Write ``myfamily.py`` with the structured matrix first (pure functions over tensors), then:
+Adding a family (``tests/test_toy_family.py`` does exactly this, with a family defined inside the test). Write
+``myfamily.py`` with the structured matrix first (pure functions over tensors), then:
 
-* ``MyConfig(AdapterConfig)``, a dataclass with ``family: ClassVar[str] = "myfamily"`` (this registers it in
-  ``FAMILIES``), its hyper-parameters checked in ``__post_init__``, a field ``path: str = "auto"`` (checked by
-  ``check_path``), ``supported_layers()`` and ``layer_class()``, ``option_space`` (the values each option
-  takes in the seeded random round trips of ``tests/test_round_trips.py``) and ``examples`` (a few small configs,
-  the first one canonical, that the cross-cutting tests, the bench and the runner build from ``FAMILIES``);
+* ``MyConfig(AdapterConfig)``, a dataclass with ``family: ClassVar[str] = "myfamily"`` (defining the class registers it
+  in ``FAMILIES``), its hyper-parameters checked in ``__post_init__``, a field ``path: str = "auto"`` (checked by
+  ``check_path``), ``supported_layers()`` and ``layer_class()``, ``option_space`` (the values each option takes in the
+  seeded random round trips of ``tests/test_round_trips.py``) and ``examples`` (a few small configs, the first one
+  canonical: ``example_configs()``);
 * ``MyLayer(AdapterLayer)`` with its trainable tensors as parameters of its own (zero change at init),
   ``adapted_forward(x, *args, **kwargs)`` that runs ``self.choose_path(x)``, ``paths()``, ``path_costs(...)``
   (and ``check_forced_path`` at the end of ``__init__`` if some layers lack a path), ``delta_weight(dtype)`` if
   W' = W + ΔW (merge and unmerge then come from the contract), or else ``merged_weights()`` / ``unmerged_weights()``
-  if it can be folded into the base weight, and ``n_effective()`` if it stores numbers outside its parametrisation
+  if it can be folded into the base weight (reading the base through ``base_layers``, so every base kind is handled), and ``n_effective()`` if it stores numbers outside its parametrisation
   (see that method).
 
-Import it from ``boftlab/__init__.py``. ``adapt``, ``summary``, ``merge``, saving, loading, ``counts`` and the
-reproduction runner then handle it, and ``tests/test_contract.py`` runs it through the contract once it is given a
-representative config there.
+Import it from ``boftlab/__init__.py``: nothing else is edited for it to be adapted, saved, loaded, counted and
+tested. ``adapt``, ``summary``, ``merge``, saving, loading and ``counts`` handle it, and the cross-cutting tests
+(``test_contract``, ``test_round_trips``, ``test_precision``, ``test_compile``, ``test_base_layers``,
+``test_real_models``, ``test_cuda``) and ``scripts/train_accelerate.py`` iterate ``FAMILIES`` and build its configs
+from its ``examples`` and ``option_space``: a family that declares none fails there by name.
 """
 
 from __future__ import annotations

@@ -34,6 +34,13 @@ if NotebookRun is not None:
     NotebookRun.execute = execute_and_keep
 
 
+def pytest_collection_modifyitems(items):
+    """Every notebook nbmake executes is marked ``notebooks`` (``-m "not notebooks"`` leaves them out)."""
+    for item in items:
+        if item.path.suffix == ".ipynb":
+            item.add_marker(pytest.mark.notebooks)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item):
     discard_executed(item.path)  # a notebook that fails now leaves no older copy for the book

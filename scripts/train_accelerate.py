@@ -32,14 +32,6 @@ NEGATIVE = ["dreadful", "tedious", "clumsy", "boring", "painful", "shallow", "fo
 SUBJECTS = ["the film", "this movie", "the plot", "the acting", "the soundtrack", "the ending", "the script"]
 TEMPLATES = ["{s} was {a}.", "honestly, {s} is {a}", "i found {s} {a}", "{s}? {a}, really {a}."]
 
-FAMILIES = {
-    "boft": lambda: boftlab.BOFTConfig(block_size=8, n_factors=2),
-    "oft": lambda: boftlab.OFTConfig(block_size=32),
-    "surm": lambda: boftlab.SURMConfig(structure="circulant"),
-    "tensor_core": lambda: boftlab.TensorCoreConfig(ranks=8),
-}
-
-
 def sentiment_data(seed: int) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
     """(train, test): templated reviews, label 1 = positive; the test half uses adjectives never seen in training."""
     def make(adjectives: list[str], label: int) -> list[tuple[str, int]]:
@@ -68,7 +60,8 @@ class Classifier(nn.Module):
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="encoder path or hub id (default: the bundled MiniLM-L6)")
-    parser.add_argument("--family", choices=sorted(FAMILIES), default="boft")
+    parser.add_argument("--family", choices=sorted(boftlab.FAMILIES), default="boft",
+                        help="any registered family; its canonical example config (its first declared example)")
     parser.add_argument("--targets", nargs="+", default=["query", "value"], help="module names / suffixes to adapt")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=16, help="per process; the global batch is this × processes")
@@ -87,7 +80,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     torch.manual_seed(args.seed)  # same adapter/head initialisation on every process
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = Classifier(AutoModel.from_pretrained(args.model))
-    boftlab.adapt(model, FAMILIES[args.family](), targets=args.targets, trainable=["head"])
+    config = boftlab.FAMILIES[args.family].example_configs()[0]
+    boftlab.adapt(model, config, targets=args.targets, trainable=["head"])
     if accelerator.is_main_process:
         print(f"{accelerator.num_processes} process(es), {accelerator.distributed_type.value}, "
               f"mixed precision: {accelerator.mixed_precision}")

@@ -1,12 +1,23 @@
 import os
 
-import matplotlib
 import pytest
 import torch
 
-matplotlib.use("Agg")
+# figures render off-screen; matplotlib reads this when a teaching test first imports it (core tests never do:
+# tests/test_architecture.py checks that they run without loading it)
+os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test marked ``gpu`` needs a CUDA GPU: without one it is skipped, and says so (``-rs``)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (scripts/gpu_check.sh runs these on one)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

@@ -13,6 +13,7 @@ from boftlab import AdapterConfig, BOFTConfig, OFTConfig
 from boftlab.model import TRAINABLE_ATTR
 from boftlab.saving import WEIGHTS_NAME
 from boftlab.checkpoints import load_checkpoint, save_checkpoint
+from helpers import assert_unchanged, perturb, snapshot
 
 
 def case(name, *values):
@@ -100,39 +101,11 @@ def plain():
 
 def adapted(config=None):
     model = boftlab.adapt(plain(), config or BOFTConfig(block_size=4), targets=["query", "value"], trainable=["head"])
-    with torch.no_grad():
-        for layer in boftlab.adapter_layers(model).values():
-            for p in layer.adapter_parameters().values():
-                p.add_(0.2 * torch.randn_like(p))
-    return model
+    return perturb(model, scale=0.2)
 
 
 def merged():
     return boftlab.merge(adapted())
-
-
-def snapshot(model):
-    """Everything a failed call must not change: module types, tensors, trainability, merge flags, kept modules."""
-    return (
-        [(n, type(m).__name__) for n, m in model.named_modules()],
-        {k: v.clone() for k, v in model.state_dict().items()},
-        {n: p.requires_grad for n, p in model.named_parameters()},
-        {n: layer.merged for n, layer in boftlab.adapter_layers(model).items()},
-        list(getattr(model, TRAINABLE_ATTR, [])),
-    )
-
-
-def same_tensor(a, b):
-    if a.is_meta or b.is_meta:  # no values to compare
-        return a.is_meta and b.is_meta and a.shape == b.shape and a.dtype == b.dtype
-    if a.is_floating_point() and a.isnan().any():  # a NaN the model already held must still be there, bit for bit
-        return a.dtype == b.dtype and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
-    return torch.equal(a, b)
-
-
-def assert_unchanged(before, after):
-    assert before[0] == after[0] and before[2:] == after[2:]
-    assert before[1].keys() == after[1].keys() and all(same_tensor(v, after[1][k]) for k, v in before[1].items())
 
 
 def saved(tmp_path, model=None):

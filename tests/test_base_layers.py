@@ -2,6 +2,7 @@
 Embedding, and bitsandbytes' quantized Linear4bit / Linear8bitLt (on CPU), with every family on top of them."""
 
 import copy
+import dataclasses
 import os
 import re
 import subprocess
@@ -18,6 +19,7 @@ from transformers.pytorch_utils import Conv1D as TransformersConv1D
 import boftlab
 from boftlab import base_layers
 from boftlab.base_layers import Conv1D
+from helpers import canonical_configs, named_examples
 
 # --- the view ---------------------------------------------------------------------------------------------------------
 LAYERS = {
@@ -93,7 +95,7 @@ COMPUTED_WEIGHTS = {  # layers whose weight is recomputed from other tensors at 
 
 
 @pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
-@pytest.mark.parametrize("family", ["boft", "surm", "tensor_core"])
+@pytest.mark.parametrize("family", list(canonical_configs()))
 @pytest.mark.parametrize("name", COMPUTED_WEIGHTS)
 def test_a_weight_computed_at_every_call_is_refused_before_the_model_is_touched(name, family):
     """weight_norm, spectral_norm, pruning: the layer's weight is recomputed before each call, so a merge written
@@ -103,8 +105,7 @@ def test_a_weight_computed_at_every_call_is_refused_before_the_model_is_touched(
     torch.manual_seed(0)
     model = nn.Sequential(make())
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    config = {"boft": boftlab.BOFTConfig(block_size=4), "surm": boftlab.SURMConfig(),
-              "tensor_core": boftlab.TensorCoreConfig(ranks=2)}[family]
+    config = canonical_configs()[family]
     with pytest.raises(ValueError, match=rf"recomputes its weight or input on every call \(.*{cause}.*then adapt: "
                                          r".*prune.remove\(layer, 'weight'\)"):
         boftlab.adapt(model, config, targets=[type(model[0])])
@@ -141,13 +142,11 @@ class QuantizedNet(nn.Module):
         return self.head(torch.tanh(self.value(torch.tanh(self.query(x)))))
 
 
-CONFIGS = {
-    "boft": boftlab.BOFTConfig(block_size=4, n_factors=2),
-    "oft": boftlab.OFTConfig(block_size=8),
-    "surm_lora": boftlab.SURMConfig(structure="circulant"),
-    "surm_adapter": boftlab.SURMConfig(structure="toeplitz", mode="adapter", activation="identity", bias=False),
-    "tensor_core": boftlab.TensorCoreConfig(ranks=4),
-}
+#: every example of every registered family that adapts an nn.Linear (and so the quantized linear layers), by name:
+#: "boft", "surm" (its canonical example, a circulant), "surm-2", … SURM's adapter mode without its own bias: ``value``
+#: has none to absorb it when the tests below merge.
+CONFIGS = {name: dataclasses.replace(config, bias=False) if getattr(config, "mode", None) == "adapter" else config
+           for name, config in named_examples().items() if nn.Linear in config.supported_layers()}
 CASES = [pytest.param(name, bits, id=f"{name}-{bits}bit") for name in CONFIGS for bits in (4, 8)]
 
 
@@ -351,7 +350,7 @@ def test_a_4bit_adapter_is_refused_on_a_4bit_layer_of_transposed_sizes(tmp_path)
         torch.manual_seed(0)
         return nn.Sequential(quantized(nn.Linear(d_in, d_out), 4))
 
-    for config in (CONFIGS["surm_lora"], CONFIGS["tensor_core"]):  # a circulant's tensors fit both (n = 64)
+    for config in (CONFIGS["surm"], CONFIGS["tensor_core"]):  # a circulant's tensors fit both (n = 64)
         boftlab.save_adapter(boftlab.adapt(net(64, 32), config, targets=["0"]), tmp_path / config.family)
         model = net(32, 64)
         assert model[0].weight.shape == net(64, 32)[0].weight.shape  # packed: the same
@@ -525,6 +524,7 @@ def test_a_layer_repacked_behind_boftlab_is_refused_at_the_next_call():
     assert base_layers.kind(model.query.base_layer) == "quantized"
 
 
+@pytest.mark.slow  # a fresh interpreter with bitsandbytes: 44 s on a loaded 2-core CPU
 def test_the_repacking_guards_hold_on_a_cpu_without_avx512_bf16_too():
     """The guards above run here as on a CPU with AVX512-BF16 (the repacking forced, or done with bitsandbytes' own
     function); this runs them again as bitsandbytes runs where the CPU lacks it, so no CPU flag decides a pass."""

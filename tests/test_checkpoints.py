@@ -12,6 +12,7 @@ from torch import nn
 import boftlab
 from boftlab import BOFTConfig, OFTConfig
 from boftlab.checkpoints import CHECKPOINT_NAME, decode, encode, load_checkpoint, save_checkpoint
+from helpers import assert_unchanged, snapshot
 
 N_STEPS, SPLIT = 6, 3
 
@@ -145,16 +146,6 @@ def test_interrupted_checkpoint_keeps_previous(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]
 
 
-def snapshot(*objects):
-    model, optimizer, scheduler = objects
-    return ({k: v.clone() for k, v in model.state_dict().items()}, repr(optimizer.state_dict()), scheduler.state_dict())
-
-
-def assert_same(before, after):
-    assert before[0].keys() == after[0].keys() and all(torch.equal(v, after[0][k]) for k, v in before[0].items())
-    assert before[1:] == after[1:]
-
-
 def test_mismatched_resume_is_refused_and_changes_nothing(tmp_path):
     model, optimizer, scheduler = build()
     train(model, optimizer, scheduler, 1)
@@ -167,7 +158,7 @@ def test_mismatched_resume_is_refused_and_changes_nothing(tmp_path):
     before = snapshot(other, other_opt, other_sched)
     with pytest.raises(ValueError, match="differ from this model's"):
         load_checkpoint(other, tmp_path, other_opt, other_sched)
-    assert_same(before, snapshot(other, other_opt, other_sched))
+    assert_unchanged(before, snapshot(other, other_opt, other_sched))
 
     fresh, fresh_opt, fresh_sched = build()
     sgd = torch.optim.SGD([p for p in fresh.parameters() if p.requires_grad], lr=0.1)
@@ -176,7 +167,7 @@ def test_mismatched_resume_is_refused_and_changes_nothing(tmp_path):
         load_checkpoint(fresh, tmp_path, sgd, fresh_sched)
     with pytest.raises(ValueError, match="holds a LambdaLR scheduler state; pass the scheduler"):
         load_checkpoint(fresh, tmp_path, fresh_opt, None)
-    assert_same(before, snapshot(fresh, fresh_opt, fresh_sched))
+    assert_unchanged(before, snapshot(fresh, fresh_opt, fresh_sched))
 
 
 def test_resume_into_a_merged_model_is_refused_and_changes_nothing(tmp_path):
@@ -192,7 +183,7 @@ def test_resume_into_a_merged_model_is_refused_and_changes_nothing(tmp_path):
     before = snapshot(other, other_opt, other_sched)
     with pytest.raises(ValueError, match=r"2 adapter\(s\) of this model are merged .* boftlab.unmerge\(model\) first"):
         load_checkpoint(other, tmp_path, other_opt, other_sched)
-    assert_same(before, snapshot(other, other_opt, other_sched))
+    assert_unchanged(before, snapshot(other, other_opt, other_sched))
 
     boftlab.unmerge(other)
     assert load_checkpoint(other, tmp_path, other_opt, other_sched).step == 1
@@ -244,7 +235,7 @@ def test_flipped_bit_in_a_checkpoint_is_refused_and_changes_nothing(tmp_path):
     before = snapshot(*fresh)
     with pytest.raises(ValueError, match=rf"training checkpoint file '{file}' is corrupted"):
         load_checkpoint(fresh[0], tmp_path, *fresh[1:])
-    assert_same(before, snapshot(*fresh))
+    assert_unchanged(before, snapshot(*fresh))
 
 
 def test_checkpoint_without_a_checksum(tmp_path):
@@ -276,7 +267,7 @@ def test_resume_into_a_model_of_another_dtype_is_refused(tmp_path):
     message = r"dtype mismatch .*'0.skew', '\[2, 4, 6\] torch.float32', '\[2, 4, 6\] torch.float64'"
     with pytest.raises(ValueError, match=message):
         load_checkpoint(fresh[0], tmp_path, rng=False)
-    assert_same(before, snapshot(*fresh))
+    assert_unchanged(before, snapshot(*fresh))
 
 
 @pytest.mark.parametrize("extra", [
@@ -324,7 +315,7 @@ def test_malformed_format_1_checkpoint_is_refused_naming_the_file(tmp_path, chan
     before = snapshot(*fresh)
     with pytest.raises(ValueError, match=message):
         load_checkpoint(fresh[0], tmp_path, *fresh[1:])
-    assert_same(before, snapshot(*fresh))
+    assert_unchanged(before, snapshot(*fresh))
 
 
 def test_resume_ignores_runtime_options(tmp_path):

@@ -13,29 +13,23 @@ import torch
 from torch import nn
 
 import boftlab
+from helpers import family_examples, perturb
 
 BACKENDS = ["aot_eager"] + (["inductor"] if os.environ.get("BOFTLAB_SLOW_TESTS") == "1" else [])
 
 
 def adapted_model():
+    """One Linear per example of every registered family (the configs each declares next to itself), and a head."""
     torch.manual_seed(0)
+    configs = [config for _, config in family_examples()]
     layers = []
-    for _ in range(4):
+    for _ in configs:
         layers += [nn.Linear(32, 32), nn.GELU()]
     model = nn.Sequential(*layers, nn.Linear(32, 4))
-    configs = [
-        boftlab.BOFTConfig(block_size=4, n_factors=2),
-        boftlab.OFTConfig(block_size=8, scale=True),
-        boftlab.SURMConfig(structure="circulant"),
-        boftlab.TensorCoreConfig(ranks=4),
-    ]
+    head = str(len(model) - 1)
     for i, config in enumerate(configs):
-        boftlab.adapt(model, config, targets=[str(2 * i)], trainable=["8"] if i == 0 else ())
-    with torch.no_grad():  # away from the identity, so that a wrong graph would show
-        for layer in boftlab.adapter_layers(model).values():
-            for p in layer.adapter_parameters().values():
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+        boftlab.adapt(model, config, targets=[str(2 * i)], trainable=[head] if i == 0 else ())
+    return perturb(model)  # away from the identity, so that a wrong graph would show
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -108,11 +102,7 @@ def test_hot_swap_under_compile_needs_no_recompilation(tmp_path):
     """load_adapter copies into the same parameter objects, so the compiled graph stays valid and is reused."""
     from torch._dynamo.testing import CompileCounter
 
-    other = adapted_model()
-    with torch.no_grad():
-        for layer in boftlab.adapter_layers(other).values():
-            for p in layer.adapter_parameters().values():
-                p.add_(0.2 * torch.randn_like(p))
+    other = perturb(adapted_model(), scale=0.2)
     boftlab.save_adapter(other, tmp_path)
     model = adapted_model()
     counter = CompileCounter()
@@ -126,6 +116,7 @@ def test_hot_swap_under_compile_needs_no_recompilation(tmp_path):
     assert counter.frame_count == frames == 1
 
 
+@pytest.mark.slow  # three dynamic-shape compilations: 4-19 s on a loaded 2-core CPU
 def test_dynamic_shapes_compile_in_one_graph():
     """Under dynamic shapes the auto path's costs are symbolic: choosing between them must not break the graph (it
     guards on the shape instead), whatever the batch size."""

@@ -1,7 +1,9 @@
 """The adapter contract itself: every family in FAMILIES, on every layer type it supports, answers the same questions
 the same way — identity at init, merge/unmerge, the path protocol, save/load, summary, and the unsupported-layer error.
 
-A new family is covered by adding representative configs to ``CONFIGS`` (the first test fails until it is)."""
+The configs are the families' own ``examples`` (declared next to each config class): a new family is covered as soon as
+it registers, and a family that declares no examples fails at collection. ``tests/test_toy_family.py`` runs these same
+functions on a family defined inside a test."""
 
 from __future__ import annotations
 
@@ -11,44 +13,19 @@ import re
 import pytest
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D as TransformersConv1D
 
 import boftlab
-from boftlab.base_layers import Conv1D, type_name
+from boftlab.base_layers import type_name
 from boftlab.contract import FAMILIES, MERGED_KEY, PATHS, AdapterConfig
+from helpers import LAYERS, canonical_configs, config_id, family_examples, perturb
 
-#: family -> representative configs (every option that changes the layer's structure or its supported types)
-CONFIGS: dict[str, list[AdapterConfig]] = {
-    "boft": [boftlab.BOFTConfig(block_size=4, n_factors=2)],
-    "oft": [boftlab.OFTConfig(block_size=4, scale=True)],
-    "surm": [
-        boftlab.SURMConfig(structure="circulant", alpha=0.5),
-        boftlab.SURMConfig(structure="ldr", displacement_rank=2),
-        boftlab.SURMConfig(structure="toeplitz", mode="adapter", activation="identity"),
-    ],
-    "tensor_core": [boftlab.TensorCoreConfig(ranks=3, alpha=0.5)],
-}
-CASES = [(family, config) for family, configs in CONFIGS.items() for config in configs]
+#: (family, config): every example every registered family declares
+CASES = family_examples()
 
-#: one base layer and one input per supported layer type (fan-ins that every representative config fits)
-LAYERS = {
-    nn.Linear: (lambda: nn.Linear(16, 12), lambda: torch.randn(3, 16)),
-    Conv1D: (lambda: TransformersConv1D(12, 16), lambda: torch.randn(3, 16)),  # GPT-2's: nf=12 outputs, nx=16 inputs
-    nn.Conv1d: (lambda: nn.Conv1d(8, 6, 3, padding=1), lambda: torch.randn(2, 8, 9)),
-    nn.Conv2d: (lambda: nn.Conv2d(8, 6, 3, padding=1), lambda: torch.randn(2, 8, 5, 5)),
-    nn.Conv3d: (lambda: nn.Conv3d(4, 6, 2), lambda: torch.randn(2, 4, 3, 3, 3)),
-    nn.Embedding: (lambda: nn.Embedding(20, 16, padding_idx=3), lambda: torch.randint(0, 20, (3, 5)).fill_diagonal_(3)),
-}
-
-
-def cases_by_layer():
-    for family, config in CASES:
+def cases_by_layer(cases=None):
+    for family, config in cases or CASES:
         for kind in config.supported_layers():
-            yield pytest.param(config, kind, id=f"{config.display_name()}-{family}-{kind.__name__}-{_options(config)}")
-
-
-def _options(config: AdapterConfig) -> str:
-    return ",".join(f"{k}={v}" for k, v in config.to_dict().items() if k != "family" and v is not None)
+            yield pytest.param(config, kind, id=f"{config_id(config)}-{kind.__name__}")
 
 
 def build(config: AdapterConfig, kind: type[nn.Module]):
@@ -60,16 +37,18 @@ def build(config: AdapterConfig, kind: type[nn.Module]):
     return config.make_layer(base).double(), base, (x.double() if x.is_floating_point() else x)
 
 
-def perturb(layer) -> None:
-    """Move every adapter tensor away from its initial value (a trained-looking adapter)."""
-    with torch.no_grad():
-        for p in layer.adapter_parameters().values():
-            p.add_(0.1 * torch.randn_like(p))
+def test_every_registered_family_is_covered_by_its_own_examples(monkeypatch):
+    """Every family in FAMILIES has examples of its own class here; one that declares none is refused by name (it would
+    fail the collection of every module that iterates FAMILIES, never be skipped)."""
+    assert {family for family, _ in CASES} == set(FAMILIES)
+    assert all(type(c) is FAMILIES[family] for family, c in CASES)
 
+    class Undeclared(boftlab.OFTConfig):  # a subclass does not inherit its parent's examples
+        pass
 
-def test_every_family_has_representative_configs():
-    assert set(CONFIGS) == set(FAMILIES)
-    assert all(type(c).family == family for family, c in CASES)
+    monkeypatch.setitem(FAMILIES, "undeclared", Undeclared)
+    with pytest.raises(ValueError, match=r"Undeclared \(family 'oft'\) declares no examples"):
+        family_examples()
 
 
 @pytest.mark.parametrize("config,kind", list(cases_by_layer()))
@@ -254,11 +233,11 @@ BASES = {kind.__name__: (kind, *LAYERS[kind]) for kind in LAYERS} | {
     f"{bits}bit": (nn.Linear, lambda bits=bits: quantized_base(bits), lambda: torch.randn(3, 64)) for bits in (4, 8)}
 
 
-def cases_by_base():
-    for family, config in CASES:
+def cases_by_base(cases=None):
+    for family, config in cases or CASES:
         for name, (kind, _, _) in BASES.items():
             if kind in config.supported_layers():
-                yield pytest.param(config, name, id=f"{family}-{name}-{_options(config)}")
+                yield pytest.param(config, name, id=f"{config_id(config)}-{name}")
 
 
 @pytest.mark.parametrize("config,base", list(cases_by_base()))
@@ -286,7 +265,7 @@ def test_a_training_step_after_an_evaluation_gives_every_trainable_tensor_its_gr
         torch.testing.assert_close(grads[True][n], g, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("family,config", CASES, ids=[f"{f}-{_options(c)}" for f, c in CASES])
+@pytest.mark.parametrize("family,config", CASES, ids=[config_id(c) for _, c in CASES])
 def test_unsupported_layer_is_refused_naming_the_supported_types(family, config):
     names = ", ".join(type_name(t) for t in config.supported_layers())
     with pytest.raises(ValueError, match=rf"{re.escape(config.display_name())} cannot adapt a LayerNorm; supported "
@@ -299,7 +278,7 @@ def test_unsupported_layer_is_refused_naming_the_supported_types(family, config)
     assert not boftlab.adapter_layers(model)  # nothing changed
 
 
-@pytest.mark.parametrize("family,config", CASES, ids=[f"{f}-{_options(c)}" for f, c in CASES])
+@pytest.mark.parametrize("family,config", CASES, ids=[config_id(c) for _, c in CASES])
 def test_config_round_trips_through_its_dict(family, config):
     data = config.to_dict()
     assert data["family"] == family and AdapterConfig.from_dict(data) == config
@@ -333,7 +312,7 @@ def test_whole_model_state_dict_round_trip(config, kind, merged):
 def test_state_dict_without_merged_flags_is_missing_keys():
     """A strict load of a state_dict with base weights but no merged flag (not from this boftlab) names the keys."""
     model, x = net(nn.Linear)
-    boftlab.adapt(model, CONFIGS["boft"][0], targets=["layer"])
+    boftlab.adapt(model, canonical_configs()["boft"], targets=["layer"])
     state = {k: v for k, v in model.state_dict().items() if not k.endswith(f".{MERGED_KEY}")}
     with pytest.raises(RuntimeError, match=rf'Missing key\(s\) in state_dict: "layer.{MERGED_KEY}"'):
         model.load_state_dict(state)

@@ -1,9 +1,10 @@
 """On a CUDA GPU every family equals the same adapter on the CPU — forward, gradients and merge, in fp32, bf16 and
 fp16 — and BOFT does on every path, with the fused kernel and with the PyTorch path.
 
-Skipped without a GPU; ``scripts/gpu_check.sh`` runs this file on one. The CPU reference is computed in fp32 from the
-same values the GPU layer holds (its 16-bit base weights and inputs, upcast), so what is compared is the GPU's
-arithmetic: tolerances are a few units of the dtype's rounding (``TOLERANCE``), and fp32 runs without TF32.
+Marked ``gpu``: skipped without a GPU (tests/conftest.py); ``scripts/gpu_check.sh`` runs this file on one. The CPU
+reference is computed in fp32 from the same values the GPU layer holds (its 16-bit base weights and inputs, upcast), so
+what is compared is the GPU's arithmetic: tolerances are a few units of the dtype's rounding (``TOLERANCE``), and fp32
+runs without TF32.
 """
 
 from __future__ import annotations
@@ -16,18 +17,14 @@ from torch import nn
 
 import boftlab
 from boftlab.contract import FAMILIES
+from helpers import family_examples, perturb
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh)")
 
-#: representative configs: every family, and BOFT on a fused-kernel block size and on one the kernel lacks (b = 6)
-CONFIGS = [
-    boftlab.BOFTConfig(block_size=4, n_factors=2),
+#: every example of every registered family, and BOFT on another fused-kernel block size and on one the kernel lacks
+#: (b = 6): its CUDA kernel is the one thing here no other family has
+CONFIGS = [config for _, config in family_examples()] + [
     boftlab.BOFTConfig(block_size=8, n_factors=3),
     boftlab.BOFTConfig(block_size=6, n_factors=2),
-    boftlab.OFTConfig(block_size=4, scale=True),
-    boftlab.SURMConfig(structure="circulant", alpha=0.5),
-    boftlab.SURMConfig(structure="ldr", displacement_rank=2),
-    boftlab.TensorCoreConfig(ranks=3, alpha=0.5),
 ]
 LAYERS = {
     nn.Linear: (lambda: nn.Linear(96, 24), lambda: torch.randn(5, 96)),
@@ -41,7 +38,7 @@ CASES = [pytest.param(config, kind, id=f"{config.display_name()}-{config.family}
 
 
 def test_every_family_has_a_cuda_case():
-    """Runs everywhere: a new family fails here until it is added to CONFIGS."""
+    """Runs everywhere: every registered family is here through its own examples."""
     assert {config.family for config in CONFIGS} == set(FAMILIES)
 
 
@@ -59,10 +56,7 @@ def trained_pair(config, kind, dtype):
     torch.manual_seed(0)
     make_base, make_input = LAYERS[kind]
     base = make_base().to(dtype)  # 16-bit weights rounded once, shared by both sides
-    layer = config.make_layer(base)
-    with torch.no_grad():
-        for p in layer.adapter_parameters().values():
-            p.add_(0.1 * torch.randn_like(p))
+    layer = perturb(config.make_layer(base))
     reference = copy.deepcopy(layer).float()
     return layer.cuda(), reference, make_input().to(dtype).cuda()
 
@@ -81,7 +75,7 @@ def assert_close_to(got, want, dtype, scale=1.0):
     torch.testing.assert_close(got, want, rtol=tol, atol=tol * max(want.abs().max().item(), 1e-6))
 
 
-@needs_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("config,kind", CASES)
 def test_forward_and_gradients_equal_cpu(config, kind, dtype, exact_fp32):
@@ -92,7 +86,7 @@ def test_forward_and_gradients_equal_cpu(config, kind, dtype, exact_fp32):
         assert_close_to(g, w, dtype, scale=1.0 if i == 0 else 2.0)  # gradients: one more rounding of dL/dy
 
 
-@needs_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("config,kind", CASES)
 def test_merge_on_cuda_equals_the_unmerged_layer(config, kind, dtype, exact_fp32):
@@ -106,7 +100,7 @@ def test_merge_on_cuda_equals_the_unmerged_layer(config, kind, dtype, exact_fp32
     assert_close_to(layer.base_layer.weight.float().cpu(), original.float().cpu(), dtype, scale=2.0)
 
 
-@needs_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kernel", ["auto", "torch"])
 @pytest.mark.parametrize("path", ["input", "assembled", "weight"])
@@ -120,7 +114,7 @@ def test_boft_every_path_and_kernel_equals_cpu(path, kernel, kind, dtype, exact_
         assert_close_to(g, w, dtype, scale=1.0 if i == 0 else 2.0)
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_fused_kernel_is_taken_automatically_on_cuda():
     """kernel="auto" on CUDA: the factored rotation runs the fused kernel, and the cost model prices it so."""
     pytest.importorskip("triton")

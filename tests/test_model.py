@@ -1,6 +1,7 @@
 """adapt / summary / merge / unmerge / unwrap on plain PyTorch models."""
 
 import copy
+import functools
 import pickle
 import re
 
@@ -11,6 +12,7 @@ from torch import nn
 import boftlab
 from boftlab import BOFTConfig, OFTConfig
 from boftlab.butterfly import BOFTLayer
+import helpers
 
 
 class Block(nn.Module):
@@ -34,12 +36,7 @@ class Net(nn.Module):
         return self.head(x)
 
 
-def perturb(model):
-    with torch.no_grad():
-        for layer in boftlab.adapter_layers(model).values():
-            for p in layer.adapter_parameters().values():
-                p.add_(0.2 * torch.randn_like(p))
-    return model
+perturb = functools.partial(helpers.perturb, scale=0.2)  # trained-looking adapters
 
 
 def test_targets_by_suffix_regex_and_type():

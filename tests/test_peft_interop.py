@@ -1,6 +1,6 @@
 """to_peft / from_peft: PEFT loads boftlab's BOFT and OFT adapters with identical outputs, and back."""
 
-
+import functools
 import json
 
 import peft
@@ -11,6 +11,7 @@ from torch import nn
 import boftlab
 from boftlab import BOFTConfig, OFTConfig
 from boftlab.bench.peft_patch import peft_boft_without_cuda
+import helpers
 
 
 class Net(nn.Module):
@@ -33,12 +34,7 @@ def base():
     return Net()
 
 
-def perturb(model):
-    with torch.no_grad():
-        for layer in boftlab.adapter_layers(model).values():
-            for p in layer.adapter_parameters().values():
-                p.add_(0.3 * torch.randn_like(p))
-    return model
+perturb = functools.partial(helpers.perturb, scale=0.3)  # trained-looking adapters
 
 
 def assert_same(a, b, atol=1e-5):

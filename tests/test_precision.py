@@ -11,25 +11,21 @@ import torch
 from torch import nn
 
 import boftlab
-from boftlab import BOFTConfig, OFTConfig
+from boftlab import BOFTConfig, SURMConfig
+from helpers import LAYERS, canonical_configs, config_id, family_examples, perturb
 
-CONFIGS = {
-    "boft": lambda: BOFTConfig(block_size=4, n_factors=2),
-    "boft_neumann": lambda: BOFTConfig(block_size=4, n_factors=2, neumann_terms=5),
-    "oft": lambda: OFTConfig(block_size=8),
-    "surm_circulant": lambda: boftlab.SURMConfig(structure="circulant"),
-    "surm_ldr": lambda: boftlab.SURMConfig(structure="ldr", displacement_rank=2),
-    "tensor_core": lambda: boftlab.TensorCoreConfig(ranks=4),
-}
-FAMILIES = ["boft", "oft", "surm_circulant", "tensor_core"]  # one config per family for the training tests
+#: every example of every registered family (the configs each family declares next to itself)
+CASES = [pytest.param(config, id=config_id(config)) for _, config in family_examples()]
+#: BOFT with its Neumann-series Cayley transform, which no example uses: its blocks are computed another way
+NEUMANN = BOFTConfig(block_size=4, n_factors=2, neumann_terms=5)
 DTYPES = [torch.bfloat16, torch.float16]
 HALF_TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 
-def adapted(family):
+def adapted(config):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 4))
-    return boftlab.adapt(model, CONFIGS[family](), targets=["0", "2"], trainable=["4"])
+    return boftlab.adapt(model, config, targets=["0", "2"], trainable=["4"])
 
 
 def data():
@@ -38,9 +34,9 @@ def data():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("family", FAMILIES)
-def test_autocast_training(family, dtype):
-    model = adapted(family)
+@pytest.mark.parametrize("config", CASES)
+def test_autocast_training(config, dtype):
+    model = adapted(config)
     x, y = data()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -62,13 +58,9 @@ def test_autocast_training(family, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("family", FAMILIES)
-def test_autocast_output_matches_fp32(family, dtype):
-    model = adapted(family)
-    with torch.no_grad():
-        for layer in boftlab.adapter_layers(model).values():
-            for p in layer.adapter_parameters().values():
-                p.add_(0.1 * torch.randn_like(p))
+@pytest.mark.parametrize("config", CASES)
+def test_autocast_output_matches_fp32(config, dtype):
+    model = perturb(adapted(config))
     x, _ = data()
     with torch.no_grad():
         full = model(x)
@@ -79,9 +71,10 @@ def test_autocast_output_matches_fp32(family, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("family", ["boft", "boft_neumann", "oft"])
-def test_orthogonal_blocks_stay_fp32_under_autocast(family, dtype):
-    layer = adapted(family)[0]
+@pytest.mark.parametrize("config", [c for c in CASES if c.values[0].family in ("boft", "oft")]
+                         + [pytest.param(NEUMANN, id=config_id(NEUMANN))])
+def test_orthogonal_blocks_stay_fp32_under_autocast(config, dtype):
+    layer = adapted(config)[0]
     with torch.no_grad():
         layer.skew.add_(0.3 * torch.randn_like(layer.skew))
     full = layer.orthogonal_blocks()
@@ -95,9 +88,9 @@ def test_orthogonal_blocks_stay_fp32_under_autocast(family, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("family", ["surm_circulant", "surm_ldr"])
-def test_surm_ffts_run_in_fp32_under_autocast(family, dtype, monkeypatch):
-    model = adapted(family)
+@pytest.mark.parametrize("config", [c for c in CASES if c.values[0].family == "surm"])
+def test_surm_ffts_run_in_fp32_under_autocast(config, dtype, monkeypatch):
+    model = adapted(config)
     seen = []
     for name in ("rfft", "irfft"):
         original = getattr(torch.fft, name)
@@ -114,6 +107,15 @@ def test_surm_ffts_run_in_fp32_under_autocast(family, dtype, monkeypatch):
 
 
 # --- gradient checkpointing ------------------------------------------------------------------------------------------
+#: one projection of every Llama block per registered family (its canonical example): every family checkpointed
+LLAMA_ADAPTERS = dict(zip(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                          canonical_configs().values(), strict=False))
+
+
+def test_every_family_has_a_projection_in_the_checkpointed_llama():
+    assert len(LLAMA_ADAPTERS) == len(canonical_configs()), "more families than a Llama block has projections"
+
+
 def tiny_llama(checkpointing, reentrant=False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -123,10 +125,8 @@ def tiny_llama(checkpointing, reentrant=False):
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
-    boftlab.adapt(model, BOFTConfig(block_size=4), targets=["q_proj"])
-    boftlab.adapt(model, OFTConfig(block_size=8), targets=["k_proj"])
-    boftlab.adapt(model, boftlab.SURMConfig(structure="circulant"), targets=["v_proj"])
-    boftlab.adapt(model, boftlab.TensorCoreConfig(ranks=4), targets=["o_proj"])
+    for projection, adapter in LLAMA_ADAPTERS.items():
+        boftlab.adapt(model, adapter, targets=[projection])
     if checkpointing:
         # the embeddings are frozen, so with re-entrant checkpointing the checkpointed blocks' inputs would not need
         # grad and the adapters inside would get none: enable_input_require_grads makes the embedding output need it
@@ -154,33 +154,26 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients(reentrant, refe
     assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
     grads = adapter_grads(model)
     assert grads.keys() == reference_grads.keys() and len(grads) > 8 and all(g is not None for g in grads.values())
-    for family in ("q_proj", "k_proj", "v_proj", "o_proj"):  # every family's layers receive gradient
-        assert sum(g.abs().sum() for n, g in grads.items() if family in n) > 0
+    for projection in LLAMA_ADAPTERS:  # every family's layers receive gradient
+        assert sum(g.abs().sum() for n, g in grads.items() if projection in n) > 0
     for name, grad in grads.items():
         torch.testing.assert_close(grad, reference_grads[name], rtol=0, atol=1e-6)
 
 
 # --- merges compute in fp64 whatever the adapter's and the base's dtypes ------------------------------------------------
-MERGE_CASES = {  # family config, base layer
-    "boft": (lambda: BOFTConfig(block_size=4, n_factors=2), lambda: nn.Linear(16, 8)),
-    "boft_neumann": (lambda: BOFTConfig(block_size=4, n_factors=2, neumann_terms=3), lambda: nn.Linear(16, 8)),
-    "boft_conv": (lambda: BOFTConfig(block_size=6, n_factors=1), lambda: nn.Conv2d(4, 6, 3)),
-    "oft_embedding": (lambda: OFTConfig(block_size=4), lambda: nn.Embedding(10, 8)),
-    "surm_kronecker": (lambda: boftlab.SURMConfig(structure="kronecker"), lambda: nn.Linear(16, 8)),
-    "surm_ldr_conv": (lambda: boftlab.SURMConfig(structure="ldr", displacement_rank=2), lambda: nn.Conv2d(4, 6, 3)),
-    "surm_adapter": (lambda: boftlab.SURMConfig(structure="kronecker", mode="adapter", activation="identity"),
-                     lambda: nn.Linear(16, 8)),
-    "tensor_core": (lambda: boftlab.TensorCoreConfig(ranks=4), lambda: nn.Linear(16, 8)),
-    "tensor_core_conv": (lambda: boftlab.TensorCoreConfig(ranks=3), lambda: nn.Conv2d(4, 6, 3)),
-    "tensor_core_embedding": (lambda: boftlab.TensorCoreConfig(ranks=4), lambda: nn.Embedding(10, 8)),
-}
+#: options no example uses, whose merges compute differently: BOFT's Neumann series, SURM's Kronecker structure
+MERGE_EXTRAS = [BOFTConfig(block_size=4, n_factors=2, neumann_terms=3), SURMConfig(structure="kronecker"),
+                SURMConfig(structure="kronecker", mode="adapter", activation="identity")]
+MERGE_CASES = [pytest.param(config, kind, id=f"{config_id(config)}-{kind.__name__}")
+               for config in [*(c.values[0] for c in CASES), *MERGE_EXTRAS]
+               for kind in (nn.Linear, nn.Conv2d, nn.Embedding) if kind in config.supported_layers()]
 MERGE_DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 
 
-def trained_layer(case: str, adapter_dtype: torch.dtype, base_dtype: torch.dtype) -> boftlab.AdapterLayer:
+def trained_layer(config: boftlab.AdapterConfig, kind: type[nn.Module], adapter_dtype: torch.dtype,
+                  base_dtype: torch.dtype) -> boftlab.AdapterLayer:
     torch.manual_seed(0)
-    config, base = MERGE_CASES[case]
-    layer = config().make_layer(base().to(base_dtype))
+    layer = config.make_layer(LAYERS[kind][0]().to(base_dtype))
     with torch.no_grad():
         for name, p in layer.adapter_parameters().items():
             p.data = (p.detach().double() + 0.3 * torch.randn_like(p, dtype=torch.float64)).to(adapter_dtype)
@@ -202,12 +195,12 @@ def one_rounding(result: torch.Tensor, exact: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("base_dtype", MERGE_DTYPES, ids=str)
 @pytest.mark.parametrize("adapter_dtype", MERGE_DTYPES, ids=str)
-@pytest.mark.parametrize("case", list(MERGE_CASES))
-def test_merge_and_unmerge_compute_in_fp64_for_any_adapter_and_base_dtype(case, adapter_dtype, base_dtype):
+@pytest.mark.parametrize("config,kind", MERGE_CASES)
+def test_merge_and_unmerge_compute_in_fp64_for_any_adapter_and_base_dtype(config, kind, adapter_dtype, base_dtype):
     """merged_weights (merge, unwrap, save_merged) and unmerged_weights give the fp64 result of the
     adapter's own values, rounded once to the base dtype — never computed in a bf16 adapter's or an fp32 Cayley
     transform's precision."""
-    layer = trained_layer(case, adapter_dtype, base_dtype)
+    layer = trained_layer(config, kind, adapter_dtype, base_dtype)
     twin = fp64_twin(layer)
     merged, exact = layer.merged_weights(), twin.merged_weights()
     for name, tensor in merged.items():

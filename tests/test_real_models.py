@@ -10,6 +10,7 @@ from torch import nn
 
 import boftlab
 from boftlab import BOFTConfig, OFTConfig
+from helpers import named_examples
 
 
 def check_adapted(model, config, targets, inputs, tmp_path, build, trainable=(), extra=None):
@@ -63,6 +64,7 @@ def minilm_dir():
     return str(MODEL_DIR)
 
 
+@pytest.mark.slow  # 21 s on a loaded 2-core CPU
 def test_pretrained_minilm(minilm_dir, tmp_path):
     from transformers import AutoModel, AutoTokenizer
 
@@ -120,13 +122,11 @@ def test_llama_with_tied_word_embeddings(tmp_path):
         torch.testing.assert_close(LlamaForCausalLM.from_pretrained(tmp_path)(ids).logits, adapted, rtol=1e-4, atol=1e-4)
 
 
-GPT2_CASES = {  # every family on GPT-2's Conv1D projections (weight stored in × out); BOFT on its position embedding too
-    "boft": (BOFTConfig(block_size=8, n_factors=2), ["c_attn", "c_proj", "c_fc", "wpe"]),
-    "oft": (OFTConfig(block_size=16), ["c_attn", "c_proj", "c_fc"]),
-    "surm_lora": (boftlab.SURMConfig(structure="circulant", alpha=0.5), ["c_attn", "c_proj", "c_fc"]),
-    "surm_adapter": (boftlab.SURMConfig(structure="toeplitz", mode="adapter", activation="identity"),
-                     ["c_attn", "c_proj", "c_fc"]),
-    "tensor_core": (boftlab.TensorCoreConfig(ranks=4), ["c_attn", "c_proj", "c_fc"]),
+#: every example of every registered family on GPT-2's Conv1D projections (weight stored in × out), and on its position
+#: embedding too where the family adapts an Embedding
+GPT2_CASES = {
+    name: (config, ["c_attn", "c_proj", "c_fc"] + (["wpe"] if nn.Embedding in config.supported_layers() else []))
+    for name, config in named_examples().items()
 }
 
 
@@ -188,6 +188,7 @@ def test_timm_convnext_depthwise(tmp_path):
     assert model.stages[0].blocks[0].conv_dw.base_layer.groups == 40
 
 
+@pytest.mark.slow  # 20 s on a loaded 2-core CPU
 def test_diffusers_unet2d(tmp_path):
     from diffusers import UNet2DModel
 
@@ -217,6 +218,7 @@ class Sentences(torch.utils.data.Dataset):
         return {k: torch.tensor(v) for k, v in self.items[i].items()}
 
 
+@pytest.mark.slow  # 17 s on a loaded 2-core CPU
 def test_trainer_trains_and_checkpoints_the_adapter(minilm_dir, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
 
@@ -321,6 +323,7 @@ class RandomSentences(torch.utils.data.Dataset):
         return {"input_ids": ids, "attention_mask": torch.ones(9, dtype=torch.long), "labels": torch.tensor(i % 2)}
 
 
+@pytest.mark.slow  # 8 s on a loaded 2-core CPU
 def test_trainer_checkpoint_resumes_exactly_and_reloads_into_the_plain_class_only_merged(tmp_path):
     """A real Trainer run: checkpoint-4/model.safetensors (the adapted state) is refused by
     BertForSequenceClassification, its boftlab_merged/ (SaveAdapterCallback(merged=True)) loads as the merged model,

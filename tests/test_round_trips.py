@@ -31,6 +31,7 @@ import boftlab
 from boftlab import base_layers
 from boftlab.base_layers import Conv1D
 from boftlab.contract import FAMILIES, MERGED_KEY
+from helpers import assert_unchanged, perturb, snapshot
 
 N_CASES = 48
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -156,10 +157,8 @@ def build(case: dict, adapted: bool = True) -> tuple[Net, torch.Tensor]:
     boftlab.adapt(model, case["config"], targets=["layer"])
     if case["cast_adapter"]:
         model.to(case["dtype"])
-    layer = model.layer
+    layer = perturb(model.layer, scale=0.2)
     with torch.no_grad():
-        for p in layer.adapter_parameters().values():
-            p.add_(0.2 * torch.randn_like(p))
         if case["fault"] in ("nan", "inf"):
             p = next(iter(layer.adapter_parameters().values()))
             p[(0,) * p.dim()] = float(case["fault"])
@@ -175,17 +174,6 @@ def must_refuse_merge(case: dict) -> bool:
     if config.family == "surm" and config.mode == "adapter":
         return config.activation != "identity" or (config.bias and not case["base_bias"])
     return False
-
-
-def snapshot(model: Net) -> tuple:
-    layer = model.layer
-    return layer.merged, {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def assert_same_state(before: tuple, after: tuple) -> None:
-    assert before[0] == after[0] and before[1].keys() == after[1].keys()
-    for key, value in before[1].items():
-        torch.testing.assert_close(after[1][key], value, rtol=0, atol=0, equal_nan=True)
 
 
 def assert_same_output(model: nn.Module, other: nn.Module, x: torch.Tensor) -> None:
@@ -234,7 +222,7 @@ def test_layers_hold_every_kind_and_every_layer_type_a_family_adapts():
     assert {t.__name__ for t in LAYERS if base_layers.kind(LAYERS[t][0](True)) == "quantized"} == set(
         base_layers.QUANTIZED_LINEARS)
     for family, cls in FAMILIES.items():
-        configs = [cls(mode=mode) for mode in ("lora", "adapter")] if family == "surm" else [cls()]
+        configs = [cls(), *cls.example_configs()]  # the examples cover the options that change supported_layers()
         assert {t for config in configs for t in config.supported_layers()} <= set(LAYERS), family
 
 
@@ -278,7 +266,7 @@ def test_merge_then_unmerge(case):
     if must_refuse_merge(case):
         with pytest.raises(ValueError, match="cannot merge|cannot be folded"):
             boftlab.merge(model)
-        assert_same_state(before, snapshot(model))
+        assert_unchanged(before, snapshot(model))
         return
     with torch.no_grad():
         expected = model.eval()(x)
@@ -339,11 +327,11 @@ def test_whole_model_state_dict(case, merge):
             p.add_(1.0)  # other adapter values: the load must replace them all
     fresh.load_state_dict(state)
     assert fresh.layer.merged is merge
-    assert_same_state(snapshot(model), snapshot(fresh))
+    assert_unchanged(snapshot(model), snapshot(fresh))
     assert_same_output(model, fresh, x)
     if merge:
         boftlab.unmerge(model), boftlab.unmerge(fresh)
-        assert_same_state(snapshot(model), snapshot(fresh))
+        assert_unchanged(snapshot(model), snapshot(fresh))
 
 
 @pytest.mark.parametrize("merge", [False, True], ids=["unmerged", "merged"])
@@ -353,6 +341,6 @@ def test_pickle(case, merge):
     if merge and not must_refuse_merge(case):
         boftlab.merge(model)
     restored = pickle.loads(pickle.dumps(model))
-    assert_same_state(snapshot(model), snapshot(restored))
+    assert_unchanged(snapshot(model), snapshot(restored))
     assert_same_output(model, restored, x)
     assert_same_output(model, copy.deepcopy(model), x)

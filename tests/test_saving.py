@@ -12,6 +12,7 @@ from torch import nn
 import boftlab
 from boftlab import BOFTConfig, OFTConfig
 from boftlab.saving import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, read_adapter, safetensors_writer
+from helpers import assert_unchanged, snapshot
 
 
 class Net(nn.Module):
@@ -43,16 +44,6 @@ def adapted_net():
 def fresh_net():
     torch.manual_seed(1)
     return Net()
-
-
-def snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def assert_untouched(model, before):
-    assert not boftlab.adapter_layers(model)
-    assert {k: v for k, v in model.state_dict().items()}.keys() == before.keys()
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_round_trip_reproduces_outputs(tmp_path):
@@ -103,7 +94,7 @@ def test_shape_mismatch_is_refused_and_model_untouched(tmp_path):
     before = snapshot(other)
     with pytest.raises(ValueError, match=r"shape mismatch at 'encoder.0'.*\[16, 16\].*\[32, 32\]"):
         boftlab.load_adapter(other, tmp_path)
-    assert_untouched(other, before)
+    assert_unchanged(before, snapshot(other))
 
 
 def rewrite(path, change_tensors=None, change_config=None, checksum=True):
@@ -142,7 +133,7 @@ def test_bad_files_are_refused_and_model_untouched(tmp_path, change_tensors, cha
     before = snapshot(model)
     with pytest.raises(ValueError, match=message):
         boftlab.load_adapter(model, tmp_path)
-    assert_untouched(model, before)
+    assert_unchanged(before, snapshot(model))
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
@@ -155,7 +146,7 @@ def test_corrupted_file_is_refused(tmp_path, damage):
     before = snapshot(model)
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         boftlab.load_adapter(model, tmp_path)
-    assert_untouched(model, before)
+    assert_unchanged(before, snapshot(model))
 
 
 def test_pickle_is_never_loaded(tmp_path, monkeypatch):
@@ -223,7 +214,7 @@ def test_hot_swap_copies_exactly_or_refuses_a_value_the_models_dtype_would_round
     with pytest.raises(ValueError, match=r"loading would round 'encoder.0.skew' \(torch.float64 in the file, "
                                          r"torch.float32 in the model\)"):
         boftlab.load_adapter(model, tmp_path / "fp64")
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert_unchanged(before, snapshot(model))
 
 
 @pytest.mark.parametrize(
@@ -246,7 +237,7 @@ def test_hot_swap_of_another_structure_is_refused_and_changes_nothing(other, mes
     before = snapshot(model)
     with pytest.raises(ValueError, match="already carries adapters of another structure than the file's.*" + message):
         boftlab.load_adapter(model, tmp_path)
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert_unchanged(before, snapshot(model))
 
 
 def test_interrupted_save_keeps_previous_adapter(tmp_path, monkeypatch):
@@ -315,7 +306,7 @@ def test_format_2_file_with_an_old_option_name_is_refused(tmp_path):
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"TensorCoreConfig has no option\(s\) \['scale'\]; its options are .*'alpha'"):
         boftlab.load_adapter(model, tmp_path)
-    assert_untouched(model, before)
+    assert_unchanged(before, snapshot(model))
 
 
 # --- what a file promises: finite values, a checksum, one config, the path the user named -----------------------------
@@ -325,7 +316,7 @@ def assert_load_refused(path, message, model=None):
     before = snapshot(model)
     with pytest.raises(ValueError, match=message):
         boftlab.load_adapter(model, path)
-    assert_untouched(model, before)
+    assert_unchanged(before, snapshot(model))
 
 
 def poisoned(value):
@@ -590,7 +581,7 @@ def test_malformed_adapter_files_of_every_format_version_are_refused_naming_the_
     before = snapshot(model)
     with pytest.raises(ValueError, match=rf"the adapter file '.*{WEIGHTS_NAME}' .*{message}"):
         boftlab.load_adapter(model, tmp_path)
-    assert_untouched(model, before)
+    assert_unchanged(before, snapshot(model))
 
 
 def test_hot_swap_ignores_runtime_options_which_are_no_part_of_the_structure(tmp_path):
@@ -650,7 +641,7 @@ def test_adapter_tensors_of_a_non_float_dtype_are_refused_naming_the_file(tmp_pa
     with pytest.raises(ValueError, match=rf"the adapter file '.*' holds tensors of another kind of dtype .*"
                                          rf"\('encoder.0.skew', '{dtype}', 'torch.float32'\)"):
         boftlab.load_adapter(model, tmp_path)
-    assert_untouched(model, before)
+    assert_unchanged(before, snapshot(model))
 
 
 # --- save_merged: the plain model, streamed layer by layer -----------------------------------------------------------
@@ -660,7 +651,7 @@ def test_save_merged_writes_what_unwrap_leaves_and_changes_nothing(tmp_path):
     model = adapted_net()
     before = snapshot(model)
     file = boftlab.save_merged(model, tmp_path / "merged.safetensors")
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and boftlab.adapter_layers(model)
+    assert all(torch.equal(v, before["tensors"][k]) for k, v in model.state_dict().items()) and boftlab.adapter_layers(model)
     plain = fresh_net()
     load_model(plain, file)  # strict: exactly the plain model's names
     unwrapped = boftlab.unwrap(adapted_net())

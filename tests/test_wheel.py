@@ -1,8 +1,9 @@
 """A pip install runs the notebooks as a checkout does (what the Colab cell's ``%pip install`` amounts to).
 
 Build the wheel, install it with the notebooks extra into a fresh virtual environment outside the checkout, and
-execute notebook 00 and the fine-tuning notebook 08 (the fastest: 131 s against 07's 222 s in .ci/run, 2026-11-29) from a temporary folder, the environment's ``bin``
-first on PATH, so that the kernel is the environment's Python. A cell appended to each notebook reports what the
+execute the quick start and the language-model fine-tuning notebook (the fastest fine-tuning one: 131 s against the
+vision transformer's 222 s in .ci/run, 2026-11-29), found by their titles, from a temporary folder, the environment's
+``bin`` first on PATH, so that the kernel is the environment's Python. A cell appended to each notebook reports what the
 kernel imported; the test asserts it was the wheel: boftlab and every one of its modules from the environment's
 site-packages, the ci profile's pretrained models read from there, the checkout nowhere on ``sys.path``.
 
@@ -24,10 +25,13 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell
 
+from helpers import notebook_titled
 from notebook_outputs import problems
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = ["00_quickstart.ipynb", "08_llm_finetuning.ipynb"]
+#: the quick start and the fine-tuning notebook on a language model, found by their titles
+NOTEBOOKS = [notebook_titled("Quick start"), notebook_titled("Fine-tuning a language model")]
+pytestmark = pytest.mark.notebooks
 
 #: appended to each notebook: what the kernel that ran it imported, as one JSON line
 PROBE = """import json, sys
@@ -86,13 +90,13 @@ def installed(tmp_path_factory, request):
     return python, site, tmp / "run", env
 
 
-@pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_runs_from_the_installed_wheel(installed, name):
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda path: path.stem)
+def test_notebook_runs_from_the_installed_wheel(installed, notebook):
     python, site, folder, env = installed
     folder.mkdir(exist_ok=True)
-    nb = nbformat.read(str(ROOT / "notebooks" / name), 4)
+    nb = nbformat.read(str(notebook), 4)
     nb.cells.append(new_code_cell(PROBE))
-    copy = folder / name
+    copy = folder / notebook.name
     nbformat.write(nb, str(copy))
     executed = execute(copy, python, env)
 
@@ -105,4 +109,4 @@ def test_notebook_runs_from_the_installed_wheel(installed, name):
     assert Path(probe["pretrained"]) == site / "boftlab" / "pretrained"
     assert (site / "boftlab" / "pretrained" / "vit_digits04" / "model.safetensors").is_file()
     assert not [p for p in probe["path"] if p and Path(p).resolve().is_relative_to(ROOT)]
-    assert problems(executed, Path(name).stem) == []  # its figures, no warning
+    assert problems(executed, notebook.stem) == []  # its figures, no warning
