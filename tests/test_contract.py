@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import boftlab
-from boftlab.base_layers import type_name
+from boftlab.base_layers import Conv1D, type_name
 from boftlab.contract import FAMILIES, MERGED_KEY, PATHS, AdapterConfig
 from helpers import LAYERS, canonical_configs, config_id, family_examples, perturb
 
