@@ -143,6 +143,12 @@ def test_grade_refuses_a_folder_without_student_folders(tmp_path, capsys):
     assert "no student folders" in capsys.readouterr().err
 
 
+def test_without_the_course_notebooks_the_kit_says_where_to_point_it(tmp_path, capsys):
+    """An installed boftlab has no notebooks/: the commands say so instead of writing nothing."""
+    assert kit.main(["student", str(tmp_path / "out"), "--notebooks", str(tmp_path / "none")]) == 2
+    assert "--notebooks" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_slide_types_follow_the_headings_and_a_cells_own_metadata_wins():
     md = lambda text, **meta: {"cell_type": "markdown", "source": text, "metadata": meta}  # noqa: E731
     assert kit.slide_type(md("# 01 · Primer")) == "slide" and kit.slide_type(md("## 2. Butterflies")) == "slide"

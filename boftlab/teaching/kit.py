@@ -153,7 +153,11 @@ def _write(path: Path, nb: dict) -> None:
 
 
 def course_notebooks(notebooks: Path = NOTEBOOKS) -> list[Path]:
-    """The notebooks that have exercises or written questions (a tagged cell), in order."""
+    """The notebooks that have exercises or written questions (a tagged cell), in order. Raises ``ValueError`` if
+    ``notebooks`` is not a folder (an installed boftlab has no notebooks: pass a checkout's notebooks/)."""
+    if not notebooks.is_dir():
+        raise ValueError(f"{notebooks} is not a folder of notebooks; pass the course's notebooks folder (a checkout's "
+                         "notebooks/) with --notebooks")
     return [path for path in sorted(notebooks.glob("*.ipynb"))
             if any(set(_tags(c)) & {CHECK, WRITTEN} for c in json.loads(path.read_text())["cells"])]
 
@@ -227,16 +231,20 @@ def execute(path: Path, timeout: int = 600) -> dict:
     return json.loads(nbformat.writes(nb))
 
 
-def grade(folder: Path, run: bool = False, exercises: list[str] | None = None) -> tuple[list[dict], str]:
+def grade(folder: Path, run: bool = False, exercises: list[str] | None = None,
+          notebooks: Path = NOTEBOOKS) -> tuple[list[dict], str]:
     """Grade every ``folder/<student>/*.ipynb``: one row per student (``student`` and one column per exercise or
     written question, in course order) and a summary line. ``run``: execute each notebook first. ``exercises``: the
-    columns (default: every exercise and question of the course notebooks; one no notebook has is "not attempted")."""
+    columns (default: every exercise and question of the course ``notebooks``, so one a student never handed in is
+    "not attempted")."""
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder")
     students = sorted(p for p in folder.iterdir() if p.is_dir())
     if not students:
         raise ValueError(f"{folder} has no student folders: put each student's notebooks in {folder}/<student>/")
     if exercises is None:
         exercises = []
-        for path in course_notebooks():
+        for path in course_notebooks(notebooks):
             nb = json.loads(path.read_text())
             exercises += tagged_exercises(nb) + tagged_questions(nb)
     rows = []
@@ -299,7 +307,8 @@ def class_deck(number: int, notebooks: Path = NOTEBOOKS, executed: Path | None =
         if not source.exists():
             raise ValueError(f"{source} does not exist" + (
                 "; run the notebooks' tests first (python -m pytest --nbmake notebooks saves executed copies in "
-                f"{EXECUTED}), or make decks without outputs (--without-outputs)" if executed is not None else ""))
+                f"{EXECUTED}), or make decks without outputs (--without-outputs)" if executed is not None else
+                "; pass the course's notebooks folder (a checkout's notebooks/) with --notebooks"))
         nb = json.loads(source.read_text())
         for cell in nb["cells"]:
             cell.setdefault("metadata", {})["slideshow"] = {"slide_type": slide_type(cell)}
@@ -344,26 +353,29 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     student = commands.add_parser("student", help="write student notebooks (no solutions, model answers, outputs)")
     student.add_argument("out", type=Path)
+    student.add_argument("--notebooks", type=Path, default=NOTEBOOKS, help=f"the course (default {NOTEBOOKS})")
     graded = commands.add_parser("grade", help="grade FOLDER/<student>/*.ipynb into FOLDER/grades.csv")
     graded.add_argument("folder", type=Path)
     graded.add_argument("--execute", action="store_true", help="run every notebook first (else read its outputs)")
     graded.add_argument("--csv", type=Path, help="where to write the table (default FOLDER/grades.csv)")
+    graded.add_argument("--notebooks", type=Path, default=NOTEBOOKS, help="the course, for the columns")
     slides = commands.add_parser("slides", help="write a reveal.js deck per class")
     slides.add_argument("out", type=Path)
     slides.add_argument("--executed", type=Path, default=EXECUTED, help=f"executed notebooks (default {EXECUTED})")
     slides.add_argument("--without-outputs", action="store_true", help="decks from the notebooks as committed")
+    slides.add_argument("--notebooks", type=Path, default=NOTEBOOKS, help=f"the course (default {NOTEBOOKS})")
     args = parser.parse_args(argv)
     try:
         if args.command == "student":
-            for path in write_students(args.out):
+            for path in write_students(args.out, args.notebooks):
                 print(path)
         elif args.command == "grade":
-            rows, summary = grade(args.folder, run=args.execute)
+            rows, summary = grade(args.folder, run=args.execute, notebooks=args.notebooks)
             path = args.csv or args.folder / "grades.csv"
             write_grades(rows, path)
             print(f"{path}\n{summary}")
         else:
-            for path in write_slides(args.out, executed=None if args.without_outputs else args.executed):
+            for path in write_slides(args.out, args.notebooks, None if args.without_outputs else args.executed):
                 print(path)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -38,8 +38,8 @@ IMAGE_TYPES = ("image/png", "image/jpeg", "image/svg+xml", "image/gif")
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 #: the note above a cell whose output is an interactive widget (MyST: an admonition)
-WIDGET_NOTE = ("```{note}\nThis widget is static in the book: it shows what the run drew. Run the notebook (the Colab "
-               "button above, or locally) to interact with it.\n```")
+WIDGET_NOTE = ("```{note}\nThis widget is static in the book: it shows what the run drew. To interact with it, run "
+               "the notebook: the rocket button at the top of the page opens it on Colab.\n```")
 #: the separator row of a Markdown table, left as text on a page when a table did not render
 RAW_TABLE = re.compile(r"\|\s*:?-{3,}:?\s*\|")
 #: where a link to a repository file that is not a page of the book points: the file on GitHub
