@@ -34,4 +34,5 @@ def test_the_live_panel_shows_its_leaderboard_as_an_html_table_not_raw_markdown(
     text = live_tuning(live.Leaderboard()).children[3]
     assert text.value.startswith("<table><thead><tr><th>rank</th>") and "|" not in text.value
     assert _html_table("| a | b |\n|---|---|\n| 1 | <2> |") == (
-        "<table><thead><tr><th>a</th><th>b</th></tr></thead><tbody><tr><td>1</td><td>&lt;2&gt;</td></tr></tbody></table>")
+        "<table><thead><tr><th>a</th><th>b</th></tr></thead>"
+        "<tbody><tr><td>1</td><td>&lt;2&gt;</td></tr></tbody></table>")

@@ -28,7 +28,8 @@ if importlib.util.find_spec("matplotlib") is None:
         'pip install "boftlab[notebooks]"'
     )
 
-MODULES = ("primer", "butterfly", "expressivity", "live", "surm", "tensor_core", "widgets", "exercises", "solutions", "kit")
+MODULES = ("primer", "butterfly", "expressivity", "live", "surm", "tensor_core", "widgets", "exercises", "solutions",
+           "kit")
 
 
 def __getattr__(name: str) -> Any:

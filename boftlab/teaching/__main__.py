@@ -1,4 +1,4 @@
-"""``python -m boftlab.teaching student OUT | grade FOLDER | slides OUT``: the teacher kit (``boftlab.teaching.kit``)."""
+"""``python -m boftlab.teaching student OUT | grade FOLDER | slides OUT``: the teacher kit (boftlab.teaching.kit)."""
 
 import sys
 
