@@ -18,11 +18,17 @@ sys.path.insert(0, str(ROOT / "docs" / "book"))
 import build_book  # noqa: E402
 
 # myst-parser reaches Sphinx 9's deprecated ``app`` attributes (its own business, due in Sphinx 11)
-pytestmark = pytest.mark.filterwarnings("ignore::PendingDeprecationWarning:myst_parser.*")
+# (and sphinx-book-theme Sphinx 9's ``app`` attribute of transforms)
+pytestmark = [pytest.mark.filterwarnings("ignore::PendingDeprecationWarning:myst_parser.*"),
+              pytest.mark.filterwarnings("ignore::PendingDeprecationWarning:sphinx_book_theme.*")]
 
 README = """# tinylab
 
 A two-notebook course.
+
+| family | what |
+|---|---|
+| tiny | small |
 
 ## Set up
 
@@ -34,6 +40,12 @@ pip install tinylab
 |---|---|
 | [`a_draws`](notebooks/a_draws.ipynb) | a figure |
 | [`b_prints`](notebooks/b_prints.ipynb) | a number |
+
+## Course
+
+Learn [a](notebooks/a_draws.ipynb), then [b](notebooks/b_prints.ipynb).
+
+**A plan for three classes** (one class here)
 
 ## Fine-tuning results
 
@@ -83,13 +95,17 @@ def needs_sphinx():
 
 @pytest.fixture
 def course(tmp_path):
-    """A course of two notebooks (a draws a figure, b prints), executed, with the book's real conf.py and index.md."""
+    """A course of two notebooks (a draws a figure, b prints), executed, with the book's real conf.py and landing
+page (its other pages name the real notebooks: stand-ins here)."""
     needs_sphinx()
     notebooks, runs, pages = tmp_path / "notebooks", tmp_path / "executed", tmp_path / "pages"
     for folder in (notebooks, runs, pages):
         folder.mkdir()
     for name in ("conf.py", "index.md"):
         shutil.copy(build_book.BOOK / name, pages / name)
+    for page in build_book.BOOK.glob("*.md"):  # the course pages, which link the real notebooks: one line each here
+        if page.name != "index.md":
+            (pages / page.name).write_text(f"# {page.stem}\n\nSee [a](notebooks/a_draws.ipynb).\n")
     (tmp_path / "README.md").write_text(README)
     course = {
         "a_draws": (notebook([markdown("# A draws\n\nNext: [b](b_prints.ipynb), its [number](b_prints.ipynb#b-prints)."),
@@ -123,10 +139,70 @@ def edit(course: Path, name: str, change) -> None:
 def test_the_book_renders_the_executed_notebooks_and_lists_each_one(course):
     assert build(course) == []
     html = course / "book" / "html"
-    assert len(build_book.page_images(html / "notebooks" / "a_draws.html")) == 1  # the run's figure, not re-executed
+    shown = build_book.page_images(html / "notebooks" / "a_draws.html")
+    assert base64.b64decode(IMAGE["data"]["image/png"]) in shown  # the run's figure, not re-executed
     assert "42" in (html / "notebooks" / "b_prints.html").read_text()
     index = (html / "index.html").read_text()
     assert "A two-notebook course." in index and 'href="notebooks/a_draws.html"' in index
+
+
+def test_every_notebook_page_has_a_colab_button_and_an_ipynb_download_and_the_course_comes_first(course):
+    assert build(course) == []
+    html = course / "book" / "html"
+    for name in ("a_draws", "b_prints"):
+        page = (html / "notebooks" / f"{name}.html").read_text()
+        assert f"https://colab.research.google.com/github/boftlab/boftlab/blob/main/notebooks/{name}.ipynb" in page
+        assert f"_sources/notebooks/{name}.ipynb" in page
+        assert json.loads((html / "_sources" / "notebooks" / f"{name}.ipynb").read_text())["cells"]
+    index = (html / "index.html").read_text()
+    assert "Learn" in index and "pip install tinylab" not in index  # the course, not the set-up
+    for page in ("syllabus", "glossary", "teacher"):
+        assert f'href="{page}.html"' in index
+
+
+def test_markdown_tables_in_outputs_render_and_a_raw_table_fails_the_build(course):
+    table = {"output_type": "execute_result", "execution_count": 1, "metadata": {},
+             "data": {"text/markdown": "| method | accuracy |\n|---|---|\n| BOFT | 0.9 |", "text/plain": "table"}}
+    edit(course, "b_prints", lambda nb: nb["cells"][1].update(outputs=[table]))
+    assert build(course) == []
+    page = (course / "book" / "html" / "notebooks" / "b_prints.html").read_text()
+    assert "<table" in page and "BOFT" in page and not build_book.RAW_TABLE.search(page)
+    printed = {"output_type": "stream", "name": "stdout", "text": "| method | accuracy |\n|---|---|\n| BOFT | 0.9 |\n"}
+    edit(course, "b_prints", lambda nb: nb["cells"][1].update(outputs=[printed]))  # printed: a <pre> of pipes
+    assert build(course) == ["notebooks/b_prints.html shows a Markdown table as raw text: '|---|'"]
+
+
+def tqdm_bar(model: str, value: float, total: float) -> tuple[dict, dict]:
+    """A tqdm.auto bar as a run saves it: the output (a widget view) and its models' saved state."""
+    state = {
+        f"{model}-left": {"model_name": "HTMLModel", "state": {"value": f"{100 * value / total:.0f}%"}},
+        f"{model}-bar": {"model_name": "FloatProgressModel", "state": {"value": value, "max": total}},
+        f"{model}-right": {"model_name": "HTMLModel",
+                           "state": {"value": f"\u2007{value:.0f}/{total:.0f}\u2007[00:01&lt;00:00]"}},
+        model: {"model_name": "HBoxModel", "state": {"children": [f"IPY_MODEL_{model}-{part}"
+                                                                   for part in ("left", "bar", "right")]}},
+    }
+    output = {"output_type": "display_data", "metadata": {},
+              "data": {build_book.WIDGET_VIEW: {"model_id": model, "version_major": 2, "version_minor": 0},
+                       "text/plain": "  0%|          | 0/3 [00:00<?, ?it/s]"}}
+    return output, state
+
+
+def test_progress_bars_become_their_final_text_line_and_other_widgets_get_a_static_note():
+    bar, state = tqdm_bar("m1", 3, 3)
+    slider = {"output_type": "display_data", "metadata": {}, "data": {build_book.WIDGET_VIEW: {"model_id": "s"}}}
+    state["s"] = {"model_name": "VBoxModel", "state": {"children": []}}
+    nb = notebook([code("for _ in tqdm(range(3)): pass", [bar]), code("interact(f, x=1)", [slider])])
+    nb["metadata"]["widgets"] = {build_book.WIDGET_STATE: {"state": state}}
+    shown = build_book.static_widgets(nb)
+    assert shown["cells"][0]["outputs"] == [{"output_type": "stream", "name": "stdout",
+                                             "text": "100%|██████████| 3/3 [00:01<00:00]\n"}]
+    assert [c["cell_type"] for c in shown["cells"]] == ["code", "markdown", "code"]
+    assert "static in the book" in shown["cells"][1]["source"] and shown["cells"][2]["outputs"] == [slider]
+    half, state = tqdm_bar("m2", 1, 4)
+    nb = notebook([code("x", [half])])
+    nb["metadata"]["widgets"] = {build_book.WIDGET_STATE: {"state": state}}
+    assert build_book.static_widgets(nb)["cells"][0]["outputs"][0]["text"] == "25%|██        | 1/4 [00:01<00:00]\n"
 
 
 def test_a_new_notebook_appears_in_the_table_of_contents_without_editing_it(course):

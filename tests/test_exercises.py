@@ -1,6 +1,7 @@
 """The exercises of notebooks 01–06: every solution passes its checker, every notebook's blank template does not
 (and reads "not attempted yet"), wrong answers and crashing code are reported, never raised."""
 
+import inspect
 import json
 import re
 from pathlib import Path
@@ -74,7 +75,51 @@ def test_a_wrong_answer_fails_with_a_message_and_crashing_code_is_reported(exerc
         raise ZeroDivisionError("boom")
 
     if entry.answer == "function":
-        assert exercises.check(exercise, crashes).message == "Your code raised ZeroDivisionError: boom"
+        message = exercises.check(exercise, crashes).message
+        assert message.startswith("Your code raised ZeroDivisionError: boom (in crashes, line ")
+        assert 'raise ZeroDivisionError("boom")' in message and "Hint " in message  # where, and a hint
+
+
+def test_hints_go_from_a_nudge_to_more_on_later_tries_and_the_student_version_gives_the_first_only():
+    exercises.TRIES.clear()
+    ladder = exercises.HINTS["1.3"]
+    wrong = lambda skew: skew  # noqa: E731
+    said = [exercises.check("1.3", wrong).message for _ in range(len(ladder) + 1)]
+    for step, message in enumerate(said[:len(ladder)], start=1):
+        assert f"Hint {step} of {len(ladder)}: {ladder[step - 1]}" in message
+    assert f"Hint {len(ladder)} of {len(ladder)}" in said[-1]  # the last hint stays
+    assert f"Hint 1 of {len(ladder)}: {ladder[0]}" in exercises.check("1.3", wrong, hints="first").message
+    assert "Hint" not in exercises.check("1.3", ...).message  # not attempted: no hint, no try counted
+    assert "Hint" not in exercises.check("1.3", solutions.cayley).message
+    with pytest.raises(ValueError, match="'all'.*'first'"):
+        exercises.check("1.3", wrong, hints="some")
+
+
+@pytest.mark.parametrize("exercise", list(exercises.EXERCISES))
+def test_every_exercise_has_graded_hints_that_never_give_the_code(exercise):
+    """The hints for 1.3 and 5.2 printed the solution's code on the first wrong try."""
+    ladder = exercises.HINTS[exercise]
+    assert len(ladder) >= 2 and len(set(ladder)) == len(ladder)
+    source = inspect.getsource(getattr(solutions, exercises.EXERCISES[exercise].solution))
+    body = [line.strip() for line in source.split('"""')[-1].splitlines() if len(line.strip()) > 12]
+    for hint in ladder:
+        assert not re.search(r"\btorch\.[\w.]+\(", hint), hint  # no call written out
+        assert not any(line in hint for line in body), hint
+
+
+def test_every_solution_is_shown_by_its_exercise_id(capsys):
+    for exercise, entry in exercises.EXERCISES.items():
+        solutions.show(exercise)
+        assert f"def {entry.solution}(" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="9.9.*1.1"):
+        solutions.show("9.9")
+
+
+def test_the_notebooks_point_to_solutions_show_which_works_in_every_notebook():
+    """``solutions.X??`` failed in 02–06, where only 01 imported ``solutions``."""
+    for exercise, (notebook, _, _, _) in CELLS.items():
+        text = (NOTEBOOKS / f"{notebook}.ipynb").read_text()
+        assert f'boftlab.teaching.solutions.show(\\"{exercise}\\")' in text
 
 
 def test_an_unknown_exercise_is_named_not_raised():

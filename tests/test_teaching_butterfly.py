@@ -101,5 +101,9 @@ def test_parameter_budget_prints_the_count_of_counts_module(capsys):
     total = counts.count("deberta-v3-base", "boft", "all linear", block_size=8, n_factors=2, scale=True)
     assert f"{total:,} trainable" in out
     assert len(fig.axes[0].patches) == 6  # one bar per linear layer kind of a DeBERTa block
+    title = fig.axes[0].get_title()  # read as a sentence, not a clipped dict (issue 25)
+    assert title == ("deberta-v3-base, BOFT b = 8, m = 2, with scale (effective count)\n"
+                     f"on all linear: {total:,} trainable")
+    assert "{" not in title and all(len(line) <= 70 for line in title.splitlines())
     assert figures.plot_parameter_budget("deberta-v3-base", "boft", block_size=7) is None
     assert "Valid block_size" in capsys.readouterr().out

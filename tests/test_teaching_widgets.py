@@ -24,3 +24,15 @@ def test_interact_renders_the_figure_and_the_printed_text_without_an_output_widg
     first = image.value
     slider.value = 7  # moving a control re-renders
     assert "dim=7" in text.value and image.value != first
+
+
+def test_the_live_panel_shows_its_leaderboard_as_an_html_table_not_raw_markdown():
+    """Notebook 07's leaderboard showed its Markdown pipes in a <pre> (issue 25)."""
+    from boftlab.teaching import live
+    from boftlab.teaching.widgets import _html_table, live_tuning
+
+    text = live_tuning(live.Leaderboard()).children[3]
+    assert text.value.startswith("<table><thead><tr><th>rank</th>") and "|" not in text.value
+    assert _html_table("| a | b |\n|---|---|\n| 1 | <2> |") == (
+        "<table><thead><tr><th>a</th><th>b</th></tr></thead>"
+        "<tbody><tr><td>1</td><td>&lt;2&gt;</td></tr></tbody></table>")

@@ -12,7 +12,8 @@ One module per subject, each loaded when imported (``from boftlab.teaching impor
 * ``live``         — live BOFT tuning on the ci ViT against stored baselines, and a leaderboard (notebook 07);
 * ``widgets``      — ``interact``: sliders on any of the figure functions above; ``live_tuning``: the panel of notebook 07;
 * ``exercises``    — the checkers of the exercises in notebooks 01–06 (``check("N.k", answer)``);
-* ``solutions``    — their solutions, one function per exercise.
+* ``solutions``    — their solutions, one function per exercise (``solutions.show("1.3")`` prints one);
+* ``kit``          — the teacher kit: student notebooks, grading, slides (``python -m boftlab.teaching``).
 
 They need the ``notebooks`` extra (matplotlib, ipywidgets, scikit-learn, peft, …): ``pip install "boftlab[notebooks]"``.
 """
@@ -28,7 +29,8 @@ if _MISSING:
         'installed. Install the notebooks extra: pip install "boftlab[notebooks]"'
     )
 
-MODULES = ("primer", "butterfly", "expressivity", "live", "surm", "tensor_core", "widgets", "exercises", "solutions")
+MODULES = ("primer", "butterfly", "expressivity", "live", "surm", "tensor_core", "widgets", "exercises", "solutions",
+           "kit")
 
 
 def __getattr__(name: str) -> Any:

@@ -211,5 +211,16 @@ def plot_parameter_budget(
     ax.barh(names, [split[n] / 1e6 for n in names], color="tab:blue")
     ax.invert_yaxis()
     ax.set_xlabel("trainable parameters (M), summed over blocks")
-    ax.set_title(f"{model}: {method} {hyper}", fontsize=8)
+    ax.set_title(f"{model}, {budget_setting(method, rank, block_size, n_factors, convention, scale)}\non {targets}: "
+                 f"{total:,} trainable", fontsize=9)
     return fig
+
+
+def budget_setting(method: str, rank: int, block_size: int, n_factors: int, convention: str, scale: bool) -> str:
+    """A method's hyper-parameters as a reader writes them: "LoRA r = 8", "BOFT b = 8, m = 2, with scale (effective
+    count)"."""
+    if method == "lora":
+        return f"LoRA r = {rank}"
+    factors = f", m = {n_factors}" if method == "boft" else ""
+    return (f"{method.upper()} b = {block_size}{factors}, {'with' if scale else 'no'} scale "
+            f"({convention} count)")

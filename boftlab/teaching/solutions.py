@@ -1,16 +1,27 @@
 """Solutions to the exercises of notebooks 01–06, one function per exercise (``exercises.EXERCISES`` names them).
 
 Try the exercise first: each notebook's checking cell tells you what differs and gives a hint. Then compare with the
-solution here (``boftlab.teaching.solutions.cayley??`` in Jupyter shows its source). A function exercise's solution
-is the function the template asks for; a value exercise's solution computes the value. ``tests/test_exercises.py``
-proves that every solution passes its checker.
+solution here: ``boftlab.teaching.solutions.show("1.3")`` prints exercise 1.3's, from any notebook or script. A
+function exercise's solution is the function the template asks for; a value exercise's solution computes the value.
+``tests/test_exercises.py`` proves that every solution passes its checker.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
+
+
+def show(exercise: str) -> None:
+    """Print the source of exercise ``exercise``'s solution ("N.k"); raises ``ValueError`` naming the exercises if
+    there is no such exercise."""
+    from .exercises import EXERCISES
+
+    if exercise not in EXERCISES:
+        raise ValueError(f"there is no exercise {exercise!r}; the exercises are {', '.join(EXERCISES)}")
+    print(inspect.getsource(globals()[EXERCISES[exercise].solution]))
 
 
 # --- notebook 01: the primer ----------------------------------------------------------------------------------------

@@ -74,8 +74,8 @@ def live_tuning(leaderboard: Any = None, block_size: int = 8, n_factors: int = 2
     bar, text, image = widgets.Output(), widgets.HTML(), widgets.Image(format="png")
 
     def render(message: str = "") -> None:
-        table = board.markdown(baselines)
-        text.value = f"<pre>{html.escape(message + table)}</pre>"
+        shown = f"<p>{html.escape(message.strip())}</p>" if message.strip() else ""
+        text.value = shown + _html_table(board.markdown(baselines))
         image.value = _png(live.plot_runs(board.runs, baselines))
 
     def train(_: Any) -> None:
@@ -95,6 +95,21 @@ def live_tuning(leaderboard: Any = None, block_size: int = 8, n_factors: int = 2
     box = widgets.VBox([pairs, widgets.HBox([lr, steps, button]), bar, text, image])
     display(box)
     return box
+
+
+def _html_table(markdown: str) -> str:
+    """A Markdown table (``| a | b |``, its ``|---|`` row, the rows) as an HTML <table>, escaped: an HTML widget
+    shows Markdown as raw pipes (the leaderboard did, in a <pre>)."""
+    import html
+
+    lines = [line.strip().strip("|").split("|") for line in markdown.strip().splitlines()]
+    header, rows = lines[0], lines[2:]
+
+    def row(cells: list[str], tag: str) -> str:
+        return "<tr>" + "".join(f"<{tag}>{html.escape(c.strip())}</{tag}>" for c in cells) + "</tr>"
+
+    return ("<table><thead>" + row(header, "th") + "</thead><tbody>" + "".join(row(r, "td") for r in rows)
+            + "</tbody></table>")
 
 
 def _png(figure: Any) -> bytes:

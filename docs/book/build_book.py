@@ -8,7 +8,11 @@ and fails, listing what is wrong, when:
 - a notebook in notebooks/ has no executed copy, or its copy's cells differ from the notebook (run the tests again);
 - Sphinx warns about anything: a broken link to a page or heading, a missing image, a bad include (``-W``; links
   are checked against the book's own pages, never over the network);
-- a page does not show every image its executed notebook holds (a figure lost between the run and the book).
+- a page does not show every image its executed notebook holds (a figure lost between the run and the book);
+- a page shows a Markdown table as raw pipe text (``|---|``) instead of a table.
+
+On the way in, a progress bar (tqdm.auto's widget) becomes its final text line, and every other widget gets a note
+that it is static in the book (it shows what the run drew; the notebook, on Colab or locally, is interactive).
 """
 
 from __future__ import annotations
@@ -31,6 +35,13 @@ EXECUTED = ROOT / "build" / "executed"
 OUT = ROOT / "build" / "book"
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/svg+xml", "image/gif")
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+#: the note above a cell whose output is an interactive widget (MyST: an admonition)
+WIDGET_NOTE = ("```{note}\nThis widget is static in the book: it shows what the run drew. To interact with it, run "
+               "the notebook: the rocket button at the top of the page opens it on Colab.\n```")
+#: the separator row of a Markdown table, left as text on a page when a table did not render
+RAW_TABLE = re.compile(r"\|\s*:?-{3,}:?\s*\|")
 #: where a link to a repository file that is not a page of the book points: the file on GitHub
 REPOSITORY = "https://github.com/boftlab/boftlab/blob/main/"
 
@@ -96,8 +107,8 @@ def repository_links(markdown: str, folder: Path, repository: Path, source: Path
 def assemble(source: Path, notebooks: Path = NOTEBOOKS, executed: Path = EXECUTED,
              pages: Path = BOOK, readme: Path = ROOT / "README.md") -> None:
     """Fill ``source`` (emptied first) with the book's pages (``pages``' *.md), README.md and, under notebooks/, the
-    executed copy of every notebook in ``notebooks``; links to repository files are made to work in the book
-    (``repository_links``; the repository is the folder holding ``readme``)."""
+    executed copy of every notebook in ``notebooks`` as the book shows it (``static_widgets``); links to repository
+    files are made to work in the book (``repository_links``; the repository is the folder holding ``readme``)."""
     repository = readme.resolve().parent
     shutil.rmtree(source, ignore_errors=True)
     (source / "notebooks").mkdir(parents=True)
@@ -110,7 +121,48 @@ def assemble(source: Path, notebooks: Path = NOTEBOOKS, executed: Path = EXECUTE
             if cell["cell_type"] == "markdown":
                 cell["source"] = repository_links("".join(cell["source"]), notebook.resolve().parent, repository,
                                                   source)
-        (source / "notebooks" / notebook.name).write_text(json.dumps(nb, ensure_ascii=False))
+        (source / "notebooks" / notebook.name).write_text(json.dumps(static_widgets(nb), ensure_ascii=False))
+
+
+def _progress_line(state: dict, model_id: str) -> str | None:
+    """The final text line of a tqdm.auto bar (an HBox of [HTML, a progress bar, HTML], as tqdm's notebook widget
+    builds it) from the saved widget ``state``, as tqdm prints it in a terminal: ``100%|██████████| 3/3 [00:01<…]``;
+    None when ``model_id`` is not such a bar."""
+    model = state.get(model_id, {})
+    children = [state.get(child.removeprefix("IPY_MODEL_"), {}) for child in model.get("state", {}).get("children", [])]
+    kinds = [child.get("model_name") for child in children]
+    if model.get("model_name") != "HBoxModel" or kinds not in (["HTMLModel", "FloatProgressModel", "HTMLModel"],
+                                                                ["HTMLModel", "IntProgressModel", "HTMLModel"]):
+        return None
+    left, bar, right = (child["state"] for child in children)
+    filled = round(10 * bar.get("value", 0) / bar["max"]) if bar.get("max") else 0
+    text = f"{left.get('value', '')}|{'█' * filled}{' ' * (10 - filled)}|{right.get('value', '')}"
+    return html.unescape(text).replace("\u2007", " ")
+
+
+def static_widgets(nb: dict) -> dict:
+    """``nb`` (an executed notebook, changed in place and returned) as the book shows it: every tqdm.auto progress
+    bar replaced by its final text line, and a ``WIDGET_NOTE`` markdown cell before each cell that shows another
+    widget. The widget state saved by the run (the notebook's metadata) gives each bar's final value."""
+    state = nb.get("metadata", {}).get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
+    cells = []
+    for cell in nb["cells"]:
+        interactive = False
+        for index, out in enumerate(cell.get("outputs", [])):
+            view = out.get("data", {}).get(WIDGET_VIEW)
+            if view is None:
+                continue
+            line = _progress_line(state, view.get("model_id", ""))
+            if line is None:
+                interactive = True
+            else:
+                cell["outputs"][index] = {"output_type": "stream", "name": "stdout", "text": line + "\n"}
+        if interactive:
+            cells.append({"cell_type": "markdown", "metadata": {}, "source": WIDGET_NOTE,
+                          **({"id": f"{cell['id']}-static-note"} if "id" in cell else {})})
+        cells.append(cell)
+    nb["cells"] = cells
+    return nb
 
 
 def lines(text: str) -> list[str]:
@@ -190,6 +242,18 @@ def missing_figures(source: Path, html_dir: Path) -> list[str]:
     return found
 
 
+def raw_tables(html_dir: Path) -> list[str]:
+    """One line per page of the built book that shows a Markdown table as text (its ``|---|`` row) — an output or a
+    page whose table did not render."""
+    found = []
+    for page in sorted(html_dir.rglob("*.html")):
+        text = page.read_text(encoding="utf-8")
+        if RAW_TABLE.search(text):
+            found.append(f"{page.relative_to(html_dir)} shows a Markdown table as raw text: "
+                         f"{RAW_TABLE.search(text)[0]!r}")
+    return found
+
+
 def build(out: Path = OUT, notebooks: Path = NOTEBOOKS, executed: Path = EXECUTED, pages: Path = BOOK,
           readme: Path = ROOT / "README.md") -> list[str]:
     """Assemble and build the book into ``out``/html; what is wrong, one line each (empty: the book is good)."""
@@ -201,7 +265,8 @@ def build(out: Path = OUT, notebooks: Path = NOTEBOOKS, executed: Path = EXECUTE
     assemble(source, notebooks, executed, pages, readme)
     for folder in (html_dir, out / "doctrees"):
         shutil.rmtree(folder, ignore_errors=True)
-    return sphinx(source, html_dir, out / "doctrees", conf=pages) or missing_figures(source, html_dir)
+    return (sphinx(source, html_dir, out / "doctrees", conf=pages)
+            or missing_figures(source, html_dir) + raw_tables(html_dir))
 
 
 def main() -> int:

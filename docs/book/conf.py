@@ -15,13 +15,16 @@ extensions = ["myst_nb"]
 nb_execution_mode = "off"
 # a cell's printed lines as one block, as Jupyter shows them
 nb_merge_streams = True
-# README.md is included into the landing page, not a page of its own
+# Markdown outputs (the results tables, boftlab.summary, the leaderboard) rendered as MyST, which has tables;
+# myst-nb's default, "commonmark", shows a table as its raw pipe text
+nb_render_markdown_format = "myst"
+# README.md is included into the pages, not a page of its own
 exclude_patterns = ["README.md"]
 # "#section" links inside a page and across pages resolve to headings down to level 3 (a missing one is a warning)
 myst_heading_anchors = 3
 # a notebook's heading levels are its own (an exercise's H3 right under the title); the book fails on what breaks
 suppress_warnings = ["myst.header"]
-myst_enable_extensions = ["dollarmath", "amsmath"]
+myst_enable_extensions = ["dollarmath", "amsmath", "deflist"]
 # a widget renders from its saved state in the reader's browser (no kernel: it shows what the run drew), with the
 # embedding script of the installed ipywidgets (myst-nb's default is ipywidgets 7's)
 nb_ipywidgets_js = {
@@ -29,15 +32,19 @@ nb_ipywidgets_js = {
     DEFAULT_EMBED_REQUIREJS_URL: {"data-jupyter-widgets-cdn": "https://cdn.jsdelivr.net/npm/", "crossorigin": "anonymous"},
 }
 
-html_theme = "alabaster"
+# the look of a notebook book (what Jupyter Book uses): every notebook page has a Colab launch button and an .ipynb
+# download (the executed notebook, from _sources/: html_copy_source)
+html_theme = "sphinx_book_theme"
 html_title = "boftlab"
 html_theme_options = {
-    "description": "Structured parameter-efficient fine-tuning, taught and reproduced.",
-    "github_user": "boftlab",
-    "github_repo": "boftlab",
-    "github_button": False,
-    "extra_nav_links": {"Source on GitHub": "https://github.com/boftlab/boftlab"},
-    "page_width": "1200px",
+    "repository_url": "https://github.com/boftlab/boftlab",
+    "repository_branch": "main",
+    "path_to_docs": "",  # the book mirrors the repository's layout: notebooks/NN_name.ipynb
+    "use_repository_button": True,
+    "use_download_button": True,
+    "launch_buttons": {"colab_url": "https://colab.research.google.com", "notebook_interface": "classic"},
+    "home_page_in_toc": True,
+    "show_toc_level": 2,
 }
-html_show_sourcelink = False
-html_copy_source = False  # the pages, not the notebooks again
+html_copy_source = True  # the .ipynb download button serves _sources/notebooks/NN_name.ipynb
+html_sourcelink_suffix = ""  # ... under its own name, not NN_name.ipynb.txt
