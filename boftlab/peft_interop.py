@@ -305,15 +305,15 @@ def c3a_block_size(model: nn.Module, targets: Any = None) -> int:
     from peft.tuners.tuners_utils import check_target_module_exists
 
     if targets is None:
-        linears = [model] if isinstance(model, nn.Linear) else []
+        linears = [model]
     else:
         matcher = peft.C3AConfig(target_modules=targets)
         linears = [m for name, m in model.named_modules() if name and check_target_module_exists(matcher, name)]
-    wrong = [type(m).__name__ for m in linears if not isinstance(m, nn.Linear)]
+    wrong = sorted({type(m).__name__ for m in linears if type(m) is not nn.Linear})
     if not linears or wrong:
         raise ValueError(
-            f"PEFT's C3A adapts nn.Linear layers only; targets={targets!r} select "
-            + (f"{wrong[:3]}" if wrong else "no layer") + " — choose targets that select nn.Linear layers"
+            f"PEFT's C3A adapts plain nn.Linear layers only (no convolutions, no quantized layers); targets={targets!r} "
+            + (f"select {wrong}" if wrong else "select no layer") + " — choose targets that select nn.Linear layers"
         )
     return math.gcd(*(n for m in linears for n in (m.in_features, m.out_features)))
 
