@@ -277,7 +277,8 @@ def _write_peft(model: nn.Module, directory: Path, peft_config: Any, tensors: di
     """Write ``peft_config`` and ``tensors`` with the state of the model's trainable modules (which ``peft_config``
     lists as ``modules_to_save``) as a PEFT adapter directory, both files atomically."""
     for name in getattr(model, TRAINABLE_ATTR, []):
-        tensors |= {canonical_name(f"{PEFT_PREFIX}{name}.{k}"): v for k, v in find_module(model, name).state_dict().items()}
+        state = find_module(model, name).state_dict()
+        tensors |= {canonical_name(f"{PEFT_PREFIX}{name}.{k}"): v for k, v in state.items()}
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     check_finite(tensors, "to_peft refuses to write an adapter with")
     options = {k: sorted(v) if isinstance(v, set) else v for k, v in peft_config.to_dict().items()}
@@ -312,8 +313,9 @@ def c3a_block_size(model: nn.Module, targets: Any = None) -> int:
     wrong = sorted({type(m).__name__ for m in linears if type(m) is not nn.Linear})
     if not linears or wrong:
         raise ValueError(
-            f"PEFT's C3A adapts plain nn.Linear layers only (no convolutions, no quantized layers); targets={targets!r} "
-            + (f"select {wrong}" if wrong else "select no layer") + " — choose targets that select nn.Linear layers"
+            "PEFT's C3A adapts plain nn.Linear layers only (no convolutions, no quantized layers); "
+            f"targets={targets!r} " + (f"select {wrong}" if wrong else "select no layer")
+            + " — choose targets that select nn.Linear layers"
         )
     return math.gcd(*(n for m in linears for n in (m.in_features, m.out_features)))
 
@@ -476,8 +478,8 @@ def _layer_config(config: BOFTConfig, name: str, module: nn.Module, stored: torc
 
 def from_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Put a PEFT BOFT, OFT or C3A adapter (a ``save_pretrained`` directory, safetensors) on ``model`` as boftlab
-    adapters with the same outputs (C3A as SURM circulant), or raise ``ValueError`` for what boftlab cannot reproduce (module docstring) and
-    leave ``model`` untouched. In place; returns ``model``."""
+    adapters with the same outputs (C3A as SURM circulant), or raise ``ValueError`` for what boftlab cannot reproduce
+    (module docstring) and leave ``model`` untouched. In place; returns ``model``."""
     directory = Path(directory)
     config_file, weights_file = directory / PEFT_CONFIG_NAME, directory / PEFT_WEIGHTS_NAME
     if not config_file.is_file():

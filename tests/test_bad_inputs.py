@@ -303,7 +303,8 @@ MODEL_CASES = [
          r"the families \['tensor_core'\]"),
     case("to_peft_surm_not_circulant", lambda: adapted(surm(structure="toeplitz")),
          lambda m, t: boftlab.to_peft(m, t / "peft"),
-         r"cannot export 'query' \(SURM 'toeplitz', mode='lora'\) as PEFT C3A: .*SURMConfig\(structure='circulant', mode='lora'\)"),
+         r"cannot export 'query' \(SURM 'toeplitz', mode='lora'\) as PEFT C3A: "
+         r".*SURMConfig\(structure='circulant', mode='lora'\)"),
 ]
 
 

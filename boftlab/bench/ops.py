@@ -123,8 +123,8 @@ def ops(argv: list[str]) -> str:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dim, rows = 256, 128
     table, by_key = op_rows(dim, rows, device)
-    note = (f"nn.Linear({dim}, {dim}), {rows} rows, fp32, {device.type}: one forward, then backward from a fixed output "
-            f"gradient to the adapter and the input (no loss), counted by boftlab.bench.ops.OpCounter after one "
+    note = (f"nn.Linear({dim}, {dim}), {rows} rows, fp32, {device.type}: one forward, then backward from a fixed "
+            f"output gradient to the adapter and the input (no loss), counted by boftlab.bench.ops.OpCounter after one "
             f"warm-up step. Kernel ops: all ops but the views and bare allocations "
             f"{', '.join(sorted(NO_KERNEL_OPS))}.")
     header = ["method", "ops / step", "kernel ops", "views + allocations", "ops × PEFT OFT", "kernel ops × PEFT OFT"]
