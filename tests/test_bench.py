@@ -100,3 +100,13 @@ def test_bench_methods_cover_every_registered_family_and_the_peft_references():
             layer = method.apply(torch.nn.Linear(16, 16).requires_grad_(False), None)
             assert layer(x).shape == (3, 16)
             assert any(p.requires_grad for p in layer.parameters())
+
+
+def test_overhead_goals_judge_the_median_over_repeats_and_show_their_spread():
+    from boftlab.bench.overhead import goal, ratio_runs
+
+    times, keys = {"ours": [2.0, 4.0, 3.0], "theirs": [1.0, 2.0, 2.0]}, {"ours": "oft", "theirs": "peft_oft"}
+    runs = ratio_runs(times, keys, "oft", "peft_oft")  # each repeat's ratio from that repeat's own rounds
+    assert runs == [2.0, 2.0, 1.5] and ratio_runs(times, keys, "boft-m2", "peft_oft") is None
+    assert goal("OFT ÷ PEFT OFT", runs, "≤", 1.1) == ("OFT ÷ PEFT OFT [repeats 1.5–2]", 2.0, "≤", 1.1)
+    assert goal("absent", None, "≤", 1.1) == ("absent", None, "≤", 1.1)
