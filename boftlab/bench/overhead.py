@@ -26,7 +26,6 @@ import torch
 from . import MEMORY_METHOD, goals_table, markdown_table, peak_memory_mib, round_robin, suite
 from .layers import _setting, layer_calls
 from .methods import all_methods, family, reference
-from .models import HEADER as MODEL_HEADER
 from .models import LLAMA_768, LLAMA_TARGETS, MINILM_TARGETS, llama, minilm, model_calls, model_rows
 
 SHAPES = ((256, 128), (512, 128), (768, 512), (2048, 512))
@@ -72,7 +71,7 @@ def overhead(argv: list[str]) -> str:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype, setting = _setting(device)
     methods = all_methods(device, LAYER_REFERENCES)
-    rows, goals = [], []
+    rows, goals, circulant = [], [], []
     for dim, tokens in SHAPES:
         with layer_calls(methods, dim, tokens, device, dtype) as found:
             times, peaks = repeated(found.calls, found.keys, device)
@@ -94,13 +93,22 @@ def overhead(argv: list[str]) -> str:
                       goal(f"d={dim}, {tokens} rows: BOFT m=2 ÷ LoRA (time)", boft_lora, "≤", 1.25)]
         if dim >= 2048:
             goals.append(goal(f"stretch, d={dim}: BOFT m=2 ÷ LoRA (time)", boft_lora, "≤", 1.0))
+        surm_label, c3a_label = by_key.get("surm"), by_key.get("c3a")
+        if surm_label and c3a_label:
+            surm_c3a = ratio_runs(times, found.keys, "surm", "c3a")
+            circulant.append([dim, tokens, found.trainable[surm_label], found.trainable[c3a_label],
+                              statistics.median(surm_c3a), _spread(surm_c3a), peaks[surm_label] / peaks[c3a_label]])
         boft_label = by_key.get("boft-m2")
         if boft_label and peaks[lora]:
             goals.append((f"d={dim}, {tokens} rows: BOFT m=2 ÷ LoRA (peak memory)", peaks[boft_label] / peaks[lora],
                           "≤", 1.05))
     parts = [f"{setting}; per shape all methods timed round-robin, {REPEATS} times (each repeat its own rounds and "
              f"median); ratios: median over the repeats, and their min–max. {MEMORY_METHOD[device.type]}.",
-             markdown_table(LAYER_HEADER, rows)]
+             markdown_table(LAYER_HEADER, rows),
+             "SURM circulant against PEFT C3A (one circulant block per layer: d parameters each), from the table "
+             "above:",
+             markdown_table(["d", "rows", "SURM trainable", "C3A trainable", "SURM time ÷ C3A", "min–max",
+                             "SURM peak memory ÷ C3A"], circulant)]
     model_part, model_goals = llama_overhead(device)
     parts += model_part
     goals += model_goals
@@ -177,11 +185,15 @@ def minilm_suite(argv: list[str]) -> str:
     rows, by_key = model_rows(build, loss, MINILM_TARGETS, device, methods=methods)
     tokens = batch * seq
     lora = by_key["lora"]
-    table = [row[:3] + [tokens / (row[2] / 1e3), lora.ms / row[2]] + row[3:] for row in rows]
-    header = MODEL_HEADER[:3] + ["tokens / s", "tokens/s × LoRA"] + MODEL_HEADER[3:]
+    # model_rows' columns but "PEFT BOFT ÷ this" (PEFT BOFT is not timed here), tokens/s after ms / step
+    table = [[label, n, ms, tokens / ms * 1e3, lora.ms / ms, to_lora, to_oft, peak, memory]
+             for label, n, ms, to_lora, to_oft, _, peak, memory in rows]
+    header = ["method", "trainable", "ms / step", "tokens / s", "tokens/s × LoRA", "× LoRA", "× PEFT OFT", "peak MiB",
+              "memory × LoRA"]
     families = [m for m in all_methods(device, ()) if m.key in by_key]
     goals = [(f"{m.label}: tokens/s ÷ LoRA's", lora.ms / by_key[m.key].ms, "≥", 0.87) for m in families]
     note = (f"MiniLM-L6 (sentence-transformers/all-MiniLM-L6-v2 weights), {device.type}, fp32, batch {batch} × {seq} "
             f"tokens, adapters on {MINILM_TARGETS} (every nn.Linear: attention q/k/v/output, both MLP layers, the "
-            f"pooler); a mean-squared-embedding loss; all methods timed round-robin. {MEMORY_METHOD[device.type]}.")
+            f"pooler); a mean-squared-embedding loss; all methods timed round-robin. PEFT BOFT is left out (its dense "
+            f"assembly took 29 s a step on a 2-core CPU; the `linear` suite times it). {MEMORY_METHOD[device.type]}.")
     return "\n\n".join([note, markdown_table(header, table), "Goals (issue 28):", goals_table(goals)])
