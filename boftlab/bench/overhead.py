@@ -170,7 +170,8 @@ def compile_suite(argv: list[str]) -> str:
         rows.append([method.label, breaks, ms["eager"], ms["compiled"], ms["compiled"] / ms["eager"], first])
     note = (f"nn.Linear({dim}, {dim}), {tokens} rows, fp32, {device.type}; torch.compile(module, backend={backend!r}); "
             "eager and compiled steps timed round-robin per method (forward, a scalar loss, backward); graph breaks: "
-            "torch._dynamo.explain of the forward; first step: compiling included.")
+            "torch._dynamo.explain of the forward; first step: compiling included (inductor caches compiled code on "
+            "disk, so a repeated run's first step is shorter).")
     header = ["method", "graph breaks", "eager ms", "compiled ms", "compiled ÷ eager", "first compiled step s"]
     return note + "\n\n" + markdown_table(header, rows)
 
