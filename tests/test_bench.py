@@ -110,3 +110,13 @@ def test_overhead_goals_judge_the_median_over_repeats_and_show_their_spread():
     assert runs == [2.0, 2.0, 1.5] and ratio_runs(times, keys, "boft-m2", "peft_oft") is None
     assert goal("OFT ÷ PEFT OFT", runs, "≤", 1.1) == ("OFT ÷ PEFT OFT [repeats 1.5–2]", 2.0, "≤", 1.1)
     assert goal("absent", None, "≤", 1.1) == ("absent", None, "≤", 1.1)
+
+
+def test_boftlab_oft_and_boft_launch_no_more_kernels_than_issue_28_allows():
+    """The op goals met today stay met (counts are deterministic; the bench's ``ops`` suite reports all of them):
+    per training step of nn.Linear(256, 256), boftlab OFT launches at most PEFT OFT's kernels, BOFT m=2 at most 1.5×."""
+    from boftlab.bench.ops import op_rows
+
+    _, by_key = op_rows(256, 128, torch.device("cpu"))
+    assert by_key["oft"].kernels <= by_key["peft_oft"].kernels
+    assert by_key["boft-m2"].kernels <= 1.5 * by_key["peft_oft"].kernels
