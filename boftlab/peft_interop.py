@@ -1,4 +1,4 @@
-"""Interoperability with Hugging Face PEFT's BOFT and OFT adapters, both directions: exact, or refused.
+"""Interoperability with Hugging Face PEFT's BOFT, OFT and C3A adapters, both directions: exact, or refused.
 
 Parameter maps (boftlab stores each block's skew-symmetric S by its b(b−1)/2 upper entries ``skew``):
 
@@ -37,6 +37,20 @@ Refused, because the other side computes something else (a ``ValueError`` says w
 
 An ``oft_block_size`` (or ``r``) that PEFT adjusted to fit a layer is read from that layer's stored tensor, as PEFT
 itself recomputes it when loading.
+
+SURM circulant ↔ PEFT C3A. PEFT's C3A (``peft.C3AConfig(block_size=b)``, nn.Linear only) adds ΔW = C(w) / d_in,
+C(w) block-circulant: (d_out/b) × (d_in/b) blocks, each b × b circulant, stored as ``c3a_kernel`` (d_out/b, d_in/b, b)
+with the *first row* of each block, C[i, j] = w[(j − i) mod b], applied by FFTs in fp32 whatever the model's dtype.
+SURM's LoRA-style circulant adds ΔW = α·C with C[i, j] = c[(i − j) mod n], the *first column* c, one circulant over
+the whole layer. On a square nn.Linear (d_out = d_in = d) with one C3A block (b = d) the two are the same map:
+
+    w[j] = α·d·c[(−j) mod d],      c[k] = w[(−k) mod d] / (α·d)      (imported with α = 1)
+
+Everywhere else the conversion is refused, saying why: a rectangular layer (SURM crops one max(d_out, d_in)-square
+circulant, whose b × b blocks are Toeplitz, not circulant, so no C3A block size computes it), a C3A block smaller
+than the layer (many independent circulant blocks, which one circulant cannot hold), SURM's other structures and
+adapter mode, and any base layer but a plain nn.Linear. A C3A export also needs every adapter of the model to be SURM
+circulant (PEFT keeps one adapter type per file); C3A's ``bias`` other than "none" is refused as for BOFT/OFT.
 """
 
 from __future__ import annotations
@@ -54,10 +68,12 @@ from torch import nn
 
 from . import base_layers
 from .butterfly import BOFTConfig, BOFTLayer, OFTConfig, resolve_block_size, skew_entries, skew_symmetric
+from .contract import AdapterConfig, AdapterLayer
 from .model import (
     TRAINABLE_ATTR, adapter_layers, build_layers, canonical_modules, canonical_name, find_module, insert_layers,
     resolve_trainable,
 )
+from .surm import SURMConfig
 from .saving import atomic_write_files, check_finite, read_checked, safetensors_writer
 
 PEFT_PREFIX = "base_model.model."
@@ -82,7 +98,9 @@ def _single_config(model: nn.Module) -> tuple[BOFTConfig, dict[str, BOFTLayer]]:
         raise ValueError("the model has no boftlab adapters to export")
     others = sorted({layer.family for layer in layers.values()} - {"boft", "oft"})
     if others:
-        raise ValueError(f"PEFT export covers the 'boft' and 'oft' families only; this model also has {others}")
+        raise ValueError(
+            "PEFT export covers BOFT/OFT (as PEFT BOFT or OFT) and SURM circulant (as PEFT C3A), one kind per export; "
+            f"this model has the families {sorted({layer.family for layer in layers.values()})}")
     configs = {json.dumps(layer.config.to_dict(), sort_keys=True) for layer in layers.values()}
     if len(configs) > 1:
         raise ValueError(
@@ -173,8 +191,9 @@ def _check_neumann_export(config: BOFTConfig, as_peft_oft: bool) -> None:
 
 
 def to_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write ``model``'s BOFT/OFT adapters as a PEFT adapter directory that ``PeftModel.from_pretrained`` loads
-    with identical outputs. OFT without an output scale becomes PEFT OFT (Linear only); everything else PEFT BOFT.
+    """Write ``model``'s BOFT/OFT adapters, or its SURM circulant adapters, as a PEFT adapter directory that
+    ``PeftModel.from_pretrained`` loads with identical outputs. OFT without an output scale becomes PEFT OFT (Linear
+    only), other BOFT/OFT PEFT BOFT, SURM circulant on square nn.Linear layers PEFT C3A (one block per layer).
     What PEFT would compute differently is refused (module docstring). Both files are written atomically, the weights
     with boftlab's checksum in their metadata (PEFT ignores it)."""
     import peft
@@ -183,6 +202,8 @@ def to_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"to_peft writes a directory, but {str(directory)!r} is an existing file")
+    if {layer.family for layer in adapter_layers(model).values()} == {"surm"}:
+        return _write_peft(model, directory, *_c3a_export(model))
     config, layers = _single_config(model)
     as_peft_oft = config.family == "oft" and not config.scale
     _check_neumann_export(config, as_peft_oft)
@@ -207,10 +228,8 @@ def to_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
             scale = layer.scale.detach() if layer.scale is not None else torch.ones(layer.out_features)
             tensors[f"{key}.boft_R"] = skew_symmetric(layer.skew.detach(), layer.block_size)
             tensors[f"{key}.boft_s"] = scale[:, None] if isinstance(base, nn.Linear) else scale[None, :]
-    trainable = list(getattr(model, TRAINABLE_ATTR, []))
-    for name in trainable:
-        tensors |= {canonical_name(f"{PEFT_PREFIX}{name}.{k}"): v for k, v in find_module(model, name).state_dict().items()}
-    common = dict(target_modules=sorted(map(canonical_name, layers)), modules_to_save=trainable or None)
+    common = dict(target_modules=sorted(map(canonical_name, layers)),
+                  modules_to_save=list(getattr(model, TRAINABLE_ATTR, [])) or None)
     if as_peft_oft:
         peft_config = peft.OFTConfig(
             r=config.n_blocks or 0, oft_block_size=config.block_size or 0, module_dropout=config.dropout,
@@ -222,6 +241,15 @@ def to_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
             boft_block_size=config.block_size or 0, boft_block_num=config.n_blocks or 0,
             boft_n_butterfly_factor=config.n_factors, boft_dropout=config.dropout, **common,
         )
+    return _write_peft(model, directory, peft_config, tensors)
+
+
+def _write_peft(model: nn.Module, directory: Path, peft_config: Any, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write ``peft_config`` and ``tensors`` with the state of the model's trainable modules (which ``peft_config``
+    lists as ``modules_to_save``) as a PEFT adapter directory, both files atomically."""
+    for name in getattr(model, TRAINABLE_ATTR, []):
+        state = find_module(model, name).state_dict()
+        tensors |= {canonical_name(f"{PEFT_PREFIX}{name}.{k}"): v for k, v in state.items()}
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     check_finite(tensors, "to_peft refuses to write an adapter with")
     options = {k: sorted(v) if isinstance(v, set) else v for k, v in peft_config.to_dict().items()}
@@ -231,6 +259,102 @@ def to_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
         directory / PEFT_CONFIG_NAME: lambda tmp: Path(tmp).write_text(text),
     })
     return directory
+
+
+# --- SURM circulant <-> PEFT C3A -------------------------------------------------------------------------------------
+def reversed_cyclic(v: torch.Tensor) -> torch.Tensor:
+    """v[(−k) mod n] along the last axis: (..., n) -> (..., n). A circulant's first row from its first column and back
+    (an involution)."""
+    return torch.roll(torch.flip(v, [-1]), 1, -1)
+
+
+def c3a_block_size(model: nn.Module, targets: Any = None) -> int:
+    """PEFT C3A's ``block_size`` for ``targets`` of ``model`` (PEFT's matching: a regex, or names / dotted suffixes),
+    or for ``model`` itself, one nn.Linear, when ``targets`` is None: the greatest common divisor of every targeted
+    layer's in and out features, as PEFT's documentation advises. On square layers of one size d it is d, one circulant
+    block per layer: d parameters, as many as SURM's circulant."""
+    import peft
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    if targets is None:
+        linears = [model]
+    else:
+        matcher = peft.C3AConfig(target_modules=targets)
+        linears = [m for name, m in model.named_modules() if name and check_target_module_exists(matcher, name)]
+    wrong = sorted({type(m).__name__ for m in linears if type(m) is not nn.Linear})
+    if not linears or wrong:
+        raise ValueError(
+            "PEFT's C3A adapts plain nn.Linear layers only (no convolutions, no quantized layers); "
+            f"targets={targets!r} " + (f"select {wrong}" if wrong else "select no layer")
+            + " — choose targets that select nn.Linear layers"
+        )
+    return math.gcd(*(n for m in linears for n in (m.in_features, m.out_features)))
+
+
+def _check_c3a_import(name: str, module: nn.Module, kernel: torch.Tensor) -> None:
+    """ValueError unless ``kernel`` is one C3A block covering the square nn.Linear ``module``: the only C3A that a
+    SURM circulant computes (module docstring)."""
+    if type(module) is not nn.Linear:
+        raise ValueError(f"the PEFT C3A adapter targets {name!r}, a {type(module).__name__}; C3A adapts nn.Linear only")
+    d_out, d_in = module.out_features, module.in_features
+    if kernel.dim() != 3 or (kernel.shape[0] * kernel.shape[2], kernel.shape[1] * kernel.shape[2]) != (d_out, d_in):
+        raise ValueError(
+            f"the PEFT C3A adapter's c3a_kernel for {name!r} has shape {list(kernel.shape)}, which is no C3A layout "
+            f"(d_out/b, d_in/b, b) for this layer ({d_in} -> {d_out}); was it saved for another model?"
+        )
+    if kernel.shape[:2] != (1, 1):
+        m, n, b = kernel.shape
+        raise ValueError(
+            f"cannot import PEFT C3A on {name!r} as SURM circulant: its block size {b} splits the {d_in} -> {d_out} "
+            f"layer into {m} × {n} independent circulant blocks, and SURM's circulant is one circulant over the whole "
+            "layer (cropped to its shape), which cannot hold them. Only C3A with one block per layer (block_size = "
+            "in_features = out_features) imports exactly"
+        )
+
+
+def _c3a_export(model: nn.Module) -> tuple[Any, dict[str, torch.Tensor]]:
+    """PEFT's C3AConfig and ``c3a_kernel`` tensors computing what ``model``'s adapters (all SURM) compute, or a
+    ValueError saying which layer cannot be exported and why (module docstring)."""
+    import peft
+
+    tensors, sizes = {}, {}
+    for name, layer in adapter_layers(model).items():
+        config, base = layer.config, layer.base_layer
+        if config.mode != "lora" or config.structure != "circulant":
+            raise ValueError(
+                f"cannot export {name!r} (SURM {config.structure!r}, mode={config.mode!r}) as PEFT C3A: C3A adds a "
+                "block-circulant ΔW to the weight, the map of SURMConfig(structure='circulant', mode='lora') only"
+            )
+        if type(base) is not nn.Linear:
+            raise ValueError(
+                f"cannot export {name!r} as PEFT C3A: C3A adapts nn.Linear only, and {name!r} is a "
+                f"{type(base).__name__} (boftlab adapts it; only the export is refused)"
+            )
+        if base.out_features != base.in_features:
+            raise ValueError(
+                f"cannot export {name!r} ({base.in_features} -> {base.out_features}) as PEFT C3A: on a rectangular "
+                "layer SURM's circulant is the top-left crop of one max(d_out, d_in)-square circulant, whose b × b "
+                "blocks are Toeplitz, not circulant, so no C3A block size computes it. Only square nn.Linear layers "
+                "exchange (one C3A block of size d)"
+            )
+        d = base.in_features
+        column = layer.matrix.first_column.detach()
+        kernel = config.alpha * d * reversed_cyclic(column.double())  # the first row of α·C, times d_in
+        tensors[f"{PEFT_PREFIX}{canonical_name(name)}.c3a_kernel"] = kernel.to(column.dtype).reshape(1, 1, d)
+        sizes[canonical_name(name)] = d
+    block_size = max(set(sizes.values()), key=list(sizes.values()).count)
+    pattern = {re.escape(n): d for n, d in sizes.items() if d != block_size}
+    for name, d in sizes.items():  # PEFT's own rule for which pattern key sets a layer's block size (c3a/model.py)
+        key = next((k for k in pattern if re.match(rf".*\.{k}$", name)), name)
+        if pattern.get(key, block_size) != d:
+            raise ValueError(
+                f"cannot export as PEFT C3A: PEFT would give {name!r} (size {d}) the block size of pattern {key!r} "
+                f"({pattern.get(key, block_size)}); export layers of different sizes whose names do not end alike "
+                "one group at a time"
+            )
+    config = peft.C3AConfig(block_size=block_size, block_size_pattern=pattern, target_modules=sorted(sizes),
+                            modules_to_save=list(getattr(model, TRAINABLE_ATTR, [])) or None)
+    return config, tensors
 
 
 def _release(version: str) -> tuple[int, ...]:
@@ -253,7 +377,7 @@ def check_peft_version(version: str | None, what: str) -> None:
 
 
 # --- PEFT -> boftlab -------------------------------------------------------------------------------------------------
-def _config_from_peft(peft_config: dict[str, Any], kind: str) -> BOFTConfig:
+def _config_from_peft(peft_config: dict[str, Any], kind: str) -> AdapterConfig:
     """The boftlab config a PEFT ``adapter_config.json`` describes, or a ValueError for what boftlab cannot
     reproduce exactly (module docstring)."""
     bias = peft_config.get("bias", "none")
@@ -263,6 +387,8 @@ def _config_from_peft(peft_config: dict[str, Any], kind: str) -> BOFTConfig:
             "boftlab adapters keep the base layer's bias frozen and do not store it, so the import would drop them "
             "and change the outputs. Import adapters trained with bias='none'"
         )
+    if kind == "C3A":
+        return SURMConfig(structure="circulant")  # α = 1: each layer's 1/d_in goes into its first column
     if kind == "BOFT":
         return BOFTConfig(
             block_size=peft_config["boft_block_size"] or None, n_blocks=peft_config["boft_block_num"] or None,
@@ -322,9 +448,9 @@ def _layer_config(config: BOFTConfig, name: str, module: nn.Module, stored: torc
 
 
 def from_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Put a PEFT BOFT or OFT adapter (a ``save_pretrained`` directory, safetensors) on ``model`` as boftlab
-    adapters with the same outputs, or raise ``ValueError`` for what boftlab cannot reproduce (module docstring) and
-    leave ``model`` untouched. In place; returns ``model``."""
+    """Put a PEFT BOFT, OFT or C3A adapter (a ``save_pretrained`` directory, safetensors) on ``model`` as boftlab
+    adapters with the same outputs (C3A as SURM circulant), or raise ``ValueError`` for what boftlab cannot reproduce
+    (module docstring) and leave ``model`` untouched. In place; returns ``model``."""
     directory = Path(directory)
     config_file, weights_file = directory / PEFT_CONFIG_NAME, directory / PEFT_WEIGHTS_NAME
     if not config_file.is_file():
@@ -339,7 +465,8 @@ def from_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{str(config_file)!r} is not valid JSON ({err}), so it is no PEFT adapter config") from err
     kind = peft_config.get("peft_type") if isinstance(peft_config, dict) else None
-    markers = {"BOFT": (".boft_R",), "OFT": (".oft_R.weight", ".oft_embedding_R.weight")}.get(kind)
+    markers = {"BOFT": (".boft_R",), "OFT": (".oft_R.weight", ".oft_embedding_R.weight"),
+               "C3A": (".c3a_kernel",)}.get(kind)
     if markers is None and kind is None and isinstance(peft_config, dict) and "groups" in peft_config:
         raise ValueError(
             f"{str(directory)!r} holds a boftlab adapter (written by boftlab.save_adapter), not a PEFT one: load it "
@@ -347,7 +474,7 @@ def from_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         )
     if markers is None:
         raise ValueError(
-            f"from_peft reads PEFT BOFT and OFT adapters; this one is {kind!r}"
+            f"from_peft reads PEFT BOFT, OFT and C3A adapters; this one is {kind!r}"
             + ("" if kind is not None else " (its adapter_config.json names no peft_type)")
         )
     check_peft_version(peft_config.get("peft_version"), f"the PEFT that wrote {str(config_file)!r}")
@@ -361,6 +488,9 @@ def from_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     if unknown:
         raise ValueError(f"the PEFT adapter targets module(s) {unknown[:5]} that this model does not have")
     for name in names:
+        if kind == "C3A":
+            _check_c3a_import(name, modules[name], tensors[rotations[name]])
+            continue
         _check_exchangeable(name, modules[name], kind == "OFT")
         if isinstance(modules[name], nn.Embedding):
             _check_padding_row(name, modules[name], "import")
@@ -380,12 +510,13 @@ def from_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     if not_real:
         raise ValueError(
             f"the PEFT adapter {str(weights_file)!r} holds tensors that are not real floating-point (name, dtype): "
-            f"{not_real[:5]}; PEFT writes its BOFT/OFT parameters as floats — the file is damaged or not PEFT's"
+            f"{not_real[:5]}; PEFT writes its adapter parameters as floats — the file is damaged or not PEFT's"
         )
 
-    layers: dict[str, BOFTLayer] = {}
+    layers: dict[str, AdapterLayer] = {}
     for name in names:
-        layer_config = _layer_config(config, name, modules[name], tensors[rotations[name]])
+        stored = tensors[rotations[name]]
+        layer_config = config if kind == "C3A" else _layer_config(config, name, modules[name], stored)
         layers |= build_layers(model, layer_config, [here[name]])
     values = {}  # every value checked against its target's shape before anything changes
     for name, layer in layers.items():
@@ -394,6 +525,9 @@ def from_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             a = tensors[f"{key}.boft_R"].float()
             values[layer.skew] = skew_entries(0.5 * (a - a.transpose(-1, -2)))
             values[layer.scale] = tensors[f"{key}.boft_s"].reshape(-1)
+        elif kind == "C3A":  # ΔW = C(w)/d_in, first row w -> SURM's first column c, α = 1
+            kernel = tensors[rotations[name]].double().reshape(-1)
+            values[layer.matrix.first_column] = reversed_cyclic(kernel) / kernel.numel()
         else:
             sign = -1.0 if config.neumann_terms is not None else 1.0
             values[layer.skew] = sign * tensors[rotations[name]][None]

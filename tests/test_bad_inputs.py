@@ -271,8 +271,13 @@ MODEL_CASES = [
          "load_checkpoint resumes into an adapted model"),
     case("checkpoint_negative_step", adapted, lambda m, t: save_checkpoint(m, t, step=-1), r"step must be an integer ≥ 0.*-1"),
     # PEFT export
-    case("to_peft_other_family", lambda: adapted(surm()), lambda m, t: boftlab.to_peft(m, t / "peft"),
-         r"PEFT export covers the 'boft' and 'oft' families only; this model also has \['surm'\]"),
+    case("to_peft_other_family", lambda: adapted(tensor_core(ranks=2)), lambda m, t: boftlab.to_peft(m, t / "peft"),
+         r"PEFT export covers BOFT/OFT .* and SURM circulant \(as PEFT C3A\), one kind per export; this model has "
+         r"the families \['tensor_core'\]"),
+    case("to_peft_surm_not_circulant", lambda: adapted(surm(structure="toeplitz")),
+         lambda m, t: boftlab.to_peft(m, t / "peft"),
+         r"cannot export 'query' \(SURM 'toeplitz', mode='lora'\) as PEFT C3A: "
+         r".*SURMConfig\(structure='circulant', mode='lora'\)"),
 ]
 
 

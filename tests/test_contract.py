@@ -359,7 +359,7 @@ def test_a_state_dict_with_merged_plain_copies_still_loads_into_an_adapted_model
     """States written before the guard held the merged base tensors under the plain names too: an adapted model
     drops them, as it drops the guard."""
     model, x = net(nn.Linear)
-    boftlab.adapt(model, CONFIGS["boft"][0], targets=["layer"])
+    boftlab.adapt(model, canonical_configs()["boft"], targets=["layer"])
     perturb(model.layer)
     state = model.state_dict() | {"layer.weight": model.layer.merged_weights()["weight"], "layer.bias": model.layer.bias}
     again = copy.deepcopy(model)
@@ -371,7 +371,7 @@ def test_a_state_dict_with_merged_plain_copies_still_loads_into_an_adapted_model
 def test_state_dict_merges_nothing():
     """state_dict() never calls the family's merge: its cost is the module's, not d² per layer."""
     model, x = net(nn.Linear)
-    boftlab.adapt(model, CONFIGS["boft"][0], targets=["layer"])
+    boftlab.adapt(model, canonical_configs()["boft"], targets=["layer"])
 
     def refuse():
         raise AssertionError("state_dict() merged a layer")

@@ -483,3 +483,106 @@ def test_import_refuses_tensors_that_are_not_real_floats(tmp_path, dtype):
     with pytest.raises(ValueError, match=rf"not real floating-point .*'{dtype}'"):
         boftlab.from_peft(plain, tmp_path)
     assert not boftlab.adapter_layers(plain)
+
+
+# --- SURM circulant <-> PEFT C3A -------------------------------------------------------------------------------------
+class SquareNet(nn.Module):
+    """Two square layers of different sizes (so the export needs C3A's block_size_pattern), a rectangular one and a
+    head."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(32, 32)
+        self.down = nn.Linear(32, 16)
+        self.fc2 = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc2(torch.relu(self.down(torch.relu(self.fc1(x)))))))
+
+
+def square_net():
+    torch.manual_seed(5)
+    return SquareNet()
+
+
+def c3a_reference(layer, kernel):
+    """y = base(x) + C(w) x / d_in by PEFT's own C3A functions (peft.tuners.c3a.utils), in the kernel's dtype."""
+    from peft.tuners.c3a.utils import BlockCircularConvolution
+
+    return lambda x: layer.base_layer(x) + BlockCircularConvolution.apply(x, kernel) / x.shape[-1]
+
+
+def test_surm_circulant_export_is_peft_c3a_in_fp64(tmp_path):
+    """Each exported layer equals PEFT's C3A math (its BlockCircularConvolution and get_circulant_fast, run in fp64)
+    on the exported kernel, forward and merged ΔW. Orientation (C3A stores a first row, SURM a first column), α and
+    C3A's 1/d_in are all inside the map."""
+    from peft.tuners.c3a.utils import get_circulant_fast
+    from safetensors.torch import load_file
+
+    model = perturb(boftlab.adapt(square_net(), boftlab.SURMConfig(structure="circulant", alpha=0.7),
+                                  targets=["fc1", "fc2"]).double())
+    layers = boftlab.adapter_layers(model)
+    assert all(layer.matrix.first_column.dtype == torch.float64 for layer in layers.values())
+    boftlab.to_peft(model, tmp_path)
+    kernels = load_file(tmp_path / "adapter_model.safetensors")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["block_size"], config["block_size_pattern"]) == ("C3A", 32, {"fc2": 16})
+    for name, layer in layers.items():
+        kernel = kernels[f"base_model.model.{name}.c3a_kernel"]
+        d = layer.base_layer.in_features
+        assert kernel.shape == (1, 1, d) and kernel.dtype == torch.float64
+        x = torch.randn(5, d, dtype=torch.float64)
+        torch.testing.assert_close(layer(x), c3a_reference(layer, kernel)(x), rtol=0, atol=1e-13)
+        delta = layer.merged_weights()["weight"] - layer.base_layer.weight
+        torch.testing.assert_close(delta, get_circulant_fast(kernel) / d, rtol=0, atol=1e-13)
+
+
+def test_surm_circulant_export_loads_in_peft_c3a_with_identical_outputs(tmp_path):
+    """End to end through PeftModel.from_pretrained; PEFT computes C3A in fp32, so fp32 is where they meet."""
+    model = perturb(boftlab.adapt(square_net(), boftlab.SURMConfig(structure="circulant"), targets=["fc1", "fc2"],
+                                  trainable=["head"]))
+    boftlab.to_peft(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(square_net(), tmp_path)
+    x = torch.randn(6, 32)
+    torch.testing.assert_close(theirs(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_peft_c3a_with_one_block_per_layer_imports_as_surm_circulant(tmp_path):
+    config = peft.C3AConfig(block_size=32, block_size_pattern={"fc2": 16}, target_modules=["fc1", "fc2"],
+                            init_weights="gaussian", modules_to_save=["head"])
+    theirs = peft.get_peft_model(square_net(), config)
+    with torch.no_grad():
+        theirs.base_model.model.head.modules_to_save["default"].weight.mul_(2)  # a trained head travels too
+    theirs.save_pretrained(tmp_path)
+    ours = boftlab.from_peft(square_net(), tmp_path)
+    assert {n: l.config.structure for n, l in boftlab.adapter_layers(ours).items()} == {"fc1": "circulant",
+                                                                                         "fc2": "circulant"}
+    x = torch.randn(6, 32)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)  # PEFT computes C3A in fp32
+    # fp64: each imported layer equals PEFT's C3A math run in fp64 on the stored kernel (d = 32, 16: w/d is exact)
+    from safetensors.torch import load_file
+
+    kernels = load_file(tmp_path / "adapter_model.safetensors")
+    for name, layer in boftlab.adapter_layers(ours.double()).items():
+        x = torch.randn(5, layer.base_layer.in_features, dtype=torch.float64)
+        kernel = kernels[f"base_model.model.{name}.c3a_kernel"].double()
+        torch.testing.assert_close(layer(x), c3a_reference(layer, kernel)(x), rtol=0, atol=1e-13)
+
+
+def test_c3a_exchange_refuses_what_one_circulant_cannot_hold(tmp_path):
+    rectangular = boftlab.adapt(square_net(), boftlab.SURMConfig(structure="circulant"), targets=["down"])
+    with pytest.raises(ValueError, match=r"cannot export 'down' \(32 -> 16\) as PEFT C3A: on a rectangular layer .* "
+                                         r"Toeplitz, not circulant"):
+        boftlab.to_peft(rectangular, tmp_path / "out")
+    adapter_style = boftlab.adapt(square_net(), boftlab.SURMConfig(structure="circulant", mode="adapter"), ["fc1"])
+    with pytest.raises(ValueError, match=r"mode='adapter'\) as PEFT C3A"):
+        boftlab.to_peft(adapter_style, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    peft.get_peft_model(square_net(), peft.C3AConfig(block_size=8, target_modules=["fc1"])).save_pretrained(
+        tmp_path / "blocks")
+    plain = square_net()
+    with pytest.raises(ValueError, match=r"block size 8 splits the 32 -> 32 layer into 4 × 4 independent circulant "
+                                         r"blocks"):
+        boftlab.from_peft(plain, tmp_path / "blocks")
+    assert not boftlab.adapter_layers(plain)

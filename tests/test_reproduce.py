@@ -232,10 +232,12 @@ def test_4bit_llm_adapters_train_on_frozen_weights_and_full_fine_tuning_is_a_row
                 lambda m: llm.perplexity(m, tokens, torch.device("cpu")), 3, 3, torch.device("cpu"),
                 precision=torch.float16, gradient_checkpointing=True)
     methods = [Method("full fine-tuning", "full"), *runner.adapter_methods(llm.COLAB_LINEARS, 1e-3, 4, 16, 4)]
-    full, *adapters = runner.run_methods(task, methods, progress=False)
+    full, *adapters, c3a = runner.run_methods(task, methods, progress=False)
     assert full.skipped == ("skipped: full fine-tuning trains every weight, and 14 layers of this model store theirs "
                             "quantized (bitsandbytes), which no optimizer can update; load the model in 16 bits to "
                             "train it fully")
+    assert c3a.method.family == "c3a" and "PEFT's C3A adapts plain nn.Linear layers only" in c3a.skipped
+    assert "['Linear4bit']" in c3a.skipped
     for run in adapters:
         assert not run.skipped and len(run.losses) == 3 and all(math.isfinite(v) for v in run.losses), run.method
         assert run.evals[-1] != run.evals[0]

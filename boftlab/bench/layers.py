@@ -19,94 +19,45 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from . import MEMORY_METHOD, Timing, fwd_bwd, measure_methods, round_robin, suite, with_peft
-from ..butterfly import BOFTConfig, BOFTLayer, OFTConfig
+from . import MEMORY_METHOD, Timing, fwd_bwd, measure_methods, round_robin, suite
+from .methods import BLOCK_SIZE, REFERENCES, Method, boft, family, reference
+from ..butterfly import BOFTLayer
 from ..butterfly_structure import butterfly_apply, butterfly_apply_reshaped, gather_schedule
+from ..contract import FAMILIES
 from ..kernels import butterfly_apply_fused, triton_available
 from ..report import goals_table, markdown_table, ratio
 
-BLOCK_SIZE = 8
-LORA_RANK = 8
-
 
 # --- building the layers -------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def peft_boft_context(device: torch.device) -> Iterator[str]:
-    """PEFT's real m-factor BOFT: its CUDA extension if it builds, else the torch.block_diag patch. Yields a label."""
-    from peft.tuners.boft import layer
-
-    if device.type == "cuda" and layer.get_fbd_cuda() is not None:
-        yield "fbd_cuda"
-        return
-    from .peft_patch import peft_boft_without_cuda
-
-    with peft_boft_without_cuda():
-        yield "block_diag patch"
-
-
-@dataclass
-class LayerMethod:
-    """One row of the single-layer tables: a key the goals refer to, how to build the adapted layer from the frozen
-    base, and a context to build and time it in (e.g. PEFT's BOFT without its CUDA extension)."""
-
-    key: str
-    label: str
-    build: Callable[[nn.Linear], nn.Module]
-    context: Callable[[torch.device], contextlib.AbstractContextManager] | None = None
-
-
-def _frozen(base: nn.Linear) -> nn.Module:
+def _frozen(base: nn.Linear, targets: None = None) -> nn.Module:
     return base
 
 
-def method_list(names: list[str], factors: tuple[int, ...] = (2,),
-                device: torch.device | None = None) -> list[LayerMethod]:
-    """The methods to time, in table order; names from ``METHODS`` (optional families skipped when absent). Keys:
-    the name, with ``-m{m}`` for boftlab BOFT."""
+def method_names() -> tuple[str, ...]:
+    """What ``method_list`` accepts: "frozen" (the base layer alone), PEFT's ``REFERENCES``, "boft" / "boft_fused"
+    (boftlab BOFT b=8 at each of ``factors``), and every family of ``FAMILIES``."""
+    return ("frozen", *REFERENCES, "boft", "boft_fused", *(f for f in FAMILIES if f != "boft"))
+
+
+def method_list(names: list[str], factors: tuple[int, ...] = (2,), device: torch.device | None = None) -> list[Method]:
+    """The methods to time, in table order (``method_names``; "boft_fused" only on CUDA with Triton). Keys: the name,
+    ``boft-m{m}`` / ``boft_fused-m{m}`` for boftlab BOFT."""
     methods = []
     for name in names:
         if name == "frozen":
-            methods.append(LayerMethod(name, "frozen base", _frozen))
-        elif name == "lora":
-            methods.append(LayerMethod(name, f"PEFT LoRA r={LORA_RANK}",
-                                       lambda b: with_peft("LoraConfig", b, r=LORA_RANK)))
-        elif name == "peft_oft":
-            methods.append(LayerMethod(name, f"PEFT OFT b={BLOCK_SIZE}",
-                                       lambda b: with_peft("OFTConfig", b, oft_block_size=BLOCK_SIZE)))
-        elif name == "peft_boft":
-            methods.append(LayerMethod(
-                name, f"PEFT BOFT m=2 b={BLOCK_SIZE}",
-                lambda b: with_peft("BOFTConfig", b, boft_block_size=BLOCK_SIZE, boft_n_butterfly_factor=2),
-                peft_boft_context,
-            ))
-        elif name == "oft":
-            methods.append(LayerMethod(name, f"boftlab OFT b={BLOCK_SIZE}", OFTConfig(block_size=BLOCK_SIZE).make_layer))
+            methods.append(Method(name, "frozen base", _frozen))
+        elif name in REFERENCES:
+            methods.append(reference(name))
         elif name in ("boft", "boft_fused"):
             fused = name == "boft_fused"
             if fused and not (device is not None and device.type == "cuda" and triton_available()):
                 continue
-            for m in factors:
-                label = f"boftlab BOFT m={m} b={BLOCK_SIZE}" + (" (fused kernel)" if fused else "")
-                config = BOFTConfig(block_size=BLOCK_SIZE, n_factors=m, kernel="auto" if fused else "torch")
-                methods.append(LayerMethod(f"{name}-m{m}", label, config.make_layer))
-        elif name == "surm":
-            try:
-                from ..surm import SURMConfig
-            except ImportError:
-                continue
-            methods.append(LayerMethod(name, "boftlab SURM circulant", SURMConfig(structure="circulant").make_layer))
-        elif name == "tensor_core":
-            try:
-                from ..tensor_core import TensorCoreConfig
-            except ImportError:
-                continue
-            methods.append(LayerMethod(name, "boftlab tensor-core r=8", TensorCoreConfig(ranks=8).make_layer))
+            methods += [boft(m, fused) for m in factors]
+        elif name in FAMILIES:
+            methods.append(family(name))
         else:
-            raise ValueError(f"unknown method {name!r}; valid: {METHODS}")
+            raise ValueError(f"unknown method {name!r}; valid: {method_names()}")
     return methods
-
-
-METHODS = ("frozen", "lora", "peft_oft", "peft_boft", "oft", "boft", "boft_fused", "surm", "tensor_core")
 
 
 def chosen_path(module: nn.Module, x: torch.Tensor) -> str:
@@ -127,30 +78,49 @@ class Measured:
     timing: Timing
 
 
-def measure_layers(methods: list[LayerMethod], dim: int, tokens: int, device: torch.device, dtype: torch.dtype,
-                   budget_s: float | None = None) -> list[Measured]:
-    """One training step of every method on nn.Linear(dim, dim) with (tokens, dim) inputs, timed round-robin."""
+@dataclass
+class LayerCalls:
+    """Every method's training step on nn.Linear(d, d): by label, its step, its method key, its trainable count."""
+
+    calls: dict[str, Callable[[], None]]
+    keys: dict[str, str]
+    trainable: dict[str, int]
+
+
+@contextlib.contextmanager
+def layer_calls(methods: list[Method], dim: int, tokens: int, device: torch.device,
+                dtype: torch.dtype) -> Iterator[LayerCalls]:
+    """One training step of every method on one frozen nn.Linear(dim, dim) with (tokens, dim) inputs; every method's
+    context stays entered while the steps are used."""
     torch.manual_seed(0)
     base = nn.Linear(dim, dim).to(device=device, dtype=dtype).requires_grad_(False)
     x = torch.randn(tokens, dim, device=device, dtype=dtype)
-    with contextlib.ExitStack() as contexts:  # every method's context stays entered while all are timed
-        calls, keys = {}, {}
+    with contextlib.ExitStack() as contexts:
+        found = LayerCalls({}, {}, {})
         for method in methods:
             note = contexts.enter_context(method.context(device)) if method.context else None
-            module = method.build(base).to(device)  # adapter parameters in whatever dtype each library chooses
+            module = method.apply(base, None).to(device)  # adapter parameters in whatever dtype each library chooses
             label = method.label + (f" ({note})" if isinstance(note, str) else "") + chosen_path(module, x)
-            calls[label], keys[label] = fwd_bwd(module, x), method.key
-        timings = measure_methods(calls, device, budget_s)
+            found.calls[label], found.keys[label] = fwd_bwd(module, x), method.key
+            found.trainable[label] = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        yield found
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return [Measured(keys[label], label, timing) for label, timing in timings.items()]
+
+
+def measure_layers(methods: list[Method], dim: int, tokens: int, device: torch.device, dtype: torch.dtype,
+                   budget_s: float | None = None) -> list[Measured]:
+    """One training step of every method on nn.Linear(dim, dim) with (tokens, dim) inputs, timed round-robin."""
+    with layer_calls(methods, dim, tokens, device, dtype) as found:
+        timings = measure_methods(found.calls, device, budget_s)
+    return [Measured(found.keys[label], label, timing) for label, timing in timings.items()]
 
 
 HEADER = ["d", "tokens", "method", "ms / step", "× LoRA", "× PEFT OFT", "PEFT BOFT ÷ this", "peak MiB",
           "memory × LoRA"]
 
 
-def layer_rows(dims: list[int], tokens_list: list[int], methods: list[LayerMethod], device: torch.device,
+def layer_rows(dims: list[int], tokens_list: list[int], methods: list[Method], device: torch.device,
                dtype: torch.dtype, budget_s: float | None = None
                ) -> tuple[list[list[object]], dict[tuple[int, int, str], Timing]]:
     """Table rows (``HEADER``) and the timings by (d, tokens, method key); ``budget_s`` per (d, tokens)."""
@@ -176,7 +146,7 @@ def _setting(device: torch.device) -> tuple[torch.dtype, str]:
 
 def layer_goals(results: dict[tuple[int, int, str], Timing], dims: list[int], tokens: int, boft: str = "boft-m2") -> str:
     """The issue's single-layer goals, checked on this run's numbers (``boft``: the BOFT m=2 b=8 method key)."""
-    def ratio(dim: int, key: str, reference: str, memory: bool = False) -> float | None:
+    def against(dim: int, key: str, reference: str, memory: bool = False) -> float | None:
         mine, theirs = results.get((dim, tokens, key)), results.get((dim, tokens, reference))
         if mine is None or theirs is None:
             return None
@@ -184,11 +154,11 @@ def layer_goals(results: dict[tuple[int, int, str], Timing], dims: list[int], to
 
     goals = []
     for dim in dims:
-        goals += [(f"d={dim}: BOFT m=2 ÷ PEFT OFT (time)", ratio(dim, boft, "peft_oft"), "≤", 1.15),
-                  (f"d={dim}: BOFT m=2 ÷ PEFT LoRA (time)", ratio(dim, boft, "lora"), "≤", 1.25),
-                  (f"d={dim}: boftlab OFT ÷ PEFT OFT (time)", ratio(dim, "oft", "peft_oft"), "≤", 1.0),
-                  (f"d={dim}: BOFT m=2 ÷ PEFT LoRA (peak memory)", ratio(dim, boft, "lora", memory=True), "≤", 1.1)]
-    speedup = ratio(2048, "peft_boft", boft)
+        goals += [(f"d={dim}: BOFT m=2 ÷ PEFT OFT (time)", against(dim, boft, "peft_oft"), "≤", 1.15),
+                  (f"d={dim}: BOFT m=2 ÷ PEFT LoRA (time)", against(dim, boft, "lora"), "≤", 1.25),
+                  (f"d={dim}: boftlab OFT ÷ PEFT OFT (time)", against(dim, "oft", "peft_oft"), "≤", 1.0),
+                  (f"d={dim}: BOFT m=2 ÷ PEFT LoRA (peak memory)", against(dim, boft, "lora", memory=True), "≤", 1.1)]
+    speedup = against(2048, "peft_boft", boft)
     if speedup is not None:
         goals.append(("d=2048: PEFT BOFT m=2 ÷ BOFT m=2 (time)", speedup, "≥", 20.0))
     return f"Goals (issue 15), on this run's {tokens}-token numbers:\n\n" + goals_table(goals)
@@ -214,12 +184,8 @@ def layers(argv: list[str]) -> str:
     full = "--full" in argv or device.type == "cuda"
     dims, tokens_list = ([1024, 4096, 8192], [512, 8192]) if full else ([768, 2048, 4096], [512])
     grid = "full grid" if full else "reduced CPU grid (d ∈ {768, 2048, 4096}, 512 tokens; --full for the issue's grid)"
-    names = ["frozen", "lora", "peft_oft", "peft_boft", "oft", "boft", "boft_fused", "surm", "tensor_core"]
-    methods = method_list(names, factors=(2,), device=device)
-    missing = [f for f, n in (("SURM", "surm"), ("tensor-core", "tensor_core")) if not _importable(n)]
+    methods = method_list(list(method_names()), factors=(2,), device=device)
     notes = [f"{setting}; {grid}; per (d, tokens), all methods timed round-robin. {MEMORY_METHOD[device.type]}."]
-    if missing:
-        notes.append(f"Skipped (module not importable): {', '.join(missing)}.")
     if not any("fused" in m.label for m in methods):
         notes.append("Fused-kernel rows need CUDA and Triton; this run has " + device.type + ".")
     rows, results = layer_rows(dims, tokens_list, methods, device, dtype)
@@ -229,14 +195,6 @@ def layers(argv: list[str]) -> str:
         parts += ["BOFT's rotation alone, forward, bf16 activations (tokens × d), b=8: the fused kernel, the PyTorch "
                   "factored form and the assembled form:", kernel_bandwidth(dims, tokens_list)]
     return "\n\n".join(p for p in parts if p)
-
-
-def _importable(module: str) -> bool:
-    try:
-        __import__(f"boftlab.{module}")
-    except ImportError:
-        return False
-    return True
 
 
 def kernel_bandwidth(dims: list[int], tokens_list: list[int], factors: tuple[int, ...] = (1, 2, 4)) -> str:

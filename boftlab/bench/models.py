@@ -12,84 +12,63 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
-from . import MEMORY_METHOD, Timing, measure_methods, suite, with_peft
-from .. import model as boftlab_model
-from ..butterfly import BOFTConfig, OFTConfig
+from . import MEMORY_METHOD, Timing, measure_methods, suite
+from .layers import kernel_bandwidth
+from .methods import Method, all_methods
 from ..kernels import triton_available
 from ..report import goals_table, markdown_table, ratio
-from .layers import BLOCK_SIZE, LORA_RANK, kernel_bandwidth, peft_boft_context
 
-MINILM_TARGETS = ["query", "key", "value", "dense"]  # attention q/k/v/output and both MLP layers
+MINILM_TARGETS = ["query", "key", "value", "dense"]  # attention q/k/v/output, both MLP layers (and the pooler)
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QV_TARGETS = ["q_proj", "v_proj"]
 
 
 @dataclass
-class Adapter:
-    key: str  # what the goals refer to
-    label: str
-    apply: Callable[[nn.Module, list[str]], nn.Module]  # (model, targets) -> adapted model
-    context: Callable[[torch.device], contextlib.AbstractContextManager] | None = None
+class ModelCalls:
+    """Every method's training step on its own adapted copy of one model: by label, its step, its method key and its
+    trainable parameter count."""
+
+    calls: dict[str, Callable[[], None]]
+    keys: dict[str, str]
+    trainable: dict[str, int]
 
 
-def _peft(config_name: str, **options) -> Callable[[nn.Module, list[str]], nn.Module]:
-    return lambda model, targets: with_peft(config_name, model, targets, **options)
-
-
-def _boftlab(config) -> Callable[[nn.Module, list[str]], nn.Module]:
-    return lambda model, targets: boftlab_model.adapt(model, config, targets)
-
-
-def adapters(device: torch.device) -> list[Adapter]:
-    """The methods compared on whole models, in table order (optional families skipped when not importable)."""
-    found = [
-        Adapter("lora", f"PEFT LoRA r={LORA_RANK}", _peft("LoraConfig", r=LORA_RANK)),
-        Adapter("peft_oft", f"PEFT OFT b={BLOCK_SIZE}", _peft("OFTConfig", oft_block_size=BLOCK_SIZE)),
-        Adapter("peft_boft", f"PEFT BOFT m=2 b={BLOCK_SIZE}",
-                _peft("BOFTConfig", boft_block_size=BLOCK_SIZE, boft_n_butterfly_factor=2), peft_boft_context),
-        Adapter("oft", f"boftlab OFT b={BLOCK_SIZE}", _boftlab(OFTConfig(block_size=BLOCK_SIZE))),
-        Adapter("boft-m2", f"boftlab BOFT m=2 b={BLOCK_SIZE}",
-                _boftlab(BOFTConfig(block_size=BLOCK_SIZE, n_factors=2, kernel="torch"))),
-    ]
-    if device.type == "cuda" and triton_available():
-        found.append(Adapter("boft_fused-m2", f"boftlab BOFT m=2 b={BLOCK_SIZE} (fused kernel)",
-                             _boftlab(BOFTConfig(block_size=BLOCK_SIZE, n_factors=2))))
-    with contextlib.suppress(ImportError):
-        from ..surm import SURMConfig
-
-        found.append(Adapter("surm", "boftlab SURM circulant", _boftlab(SURMConfig(structure="circulant"))))
-    with contextlib.suppress(ImportError):
-        from ..tensor_core import TensorCoreConfig
-
-        found.append(Adapter("tensor_core", "boftlab tensor-core r=8", _boftlab(TensorCoreConfig(ranks=8))))
-    return found
-
-
-def model_rows(build: Callable[[], nn.Module], loss: Callable[[nn.Module], torch.Tensor], targets: list[str],
-               device: torch.device, budget_s: float | None = None) -> tuple[list[list[object]], dict[str, Timing]]:
-    """Rows [method, trainable, ms / step, × LoRA, × PEFT OFT, PEFT BOFT ÷ this, peak MiB, memory × LoRA] for every
-    adapter, all timed round-robin, and the timings by adapter key."""
-    with contextlib.ExitStack() as contexts:  # every method's context stays entered while all are timed
-        calls, keys, trainable = {}, {}, {}
-        for adapter in adapters(device):
-            note = contexts.enter_context(adapter.context(device)) if adapter.context else None
-            model = adapter.apply(build(), targets)  # both libraries freeze everything but the adapters
+@contextlib.contextmanager
+def model_calls(build: Callable[[], nn.Module], loss: Callable[[nn.Module], torch.Tensor], targets: list[str],
+                device: torch.device, methods: list[Method] | None = None) -> Iterator[ModelCalls]:
+    """Adapt a fresh ``build()`` per method (default: ``all_methods``) at ``targets``; each method's context stays
+    entered while the steps are used."""
+    with contextlib.ExitStack() as contexts:
+        found = ModelCalls({}, {}, {})
+        for method in all_methods(device) if methods is None else methods:
+            note = contexts.enter_context(method.context(device)) if method.context else None
+            model = method.apply(build(), targets)  # both libraries freeze everything but the adapters
 
             def step(model=model) -> None:
                 model.zero_grad(set_to_none=True)
                 loss(model).backward()
 
-            label = adapter.label + (f" ({note})" if isinstance(note, str) else "") + _boft_paths(model, loss)
-            calls[label], keys[label] = step, adapter.key
-            trainable[label] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        timings = measure_methods(calls, device, budget_s)
+            label = method.label + (f" ({note})" if isinstance(note, str) else "") + _boft_paths(model, loss)
+            found.calls[label], found.keys[label] = step, method.key
+            found.trainable[label] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        yield found
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def model_rows(build: Callable[[], nn.Module], loss: Callable[[nn.Module], torch.Tensor], targets: list[str],
+               device: torch.device, budget_s: float | None = None,
+               methods: list[Method] | None = None) -> tuple[list[list[object]], dict[str, Timing]]:
+    """Rows [method, trainable, ms / step, × LoRA, × PEFT OFT, PEFT BOFT ÷ this, peak MiB, memory × LoRA] for every
+    method (default: ``all_methods``), all timed round-robin, and the timings by method key."""
+    with model_calls(build, loss, targets, device, methods) as found:
+        timings = measure_methods(found.calls, device, budget_s)
+    keys, trainable = found.keys, found.trainable
     by_key = {keys[label]: t for label, t in timings.items()}
     lora, peft_oft, peft_boft = by_key.get("lora"), by_key.get("peft_oft"), by_key.get("peft_boft")
     rows = [[label, trainable[label], t.ms, ratio(t.ms, lora and lora.ms), ratio(t.ms, peft_oft and peft_oft.ms),

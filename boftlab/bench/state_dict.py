@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import MEMORY_METHOD, measure_methods, peak_memory_mib, round_robin, suite, with_peft
-from .layers import BLOCK_SIZE, LORA_RANK
+from .methods import BLOCK_SIZE, LORA_RANK
 from .. import model as boftlab_model
 from ..report import markdown_table, ratio
 from ..butterfly import BOFTConfig

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fwd_bwd, round_robin, suite, with_peft
-from .layers import LORA_RANK
 from ..report import markdown_table
+from .methods import LORA_RANK
 from ..surm import SURMConfig
 
 FULL = {"dims": (768, 2048, 4096), "tokens": 512, "repeats": 5}

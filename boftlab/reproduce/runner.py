@@ -26,7 +26,9 @@ from ..base_layers import keep_unpacked, kind
 from ..contract import FAMILIES
 
 #: the references a method can name besides boftlab's families (``contract.FAMILIES``)
-REFERENCES = ("head", "full", "lora")
+REFERENCES = ("head", "full", "lora", "c3a")
+#: PEFT C3A's learning rate, fixed for now: PEFT's documentation calls 1e-1 "a good starting point" for C3A
+C3A_LR = 1e-1
 
 
 def method_families() -> tuple[str, ...]:
@@ -38,7 +40,8 @@ def method_families() -> tuple[str, ...]:
 class Method:
     """One row of a results table.
 
-    family: "head" (only the modules kept trainable), "full" (every parameter), "lora" (PEFT ``LoraConfig``) or a
+    family: "head" (only the modules kept trainable), "full" (every parameter), "lora" / "c3a" (PEFT ``LoraConfig`` /
+    ``C3AConfig``, its block size by default ``peft_interop.c3a_block_size`` of the targets) or a
     boftlab family (``contract.FAMILIES``); options: that config's keyword arguments; targets: the layers it adapts
     (a regex that ``fullmatch``-es module names, or a list of names / suffixes / module types); lr: AdamW's peak
     learning rate.
@@ -62,10 +65,11 @@ class Method:
 def adapter_methods(targets: Any, lr: float, lora_rank: int, oft_block_size: int, flora_ranks: int,
                     lora_alpha: int | None = None, orthogonal_lr: float | None = None,
                     flora_targets: Any = None, flora_name: str = "FLoRA (tensor core)") -> list[Method]:
-    """The seven adapter rows every domain compares, on the same ``targets``: PEFT LoRA (rank ``lora_rank``, alpha
+    """The eight adapter rows every domain compares, on the same ``targets``: PEFT LoRA (rank ``lora_rank``, alpha
     ``lora_alpha`` or 2·rank), OFT (``oft_block_size``), BOFT b=8 m=2 and b=4 m=4, SURM circulant and Kronecker
-    (LoRA-style), FLoRA (``flora_ranks`` per mode; ``flora_targets`` if it adapts more layers). ``lr`` is AdamW's
-    peak learning rate, ``orthogonal_lr`` OFT's and BOFT's where it differs."""
+    (LoRA-style), FLoRA (``flora_ranks`` per mode; ``flora_targets`` if it adapts more layers), PEFT C3A (block size
+    the gcd of the targeted layers' sizes: SURM circulant's parameter count where one size divides the other; lr
+    ``C3A_LR``). ``lr`` is AdamW's peak learning rate, ``orthogonal_lr`` OFT's and BOFT's where it differs."""
     rotation_lr = lr if orthogonal_lr is None else orthogonal_lr
     alpha = 2 * lora_rank if lora_alpha is None else lora_alpha
     return [
@@ -76,6 +80,7 @@ def adapter_methods(targets: Any, lr: float, lora_rank: int, oft_block_size: int
         Method("SURM circulant", "surm", {"structure": "circulant", "mode": "lora"}, targets, lr),
         Method("SURM Kronecker", "surm", {"structure": "kronecker", "mode": "lora"}, targets, lr),
         Method(flora_name, "tensor_core", {"ranks": flora_ranks}, flora_targets or targets, lr),
+        Method("C3A (PEFT)", "c3a", {}, targets, C3A_LR),
     ]
 
 
@@ -103,13 +108,21 @@ def prepare(model: nn.Module, method: Method, trainable: list[str]) -> nn.Module
         for name, p in model.named_parameters():
             p.requires_grad_(method.family == "full" or any(_in_module(name, t) for t in trainable))
         return model
-    if method.family == "lora":
+    if method.family in ("lora", "c3a"):
         try:
-            from peft import LoraConfig, get_peft_model
+            from peft import C3AConfig, LoraConfig, get_peft_model
         except ImportError as err:
             raise MethodUnavailable(f"PEFT is not importable here ({err}); pip install peft") from err
 
-        config = LoraConfig(target_modules=method.targets, modules_to_save=list(trainable) or None, **method.options)
+        options = dict(target_modules=method.targets, modules_to_save=list(trainable) or None, **method.options)
+        if method.family == "c3a" and "block_size" not in options:
+            from ..peft_interop import c3a_block_size
+
+            try:
+                options["block_size"] = c3a_block_size(model, method.targets)
+            except ValueError as err:  # C3A adapts plain nn.Linear layers only
+                raise MethodUnavailable(str(err)) from err
+        config = (LoraConfig if method.family == "lora" else C3AConfig)(**options)
         with warnings.catch_warnings():  # PEFT reads an attribute transformers ≥ 5.24 deprecates: not ours to fix
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
             return get_peft_model(model, config)
