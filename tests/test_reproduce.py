@@ -5,14 +5,20 @@ import dataclasses
 import math
 import re
 import sys
+import tempfile
 import weakref
 
 import pytest
 import torch
 
 from boftlab.__main__ import main as cli
-from boftlab.reproduce import DOMAINS, diffusion, llm, reproduce, runner, vit
-from boftlab.reproduce.runner import Method, Task, lr_factor, run_method, stratified_split
+from boftlab.reproduce import DOMAINS, diffusion, llm, memory, pretrained, reproduce, vit
+from boftlab.reproduce.data import batch_indices, digits, stratified_split
+from boftlab.reproduce.methods import Method, adapter_methods, method_families, prepare, quantized_layers
+from boftlab.reproduce.protocol import Protocol
+from boftlab.reproduce.results import load_results, plot_curves, ranking, results_table, seed_table
+from boftlab.reproduce.runner import autocast_dtype, lr_factor, run_method, run_methods
+from boftlab.reproduce.task import Run, Task
 
 TINY_VIT = vit.Settings(steps=4, batch_size=16, eval_every=2)
 BOFT = Method("BOFT b=8 m=2", "boft", {"block_size": 8, "n_factors": 2}, vit.CI_LINEARS, lr=3e-3)
@@ -53,7 +59,7 @@ def test_cli_errors_name_valid_choices(argv, choices, capsys):
 
 
 def test_missing_checkpoint_says_where_they_come_from(tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "PRETRAINED_DIR", tmp_path)
+    monkeypatch.setattr(pretrained, "PRETRAINED_DIR", tmp_path)
     with pytest.raises(FileNotFoundError, match="data/scripts"):
         vit.load_ci_vit()
 
@@ -67,8 +73,8 @@ def test_lr_factor_warms_up_then_decays_to_zero():
 
 
 def test_batch_indices_repeat_exactly_and_cover_an_epoch():
-    first = [runner.batch_indices(50, 10, s, seed=3) for s in range(5)]
-    again = [runner.batch_indices(50, 10, s, seed=3) for s in range(5)]
+    first = [batch_indices(50, 10, s, seed=3) for s in range(5)]
+    again = [batch_indices(50, 10, s, seed=3) for s in range(5)]
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert sorted(torch.cat(first).tolist()) == list(range(50))
 
@@ -81,7 +87,7 @@ def test_stratified_split_is_disjoint_and_keeps_class_shares():
 
 
 def test_digits_are_the_bundled_classes_in_unit_range():
-    images, labels = runner.digits([5, 6])
+    images, labels = digits([5, 6])
     assert images.shape[1:] == (1, 8, 8) and set(labels.tolist()) == {5, 6}
     assert images.min() >= 0 and images.max() <= 1
 
@@ -124,7 +130,7 @@ def test_method_without_its_package_is_skipped_with_its_reason(vit_task, monkeyp
     monkeypatch.setitem(sys.modules, "peft", None)  # PEFT not installed: importing it raises ImportError
     run = run_method(vit_task, LORA, progress=False)
     assert run.skipped and "PEFT is not importable here" in run.skipped and "pip install peft" in run.skipped
-    assert f"| {LORA.name} | skipped: " in runner.results_table([run], "accuracy")
+    assert f"| {LORA.name} | skipped: " in results_table([run], "accuracy")
 
 
 # --- fitting one GPU: out-of-memory rows, the memory gate, one model at a time, autocast, checkpointing --------------
@@ -140,40 +146,40 @@ def test_out_of_memory_in_one_method_is_its_row_the_model_is_freed_and_the_next_
         return vit_task.loss(model, step)
 
     task = dataclasses.replace(vit_task, loss=loss, precision=torch.bfloat16, setting="batch 16 images")
-    boft_run, lora_run = runner.run_methods(task, [BOFT, LORA], progress=False)
+    boft_run, lora_run = run_methods(task, [BOFT, LORA], progress=False)
     assert boft_run.skipped == ("out of memory after 1 of 4 steps (batch 16 images, bfloat16 autocast): CUDA out of "
                                 "memory. Tried to allocate 2.00 GiB (simulated)")
     assert seen[0][0]() is None and seen[0][1]() is None  # BOFT's model and parameters were freed
     assert not lora_run.skipped and lora_run.steps == [1, 2, 3, 4]
-    table = runner.results_table([boft_run, lora_run], "accuracy")
+    table = results_table([boft_run, lora_run], "accuracy")
     assert f"| {BOFT.name} | out of memory after 1 of 4 steps (batch 16 images" in table
-    assert runner.ranking([boft_run, lora_run], "accuracy").endswith(f"Skipped: {BOFT.name}.")
+    assert ranking([boft_run, lora_run], "accuracy").endswith(f"Skipped: {BOFT.name}.")
 
 
 def test_memory_gate_skips_a_method_its_estimate_does_not_fit(vit_task, monkeypatch):
     full = Method("full fine-tuning", "full", lr=1e-3)
-    need = runner.training_bytes(runner.prepare(copy.deepcopy(vit_task.base), full, vit_task.trainable))
-    monkeypatch.setattr(runner, "free_memory", lambda device: need - 1)  # one byte short
+    need = memory.training_bytes(prepare(copy.deepcopy(vit_task.base), full, vit_task.trainable))
+    monkeypatch.setattr(memory, "free_memory", lambda device: need - 1)  # one byte short
     run = run_method(dataclasses.replace(vit_task, setting="batch 16 images"), full, progress=False)
     assert run.skipped.startswith(f"skipped: needs ≈ {need / 2**30:.1f} GiB (weights; gradients and AdamW states of "
                                   "135,813 trainable parameters; ≈ 0.0 GiB activations for batch 16 images, fp32)")
     assert not run.losses
-    monkeypatch.setattr(runner, "free_memory", lambda device: need)  # exactly enough
+    monkeypatch.setattr(memory, "free_memory", lambda device: need)  # exactly enough
     assert not run_method(vit_task, full, progress=False).skipped
 
 
 def test_training_bytes_counts_weights_and_adamw_states_of_the_trainable():
     model = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.Linear(10, 2))  # 110 + 22 parameters
     model[0].requires_grad_(False)
-    assert runner.training_bytes(model) == 4 * 110 + 4 * 4 * 22  # frozen: weights; trainable: + grad + 2 moments
-    assert runner.training_bytes(model.half(), activation_bytes=7) == 2 * 110 + 2 * 4 * 22 + 7
+    assert memory.training_bytes(model) == 4 * 110 + 4 * 4 * 22  # frozen: weights; trainable: + grad + 2 moments
+    assert memory.training_bytes(model.half(), activation_bytes=7) == 2 * 110 + 2 * 4 * 22 + 7
 
 
 def test_autocast_is_bf16_only_where_the_gpu_has_it(monkeypatch):
-    assert runner.autocast_dtype(torch.device("cpu")) is None
+    assert autocast_dtype(torch.device("cpu")) is None
     for capability, dtype in [((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)]:
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
-        assert runner.autocast_dtype(torch.device("cuda")) == dtype  # a T4 is sm_75: fp16
+        assert autocast_dtype(torch.device("cuda")) == dtype  # a T4 is sm_75: fp16
 
 
 @pytest.mark.parametrize("precision", [torch.float16, torch.bfloat16])
@@ -194,7 +200,7 @@ def test_gradient_checkpointing_changes_memory_not_numbers(colab_vit_task):
 
 def test_gradient_checkpointing_refuses_a_model_without_a_switch():
     with pytest.raises(ValueError, match="Sequential has no gradient-checkpointing switch.*checkpointing=False"):
-        runner.enable_gradient_checkpointing(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+        memory.enable_gradient_checkpointing(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
 def test_colab_profiles_fit_a_gpu_and_ci_profiles_do_not_change():
@@ -225,14 +231,14 @@ def tiny_4bit_lm(tmp_path_factory):
 def test_4bit_llm_adapters_train_on_frozen_weights_and_full_fine_tuning_is_a_row(tiny_4bit_lm):
     """Every adapter trains on the 4-bit model (fp16 autocast with loss scaling and checkpointing, as on a T4) and
     leaves its packed weights as they were; full fine-tuning, which would train them, is a skipped row that says so."""
-    assert len(runner.quantized_layers(tiny_4bit_lm)) == 2 * 7
+    assert len(quantized_layers(tiny_4bit_lm)) == 2 * 7
     packed = {name: p.detach().clone() for name, p in tiny_4bit_lm.named_parameters() if p.dtype == torch.uint8}
     tokens = torch.randint(0, llm.ARCH["vocab_size"], (4, 17), generator=torch.Generator().manual_seed(0))
     task = Task(tiny_4bit_lm, [], lambda m, step: llm.mean_nll(m, tokens[step % 3:step % 3 + 2]),
                 lambda m: llm.perplexity(m, tokens, torch.device("cpu")), 3, 3, torch.device("cpu"),
                 precision=torch.float16, gradient_checkpointing=True)
-    methods = [Method("full fine-tuning", "full"), *runner.adapter_methods(llm.COLAB_LINEARS, 1e-3, 4, 16, 4)]
-    full, *adapters = runner.run_methods(task, methods, progress=False)
+    methods = [Method("full fine-tuning", "full"), *adapter_methods(llm.COLAB_LINEARS, 1e-3, 4, 16, 4)]
+    full, *adapters = run_methods(task, methods, progress=False)
     assert full.skipped == ("skipped: full fine-tuning trains every weight, and 14 layers of this model store theirs "
                             "quantized (bitsandbytes), which no optimizer can update; load the model in 16 bits to "
                             "train it fully")
@@ -244,16 +250,16 @@ def test_4bit_llm_adapters_train_on_frozen_weights_and_full_fine_tuning_is_a_row
 
 def test_memory_gate_does_not_count_twice_what_is_already_on_the_gpu(vit_task, monkeypatch):
     """A 4-bit model is quantized on the GPU as it loads: its copy is there before the gate asks what it needs."""
-    model = runner.prepare(copy.deepcopy(vit_task.base), BOFT, vit_task.trainable)
-    need = runner.training_bytes(model)
-    monkeypatch.setattr(runner, "free_memory", lambda device: need - 1)
-    assert runner.memory_gate(vit_task, model).startswith("skipped: needs ≈")
+    model = prepare(copy.deepcopy(vit_task.base), BOFT, vit_task.trainable)
+    need = memory.training_bytes(model)
+    monkeypatch.setattr(memory, "free_memory", lambda device: need - 1)
+    assert memory.memory_gate(vit_task, model).startswith("skipped: needs ≈")
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: not t.requires_grad))  # the frozen weights
     frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
-    monkeypatch.setattr(runner, "free_memory", lambda device: need - frozen)
-    assert runner.memory_gate(vit_task, model) is None
-    monkeypatch.setattr(runner, "free_memory", lambda device: need - frozen - 1)
-    assert runner.memory_gate(vit_task, model) is not None
+    monkeypatch.setattr(memory, "free_memory", lambda device: need - frozen)
+    assert memory.memory_gate(vit_task, model) is None
+    monkeypatch.setattr(memory, "free_memory", lambda device: need - frozen - 1)
+    assert memory.memory_gate(vit_task, model) is not None
 
 
 def test_curves_and_sample_grids_are_figures_outside_pyplot():
@@ -262,9 +268,9 @@ def test_curves_and_sample_grids_are_figures_outside_pyplot():
     import matplotlib.pyplot as plt
     from matplotlib.figure import Figure
 
-    run = runner.Run(BOFT, steps=[1, 2, 3], losses=[3.0, 2.0, 1.0], eval_steps=[0, 3], evals=[0.2, 0.8])
+    run = Run(BOFT, steps=[1, 2, 3], losses=[3.0, 2.0, 1.0], eval_steps=[0, 3], evals=[0.2, 0.8])
     open_before = plt.get_fignums()
-    figures = [runner.plot_curves([run], "accuracy", "ViT"), diffusion.plot_samples({"before": torch.rand(4, 1, 8, 8)})]
+    figures = [plot_curves([run], "accuracy", "ViT"), diffusion.plot_samples({"before": torch.rand(4, 1, 8, 8)})]
     assert all(isinstance(f, Figure) for f in figures) and plt.get_fignums() == open_before
 
 
@@ -272,16 +278,16 @@ def test_every_boftlab_family_is_a_method_family():
     """The runner names families as the contract does: one registry (contract.FAMILIES)."""
     from boftlab.contract import FAMILIES
 
-    assert runner.method_families() == ("head", "full", "lora", *FAMILIES)
+    assert method_families() == ("head", "full", "lora", *FAMILIES)
     assert {"boft", "oft", "surm", "tensor_core"} <= set(FAMILIES)
 
 
 def test_results_md_and_pngs_carry_the_run_numbers(tmp_path, monkeypatch):
     monkeypatch.setitem(vit.SETTINGS, "ci", TINY_VIT)
     monkeypatch.setitem(vit.DOMAIN.methods, "ci", lambda: [Method("head only", "head"), LORA])
-    path = reproduce(["vit"], "ci", tmp_path, progress=False, protocol=runner.Protocol("test", seeds=(0, 1)))
+    path = reproduce(["vit"], "ci", tmp_path, progress=False, protocol=Protocol("test", seeds=(0, 1)))
     text = path.read_text()
-    results = runner.load_results(tmp_path / "results.json")
+    results = load_results(tmp_path / "results.json")
     for m in results.domains["vit"].methods:
         row = next(line for line in text.splitlines() if line.startswith(f"| {m.name} |"))
         assert f"| {m.test[0]:.3g} | {m.test[1]:.3g} |" in row and f"{m.method_params:,}" in row
@@ -365,7 +371,7 @@ def test_colab_llm_path_runs_on_a_tiny_stand_in(monkeypatch):
     import transformers
 
     tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_file=str(runner.pretrained_dir(llm.CHECKPOINT) / "tokenizer.json"), eos_token="<|endoftext|>")
+        tokenizer_file=str(pretrained.pretrained_dir(llm.CHECKPOINT) / "tokenizer.json"), eos_token="<|endoftext|>")
     config = transformers.Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda name: tokenizer)
@@ -554,11 +560,11 @@ def test_a_run_whose_parameters_diverged_is_a_row_that_says_so_not_a_metric(doma
     assert run.skipped is not None and run.skipped.startswith(f"diverged after 2 of {task.steps} steps: ")
     assert "NaN or inf" in run.skipped and f"lr={method.lr:g}" in run.skipped
     assert run.evals == run.evals[:1]  # the metric before training only
-    assert f"| {method.name} | diverged after 2 of" in runner.results_table([run], "metric")
+    assert f"| {method.name} | diverged after 2 of" in results_table([run], "metric")
 
 # --- seeds and the diffusion metric ---------------------------------------------------------------------------------------
 def finished(name, final, params=100):
-    run = runner.Run(Method(name, "head"), method_params=params)
+    run = Run(Method(name, "head"), method_params=params)
     run.evals = [0.1, final]
     return run
 
@@ -567,7 +573,7 @@ def test_seed_table_reports_mean_and_std_and_names_the_rankings_within_noise():
     by_seed = {0: [finished("a", 0.80), finished("b", 0.70), finished("c", 0.69)],
                1: [finished("a", 0.82), finished("b", 0.74), finished("c", 0.71)],
                2: [finished("a", 0.84), finished("b", 0.72), finished("c", 0.73)]}
-    table = runner.seed_table(by_seed, "accuracy")
+    table = seed_table(by_seed, "accuracy")
     lines = table.splitlines()
     assert lines[0] == "| method | params of the method | seed 0 | seed 1 | seed 2 | accuracy: mean ± std |"
     assert lines[2] == "| a | 100 | 0.8 | 0.82 | 0.84 | 0.82 ± 0.02 |"  # best mean first; std with n − 1
@@ -577,7 +583,7 @@ def test_seed_table_reports_mean_and_std_and_names_the_rankings_within_noise():
 
 def test_seed_table_refuses_seeds_that_ran_different_methods():
     with pytest.raises(ValueError, match="same methods in the same order"):
-        runner.seed_table({0: [finished("a", 0.8)], 1: [finished("b", 0.8)]}, "accuracy")
+        seed_table({0: [finished("a", 0.8)], 1: [finished("b", 0.8)]}, "accuracy")
 
 
 def test_run_seeds_remakes_the_task_with_each_seed(monkeypatch):
@@ -620,7 +626,7 @@ def test_sample_grid_borders_are_white():
 
 def test_seed_table_needs_two_seeds():
     with pytest.raises(ValueError, match="at least two seeds, got \\[0\\]"):
-        runner.seed_table({0: [finished("a", 0.8)]}, "accuracy")
+        seed_table({0: [finished("a", 0.8)]}, "accuracy")
 
 
 def _bad_outs(tmp_path):
@@ -652,7 +658,7 @@ def test_unwritable_out_is_refused_before_training(tmp_path, monkeypatch):
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(runner.tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
     with pytest.raises(ValueError, match=r"--out '.*new' is not writable: creating a file in '.*' fails \(Permission"):
         reproduce(["vit"], "ci", tmp_path / "new")
     assert not (tmp_path / "new").exists()

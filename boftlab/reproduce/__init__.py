@@ -1,10 +1,15 @@
 """The papers' three domains — ViT, LLM, diffusion — as headless experiments (``python -m boftlab reproduce``) and
 as notebooks 07–09, which call the same functions.
 
-Each domain module defines its ci and colab tasks and methods and one ``DOMAIN`` (a ``runner.Domain``) whose
+Each domain module defines its ci and colab tasks and methods and one ``DOMAIN`` (a ``domain.Domain``) whose
 ``settings`` / ``make_task`` / ``profile_methods`` / ``report`` / ``run`` / ``run_seeds`` / ``run_protocol`` /
 ``figures`` it re-exports; ``reproduce`` runs several under a ``Protocol`` and writes ``results.md``,
 ``results.json`` and the PNG figures; ``load_results`` reads results.json back.
+
+The modules, by concern, bottom up (each imports only the ones before it): ``methods`` (what is compared and
+``prepare``), ``data`` (digits, splits, batch orders), ``pretrained`` (the models the tasks start from), ``task``
+(``Task`` and ``Run``), ``memory`` (fitting one accelerator), ``runner`` (the training loop), ``protocol`` (rates
+chosen on validation, seeds, paired intervals, claims), ``results`` (tables, figures, results files) and ``domain``.
 """
 
 from __future__ import annotations
@@ -21,9 +26,13 @@ if importlib.util.find_spec("tqdm") is None:
 
 from ..profiles import PROFILES
 from . import diffusion, llm, vit
-from .runner import (COMMITTED_RESULTS, FULL, Claim, ClaimRow, Domain, DomainResults, Method, MethodResult, Paired,
-                     Protocol, Report, Results, Run, check_output_dir, load_results, plot_curves, provenance, ranking,
-                     reduced_protocol, results_table, run_methods, seed_table, verdict, write_results)
+from .domain import Domain
+from .methods import Method
+from .protocol import FULL, Claim, ClaimRow, DomainResults, MethodResult, Paired, Protocol, reduced_protocol, verdict
+from .results import (COMMITTED_RESULTS, Report, Results, check_output_dir, load_results, plot_curves, provenance,
+                      ranking, results_table, seed_table, write_results)
+from .runner import run_methods
+from .task import Run
 
 DOMAINS = {"vit": vit, "llm": llm, "diffusion": diffusion}
 

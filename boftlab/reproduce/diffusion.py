@@ -22,21 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .runner import (
-    CLAIMS,
-    FLORA_CLAIM,
-    Domain,
-    Method,
-    adapter_methods,
-    Run,
-    Task,
-    batch_indices,
-    digits,
-    fitting,
-    hide_weight_loading_bars,
-    load_pretrained,
-    stratified_split,
-)
+from .data import batch_indices, digits, stratified_split
+from .domain import Domain
+from .methods import Method, adapter_methods
+from .pretrained import hide_weight_loading_bars, load_pretrained
+from .protocol import CLAIMS, FLORA_CLAIM
+from .runner import fitting
+from .task import Run, Task
 
 CHECKPOINT = "unet_digits04"
 CLASSIFIER = "digit_classifier"
@@ -366,7 +358,7 @@ def colab_task(s: Settings) -> tuple[Task, str]:
 # --- figures ----------------------------------------------------------------------------------------------------------
 def plot_samples(rows: dict[str, torch.Tensor], per_row: int = 16):
     """One row of ``per_row`` samples (each (1, 8, 8) in [0, 1]) per label: before / after grids (a matplotlib
-    ``Figure``, outside pyplot, like ``runner.plot_curves``)."""
+    ``Figure``, outside pyplot, like ``results.plot_curves``)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(per_row * 0.45, len(rows) * 0.6))

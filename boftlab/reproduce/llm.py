@@ -23,19 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base_layers import keep_unpacked
-from .runner import (
-    Domain,
-    Method,
-    Task,
-    adapter_methods,
-    autocast_dtype,
-    batch_indices,
-    fitting,
-    hide_weight_loading_bars,
-    load_pretrained,
-    pretrained_dir,
-    transformer_activation_bytes,
-)
+from .data import batch_indices
+from .domain import Domain
+from .memory import transformer_activation_bytes
+from .methods import Method, adapter_methods
+from .pretrained import hide_weight_loading_bars, load_pretrained, pretrained_dir
+from .runner import autocast_dtype, fitting
+from .task import Task
 
 CHECKPOINT = "lm_pydoc"
 

@@ -16,19 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .runner import (
-    Domain,
-    Method,
-    Task,
-    adapter_methods,
-    classification_task,
-    digits,
-    fitting,
-    hide_weight_loading_bars,
-    load_pretrained,
-    stratified_split,
-    transformer_activation_bytes,
-)
+from .data import digits, stratified_split
+from .domain import Domain
+from .memory import transformer_activation_bytes
+from .methods import Method, adapter_methods
+from .pretrained import hide_weight_loading_bars, load_pretrained
+from .runner import fitting
+from .task import Task, classification_task
 
 CHECKPOINT = "vit_digits04"
 SOURCE_CLASSES = [0, 1, 2, 3, 4]
