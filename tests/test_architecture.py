@@ -71,6 +71,26 @@ def test_every_import_in_the_package_points_down_its_layers():
     new, gone = sorted(upward - UPWARD), sorted(UPWARD - upward)
     assert upward == UPWARD, f"new upward imports: {new}; gone (drop them from UPWARD): {gone}"
 
+#: boftlab.reproduce's modules by concern, bottom up: each imports only the ones before it; the domains (vit, llm,
+#: diffusion) and the package's __init__ sit above them all
+REPRODUCE = ("methods", "data", "pretrained", "task", "memory", "runner", "protocol", "results", "domain")
+
+
+def test_the_reproduction_modules_import_one_way():
+    package = ROOT / "boftlab" / "reproduce"
+    found = {path.stem for path in package.glob("*.py")} - {"__init__", "vit", "llm", "diffusion"}
+    assert found == set(REPRODUCE), f"modules of boftlab.reproduce in no place: {sorted(found - set(REPRODUCE))}"
+    for i, name in enumerate(REPRODUCE):
+        targets = set()
+        for node in ast.walk(ast.parse((package / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                targets |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("boftlab.reproduce"):
+                targets.add(node.module.split(".")[2] if node.module.count(".") > 1 else "__init__")
+        later = sorted(targets - set(REPRODUCE[:i]))
+        assert not later, f"boftlab/reproduce/{name}.py imports {later}, which sit above it ({REPRODUCE})"
+
+
 #: runs pytest in this process with the arguments given, then reports which plotting libraries it loaded
 PROBE = f"""import json, sys
 import pytest

@@ -141,15 +141,15 @@ def test_what_the_package_reads_ships_in_the_wheel():
     from fnmatch import fnmatch
 
     from boftlab.bench import RESULTS_DIR, result_files
-    from boftlab.reproduce import diffusion, llm, runner, vit
+    from boftlab.reproduce import diffusion, llm, pretrained, vit
 
     package = Path(boftlab.__file__).resolve().parent
-    assert runner.PRETRAINED_DIR.parent == package and RESULTS_DIR.is_relative_to(package)
+    assert pretrained.PRETRAINED_DIR.parent == package and RESULTS_DIR.is_relative_to(package)
     for name in (vit.CHECKPOINT, llm.CHECKPOINT, diffusion.CHECKPOINT, diffusion.CLASSIFIER):
-        assert (runner.pretrained_dir(name) / "model.safetensors").is_file()
+        assert (pretrained.pretrained_dir(name) / "model.safetensors").is_file()
     assert result_files()
     patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["boftlab"]
-    read = [*(p for p in runner.PRETRAINED_DIR.rglob("*") if p.is_file()), *result_files()]
+    read = [*(p for p in pretrained.PRETRAINED_DIR.rglob("*") if p.is_file()), *result_files()]
     undeclared = [p for p in read
                   if not any(fnmatch(p.relative_to(package).as_posix(), g) for g in patterns)]
     assert not undeclared, f"files boftlab reads that pyproject's package-data leaves out of a wheel: {undeclared}"

@@ -5,14 +5,22 @@ import dataclasses
 import math
 import re
 import sys
+import tempfile
 import weakref
 
 import pytest
 import torch
 
 from boftlab.__main__ import main as cli
-from boftlab.reproduce import DOMAINS, diffusion, llm, reproduce, runner, vit
-from boftlab.reproduce.runner import Method, Task, lr_factor, run_method, stratified_split
+from boftlab.reproduce import DOMAINS, diffusion, llm, memory, pretrained, reproduce, vit
+from boftlab.reproduce.data import batch_indices, digits, stratified_split
+from boftlab.reproduce.methods import Method, adapter_methods, method_families, prepare, quantized_layers
+from boftlab.reproduce.protocol import (CLAIMS, FULL, DomainResults, MethodResult, Paired, Protocol, _grid,
+                                        check_claims, choose_lr, paired_against_lora, reduced_protocol, verdict)
+from boftlab.reproduce.results import (REPOSITORY, Results, load_results, plot_curves, provenance, ranking,
+                                       results_table, seed_table, write_results)
+from boftlab.reproduce.runner import autocast_dtype, lr_factor, run_method, run_methods
+from boftlab.reproduce.task import Run, Task
 
 TINY_VIT = vit.Settings(steps=4, batch_size=16, eval_every=2)
 BOFT = Method("BOFT b=8 m=2", "boft", {"block_size": 8, "n_factors": 2}, vit.CI_LINEARS, lr=3e-3)
@@ -53,7 +61,7 @@ def test_cli_errors_name_valid_choices(argv, choices, capsys):
 
 
 def test_missing_checkpoint_says_where_they_come_from(tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "PRETRAINED_DIR", tmp_path)
+    monkeypatch.setattr(pretrained, "PRETRAINED_DIR", tmp_path)
     with pytest.raises(FileNotFoundError, match="data/scripts"):
         vit.load_ci_vit()
 
@@ -67,8 +75,8 @@ def test_lr_factor_warms_up_then_decays_to_zero():
 
 
 def test_batch_indices_repeat_exactly_and_cover_an_epoch():
-    first = [runner.batch_indices(50, 10, s, seed=3) for s in range(5)]
-    again = [runner.batch_indices(50, 10, s, seed=3) for s in range(5)]
+    first = [batch_indices(50, 10, s, seed=3) for s in range(5)]
+    again = [batch_indices(50, 10, s, seed=3) for s in range(5)]
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert sorted(torch.cat(first).tolist()) == list(range(50))
 
@@ -81,7 +89,7 @@ def test_stratified_split_is_disjoint_and_keeps_class_shares():
 
 
 def test_digits_are_the_bundled_classes_in_unit_range():
-    images, labels = runner.digits([5, 6])
+    images, labels = digits([5, 6])
     assert images.shape[1:] == (1, 8, 8) and set(labels.tolist()) == {5, 6}
     assert images.min() >= 0 and images.max() <= 1
 
@@ -116,7 +124,7 @@ def test_run_measures_steps_losses_and_metric(vit_task):
     run = run_method(vit_task, LORA, progress=False)
     assert run.steps == [1, 2, 3, 4] and len(run.losses) == 4 and all(math.isfinite(v) for v in run.losses)
     assert run.eval_steps == [0, 2, 4] and all(0.0 <= v <= 1.0 for v in run.evals)
-    assert run.ms_per_step > 0 and run.peak_mib is None  # CPU: peak memory is not measured
+    assert run.ms_per_step > 0 and run.peak_mib > 0  # CPU too: weights, AdamW states and the step's own tensors
     assert run.losses != run_method(vit_task, BOFT, progress=False).losses
 
 
@@ -124,7 +132,7 @@ def test_method_without_its_package_is_skipped_with_its_reason(vit_task, monkeyp
     monkeypatch.setitem(sys.modules, "peft", None)  # PEFT not installed: importing it raises ImportError
     run = run_method(vit_task, LORA, progress=False)
     assert run.skipped and "PEFT is not importable here" in run.skipped and "pip install peft" in run.skipped
-    assert f"| {LORA.name} | skipped: " in runner.results_table([run], "accuracy")
+    assert f"| {LORA.name} | skipped: " in results_table([run], "accuracy")
 
 
 # --- fitting one GPU: out-of-memory rows, the memory gate, one model at a time, autocast, checkpointing --------------
@@ -140,40 +148,40 @@ def test_out_of_memory_in_one_method_is_its_row_the_model_is_freed_and_the_next_
         return vit_task.loss(model, step)
 
     task = dataclasses.replace(vit_task, loss=loss, precision=torch.bfloat16, setting="batch 16 images")
-    boft_run, lora_run = runner.run_methods(task, [BOFT, LORA], progress=False)
+    boft_run, lora_run = run_methods(task, [BOFT, LORA], progress=False)
     assert boft_run.skipped == ("out of memory after 1 of 4 steps (batch 16 images, bfloat16 autocast): CUDA out of "
                                 "memory. Tried to allocate 2.00 GiB (simulated)")
     assert seen[0][0]() is None and seen[0][1]() is None  # BOFT's model and parameters were freed
     assert not lora_run.skipped and lora_run.steps == [1, 2, 3, 4]
-    table = runner.results_table([boft_run, lora_run], "accuracy")
+    table = results_table([boft_run, lora_run], "accuracy")
     assert f"| {BOFT.name} | out of memory after 1 of 4 steps (batch 16 images" in table
-    assert runner.ranking([boft_run, lora_run], "accuracy").endswith(f"Skipped: {BOFT.name}.")
+    assert ranking([boft_run, lora_run], "accuracy").endswith(f"Skipped: {BOFT.name}.")
 
 
 def test_memory_gate_skips_a_method_its_estimate_does_not_fit(vit_task, monkeypatch):
     full = Method("full fine-tuning", "full", lr=1e-3)
-    need = runner.training_bytes(runner.prepare(copy.deepcopy(vit_task.base), full, vit_task.trainable))
-    monkeypatch.setattr(runner, "free_memory", lambda device: need - 1)  # one byte short
+    need = memory.training_bytes(prepare(copy.deepcopy(vit_task.base), full, vit_task.trainable))
+    monkeypatch.setattr(memory, "free_memory", lambda device: need - 1)  # one byte short
     run = run_method(dataclasses.replace(vit_task, setting="batch 16 images"), full, progress=False)
     assert run.skipped.startswith(f"skipped: needs ≈ {need / 2**30:.1f} GiB (weights; gradients and AdamW states of "
                                   "135,813 trainable parameters; ≈ 0.0 GiB activations for batch 16 images, fp32)")
     assert not run.losses
-    monkeypatch.setattr(runner, "free_memory", lambda device: need)  # exactly enough
+    monkeypatch.setattr(memory, "free_memory", lambda device: need)  # exactly enough
     assert not run_method(vit_task, full, progress=False).skipped
 
 
 def test_training_bytes_counts_weights_and_adamw_states_of_the_trainable():
     model = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.Linear(10, 2))  # 110 + 22 parameters
     model[0].requires_grad_(False)
-    assert runner.training_bytes(model) == 4 * 110 + 4 * 4 * 22  # frozen: weights; trainable: + grad + 2 moments
-    assert runner.training_bytes(model.half(), activation_bytes=7) == 2 * 110 + 2 * 4 * 22 + 7
+    assert memory.training_bytes(model) == 4 * 110 + 4 * 4 * 22  # frozen: weights; trainable: + grad + 2 moments
+    assert memory.training_bytes(model.half(), activation_bytes=7) == 2 * 110 + 2 * 4 * 22 + 7
 
 
 def test_autocast_is_bf16_only_where_the_gpu_has_it(monkeypatch):
-    assert runner.autocast_dtype(torch.device("cpu")) is None
+    assert autocast_dtype(torch.device("cpu")) is None
     for capability, dtype in [((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)]:
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
-        assert runner.autocast_dtype(torch.device("cuda")) == dtype  # a T4 is sm_75: fp16
+        assert autocast_dtype(torch.device("cuda")) == dtype  # a T4 is sm_75: fp16
 
 
 @pytest.mark.parametrize("precision", [torch.float16, torch.bfloat16])
@@ -194,7 +202,7 @@ def test_gradient_checkpointing_changes_memory_not_numbers(colab_vit_task):
 
 def test_gradient_checkpointing_refuses_a_model_without_a_switch():
     with pytest.raises(ValueError, match="Sequential has no gradient-checkpointing switch.*checkpointing=False"):
-        runner.enable_gradient_checkpointing(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+        memory.enable_gradient_checkpointing(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
 def test_colab_profiles_fit_a_gpu_and_ci_profiles_do_not_change():
@@ -225,19 +233,19 @@ def tiny_4bit_lm(tmp_path_factory):
 def test_4bit_llm_adapters_train_on_frozen_weights_and_full_fine_tuning_is_a_row(tiny_4bit_lm):
     """Every adapter trains on the 4-bit model (fp16 autocast with loss scaling and checkpointing, as on a T4) and
     leaves its packed weights as they were; full fine-tuning, which would train them, is a skipped row that says so."""
-    assert len(runner.quantized_layers(tiny_4bit_lm)) == 2 * 7
+    assert len(quantized_layers(tiny_4bit_lm)) == 2 * 7
     packed = {name: p.detach().clone() for name, p in tiny_4bit_lm.named_parameters() if p.dtype == torch.uint8}
     tokens = torch.randint(0, llm.ARCH["vocab_size"], (4, 17), generator=torch.Generator().manual_seed(0))
     task = Task(tiny_4bit_lm, [], lambda m, step: llm.mean_nll(m, tokens[step % 3:step % 3 + 2]),
                 lambda m: llm.perplexity(m, tokens, torch.device("cpu")), 3, 3, torch.device("cpu"),
                 precision=torch.float16, gradient_checkpointing=True)
-    methods = [Method("full fine-tuning", "full"), *runner.adapter_methods(llm.COLAB_LINEARS, 1e-3, 4, 16, 4)]
-    full, *adapters, c3a = runner.run_methods(task, methods, progress=False)
+    methods = [Method("full fine-tuning", "full"), *adapter_methods(llm.COLAB_LINEARS, 1e-3, 4, 16, 4)]
+    full, *adapters, c3a = run_methods(task, methods, progress=False)
+    assert c3a.method.family == "c3a" and "PEFT's C3A adapts plain nn.Linear layers only" in c3a.skipped
+    assert "['Linear4bit']" in c3a.skipped
     assert full.skipped == ("skipped: full fine-tuning trains every weight, and 14 layers of this model store theirs "
                             "quantized (bitsandbytes), which no optimizer can update; load the model in 16 bits to "
                             "train it fully")
-    assert c3a.method.family == "c3a" and "PEFT's C3A adapts plain nn.Linear layers only" in c3a.skipped
-    assert "['Linear4bit']" in c3a.skipped
     for run in adapters:
         assert not run.skipped and len(run.losses) == 3 and all(math.isfinite(v) for v in run.losses), run.method
         assert run.evals[-1] != run.evals[0]
@@ -246,16 +254,16 @@ def test_4bit_llm_adapters_train_on_frozen_weights_and_full_fine_tuning_is_a_row
 
 def test_memory_gate_does_not_count_twice_what_is_already_on_the_gpu(vit_task, monkeypatch):
     """A 4-bit model is quantized on the GPU as it loads: its copy is there before the gate asks what it needs."""
-    model = runner.prepare(copy.deepcopy(vit_task.base), BOFT, vit_task.trainable)
-    need = runner.training_bytes(model)
-    monkeypatch.setattr(runner, "free_memory", lambda device: need - 1)
-    assert runner.memory_gate(vit_task, model).startswith("skipped: needs ≈")
+    model = prepare(copy.deepcopy(vit_task.base), BOFT, vit_task.trainable)
+    need = memory.training_bytes(model)
+    monkeypatch.setattr(memory, "free_memory", lambda device: need - 1)
+    assert memory.memory_gate(vit_task, model).startswith("skipped: needs ≈")
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: not t.requires_grad))  # the frozen weights
     frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
-    monkeypatch.setattr(runner, "free_memory", lambda device: need - frozen)
-    assert runner.memory_gate(vit_task, model) is None
-    monkeypatch.setattr(runner, "free_memory", lambda device: need - frozen - 1)
-    assert runner.memory_gate(vit_task, model) is not None
+    monkeypatch.setattr(memory, "free_memory", lambda device: need - frozen)
+    assert memory.memory_gate(vit_task, model) is None
+    monkeypatch.setattr(memory, "free_memory", lambda device: need - frozen - 1)
+    assert memory.memory_gate(vit_task, model) is not None
 
 
 def test_curves_and_sample_grids_are_figures_outside_pyplot():
@@ -264,9 +272,9 @@ def test_curves_and_sample_grids_are_figures_outside_pyplot():
     import matplotlib.pyplot as plt
     from matplotlib.figure import Figure
 
-    run = runner.Run(BOFT, steps=[1, 2, 3], losses=[3.0, 2.0, 1.0], eval_steps=[0, 3], evals=[0.2, 0.8])
+    run = Run(BOFT, steps=[1, 2, 3], losses=[3.0, 2.0, 1.0], eval_steps=[0, 3], evals=[0.2, 0.8])
     open_before = plt.get_fignums()
-    figures = [runner.plot_curves([run], "accuracy", "ViT"), diffusion.plot_samples({"before": torch.rand(4, 1, 8, 8)})]
+    figures = [plot_curves([run], "accuracy", "ViT"), diffusion.plot_samples({"before": torch.rand(4, 1, 8, 8)})]
     assert all(isinstance(f, Figure) for f in figures) and plt.get_fignums() == open_before
 
 
@@ -274,20 +282,21 @@ def test_every_boftlab_family_is_a_method_family():
     """The runner names families as the contract does: one registry (contract.FAMILIES)."""
     from boftlab.contract import FAMILIES
 
-    assert runner.method_families() == ("head", "full", "lora", *FAMILIES)
+    assert method_families() == ("head", "full", "lora", *FAMILIES)
     assert {"boft", "oft", "surm", "tensor_core"} <= set(FAMILIES)
 
 
 def test_results_md_and_pngs_carry_the_run_numbers(tmp_path, monkeypatch):
     monkeypatch.setitem(vit.SETTINGS, "ci", TINY_VIT)
     monkeypatch.setitem(vit.DOMAIN.methods, "ci", lambda: [Method("head only", "head"), LORA])
-    report = vit.run("ci", progress=False)
-    path = runner.write_results([report], tmp_path, "ci", "test")
+    path = reproduce(["vit"], "ci", tmp_path, progress=False, protocol=Protocol("test", seeds=(0, 1)))
     text = path.read_text()
-    for run in report.runs:
-        row = next(line for line in text.splitlines() if line.startswith(f"| {run.method.name} |"))
-        assert f"| {run.final:.3g} |" in row and f"{run.trainable:,}" in row
-    assert re.search(r"measured on: .*torch .*\d{4}-\d\d-\d\d", text)
+    results = load_results(tmp_path / "results.json")
+    for m in results.domains["vit"].methods:
+        row = next(line for line in text.splitlines() if line.startswith(f"| {m.name} |"))
+        assert f"| {m.test[0]:.3g} | {m.test[1]:.3g} |" in row and f"{m.method_params:,}" in row
+        assert f"| {m.peak_mib:.3g} |" in row  # CPU memory is measured
+    assert re.search(r"\| machine \| CPU .*torch .*\d{4}-\d\d-\d\d", text)
     png = tmp_path / "vit_curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "![vit_curves](./vit_curves.png)" in text
 
@@ -310,8 +319,9 @@ def test_diffusion_run_samples_before_and_after(monkeypatch):
         Method("BOFT", "boft", {"block_size": 8, "n_factors": 2}, diffusion.CI_LAYERS, lr=3e-3)])
     report = diffusion.run("ci", progress=False)
     (run,) = report.runs
-    assert run.extra["samples_before"].shape == (6, 1, 8, 8) and 0.0 <= run.final <= 1.0
-    assert sum(run.extra["labels"]) == 6 and run.final == pytest.approx(run.extra["target_rate"] * run.extra["coverage"])
+    assert run.extra["samples_before"].shape == (6, 1, 8, 8) and 0.0 <= run.test <= 1.0
+    assert sum(run.extra["labels"]) == 6 and run.test == pytest.approx(run.extra["target_rate"] * run.extra["coverage"])
+    assert 0.0 < run.final < run.before  # the validation denoising loss fell
     assert diffusion.diversity_table(report.runs).splitlines()[2].startswith("| BOFT |")
     assert set(report.figures) == {"diffusion_curves", "diffusion_samples"}
 
@@ -346,8 +356,8 @@ def colab_vit_task():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(transformers.ViTForImageClassification, "from_pretrained",
                       lambda name, num_labels: transformers.ViTForImageClassification(config))
-        patch.setattr(datasets, "load_dataset", lambda name: {"train": split(12), "test": split(6)})
-        s = vit.Settings(steps=2, batch_size=4, eval_every=2, train_size=12, test_size=6)
+        patch.setattr(datasets, "load_dataset", lambda name: {"train": split(18), "test": split(6)})
+        s = vit.Settings(steps=2, batch_size=4, eval_every=2, train_size=12, validation_size=6, test_size=6)
         return vit.make_task("colab", s)[0]
 
 
@@ -355,9 +365,9 @@ def colab_vit_task():
     pytest.param(m, id=m.name) for m in vit.colab_methods()  # tensor_core: transformers reads projection.weight.dtype
 ])
 def test_colab_vit_path_runs_on_a_tiny_stand_in(colab_vit_task, method):
-    run = run_method(colab_vit_task, method, progress=False)
+    run = run_method(colab_vit_task, method, progress=False, test=True)
     assert not run.skipped and (run.method_params > 0 or method.family == "head")
-    assert run.eval_steps == [0, 2] and 0.0 <= run.final <= 1.0
+    assert run.eval_steps == [0, 2] and 0.0 <= run.final <= 1.0 and 0.0 <= run.test <= 1.0
 
 
 def test_colab_llm_path_runs_on_a_tiny_stand_in(monkeypatch):
@@ -365,24 +375,25 @@ def test_colab_llm_path_runs_on_a_tiny_stand_in(monkeypatch):
     import transformers
 
     tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_file=str(runner.pretrained_dir(llm.CHECKPOINT) / "tokenizer.json"), eos_token="<|endoftext|>")
+        tokenizer_file=str(pretrained.pretrained_dir(llm.CHECKPOINT) / "tokenizer.json"), eos_token="<|endoftext|>")
     config = transformers.Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda name: tokenizer)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
                         lambda name: transformers.Qwen2ForCausalLM(config))
-    rows = {"instruction": ["Name a colour.", "Add the numbers.", "Say hi."] * 2,
-            "input": ["", "2 and 3", ""] * 2, "output": ["Blue.", "5", "Hi!"] * 2}
+    rows = {"instruction": ["Name a colour.", "Add the numbers.", "Say hi."] * 3,
+            "input": ["", "2 and 3", ""] * 3, "output": ["Blue.", "5", "Hi!"] * 3}
     monkeypatch.setattr(datasets, "load_dataset", lambda name, split: datasets.Dataset.from_dict(rows))
-    s = llm.Settings(steps=2, batch_size=2, context=48, eval_every=2, train_examples=4, test_examples=2)
+    s = llm.Settings(steps=2, batch_size=2, context=48, eval_every=2, train_examples=4, validation_examples=2,
+                     test_examples=2)
     task, _ = llm.make_task("colab", s)
     ids, labels = llm.alpaca_example(rows_first := {k: v[1] for k, v in rows.items()}, tokenizer, 48)
     assert labels[-1] == tokenizer.eos_token_id and labels.count(-100) == len(ids) - len(
         tokenizer(rows_first["output"] + tokenizer.eos_token)["input_ids"])
     for method in llm.colab_methods():
-        run = run_method(task, method, progress=False)
+        run = run_method(task, method, progress=False, test=True)
         assert not run.skipped and run.method_params > 0, method.name
-        assert math.isfinite(run.final) and run.final > 1.0
+        assert math.isfinite(run.final) and run.final > 1.0 and math.isfinite(run.test) and run.test > 1.0
 
 
 
@@ -482,7 +493,7 @@ def trains_only_its_own(task: Task) -> Task:
 
 def test_colab_diffusion_trains_on_square_centre_crops_of_the_photos(colab_diffusion):
     """The photos are cut to the centre square at the resolution the pipeline samples at (the UNet's 8×8 latents ×
-    the VAE's factor 2), not squashed: only the red centre of a 40×30 photo is left."""
+    the VAE's factor 2), not squashed: only the red centre of a 40×30 photo is left. (Four train, one validates.)"""
     _, encoded, *_ = colab_diffusion
     (pixels,) = encoded
     assert pixels.shape == (5, 3, 16, 16)
@@ -495,13 +506,14 @@ def test_colab_diffusion_path_runs_on_a_tiny_stand_in(colab_diffusion, method):
     """Each method of the colab profile, two steps with gradient checkpointing: it trains exactly its own parameters
     (every one of them changes; nothing else does — the adapted UNet's frozen weights, the pretrained UNet it was
     copied from, the VAE, the text encoder, CLIP), CLIP-I is a cosine similarity, and every evaluation generates
-    n_samples RGB images at the pipeline's resolution."""
+    n_samples RGB images at the pipeline's resolution — once, for the test; the curves' validation metric is the
+    held-out photo's denoising loss."""
     task, _, embedded, models, frozen = colab_diffusion
     assert task.gradient_checkpointing and task.setting == "batch 1 images at 16×16"
     embedded.clear()
-    run = run_method(trains_only_its_own(task), method, progress=False)
+    run = run_method(trains_only_its_own(task), method, progress=False, test=True)
     assert not run.skipped and run.eval_steps == [0, 2] and all(math.isfinite(v) for v in run.losses)
-    assert all(-1.0 <= v <= 1.0 for v in run.evals)
+    assert all(math.isfinite(v) and v > 0 for v in run.evals) and -1.0 <= run.test <= 1.0
     trained = run.extra["trainable"]
     assert run.extra["changed"] == trained, f"trained but unchanged: {sorted(trained - run.extra['changed'])[:3]}"
     unet_numbers = sum(p.numel() for p in models["unet"].parameters())
@@ -512,7 +524,7 @@ def test_colab_diffusion_path_runs_on_a_tiny_stand_in(colab_diffusion, method):
     for name, model in models.items():
         for key, value in model.state_dict().items():
             assert torch.equal(value, frozen[name][key]), f"{name}.{key} changed"
-    assert len(embedded) == 2  # step 0 and step 2
+    assert len(embedded) == 1  # the test, at the end
     assert all(len(images) == TINY_SD.n_samples and {(i.mode, i.size) for i in images} == {("RGB", (16, 16))}
                for images in embedded)
 
@@ -525,7 +537,7 @@ def test_colab_diffusion_path_trains_under_autocast(colab_diffusion, method, pre
     task, *_ = colab_diffusion
     run = run_method(trains_only_its_own(dataclasses.replace(task, precision=precision)), method, progress=False)
     assert not run.skipped and all(math.isfinite(v) for v in run.losses)
-    assert all(-1.0 <= v <= 1.0 for v in run.evals) and run.extra["changed"] == run.extra["trainable"]
+    assert all(math.isfinite(v) for v in run.evals) and run.extra["changed"] == run.extra["trainable"]
 
 
 def diverging(task: Task, at_step: int) -> Task:
@@ -552,11 +564,11 @@ def test_a_run_whose_parameters_diverged_is_a_row_that_says_so_not_a_metric(doma
     assert run.skipped is not None and run.skipped.startswith(f"diverged after 2 of {task.steps} steps: ")
     assert "NaN or inf" in run.skipped and f"lr={method.lr:g}" in run.skipped
     assert run.evals == run.evals[:1]  # the metric before training only
-    assert f"| {method.name} | diverged after 2 of" in runner.results_table([run], "metric")
+    assert f"| {method.name} | diverged after 2 of" in results_table([run], "metric")
 
 # --- seeds and the diffusion metric ---------------------------------------------------------------------------------------
 def finished(name, final, params=100):
-    run = runner.Run(Method(name, "head"), method_params=params)
+    run = Run(Method(name, "head"), method_params=params)
     run.evals = [0.1, final]
     return run
 
@@ -565,7 +577,7 @@ def test_seed_table_reports_mean_and_std_and_names_the_rankings_within_noise():
     by_seed = {0: [finished("a", 0.80), finished("b", 0.70), finished("c", 0.69)],
                1: [finished("a", 0.82), finished("b", 0.74), finished("c", 0.71)],
                2: [finished("a", 0.84), finished("b", 0.72), finished("c", 0.73)]}
-    table = runner.seed_table(by_seed, "accuracy")
+    table = seed_table(by_seed, "accuracy")
     lines = table.splitlines()
     assert lines[0] == "| method | params of the method | seed 0 | seed 1 | seed 2 | accuracy: mean ± std |"
     assert lines[2] == "| a | 100 | 0.8 | 0.82 | 0.84 | 0.82 ± 0.02 |"  # best mean first; std with n − 1
@@ -575,7 +587,7 @@ def test_seed_table_reports_mean_and_std_and_names_the_rankings_within_noise():
 
 def test_seed_table_refuses_seeds_that_ran_different_methods():
     with pytest.raises(ValueError, match="same methods in the same order"):
-        runner.seed_table({0: [finished("a", 0.8)], 1: [finished("b", 0.8)]}, "accuracy")
+        seed_table({0: [finished("a", 0.8)], 1: [finished("b", 0.8)]}, "accuracy")
 
 
 def test_run_seeds_remakes_the_task_with_each_seed(monkeypatch):
@@ -618,7 +630,7 @@ def test_sample_grid_borders_are_white():
 
 def test_seed_table_needs_two_seeds():
     with pytest.raises(ValueError, match="at least two seeds, got \\[0\\]"):
-        runner.seed_table({0: [finished("a", 0.8)]}, "accuracy")
+        seed_table({0: [finished("a", 0.8)]}, "accuracy")
 
 
 def _bad_outs(tmp_path):
@@ -633,7 +645,7 @@ def _bad_outs(tmp_path):
 
 def test_cli_checks_out_before_any_training(tmp_path, monkeypatch, capsys):
     """--out an existing file used to train for minutes, then die with a raw FileExistsError, the results lost."""
-    monkeypatch.setattr(vit, "run", lambda *a, **k: pytest.fail("trained before checking --out"))
+    monkeypatch.setattr(vit, "run_protocol", lambda *a, **k: pytest.fail("trained before checking --out"))
     for out, message in _bad_outs(tmp_path):
         with pytest.raises(SystemExit) as exit_:
             cli(["reproduce", "vit", "--out", str(out), "--quiet"])
@@ -645,12 +657,213 @@ def test_cli_checks_out_before_any_training(tmp_path, monkeypatch, capsys):
 
 def test_unwritable_out_is_refused_before_training(tmp_path, monkeypatch):
     """A read-only directory (simulated: this suite may run as root, who writes anywhere)."""
-    monkeypatch.setattr(vit, "run", lambda *a, **k: pytest.fail("trained before checking --out"))
+    monkeypatch.setattr(vit, "run_protocol", lambda *a, **k: pytest.fail("trained before checking --out"))
 
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(runner.tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
     with pytest.raises(ValueError, match=r"--out '.*new' is not writable: creating a file in '.*' fails \(Permission"):
         reproduce(["vit"], "ci", tmp_path / "new")
     assert not (tmp_path / "new").exists()
+
+
+# --- the protocol: rates chosen on validation, paired intervals, claims, results files ------------------------------------
+def test_paired_interval_is_the_paired_t_interval_computed_by_hand():
+    """diffs 1, 2, 3: mean 2, sd 1, t(0.975, 2 dof) = 4.302653 → 2 ± 4.302653 / √3."""
+    p = Paired.of("a", "b", [11.0, 22.0, 33.0], [10.0, 20.0, 30.0])
+    half = 4.302652729911275 / math.sqrt(3)
+    assert p.diffs == [1.0, 2.0, 3.0] and p.mean == pytest.approx(2.0)
+    assert p.lo == pytest.approx(2 - half) and p.hi == pytest.approx(2 + half)
+    assert p.interval() == "+2 [-0.484, +4.48]" and p.ranking(higher_is_better=True) == "not separated"
+    tight = Paired.of("a", "b", [1.1, 1.2, 1.3], [1.0, 1.1, 1.2])  # every diff 0.1: sd 0, interval [0.1, 0.1]
+    assert tight.ranking(True) == "better" and tight.ranking(False) == "worse"
+    single = Paired.of("a", "b", [1.0], [0.5])
+    assert single.lo is None and single.ranking(True) == "no interval (one seed)"
+    with pytest.raises(ValueError, match="one value per seed"):
+        Paired.of("a", "b", [1.0, 2.0], [1.0])
+
+
+@pytest.mark.parametrize("kind, lo, hi, expected", [
+    ("better", 0.01, 0.05, "supported"),
+    ("better", -0.05, -0.01, "contradicted"),
+    ("better", -0.01, 0.05, "inconclusive at this scale"),
+    ("at least", -0.01, 0.05, "supported"),  # above −δ = −0.02
+    ("at least", -0.09, -0.03, "contradicted"),
+    ("at least", -0.05, 0.01, "inconclusive at this scale"),
+    ("matches", -0.01, 0.015, "supported"),  # within ±0.02
+    ("matches", 0.03, 0.08, "contradicted"),
+    ("matches", -0.01, 0.05, "inconclusive at this scale"),
+    ("matches", None, None, "no interval (one seed)"),
+])
+def test_verdicts_are_worded_from_the_interval(kind, lo, hi, expected):
+    assert verdict(kind, lo, hi, margin=0.02) == expected
+
+
+def test_verdict_refuses_an_unknown_kind():
+    with pytest.raises(ValueError, match=r"claim kind 'beats'; valid kinds: \['at least', 'better', 'matches'\]"):
+        verdict("beats", 0.0, 1.0, 0.02)
+
+
+def method_result(name, family, test, options=None, seeds=(0, 1, 2)):
+    return MethodResult(name, family, options or {}, seeds=list(seeds), test=list(test), lr=1e-3)
+
+
+def test_claims_are_oriented_by_the_metric_and_say_what_was_not_measured():
+    """Perplexity: lower is better, so BOFT 10 below OFT on every seed supports "BOFT at least as good as OFT"."""
+    methods = [method_result("OFT", "oft", [100.0, 102.0, 101.0]),
+               method_result("BOFT", "boft", [90.0, 91.0, 90.5], {"block_size": 8, "n_factors": 2}),
+               method_result("LoRA", "lora", [95.0, 96.0, 95.5])]
+    rows = {r.claim: r for r in check_claims(CLAIMS, methods, higher_is_better=False, margin=2.0)}
+    boft = rows["BOFT (b=8, m=2) is at least as good as OFT at about equal parameters"]
+    assert boft.verdict == "supported" and boft.evidence.mean == pytest.approx(-10.5) and (boft.a, boft.b) == (
+        "BOFT", "OFT")
+    assert rows["SURM circulant matches LoRA with far fewer parameters"].verdict.startswith(
+        "not measured: no finished surm {'structure': 'circulant'}")
+    flipped = check_claims(CLAIMS[:1], methods, higher_is_better=True, margin=2.0)[0]
+    assert flipped.verdict == "contradicted"  # the same numbers as accuracies: BOFT is worse
+
+
+class FakeRuns:
+    """Stands in for run_method / evaluate_kept: a run's last validation metric is ``validation(lr)``, its test
+    metric ``test(lr)``; records which rates were trained and which runs were tested."""
+
+    def __init__(self, validation, test):
+        self.validation, self.test = validation, test
+        self.trained, self.tested = [], []
+
+    def run_method(self, task, method, progress=True, test=False, keep_trained=False):
+        self.trained.append(method.lr)
+        run = Run(method, trainable=10, method_params=7)
+        run.evals, run.eval_steps, run.ms_per_step, run.peak_mib = [0.0, self.validation(method.lr)], [0, 4], 1.0, 2.0
+        run.trained = {"w": torch.zeros(1)} if keep_trained else None
+        if test:
+            run.test = self.test(method.lr)
+            self.tested.append(method.lr)
+        return run
+
+    def evaluate_kept(self, task, run):
+        run.test = self.test(run.method.lr)
+        self.tested.append(run.method.lr)
+
+
+def choose(monkeypatch, validation, test, higher_is_better=True):
+    fake = FakeRuns(validation, test)
+    monkeypatch.setattr("boftlab.reproduce.protocol.run_method", fake.run_method)
+    monkeypatch.setattr("boftlab.reproduce.protocol.evaluate_kept", fake.evaluate_kept)
+    protocol = Protocol("test", seeds=(0,), lr_extensions=1)
+    result, run = choose_lr(None, dataclasses.replace(LORA, lr=3e-3), protocol, higher_is_better, False)
+    return result, run, fake
+
+
+def test_the_rate_is_chosen_by_validation_and_only_the_chosen_run_is_tested(monkeypatch):
+    """Validation peaks at 3e-3; the test metric would favour 1e-3. The choice follows validation, and the test is
+    computed once, for the chosen run."""
+    result, run, fake = choose(monkeypatch, {1e-3: 0.5, 3e-3: 0.9, 9e-3: 0.7}.get,
+                               {1e-3: 0.99, 3e-3: 0.1, 9e-3: 0.5}.get)
+    assert result.grid == [1e-3, 3e-3, 9e-3] and result.grid_validation == [0.5, 0.9, 0.7]
+    assert result.lr == 3e-3 and result.at_edge is None and fake.trained == [1e-3, 3e-3, 9e-3]
+    assert fake.tested == [3e-3] and run.test == 0.1
+
+
+def test_lower_validation_is_better_where_the_metric_is_a_loss(monkeypatch):
+    result, _, _ = choose(monkeypatch, {1e-3: 0.5, 3e-3: 0.2, 9e-3: 0.7}.get, lambda lr: 0.0, higher_is_better=False)
+    assert result.lr == 3e-3
+
+
+def test_a_rate_at_the_edge_extends_the_grid_once_and_is_flagged_if_still_there(monkeypatch):
+    """Validation rises with the rate (as for C3A, whose PEFT docs advise lr ≈ 0.1): one ×3 step past the top edge
+    is tried; still best, the choice is flagged in the result and in the table."""
+    result, _, fake = choose(monkeypatch, lambda lr: lr, lambda lr: 0.0)
+    assert fake.trained == [1e-3, 3e-3, 9e-3, 0.027] and result.grid == [1e-3, 3e-3, 9e-3, 0.027]
+    assert result.lr == 0.027 and result.at_edge == "highest"
+    found, _, fake = choose(monkeypatch, lambda lr: -abs(math.log(lr / 0.009)), lambda lr: 0.0)
+    assert found.lr == 0.009 and found.at_edge is None and fake.trained[-1] == 0.027  # the step past it confirms it
+    domain = results_of([result])
+    row = next(line for line in domain.markdown().splitlines() if line.startswith(f"| {LORA.name} |"))
+    assert "| 0.027 ⚑ highest of grid |" in row
+
+
+def test_a_diverged_rate_is_never_chosen_and_the_grid_says_why(monkeypatch):
+    fake = FakeRuns(lambda lr: lr, lambda lr: 0.0)
+
+    def run_method(task, method, progress=True, test=False, keep_trained=False):
+        run = fake.run_method(task, method, progress, test, keep_trained)
+        if method.lr > 5e-3:
+            run.skipped, run.evals = "diverged after 2 of 4 steps: …", run.evals[:1]
+        return run
+
+    monkeypatch.setattr("boftlab.reproduce.protocol.run_method", run_method)
+    monkeypatch.setattr("boftlab.reproduce.protocol.evaluate_kept", fake.evaluate_kept)
+    result, _ = choose_lr(None, dataclasses.replace(LORA, lr=3e-3), FULL, True, False)
+    assert result.lr == 3e-3 and result.at_edge is None and result.grid_validation[2] is None
+    assert result.grid_notes[2].startswith("diverged")
+
+
+def results_of(methods, domain="vit", protocol=FULL):
+    return DomainResults(domain, "title", "ci", protocol, "description", "test accuracy", True,
+                                "validation accuracy", True, 0.02, methods, paired_against_lora(methods),
+                                check_claims(CLAIMS, methods, True, 0.02))
+
+
+def test_results_json_round_trips_every_number(tmp_path):
+    lora = method_result("LoRA r=4 (PEFT)", "lora", [0.8, 0.82, 0.81])
+    surm = method_result("SURM circulant", "surm", [0.79, 0.8, 0.83], {"structure": "circulant", "mode": "lora"})
+    surm.grid, surm.grid_validation, surm.grid_notes = [1e-3, 3e-3], [0.5, None], [None, "diverged"]
+    surm.at_edge = "lowest"
+    surm.validation, surm.losses, surm.extra = [[0.1, 0.5]] * 3, [[2.0, 1.0]] * 3, {"labels": [1, 2]}
+    results = Results(provenance("a command", FULL), {"vit": results_of([lora, surm])})
+    write_results(results, tmp_path)
+    back = load_results(tmp_path / "results.json")
+    assert back.to_dict() == results.to_dict() and back.markdown() == results.markdown()
+    assert back.domains["vit"].method("SURM circulant").at_edge == "lowest"
+    assert back.domains["vit"].protocol == FULL
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md"]  # no temporary file left
+    with pytest.raises(ValueError, match=r"no method 'BOFT' in the vit results; methods: \['LoRA r=4 \(PEFT\)'"):
+        back.domains["vit"].method("BOFT")
+    with pytest.raises(FileNotFoundError, match="python -m boftlab reproduce all --profile ci"):
+        load_results(tmp_path / "missing.json")
+
+
+def test_provenance_names_commit_command_seeds_grid_machine_and_lock():
+    import hashlib
+
+    about = provenance("python -m boftlab reproduce vit", FULL)
+    assert about["command"] == "python -m boftlab reproduce vit" and about["seeds"] == [0, 1, 2]
+    assert re.match(r"[0-9a-f]{40}", about["commit"]) or about["commit"].startswith("not a git checkout")
+    lock = REPOSITORY / "constraints.txt"
+    assert about["environment_lock"] == f"constraints.txt sha256 {hashlib.sha256(lock.read_bytes()).hexdigest()}"
+    assert "× [0.3333, 1.0, 3.0], + up to 0 ×3" in about["lr_grid"] and "seed 0" in about["protocol"]
+    assert about["machine"].startswith(("CPU", "NVIDIA")) and about["threads"] >= 1
+    assert re.search(r"\d+\.\d\d, .*\(1, 5, 15 min", about["load_average_start"]) or \
+        about["load_average_start"] == "not available"
+
+
+def test_reduced_protocol_runs_the_committed_rates_on_one_seed():
+    committed = results_of([method_result("LoRA r=4 (PEFT)", "lora", [0.8, 0.82, 0.81])])
+    reduced = reduced_protocol(committed)
+    assert reduced.name == "reduced" and reduced.seeds == (0,) and reduced.lrs == {"LoRA r=4 (PEFT)": 1e-3}
+    assert "reduced protocol" in reduced.describe() and "committed full-protocol results" in reduced.describe()
+    assert _grid(LORA, reduced) == [1e-3]
+    with pytest.raises(ValueError, match=r"no learning rate for 'BOFT b=8 m=2'.*rerun the full protocol"):
+        _grid(BOFT, reduced)
+
+
+def test_a_protocol_needs_a_grid_of_three_rates_and_a_seed():
+    with pytest.raises(ValueError, match=r"a grid needs ≥ 3 rates"):
+        Protocol("x", seeds=(0,), lr_factors=(1.0, 3.0))
+    with pytest.raises(ValueError, match="give at least one seed"):
+        Protocol("x", seeds=())
+
+
+def test_run_protocol_on_the_ci_vit_tests_each_chosen_run_once_per_seed(monkeypatch):
+    """End to end on tiny settings: two seeds, a rate per method, a test metric per seed, LoRA paired with itself
+    excluded, and the CPU memory of a step measured for every method."""
+    d = vit.run_protocol("ci", Protocol("test", seeds=(0, 1), lr_extensions=0), progress=False,
+                         methods=[Method("head only", "head", lr=3e-3), LORA], s=TINY_VIT)
+    for m in d.methods:
+        assert m.seeds == [0, 1] and len(m.test) == 2 and all(0 <= t <= 1 for t in m.test)
+        assert m.lr in m.grid and len(m.grid) == 3 and m.peak_mib > 0 and len(m.validation) == 2
+    assert [p.a for p in d.paired] == ["head only"] and d.paired[0].b == LORA.name
+    assert d.validation_metric == "validation accuracy" and d.metric == "test accuracy"
+    assert set(vit.figures(d)) == {"vit_curves"}

@@ -7,7 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from boftlab.reproduce.runner import accuracy, digits, prepare, run_methods, stratified_split
+from boftlab.reproduce.data import digits, stratified_split
+from boftlab.reproduce.methods import prepare
+from boftlab.reproduce.runner import run_methods
+from boftlab.reproduce.task import accuracy
 from boftlab.tensor_core import tucker_flops, tucker_n_params
 from boftlab.teaching.tensor_core import (
     TARGET_CLASSES,

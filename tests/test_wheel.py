@@ -36,9 +36,9 @@ pytestmark = pytest.mark.notebooks
 #: appended to each notebook: what the kernel that ran it imported, as one JSON line
 PROBE = """import json, sys
 import boftlab
-from boftlab.reproduce import runner
+from boftlab.reproduce import pretrained
 print("PROBE " + json.dumps({
-    "prefix": sys.prefix, "path": sys.path, "boftlab": boftlab.__file__, "pretrained": str(runner.PRETRAINED_DIR),
+    "prefix": sys.prefix, "path": sys.path, "boftlab": boftlab.__file__, "pretrained": str(pretrained.PRETRAINED_DIR),
     "modules": sorted(m.__file__ for name, m in list(sys.modules.items())
                       if name.split(".")[0] == "boftlab" and getattr(m, "__file__", None)),
 }))"""

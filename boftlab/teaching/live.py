@@ -25,7 +25,8 @@ from torch import nn
 from ..butterfly_structure import valid_n_factors
 from ..contract import check_integer, check_number
 from ..reproduce import vit
-from ..reproduce.runner import Method, count_parameters, prepare, run_method
+from ..reproduce.methods import Method, count_parameters, prepare
+from ..reproduce.runner import run_method
 from .butterfly import density, reachability
 
 #: the layers every live run adapts: each block's attention (qkv, proj) and MLP (fc1, fc2) projections

@@ -1,11 +1,11 @@
 """Notebook 06's figures and experiment for the tensor-core (FLoRA) adapter: what flattening a kernel does, the mode
 products step by step, adapter parameters per layer kind against PEFT, and a small transfer task.
 
-The adapter itself is ``boftlab.tensor_core``. The transfer task runs on the reproduction runner
-(``boftlab.reproduce.runner``): its digits data and stratified splits, its pretraining loop (``train_digit_model``)
-and its fine-tuning loop (``run_methods``: AdamW, warm-up then cosine decay, the same seed and batches for every
-method), so notebook 06 measures the way ``python -m boftlab reproduce`` does. Tested in
-``tests/test_teaching_tensor_core.py``.
+The adapter itself is ``boftlab.tensor_core``. The transfer task runs on the reproduction's code
+(``boftlab.reproduce``): its digits data and stratified splits (``data``), its pretraining loop
+(``pretrained.train_digit_model``) and its fine-tuning loop (``runner.run_methods``: AdamW, warm-up then cosine
+decay, the same seed and batches for every method), so notebook 06 measures the way ``python -m boftlab
+reproduce`` does. Tested in ``tests/test_teaching_tensor_core.py``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import nn
 
-from ..reproduce.runner import Method, Task, accuracy, classification_task, digits, stratified_split, train_digit_model
+from ..reproduce.data import digits, stratified_split
+from ..reproduce.methods import Method
+from ..reproduce.pretrained import train_digit_model
+from ..reproduce.task import Task, accuracy, classification_task
 from ..tensor_core import TensorCoreConfig, resolve_ranks, tucker_n_params
 
 
@@ -197,7 +200,7 @@ def small_cnn(n_classes: int = 5, width: int = 16) -> nn.Sequential:
 
 
 def pretrain(s: Settings, width: int = 16) -> tuple[nn.Module, float]:
-    """``small_cnn`` trained on digits 0–4 with the runner's ``train_digit_model`` (AdamW, one-cycle to ``LR``,
+    """``small_cnn`` trained on digits 0–4 with ``reproduce.pretrained.train_digit_model`` (AdamW, one-cycle to ``LR``,
     ±1-pixel shifts) on 70 % of each class. Returns (model in eval mode, test accuracy on the rest)."""
     images, labels = digits(SOURCE_CLASSES)
     train, test = stratified_split(labels, TEST_FRACTION, s.seed)

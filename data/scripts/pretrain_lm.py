@@ -26,7 +26,8 @@ from boftlab.reproduce.llm import (
     target_text,
     windows,
 )
-from boftlab.reproduce.runner import batch_indices, save_pretrained
+from boftlab.reproduce.data import batch_indices
+from boftlab.reproduce.pretrained import save_pretrained
 
 STEPS, BATCH, CONTEXT, LR, SEED = 600, 16, 64, 3e-3, 0
 

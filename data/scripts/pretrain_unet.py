@@ -28,7 +28,8 @@ from boftlab.reproduce.diffusion import (
     sample,
     target_rate,
 )
-from boftlab.reproduce.runner import batch_indices, digits, save_pretrained
+from boftlab.reproduce.data import batch_indices, digits
+from boftlab.reproduce.pretrained import save_pretrained
 
 STEPS, BATCH, LR, EMA, SEED = 1500, 128, 2e-3, 0.995, 0
 

@@ -11,7 +11,8 @@ import platform
 
 import torch
 
-from boftlab.reproduce.runner import digits, save_pretrained, stratified_split, train_digit_model
+from boftlab.reproduce.data import digits, stratified_split
+from boftlab.reproduce.pretrained import save_pretrained, train_digit_model
 from boftlab.reproduce.vit import CHECKPOINT, SOURCE_CLASSES, build_ci_vit, normalize
 
 STEPS, BATCH, LR, SEED = 2500, 64, 2e-3, 0

@@ -13,7 +13,8 @@ import platform
 import torch
 
 from boftlab.reproduce.diffusion import CLASSIFIER, build_digit_classifier
-from boftlab.reproduce.runner import digits, save_pretrained, stratified_split, train_digit_model
+from boftlab.reproduce.data import digits, stratified_split
+from boftlab.reproduce.pretrained import save_pretrained, train_digit_model
 
 STEPS, BATCH, LR, SEED = 1500, 64, 2e-3, 0
 
