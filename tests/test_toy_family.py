@@ -233,3 +233,16 @@ def test_the_bench_times_a_layer_of_every_family(diagonal):
                                      budget_s=0.0)
     timed = {m.key.split("-")[0] for m in measured}  # a method's key: its family, and e.g. "-m2" for BOFT's factors
     assert timed >= set(FAMILIES) and all(m.timing.ms > 0 for m in measured)
+
+
+def test_the_reproduction_runner_gives_a_new_family_a_row_and_trains_it(diagonal):
+    """Every domain's adapter rows include a registered family at its canonical example, and the runner trains it
+    (a short run of the ci ViT task: its loss is finite and its validation metric moved)."""
+    from boftlab.reproduce import vit
+    from boftlab.reproduce.runner import run_method
+
+    rows = [m for m in vit.DOMAIN.profile_methods("ci") if m.family == diagonal.family]
+    assert len(rows) == 1 and rows[0].options == dict(diagonal.examples[0])
+    task, _ = vit.make_task("ci", vit.Settings(steps=3, batch_size=16, eval_every=3))
+    run = run_method(task, rows[0], progress=False)
+    assert not run.skipped and all(math.isfinite(v) for v in run.losses) and len(run.losses) == 3

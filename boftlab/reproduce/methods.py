@@ -54,7 +54,7 @@ class Method:
 def adapter_methods(targets: Any, lr: float, lora_rank: int, oft_block_size: int, flora_ranks: int,
                     lora_alpha: int | None = None, orthogonal_lr: float | None = None,
                     flora_targets: Any = None, flora_name: str = "FLoRA (tensor core)") -> list[Method]:
-    """The eight adapter rows every domain compares, on the same ``targets``: PEFT LoRA (rank ``lora_rank``, alpha
+    """The adapter rows every domain compares (eight, plus ``family_rows`` for any family registered since), on the same ``targets``: PEFT LoRA (rank ``lora_rank``, alpha
     ``lora_alpha`` or 2·rank), OFT (``oft_block_size``), BOFT b=8 m=2 and b=4 m=4, SURM circulant and Kronecker
     (LoRA-style), FLoRA (``flora_ranks`` per mode; ``flora_targets`` if it adapts more layers), PEFT C3A (block size
     the gcd of the targeted layers' sizes: SURM circulant's parameter count where one size divides the other; lr
@@ -70,7 +70,21 @@ def adapter_methods(targets: Any, lr: float, lora_rank: int, oft_block_size: int
         Method("SURM Kronecker", "surm", {"structure": "kronecker", "mode": "lora"}, targets, lr),
         Method(flora_name, "tensor_core", {"ranks": flora_ranks}, flora_targets or targets, lr),
         Method("C3A (PEFT)", "c3a", {}, targets, C3A_LR),
+        *family_rows(("oft", "boft", "surm", "tensor_core"), targets, lr),
     ]
+
+
+def family_rows(listed: tuple[str, ...], targets: Any, lr: float) -> list[Method]:
+    """One row for every family in ``FAMILIES`` that ``listed`` does not name, at its canonical example (the first of
+    its config's ``examples``): a newly registered family is reproduced with no edit here."""
+    rows = []
+    for family, cls in FAMILIES.items():
+        if family not in listed:
+            cls.example_configs()  # a family that declares no examples is refused here, by name
+            options = dict(cls.examples[0])
+            label = ", ".join(f"{k}={v}" for k, v in options.items())
+            rows.append(Method(f"{cls.__name__} ({label})", family, options, targets, lr))
+    return rows
 
 
 class MethodUnavailable(RuntimeError):
