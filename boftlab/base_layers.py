@@ -216,6 +216,81 @@ def run(layer: nn.Module, x: torch.Tensor, new_weight: torch.Tensor) -> torch.Te
     raise ValueError(f"a quantized {type(layer).__name__} runs only its own kernel; its weight cannot be replaced")
 
 
+# --- the rows an orthogonal adapter rotates (BOFT/OFT) ----------------------------------------------------------------
+# BOFT/OFT rotate one axis of W (out × d, a conv's flattened to out × (c/groups·kh·kw)): a linear or conv layer's input
+# rows (W' = W·Rᵀ), an Embedding's output rows (each looked-up row e -> e·R). These functions answer, per kind, what
+# those rows are and how the base's product continues from them, so the family's layer needs no branch on the kind.
+def rotates_outputs(layer: nn.Module) -> bool:
+    """Whether an orthogonal adapter rotates ``layer``'s output rows (an Embedding: its looked-up rows are rows of W)
+    rather than its input rows (every linear, quantized and conv layer)."""
+    return kind(layer) == "embedding"
+
+
+def rotated_axis(layer: nn.Module) -> tuple[int, str]:
+    """(d, its name in messages): the axis of W that the rotation mixes — in_features, in_channels/groups·kh·kw, or
+    an Embedding's embedding_dim; in every case the product of ``weight_shape``'s trailing sizes."""
+    name = {"conv": "in_channels/groups·kh·kw", "embedding": "embedding_dim"}.get(kind(layer), "in_features")
+    return math.prod(weight_shape(layer)[1:]), name
+
+
+def unfolds_exactly(layer: nn.Module) -> bool:
+    """Whether ``input_rows`` reproduces the layer's own reading of its input: False only for a conv whose padding
+    F.unfold cannot (padding="same"/"valid" given as a string, or a padding_mode other than "zeros")."""
+    return kind(layer) != "conv" or (layer.padding_mode == "zeros" and not isinstance(layer.padding, str))
+
+
+def n_rows(layer: nn.Module, x_shape: Sequence[int]) -> int:
+    """Rows of the rotated axis in one call on an input of ``x_shape``: tokens of a linear layer, output positions of
+    a conv (batch · output size; all groups at once), looked-up ids of an Embedding. O(1)."""
+    layer_kind = kind(layer)
+    if layer_kind == "embedding":
+        return math.prod(x_shape)
+    if layer_kind == "conv":
+        return math.prod(x_shape[:-3]) * math.prod(conv_output_size(layer, x_shape[-2:]))  # (B,) or () unbatched
+    return math.prod(x_shape) // weight_shape(layer)[1]
+
+
+def check_input(layer: nn.Module, x: torch.Tensor) -> None:
+    """ValueError for an input whose channels do not match the layer's fan-in (a linear layer's last axis, a conv's
+    channel axis), before any adapter computes with it."""
+    linear = kind(layer) != "conv"
+    expected = weight_shape(layer)[1] if linear else layer.in_channels
+    channels = x.shape[-1] if linear else x.shape[-3] if x.dim() >= 3 else None
+    if channels != expected:
+        shape = f"(..., {expected})" if linear else f"(batch, {expected}, height, width) or unbatched ({expected}, …)"
+        raise ValueError(f"this adapted {type(layer).__name__} expects inputs of shape {shape}, got {tuple(x.shape)}")
+
+
+def input_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The rows W multiplies: x (..., in) for a linear layer; a Conv2d's patches (B, groups, L, c/groups·kh·kw),
+    L output positions, by F.unfold (an unbatched (C, H, W) input as a batch of one). O(numel of the patches)."""
+    if kind(layer) != "conv":
+        return x
+    patches = F.unfold(x if x.dim() == 4 else x[None], layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+    batch, _, length = patches.shape  # (B, C·kh·kw, L)
+    return patches.reshape(batch, layer.groups, -1, length).transpose(-1, -2)  # (B, g, L, d)
+
+
+def rows_times_weight(layer: nn.Module, rows: torch.Tensor, x_shape: Sequence[int],
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The base's product from (transformed) ``input_rows`` of an input of ``x_shape``: rows · Wᵀ (+ ``bias``),
+    (..., out); a conv's (B, out, H', W'), or (out, H', W') unbatched. O(rows · out · d)."""
+    weight_2d = weight(layer)
+    if kind(layer) != "conv":
+        return F.linear(rows, weight_2d, bias)
+    batch, groups, length, fan_in = rows.shape
+    grouped = weight_2d.reshape(groups, -1, fan_in)  # (g, out/g, d)
+    y = torch.einsum("bgld,god->bgol", rows, grouped).reshape(batch, -1, *conv_output_size(layer, x_shape[-2:]))
+    y = y if len(x_shape) == 4 else y[0]
+    return y if bias is None else y + bias.to(y.dtype).reshape(channel_shape(layer))
+
+
+def channel_shape(layer: nn.Module) -> tuple[int, ...]:
+    """How a per-output-channel vector (bias, scale) broadcasts over the output: (-1,) for a linear layer or an
+    Embedding (the last axis), (-1, 1, 1) for a Conv2d (the channel axis before H', W')."""
+    return (-1, 1, 1) if kind(layer) == "conv" else (-1,)
+
+
 # --- embeddings ------------------------------------------------------------------------------------------------------
 def renormalises_in_place(layer: nn.Module) -> bool:
     """Whether calling ``layer`` writes into its own weight: an Embedding with ``max_norm`` rescales every looked-up row

@@ -37,6 +37,10 @@ as PEFT's OFT does: each looked-up row e becomes e · R · diag(s), so the merge
 padding_idx row stays the base's (PEFT rotates it too, which changes nothing while it is zero, as nn.Embedding
 initialises it). An Embedding with max_norm is refused: it renormalises looked-up rows in place, and a scale changes
 the norms, so the adapted and merged forms would renormalise different rows.
+
+The file reads in that order: the orthogonal blocks (skew entries, Cayley, their inverse), ``ButterflyRotation`` —
+R as a module of its own: parametrisation, products, costs —, the configs, and ``BOFTLayer``, which composes its
+rotation with the base layer.
 """
 
 from __future__ import annotations
@@ -46,7 +50,6 @@ import math
 from typing import Any, ClassVar, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import base_layers
@@ -60,7 +63,7 @@ from .butterfly_structure import (
     valid_n_factors,
 )
 from .contract import (
-    AdapterConfig, AdapterLayer, autocast_off, check_integer, check_number, conv_output_size, merge_dtype, nearest,
+    AdapterConfig, AdapterLayer, autocast_off, check_integer, check_number, merge_dtype, nearest,
 )
 from .kernels import KERNELS, butterfly_apply_fused, fused_available, fused_supported, kernel_in_force
 
@@ -135,7 +138,7 @@ def cayley(skew: torch.Tensor, neumann_terms: int | None = None) -> torch.Tensor
 def inverse_transposed_blocks(blocks: torch.Tensor) -> torch.Tensor:
     """(m, k, b, b) blocks Q -> Q⁻ᵀ, or a ValueError naming a singular block. O(m·k·b³).
 
-    With Q⁻ᵀ in place of Q, the product ``BOFTLayer.rotate`` forms as x @ R becomes x @ R⁻ᵀ: B_i⁻ᵀ = P_i ·
+    With Q⁻ᵀ in place of Q, the product ``ButterflyRotation.rotate`` forms as x @ R becomes x @ R⁻ᵀ: B_i⁻ᵀ = P_i ·
     blockdiag(Q_i⁻ᵀ) · P_iᵀ and R⁻ᵀ = (B_1ᵀ ⋯ B_mᵀ)⁻¹ = B_m⁻ᵀ ⋯ B_1⁻ᵀ, the factors in R's own order. An exactly
     orthogonal Q has Q⁻ᵀ = Q; the truncated Cayley–Neumann series is not orthogonal, so there Rᵀ is not R⁻¹.
     """
@@ -150,6 +153,93 @@ def inverse_transposed_blocks(blocks: torch.Tensor) -> torch.Tensor:
         )
     return inverse
 
+
+
+# --- the rotation as a module ----------------------------------------------------------------------------------------
+class ButterflyRotation(nn.Module):
+    """R = B_m ⋯ B_1 on a d-dimensional axis, as a function of the skew entries: the rotation of one BOFT/OFT layer.
+
+    Everything about R lives here: the parametrisation (skew entries -> b × b skew matrices -> Cayley blocks, COFT,
+    multiplicative dropout), products with R or Rᵀ in its factored or assembled form, their costs, and the dense R
+    for teaching. It holds no parameter: the layer owns ``skew`` (m, k, b(b−1)/2) — the name its saved files use —
+    and calls ``rotation(skew)`` for the blocks, as a torch parametrization maps its tensor.
+    """
+
+    def __init__(self, dim: int, block_size: int, n_factors: int, neumann_terms: int | None = None,
+                 coft_radius: float | None = None, dropout: float = 0.0, kernel: str = "auto") -> None:
+        super().__init__()
+        self.dim, self.block_size, self.n_factors = dim, block_size, n_factors
+        self.n_blocks = dim // block_size  # k
+        self.n_entries = block_size * (block_size - 1) // 2  # free entries of one skew-symmetric block
+        self.width = assembled_width(dim, block_size, n_factors, MIN_WIDTH)  # w of the assembled form
+        self.neumann_terms = neumann_terms  # None: the exact Cayley transform
+        self.coft_radius = coft_radius  # None: no COFT constraint; else ‖S‖_F ≤ coft_radius per block
+        self.dropout = dropout
+        self.kernel = kernel  # "auto" or "torch" (``boftlab.kernels``)
+
+    # --- the parametrisation ---
+    def forward(self, skew: torch.Tensor) -> torch.Tensor:
+        """skew (m, k, b(b−1)/2) -> (m, k, b, b) orthogonal blocks in fp32 (or fp64), COFT and (while training)
+        multiplicative dropout applied. O(m·k·b³)."""
+        blocks = self.cayley_blocks(skew)
+        if self.training and self.dropout > 0:
+            drop = torch.rand(blocks.shape[:2], device=blocks.device) < self.dropout  # (m, k)
+            blocks = torch.where(drop[..., None, None], torch.eye(self.block_size, device=blocks.device), blocks)
+        return blocks
+
+    def cayley_blocks(self, skew: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """(m, k, b, b) blocks computed in ``dtype`` (default fp32, or fp64 for fp64 entries; merges pass fp64) with
+        COFT applied and no dropout: the eval-mode R, which merge folds in whatever the mode (dropout perturbs
+        training steps only)."""
+        dtype = dtype or torch.promote_types(skew.dtype, torch.float32)
+        with autocast_off(skew.device):  # Cayley (solve or series) in fp32 under AMP
+            matrices = skew_symmetric(skew.to(dtype), self.block_size)
+            if self.coft_radius is not None:
+                # constrained OFT: pull each block's S back onto the ball ‖S‖_F ≤ eps/√k (eps as in PEFT)
+                norm = torch.linalg.matrix_norm(matrices, keepdim=True)
+                matrices = matrices * torch.clamp(self.coft_radius / norm.clamp_min(1e-30), max=1.0)
+            return cayley(matrices, self.neumann_terms)
+
+    # --- products with R ---
+    def rotate(self, rows: torch.Tensor, blocks: torch.Tensor, transpose: bool = False,
+               form: str | None = None) -> torch.Tensor:
+        """rows: (..., d) -> rows @ R (or rows @ Rᵀ); R is never formed. ``blocks``: (m, k, b, b), any (unmerge
+        passes inverses).
+
+        form "factored": the m factors, O(d·b·m) per row — the fused kernel where it runs (``kernel="auto"``, CUDA,
+        Triton, a supported shape; same result to fp tolerance), ``butterfly_apply_reshaped`` elsewhere;
+        "assembled": R's w × w diagonal blocks, O(w·d·b·m) once, assembled in the blocks' precision, then one
+        block-diagonal product, O(d·w) per row; None: the cheaper of the two for this many rows (``costs``).
+        """
+        if form is None:
+            costs = self.costs(rows.numel() // self.dim, rows.dtype, rows.device)
+            form = min(costs, key=costs.get)
+        if form == "assembled":
+            return block_diagonal_apply(rows, diagonal_blocks(blocks, self.width, transpose).to(rows.dtype))
+        blocks = blocks.to(rows.dtype)
+        if self.kernel == "auto" and fused_supported(rows, blocks):
+            return butterfly_apply_fused(rows, blocks, transpose)
+        return butterfly_apply_reshaped(rows, blocks, transpose)
+
+    def dense(self, blocks: torch.Tensor) -> torch.Tensor:
+        """The d × d matrix R of ``blocks`` — for tests, figures and teaching only. O(d²·w)."""
+        return self.rotate(torch.eye(self.dim, device=blocks.device, dtype=blocks.dtype), blocks)
+
+    def costs(self, n_rows: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
+        """Multiply-adds of multiplying ``n_rows`` rows by R, per form (forward only).
+
+        Per row element the factored form costs m·max(b, ``FACTOR_COST``) with PyTorch and its m·b multiply-adds in
+        the fused kernel (all on chip, one pass over the rows); the assembled form costs the factored PyTorch form on
+        w rows (the assembly) plus max(w, ``PRODUCT_COST``) per row element.
+        """
+        d, m, b = self.dim, self.n_factors, self.block_size
+        torch_factored = m * max(b, FACTOR_COST)
+        fused = self.kernel == "auto" and fused_available(device, d, b, m, dtype)
+        return {"factored": n_rows * d * (m * b if fused else torch_factored),
+                "assembled": self.width * d * torch_factored + n_rows * d * max(self.width, PRODUCT_COST)}
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, block_size={self.block_size}, n_factors={self.n_factors}, width={self.width}"
 
 
 # --- config ----------------------------------------------------------------------------------------------------------
@@ -250,27 +340,30 @@ class OFTConfig(BOFTConfig):
 # --- the layer -------------------------------------------------------------------------------------------------------
 class BOFTLayer(AdapterLayer):
     """A frozen linear layer (nn.Linear, Conv1D, quantized) or nn.Conv2d with W' = diag(s) · W · Rᵀ (conv: W flattened
-    to out × (c/groups·kh·kw)), or an nn.Embedding whose output rows e become e · R · diag(s)."""
+    to out × (c/groups·kh·kw)), or an nn.Embedding whose output rows e become e · R · diag(s).
+
+    The layer composes its ``butterfly`` (a ``ButterflyRotation``: R from ``skew``) with the base layer, read through
+    ``base_layers``: which rows R rotates (a linear/conv layer's inputs, an Embedding's looked-up outputs) and how the
+    base's product continues from them."""
 
     def __init__(self, base_layer: nn.Module, config: BOFTConfig) -> None:
         super().__init__(base_layer, config)
-        kind, shape = base_layers.kind(base_layer), base_layers.weight_shape(base_layer)
-        if kind == "embedding":
-            if base_layer.max_norm is not None:
-                raise ValueError(
-                    f"BOFT/OFT cannot adapt an Embedding with max_norm={base_layer.max_norm}: it renormalises every "
-                    "looked-up row in place, and the output scale changes row norms, so the adapted and the merged "
-                    "tables would renormalise different rows. Use an Embedding with max_norm=None, or "
-                    "TensorCoreConfig, which renormalises the rows of W + ΔW exactly."
-                )
-            self.out_features = self.fan_in = shape[1]  # d: embedding_dim, the axis rotated and scaled
-        else:
-            self.out_features, self.fan_in = shape[0], math.prod(shape[1:])  # d: in_features, or in/groups·kh·kw
-        what = {"conv": "in_channels/groups·kh·kw", "embedding": "embedding_dim"}.get(kind, "in_features")
+        self.rotates_outputs = base_layers.rotates_outputs(base_layer)  # an Embedding: e -> e · R · diag(s)
+        if self.rotates_outputs and base_layers.renormalises_in_place(base_layer):
+            raise ValueError(
+                f"BOFT/OFT cannot adapt an Embedding with max_norm={base_layer.max_norm}: it renormalises every "
+                "looked-up row in place, and the output scale changes row norms, so the adapted and the merged "
+                "tables would renormalise different rows. Use an Embedding with max_norm=None, or "
+                "TensorCoreConfig, which renormalises the rows of W + ΔW exactly."
+            )
+        self.fan_in, what = base_layers.rotated_axis(base_layer)  # d
+        # the scale's length: W's rows (outputs), or an Embedding's d (its rows e · R · diag(s) are scaled per column)
+        self.out_features = self.fan_in if self.rotates_outputs else base_layers.weight_shape(base_layer)[0]
         block_size = resolve_block_size(self.fan_in, config.block_size, config.n_blocks, config.n_factors, what)
         self.block_size, self.n_blocks, self.n_factors = block_size, self.fan_in // block_size, config.n_factors
-        self.width = assembled_width(self.fan_in, block_size, self.n_factors, MIN_WIDTH)  # w of the assembled form
-        self.kernel = kernel_in_force(config.kernel)  # "auto" or "torch" (this layer's rotations)
+        coft_radius = config.coft_eps / math.sqrt(self.n_blocks) if config.coft else None
+        self.butterfly = ButterflyRotation(self.fan_in, block_size, self.n_factors, config.neumann_terms,
+                                           coft_radius, config.dropout, kernel_in_force(config.kernel))
         unfold_padding = (
             "needs a Conv2d with padding_mode='zeros' and numeric padding (F.unfold pads with zeros only); "
             f"got padding={getattr(base_layer, 'padding', None)!r}, "
@@ -282,121 +375,78 @@ class BOFTLayer(AdapterLayer):
             "weight": "needs the base weight, which this quantized layer stores packed (bitsandbytes)",
         })
 
-        n_entries = block_size * (block_size - 1) // 2
         factory = {"device": base_layer.weight.device, "dtype": torch.float32}
         # zero skew-symmetric part -> every Q is I -> R = I: the adapted layer equals the base layer at step 0.
-        self.skew = nn.Parameter(torch.zeros(self.n_factors, self.n_blocks, n_entries, **factory))
+        self.skew = nn.Parameter(torch.zeros(self.n_factors, self.n_blocks, self.butterfly.n_entries, **factory))
         self.scale = nn.Parameter(torch.ones(self.out_features, **factory)) if config.scale else None
 
-    # --- the orthogonal factors ---
+    @property
+    def kernel(self) -> str:
+        """"auto" or "torch": how this layer's rotations run (``boftlab.kernels``)."""
+        return self.butterfly.kernel
+
+    # --- the rotation (``ButterflyRotation``) of this layer's skew entries ---
     def orthogonal_blocks(self) -> torch.Tensor:
-        """(m, k, b, b) orthogonal blocks in fp32 (or fp64), with COFT and (while training) multiplicative dropout applied."""
-        blocks = self.cayley_blocks()
-        if self.training and self.config.dropout > 0:
-            drop = torch.rand(blocks.shape[:2], device=blocks.device) < self.config.dropout  # (m, k)
-            blocks = torch.where(drop[..., None, None], torch.eye(self.block_size, device=blocks.device), blocks)
-        return blocks
+        """(m, k, b, b) orthogonal blocks in fp32 (or fp64), COFT and (while training) multiplicative dropout
+        applied."""
+        return self.butterfly(self.skew)
 
     def cayley_blocks(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """(m, k, b, b) blocks computed in ``dtype`` (default fp32, or fp64 for fp64 parameters; merges pass fp64)
-        with COFT applied and no dropout: the eval-mode R, which merge folds in whatever the mode (dropout perturbs
-        training steps only)."""
-        dtype = dtype or torch.promote_types(self.skew.dtype, torch.float32)
-        with autocast_off(self.skew.device):  # Cayley (solve or series) in fp32 under AMP
-            skew = skew_symmetric(self.skew.to(dtype), self.block_size)
-            if self.config.coft:
-                # constrained OFT: pull each block's S back onto the ball ‖S‖_F ≤ eps/√k (eps as in PEFT)
-                radius = self.config.coft_eps / math.sqrt(self.n_blocks)
-                norm = torch.linalg.matrix_norm(skew, keepdim=True)
-                skew = skew * torch.clamp(radius / norm.clamp_min(1e-30), max=1.0)
-            return cayley(skew, self.config.neumann_terms)
+        """The eval-mode blocks (no dropout) in ``dtype`` (``ButterflyRotation.cayley_blocks``)."""
+        return self.butterfly.cayley_blocks(self.skew, dtype)
 
     def rotate(self, rows: torch.Tensor, transpose: bool = False, blocks: torch.Tensor | None = None,
                form: str | None = None) -> torch.Tensor:
-        """rows: (..., d) -> rows @ R (or rows @ Rᵀ); R is never formed. ``blocks``: (m, k, b, b), any (default: this
-        layer's orthogonal blocks; unmerge may pass their inverses).
-
-        form "factored": the m factors, O(d·b·m) per row — the fused kernel where it runs (``kernel="auto"``, CUDA,
-        Triton, a supported shape; same result to fp tolerance), ``butterfly_apply_reshaped`` elsewhere;
-        "assembled": R's w × w diagonal blocks, O(w·d·b·m) once, assembled in the blocks' precision, then one
-        block-diagonal product, O(d·w) per row; None: the cheaper of the two for this many rows (``rotation_costs``).
-        """
-        blocks = self.orthogonal_blocks() if blocks is None else blocks
-        if form is None:
-            costs = self.rotation_costs(rows.numel() // self.fan_in, rows.dtype)
-            form = min(costs, key=costs.get)
-        if form == "assembled":
-            return block_diagonal_apply(rows, diagonal_blocks(blocks, self.width, transpose).to(rows.dtype))
-        blocks = blocks.to(rows.dtype)
-        if self.kernel == "auto" and fused_supported(rows, blocks):
-            return butterfly_apply_fused(rows, blocks, transpose)
-        return butterfly_apply_reshaped(rows, blocks, transpose)
+        """rows: (..., d) -> rows @ R (or rows @ Rᵀ) by ``blocks`` (default: this layer's orthogonal blocks) in
+        ``form`` ("factored", "assembled", None: the cheaper; ``ButterflyRotation.rotate``)."""
+        return self.butterfly.rotate(rows, self.orthogonal_blocks() if blocks is None else blocks, transpose, form)
 
     def rotation(self) -> torch.Tensor:
         """The dense d × d matrix R — for tests, figures and teaching only."""
-        blocks = self.orthogonal_blocks()
-        return self.rotate(torch.eye(self.fan_in, device=blocks.device, dtype=blocks.dtype), blocks=blocks)
+        return self.butterfly.dense(self.orthogonal_blocks())
+
+    def rotation_costs(self, n_rows: int, dtype: torch.dtype) -> dict[str, int]:
+        """Multiply-adds of multiplying ``n_rows`` rows by R, per form (``ButterflyRotation.costs``)."""
+        return self.butterfly.costs(n_rows, dtype, self.skew.device)
 
     # --- choosing a path ---
     def paths(self) -> tuple[str, ...]:
         """All three paths, except for a conv whose padding ``F.unfold`` cannot reproduce ("same", or not zeros) and
         for a quantized layer (its weight is packed: only the activation paths, through its own kernel)."""
-        base, kind = self.base_layer, base_layers.kind(self.base_layer)
-        if kind == "quantized":
-            return ("input", "assembled")
-        if kind == "conv" and (base.padding_mode != "zeros" or isinstance(base.padding, str)):
+        if not base_layers.unfolds_exactly(self.base_layer):
             return ("weight",)
-        return ("input", "assembled", "weight")
-
-    def rotation_costs(self, n_rows: int, dtype: torch.dtype) -> dict[str, int]:
-        """Multiply-adds of multiplying ``n_rows`` rows by R, per form (forward only).
-
-        Per row element the factored form costs m·max(b, ``FACTOR_COST``) with PyTorch and its m·b multiply-adds in
-        the fused kernel (all on chip, one pass over the rows); the assembled form costs the factored PyTorch form on
-        w rows (the assembly) plus max(w, ``PRODUCT_COST``) per row element.
-        """
-        d, m, b = self.fan_in, self.n_factors, self.block_size
-        torch_factored = m * max(b, FACTOR_COST)
-        fused = self.kernel == "auto" and fused_available(self.skew.device, d, b, m, dtype)
-        return {"factored": n_rows * d * (m * b if fused else torch_factored),
-                "assembled": self.width * d * torch_factored + n_rows * d * max(self.width, PRODUCT_COST)}
+        return ("input", "assembled") if self.quantized_base else ("input", "assembled", "weight")
 
     def path_costs(self, x_shape: Sequence[int], training: bool, input_requires_grad: bool) -> dict[str, int]:
         """Multiply-adds of one call on an input of ``x_shape``, per path.
 
-        n rows (tokens, or conv output positions) of fan-in d, out outputs; C₀ = n·out·d, the base product; rot(r, f)
-        the cost of rotating r rows by form f (``rotation_costs``). Inference: "input" rot(n, factored) + C₀,
-        "assembled" rot(n, assembled) + C₀, "weight" min_f rot(out, f) + C₀. Training triples every rotation (its
-        two backward products) and adds the base's backward: the input paths back-propagate through W (C₀), the
-        weight path forms dW' (C₀) and dx when the input needs it (C₀): 3·rot + 2·C₀, and 3·rot + (2 + g)·C₀ with
-        g = 1 when the input needs a gradient. An Embedding (n lookups of a num × d table) has no product to count:
-        the activation paths rotate the n looked-up rows, the weight path the num rows of the table (and, training,
-        scatters n rows of gradient).
+        n rows (tokens, conv output positions, or looked-up ids: ``base_layers.n_rows``) of fan-in d, out outputs;
+        C₀ = n·out·d, the base product; rot(r, f) the cost of rotating r rows by form f (``rotation_costs``).
+        Inference: "input" rot(n, factored) + C₀, "assembled" rot(n, assembled) + C₀, "weight" min_f rot(out, f) +
+        C₀. Training triples every rotation (its two backward products) and adds the base's backward: the input
+        paths back-propagate through W (C₀), the weight path forms dW' (C₀) and dx when the input needs it (C₀):
+        3·rot + 2·C₀, and 3·rot + (2 + g)·C₀ with g = 1 when the input needs a gradient. An Embedding (n lookups of
+        a num × d table) has no product to count: the activation paths rotate the n looked-up rows, the weight path
+        the num rows of the table (and, training, scatters n rows of gradient).
         """
-        base, d, out = self.base_layer, self.fan_in, self.out_features
-        kind = base_layers.kind(base)
-        dtype = self.skew.dtype if kind == "quantized" else base.weight.dtype  # (a packed weight has no float dtype)
-        if kind == "embedding":
-            n, passes = math.prod(x_shape), 3 if training else 1
-            on_rows, on_table = self.rotation_costs(n, dtype), self.rotation_costs(base.num_embeddings, dtype)
-            costs = {"input": passes * on_rows["factored"], "assembled": passes * on_rows["assembled"],
-                     "weight": passes * min(on_table.values()) + (n * d if training else 0)}
-            return {path: costs[path] for path in self.paths()}
-        if kind == "conv":
-            n = math.prod(x_shape[:-3]) * math.prod(conv_output_size(base, x_shape[-2:]))  # (B,) or () unbatched
-        else:
-            n = math.prod(x_shape) // d
+        base, d = self.base_layer, self.fan_in
+        dtype = self.skew.dtype if self.quantized_base else base.weight.dtype  # (a packed weight has no float dtype)
+        n, table_rows = base_layers.n_rows(base, x_shape), base_layers.weight_shape(base)[0]
         on_rows = self.rotation_costs(n, dtype)
         rotation = {"input": on_rows["factored"], "assembled": on_rows["assembled"]}
         if "weight" in self.paths():
-            rotation["weight"] = min(self.rotation_costs(out, dtype).values())
-        base_cost = n * out * d
+            rotation["weight"] = min(self.rotation_costs(table_rows, dtype).values())
+        if self.rotates_outputs:
+            passes = 3 if training else 1
+            costs = {p: passes * r for p, r in rotation.items()}
+            if training:
+                costs["weight"] += n * d
+            return costs
+        base_cost = n * self.out_features * d
         if training:
-            costs = {p: 3 * r + (3 if p == "weight" and input_requires_grad else 2) * base_cost
-                     for p, r in rotation.items()}
-        else:
-            costs = {p: r + base_cost for p, r in rotation.items()}
-        return {path: costs[path] for path in self.paths()}
+            return {p: 3 * r + (3 if p == "weight" and input_requires_grad else 2) * base_cost
+                    for p, r in rotation.items()}
+        return {p: r + base_cost for p, r in rotation.items()}
 
     # --- forward ---
     def rotated_weight(self, blocks: torch.Tensor | None = None) -> torch.Tensor:
@@ -422,35 +472,25 @@ class BOFTLayer(AdapterLayer):
         return rows if padding_idx is None else torch.where((ids == padding_idx)[..., None], base_rows, rows)
 
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        base, kind = self.base_layer, base_layers.kind(self.base_layer)
-        if kind == "embedding":
+        if self.rotates_outputs:
             return self._embedding_forward(x)
-        linear = kind != "conv"
-        expected = self.fan_in if linear else base.in_channels
-        channels = x.shape[-1] if linear else x.shape[-3] if x.dim() >= 3 else None
-        if channels != expected:
-            shape = f"(..., {expected})" if linear else f"(batch, {expected}, height, width) or unbatched ({expected}, …)"
-            raise ValueError(
-                f"this adapted {type(base).__name__} expects inputs of shape {shape}, got {tuple(x.shape)}"
-            )
+        base = self.base_layer
+        base_layers.check_input(base, x)
         blocks = self.orthogonal_blocks()
         path = self.choose_path(x)
         if path == "weight":
             return base_layers.run(base, x, self.rotated_weight(blocks))
         form = "factored" if path == "input" else "assembled"
         if base_layers.computes_in_own_dtype(base):  # bitsandbytes, or dequantized from it: call it on Rᵀx
-            return self._quantized_input_path(x, blocks, form)
-        if linear:
-            rotated = self.rotate(x, blocks=blocks, form=form)  # Rᵀx for every row
-            weight = base_layers.weight(base)
-            if self.scale is None:
-                return F.linear(rotated, weight, base.bias)
-            return self._scale_and_shift(F.linear(rotated, weight), (-1,))
-        return self._scale_and_shift(self._conv_input_path(x, blocks, form), (-1, 1, 1))
+            return self._own_kernel_path(x, blocks, form)
+        rotated = self.rotate(base_layers.input_rows(base, x), blocks=blocks, form=form)  # each row (Rᵀx) times R
+        if self.scale is None:
+            return base_layers.rows_times_weight(base, rotated, x.shape, base.bias)
+        return self._scale_and_shift(base_layers.rows_times_weight(base, rotated, x.shape))
 
-    def _scale_and_shift(self, y: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        """s ⊙ y + bias, with s and bias broadcast over ``shape`` (one fused addcmul when both are there)."""
-        bias = self.base_layer.bias
+    def _scale_and_shift(self, y: torch.Tensor) -> torch.Tensor:
+        """s ⊙ y + bias, with s and bias broadcast over the output channels (one fused addcmul when both are there)."""
+        bias, shape = self.base_layer.bias, base_layers.channel_shape(self.base_layer)
         bias = None if bias is None else bias.to(y.dtype).reshape(shape)
         if self.scale is None:
             return y if bias is None else y + bias
@@ -470,25 +510,14 @@ class BOFTLayer(AdapterLayer):
         rotated = base_layers.with_table_gradient(self.base_layer, ids, rotated)  # as the table's (weight path)
         return self._keep_padding(ids, rows, rotated)
 
-    def _quantized_input_path(self, x: torch.Tensor, blocks: torch.Tensor, form: str) -> torch.Tensor:
-        """h = base(Rᵀx) by the layer's own kernel, then h + (s − 1) ⊙ (h − bias) = s ⊙ (W Rᵀx) + bias."""
+    def _own_kernel_path(self, x: torch.Tensor, blocks: torch.Tensor, form: str) -> torch.Tensor:
+        """h = base(Rᵀx) by the layer's own kernel (a quantized layer's), then h + (s − 1) ⊙ (h − bias) =
+        s ⊙ (W Rᵀx) + bias, written so that s = 1 adds exactly nothing."""
         h = self.base_layer(self.rotate(x, blocks=blocks, form=form))
         if self.scale is None:
             return h
         bias = self.base_layer.bias
         return h + (self.scale.to(h.dtype) - 1) * (h if bias is None else h - bias.to(h.dtype))
-
-    def _conv_input_path(self, x: torch.Tensor, blocks: torch.Tensor, form: str) -> torch.Tensor:
-        if x.dim() == 3:  # unbatched (C, H, W), which nn.Conv2d accepts: as a batch of one
-            return self._conv_input_path(x[None], blocks, form)[0]
-        base, groups = self.base_layer, self.base_layer.groups
-        patches = F.unfold(x, base.kernel_size, base.dilation, base.padding, base.stride)  # (B, C·kh·kw, L)
-        batch, _, length = patches.shape
-        patches = patches.reshape(batch, groups, self.fan_in, length).transpose(-1, -2)  # (B, g, L, d)
-        rotated = self.rotate(patches, blocks=blocks, form=form)  # each patch's fan-in vector times R
-        weight = base.weight.reshape(groups, self.out_features // groups, self.fan_in)  # (g, out/g, d)
-        y = torch.einsum("bgld,god->bgol", rotated, weight).reshape(batch, self.out_features, length)
-        return y.reshape(batch, self.out_features, *conv_output_size(base, x.shape[-2:]))  # no bias yet
 
     # --- merging ---
     def merged_weights(self) -> dict[str, torch.Tensor]:
@@ -504,7 +533,7 @@ class BOFTLayer(AdapterLayer):
         blocks = self.cayley_blocks(merge_dtype(weight))
         if torch.isfinite(blocks).all():  # (NaN/inf blocks: the merged weight is not finite, which merge refuses)
             inverse_transposed_blocks(blocks)  # raises for a singular block
-        embedding = base_layers.kind(base) == "embedding"
+        embedding = self.rotates_outputs
         rows = weight.reshape(-1, self.fan_in).to(merge_dtype(weight))
         # a Linear's or conv's rows become W Rᵀ; an Embedding's rows e become e R, as its lookups do; by the weight
         # path's form
@@ -521,7 +550,7 @@ class BOFTLayer(AdapterLayer):
         merge, computed in fp64 and rounded once to W's dtype."""
         self._check_scale_invertible("unmerge")
         base, weight = self.base_layer, base_layers.weight(self.base_layer)
-        embedding = base_layers.kind(base) == "embedding"
+        embedding = self.rotates_outputs
         rows = weight.reshape(-1, self.fan_in).to(merge_dtype(weight))
         merged = rows
         if self.scale is not None:

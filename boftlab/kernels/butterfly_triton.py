@@ -5,7 +5,7 @@ plan) runs m rounds of reshape + batched b × b matmul, each reading and writing
 memory per factor, plus m saved intermediates for backward). Here one Triton program loads a tile of rows once,
 applies every factor to it on chip, and writes it once. The assembled form (R's diagonal blocks, then one batched
 matmul) needs no kernel of its own: it is a batched matmul; this kernel serves the factored form, which stays the
-cheaper one when L = b·2^(m−1) is wide, and is priced against the assembled form by ``BOFTLayer.rotation_costs``.
+cheaper one when L = b·2^(m−1) is wide, and is priced against the assembled form by ``ButterflyRotation.costs``.
 
 Why no gathers are needed. Factor i (0-based, s = 2^i) is P · blockdiag(Q_i) · Pᵀ, and conjugating by the
 butterfly permutation only changes *which* coordinates a block mixes: in the natural layout, a row viewed as
