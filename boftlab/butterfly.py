@@ -55,7 +55,9 @@ from torch import nn
 from . import base_layers
 from .base_layers import Conv1D
 from .butterfly_structure import (
+    assemble_diagonal_blocks,
     assembled_width,
+    assembly_index,
     block_diagonal_apply,
     butterfly_apply_reshaped,
     diagonal_blocks,
@@ -73,6 +75,9 @@ from .kernels import KERNELS, butterfly_apply_fused, fused_available, fused_supp
 #: these values: benchmarks/README.md); the auto path choice uses them, results never depend on them.
 FACTOR_COST = 350
 PRODUCT_COST = 100
+#: Up to this width w the assembled form's diagonal blocks are gathered from the blocks (an (m, w, w) index per layer,
+#: and m − 1 products of w × w blocks, O(d·w²·(m − 1))); wider ones come from the tiled identity, O(w·d·b·m).
+MAX_GATHER_WIDTH = 64
 #: Assembled diagonal blocks are at least this wide: batched products of narrower blocks run several times slower per
 #: element on CPU (``butterfly_costs``), and GPU matrix-multiply tiles are 16 wide.
 MIN_WIDTH = 16
@@ -103,11 +108,20 @@ def resolve_block_size(dim: int, block_size: int | None, n_blocks: int | None, n
 
 
 # --- orthogonal blocks -----------------------------------------------------------------------------------------------
-def skew_symmetric(vec: torch.Tensor, block_size: int) -> torch.Tensor:
-    """(..., b(b−1)/2) -> (..., b, b): S = U − Uᵀ with U strictly upper triangular (row-major order)."""
-    rows, cols = torch.triu_indices(block_size, block_size, 1, device=vec.device)
-    upper = vec.new_zeros(*vec.shape[:-1], block_size, block_size)
-    upper[..., rows, cols] = vec
+def upper_index(block_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(b, b) int64: 1 + j at the j-th strictly upper entry (row-major order), 0 elsewhere — where ``skew_symmetric``
+    reads each entry of U from its entries with a zero put in front. O(b²)."""
+    rows, cols = torch.triu_indices(block_size, block_size, 1, device=device)
+    index = torch.zeros(block_size, block_size, dtype=torch.long, device=device)
+    index[rows, cols] = torch.arange(1, len(rows) + 1, device=device)
+    return index
+
+
+def skew_symmetric(vec: torch.Tensor, block_size: int, index: torch.Tensor | None = None) -> torch.Tensor:
+    """(..., b(b−1)/2) -> (..., b, b): S = U − Uᵀ with U strictly upper triangular (row-major order), exactly
+    skew-symmetric. ``index``: ``upper_index(b)``, if the caller keeps it (one gather, no index built per call)."""
+    index = upper_index(block_size, vec.device) if index is None else index
+    upper = torch.nn.functional.pad(vec, (1, 0))[..., index]  # (..., b, b): entry 0 is the zero put in front
     return upper - upper.transpose(-1, -2)
 
 
@@ -119,14 +133,17 @@ def skew_entries(skew: torch.Tensor) -> torch.Tensor:
 
 
 def cayley(skew: torch.Tensor, neumann_terms: int | None = None) -> torch.Tensor:
-    """(..., b, b) skew-symmetric S -> orthogonal Q = (I − S)(I + S)⁻¹. O(b³) per block.
+    """(..., b, b) skew-symmetric S -> orthogonal Q = (I − S)(I + S)⁻¹. O(b³) per block. S must be exactly
+    skew-symmetric (``skew_symmetric`` makes it so): I − S is read as (I + S)ᵀ.
 
     With ``neumann_terms = n`` the inverse is the truncated series (I + S)⁻¹ ≈ Σ_{j<n−1} (−S)^j, i.e.
     Q ≈ I − 2S + 2S² − … ± S^{n−1}: n terms, only matmuls, orthogonal up to O(‖S‖ⁿ).
     """
-    eye = torch.eye(skew.shape[-1], device=skew.device, dtype=skew.dtype).expand_as(skew)
+    eye = torch.eye(skew.shape[-1], device=skew.device, dtype=skew.dtype)
     if neumann_terms is None:
-        return torch.linalg.solve(eye + skew, eye - skew, left=False)  # X (I + S) = I − S
+        plus = eye + skew  # I + S, whose transpose is I − S: exactly, S being exactly skew-symmetric
+        return torch.linalg.solve(plus, plus.transpose(-1, -2), left=False)  # X (I + S) = I − S
+    eye = eye.expand_as(skew)
     series, power = eye.clone(), eye
     for _ in range(neumann_terms - 2):
         power = -power @ skew
@@ -166,7 +183,8 @@ class ButterflyRotation(nn.Module):
     """
 
     def __init__(self, dim: int, block_size: int, n_factors: int, neumann_terms: int | None = None,
-                 coft_radius: float | None = None, dropout: float = 0.0, kernel: str = "auto") -> None:
+                 coft_radius: float | None = None, dropout: float = 0.0, kernel: str = "auto",
+                 device: torch.device | None = None) -> None:
         super().__init__()
         self.dim, self.block_size, self.n_factors = dim, block_size, n_factors
         self.n_blocks = dim // block_size  # k
@@ -176,6 +194,30 @@ class ButterflyRotation(nn.Module):
         self.coft_radius = coft_radius  # None: no COFT constraint; else ‖S‖_F ≤ coft_radius per block
         self.dropout = dropout
         self.kernel = kernel  # "auto" or "torch" (``boftlab.kernels``)
+        self.gathers = self.width <= MAX_GATHER_WIDTH  # assemble R's w × w blocks by one gather (else: tiled identity)
+        # index tensors, derived from the shape: buffers that move with the layer, never saved (persistent=False)
+        self.register_buffer("upper_index", None, persistent=False)  # (b, b), skew_symmetric's
+        self.register_buffer("assembly_index", None, persistent=False)  # (m, w, w), assemble_diagonal_blocks'
+        self._build_indices(torch.device("cpu") if device is None else device)
+
+    def _build_indices(self, device: torch.device) -> None:
+        self.upper_index = upper_index(self.block_size, device)
+        if self.gathers:
+            self.assembly_index = assembly_index(self.block_size, self.n_factors, self.width).to(device)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "ButterflyRotation":
+        """``nn.Module._apply`` (``.to``, ``to_empty``, …), then the index buffers rebuilt where they now are: they
+        are derived from the shape, and ``to_empty`` would leave them uninitialised (state_dict does not hold them)."""
+        super()._apply(fn, recurse)
+        if not self.upper_index.is_meta:
+            self._build_indices(self.upper_index.device)
+        return self
+
+    def _indices_on(self, device: torch.device) -> None:
+        """Rebuild the index buffers on ``device`` where they are elsewhere: a layer moved to the meta device and given
+        its values by ``load_state_dict(state, assign=True)``, which never sees non-persistent buffers."""
+        if self.upper_index.device != device:
+            self._build_indices(device)
 
     # --- the parametrisation ---
     def forward(self, skew: torch.Tensor) -> torch.Tensor:
@@ -193,7 +235,8 @@ class ButterflyRotation(nn.Module):
         training steps only)."""
         dtype = dtype or torch.promote_types(skew.dtype, torch.float32)
         with autocast_off(skew.device):  # Cayley (solve or series) in fp32 under AMP
-            matrices = skew_symmetric(skew.to(dtype), self.block_size)
+            self._indices_on(skew.device)
+            matrices = skew_symmetric(skew.to(dtype), self.block_size, self.upper_index)
             if self.coft_radius is not None:
                 # constrained OFT: pull each block's S back onto the ball ‖S‖_F ≤ eps/√k (eps as in PEFT)
                 norm = torch.linalg.matrix_norm(matrices, keepdim=True)
@@ -215,11 +258,21 @@ class ButterflyRotation(nn.Module):
             costs = self.costs(rows.numel() // self.dim, rows.dtype, rows.device)
             form = min(costs, key=costs.get)
         if form == "assembled":
-            return block_diagonal_apply(rows, diagonal_blocks(blocks, self.width, transpose).to(rows.dtype))
+            return block_diagonal_apply(rows, self.diagonal_blocks(blocks, transpose).to(rows.dtype))
         blocks = blocks.to(rows.dtype)
         if self.kernel == "auto" and fused_supported(rows, blocks):
             return butterfly_apply_fused(rows, blocks, transpose)
         return butterfly_apply_reshaped(rows, blocks, transpose)
+
+    def diagonal_blocks(self, blocks: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """blocks (m, k, b, b) -> R's (or Rᵀ's) w × w diagonal blocks, (d/w, w, w): by one gather and m − 1 batched
+        products while w ≤ ``MAX_GATHER_WIDTH`` (``assemble_diagonal_blocks``), else from the tiled identity
+        (``diagonal_blocks``, O(w·d·b·m)); the same matrices either way."""
+        if self.gathers:
+            self._indices_on(blocks.device)
+            diagonal = assemble_diagonal_blocks(blocks, self.assembly_index)
+            return diagonal.transpose(-1, -2) if transpose else diagonal
+        return diagonal_blocks(blocks, self.width, transpose)
 
     def dense(self, blocks: torch.Tensor) -> torch.Tensor:
         """The d × d matrix R of ``blocks`` — for tests, figures and teaching only. O(d²·w)."""
@@ -362,8 +415,8 @@ class BOFTLayer(AdapterLayer):
         block_size = resolve_block_size(self.fan_in, config.block_size, config.n_blocks, config.n_factors, what)
         self.block_size, self.n_blocks, self.n_factors = block_size, self.fan_in // block_size, config.n_factors
         coft_radius = config.coft_eps / math.sqrt(self.n_blocks) if config.coft else None
-        self.butterfly = ButterflyRotation(self.fan_in, block_size, self.n_factors, config.neumann_terms,
-                                           coft_radius, config.dropout, kernel_in_force(config.kernel))
+        self.butterfly = ButterflyRotation(self.fan_in, block_size, self.n_factors, config.neumann_terms, coft_radius,
+                                           config.dropout, kernel_in_force(config.kernel), base_layer.weight.device)
         unfold_padding = (
             "needs a Conv2d with padding_mode='zeros' and numeric padding (F.unfold pads with zeros only); "
             f"got padding={getattr(base_layer, 'padding', None)!r}, "

@@ -10,7 +10,11 @@ blocks Q as a tensor (m, k, b, b), this module multiplies rows by R or Rᵀ with
 * ``diagonal_blocks`` + ``block_diagonal_apply``  the assembled form. Every factor mixes only within chunks of
                                 L = b·2^(m−1) coordinates, so R is block diagonal with L × L blocks: apply the factors
                                 once to a (w × d) tiled identity (w a multiple of L) to read off R's w × w diagonal
-                                blocks, then x @ R is one block-diagonal product, O(d·w) per row.
+                                blocks, then x @ R is one block-diagonal product, O(d·w) per row;
+* ``assemble_diagonal_blocks``  the same blocks as the layer builds them on every call: one precomputed gather
+                                (``assembly_index``) lays each factor's blocks out as w × w diagonal blocks, and m − 1
+                                batched products multiply them — a handful of ops, whatever m, where the tiled
+                                identity costs m chains of reshapes.
 
 It imports nothing else of boftlab, so ``butterfly.py`` (the BOFT layer) and ``kernels/`` (the fused Triton kernel)
 both build on it without importing each other.
@@ -125,12 +129,46 @@ def diagonal_blocks(blocks: torch.Tensor, width: int, transpose: bool = False) -
     return diagonal.transpose(-1, -2) if transpose else diagonal
 
 
+def assembly_index(block_size: int, n_factors: int, width: int) -> torch.Tensor:
+    """(m, w, w) int64: where each entry of every factor's w × w diagonal blocks comes from, for
+    ``assemble_diagonal_blocks``. O(m·w²·b), once per layer.
+
+    A chunk of w coordinates (w a multiple of L) meets w/b consecutive blocks of every factor, the same way in every
+    chunk. Entry [i, r, c] is i·(w·b + 1) + p: p = 0 for a structural zero of B_i, else 1 + the position of that
+    entry among the chunk's w/b blocks of factor i, flattened (k', b, b). Read off B_i's dense w × w block with
+    numbered blocks in factor i and identities elsewhere (exact in fp64).
+    """
+    per_chunk = width * block_size  # (w/b) blocks of b × b
+    index = []
+    for i in range(n_factors):
+        numbered = torch.eye(block_size, dtype=torch.float64).repeat(i + 1, width // block_size, 1, 1)
+        numbered[i] = torch.arange(1, per_chunk + 1, dtype=torch.float64).reshape(-1, block_size, block_size)
+        dense = butterfly_apply_reshaped(torch.eye(width, dtype=torch.float64), numbered)  # (w, w): B_i on a chunk
+        index.append(dense.round().long() + i * (per_chunk + 1))
+    return torch.stack(index)
+
+
+def assemble_diagonal_blocks(blocks: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """blocks: (m, k, b, b) -> R's diagonal blocks (d/w, w, w), as ``diagonal_blocks``; ``index`` from
+    ``assembly_index``. One gather for every factor's w × w blocks, then m − 1 batched products:
+    R_j = B_m,j ⋯ B_1,j. O(d·w²·(m − 1)); differentiable in ``blocks``."""
+    n_factors, _, block_size, _ = blocks.shape
+    width = index.shape[-1]
+    chunks = blocks.reshape(n_factors, -1, width * block_size).transpose(0, 1)  # (d/w, m, w·b): a chunk's blocks
+    padded = torch.nn.functional.pad(chunks, (1, 0)).reshape(len(chunks), -1)  # (d/w, m·(w·b + 1)): 0 before each
+    factors = padded[:, index].unbind(1)  # m × (d/w, w, w): B_i's diagonal blocks
+    product = factors[-1]
+    for factor in reversed(factors[:-1]):  # x @ R = x @ B_m ⋯ B_1
+        product = torch.bmm(product, factor)
+    return product
+
+
 def block_diagonal_apply(x: torch.Tensor, diagonal: torch.Tensor) -> torch.Tensor:
     """x: (..., d) -> x @ blockdiag(D_1 … D_j); diagonal: (j, w, w) with j·w = d. O(d·w) per row, one batched product."""
     n_diagonal, width, _ = diagonal.shape
     shape = x.shape
-    y = torch.einsum("...jr,jrc->...jc", x.reshape(*shape[:-1], n_diagonal, width), diagonal)  # (..., j, w)
-    return y.reshape(shape)
+    rows = x.reshape(-1, n_diagonal, width).transpose(0, 1)  # (j, N, w): row n's j-th piece
+    return torch.bmm(rows, diagonal).transpose(0, 1).reshape(shape)
 
 
 def valid_block_sizes(dim: int, n_factors: int) -> list[int]:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from boftlab import BOFTConfig, OFTConfig
-from boftlab.butterfly import FACTOR_COST, PRODUCT_COST, cayley, skew_entries, skew_symmetric
+from boftlab.butterfly import FACTOR_COST, PRODUCT_COST, cayley, skew_entries, skew_symmetric, upper_index
 from boftlab.butterfly_structure import butterfly_permutation, valid_block_sizes, valid_n_factors
 from boftlab.bench.peft_patch import peft_boft_without_cuda
 
@@ -63,6 +63,25 @@ def test_cayley_neumann_approaches_exact():
 def test_skew_entries_round_trip():
     vec = torch.randn(3, 5, 10)
     assert torch.equal(skew_entries(skew_symmetric(vec, 5)), vec)
+    assert torch.equal(skew_symmetric(vec, 5, upper_index(5)), skew_symmetric(vec, 5))  # the layer's kept index
+
+
+def test_rotation_indices_are_rebuilt_not_saved():
+    """The rotation's index tensors move with the layer but stay out of state_dict (persistent=False): saved files
+    hold only skew and scale, as before the rotation became a module."""
+    layer = boft_linear(64, 8, 2)
+    assert set(layer.adapter_state()) == {"skew", "scale"}
+    assert {n for n, _ in layer.named_buffers()} == {"butterfly.upper_index", "butterfly.assembly_index"}
+    assert not any(n.startswith("butterfly.") for n in layer.state_dict())
+    layer = layer.double()
+    assert layer.butterfly.assembly_index.dtype == torch.long and layer.skew.dtype == torch.float64
+    x = torch.randn(3, 64, dtype=torch.float64)
+    expected, state = layer(x), {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.to_empty(device="cpu")  # uninitialised memory everywhere; the indices are rebuilt, the rest loaded
+    layer.load_state_dict(state)
+    assert torch.equal(layer(x), expected)
+    wide = boft_linear(256, 2, 8)  # L = 256 > MAX_GATHER_WIDTH: the tiled identity, no index kept
+    assert not wide.butterfly.gathers and wide.butterfly.assembly_index is None
 
 
 # --- the three exact paths -------------------------------------------------------------------------------------------

@@ -9,9 +9,14 @@ import torch
 
 from boftlab.butterfly import cayley, skew_symmetric
 from boftlab.butterfly_structure import (
+    assemble_diagonal_blocks,
+    assembled_width,
+    assembly_index,
+    block_diagonal_apply,
     butterfly_apply,
     butterfly_apply_reshaped,
     butterfly_permutation,
+    diagonal_blocks,
     gather_schedule,
     valid_block_sizes,
 )
@@ -52,6 +57,30 @@ def test_reshaped_plan_equals_gathered_path(d, b, m, transpose):
     x, blocks = torch.randn(3, d), random_blocks(d, b, m)
     expected = butterfly_apply(x, blocks, gather_schedule(d, b, m, transpose), transpose)
     torch.testing.assert_close(butterfly_apply_reshaped(x, blocks, transpose), expected)
+
+
+@pytest.mark.parametrize("d, b, m", CASES, ids=IDS)
+def test_gathered_diagonal_blocks_equal_the_tiled_identity_fp64(d, b, m):
+    """The layer's assembly (one gather, m − 1 batched products) gives the diagonal blocks that the tiled identity
+    reads off, and x @ blockdiag(them) is x @ R, in fp64 (a float64 gather copies values exactly)."""
+    blocks = random_blocks(d, b, m).double()
+    for width in {assembled_width(d, b, m, 16), b * 2 ** (m - 1), d}:
+        index = assembly_index(b, m, width)
+        assert index.shape == (m, width, width) and index.dtype == torch.long
+        gathered = assemble_diagonal_blocks(blocks, index)
+        torch.testing.assert_close(gathered, diagonal_blocks(blocks, width), rtol=0, atol=1e-14)
+        x = torch.randn(5, d, dtype=torch.float64)
+        torch.testing.assert_close(block_diagonal_apply(x, gathered), butterfly_apply_reshaped(x, blocks),
+                                   rtol=0, atol=1e-13)
+
+
+def test_assembly_index_reads_every_block_entry_once_per_factor():
+    """Each factor's w × w blocks take every entry of the chunk's w/b blocks exactly once; the rest are zeros."""
+    index = assembly_index(4, 3, 16)  # L = 16: one chunk of 4 blocks per factor
+    for i, factor in enumerate(index):
+        values = factor - i * (16 * 4 + 1)
+        assert sorted(values[values > 0].tolist()) == list(range(1, 16 * 4 + 1))
+        assert (values == 0).sum() == 16 * 16 - 16 * 4
 
 
 def _imports(path: Path) -> list[str]:
