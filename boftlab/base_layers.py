@@ -239,17 +239,6 @@ def unfolds_exactly(layer: nn.Module) -> bool:
     return kind(layer) != "conv" or (layer.padding_mode == "zeros" and not isinstance(layer.padding, str))
 
 
-def n_rows(layer: nn.Module, x_shape: Sequence[int]) -> int:
-    """Rows of the rotated axis in one call on an input of ``x_shape``: tokens of a linear layer, output positions of
-    a conv (batch · output size; all groups at once), looked-up ids of an Embedding. O(1)."""
-    layer_kind = kind(layer)
-    if layer_kind == "embedding":
-        return math.prod(x_shape)
-    if layer_kind == "conv":
-        return math.prod(x_shape[:-3]) * math.prod(conv_output_size(layer, x_shape[-2:]))  # (B,) or () unbatched
-    return math.prod(x_shape) // weight_shape(layer)[1]
-
-
 def check_input(layer: nn.Module, x: torch.Tensor) -> None:
     """ValueError for an input whose channels do not match the layer's fan-in (a linear layer's last axis, a conv's
     channel axis), before any adapter computes with it."""

@@ -473,33 +473,29 @@ class BOFTLayer(AdapterLayer):
     def path_costs(self, x_shape: Sequence[int], training: bool, input_requires_grad: bool) -> dict[str, int]:
         """Multiply-adds of one call on an input of ``x_shape``, per path.
 
-        n rows (tokens, conv output positions, or looked-up ids: ``base_layers.n_rows``) of fan-in d, out outputs;
-        C₀ = n·out·d, the base product; rot(r, f) the cost of rotating r rows by form f (``rotation_costs``).
-        Inference: "input" rot(n, factored) + C₀, "assembled" rot(n, assembled) + C₀, "weight" min_f rot(out, f) +
-        C₀. Training triples every rotation (its two backward products) and adds the base's backward: the input
-        paths back-propagate through W (C₀), the weight path forms dW' (C₀) and dx when the input needs it (C₀):
-        3·rot + 2·C₀, and 3·rot + (2 + g)·C₀ with g = 1 when the input needs a gradient. An Embedding (n lookups of
-        a num × d table) has no product to count: the activation paths rotate the n looked-up rows, the weight path
-        the num rows of the table (and, training, scatters n rows of gradient).
+        n rows (tokens, conv output positions, or looked-up ids: ``base_layers.vectors``) of fan-in d, out outputs;
+        C₀ = n·out·d, the base product (``base_layers.base_cost``; 0 for an Embedding, which only looks rows up);
+        rot(r, f) the cost of rotating r rows by form f (``rotation_costs``). Inference: "input" rot(n, factored) +
+        C₀, "assembled" rot(n, assembled) + C₀, "weight" min_f rot(out, f) + C₀ (an Embedding's: its num table rows).
+        Training triples every rotation (its two backward products) and adds the base's backward: the input paths
+        back-propagate through W (C₀), the weight path forms dW' (C₀) and dx when the input needs it (C₀): 3·rot +
+        2·C₀, and 3·rot + (2 + g)·C₀ with g = 1 when the input needs a gradient; an Embedding's weight path scatters
+        its n rows of gradient into the table (n·d).
         """
-        base, d = self.base_layer, self.fan_in
+        base = self.base_layer
         dtype = self.skew.dtype if self.quantized_base else base.weight.dtype  # (a packed weight has no float dtype)
-        n, table_rows = base_layers.n_rows(base, x_shape), base_layers.weight_shape(base)[0]
+        n, base_cost = base_layers.vectors(base, x_shape)[1], base_layers.base_cost(base, x_shape)
         on_rows = self.rotation_costs(n, dtype)
         rotation = {"input": on_rows["factored"], "assembled": on_rows["assembled"]}
         if "weight" in self.paths():
-            rotation["weight"] = min(self.rotation_costs(table_rows, dtype).values())
-        if self.rotates_outputs:
-            passes = 3 if training else 1
-            costs = {p: passes * r for p, r in rotation.items()}
-            if training:
-                costs["weight"] += n * d
-            return costs
-        base_cost = n * self.out_features * d
-        if training:
-            return {p: 3 * r + (3 if p == "weight" and input_requires_grad else 2) * base_cost
-                    for p, r in rotation.items()}
-        return {p: r + base_cost for p, r in rotation.items()}
+            rotation["weight"] = min(self.rotation_costs(base_layers.weight_shape(base)[0], dtype).values())
+        if not training:
+            return {p: r + base_cost for p, r in rotation.items()}
+        costs = {p: 3 * r + (3 if p == "weight" and input_requires_grad else 2) * base_cost
+                 for p, r in rotation.items()}
+        if self.rotates_outputs and "weight" in costs:
+            costs["weight"] += n * self.fan_in
+        return costs
 
     # --- forward ---
     def rotated_weight(self, blocks: torch.Tensor | None = None) -> torch.Tensor:
