@@ -121,7 +121,8 @@ def skew_symmetric(vec: torch.Tensor, block_size: int, index: torch.Tensor | Non
     """(..., b(b−1)/2) -> (..., b, b): S = U − Uᵀ with U strictly upper triangular (row-major order), exactly
     skew-symmetric. ``index``: ``upper_index(b)``, if the caller keeps it (one gather, no index built per call)."""
     index = upper_index(block_size, vec.device) if index is None else index
-    upper = torch.nn.functional.pad(vec, (1, 0))[..., index]  # (..., b, b): entry 0 is the zero put in front
+    padded = torch.nn.functional.pad(vec, (1, 0))  # (..., 1 + b(b−1)/2): entry 0 is the zero put in front
+    upper = padded.index_select(-1, index.reshape(-1)).reshape(*vec.shape[:-1], block_size, block_size)
     return upper - upper.transpose(-1, -2)
 
 
@@ -282,14 +283,16 @@ class ButterflyRotation(nn.Module):
         """Multiply-adds of multiplying ``n_rows`` rows by R, per form (forward only).
 
         Per row element the factored form costs m·max(b, ``FACTOR_COST``) with PyTorch and its m·b multiply-adds in
-        the fused kernel (all on chip, one pass over the rows); the assembled form costs the factored PyTorch form on
-        w rows (the assembly) plus max(w, ``PRODUCT_COST``) per row element.
+        the fused kernel (all on chip, one pass over the rows); the assembled form costs max(w, ``PRODUCT_COST``) per
+        row element plus its assembly: gathered (w ≤ ``MAX_GATHER_WIDTH``), one copy per element of the m factors'
+        diagonal blocks and m − 1 block-diagonal products on w rows; else the factored PyTorch form on w rows.
         """
-        d, m, b = self.dim, self.n_factors, self.block_size
-        torch_factored = m * max(b, FACTOR_COST)
+        d, m, b, w = self.dim, self.n_factors, self.block_size, self.width
+        torch_factored, product = m * max(b, FACTOR_COST), max(w, PRODUCT_COST)
         fused = self.kernel == "auto" and fused_available(device, d, b, m, dtype)
+        assembly = m * d * w + (m - 1) * w * d * product if self.gathers else w * d * torch_factored
         return {"factored": n_rows * d * (m * b if fused else torch_factored),
-                "assembled": self.width * d * torch_factored + n_rows * d * max(self.width, PRODUCT_COST)}
+                "assembled": assembly + n_rows * d * product}
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, block_size={self.block_size}, n_factors={self.n_factors}, width={self.width}"

@@ -156,7 +156,8 @@ def assemble_diagonal_blocks(blocks: torch.Tensor, index: torch.Tensor) -> torch
     width = index.shape[-1]
     chunks = blocks.reshape(n_factors, -1, width * block_size).transpose(0, 1)  # (d/w, m, w·b): a chunk's blocks
     padded = torch.nn.functional.pad(chunks, (1, 0)).reshape(len(chunks), -1)  # (d/w, m·(w·b + 1)): 0 before each
-    factors = padded[:, index].unbind(1)  # m × (d/w, w, w): B_i's diagonal blocks
+    # m × (d/w, w, w): B_i's diagonal blocks (index_select: a plain gather, several times faster than x[:, index])
+    factors = padded.index_select(1, index.reshape(-1)).reshape(len(chunks), n_factors, width, width).unbind(1)
     product = factors[-1]
     for factor in reversed(factors[:-1]):  # x @ R = x @ B_m ⋯ B_1
         product = torch.bmm(product, factor)

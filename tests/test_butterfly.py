@@ -221,16 +221,18 @@ def test_auto_choice_changes_speed_not_results(dtype, atol, kind):
 
 
 def test_auto_path_follows_the_cost_model():
-    layer = boft_linear(64, 8, 2, out=8192)  # L = 16 = the assembled width w
+    layer = boft_linear(64, 8, 2, out=8192)  # L = 16 = the assembled width w, gathered
     factored = 2 * max(8, FACTOR_COST)  # m = 2 factors, at least FACTOR_COST each, per row element
+    assembly = 2 * 64 * 16 + 16 * 64 * max(16, PRODUCT_COST)  # gather m factors' blocks, one product of them
     assert layer.rotation_costs(16, torch.float64) == {
-        "factored": 16 * 64 * factored, "assembled": 16 * 64 * factored + 16 * 64 * max(16, PRODUCT_COST)}
+        "factored": 16 * 64 * factored, "assembled": assembly + 16 * 64 * max(16, PRODUCT_COST)}
     assert layer.path_costs((16, 64), training=False, input_requires_grad=False) == {
         "input": 16 * 64 * factored + 16 * 8192 * 64,
-        "assembled": 16 * 64 * factored + 16 * 64 * max(16, PRODUCT_COST) + 16 * 8192 * 64,
-        "weight": 16 * 64 * factored + 8192 * 64 * max(16, PRODUCT_COST) + 16 * 8192 * 64}
+        "assembled": assembly + 16 * 64 * max(16, PRODUCT_COST) + 16 * 8192 * 64,
+        "weight": assembly + 8192 * 64 * max(16, PRODUCT_COST) + 16 * 8192 * 64}
     with torch.no_grad():  # inference: rotate whichever is smaller, activations or weight rows
-        assert layer.choose_path(torch.zeros(16, 64)) == "input"  # assembling w = 16 rows costs more than 16 rows
+        assert layer.choose_path(torch.zeros(2, 64)) == "input"  # assembling costs more than 2 rows' factors
+        assert layer.choose_path(torch.zeros(16, 64)) == "assembled"
         assert layer.choose_path(torch.zeros(4096, 64)) == "assembled"
         assert layer.choose_path(torch.zeros(16384, 64)) == "weight"
     # training a very wide layer whose input needs a gradient: rotating activations avoids forming dW'

@@ -119,7 +119,9 @@ def test_hot_swap_under_compile_needs_no_recompilation(tmp_path):
 @pytest.mark.slow  # three dynamic-shape compilations: 4-19 s on a loaded 2-core CPU
 def test_dynamic_shapes_compile_in_one_graph():
     """Under dynamic shapes the auto path's costs are symbolic: choosing between them must not break the graph (it
-    guards on the shape instead), whatever the batch size."""
+    guards on the shape instead), whatever the batch size. Each cost regime the sizes cross is one compilation; the
+    earlier tests' compilations of the same code count towards dynamo's recompile limit too, so they are cleared."""
+    torch._dynamo.reset()
     model = adapted_model()
     fast = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=True)
     with torch.no_grad():
