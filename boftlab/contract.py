@@ -150,8 +150,11 @@ def merge_dtype(weight: torch.Tensor) -> torch.dtype:
 
 def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
     """A context in which autocast is off on ``device`` — for the small products families keep in their own precision
-    under AMP. The meta device has no autocast (a layer on it computes shapes only), so nothing there."""
-    return contextlib.nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
+    under AMP. The meta device has no autocast (a layer on it computes shapes only), and where autocast is off already
+    there is nothing to turn off: nothing there (entering torch.autocast costs about as much as a small op)."""
+    if device.type == "meta" or not torch.is_autocast_enabled(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
 
 
 @dataclasses.dataclass
