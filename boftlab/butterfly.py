@@ -16,8 +16,9 @@ Nothing here builds the dense d × d matrix while training. R has two exact form
 * factored:  the m factors applied to each row, O(d·b·m) per row (``butterfly_apply_reshaped``; on CUDA the fused
   kernel of ``kernels/``);
 * assembled: every factor mixes only within chunks of L = b·2^(m−1) coordinates, so R is block diagonal with L × L
-  blocks. Its w × w diagonal blocks (w a multiple of L, at least ``MIN_WIDTH``) cost O(w·d·b·m) to assemble, once
-  per call, and then rows @ R is one block-diagonal product, O(d·w) per row — OFT's cost at block size w, no gathers.
+  blocks. Its w × w diagonal blocks (w a multiple of L, at least ``MIN_WIDTH``) are assembled once per call — one
+  gather of every factor's blocks and m − 1 batched w × w products, O(d·w²·(m − 1)) — and then rows @ R is one
+  block-diagonal product, O(d·w) per row: OFT's cost at block size w.
 
 and the layer picks, per call, the cheapest of three exact paths (``path_costs``):
 
@@ -172,7 +173,6 @@ def inverse_transposed_blocks(blocks: torch.Tensor) -> torch.Tensor:
     return inverse
 
 
-
 # --- the rotation as a module ----------------------------------------------------------------------------------------
 class ButterflyRotation(nn.Module):
     """R = B_m ⋯ B_1 on a d-dimensional axis, as a function of the skew entries: the rotation of one BOFT/OFT layer.
@@ -180,7 +180,8 @@ class ButterflyRotation(nn.Module):
     Everything about R lives here: the parametrisation (skew entries -> b × b skew matrices -> Cayley blocks, COFT,
     multiplicative dropout), products with R or Rᵀ in its factored or assembled form, their costs, and the dense R
     for teaching. It holds no parameter: the layer owns ``skew`` (m, k, b(b−1)/2) — the name its saved files use —
-    and calls ``rotation(skew)`` for the blocks, as a torch parametrization maps its tensor.
+    and calls ``butterfly(skew)`` for the blocks, as a torch parametrization maps its tensor. Its two index buffers
+    (where ``skew_symmetric`` and the assembly gather from) are derived from the shape and never saved.
     """
 
     def __init__(self, dim: int, block_size: int, n_factors: int, neumann_terms: int | None = None,
@@ -252,8 +253,8 @@ class ButterflyRotation(nn.Module):
 
         form "factored": the m factors, O(d·b·m) per row — the fused kernel where it runs (``kernel="auto"``, CUDA,
         Triton, a supported shape; same result to fp tolerance), ``butterfly_apply_reshaped`` elsewhere;
-        "assembled": R's w × w diagonal blocks, O(w·d·b·m) once, assembled in the blocks' precision, then one
-        block-diagonal product, O(d·w) per row; None: the cheaper of the two for this many rows (``costs``).
+        "assembled": R's w × w diagonal blocks, assembled once in the blocks' precision (``diagonal_blocks``), then
+        one block-diagonal product, O(d·w) per row; None: the cheaper of the two for this many rows (``costs``).
         """
         if form is None:
             costs = self.costs(rows.numel() // self.dim, rows.dtype, rows.device)
@@ -267,8 +268,8 @@ class ButterflyRotation(nn.Module):
 
     def diagonal_blocks(self, blocks: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         """blocks (m, k, b, b) -> R's (or Rᵀ's) w × w diagonal blocks, (d/w, w, w): by one gather and m − 1 batched
-        products while w ≤ ``MAX_GATHER_WIDTH`` (``assemble_diagonal_blocks``), else from the tiled identity
-        (``diagonal_blocks``, O(w·d·b·m)); the same matrices either way."""
+        products while w ≤ ``MAX_GATHER_WIDTH`` (``assemble_diagonal_blocks``, O(d·w²·(m − 1))), else from the tiled
+        identity (``diagonal_blocks``, O(w·d·b·m)); the same matrices either way."""
         if self.gathers:
             self._indices_on(blocks.device)
             diagonal = assemble_diagonal_blocks(blocks, self.assembly_index)
