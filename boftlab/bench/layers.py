@@ -199,14 +199,14 @@ def layers(argv: list[str]) -> str:
 
 def kernel_bandwidth(dims: list[int], tokens_list: list[int], factors: tuple[int, ...] = (1, 2, 4)) -> str:
     """Achieved GB/s of the fused forward vs the bytes-moved bound (read + write the activations once), with the
-    PyTorch factored form and the assembled form (``diagonal_blocks`` once, then one block-diagonal product) timed
-    round-robin beside it.
+    PyTorch factored form and the assembled form (R's diagonal blocks assembled once as the layer assembles them,
+    ``ButterflyRotation.diagonal_blocks``, then one block-diagonal product) timed round-robin beside it.
 
     The bound's bandwidth is measured in the same run with ``torch`` copying the same tensor (read + write), and the
     spec peak from the device properties is shown next to it.
     """
-    from ..butterfly import MIN_WIDTH
-    from ..butterfly_structure import assembled_width, block_diagonal_apply, diagonal_blocks
+    from ..butterfly import ButterflyRotation
+    from ..butterfly_structure import block_diagonal_apply
 
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(device)
@@ -218,13 +218,14 @@ def kernel_bandwidth(dims: list[int], tokens_list: list[int], factors: tuple[int
             moved = 2 * x.numel() * x.element_size()
             for m in factors:
                 blocks = torch.linalg.qr(torch.randn(m, dim // BLOCK_SIZE, BLOCK_SIZE, BLOCK_SIZE, device=device))[0]
-                width = assembled_width(dim, BLOCK_SIZE, m, MIN_WIDTH)
+                rotation = ButterflyRotation(dim, BLOCK_SIZE, m, device=device)
+                width = rotation.width
                 with torch.no_grad():
                     ms = round_robin({
                         "copy": lambda: torch.empty_like(x).copy_(x),
                         "fused": lambda: butterfly_apply_fused(x, blocks.to(x.dtype)),
                         "torch": lambda: butterfly_apply_reshaped(x, blocks.to(x.dtype)),
-                        "assembled": lambda: block_diagonal_apply(x, diagonal_blocks(blocks, width).to(x.dtype)),
+                        "assembled": lambda: block_diagonal_apply(x, rotation.diagonal_blocks(blocks).to(x.dtype)),
                     }, device, budget_s=2.0, max_rounds=50)
                 rows.append([dim, tokens, m, width, ms["fused"], ms["torch"], ms["assembled"],
                              moved / ms["fused"] / 1e6, moved / ms["copy"] / 1e6, 100 * ms["copy"] / ms["fused"], spec])
