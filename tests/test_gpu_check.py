@@ -56,7 +56,7 @@ def test_cuda_only_tests_skip_cleanly_without_a_gpu():
     result = pytest_run("-rs", "tests/test_cuda.py")
     summary = result.stdout.strip().splitlines()[-1]
     assert result.returncode == 0 and re.fullmatch(r"1 passed, \d+ skipped in .*", summary), result.stdout[-3000:]
-    assert "needs a CUDA GPU (scripts/gpu_check.sh)" in result.stdout
+    assert "needs a CUDA GPU (scripts/gpu_check.sh runs these on one)" in result.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")

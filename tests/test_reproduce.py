@@ -282,7 +282,7 @@ def test_every_boftlab_family_is_a_method_family():
     """The runner names families as the contract does: one registry (contract.FAMILIES)."""
     from boftlab.contract import FAMILIES
 
-    assert method_families() == ("head", "full", "lora", *FAMILIES)
+    assert method_families() == ("head", "full", "lora", "c3a", *FAMILIES)
     assert {"boft", "oft", "surm", "tensor_core"} <= set(FAMILIES)
 
 
