@@ -823,7 +823,7 @@ def test_provenance_names_commit_command_seeds_grid_machine_and_lock():
     assert re.match(r"[0-9a-f]{40}", about["commit"]) or about["commit"].startswith("not a git checkout")
     lock = runner.REPOSITORY / "constraints.txt"
     assert about["environment_lock"] == f"constraints.txt sha256 {hashlib.sha256(lock.read_bytes()).hexdigest()}"
-    assert "× [0.3333, 1.0, 3.0], + up to 0 ×3" in about["lr_grid"] and "seed 0" in about["protocol"]
+    assert "× [0.3333, 1.0, 3.0], + up to 2 ×3" in about["lr_grid"] and "seed 0" in about["protocol"]
     assert about["machine"].startswith(("CPU", "NVIDIA")) and about["threads"] >= 1
     assert re.search(r"\d+\.\d\d, .*\(1, 5, 15 min", about["load_average_start"]) or \
         about["load_average_start"] == "not available"
