@@ -833,7 +833,7 @@ def test_provenance_names_commit_command_seeds_grid_machine_and_lock():
     assert re.match(r"[0-9a-f]{40}", about["commit"]) or about["commit"].startswith("not a git checkout")
     lock = REPOSITORY / "constraints.txt"
     assert about["environment_lock"] == f"constraints.txt sha256 {hashlib.sha256(lock.read_bytes()).hexdigest()}"
-    assert "× [0.3333, 1.0, 3.0], + up to 0 ×3" in about["lr_grid"] and "seed 0" in about["protocol"]
+    assert "× [0.3333, 1.0, 3.0], + up to 2 ×3" in about["lr_grid"] and "seed 0" in about["protocol"]
     assert about["machine"].startswith(("CPU", "NVIDIA")) and about["threads"] >= 1
     assert re.search(r"\d+\.\d\d, .*\(1, 5, 15 min", about["load_average_start"]) or \
         about["load_average_start"] == "not available"
@@ -867,3 +867,11 @@ def test_run_protocol_on_the_ci_vit_tests_each_chosen_run_once_per_seed(monkeypa
     assert [p.a for p in d.paired] == ["head only"] and d.paired[0].b == LORA.name
     assert d.validation_metric == "validation accuracy" and d.metric == "test accuracy"
     assert set(vit.figures(d)) == {"vit_curves"}
+
+
+def test_jobs_must_be_at_least_one(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"jobs=0; give 1 \(one domain after another\) or more"):
+        reproduce(["vit"], "ci", tmp_path, jobs=0)
+    with pytest.raises(SystemExit):
+        cli(["reproduce", "vit", "--jobs", "0", "--out", str(tmp_path)])
+    assert "--jobs 0: give 1 or more" in capsys.readouterr().err
