@@ -15,7 +15,7 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     from .profiles import PROFILES
-    from .reproduce import DOMAINS, check_output_dir, reproduce
+    from .reproduce import DOMAINS, add_methods, check_output_dir, reproduce
 
     parser = argparse.ArgumentParser(prog="python -m boftlab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--quiet", action="store_true", help="no progress bars")
     rep.add_argument("--jobs", type=int, default=1,
                      help="domains run at once, each in its own process (default 1; same numbers, less wall time)")
+    rep.add_argument("--add", nargs="+", metavar="METHOD", default=None,
+                     help="run only these methods (row names, e.g. 'C3A (PEFT)') and add them to the full-protocol "
+                          "results already in --out (same seeds; paired differences and claims recomputed)")
     args = parser.parse_args(argv)
     domains = list(DOMAINS) if args.domain == "all" else [args.domain]
     out = args.out if args.out is not None else Path("out") / args.profile
@@ -39,7 +42,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--jobs {args.jobs}: give 1 or more")
     jobs = f" --jobs {args.jobs}" if args.jobs != 1 else ""
     command = f"python -m boftlab reproduce {args.domain} --profile {args.profile} --out {out}{jobs}"
-    path = reproduce(domains, args.profile, out, progress=not args.quiet, command=command, jobs=args.jobs)
+    if args.add:
+        command += " --add " + " ".join(repr(name) for name in args.add)
+        try:
+            path = add_methods(domains, args.add, args.profile, out, progress=not args.quiet, command=command)
+        except (ValueError, FileNotFoundError) as err:
+            parser.error(str(err))
+    else:
+        path = reproduce(domains, args.profile, out, progress=not args.quiet, command=command, jobs=args.jobs)
     print(path.read_text())
     print(f"wrote {path} and its figures")
     return 0

@@ -3,6 +3,7 @@
 import copy
 import dataclasses
 import math
+import json
 import re
 import sys
 import tempfile
@@ -875,3 +876,27 @@ def test_jobs_must_be_at_least_one(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli(["reproduce", "vit", "--jobs", "0", "--out", str(tmp_path)])
     assert "--jobs 0: give 1 or more" in capsys.readouterr().err
+
+
+def test_adding_methods_refuses_before_any_training(tmp_path, monkeypatch):
+    """``reproduce --add`` runs only new rows into full-protocol results: a row already there, a name no row has, or
+    results of another protocol are refused before anything trains, and results.json is left as it was."""
+    from boftlab import reproduce as rep
+    from boftlab.reproduce import domain
+
+    data = json.loads(rep.COMMITTED_RESULTS.read_text())
+    data["provenance"]["protocol"] = rep.FULL.describe()  # as if made under today's full protocol
+    (tmp_path / "results.json").write_text(json.dumps(data))
+    runner_results = tmp_path / "results.json"
+    before = runner_results.read_bytes()
+    monkeypatch.setattr(domain.Domain, "run_protocol", lambda *a, **k: pytest.fail("trained"))
+    present = rep.load_results(runner_results).domains["vit"].methods[0].name
+    with pytest.raises(ValueError, match=r"already there"):
+        rep.add_methods(["vit"], [present], "ci", tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"no ci row is called \['no such method'\]"):
+        rep.add_methods(["vit"], ["no such method"], "ci", tmp_path, progress=False)
+    assert runner_results.read_bytes() == before
+    data["provenance"]["protocol"] = "reduced protocol: seed(s) 0"
+    (tmp_path / "results.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"not the full protocol"):
+        rep.add_methods(["vit"], ["C3A (PEFT)"], "ci", tmp_path, progress=False)

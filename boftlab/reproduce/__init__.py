@@ -28,7 +28,8 @@ from ..profiles import PROFILES
 from . import diffusion, llm, vit
 from .domain import Domain
 from .methods import Method
-from .protocol import FULL, Claim, ClaimRow, DomainResults, MethodResult, Paired, Protocol, reduced_protocol, verdict
+from .protocol import (FULL, Claim, ClaimRow, DomainResults, MethodResult, Paired, Protocol, check_claims,
+                       paired_against_lora, reduced_protocol, verdict)
 from .results import (COMMITTED_RESULTS, Report, Results, check_output_dir, load_results, plot_curves, provenance,
                       ranking, results_table, seed_table, write_results)
 from .runner import run_methods
@@ -39,6 +40,56 @@ DOMAINS = {"vit": vit, "llm": llm, "diffusion": diffusion}
 
 def _run_domain(name: str, profile: str, protocol: Protocol, progress: bool) -> DomainResults:
     return DOMAINS[name].run_protocol(profile, protocol, progress)
+
+
+def add_methods(domains: list[str], names: list[str], profile: str, out: str | Path, progress: bool = True,
+                command: str | None = None) -> Path:
+    """Run only the methods called ``names`` (of each domain's ``profile`` rows) under the full protocol and add them
+    to the results already in ``out/results.json``, which must have been made under that same protocol and profile:
+    the new methods share its seeds (so their paired differences against LoRA pair the same batches and inits), the
+    paired differences and the claims are recomputed over every method, and the provenance records the addition (its
+    command, commit and machine). The figures are left as they were (they show the original run's methods). Refused,
+    before any training, for a method already there, a name no domain row has, or results of another protocol."""
+    import dataclasses
+
+    out = Path(out)
+    results = load_results(out / "results.json")
+    if results.provenance.get("protocol") != FULL.describe():
+        raise ValueError(
+            f"the results in {out} were made under {results.provenance.get('protocol')!r}, not the full protocol "
+            f"({FULL.describe()!r}): methods added now would not be comparable; rerun every method instead")
+    plans = {}
+    for name in domains:
+        if name not in results.domains:
+            raise ValueError(f"{out}/results.json has no {name!r} domain (it has {sorted(results.domains)})")
+        committed = results.domains[name]
+        if committed.profile != profile:
+            raise ValueError(f"the {name} results are of the {committed.profile!r} profile, not {profile!r}")
+        rows = {m.name: m for m in DOMAINS[name].profile_methods(profile)}
+        unknown = [n for n in names if n not in rows]
+        present = [n for n in names if n in {m.name for m in committed.methods}]
+        if unknown or present:
+            raise ValueError(f"cannot add {names} to the {name} results: "
+                             + (f"no {profile} row is called {unknown} (rows: {sorted(rows)})" if unknown else
+                                f"{present} are already there (rerun everything to replace them)"))
+        plans[name] = [rows[n] for n in names]
+    about = provenance(command or f"python -m boftlab reproduce {' '.join(domains)} --profile {profile} --out {out} "
+                                  f"--add {' '.join(repr(n) for n in names)}", FULL)
+    for name, methods in plans.items():
+        committed, domain = results.domains[name], DOMAINS[name].DOMAIN
+        added = domain.run_protocol(profile, FULL, progress, methods=methods)
+        order = [m.name for m in DOMAINS[name].profile_methods(profile)]
+        combined = sorted(committed.methods + added.methods,
+                          key=lambda m: order.index(m.name) if m.name in order else len(order))
+        results.domains[name] = dataclasses.replace(
+            committed, methods=combined, paired=paired_against_lora(combined),
+            claims=check_claims(domain.claims, combined, committed.higher_is_better, committed.margin), runs=[])
+    from boftlab.bench import load_average
+
+    about |= {"added_methods": names, "domains": domains, "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+              "load_average_end": load_average()}
+    results.provenance.setdefault("additions", []).append(about)
+    return write_results(results, out)
 
 
 def reproduce(domains: list[str], profile: str, out: str | Path, progress: bool = True,
@@ -80,7 +131,7 @@ def reproduce(domains: list[str], profile: str, out: str | Path, progress: bool 
     return write_results(Results(about, results), out, figures)
 
 
-__all__ = ["COMMITTED_RESULTS", "DOMAINS", "FULL", "Claim", "ClaimRow", "Domain", "DomainResults", "Method",
+__all__ = ["COMMITTED_RESULTS", "DOMAINS", "FULL", "add_methods", "Claim", "ClaimRow", "Domain", "DomainResults", "Method",
            "MethodResult", "Paired", "Protocol", "Report", "Results", "Run", "check_output_dir", "load_results",
            "plot_curves", "provenance", "ranking", "reduced_protocol", "reproduce", "results_table", "run_methods",
            "seed_table", "verdict", "write_results"]
