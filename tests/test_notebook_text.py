@@ -23,7 +23,7 @@ Higher is better: test accuracy over 3 seeds.
 
 
 def notebook(reading: str, table: str = TABLE, html: str | None = None, name_cells=()) -> dict:
-    outputs = [new_output("display_data", data={"text/markdown": table, "text/plain": "<IPython.core.display.Markdown>"})]
+    outputs = [new_output("display_data", data={"text/markdown": table, "text/plain": "<Markdown>"})]
     if html:
         outputs.append(new_output("execute_result", data={"text/html": html, "text/plain": "df"}, execution_count=1))
     outputs.append(new_output("display_data", data={"text/markdown": reading, "text/plain": "<Markdown>"}))
