@@ -2,36 +2,53 @@
 as notebooks 07–09, which call the same functions.
 
 Each domain module defines its ci and colab tasks and methods and one ``DOMAIN`` (a ``runner.Domain``) whose
-``settings`` / ``make_task`` / ``profile_methods`` / ``report`` / ``run`` / ``run_seeds`` it re-exports;
-``reproduce`` runs several and writes ``results.md`` with the PNG figures.
+``settings`` / ``make_task`` / ``profile_methods`` / ``report`` / ``run`` / ``run_seeds`` / ``run_protocol`` /
+``figures`` it re-exports; ``reproduce`` runs several under a ``Protocol`` and writes ``results.md``,
+``results.json`` and the PNG figures; ``load_results`` reads results.json back.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from ..profiles import PROFILES
 from . import diffusion, llm, vit
-from .runner import (Domain, Method, Report, Run, check_output_dir, plot_curves, ranking, results_table, run_methods,
-                     seed_table, write_results)
+from .runner import (COMMITTED_RESULTS, FULL, Claim, ClaimRow, Domain, DomainResults, Method, MethodResult, Paired,
+                     Protocol, Report, Results, Run, check_output_dir, load_results, plot_curves, provenance, ranking,
+                     reduced_protocol, results_table, run_methods, seed_table, verdict, write_results)
 
 DOMAINS = {"vit": vit, "llm": llm, "diffusion": diffusion}
 
 
 def reproduce(domains: list[str], profile: str, out: str | Path, progress: bool = True,
-              command: str | None = None) -> Path:
-    """Run ``domains`` (names from ``DOMAINS``) under ``profile``; write ``out/results.md`` and the figures.
-    ``command`` is recorded in results.md (default: the equivalent CLI line). Returns the path of results.md."""
+              command: str | None = None, protocol: Protocol = FULL) -> Path:
+    """Run ``domains`` (names from ``DOMAINS``) under ``profile`` and ``protocol``; write ``out/results.md``,
+    ``out/results.json`` and the figures. ``command`` is recorded in the provenance (default: the equivalent CLI
+    line). Returns the path of results.md."""
     unknown = [d for d in domains if d not in DOMAINS]
     if unknown:
         raise ValueError(f"unknown domain(s) {unknown}; valid domains: {sorted(DOMAINS)}")
     if profile not in PROFILES:
         raise ValueError(f"profile={profile!r}; valid profiles: {PROFILES}")
-    check_output_dir(Path(out))  # before any training: a bad --out would otherwise lose the whole run
-    reports = [DOMAINS[d].run(profile, progress) for d in domains]
+    out = Path(out)
+    check_output_dir(out)  # before any training: a bad --out would otherwise lose the whole run
     command = command or f"python -m boftlab reproduce {' '.join(domains)} --profile {profile} --out {out}"
-    return write_results(reports, Path(out), profile, command)
+    about = provenance(command, protocol)
+    start = time.perf_counter()
+    results, figures = {}, {}
+    for name in domains:
+        results[name] = DOMAINS[name].run_protocol(profile, protocol, progress)
+        figures |= DOMAINS[name].figures(results[name])
+    from boftlab.bench import load_average
+
+    about |= {"finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "wall_time_min": round((time.perf_counter() - start)
+                                                                                         / 60, 1),
+              "load_average_end": load_average()}
+    return write_results(Results(about, results), out, figures)
 
 
-__all__ = ["DOMAINS", "Domain", "Method", "Report", "Run", "check_output_dir", "plot_curves", "ranking", "reproduce",
-           "results_table", "run_methods", "seed_table", "write_results"]
+__all__ = ["COMMITTED_RESULTS", "DOMAINS", "FULL", "Claim", "ClaimRow", "Domain", "DomainResults", "Method",
+           "MethodResult", "Paired", "Protocol", "Report", "Results", "Run", "check_output_dir", "load_results",
+           "plot_curves", "provenance", "ranking", "reduced_protocol", "reproduce", "results_table", "run_methods",
+           "seed_table", "verdict", "write_results"]

@@ -1,13 +1,16 @@
 """Diffusion domain: adapt a pretrained denoising diffusion model to generate something it was not trained on.
 
 ci:    a small diffusers ``UNet2DModel`` + ``DDPMScheduler`` (50 steps) that ``data/scripts/pretrain_unet.py``
-       pretrained on scikit-learn's 8×8 digits 0–4, adapted to the training half of digits 5–9. Sample quality is
-       judged by a digit classifier trained on all ten classes (``data/scripts/train_digit_classifier.py``): the
-       *target-digit rate* is the fraction of 64 samples (fixed noise) it labels 5–9, the *coverage* the effective
-       number of distinct target digits among those, over five; the metric is their product, so a model that draws
-       only 5s scores 0.2, not 1. CPU, minutes.
-colab: Stable Diffusion v1.5, subject-driven (DreamBooth-style) on the five ``diffusers/dog-example`` photos with
-       the prompt "a photo of sks dog"; metric: CLIP image similarity of generated and reference photos (CLIP-I).
+       pretrained on scikit-learn's 8×8 digits 0–4, adapted to the training half of digits 5–9 (a quarter of it,
+       stratified, held back for validation). Validation metric (curves, learning-rate choice): the denoising loss
+       on the validation images at fixed noise and timesteps. Test metric: sample quality, judged by a digit
+       classifier trained on all ten classes (``data/scripts/train_digit_classifier.py``): the *target-digit rate*
+       is the fraction of 256 samples (fixed noise) it labels 5–9, the *coverage* the effective number of distinct
+       target digits among those, over five; the metric is their product, so a model that draws only 5s scores
+       0.2, not 1. CPU, minutes.
+colab: Stable Diffusion v1.5, subject-driven (DreamBooth-style) on four of the five ``diffusers/dog-example``
+       photos with the prompt "a photo of sks dog"; validation: the denoising loss on the fifth photo at fixed
+       noise and timesteps; test metric: CLIP image similarity of generated and all five reference photos (CLIP-I).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .runner import (
+    CLAIMS,
+    FLORA_CLAIM,
     Domain,
     Method,
     adapter_methods,
@@ -44,7 +49,7 @@ class Settings:
     steps: int
     batch_size: int
     eval_every: int
-    n_samples: int  # samples generated per evaluation (fixed noise)
+    n_samples: int  # samples generated for the test metric (fixed noise)
     seed: int = 0
     inference_steps: int | None = None  # colab: sampler steps per image
     mixed_precision: bool = False  # autocast: bf16 where the GPU has it, else fp16 (runner.autocast_dtype)
@@ -52,10 +57,13 @@ class Settings:
 
 
 SETTINGS = {
-    "ci": Settings(steps=150, batch_size=64, eval_every=75, n_samples=64),
+    "ci": Settings(steps=150, batch_size=64, eval_every=15, n_samples=256),
     "colab": Settings(steps=400, batch_size=1, eval_every=100, n_samples=4, inference_steps=25, mixed_precision=True,
                       gradient_checkpointing=True),
 }
+#: the share of the ci training half held back for validation; (noise, timestep) draws per validation image
+VALIDATION_FRACTION = 0.25
+VALIDATION_DRAWS = 4
 
 
 
@@ -105,6 +113,30 @@ def load_digit_classifier() -> tuple[nn.Module, dict]:
     model = build_digit_classifier()
     model.load_state_dict(state)
     return model.eval().requires_grad_(False), config
+
+
+def fixed_noise(x0: torch.Tensor, scheduler, draws: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``draws`` seeded (noise, timestep) pairs per image of x0 (N, C, H, W): noise (draws·N, C, H, W), timesteps
+    (draws·N,) uniform over the scheduler's training timesteps — the same for every method and every evaluation."""
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn((draws * len(x0), *x0.shape[1:]), generator=gen)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (draws * len(x0),), generator=gen)
+    return noise, t
+
+
+def denoising_loss(unet: nn.Module, scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                   batch_size: int = 256, text: torch.Tensor | None = None) -> float:
+    """The DDPM objective at fixed draws: x0 (N, C, H, W) repeated to len(noise) rows -> mean squared error between
+    the noise and the UNet's prediction of it; ``text`` (1, tokens, width): a conditional UNet's prompt embedding.
+    O(len(noise)) UNet rows."""
+    x0 = x0.repeat(len(noise) // len(x0), *([1] * (x0.dim() - 1))).to(noise.device)
+    total = 0.0
+    for i in range(0, len(noise), batch_size):
+        x, n, step = x0[i:i + batch_size], noise[i:i + batch_size], t[i:i + batch_size]
+        options = {} if text is None else {"encoder_hidden_states": text.expand(len(x), -1, -1)}
+        predicted = unet(scheduler.add_noise(x, n, step), step, **options).sample
+        total += F.mse_loss(predicted.float(), n, reduction="sum").item()
+    return total / noise.numel()
 
 
 def diffusion_loss(unet: nn.Module, scheduler, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -188,6 +220,8 @@ def colab_methods() -> list[Method]:
 #: activation memory of one 512×512 training image through the SD v1.5 UNet under fp16 autocast with gradient
 #: checkpointing: a rough estimate for the memory gate (an out-of-memory error is still caught)
 SD_ACTIVATION_BYTES = 2 * 2**30
+#: (noise, timestep) draws of the colab validation photo
+COLAB_VALIDATION_DRAWS = 8
 
 
 # --- tasks ------------------------------------------------------------------------------------------------------------
@@ -196,33 +230,41 @@ def ci_task(s: Settings) -> tuple[Task, str]:
     classifier, classifier_config = load_digit_classifier()
     images, labels = digits(TARGET_CLASSES)
     train, _ = stratified_split(labels, 0.5, s.seed)  # the same training half the ViT domain uses
-    x0 = images[train] * 2 - 1
+    fit, held = stratified_split(labels[train], VALIDATION_FRACTION, s.seed)  # positions within ``train``
+    x0, val = images[train[fit]] * 2 - 1, images[train[held]] * 2 - 1
+    val_noise, val_t = fixed_noise(val, scheduler, VALIDATION_DRAWS, s.seed)
     device = torch.device("cpu")
-    samples: list[torch.Tensor] = []
+    samples: list[torch.Tensor] = []  # the test's samples, for ``after``
+    before: list[torch.Tensor] = []  # the pretrained model's samples from the same noise, drawn once
 
     def loss(m: nn.Module, step: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(s.seed * 100_003 + step)
         return diffusion_loss(m, scheduler, x0[batch_indices(len(x0), s.batch_size, step, s.seed)].to(device), gen)
 
-    def evaluate(m: nn.Module) -> float:
-        samples.append(sample(m, scheduler, s.n_samples, s.seed, device))
-        return covered_target_rate(classifier, samples[-1], TARGET_CLASSES)
+    def test(m: nn.Module) -> float:
+        samples[:] = [sample(m, scheduler, s.n_samples, s.seed, device)]
+        return covered_target_rate(classifier, samples[0], TARGET_CLASSES)
 
     def after(m: nn.Module, run: Run) -> None:
-        run.extra["samples_before"], run.extra["samples_after"] = samples[0], samples[-1]
-        with torch.no_grad():
-            run.extra["target_rate"] = target_rate(classifier, samples[-1], TARGET_CLASSES)
-            run.extra["coverage"] = coverage(classifier, samples[-1], TARGET_CLASSES)
-            run.extra["labels"] = sample_labels(classifier, samples[-1])
+        if not samples:  # not tested: nothing was sampled
+            return
+        if not before:
+            before.append(sample(unet, scheduler, s.n_samples, s.seed, device))
+        run.extra["samples_before"], run.extra["samples_after"] = before[0], samples[0]
+        run.extra["target_rate"] = target_rate(classifier, samples[0], TARGET_CLASSES)
+        run.extra["coverage"] = coverage(classifier, samples[0], TARGET_CLASSES)
+        run.extra["labels"] = sample_labels(classifier, samples[0])
         samples.clear()
 
-    task = Task(unet, [], loss, evaluate, s.steps, s.eval_every, device, s.seed, after,
-                setting=f"batch {s.batch_size} images")
+    task = Task(unet, [], loss, lambda m: denoising_loss(m, scheduler, val, val_noise, val_t), s.steps, s.eval_every,
+                device, s.seed, after, test=test, setting=f"batch {s.batch_size} images")
     description = (
         f"Pretrained model: a {sum(p.numel() for p in unet.parameters()):,}-parameter diffusers `UNet2DModel` with "
         f"a {SCHEDULER['num_train_timesteps']}-step `DDPMScheduler` (`boftlab/pretrained/{CHECKPOINT}`), trained by "
         f"`data/scripts/pretrain_unet.py` on scikit-learn digits {SOURCE_CLASSES}. Downstream: generate digits "
-        f"{TARGET_CLASSES}, from {len(train)} training images. Metric: target rate × coverage — the fraction of "
+        f"{TARGET_CLASSES}, from {len(x0)} training images ({len(val)} more, stratified, validate: their denoising "
+        f"loss at {VALIDATION_DRAWS} fixed (noise, timestep) draws each is the curves' metric, by which learning "
+        "rates are chosen). Test metric: target rate × coverage — the fraction of "
         f"{s.n_samples} samples (same noise for every method) that a digit classifier trained on all ten classes "
         f"(`boftlab/pretrained/{CLASSIFIER}`, test accuracy {classifier_config['test_accuracy']:.3f}) labels 5–9, "
         "times the effective number of distinct digits among those (exp of their label entropy) over 5: samples "
@@ -266,6 +308,7 @@ def colab_task(s: Settings) -> tuple[Task, str]:
     clip = CLIPModel.from_pretrained("openai/clip-vit-base-patch32").to(device).eval()
     clip_processor = CLIPProcessor.from_pretrained("openai/clip-vit-base-patch32")
     photos = [row["image"].convert("RGB") for row in load_dataset("diffusers/dog-example", split="train")]
+    # the last photo validates (its denoising loss), the others train; the test compares samples with all five
     prompt, eval_prompt = "a photo of sks dog", "a photo of sks dog on the beach"
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor  # 512: train at the resolution the pipeline samples
 
@@ -278,6 +321,7 @@ def colab_task(s: Settings) -> tuple[Task, str]:
         reference = clip_embed(photos)
         pixels = torch.stack([square_pixels(p, size) for p in photos]).to(device)  # (5, 3, 512, 512)
         latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor  # (5, 4, 64, 64)
+        latents, val_latents = latents[:-1], latents[-1:]
         ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                              return_tensors="pt").input_ids.to(device)
         text = pipe.text_encoder(ids)[0]  # (1, 77, 768)
@@ -290,7 +334,13 @@ def colab_task(s: Settings) -> tuple[Task, str]:
         noisy = pipe.scheduler.add_noise(x0, noise, t)
         return F.mse_loss(m(noisy, t, encoder_hidden_states=text.expand(len(x0), -1, -1)).sample, noise)
 
-    def evaluate(m: nn.Module) -> float:
+    val_noise, val_t = fixed_noise(val_latents, pipe.scheduler, COLAB_VALIDATION_DRAWS, s.seed)
+    val_noise, val_t = val_noise.to(device), val_t.to(device)
+
+    def validate(m: nn.Module) -> float:
+        return denoising_loss(m, pipe.scheduler, val_latents, val_noise, val_t, batch_size=s.batch_size, text=text)
+
+    def test(m: nn.Module) -> float:
         pipe.unet = m  # the pipeline samples with the adapted UNet (under the runner's autocast) ...
         try:
             images = pipe(eval_prompt, num_images_per_prompt=s.n_samples, num_inference_steps=s.inference_steps,
@@ -299,14 +349,15 @@ def colab_task(s: Settings) -> tuple[Task, str]:
             pipe.unet = base  # ... and keeps no reference to it, so it leaves the GPU with its method
         return (clip_embed(images) @ reference.T).mean().item()
 
-    task = Task(base, [], loss, evaluate, s.steps, s.eval_every, device, s.seed, **fitting(s, device),
+    task = Task(base, [], loss, validate, s.steps, s.eval_every, device, s.seed, test=test, **fitting(s, device),
                 activation_bytes=SD_ACTIVATION_BYTES * s.batch_size,
                 setting=f"batch {s.batch_size} images at {size}×{size}")
     description = (
-        "Pretrained model: Stable Diffusion v1.5. Downstream: the five photos of `diffusers/dog-example` with the "
-        f"prompt {prompt!r} (DreamBooth-style, no prior preservation); {s.steps} steps of batch {s.batch_size}. "
-        f"Metric: CLIP-I — mean CLIP ViT-B/32 cosine similarity between {s.n_samples} images generated for "
-        f"{eval_prompt!r} and the reference photos."
+        "Pretrained model: Stable Diffusion v1.5. Downstream: four of the five photos of `diffusers/dog-example` "
+        f"with the prompt {prompt!r} (DreamBooth-style, no prior preservation); {s.steps} steps of batch "
+        f"{s.batch_size}. Curves: the denoising loss on the fifth photo at {COLAB_VALIDATION_DRAWS} fixed (noise, "
+        f"timestep) draws. Test metric: CLIP-I — mean CLIP ViT-B/32 cosine similarity between {s.n_samples} images "
+        f"generated for {eval_prompt!r} and all five reference photos."
     )
     return task, description
 
@@ -355,6 +406,10 @@ DOMAIN = Domain(
     tasks={"ci": ci_task, "colab": colab_task}, methods={"ci": ci_methods, "colab": colab_methods},
     titles={"ci": "Diffusion: digits 0–4 → 5–9", "colab": "Stable Diffusion v1.5, subject-driven (sks dog)"},
     metrics={"ci": "target rate × coverage", "colab": "CLIP-I"}, higher_is_better=True, extra_figures=sample_grids,
+    validation_metrics={"ci": "validation denoising loss", "colab": "validation denoising loss"},
+    validation_higher_is_better=False, margins={"ci": 0.03, "colab": 0.02},
+    claims=(*CLAIMS, FLORA_CLAIM),
 )
-settings, make_task, profile_methods, report, run, run_seeds = (
-    DOMAIN.settings, DOMAIN.make_task, DOMAIN.profile_methods, DOMAIN.report, DOMAIN.run, DOMAIN.run_seeds)
+settings, make_task, profile_methods, report, run, run_seeds, run_protocol, figures = (
+    DOMAIN.settings, DOMAIN.make_task, DOMAIN.profile_methods, DOMAIN.report, DOMAIN.run, DOMAIN.run_seeds,
+    DOMAIN.run_protocol, DOMAIN.figures)

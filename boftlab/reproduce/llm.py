@@ -3,10 +3,12 @@
 ci:    a 4-layer Llama-architecture model (width 128, byte-level BPE of 1 024 tokens) that
        ``data/scripts/pretrain_lm.py`` pretrained on Python's own reference documentation (``pydoc_data.topics``,
        shipped with CPython), adapted to scikit-learn's dataset descriptions (``sklearn/datasets/descr/*.rst``,
-       shipped with scikit-learn): the first 80 % of that text trains, the last 20 % is held out. CPU, minutes.
+       shipped with scikit-learn): the first 80 % of that text is training data — its last eighth held back as the
+       validation split — and the last 20 % is the test set. CPU, minutes.
 colab: ``Qwen/Qwen2.5-0.5B`` adapted to Alpaca instructions (``tatsu-lab/alpaca``), perplexity of held-out
-       responses, on a GPU; ``four_bit`` turns these settings into the BOFT paper's Llama-2-7B with its weights in
-       4 bits (bitsandbytes nf4, QLoRA-style), which a free T4 holds.
+       responses (validation and test instructions disjoint from the training ones), on a GPU; ``four_bit`` turns
+       these settings into the BOFT paper's Llama-2-7B with its weights in 4 bits (bitsandbytes nf4, QLoRA-style),
+       which a free T4 holds.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +47,8 @@ class Settings:
     context: int  # tokens per training sequence
     eval_every: int
     seed: int = 0
-    train_examples: int | None = None  # colab: Alpaca examples used for training / held out
+    train_examples: int | None = None  # colab: Alpaca examples used for training / validation / test
+    validation_examples: int | None = None
     test_examples: int | None = None
     mixed_precision: bool = False  # autocast: bf16 where the GPU has it, else fp16 (runner.autocast_dtype)
     gradient_checkpointing: bool = False
@@ -54,9 +58,11 @@ class Settings:
 
 SETTINGS = {
     "ci": Settings(steps=150, batch_size=8, context=64, eval_every=15),
-    "colab": Settings(steps=300, batch_size=8, context=256, eval_every=50, train_examples=4000, test_examples=300,
-                      mixed_precision=True, gradient_checkpointing=True),
+    "colab": Settings(steps=300, batch_size=8, context=256, eval_every=50, train_examples=4000,
+                      validation_examples=300, test_examples=300, mixed_precision=True, gradient_checkpointing=True),
 }
+#: the share of the ci training tokens (their end) held back for validation
+VALIDATION_FRACTION = 0.125
 
 #: the 4-bit option's model: the LLM the BOFT paper fine-tunes (gated on the hub: accept Meta's licence there first)
 FOUR_BIT_MODEL = "meta-llama/Llama-2-7b-hf"
@@ -71,7 +77,8 @@ def four_bit(s: Settings, model: str = FOUR_BIT_MODEL) -> Settings:
         raise ValueError(
             "four_bit: these are the ci profile's settings (a local 0.8 M-parameter model on the CPU); the 4-bit "
             "option loads a hub model onto a GPU: pass the colab profile's settings, llm.settings('colab')")
-    return replace(s, model=model, load_in_4bit=True, steps=100, batch_size=4, eval_every=25, test_examples=100)
+    return replace(s, model=model, load_in_4bit=True, steps=100, batch_size=4, eval_every=25, validation_examples=100,
+                   test_examples=100)
 
 
 # --- text that ships offline --------------------------------------------------------------------------------------------
@@ -165,21 +172,24 @@ def ci_task(s: Settings) -> tuple[Task, str]:
     model, tokenizer, config = load_ci_lm()
     tokens = torch.tensor(tokenizer.encode(target_text()).ids)
     cut = int(len(tokens) * 0.8)
-    train, held_out = windows(tokens[:cut], s.context), windows(tokens[cut:], s.context)
+    val_cut = int(cut * (1 - VALIDATION_FRACTION))
+    train, val = windows(tokens[:val_cut], s.context), windows(tokens[val_cut:cut], s.context)
+    held_out = windows(tokens[cut:], s.context)
     device = torch.device("cpu")
 
     def loss(m: nn.Module, step: int) -> torch.Tensor:
         return mean_nll(m, train[batch_indices(len(train), s.batch_size, step, s.seed)].to(device))
 
-    task = Task(model, [], loss, lambda m: perplexity(m, held_out, device), s.steps, s.eval_every, device, s.seed,
-                setting=f"batch {s.batch_size} × {s.context} tokens")
+    task = Task(model, [], loss, lambda m: perplexity(m, val, device), s.steps, s.eval_every, device, s.seed,
+                test=lambda m: perplexity(m, held_out, device), setting=f"batch {s.batch_size} × {s.context} tokens")
     description = (
         f"Pretrained model: a {sum(p.numel() for p in model.parameters()):,}-parameter Llama-architecture LM "
         f"(`boftlab/pretrained/{CHECKPOINT}`) trained by `data/scripts/pretrain_lm.py` on CPython's reference "
         f"documentation (`pydoc_data.topics`; source held-out perplexity {config['source_heldout_perplexity']:.1f}). "
-        f"Downstream: scikit-learn's dataset descriptions (`sklearn/datasets/descr/*.rst`), {cut:,} training / "
-        f"{len(tokens) - cut:,} held-out tokens (first 80 % / last 20 %). {s.steps} steps of {s.batch_size} × "
-        f"{s.context} tokens; metric: held-out perplexity (lower is better)."
+        f"Downstream: scikit-learn's dataset descriptions (`sklearn/datasets/descr/*.rst`), {val_cut:,} training / "
+        f"{cut - val_cut:,} validation / {len(tokens) - cut:,} test tokens (the first 80 % is training data, its last "
+        f"eighth validates; the last 20 % tests). {s.steps} steps of {s.batch_size} × {s.context} tokens; curves: "
+        "validation perplexity; table: test perplexity (lower is better)."
     )
     return task, description
 
@@ -236,9 +246,10 @@ def colab_task(s: Settings) -> tuple[Task, str]:
     tokenizer = AutoTokenizer.from_pretrained(name)
     model = load_causal_lm(name, s.load_in_4bit, device)
     rows = load_dataset("tatsu-lab/alpaca", split="train").shuffle(seed=s.seed)
-    rows = rows.select(range(s.train_examples + s.test_examples))
+    rows = rows.select(range(s.train_examples + s.validation_examples + s.test_examples))
     examples = [alpaca_example(row, tokenizer, s.context) for row in rows]
-    train, test = examples[: s.train_examples], examples[s.train_examples:]
+    val_end = s.train_examples + s.validation_examples
+    train, val, test = examples[: s.train_examples], examples[s.train_examples:val_end], examples[val_end:]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def response_nll(m: nn.Module, batch: list) -> tuple[torch.Tensor, int]:
@@ -252,21 +263,26 @@ def colab_task(s: Settings) -> tuple[Task, str]:
         total, count = response_nll(m, [train[i] for i in batch_indices(len(train), s.batch_size, step, s.seed)])
         return total / count
 
-    def evaluate(m: nn.Module) -> float:
-        sums = [response_nll(m, test[i:i + s.batch_size]) for i in range(0, len(test), s.batch_size)]
-        return math.exp(sum(t.item() for t, _ in sums) / sum(c for _, c in sums))
+    def response_perplexity(examples: list) -> Callable[[nn.Module], float]:
+        def evaluate(m: nn.Module) -> float:
+            sums = [response_nll(m, examples[i:i + s.batch_size]) for i in range(0, len(examples), s.batch_size)]
+            return math.exp(sum(t.item() for t, _ in sums) / sum(c for _, c in sums))
+
+        return evaluate
 
     c = model.config
     activations = transformer_activation_bytes(s.batch_size, s.context, c.hidden_size, c.num_hidden_layers,
                                                c.intermediate_size, c.num_attention_heads, vocab=c.vocab_size,
                                                checkpointed=s.gradient_checkpointing)
-    task = Task(model, [], loss, evaluate, s.steps, s.eval_every, device, s.seed, **fitting(s, device),
-                activation_bytes=activations, setting=f"batch {s.batch_size} × up to {s.context} tokens")
+    task = Task(model, [], loss, response_perplexity(val), s.steps, s.eval_every, device, s.seed,
+                test=response_perplexity(test), **fitting(s, device), activation_bytes=activations,
+                setting=f"batch {s.batch_size} × up to {s.context} tokens")
     weights = " (linear layers' weights in 4 bits, bitsandbytes nf4)" if s.load_in_4bit else ""
     description = (
         f"Pretrained model: {name}{weights}. Downstream: Alpaca (tatsu-lab/alpaca), {s.train_examples} training / "
-        f"{s.test_examples} held-out instructions, up to {s.context} tokens; loss on the responses only. "
-        f"{s.steps} steps of batch {s.batch_size}; metric: held-out response perplexity (lower is better)."
+        f"{s.validation_examples} validation / {s.test_examples} test instructions, up to {s.context} tokens; loss "
+        f"on the responses only. {s.steps} steps of batch {s.batch_size}; curves: validation response perplexity; "
+        "table: test response perplexity (lower is better)."
     )
     return task, description
 
@@ -275,7 +291,10 @@ DOMAIN = Domain(
     name="llm", label="LLM", settings_by_profile=SETTINGS,
     tasks={"ci": ci_task, "colab": colab_task}, methods={"ci": ci_methods, "colab": colab_methods},
     titles={"ci": "LLM: Python docs → scikit-learn dataset docs", "colab": "Hub LLM → Alpaca instructions"},
-    metrics={"ci": "held-out perplexity", "colab": "held-out perplexity"}, higher_is_better=False,
+    metrics={"ci": "test perplexity", "colab": "test perplexity"}, higher_is_better=False,
+    validation_metrics={"ci": "validation perplexity", "colab": "validation perplexity"},
+    margins={"ci": 2.0, "colab": 0.2},  # perplexity units: ≈ 2 % of the ci LoRA's ≈ 90, of Qwen's ≈ 5 on Alpaca
 )
-settings, make_task, profile_methods, report, run, run_seeds = (
-    DOMAIN.settings, DOMAIN.make_task, DOMAIN.profile_methods, DOMAIN.report, DOMAIN.run, DOMAIN.run_seeds)
+settings, make_task, profile_methods, report, run, run_seeds, run_protocol, figures = (
+    DOMAIN.settings, DOMAIN.make_task, DOMAIN.profile_methods, DOMAIN.report, DOMAIN.run, DOMAIN.run_seeds,
+    DOMAIN.run_protocol, DOMAIN.figures)

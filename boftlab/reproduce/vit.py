@@ -2,8 +2,10 @@
 
 ci:    a 4-layer timm ViT (width 64, 2×2 patches on 8×8 images) that ``data/scripts/pretrain_vit.py`` pretrained on
        scikit-learn's bundled digits 0–4, adapted to digits 5–9 — a label set it has never seen — with a new head;
-       half of each class trains, the other half is the held-out test set. CPU, about a minute.
-colab: ``google/vit-base-patch16-224-in21k`` adapted to CIFAR-10 (a subset, through ``datasets``) on a GPU.
+       half of each class is the held-out test set, the other half trains, a quarter of it (stratified) held back
+       as the validation split that learning rates are chosen by. CPU, about a minute per run.
+colab: ``google/vit-base-patch16-224-in21k`` adapted to CIFAR-10 (a subset, through ``datasets``; validation
+       images drawn from CIFAR-10's training split, test images from its test split) on a GPU.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class Settings:
     eval_every: int
     seed: int = 0
     train_size: int | None = None  # colab: training images drawn from CIFAR-10's train split
+    validation_size: int | None = None  # colab: validation images, drawn from the train split too (disjoint)
     test_size: int | None = None
     mixed_precision: bool = False  # autocast: bf16 where the GPU has it, else fp16 (runner.autocast_dtype)
     gradient_checkpointing: bool = False
@@ -47,9 +50,11 @@ class Settings:
 
 SETTINGS = {
     "ci": Settings(steps=150, batch_size=64, eval_every=15),
-    "colab": Settings(steps=300, batch_size=32, eval_every=50, train_size=5000, test_size=2000, mixed_precision=True,
-                      gradient_checkpointing=True),
+    "colab": Settings(steps=300, batch_size=32, eval_every=50, train_size=5000, validation_size=1000, test_size=2000,
+                      mixed_precision=True, gradient_checkpointing=True),
 }
+#: the share of the training half of each class held back for validation (ci)
+VALIDATION_FRACTION = 0.25
 
 
 
@@ -116,15 +121,18 @@ def ci_task(s: Settings) -> tuple[Task, str]:
     model.reset_classifier(len(TARGET_CLASSES))  # a new, randomly initialised head for the new label set
     images, labels = digits(TARGET_CLASSES)
     train, test = stratified_split(labels, 0.5, s.seed)
+    fit, held = stratified_split(labels[train], VALIDATION_FRACTION, s.seed)  # positions within ``train``
+    train, val = train[fit], train[held]
     x, y = normalize(images), labels - TARGET_CLASSES[0]
     task = classification_task(model, lambda m, b: m(b), x[train], y[train], x[test], y[test], "head", s,
-                               torch.device("cpu"), setting=f"batch {s.batch_size} images")
+                               torch.device("cpu"), validation=(x[val], y[val]), setting=f"batch {s.batch_size} images")
     description = (
         f"Pretrained model: a {sum(p.numel() for p in model.parameters()):,}-parameter timm ViT "
         f"(`boftlab/pretrained/{CHECKPOINT}`), trained by `data/scripts/pretrain_vit.py` on scikit-learn digits "
         f"{SOURCE_CLASSES} (source test accuracy {config['source_test_accuracy']:.3f}). Downstream: digits "
-        f"{TARGET_CLASSES}, a new 5-way head; {len(train)} training / {len(test)} test images (stratified halves). "
-        f"{s.steps} steps of batch {s.batch_size}, AdamW, warm-up + cosine; metric: test accuracy."
+        f"{TARGET_CLASSES}, a new 5-way head; {len(train)} training / {len(val)} validation / {len(test)} test images "
+        f"(stratified: half of each class tests, a quarter of the other half validates). {s.steps} steps of batch "
+        f"{s.batch_size}, AdamW, warm-up + cosine; curves: validation accuracy; table: test accuracy."
     )
     return task, description
 
@@ -145,7 +153,9 @@ def colab_task(s: Settings) -> tuple[Task, str]:
         images = np.stack([np.asarray(image.convert("RGB")) for image in part["img"]])  # (n, 32, 32, 3) uint8
         return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.tensor(part["label"])
 
-    train_x, train_y = tensors("train", s.train_size)
+    train_x, train_y = tensors("train", s.train_size + s.validation_size)
+    val_x, val_y = train_x[s.train_size:], train_y[s.train_size:]
+    train_x, train_y = train_x[:s.train_size], train_y[:s.train_size]
     test_x, test_y = tensors("test", s.test_size)
     model = ViTForImageClassification.from_pretrained("google/vit-base-patch16-224-in21k", num_labels=10)
 
@@ -159,12 +169,13 @@ def colab_task(s: Settings) -> tuple[Task, str]:
                                                c.intermediate_size, c.num_attention_heads,
                                                checkpointed=s.gradient_checkpointing)
     task = classification_task(model, forward, train_x, train_y, test_x, test_y, "classifier", s, device,
-                               **fitting(s, device), activation_bytes=activations,
+                               validation=(val_x, val_y), **fitting(s, device), activation_bytes=activations,
                                setting=f"batch {s.batch_size} images at {c.image_size}×{c.image_size}")
     description = (
         "Pretrained model: google/vit-base-patch16-224-in21k (ImageNet-21k). Downstream: CIFAR-10, "
-        f"{s.train_size} training / {s.test_size} test images; {s.steps} steps of batch {s.batch_size}; "
-        "metric: test accuracy."
+        f"{s.train_size} training / {s.validation_size} validation images (both from its training split) / "
+        f"{s.test_size} test images; {s.steps} steps of batch {s.batch_size}; curves: validation accuracy; table: "
+        "test accuracy."
     )
     return task, description
 
@@ -174,6 +185,9 @@ DOMAIN = Domain(
     tasks={"ci": ci_task, "colab": colab_task}, methods={"ci": ci_methods, "colab": colab_methods},
     titles={"ci": "ViT: digits 0–4 → 5–9", "colab": "ViT-B/16 (in21k) → CIFAR-10"},
     metrics={"ci": "test accuracy", "colab": "test accuracy"}, higher_is_better=True,
+    validation_metrics={"ci": "validation accuracy", "colab": "validation accuracy"},
+    margins={"ci": 0.02, "colab": 0.01},  # accuracy: 2 points on 448 ci test images, 1 on 2 000 CIFAR-10 ones
 )
-settings, make_task, profile_methods, report, run, run_seeds = (
-    DOMAIN.settings, DOMAIN.make_task, DOMAIN.profile_methods, DOMAIN.report, DOMAIN.run, DOMAIN.run_seeds)
+settings, make_task, profile_methods, report, run, run_seeds, run_protocol, figures = (
+    DOMAIN.settings, DOMAIN.make_task, DOMAIN.profile_methods, DOMAIN.report, DOMAIN.run, DOMAIN.run_seeds,
+    DOMAIN.run_protocol, DOMAIN.figures)
