@@ -132,7 +132,7 @@ LOWER = re.compile(r"\b(lower than|below)\b")
 BETTER = re.compile(r"\b(beats?|better than|outperforms?|ahead of)\b")
 WORSE = re.compile(r"\b(worse than|behind|trails?)\b")
 #: words that claim no order: the interval must include 0
-TIE = re.compile(r"\b(cannot (?:be )?tell|cannot rank|inconclusive|indistinguishable|ties?|tied)\b")
+TIE = re.compile(r"\b(cannot (?:be )?(?:tell|told)|cannot rank|inconclusive|indistinguishable|ties?|tied)\b")
 NEGATION = re.compile(r"\b(not|no|never)\b|n't\b")
 #: a time claim quotes the ratio of this row's time to the reference's: slower needs R > 1, faster R < 1
 SLOWER, FASTER = re.compile(r"\bslower\b"), re.compile(r"\bfaster\b")
@@ -253,6 +253,7 @@ def claim_problems(claim: str, tables: list[list[list[str]]], better: str | None
     rows = [row for table in tables for row in table[1:]]
     headers = [table[0] for table in tables]
     text = re.sub(r"`[^`]*`", " ", claim)  # code spans name things (functions, settings), they quote no result
+    text = re.sub(r"\bnotebooks? \d+(?:\s*[–-]\s*\d+)?", " ", text)  # nor do references to other notebooks
     named = []
     for name in sorted({row[0] for row in rows if row and len(row[0]) > 1 and not NUMBER.fullmatch(row[0])},
                        key=len, reverse=True):  # the longest first: "LoRA r=4 (PEFT)" before "LoRA"
