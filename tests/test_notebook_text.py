@@ -2,6 +2,8 @@
 (tests/notebook_outputs.py ``reading_problems``, applied to every executed notebook by notebooks/conftest.py): a
 reading that agrees passes, and each way of disagreeing is found."""
 
+import re
+
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
@@ -107,3 +109,32 @@ def test_a_reading_notebook_must_display_a_generated_reading_and_none_by_hand(na
     assert reading_problems(by_hand, name) == [
         "cell 0 reads the results by hand; generate the reading from the run's numbers"]
     assert reading_problems(by_hand, "01_primer") == []  # only where a reading is generated
+
+
+# --- what the committed notebooks say and call ------------------------------------------------------------------------
+FINE_TUNING = ["07_vit_finetuning", "08_llm_finetuning", "09_diffusion_finetuning"]
+
+
+def source(name: str, kind: str) -> str:
+    import nbformat
+
+    from test_notebooks import ROOT
+
+    nb = nbformat.read(str(ROOT / "notebooks" / f"{name}.ipynb"), as_version=4)
+    return "\n".join(c.source for c in nb.cells if c.cell_type == kind)
+
+
+@pytest.mark.parametrize("name", FINE_TUNING)
+def test_the_fine_tuning_notebooks_name_their_settings_for_what_they_are(name):
+    """The issue: 07 called ViT-B/16 on CIFAR-10 "the paper's setting", 08 called Qwen2.5-0.5B "paper-scale"."""
+    text = " ".join(source(name, "markdown").split()).lower()
+    assert not re.search(r"(?<!not )the paper's setting", text) and "paper-scale" not in text  # "not the …" may stay
+    assert "what the ci profile can and cannot show" in text
+
+
+@pytest.mark.parametrize("name", FINE_TUNING)
+def test_the_fine_tuning_notebooks_run_the_protocol_beside_the_committed_results(name):
+    code = source(name, "code")
+    assert "run_protocol(PROFILE, PROTOCOL)" in code and "reduced_protocol(COMMITTED)" in code
+    assert "COMMITTED.markdown()" in code and "domain_reading(COMMITTED, this_run)" in code
+    assert "seed_table" not in code and "run_methods(" not in code  # the single-rate comparison and its std rule
