@@ -62,7 +62,7 @@ def test_the_quickstart_states_the_null_result_plainly_when_no_interval_excludes
     table, text = quickstart(head, lora, boft)
     assert text.startswith(reading.TITLE)
     assert "cannot be told apart" in text and "credits BOFT b=8 m=2 with nothing" in text and "beats" not in text
-    assert "head only already reaches 0.858" in text
+    assert "The head only model already reaches 0.858" in text
     assert reading_problems(shown(table, text), "00_quickstart") == []
 
 

@@ -120,9 +120,9 @@ def quickstart_reading(adapter: str, comparisons: Sequence[PairedAccuracy], accu
         lines.append(
             f"So this run credits {adapter} with nothing: the differences are within what the choice of {n_test} test "
             "sentences alone can move."
-            + (f" {head} already reaches {accuracies[head]:.3f}: MiniLM's sentence vectors were trained to place "
-               "texts on the same topic close together, which is what this task asks, so a new head on the frozen "
-               "encoder leaves an adapter little to add." if head else "")
+            + (f" The {head} model already reaches {accuracies[head]:.3f}: MiniLM's sentence vectors were trained to "
+               "place texts on the same topic close together, which is what this task asks, so a new head on the "
+               "frozen encoder leaves an adapter little to add." if head else "")
             + " Measuring what the adapter adds needs a task the pretrained features do not already solve, more test "
             "data and several seeds (notebooks 07–09 do this, with learning rates chosen on validation). What this "
             "notebook does show is the workflow, and that the adapter starts exactly at the pretrained model and "
