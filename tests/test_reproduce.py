@@ -656,3 +656,204 @@ def test_unwritable_out_is_refused_before_training(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"--out '.*new' is not writable: creating a file in '.*' fails \(Permission"):
         reproduce(["vit"], "ci", tmp_path / "new")
     assert not (tmp_path / "new").exists()
+
+
+# --- the protocol: rates chosen on validation, paired intervals, claims, results files ------------------------------------
+def test_paired_interval_is_the_paired_t_interval_computed_by_hand():
+    """diffs 1, 2, 3: mean 2, sd 1, t(0.975, 2 dof) = 4.302653 → 2 ± 4.302653 / √3."""
+    p = runner.Paired.of("a", "b", [11.0, 22.0, 33.0], [10.0, 20.0, 30.0])
+    half = 4.302652729911275 / math.sqrt(3)
+    assert p.diffs == [1.0, 2.0, 3.0] and p.mean == pytest.approx(2.0)
+    assert p.lo == pytest.approx(2 - half) and p.hi == pytest.approx(2 + half)
+    assert p.interval() == "+2 [-0.484, +4.48]" and p.ranking(higher_is_better=True) == "not separated"
+    tight = runner.Paired.of("a", "b", [1.1, 1.2, 1.3], [1.0, 1.1, 1.2])  # every diff 0.1: sd 0, interval [0.1, 0.1]
+    assert tight.ranking(True) == "better" and tight.ranking(False) == "worse"
+    single = runner.Paired.of("a", "b", [1.0], [0.5])
+    assert single.lo is None and single.ranking(True) == "no interval (one seed)"
+    with pytest.raises(ValueError, match="one value per seed"):
+        runner.Paired.of("a", "b", [1.0, 2.0], [1.0])
+
+
+@pytest.mark.parametrize("kind, lo, hi, expected", [
+    ("better", 0.01, 0.05, "supported"),
+    ("better", -0.05, -0.01, "contradicted"),
+    ("better", -0.01, 0.05, "inconclusive at this scale"),
+    ("at least", -0.01, 0.05, "supported"),  # above −δ = −0.02
+    ("at least", -0.09, -0.03, "contradicted"),
+    ("at least", -0.05, 0.01, "inconclusive at this scale"),
+    ("matches", -0.01, 0.015, "supported"),  # within ±0.02
+    ("matches", 0.03, 0.08, "contradicted"),
+    ("matches", -0.01, 0.05, "inconclusive at this scale"),
+    ("matches", None, None, "no interval (one seed)"),
+])
+def test_verdicts_are_worded_from_the_interval(kind, lo, hi, expected):
+    assert runner.verdict(kind, lo, hi, margin=0.02) == expected
+
+
+def test_verdict_refuses_an_unknown_kind():
+    with pytest.raises(ValueError, match=r"claim kind 'beats'; valid kinds: \['at least', 'better', 'matches'\]"):
+        runner.verdict("beats", 0.0, 1.0, 0.02)
+
+
+def method_result(name, family, test, options=None, seeds=(0, 1, 2)):
+    return runner.MethodResult(name, family, options or {}, seeds=list(seeds), test=list(test), lr=1e-3)
+
+
+def test_claims_are_oriented_by_the_metric_and_say_what_was_not_measured():
+    """Perplexity: lower is better, so BOFT 10 below OFT on every seed supports "BOFT at least as good as OFT"."""
+    methods = [method_result("OFT", "oft", [100.0, 102.0, 101.0]),
+               method_result("BOFT", "boft", [90.0, 91.0, 90.5], {"block_size": 8, "n_factors": 2}),
+               method_result("LoRA", "lora", [95.0, 96.0, 95.5])]
+    rows = {r.claim: r for r in runner.check_claims(runner.CLAIMS, methods, higher_is_better=False, margin=2.0)}
+    boft = rows["BOFT (b=8, m=2) is at least as good as OFT at about equal parameters"]
+    assert boft.verdict == "supported" and boft.evidence.mean == pytest.approx(-10.5) and (boft.a, boft.b) == (
+        "BOFT", "OFT")
+    assert rows["SURM circulant matches LoRA with far fewer parameters"].verdict.startswith(
+        "not measured: no finished surm {'structure': 'circulant'}")
+    flipped = runner.check_claims(runner.CLAIMS[:1], methods, higher_is_better=True, margin=2.0)[0]
+    assert flipped.verdict == "contradicted"  # the same numbers as accuracies: BOFT is worse
+
+
+class FakeRuns:
+    """Stands in for run_method / evaluate_kept: a run's last validation metric is ``validation(lr)``, its test
+    metric ``test(lr)``; records which rates were trained and which runs were tested."""
+
+    def __init__(self, validation, test):
+        self.validation, self.test = validation, test
+        self.trained, self.tested = [], []
+
+    def run_method(self, task, method, progress=True, test=False, keep_trained=False):
+        self.trained.append(method.lr)
+        run = runner.Run(method, trainable=10, method_params=7)
+        run.evals, run.eval_steps, run.ms_per_step, run.peak_mib = [0.0, self.validation(method.lr)], [0, 4], 1.0, 2.0
+        run.trained = {"w": torch.zeros(1)} if keep_trained else None
+        if test:
+            run.test = self.test(method.lr)
+            self.tested.append(method.lr)
+        return run
+
+    def evaluate_kept(self, task, run):
+        run.test = self.test(run.method.lr)
+        self.tested.append(run.method.lr)
+
+
+def choose(monkeypatch, validation, test, higher_is_better=True):
+    fake = FakeRuns(validation, test)
+    monkeypatch.setattr(runner, "run_method", fake.run_method)
+    monkeypatch.setattr(runner, "evaluate_kept", fake.evaluate_kept)
+    protocol = runner.Protocol("test", seeds=(0,), lr_extensions=1)
+    result, run = runner.choose_lr(None, dataclasses.replace(LORA, lr=3e-3), protocol, higher_is_better, False)
+    return result, run, fake
+
+
+def test_the_rate_is_chosen_by_validation_and_only_the_chosen_run_is_tested(monkeypatch):
+    """Validation peaks at 3e-3; the test metric would favour 1e-3. The choice follows validation, and the test is
+    computed once, for the chosen run."""
+    result, run, fake = choose(monkeypatch, {1e-3: 0.5, 3e-3: 0.9, 9e-3: 0.7}.get,
+                               {1e-3: 0.99, 3e-3: 0.1, 9e-3: 0.5}.get)
+    assert result.grid == [1e-3, 3e-3, 9e-3] and result.grid_validation == [0.5, 0.9, 0.7]
+    assert result.lr == 3e-3 and result.at_edge is None and fake.trained == [1e-3, 3e-3, 9e-3]
+    assert fake.tested == [3e-3] and run.test == 0.1
+
+
+def test_lower_validation_is_better_where_the_metric_is_a_loss(monkeypatch):
+    result, _, _ = choose(monkeypatch, {1e-3: 0.5, 3e-3: 0.2, 9e-3: 0.7}.get, lambda lr: 0.0, higher_is_better=False)
+    assert result.lr == 3e-3
+
+
+def test_a_rate_at_the_edge_extends_the_grid_once_and_is_flagged_if_still_there(monkeypatch):
+    """Validation rises with the rate (as for C3A, whose PEFT docs advise lr ≈ 0.1): one ×3 step past the top edge
+    is tried; still best, the choice is flagged in the result and in the table."""
+    result, _, fake = choose(monkeypatch, lambda lr: lr, lambda lr: 0.0)
+    assert fake.trained == [1e-3, 3e-3, 9e-3, 0.027] and result.grid == [1e-3, 3e-3, 9e-3, 0.027]
+    assert result.lr == 0.027 and result.at_edge == "highest"
+    found, _, fake = choose(monkeypatch, lambda lr: -abs(math.log(lr / 0.009)), lambda lr: 0.0)
+    assert found.lr == 0.009 and found.at_edge is None and fake.trained[-1] == 0.027  # the step past it confirms it
+    domain = results_of([result])
+    row = next(line for line in domain.markdown().splitlines() if line.startswith(f"| {LORA.name} |"))
+    assert "| 0.027 ⚑ highest of grid |" in row
+
+
+def test_a_diverged_rate_is_never_chosen_and_the_grid_says_why(monkeypatch):
+    fake = FakeRuns(lambda lr: lr, lambda lr: 0.0)
+
+    def run_method(task, method, progress=True, test=False, keep_trained=False):
+        run = fake.run_method(task, method, progress, test, keep_trained)
+        if method.lr > 5e-3:
+            run.skipped, run.evals = "diverged after 2 of 4 steps: …", run.evals[:1]
+        return run
+
+    monkeypatch.setattr(runner, "run_method", run_method)
+    monkeypatch.setattr(runner, "evaluate_kept", fake.evaluate_kept)
+    result, _ = runner.choose_lr(None, dataclasses.replace(LORA, lr=3e-3), runner.FULL, True, False)
+    assert result.lr == 3e-3 and result.at_edge is None and result.grid_validation[2] is None
+    assert result.grid_notes[2].startswith("diverged")
+
+
+def results_of(methods, domain="vit", protocol=runner.FULL):
+    return runner.DomainResults(domain, "title", "ci", protocol, "description", "test accuracy", True,
+                                "validation accuracy", True, 0.02, methods, runner.paired_against_lora(methods),
+                                runner.check_claims(runner.CLAIMS, methods, True, 0.02))
+
+
+def test_results_json_round_trips_every_number(tmp_path):
+    lora = method_result("LoRA r=4 (PEFT)", "lora", [0.8, 0.82, 0.81])
+    surm = method_result("SURM circulant", "surm", [0.79, 0.8, 0.83], {"structure": "circulant", "mode": "lora"})
+    surm.grid, surm.grid_validation, surm.grid_notes = [1e-3, 3e-3], [0.5, None], [None, "diverged"]
+    surm.at_edge = "lowest"
+    surm.validation, surm.losses, surm.extra = [[0.1, 0.5]] * 3, [[2.0, 1.0]] * 3, {"labels": [1, 2]}
+    results = runner.Results(runner.provenance("a command", runner.FULL), {"vit": results_of([lora, surm])})
+    runner.write_results(results, tmp_path)
+    back = runner.load_results(tmp_path / "results.json")
+    assert back.to_dict() == results.to_dict() and back.markdown() == results.markdown()
+    assert back.domains["vit"].method("SURM circulant").at_edge == "lowest"
+    assert back.domains["vit"].protocol == runner.FULL
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md"]  # no temporary file left
+    with pytest.raises(ValueError, match=r"no method 'BOFT' in the vit results; methods: \['LoRA r=4 \(PEFT\)'"):
+        back.domains["vit"].method("BOFT")
+    with pytest.raises(FileNotFoundError, match="python -m boftlab reproduce all --profile ci"):
+        runner.load_results(tmp_path / "missing.json")
+
+
+def test_provenance_names_commit_command_seeds_grid_machine_and_lock():
+    import hashlib
+
+    about = runner.provenance("python -m boftlab reproduce vit", runner.FULL)
+    assert about["command"] == "python -m boftlab reproduce vit" and about["seeds"] == [0, 1, 2]
+    assert re.match(r"[0-9a-f]{40}", about["commit"]) or about["commit"].startswith("not a git checkout")
+    lock = runner.REPOSITORY / "constraints.txt"
+    assert about["environment_lock"] == f"constraints.txt sha256 {hashlib.sha256(lock.read_bytes()).hexdigest()}"
+    assert "× [0.3333, 1.0, 3.0], + up to 0 ×3" in about["lr_grid"] and "seed 0" in about["protocol"]
+    assert about["machine"].startswith(("CPU", "NVIDIA")) and about["threads"] >= 1
+    assert re.search(r"\d+\.\d\d, .*\(1, 5, 15 min", about["load_average_start"]) or \
+        about["load_average_start"] == "not available"
+
+
+def test_reduced_protocol_runs_the_committed_rates_on_one_seed():
+    committed = results_of([method_result("LoRA r=4 (PEFT)", "lora", [0.8, 0.82, 0.81])])
+    reduced = runner.reduced_protocol(committed)
+    assert reduced.name == "reduced" and reduced.seeds == (0,) and reduced.lrs == {"LoRA r=4 (PEFT)": 1e-3}
+    assert "reduced protocol" in reduced.describe() and "committed full-protocol results" in reduced.describe()
+    assert runner._grid(LORA, reduced) == [1e-3]
+    with pytest.raises(ValueError, match=r"no learning rate for 'BOFT b=8 m=2'.*rerun the full protocol"):
+        runner._grid(BOFT, reduced)
+
+
+def test_a_protocol_needs_a_grid_of_three_rates_and_a_seed():
+    with pytest.raises(ValueError, match=r"a grid needs ≥ 3 rates"):
+        runner.Protocol("x", seeds=(0,), lr_factors=(1.0, 3.0))
+    with pytest.raises(ValueError, match="give at least one seed"):
+        runner.Protocol("x", seeds=())
+
+
+def test_run_protocol_on_the_ci_vit_tests_each_chosen_run_once_per_seed(monkeypatch):
+    """End to end on tiny settings: two seeds, a rate per method, a test metric per seed, LoRA paired with itself
+    excluded, and the CPU memory of a step measured for every method."""
+    d = vit.run_protocol("ci", runner.Protocol("test", seeds=(0, 1), lr_extensions=0), progress=False,
+                         methods=[Method("head only", "head", lr=3e-3), LORA], s=TINY_VIT)
+    for m in d.methods:
+        assert m.seeds == [0, 1] and len(m.test) == 2 and all(0 <= t <= 1 for t in m.test)
+        assert m.lr in m.grid and len(m.grid) == 3 and m.peak_mib > 0 and len(m.validation) == 2
+    assert [p.a for p in d.paired] == ["head only"] and d.paired[0].b == LORA.name
+    assert d.validation_metric == "validation accuracy" and d.metric == "test accuracy"
+    assert set(vit.figures(d)) == {"vit_curves"}
