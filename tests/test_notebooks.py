@@ -74,8 +74,11 @@ OTHER_PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n another figure").decode()
 
 
 def executed(*cells_outputs) -> nbformat.NotebookNode:
-    nb = new_notebook(cells=[new_code_cell("...") for _ in cells_outputs])
-    for cell, outputs in zip(nb.cells, cells_outputs):
+    """A notebook whose cells show ``cells_outputs``, then a generated reading that claims nothing (07–09 must
+    display one: tests/test_notebook_text.py)."""
+    reading = new_output("display_data", data={"text/markdown": "#### Reading the results\n* nothing to read."})
+    nb = new_notebook(cells=[new_code_cell("...") for _ in [*cells_outputs, [reading]]])
+    for cell, outputs in zip(nb.cells, [*cells_outputs, [reading]]):
         cell.outputs = outputs
     return nb
 
