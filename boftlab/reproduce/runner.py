@@ -1050,8 +1050,7 @@ class DomainResults:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        import dataclasses
-
+        """Every field but ``runs``, as plain JSON types (``from_dict`` inverts it)."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "runs"}
         data["protocol"] = dataclasses.asdict(self.protocol)
         data["methods"] = [dataclasses.asdict(m) for m in self.methods]
@@ -1061,6 +1060,7 @@ class DomainResults:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DomainResults":
+        """The DomainResults ``to_dict`` wrote (without runs)."""
         protocol = data["protocol"]
         claims = [ClaimRow(**{**c, "evidence": Paired(**c["evidence"]) if c["evidence"] else None})
                   for c in data["claims"]]
@@ -1384,8 +1384,6 @@ class Domain:
                   progress: bool = True) -> dict[int, list[Run]]:
         """seed -> ``run_methods`` on the task of ``profile`` made with that seed (its split, initialisations and
         batch order); ``seed_table`` summarises them."""
-        import dataclasses
-
         s = s or self.settings(profile)
         methods = methods if methods is not None else self.profile_methods(profile)
         return {seed: run_methods(self.make_task(profile, dataclasses.replace(s, seed=seed))[0], methods, progress)
