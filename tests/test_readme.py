@@ -22,14 +22,17 @@ def test_quick_start_runs_as_written(tmp_path, monkeypatch):
 
 
 def test_fine_tuning_tables_are_the_committed_run():
-    """Every table row, ranking and figure of docs/results/ci/results.md (written by ``python -m boftlab reproduce``)
-    is in the README unchanged, with the machine and date it came from."""
+    """Every results and claims table row and every figure of docs/results/ci/results.md (written by ``python -m
+    boftlab reproduce``, full protocol) is in the README unchanged, with the command, commit and machine it came
+    from (results.json's provenance)."""
+    from boftlab.reproduce import load_results
+
     results = README.parent / "docs" / "results" / "ci"
     text, readme = (results / "results.md").read_text(), README.read_text()
     section = readme.split("## Fine-tuning results")[1].split("\n## ")[0]
-    measured = re.search(r"measured on: (.*)\.\n", text).group(1)
-    assert measured in section and re.search(r"\d{4}-\d\d-\d\d", measured)
-    rows = [line for line in text.splitlines() if line.startswith(("|", "Final "))]
+    about = load_results(results / "results.json").provenance
+    assert all(about[key] in section for key in ("command", "commit", "machine"))
+    rows = [line for line in text.split("\n## ", 1)[1].splitlines() if line.startswith("|")]
     assert len(rows) >= 3 * 10 and all(row in section for row in rows)
     for stem in re.findall(r"!\[(\w+)\]", text):
         assert f"](docs/results/ci/{stem}.png)" in section and (results / f"{stem}.png").is_file()

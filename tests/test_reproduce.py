@@ -867,3 +867,11 @@ def test_run_protocol_on_the_ci_vit_tests_each_chosen_run_once_per_seed(monkeypa
     assert [p.a for p in d.paired] == ["head only"] and d.paired[0].b == LORA.name
     assert d.validation_metric == "validation accuracy" and d.metric == "test accuracy"
     assert set(vit.figures(d)) == {"vit_curves"}
+
+
+def test_jobs_must_be_at_least_one(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"jobs=0; give 1 \(one domain after another\) or more"):
+        reproduce(["vit"], "ci", tmp_path, jobs=0)
+    with pytest.raises(SystemExit):
+        cli(["reproduce", "vit", "--jobs", "0", "--out", str(tmp_path)])
+    assert "--jobs 0: give 1 or more" in capsys.readouterr().err
