@@ -22,7 +22,7 @@ FIGURES = {
     "04_expressivity": (3, 1),
     "05_structured_matrices": (3, 1),
     "06_tensor_core": (3, 1),
-    "07_vit_finetuning": (1, 0),
+    "07_vit_finetuning": (1, 1),
     "08_llm_finetuning": (1, 0),
     "09_diffusion_finetuning": (2, 0),
     "10_speed_and_memory": (1, 0),
@@ -110,7 +110,7 @@ def problems(nb: dict, name: str) -> list[str]:
                      "(display(fig), or the Figure as the cell's last expression)")
     if drawn < expected_widgets:
         found.append(f"{name}'s widgets show {drawn} image(s); {expected_widgets} expected")
-    return found + reading_problems(nb, name)
+    return found + reading_problems(nb, name) + layout_problems(nb)
 
 
 # --- readings: every sentence tied to a number ------------------------------------------------------------------------
@@ -320,4 +320,82 @@ def reading_problems(nb: dict, name: str) -> list[str]:
         for index, cell in enumerate(nb["cells"]):
             if cell["cell_type"] == "markdown" and re.search(rf"^#+ .*{READING_TITLE}", cell["source"], re.M | re.I):
                 found.append(f"cell {index} reads the results by hand; generate the reading from the run's numbers")
+    return found
+
+
+# --- layout: tables that render, legends and labels that fit (issue 25) -----------------------------------------------
+#: a Markdown table's delimiter row, |---|---| (with optional colons): printed as text, the book shows raw pipes
+RAW_TABLE = re.compile(r"^\s*\|(?:\s*:?-{3,}:?\s*\|)+\s*$", re.MULTILINE)
+
+
+def layout_problems(nb: dict) -> list[str]:
+    """Markdown tables a student would see as raw pipe text: a ``|---|`` row in a printed stream, or in a result
+    that offers only text/plain (a string returned as a cell's value) — show them with ``display(Markdown(...))``.
+    Figures are checked before they become PNGs (``figure_problems``): an executed notebook holds only pixels."""
+    found = []
+    for index, cell in enumerate(nb["cells"]):
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream":
+                text = out.get("text", "")
+            elif set(out.get("data", {})) == {"text/plain"}:
+                text = out["data"]["text/plain"]
+            else:
+                continue
+            text = "".join(text) if isinstance(text, list) else text
+            if RAW_TABLE.search(text):
+                found.append(f"cell {index} prints a Markdown table as text (a |---| row); display it with "
+                             "display(Markdown(...)) so that it renders")
+                break
+    return found
+
+
+def figure_problems(fig) -> list[str]:
+    """What would make a matplotlib ``fig`` hard to read, found from the drawn artists: a legend in type under 7 pt;
+    a legend covering more than a quarter of its axes; two legends overlapping; a text label (an
+    annotation) reaching outside its axes or the figure, or overlapping another; a log axis spanning less than a
+    decade with fewer than three labelled ticks (matplotlib's default there: one or two, as a×10^k). Empty if none."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.transforms import Bbox
+
+    FigureCanvasAgg(fig).draw()
+    renderer = fig.canvas.get_renderer()
+    found, boxes = [], []
+    figure_box = fig.bbox
+    legends = [(ax, ax.get_legend()) for ax in fig.axes if ax.get_legend() is not None]
+    legends += [(None, legend) for legend in fig.legends]
+    for ax, legend in legends:
+        size = min((t.get_fontsize() for t in legend.get_texts()), default=10)
+        if size < 7:
+            found.append(f"a legend uses {size:g}-point type (at least 7 is readable)")
+        box = legend.get_window_extent(renderer)
+        inside = Bbox.intersection(box, ax.bbox) if ax is not None else None
+        if inside is not None:
+            share = (inside.width * inside.height) / (ax.bbox.width * ax.bbox.height)
+            if share > 0.25:
+                found.append(f"a legend covers {share:.0%} of its panel (at most 25 %: put it outside the axes)")
+        if any(box.overlaps(other) for other in boxes):
+            found.append("two legends overlap")
+        boxes.append(box)
+    for ax in fig.axes:
+        texts = [t for t in ax.texts if t.get_visible() and t.get_text()]
+        extents = [t.get_window_extent(renderer) for t in texts]
+        for text, box in zip(texts, extents):
+            inside = ax.bbox.x0 - 1 <= box.x0 and box.x1 <= ax.bbox.x1 + 1 and ax.bbox.y0 - 1 <= box.y0 \
+                and box.y1 <= ax.bbox.y1 + 1
+            if not inside or not (figure_box.x0 <= box.x0 and box.x1 <= figure_box.x1):
+                found.append(f"the label {text.get_text()!r} reaches outside its axes")
+        for i in range(len(extents)):
+            for j in range(i + 1, len(extents)):
+                if extents[i].overlaps(extents[j]):
+                    found.append(f"the labels {texts[i].get_text()!r} and {texts[j].get_text()!r} overlap")
+        for name, axis in (("y", ax.yaxis), ("x", ax.xaxis)):
+            low, high = sorted(ax.get_ylim() if name == "y" else ax.get_xlim())
+            if axis.get_scale() != "log" or high >= 10 * low:
+                continue
+            positions = [p for p, t in zip(list(axis.get_majorticklocs()) + list(axis.get_minorticklocs()),
+                                           axis.get_majorticklabels() + axis.get_minorticklabels())
+                         if t.get_text() and low <= p <= high]
+            if len(positions) < 3:
+                found.append(f"a log {name} axis spans less than a decade ({low:.3g} to {high:.3g}) and labels "
+                             f"{len(positions)} tick(s): use a linear axis, or label the values plotted")
     return found

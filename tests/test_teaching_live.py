@@ -156,3 +156,18 @@ def test_tune_refuses_bad_arguments_before_any_training(kwargs, message, monkeyp
     arguments = dict(block_size=8, n_factors=2) | kwargs
     with pytest.raises(ValueError, match=message):
         live.tune(**arguments)
+
+
+def test_the_figure_keeps_every_label_inside_and_readable():
+    """The baselines' names were annotations past the axes' right edge, overlapping (issue 25): now one legend."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from notebook_outputs import figure_problems
+
+    baselines = live.load_baselines()
+    fig = live.plot_runs([leaderboard_run("mine", 0.9, 10_000)], baselines)
+    assert figure_problems(fig) == [] and not fig.axes[0].texts
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()][:len(baselines)] == [
+        f"baseline {r.name}: {r.final:.3f}" for r in baselines]

@@ -134,3 +134,34 @@ def test_the_speed_reading_quotes_each_multiple_of_lora_as_the_table_shows_it():
                            [[r[2], r[0], r[1], *r[3:]] for r in rows])
     assert reading_problems(shown(table, text), "10_speed_and_memory") == []
     assert reading_problems(shown(table.replace("1.45", "0.95"), text), "10_speed_and_memory") != []
+
+
+def test_the_frozen_base_reading_finds_a_base_slower_than_its_adapters_and_states_the_files_noise():
+    from types import SimpleNamespace
+
+    header = ["d", "tokens", "method", "ms / step"]
+    noisy = SimpleNamespace(suite="linear", source="noisy.md", header=header, rows=[
+        [768, 512, "frozen base", 20.0, ], [768, 512, "PEFT LoRA r=8", 24.0], [4096, 512, "frozen base", 3198.0],
+        [4096, 512, "PEFT LoRA r=8", 1800.0], [4096, 512, "boftlab OFT b=8", 1426.0]])
+    idle = SimpleNamespace(suite="linear", source="idle.md", header=header, rows=[
+        [768, 512, "frozen base", 19.0], [768, 512, "PEFT LoRA r=8", 23.0]])
+    goals = SimpleNamespace(suite="linear", source="idle.md", header=["goal", "measured"], rows=[["x", 1.0]])
+    text = reading.frozen_base_reading([noisy, idle, goals])
+    assert ("In linear: noisy.md the frozen base took 3198 ms per step at d = 4096, 2.24× boftlab OFT b=8's 1426 ms "
+            "(2 adapter(s) on that layer took less)") in text
+    assert "a difference of up to 2.24× is within its noise" in text
+    assert "In linear: idle.md the frozen base is the quickest row at every width" in text
+
+
+def test_the_overhead_reading_names_the_multiples_that_shrink_with_d_and_only_those():
+    rows = [{"method": "LoRA", "d": 256, "ms / step": 1.02, "× LoRA": 1.0},
+            {"method": "BOFT", "d": 256, "ms / step": 10.0, "× LoRA": 9.85},
+            {"method": "OFT", "d": 256, "ms / step": 1.1, "× LoRA": 1.08},
+            {"method": "LoRA", "d": 512, "ms / step": 10.8, "× LoRA": 1.0},
+            {"method": "BOFT", "d": 512, "ms / step": 12.5, "× LoRA": 1.16},
+            {"method": "OFT", "d": 512, "ms / step": 11.8, "× LoRA": 1.10}]
+    text = reading.overhead_reading(rows, "LoRA")
+    assert "* BOFT: 9.85× LoRA's time at d = 256, 1.16× at d = 512." in text and "* OFT:" not in text
+    assert "LoRA itself took 1.02 ms per step at d = 256 and 10.8 ms at d = 512." in text
+    assert reading.overhead_reading(rows[:3], "LoRA") == ""
+    assert reading.overhead_reading([r for r in rows if r["method"] != "BOFT"], "LoRA") == ""
