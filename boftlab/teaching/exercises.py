@@ -569,7 +569,8 @@ def check_paired_interval(paired_interval: Callable) -> str:
         for name, value, want in zip(("mean", "lo", "hi"), values, (expected.mean, expected.lo, expected.hi)):
             if abs(value - want) > 1e-9 * max(1.0, abs(want)):
                 raise _Wrong(f"paired_interval({a}, {b}): {name} = {value:.6g}; the paired-t interval has "
-                             f"{name} = {want:.6g} (mean {expected.mean:+.6g} [{expected.lo:+.6g}, {expected.hi:+.6g}]).")
+                             f"{name} = {want:.6g} (mean {expected.mean:+.6g} "
+                             f"[{expected.lo:+.6g}, {expected.hi:+.6g}]).")
     first = Paired.of("a", "b", *cases[0])
     return (f"Your intervals equal the protocol's (Paired.of). The first pair, 3 seeds: {first.interval()} — it "
             f"contains 0, so those two methods are {first.ranking(True)}.")
@@ -595,14 +596,14 @@ def check_chosen_rate(answer: Any) -> str:
                         VALIDATION_8_1[match[0]] == max(VALIDATION_8_1.values()) else
                         f", but {better} is reached too." if VALIDATION_8_1[match[0]] != better else
                         ", tied with another rate: which way does the rule break a tie?"))
-    return (f"{expected:g}: perplexity {VALIDATION_8_1[expected]}, tied with 3e-3 and broken towards the lower rate; the "
-            "test set is never read to choose.")
+    return (f"{expected:g}: perplexity {VALIDATION_8_1[expected]}, tied with 3e-3 and broken towards the lower rate; "
+            "the test set is never read to choose.")
 
 
 # --- notebook 09: diffusion fine-tuning -----------------------------------------------------------------------------
 @_checker("9.1", "LoRA on a UNet convolution", "09_diffusion_finetuning", "lora_conv_count")
 def check_lora_conv_count(lora_conv_count: Callable) -> str:
-    """Against the parameters PEFT's LoRA layer stores on a ``Conv2d`` (and ``counts.lora_params`` at fan-in c_in·k²)."""
+    """Against the parameters PEFT's LoRA layer stores on a ``Conv2d``."""
     from peft import LoraConfig, get_peft_model
     from torch import nn
 

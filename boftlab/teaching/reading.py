@@ -151,7 +151,7 @@ def speed_reading(rows: Sequence[dict], reference: str) -> str:
     return f"{TITLE}\n\n{bullets(lines)}\n"
 
 
-# --- notebook 10: what the committed plots and the live multiples can resolve ------------------------------------------
+# --- notebook 10: what the committed plots and the live multiples can resolve -----------------------------------------
 def frozen_base_reading(tables: Sequence) -> str:
     """Notebook 10's committed benchmark files in words: where a file's frozen base took longer per step than an
     adapter built on the same layer at the same width and tokens, that gap is the file's noise — an adapter's step
