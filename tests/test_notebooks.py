@@ -74,8 +74,11 @@ OTHER_PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n another figure").decode()
 
 
 def executed(*cells_outputs) -> nbformat.NotebookNode:
-    nb = new_notebook(cells=[new_code_cell("...") for _ in cells_outputs])
-    for cell, outputs in zip(nb.cells, cells_outputs):
+    """A notebook whose cells show ``cells_outputs``, then a generated reading that claims nothing (07–09 must
+    display one: tests/test_notebook_text.py)."""
+    reading = new_output("display_data", data={"text/markdown": "#### Reading the results\n* nothing to read."})
+    nb = new_notebook(cells=[new_code_cell("...") for _ in [*cells_outputs, [reading]]])
+    for cell, outputs in zip(nb.cells, [*cells_outputs, [reading]]):
         cell.outputs = outputs
     return nb
 
@@ -86,13 +89,13 @@ def image(data=PNG):
 
 def test_a_notebook_showing_its_figures_and_no_warning_passes():
     assert problems(executed([image()], [new_output("stream", name="stdout", text="accuracy 0.9\n")]),
-                    "07_vit_finetuning") == []
+                    "08_llm_finetuning") == []
 
 
 def test_a_figure_that_never_shows_is_found():
     text_only = new_output("execute_result", data={"text/plain": "<Figure size 1000x360 with 2 Axes>"},
                            execution_count=1)
-    (found,) = problems(executed([text_only]), "07_vit_finetuning")
+    (found,) = problems(executed([text_only]), "08_llm_finetuning")
     assert "shows 0 image(s); it draws 1 figure(s)" in found
 
 
@@ -171,3 +174,50 @@ def test_a_new_notebook_that_draws_must_show_a_figure():
     assert problems(drawing, "11_new_notebook") == []
     drawing.cells.pop()  # only the %matplotlib line: nothing drawn, nothing to show
     assert problems(drawing, "11_new_notebook") == []
+
+
+# --- layout (issue 25): raw Markdown tables, legends and labels -------------------------------------------------------
+def test_a_markdown_table_printed_as_text_is_found_and_a_displayed_one_is_not():
+    from notebook_outputs import layout_problems
+
+    table = "| method | accuracy |\n|---|---|\n| LoRA | 0.9 |\n"
+    printed = executed([image()], [new_output("stream", name="stdout", text="summary\n" + table)])
+    assert layout_problems(printed) == ["cell 1 prints a Markdown table as text (a |---| row); display it with "
+                                        "display(Markdown(...)) so that it renders"]
+    returned = executed([image()], [new_output("execute_result", data={"text/plain": repr(table)})])
+    returned.cells[1].outputs[0]["data"]["text/plain"] = table
+    assert layout_problems(returned) != []
+    displayed = executed([image()], [new_output("display_data", data={"text/markdown": table, "text/plain": "<Md>"})])
+    assert layout_problems(displayed) == []
+    assert problems(printed, "08_llm_finetuning") == layout_problems(printed)  # part of every notebook's check
+
+
+def test_legends_and_labels_that_do_not_fit_are_found():
+    from matplotlib.figure import Figure
+
+    from notebook_outputs import figure_problems
+
+    fig = Figure(figsize=(4, 3))
+    ax = fig.subplots()
+    for i in range(3):
+        ax.plot([0, 150], [0.5, 0.8 + 0.01 * i], label=f"method {i}")
+        ax.annotate(f"baseline {i}", (150, 0.8 + 0.01 * i), xytext=(3, 0), textcoords="offset points")
+    ax.legend(fontsize=6)
+    found = figure_problems(fig)
+    assert "a legend uses 6-point type (at least 7 is readable)" in found
+    assert "the label 'baseline 0' reaches outside its axes" in found
+    assert "the labels 'baseline 0' and 'baseline 1' overlap" in found
+    big = Figure(figsize=(3, 2))
+    ax = big.subplots()
+    for i in range(8):
+        ax.plot([0, 1], [i, i], label=f"a long method name {i}")
+    ax.legend(fontsize=9)
+    assert any(p.startswith("a legend covers") for p in figure_problems(big))
+    log = Figure()
+    ax = log.subplots()
+    ax.plot([1, 2], [3.7, 5.1])
+    ax.set_yscale("log")
+    (found,) = figure_problems(log)
+    assert found.startswith("a log y axis spans less than a decade (3.") and "labels 2 tick(s)" in found
+    ax.set_yticks([3.7, 4.4, 5.1], labels=["3.7", "4.4", "5.1"])
+    assert figure_problems(log) == []

@@ -900,3 +900,18 @@ def test_adding_methods_refuses_before_any_training(tmp_path, monkeypatch):
     (tmp_path / "results.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match=r"not the full protocol"):
         rep.add_methods(["vit"], ["C3A (PEFT)"], "ci", tmp_path, progress=False)
+
+
+def test_the_loss_panel_is_logarithmic_only_where_the_losses_span_a_decade():
+    """Within one decade a log axis labels one or two ticks (notebook 08's panel showed 4×10⁰ and 5×10⁰ only)."""
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from notebook_outputs import figure_problems
+
+    steps = list(range(1, 51))
+    narrow = Run(BOFT, steps=steps, losses=[5.1 - 0.03 * i for i in range(50)], eval_steps=[0, 50], evals=[201, 120])
+    wide = Run(BOFT, steps=steps, losses=[30.0 * 0.9 ** i for i in range(50)], eval_steps=[0, 50], evals=[201, 120])
+    for run, scale in ((narrow, "linear"), (wide, "log")):
+        fig = plot_curves([run], "validation perplexity", "LLM")
+        assert fig.axes[0].get_yscale() == scale and figure_problems(fig) == []

@@ -54,6 +54,7 @@ def plot_curves(runs: list[Run], metric: str, title: str, smooth: int = 10):
 
     fig = Figure(figsize=(10, 3.6))
     ax_loss, ax_metric = fig.subplots(1, 2)
+    plotted = []  # every smoothed loss drawn
     for r in runs:
         if r.skipped:
             continue
@@ -61,10 +62,12 @@ def plot_curves(runs: list[Run], metric: str, title: str, smooth: int = 10):
         kernel = min(smooth, len(losses))
         smoothed = torch.nn.functional.avg_pool1d(losses[None, None], kernel, 1).flatten() if kernel else losses
         ax_loss.plot(r.steps[kernel - 1:], smoothed.tolist(), label=r.method.name, lw=1.2)
+        plotted += smoothed.tolist()
         ax_metric.plot(r.eval_steps, r.evals, marker=".", label=r.method.name, lw=1.2)
     ax_loss.set(xlabel="step", ylabel=f"training loss (mean of {smooth} steps)", title=f"{title}: training loss")
     ax_metric.set(xlabel="step", ylabel=metric, title=f"{title}: {metric}")
-    ax_loss.set_yscale("log")
+    if plotted and min(plotted) > 0 and max(plotted) / min(plotted) > 10:  # log only where the losses span a decade:
+        ax_loss.set_yscale("log")  # (within one, a log axis labels one or two ticks)
     ax_metric.legend(fontsize=7, loc="best")
     fig.tight_layout()
     return fig

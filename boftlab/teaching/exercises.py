@@ -1,4 +1,4 @@
-"""Checkers for the exercises of notebooks 01–06: each compares a student's answer with boftlab and explains.
+"""Checkers for the exercises of notebooks 01–10: each compares a student's answer with boftlab and explains.
 
 Every exercise is a markdown heading "Exercise N.k — …" in its notebook, a template cell (a function whose body
 raises ``NotImplementedError``, or a value left as ``...``) and a checking cell ``check("N.k", answer)``. A checker
@@ -156,6 +156,22 @@ HINTS: dict[str, tuple[str, ...]] = {
     "6.2": ("A Tucker update stores a core and one factor matrix per mode.",
             "The core has one entry per combination of ranks: the product of the r_n.",
             "Add one d_n × r_n factor per mode n: Π r_n + Σ d_n·r_n."),
+    "7.1": ("Pair the seeds: subtract b's value from a's seed by seed, then treat the differences as one sample.",
+            "The mean of the differences is the estimate; its standard error is their sample standard deviation "
+            "(n − 1 in the denominator) divided by √n.",
+            "The half-width is the 0.975 quantile of Student's t with n − 1 degrees of freedom (t_quantile) times the "
+            "standard error; the interval is the mean minus and plus it."),
+    "8.1": ("The rule reads the validation column only, and perplexity is lower-is-better.",
+            "Find the lowest validation perplexity in the table; more than one rate may reach it.",
+            "Among the rates that reach the lowest perplexity, the rule takes the lower rate."),
+    "9.1": ("PEFT's LoRA on a convolution is two convolutions: A reads the input as the base does, B is 1 × 1.",
+            "A has r output channels and the base's kernel over c_in input channels: r·c_in·k·k numbers; B maps r "
+            "channels to c_out.",
+            "Add A's r·c_in·k² and B's c_out·r: r·(c_in·k² + c_out), the fan-in of a convolution being c_in·k²."),
+    "10.1": ("Find the file's table of ms per step and the row for d = 4096.",
+             "You need two numbers from that row: PEFT BOFT's time and boftlab BOFT m=2's time.",
+             "Divide PEFT BOFT's ms per step by boftlab BOFT m=2's; the answer is a plain number, above 1 if boftlab "
+             "is faster."),
 }
 #: failed tries per exercise in this session: the step of its hint ladder
 TRIES: dict[str, int] = {}
@@ -534,3 +550,106 @@ def check_tucker_count(tucker_count: Callable) -> str:
         if got != expected:
             raise _Wrong(f"tucker_count({shape}, {ranks}) = {got!r}; the layer stores {expected}.")
     return "Right on a Linear, a conv and a depthwise conv: Π r_n + Σ d_n·r_n, what TensorCoreLayer stores."
+
+
+# --- notebook 07: ViT fine-tuning -----------------------------------------------------------------------------------
+@_checker("7.1", "A paired interval", "07_vit_finetuning", "paired_interval")
+def check_paired_interval(paired_interval: Callable) -> str:
+    """Against ``reproduce.protocol.Paired.of`` (the interval every results table prints) on three sets of seeds."""
+    from ..reproduce.protocol import Paired
+
+    cases = [([0.866, 0.881, 0.859], [0.875, 0.871, 0.866]), ([0.91, 0.93, 0.92, 0.90], [0.88, 0.90, 0.91, 0.87]),
+             ([120.4, 118.9], [121.0, 120.2])]
+    for a, b in cases:
+        expected = Paired.of("a", "b", a, b)
+        got = paired_interval(list(a), list(b))
+        if not (isinstance(got, (tuple, list)) and len(got) == 3):
+            raise _Wrong(f"paired_interval({a}, {b}) should return (mean, lo, hi), got {str(got)[:80]}.")
+        values = [_as_number(v, f"paired_interval({a}, {b})[{i}]") for i, v in enumerate(got)]
+        for name, value, want in zip(("mean", "lo", "hi"), values, (expected.mean, expected.lo, expected.hi)):
+            if abs(value - want) > 1e-9 * max(1.0, abs(want)):
+                raise _Wrong(f"paired_interval({a}, {b}): {name} = {value:.6g}; the paired-t interval has "
+                             f"{name} = {want:.6g} (mean {expected.mean:+.6g} "
+                             f"[{expected.lo:+.6g}, {expected.hi:+.6g}]).")
+    first = Paired.of("a", "b", *cases[0])
+    return (f"Your intervals equal the protocol's (Paired.of). The first pair, 3 seeds: {first.interval()} — it "
+            f"contains 0, so those two methods are {first.ranking(True)}.")
+
+
+# --- notebook 08: LLM fine-tuning -----------------------------------------------------------------------------------
+#: exercise 8.1's validation table: learning rate -> validation perplexity after the last step (lower is better)
+VALIDATION_8_1 = {1e-4: 142.3, 3e-4: 131.8, 1e-3: 127.4, 3e-3: 127.4, 1e-2: 158.9}
+
+
+@_checker("8.1", "Which rate does the rule pick?", "08_llm_finetuning", "chosen_rate", "value")
+def check_chosen_rate(answer: Any) -> str:
+    """Against the rule of ``reproduce.protocol.choose_lr``: the best last validation value, ties to the lower rate."""
+    expected = max(VALIDATION_8_1, key=lambda lr: (-VALIDATION_8_1[lr], -lr))  # choose_lr's key, lower is better
+    answer = _as_number(answer, "the rate")
+    match = [lr for lr in VALIDATION_8_1 if math.isclose(answer, lr, rel_tol=1e-6)]
+    if not match:
+        raise _Wrong(f"{answer!r} is not a rate of the table; the rates are {list(VALIDATION_8_1)}.")
+    if match[0] != expected:
+        better = min(VALIDATION_8_1.values())
+        raise _Wrong(f"At {match[0]:g} the validation perplexity is {VALIDATION_8_1[match[0]]}"
+                     + ("; lower is better, so that is the worst of the grid, not the best." if
+                        VALIDATION_8_1[match[0]] == max(VALIDATION_8_1.values()) else
+                        f", but {better} is reached too." if VALIDATION_8_1[match[0]] != better else
+                        ", tied with another rate: which way does the rule break a tie?"))
+    return (f"{expected:g}: perplexity {VALIDATION_8_1[expected]}, tied with 3e-3 and broken towards the lower rate; "
+            "the test set is never read to choose.")
+
+
+# --- notebook 09: diffusion fine-tuning -----------------------------------------------------------------------------
+@_checker("9.1", "LoRA on a UNet convolution", "09_diffusion_finetuning", "lora_conv_count")
+def check_lora_conv_count(lora_conv_count: Callable) -> str:
+    """Against the parameters PEFT's LoRA layer stores on a ``Conv2d``."""
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+
+    from .. import counts
+
+    for c_in, c_out, k, rank in ((32, 32, 3, 6), (64, 32, 3, 4), (16, 48, 1, 8), (320, 640, 3, 4)):
+        model = get_peft_model(nn.Sequential(nn.Conv2d(c_in, c_out, k)), LoraConfig(r=rank, target_modules=["0"]))
+        expected = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        got = _as_number(lora_conv_count(c_in, c_out, k, rank), f"lora_conv_count({c_in}, {c_out}, {k}, {rank})",
+                         integer=True)
+        if got != expected:
+            raise _Wrong(f"lora_conv_count({c_in}, {c_out}, {k}, {rank}) = {got!r}; PEFT's LoRA layer on that "
+                         f"Conv2d stores {expected}.")
+    dense = 320 * 640 * 9
+    return (f"Right on four convolutions, as PEFT stores them. On Stable Diffusion's 320 → 640 3×3 conv, r=4 stores "
+            f"{counts.lora_params(320 * 9, 640, 4):,} numbers, {counts.lora_params(320 * 9, 640, 4) / dense:.1%} of "
+            f"the kernel's {dense:,}.")
+
+
+# --- notebook 10: speed and memory ----------------------------------------------------------------------------------
+#: exercise 10.1 reads this committed results file (boftlab/bench/results/)
+SPEED_FILE_10_1 = "cpu-2026-11-29.md"
+
+
+def _speed_ratio_10_1() -> tuple[float, float, float]:
+    """PEFT BOFT's and boftlab BOFT m=2's ms per step at d = 4096 in ``SPEED_FILE_10_1``, and their ratio."""
+    from ..bench import read_results, result_files
+
+    path = next(f for f in result_files() if f.name == SPEED_FILE_10_1)
+    table = next(t for t in read_results(path) if t.suite == "linear" and "ms / step" in t.header)
+    column = {name: i for i, name in enumerate(table.header)}
+    times = {row[column["method"]]: row[column["ms / step"]] for row in table.rows if row[column["d"]] == 4096}
+    peft = next(v for k, v in times.items() if k.startswith("PEFT BOFT m=2"))
+    ours = next(v for k, v in times.items() if k.startswith("boftlab BOFT m=2"))
+    return peft, ours, peft / ours
+
+
+@_checker("10.1", "Read the speed table", "10_speed_and_memory", "peft_over_boftlab", "value")
+def check_peft_over_boftlab(answer: Any) -> str:
+    """Against the committed file's own numbers (``bench.read_results``); a ratio rounded to 2 significant digits
+    passes (within 1 %)."""
+    peft, ours, expected = _speed_ratio_10_1()
+    answer = _as_number(answer, "the ratio")
+    if math.isclose(answer, 1 / expected, rel_tol=0.01):
+        raise _Wrong(f"{answer:.3g} is boftlab's time ÷ PEFT's; the question asks the other way round.")
+    if not math.isclose(answer, expected, rel_tol=0.01):
+        raise _Wrong(f"{answer:.4g} is not the ratio of the two times in that row (within 1 %).")
+    return (f"{expected:.1f}×: {peft:.0f} ms against {ours:.0f} ms per step at d = 4096 — PEFT's BOFT builds dense "
+            "d × d matrices, O(m·d³), boftlab multiplies by the factors.")

@@ -1,4 +1,4 @@
-"""Solutions to the exercises of notebooks 01–06, one function per exercise (``exercises.EXERCISES`` names them).
+"""Solutions to the exercises of notebooks 01–10, one function per exercise (``exercises.EXERCISES`` names them).
 
 Try the exercise first: each notebook's checking cell tells you what differs and gives a hint. Then compare with the
 solution here: ``boftlab.teaching.solutions.show("1.3")`` prints exercise 1.3's, from any notebook or script. A
@@ -146,3 +146,47 @@ def mode_product(tensor: torch.Tensor, matrix: torch.Tensor, mode: int) -> torch
 def tucker_count(shape: tuple[int, ...], ranks: tuple[int, ...]) -> int:
     """Exercise 6.2. The core Π r_n plus one d_n × r_n factor per mode."""
     return math.prod(ranks) + sum(d * r for d, r in zip(shape, ranks))
+
+
+# --- notebook 07: ViT fine-tuning -----------------------------------------------------------------------------------
+def paired_interval(a_values: list[float], b_values: list[float]) -> tuple[float, float, float]:
+    """Exercise 7.1. Per-seed values of two methods on the same seeds -> (mean, lo, hi) of a − b: the mean paired
+    difference and its 95 % paired-t interval, mean ± t_{0.975, n−1}·s/√n (s: the differences' sample std)."""
+    import statistics
+
+    from ..reproduce.protocol import t_quantile
+
+    diffs = [a - b for a, b in zip(a_values, b_values)]
+    mean = statistics.fmean(diffs)
+    half = t_quantile(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return mean, mean - half, mean + half
+
+
+# --- notebook 08: LLM fine-tuning -----------------------------------------------------------------------------------
+def chosen_rate() -> float:
+    """Exercise 8.1. The rate choose_lr picks from exercise 8.1's validation table: the lowest perplexity (lower is
+    better), a tie broken towards the lower rate."""
+    from .exercises import VALIDATION_8_1
+
+    best = min(VALIDATION_8_1.values())
+    return min(lr for lr, perplexity in VALIDATION_8_1.items() if perplexity == best)
+
+
+# --- notebook 09: diffusion fine-tuning -----------------------------------------------------------------------------
+def lora_conv_count(in_channels: int, out_channels: int, kernel_size: int, rank: int) -> int:
+    """Exercise 9.1. PEFT's LoRA on a k × k Conv2d: A is a (r, c_in, k, k) conv, B a 1 × 1 conv (c_out, r):
+    r·(c_in·k² + c_out)."""
+    return rank * (in_channels * kernel_size ** 2 + out_channels)
+
+
+# --- notebook 10: speed and memory ----------------------------------------------------------------------------------
+def peft_over_boftlab() -> float:
+    """Exercise 10.1. In cpu-2026-11-29.md's linear table, the row d = 4096: PEFT BOFT m=2's ms per step divided by
+    boftlab BOFT m=2's."""
+    from ..bench import read_results, result_files
+
+    path = next(f for f in result_files() if f.name == "cpu-2026-11-29.md")
+    table = next(t for t in read_results(path) if t.suite == "linear" and "ms / step" in t.header)
+    d, method, ms = (table.header.index(c) for c in ("d", "method", "ms / step"))
+    times = {row[method]: row[ms] for row in table.rows if row[d] == 4096}
+    return times["PEFT BOFT m=2 b=8 (block_diag patch)"] / times["boftlab BOFT m=2 b=8 [assembled]"]

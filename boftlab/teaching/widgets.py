@@ -52,8 +52,10 @@ def interact(function: Callable[..., Figure | None], **controls: Any) -> Any:  #
 def live_tuning(leaderboard: Any = None, block_size: int = 8, n_factors: int = 2) -> Any:  # -> widgets.VBox
     """Notebook 07's live tuning panel: a menu of the valid (block_size, n_factors) pairs (each with its parameter
     count and the density of R), learning rate, steps and a Train button. A click calls ``live.tune`` and adds the
-    run to ``leaderboard`` (a ``live.Leaderboard``; a new one if None); the figure (``live.plot_runs``: the runs over
-    the stored baselines) and the leaderboard are rendered into an Image and an HTML widget, as ``interact`` does.
+    run to ``leaderboard`` (a ``live.Leaderboard``; a new one if None), ranked by validation accuracy; the figure
+    (``live.plot_runs``: validation curves over the stored baselines') and the leaderboard are rendered into an Image
+    and an HTML widget, as ``interact`` does. "Test my choice" tests the best run once (``test_chosen``) and ends
+    the tuning: both buttons are disabled after it.
     Only the training's tqdm bar goes through an Output widget, and only on a click — something a headless runner
     never does, so the nbclient deadlock (see ``interact``) cannot happen. Displays and returns the ``VBox``."""
     import html
@@ -71,6 +73,8 @@ def live_tuning(leaderboard: Any = None, block_size: int = 8, n_factors: int = 2
                                 readout_format=".1e")
     steps = widgets.IntSlider(value=live.STEPS, min=30, max=300, step=30, description="steps")
     button = widgets.Button(description="Train", button_style="primary", icon="play")
+    choose = widgets.Button(description="Test my choice", icon="check",
+                            tooltip="test the best run by validation, once; no training after it")
     bar, text, image = widgets.Output(), widgets.HTML(), widgets.Image(format="png")
 
     def render(message: str = "") -> None:
@@ -85,14 +89,25 @@ def live_tuning(leaderboard: Any = None, block_size: int = 8, n_factors: int = 2
             with bar:
                 run = live.tune(*pairs.value, lr=lr.value, steps=steps.value)
             rank = board.add(run)
-            render(f"{run.name}, lr {run.lr:.1e}, {run.steps} steps: test accuracy {run.final:.3f} "
+            render(f"{run.name}, lr {run.lr:.1e}, {run.steps} steps: validation accuracy {run.final:.3f} "
                    f"in {run.seconds:.1f} s — rank {rank} of {len(board.runs)}\n\n")
         finally:
-            button.disabled = False
+            button.disabled = board.chosen is not None
+
+    def test(_: Any) -> None:
+        if not board.runs:
+            render("Train a run first: the test set is read once, for the run you finally choose.\n\n")
+            return
+        chosen = board.test_chosen()
+        button.disabled = choose.disabled = True
+        render(f"Chosen by validation: {chosen.name}, lr {chosen.lr:.1e}, {chosen.steps} steps — test accuracy "
+               f"{chosen.test:.3f} (validation {chosen.final:.3f}). The test set has now been read: tuning further "
+               "on this board is closed.\n\n")
 
     button.on_click(train)
+    choose.on_click(test)
     render()
-    box = widgets.VBox([pairs, widgets.HBox([lr, steps, button]), bar, text, image])
+    box = widgets.VBox([pairs, widgets.HBox([lr, steps, button, choose]), bar, text, image])
     display(box)
     return box
 
