@@ -840,6 +840,17 @@ def test_provenance_names_commit_command_seeds_grid_machine_and_lock():
         about["load_average_start"] == "not available"
 
 
+def test_the_packaged_results_are_the_committed_ones():
+    """load_results() reads package data (a wheel has it), a copy of the results.json the README quotes."""
+    from boftlab.reproduce import results
+
+    checkout = REPOSITORY / "docs" / "results" / "ci" / "results.json"
+    assert results.COMMITTED_RESULTS.read_bytes() == checkout.read_bytes()
+    committed = load_results()
+    assert set(committed.domains) == {"vit", "llm", "diffusion"}
+    assert all(len(m.seeds) >= 3 for d in committed.domains.values() for m in d.methods if not m.skipped)
+
+
 def test_reduced_protocol_runs_the_committed_rates_on_one_seed():
     committed = results_of([method_result("LoRA r=4 (PEFT)", "lora", [0.8, 0.82, 0.81])])
     reduced = reduced_protocol(committed)

@@ -375,13 +375,13 @@ def plot_samples(rows: dict[str, torch.Tensor], per_row: int = 16):
 
 
 def diversity_table(runs: list[Run]) -> str:
-    """Markdown: per method, what its final samples were labelled — the target-digit rate, the coverage, their
-    product (the table's metric) and how many samples got each label 0–9."""
+    """Markdown: per tested method, what its test samples were labelled — the target-digit rate, the coverage, their
+    product (the test metric, ``run.test``) and how many samples got each label 0–9."""
     from ..report import markdown_table
 
     done = [r for r in runs if not r.skipped and "labels" in r.extra]
     header = ["method", "target-digit rate", "coverage", "rate × coverage", *(f"# {d}" for d in range(10))]
-    rows = [[r.method.name, r.extra["target_rate"], r.extra["coverage"], r.final, *r.extra["labels"]] for r in done]
+    rows = [[r.method.name, r.extra["target_rate"], r.extra["coverage"], r.test, *r.extra["labels"]] for r in done]
     return markdown_table(header, rows)
 
 

@@ -163,8 +163,9 @@ def check_output_dir(out: Path) -> None:
 
 #: the repository root, where a checkout has ``.git``, ``constraints.txt`` and ``docs/results/``
 REPOSITORY = Path(__file__).resolve().parents[2]
-#: the committed full-protocol results of the ci profile (what the README quotes; ``load_results`` reads them)
-COMMITTED_RESULTS = REPOSITORY / "docs" / "results" / "ci" / "results.json"
+#: the committed full-protocol results of the ci profile, as package data (a wheel and Colab's install from git have
+#: them): a byte-for-byte copy of docs/results/ci/results.json, which the README quotes (a test keeps them equal)
+COMMITTED_RESULTS = Path(__file__).resolve().parent / "results" / "ci.json"
 
 
 def provenance(command: str, protocol: Protocol) -> dict[str, Any]:
@@ -255,14 +256,14 @@ def write_results(results: Results, out: Path, figures: dict[str, Any] | None = 
 
 
 def load_results(path: str | Path = COMMITTED_RESULTS) -> Results:
-    """The ``Results`` in a results.json (default: the committed ci results, ``COMMITTED_RESULTS``), as written by
-    ``write_results``; plain JSON, nothing unpickled."""
+    """The ``Results`` in a results.json (default: the committed ci results, ``COMMITTED_RESULTS``, package data), as
+    written by ``write_results``; plain JSON, nothing unpickled."""
     import json
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"no results at {path}; `python -m boftlab reproduce all --profile ci --out docs/results/ci` writes them "
-            "(a checkout of the repository has them committed; an installed package does not)")
+            f"no results at {path}; `python -m boftlab reproduce all --profile ci --out docs/results/ci` writes "
+            "results.json there, and boftlab/reproduce/results/ci.json (package data) is the committed copy of it")
     data = json.loads(path.read_text())
     return Results(data["provenance"], {k: DomainResults.from_dict(d) for k, d in data["domains"].items()})
