@@ -165,3 +165,18 @@ def test_the_overhead_reading_names_the_multiples_that_shrink_with_d_and_only_th
     assert "LoRA itself took 1.02 ms per step at d = 256 and 10.8 ms at d = 512." in text
     assert reading.overhead_reading(rows[:3], "LoRA") == ""
     assert reading.overhead_reading([r for r in rows if r["method"] != "BOFT"], "LoRA") == ""
+
+
+def test_the_goals_reading_counts_the_committed_goal_tables():
+    """Notebook 10's overhead reading: every goal row of the committed file counted, each missed one quoted as its
+    table shows it; no goal table is a ValueError, not an empty reading."""
+    from boftlab.bench import RESULTS_DIR, read_results
+
+    tables = read_results(RESULTS_DIR / "cpu-2026-12-05-overhead.md")
+    goals = [row for t in tables if list(t.header) == reading.GOAL_HEADER for row in t.rows]
+    missed = [row for row in goals if str(row[3]).startswith("missed")]
+    text = reading.goals_reading(tables)
+    assert f"{len(goals) - len(missed)} of {len(goals)} goals" in text and text.count("* Missed: ") == len(missed)
+    assert all(row[0] in text for row in missed)
+    with pytest.raises(ValueError, match="no goal table"):
+        reading.goals_reading([t for t in tables if list(t.header) != reading.GOAL_HEADER])

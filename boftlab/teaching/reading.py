@@ -219,3 +219,27 @@ def overhead_reading(rows: Sequence[dict], reference: str) -> str:
             "launches; for PEFT's BOFT the dense d × d products grow faster, so its multiple need not shrink. At a "
             "step of a millisecond or so those fixed costs weigh as much as the matmul; the committed files at "
             "d ≥ 768 (section 2) show the multiples where the matmul dominates.\n")
+
+
+# --- notebook 10: the goals a committed benchmark file checked ---------------------------------------------------------
+GOAL_HEADER = ["goal", "measured", "target", "result"]
+
+
+def goals_reading(tables: Sequence) -> str:
+    """What the goal tables of committed benchmark files (``bench.read_results``; rows: goal, measured, target,
+    result) say, goal by goal: how many are met, and each one missed with its measured value and target as the table
+    shows them — read from the tables, never restated by hand. ValueError if ``tables`` holds no goal table."""
+    from ..report import markdown_table
+
+    rows = [(t.source, row) for t in tables if list(t.header) == GOAL_HEADER for row in t.rows]
+    if not rows:
+        raise ValueError(f"no goal table (header {GOAL_HEADER}) among the {len(tables)} tables given")
+
+    def shown(value: object) -> str:  # a value as its table shows it
+        return markdown_table(["v"], [[value]]).splitlines()[-1].strip("| ")
+
+    missed = [row for _, row in rows if str(row[3]).startswith("missed")]
+    sources = ", ".join(dict.fromkeys(f"`{source}`" for source, _ in rows))
+    lines = [f"{len(rows) - len(missed)} of {len(rows)} goals checked in {sources} are met."]
+    lines += [f"Missed: {row[0]} — {shown(row[1])} against a target {row[2]} ({row[3]})." for row in missed]
+    return "#### What the committed overhead run shows\n\n" + bullets(lines) + "\n"
