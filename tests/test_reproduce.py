@@ -926,3 +926,21 @@ def test_the_loss_panel_is_logarithmic_only_where_the_losses_span_a_decade():
     for run, scale in ((narrow, "linear"), (wide, "log")):
         fig = plot_curves([run], "validation perplexity", "LLM")
         assert fig.axes[0].get_yscale() == scale and figure_problems(fig) == []
+
+
+def test_the_reduced_protocol_expects_a_committed_skip_and_refuses_a_run_it_has_no_rate_for(monkeypatch):
+    """A method the committed results skipped (C3A on the diffusion UNet's convolutions) is skipped again by the
+    reduced protocol; one that would train here instead is refused, never trained at a rate nothing chose."""
+    from boftlab.reproduce import protocol as proto
+
+    committed = load_results().domains["diffusion"]
+    reduced = proto.reduced_protocol(committed)
+    c3a = next(m for m in diffusion.DOMAIN.profile_methods("ci") if m.family == "c3a")
+    assert c3a.name in reduced.skipped and c3a.name not in reduced.lrs
+    skipped = Run(c3a, skipped="skipped: PEFT's C3A adapts plain nn.Linear layers only")
+    monkeypatch.setattr(proto, "run_method", lambda *a, **k: skipped)
+    result, _ = proto.choose_lr(object(), c3a, reduced, True, progress=False)
+    assert result.lr is None and result.skipped.startswith("skipped:")
+    monkeypatch.setattr(proto, "run_method", lambda *a, **k: Run(c3a, steps=[1], losses=[1.0], evals=[0.5]))
+    with pytest.raises(ValueError, match="committed results skipped it"):
+        proto.choose_lr(object(), c3a, reduced, True, progress=False)

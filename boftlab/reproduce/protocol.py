@@ -30,7 +30,9 @@ class Protocol:
     initialisation and the batch order, so runs of different methods on one seed are paired); the learning rate is
     chosen on the first seed's validation metric (at the last step), then the other seeds run at that rate.
     lr_factors / lr_extensions: the grid rule (``LR_FACTORS``, ``LR_EXTENSIONS``); lrs: method name -> a fixed rate
-    (a one-point grid, read from committed results: the reduced protocol).
+    (a one-point grid, read from committed results: the reduced protocol); skipped: method name -> why the committed
+    results skipped it (the reduced protocol expects the same skip, and refuses to train such a method at a rate the
+    committed results never chose).
     """
 
     name: str
@@ -38,6 +40,7 @@ class Protocol:
     lr_factors: tuple[float, ...] = LR_FACTORS
     lr_extensions: int = LR_EXTENSIONS
     lrs: dict[str, float] | None = None
+    skipped: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         if not self.seeds:
@@ -69,7 +72,8 @@ def reduced_protocol(committed: "DomainResults", seed: int = 0) -> Protocol:
     """One seed at the rates ``committed`` (full-protocol results, ``load_results``) chose: what a notebook runs
     inside CI's budget. Its numbers are labelled "reduced protocol" wherever they are printed."""
     lrs = {m.name: m.lr for m in committed.methods if m.lr is not None}
-    return Protocol("reduced", seeds=(seed,), lrs=lrs)
+    skipped = {m.name: m.skipped for m in committed.methods if m.lr is None and m.skipped}
+    return Protocol("reduced", seeds=(seed,), lrs=lrs, skipped=skipped)
 
 
 def t_quantile(p: float, dof: int) -> float:
@@ -326,6 +330,8 @@ class DomainResults:
 def _grid(method: Method, protocol: Protocol) -> list[float]:
     if protocol.lrs is None:
         return sorted(float(f"{method.lr * f:.3g}") for f in protocol.lr_factors)
+    if method.name not in protocol.lrs and method.name in (protocol.skipped or {}):
+        return [method.lr]  # skipped in the committed results: expected to be skipped again (choose_lr checks)
     if method.name not in protocol.lrs:
         raise ValueError(f"the {protocol.name} protocol has no learning rate for {method.name!r}; it has rates for "
                          f"{sorted(protocol.lrs)} (from the committed results); rerun the full protocol to add it")
@@ -356,6 +362,11 @@ def choose_lr(task: Task, method: Method, protocol: Protocol, higher_is_better: 
                 run.trained = None
 
     attempt(grid[0])
+    if method.name in (protocol.skipped or {}) and method.name not in (protocol.lrs or {}) and \
+            not runs[grid[0]].skipped:
+        raise ValueError(
+            f"{method.name!r} ran here, but the committed results skipped it ({protocol.skipped[method.name]}), so "
+            f"the {protocol.name} protocol has no chosen rate for it; rerun the full protocol in this environment")
     if runs[grid[0]].skipped and runs[grid[0]].skipped.startswith("skipped:"):  # not a matter of the rate
         return MethodResult(method.name, method.family, dict(method.options), skipped=runs[grid[0]].skipped), \
             runs[grid[0]]
