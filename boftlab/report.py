@@ -19,15 +19,15 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     return None if not numerator or not denominator else numerator / denominator
 
 
+def cell(v: object) -> str:
+    """One value as a table shows it: a float to 3 significant digits (a whole number from 1000 on), None as "–"."""
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return "–" if v is None else str(v)
+
+
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:
-    """A markdown table: floats to 3 significant digits (whole numbers from 1000 on), None as "–"
-    (``boftlab.bench.read_results`` reads it back)."""
-
-    def cell(v: object) -> str:
-        if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
-        return "–" if v is None else str(v)
-
+    """A markdown table, each value as ``cell`` shows it (``boftlab.bench.read_results`` reads it back)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)

@@ -2,8 +2,8 @@
 
 import copy
 import dataclasses
-import math
 import json
+import math
 import re
 import sys
 import tempfile

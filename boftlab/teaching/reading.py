@@ -229,17 +229,14 @@ def goals_reading(tables: Sequence) -> str:
     """What the goal tables of committed benchmark files (``bench.read_results``; rows: goal, measured, target,
     result) say, goal by goal: how many are met, and each one missed with its measured value and target as the table
     shows them — read from the tables, never restated by hand. ValueError if ``tables`` holds no goal table."""
-    from ..report import markdown_table
+    from ..report import cell
 
     rows = [(t.source, row) for t in tables if list(t.header) == GOAL_HEADER for row in t.rows]
     if not rows:
         raise ValueError(f"no goal table (header {GOAL_HEADER}) among the {len(tables)} tables given")
 
-    def shown(value: object) -> str:  # a value as its table shows it
-        return markdown_table(["v"], [[value]]).splitlines()[-1].strip("| ")
-
     missed = [row for _, row in rows if str(row[3]).startswith("missed")]
     sources = ", ".join(dict.fromkeys(f"`{source}`" for source, _ in rows))
     lines = [f"{len(rows) - len(missed)} of {len(rows)} goals checked in {sources} are met."]
-    lines += [f"Missed: {row[0]} — {shown(row[1])} against a target {row[2]} ({row[3]})." for row in missed]
+    lines += [f"Missed: {row[0]} — {cell(row[1])} against a target {row[2]} ({row[3]})." for row in missed]
     return "#### What the committed overhead run shows\n\n" + bullets(lines) + "\n"
